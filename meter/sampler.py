@@ -1,0 +1,233 @@
+"""The sampler: one daemon thread that reads an energy source at the counter's cadence and hands samples to a sink.
+
+Why a thread: an NVML counter read blocks for ~3-4 ms (p99 ~17 ms), so it must never run on the asyncio loop that
+serves requests. Why a fixed schedule: ticks fall at ``start + k * interval`` so the sampling grid does not drift with
+read latency; a tick that is already past when the previous one finishes is skipped (counted in ``missed_ticks``)
+instead of being read in a burst, because back-to-back reads of a counter that updates every ~100 ms add nothing.
+
+Nothing here hides a problem: a read that raises becomes a gap ``Sample`` for every device of the source, a counter
+that goes backwards is logged, counted as a reset and still passed on (the consumer starts a new segment there), and an
+exception from the sink is logged and counted. None of these stops the thread.
+
+Only stdlib and structlog are imported, so the module also runs on a bare GPU image (see bench/gpu/).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from meter.samples import EnergySource, Sample
+
+log = structlog.get_logger(__name__)
+
+_READ_MS_WINDOW = 4096  # read latencies kept for the percentiles (~7 minutes at 10 Hz)
+_LOG_EVERY = 600  # while a failure persists, log it again every this many occurrences (~1 minute at 10 Hz)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerStats:
+    """What the sampler has done and what it cost; a snapshot."""
+
+    reads: int  # calls of source.read() (one per tick that ran)
+    failed_reads: int  # gap samples: a device read that failed, or every device of a read() that raised
+    resets: int  # samples whose counter went backwards against the previous valid one of the device
+    read_ms_p50: float | None  # latency of source.read(), over the last reads
+    read_ms_p99: float | None
+    cpu_s: float  # CPU time of the sampler thread (time.thread_time)
+    wall_s: float  # wall time since start (until stop, once stopped)
+    missed_ticks: int = 0  # scheduled ticks skipped because the previous tick ran past them
+    source_errors: int = 0  # read() calls that raised
+    sink_errors: int = 0  # sink calls that raised (those samples are lost to the sink)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of a non-empty sorted list (q in 0..100)."""
+    rank = max(1, -(-len(sorted_values) * q // 100))  # ceil(n * q / 100), at least 1
+    return sorted_values[int(rank) - 1]
+
+
+def power_from_readings(readings: list[tuple[int, int]]) -> float | None:
+    """Average power in watts between the first and last of ``(t_ns, energy_mj)`` readings of one counter segment."""
+    if len(readings) < 2:
+        return None
+    (t0_ns, e0_mj), (t1_ns, e1_mj) = readings[0], readings[-1]
+    if t1_ns <= t0_ns:
+        return None
+    return (e1_mj - e0_mj) * 1e6 / (t1_ns - t0_ns)  # mJ/ns = 1e6 W
+
+
+class Sampler:
+    """Reads ``source`` every ``interval_ms`` on a daemon thread and calls ``sink`` with each read's samples.
+
+    ``power_w(device)`` is the average power over the last ``power_window_ms`` of valid readings (at least the last
+    two). It exists for ``/metrics``: the counter moves in ~100 ms steps, so the power between two readings 100 ms
+    apart jumps between ~0 and ~2x the truth; a window of about a second smooths that. Never use it for attribution.
+    """
+
+    def __init__(
+        self,
+        source: EnergySource,
+        sink: Callable[[list[Sample]], None],
+        *,
+        interval_ms: int = 100,
+        power_window_ms: int = 1000,
+    ) -> None:
+        if interval_ms <= 0:
+            raise ValueError(f"interval_ms must be positive, got {interval_ms}")
+        self._source = source
+        self._sink = sink
+        self._interval_ns = interval_ms * 1_000_000
+        self._power_window_ns = power_window_ms * 1_000_000
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards everything below, read by other threads
+        self._reads = 0
+        self._failed_reads = 0
+        self._resets = 0
+        self._missed_ticks = 0
+        self._source_errors = 0
+        self._sink_errors = 0
+        self._read_ms: deque[float] = deque(maxlen=_READ_MS_WINDOW)
+        self._cpu_s = 0.0
+        self._started_ns: int | None = None
+        self._stopped_ns: int | None = None
+        self._last_valid: dict[str, tuple[int, int]] = {}  # device -> (t_ns, energy_mj)
+        self._power_readings: dict[str, deque[tuple[int, int]]] = {}
+        self._failing_devices: dict[str, int] = {}  # device -> consecutive gaps
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread; the first read happens at once."""
+        if self._thread is not None:
+            raise RuntimeError("Sampler.start() called twice")
+        self._started_ns = time.monotonic_ns()
+        self._thread = threading.Thread(target=self._run, name="joulegate-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Ask the thread to stop and wait up to ``timeout_s``; True when it has ended. Does not close the source."""
+        self._stop.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        stopped = not self._thread.is_alive()
+        if not stopped:
+            log.warning("sampler_stop_timeout", timeout_s=timeout_s)
+        return stopped
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- readouts --------------------------------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> SamplerStats:
+        with self._lock:
+            read_ms = sorted(self._read_ms)
+            end_ns = self._stopped_ns if self._stopped_ns is not None else time.monotonic_ns()
+            wall_s = 0.0 if self._started_ns is None else (end_ns - self._started_ns) / 1e9
+            return SamplerStats(
+                reads=self._reads,
+                failed_reads=self._failed_reads,
+                resets=self._resets,
+                read_ms_p50=_percentile(read_ms, 50) if read_ms else None,
+                read_ms_p99=_percentile(read_ms, 99) if read_ms else None,
+                cpu_s=self._cpu_s,
+                wall_s=wall_s,
+                missed_ticks=self._missed_ticks,
+                source_errors=self._source_errors,
+                sink_errors=self._sink_errors,
+            )
+
+    def power_w(self, device: str) -> float | None:
+        """Latest average power of ``device`` in watts, or None before two valid readings since start or a reset."""
+        with self._lock:
+            readings = self._power_readings.get(device)
+            return power_from_readings(list(readings)) if readings else None
+
+    # ---- the thread ------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        assert self._started_ns is not None
+        cpu0_s = time.thread_time()
+        start_ns = self._started_ns
+        tick = 0
+        try:
+            while not self._stop.is_set():
+                self._tick()
+                with self._lock:
+                    self._cpu_s = time.thread_time() - cpu0_s
+                tick += 1
+                now_ns = time.monotonic_ns()
+                due_ns = start_ns + tick * self._interval_ns
+                if now_ns >= due_ns:  # ran past one or more ticks: skip them, do not burst
+                    next_tick = (now_ns - start_ns) // self._interval_ns + 1
+                    with self._lock:
+                        self._missed_ticks += next_tick - tick
+                    tick = next_tick
+                    due_ns = start_ns + tick * self._interval_ns
+                self._stop.wait((due_ns - now_ns) / 1e9)
+        finally:
+            with self._lock:
+                self._cpu_s = time.thread_time() - cpu0_s
+                self._stopped_ns = time.monotonic_ns()
+
+    def _tick(self) -> None:
+        t0_ns = time.perf_counter_ns()
+        try:
+            samples = list(self._source.read())
+        except Exception as e:
+            now_ns = time.time_ns()
+            error = f"source raised {type(e).__name__}: {e}"
+            samples = [Sample(device=d, t_ns=now_ns, energy_mj=None, error=error) for d in self._source.devices]
+            with self._lock:
+                self._source_errors += 1
+                n = self._source_errors
+            if n == 1 or n % _LOG_EVERY == 0:
+                log.exception("sampler_source_raised", source_errors=n)
+        read_ms = (time.perf_counter_ns() - t0_ns) / 1e6
+        with self._lock:
+            self._reads += 1
+            self._read_ms.append(read_ms)
+            for sample in samples:
+                self._account(sample)
+        try:
+            self._sink(samples)
+        except Exception:
+            with self._lock:
+                self._sink_errors += 1
+                n = self._sink_errors
+            if n == 1 or n % _LOG_EVERY == 0:
+                log.exception("sampler_sink_raised", sink_errors=n, samples_lost=len(samples))
+
+    def _account(self, sample: Sample) -> None:
+        """Update counters, reset detection and the power window with one sample (lock held)."""
+        device = sample.device
+        if sample.energy_mj is None:
+            self._failed_reads += 1
+            gaps = self._failing_devices.get(device, 0) + 1
+            self._failing_devices[device] = gaps
+            if gaps == 1 or gaps % _LOG_EVERY == 0:
+                log.warning("energy_read_failed", device=device, error=sample.error, consecutive=gaps)
+            return
+        gaps = self._failing_devices.pop(device, 0)
+        if gaps:
+            log.info("energy_read_recovered", device=device, gaps=gaps)
+        previous = self._last_valid.get(device)
+        readings = self._power_readings.setdefault(device, deque())
+        if previous is not None and sample.energy_mj < previous[1]:
+            self._resets += 1
+            log.warning("energy_counter_reset", device=device, previous_mj=previous[1], energy_mj=sample.energy_mj)
+            readings.clear()  # power across a reset is meaningless
+        self._last_valid[device] = (sample.t_ns, sample.energy_mj)
+        readings.append((sample.t_ns, sample.energy_mj))
+        while len(readings) > 2 and readings[-1][0] - readings[1][0] >= self._power_window_ns:
+            readings.popleft()

@@ -1,0 +1,153 @@
+"""NVIDIA GPU energy counters through NVML.
+
+Reads ``nvmlDeviceGetTotalEnergyConsumption`` (millijoules since the driver loaded). On an H100 that counter advances
+every ~100 ms and integrates power continuously, so it is the source of truth for attribution; the power reading
+(``nvmlDeviceGetPowerUsage``) is a lagging 1 s average on H100 and is not used here. One counter read costs ~3-4 ms
+(p99 ~17 ms), which is why a ``Sampler`` calls ``read()`` on its own thread.
+
+Devices are named ``nvml:<GPU UUID>``: the UUID survives reboots and a changed ``CUDA_VISIBLE_DEVICES`` order, so
+samples stored in SQL stay joined to the right GPU. Only stdlib, pynvml and structlog are imported here, so the module
+also runs on a bare GPU image (see bench/gpu/).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pynvml
+import structlog
+
+from meter.samples import Sample
+
+log = structlog.get_logger(__name__)
+
+DEVICE_PREFIX = "nvml:"
+
+
+class NvmlUnavailableError(RuntimeError):
+    """NVML cannot be used here: no driver, no library, no such GPU, or a GPU without an energy counter."""
+
+
+def nvml_device_name(uuid: str) -> str:
+    """The stable device name of a GPU with this NVML UUID (e.g. ``GPU-5f3c...``)."""
+    return f"{DEVICE_PREFIX}{uuid}"
+
+
+def _as_str(value: str | bytes) -> str:
+    # pynvml returns str in current releases and bytes in some old ones.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _init() -> None:
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        raise NvmlUnavailableError(
+            f"NVML could not be initialised ({e}): is the NVIDIA driver installed and is this a GPU host? "
+            "Use the simulated source (sim) on machines without a GPU."
+        ) from e
+
+
+def _handles(gpu_indices: Sequence[int] | None) -> list[tuple[int, Any]]:
+    """Handles of the requested GPUs (all when None); NVML must be initialised."""
+    count = pynvml.nvmlDeviceGetCount()
+    indices = list(range(count)) if gpu_indices is None else list(gpu_indices)
+    if not indices:
+        raise NvmlUnavailableError("no GPU to read: NVML reports no devices" if count == 0 else "gpu_indices is empty")
+    if len(set(indices)) != len(indices):
+        raise NvmlUnavailableError(f"gpu_indices lists a GPU twice: {indices}")
+    handles = []
+    for index in indices:
+        if not 0 <= index < count:
+            raise NvmlUnavailableError(f"GPU index {index} does not exist: NVML sees {count} GPU(s) (0..{count - 1})")
+        try:
+            handles.append((index, pynvml.nvmlDeviceGetHandleByIndex(index)))
+        except pynvml.NVMLError as e:
+            raise NvmlUnavailableError(f"GPU {index}: no NVML handle ({e})") from e
+    return handles
+
+
+def nvml_device_names(gpu_indices: Sequence[int] | None = None) -> dict[int, str]:
+    """Map GPU indices (as ``nvidia-smi`` numbers them) to joulegate device names, for config validation.
+
+    Backends list the GPU indices they run on; the meter stores samples under UUID-based names. This opens and closes
+    NVML itself, so it can be called at startup before any ``NvmlSource`` exists. Raises ``NvmlUnavailableError``.
+    """
+    _init()
+    try:
+        return {index: nvml_device_name(_as_str(pynvml.nvmlDeviceGetUUID(h))) for index, h in _handles(gpu_indices)}
+    except pynvml.NVMLError as e:
+        raise NvmlUnavailableError(f"could not read GPU UUIDs ({e})") from e
+    finally:
+        pynvml.nvmlShutdown()
+
+
+class NvmlSource:
+    """An ``EnergySource`` over the energy counters of some local GPUs (all of them by default).
+
+    Construction initialises NVML once (NVML reference-counts init/shutdown, so several sources may coexist), opens one
+    handle per GPU and reads each counter once, so a GPU without the counter (pre-Volta) or a broken driver fails at
+    startup with ``NvmlUnavailableError`` rather than as an endless run of gaps. After that ``read()`` never raises.
+    """
+
+    def __init__(self, gpu_indices: Sequence[int] | None = None) -> None:
+        _init()
+        self._closed = False
+        try:
+            opened = _handles(gpu_indices)
+            self._indices = [i for i, _ in opened]
+            self._handles = [h for _, h in opened]
+            names = []
+            for index, handle in zip(self._indices, self._handles, strict=True):
+                uuid = _as_str(pynvml.nvmlDeviceGetUUID(handle))
+                try:
+                    pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+                except pynvml.NVMLError_NotSupported as e:
+                    model = _as_str(pynvml.nvmlDeviceGetName(handle))
+                    raise NvmlUnavailableError(
+                        f"GPU {index} ({model}, {uuid}) has no total-energy counter "
+                        "(nvmlDeviceGetTotalEnergyConsumption needs Volta or newer): joulegate cannot meter it"
+                    ) from e
+                names.append(nvml_device_name(uuid))
+            self._devices = tuple(names)
+        except NvmlUnavailableError:
+            self.close()
+            raise
+        except pynvml.NVMLError as e:
+            self.close()
+            raise NvmlUnavailableError(f"NVML failed while opening GPUs {gpu_indices}: {e}") from e
+        log.info("nvml_source_opened", devices=self._devices, gpu_indices=self._indices)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return self._devices
+
+    @property
+    def gpu_indices(self) -> tuple[int, ...]:
+        """NVML indices of ``devices``, in the same order."""
+        return tuple(self._indices)
+
+    def read(self) -> list[Sample]:
+        """One counter read per GPU; each sample is stamped right after its own read returned."""
+        samples = []
+        for name, handle in zip(self._devices, self._handles, strict=True):
+            try:
+                energy_mj = int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+            except Exception as e:  # a gap, never an exception out of the sampler's source
+                error = f"{type(e).__name__}: {e}"
+                samples.append(Sample(device=name, t_ns=time.time_ns(), energy_mj=None, error=error))
+            else:
+                samples.append(Sample(device=name, t_ns=time.time_ns(), energy_mj=energy_mj))
+        return samples
+
+    def close(self) -> None:
+        """Shut NVML down (once; later calls do nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError as e:
+            log.warning("nvml_shutdown_failed", error=str(e))

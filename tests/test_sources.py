@@ -1,0 +1,178 @@
+"""Energy sources: NVML (real GPUs only, plus its failure modes) and the simulated TGI's counter over HTTP."""
+
+from __future__ import annotations
+
+import time
+
+import pynvml
+import pytest
+
+from meter.sampler import Sampler
+from meter.samples import EnergySource, Sample
+from meter.sources import NvmlSource, NvmlUnavailableError, nvml_device_name, nvml_device_names
+
+
+def _nvml_gpu_count() -> int:
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+GPUS = _nvml_gpu_count()
+needs_gpu = pytest.mark.skipif(GPUS == 0, reason="NVML finds no GPU here")
+
+
+# ---- NVML without a GPU ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(GPUS > 0, reason="NVML works here; this checks the error where it does not")
+def test_nvml_absent_gives_a_clear_error() -> None:
+    with pytest.raises(NvmlUnavailableError, match="NVML could not be initialised") as info:
+        NvmlSource()
+    assert "driver" in str(info.value)
+    assert isinstance(info.value.__cause__, pynvml.NVMLError)
+    with pytest.raises(NvmlUnavailableError, match="NVML could not be initialised"):
+        nvml_device_names([0])
+
+
+class _FakeNvml:
+    """Stands in for the NVML library where there is no driver, to reach paths no H100 can show: a GPU without the
+    energy counter (pre-Volta) and a read that fails after startup."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, counter_supported: bool = True) -> None:
+        self.inits = 0
+        self.shutdowns = 0
+        self.fail_reads = False
+        self.energy_mj = 1_000
+        self.counter_supported = counter_supported
+        monkeypatch.setattr(pynvml, "nvmlInit", self._init)
+        monkeypatch.setattr(pynvml, "nvmlShutdown", self._shutdown)
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 2)
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: ("handle", i))
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda h: f"GPU-0000-{h[1]}")
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda h: "Tesla P100")
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", self._energy)
+
+    def _init(self) -> None:
+        self.inits += 1
+
+    def _shutdown(self) -> None:
+        self.shutdowns += 1
+
+    def _energy(self, handle: tuple[str, int]) -> int:
+        if not self.counter_supported:
+            raise pynvml.NVMLError_NotSupported()
+        if self.fail_reads and handle[1] == 1:
+            raise pynvml.NVMLError_GpuIsLost()
+        self.energy_mj += 10
+        return self.energy_mj
+
+
+def test_gpu_without_energy_counter_is_refused_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeNvml(monkeypatch, counter_supported=False)
+    with pytest.raises(NvmlUnavailableError, match=r"GPU 1 \(Tesla P100, GPU-0000-1\) has no total-energy counter"):
+        NvmlSource([1])
+    assert fake.inits == fake.shutdowns == 1  # NVML is not left initialised behind a failed construction
+
+
+def test_nvml_failed_read_is_a_gap_not_an_exception(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeNvml(monkeypatch)
+    source = NvmlSource()
+    assert isinstance(source, EnergySource)
+    assert source.devices == ("nvml:GPU-0000-0", "nvml:GPU-0000-1")
+    assert source.gpu_indices == (0, 1)
+    fake.fail_reads = True
+    before = time.time_ns()
+    good, gap = source.read()
+    assert good.device == "nvml:GPU-0000-0" and good.energy_mj is not None and good.error is None
+    assert gap.device == "nvml:GPU-0000-1" and gap.energy_mj is None
+    assert gap.error is not None and "GpuIsLost" in gap.error
+    assert before <= good.t_ns <= gap.t_ns <= time.time_ns()
+    source.close()
+    source.close()
+    assert fake.shutdowns == 1 == fake.inits
+
+
+def test_nvml_bad_indices_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    _FakeNvml(monkeypatch)
+    with pytest.raises(NvmlUnavailableError, match="GPU index 2 does not exist"):
+        NvmlSource([0, 2])
+    with pytest.raises(NvmlUnavailableError, match="twice"):
+        NvmlSource([1, 1])
+    with pytest.raises(NvmlUnavailableError, match="empty"):
+        NvmlSource([])
+    assert nvml_device_names([1, 0]) == {1: "nvml:GPU-0000-1", 0: "nvml:GPU-0000-0"}
+
+
+# ---- NVML on a real GPU ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_nvml_source_reads_every_gpu_by_uuid() -> None:
+    names = nvml_device_names()
+    assert len(names) == GPUS
+    source = NvmlSource()
+    try:
+        assert source.devices == tuple(names[i] for i in range(GPUS))
+        assert all(d.startswith("nvml:GPU-") for d in source.devices)
+        before = time.time_ns()
+        first = source.read()
+        time.sleep(0.35)  # over three counter updates: even an idle GPU draws tens of watts
+        second = source.read()
+        assert [s.device for s in first] == list(source.devices)
+        for a, b in zip(first, second, strict=True):
+            assert a.energy_mj is not None and b.energy_mj is not None, (a, b)
+            assert before <= a.t_ns < b.t_ns <= time.time_ns()
+            assert b.energy_mj > a.energy_mj
+            power_w = (b.energy_mj - a.energy_mj) * 1e6 / (b.t_ns - a.t_ns)
+            assert 5 < power_w < 1500, power_w
+    finally:
+        source.close()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_nvml_source_one_gpu_and_errors() -> None:
+    source = NvmlSource([0])
+    try:
+        assert source.devices == (nvml_device_name(pynvml_uuid(0)),)
+    finally:
+        source.close()
+    with pytest.raises(NvmlUnavailableError, match=f"GPU index {GPUS} does not exist"):
+        NvmlSource([GPUS])
+
+
+def pynvml_uuid(index: int) -> str:
+    pynvml.nvmlInit()
+    try:
+        uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return uuid.decode() if isinstance(uuid, bytes) else uuid
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_sampler_over_nvml_for_a_second() -> None:
+    samples: list[Sample] = []
+    source = NvmlSource([0])
+    sampler = Sampler(source, samples.extend, interval_ms=100)
+    try:
+        sampler.start()
+        time.sleep(1.25)
+        assert sampler.stop(2.0)
+    finally:
+        source.close()
+    stats = sampler.stats
+    assert 11 <= stats.reads <= 15 and stats.failed_reads == 0 and stats.resets == 0
+    assert len(samples) == stats.reads
+    power_w = sampler.power_w(source.devices[0])
+    assert power_w is not None and 5 < power_w < 1500
+    assert stats.read_ms_p50 is not None and stats.read_ms_p50 < 50
+    assert stats.cpu_s < 0.1 * stats.wall_s
