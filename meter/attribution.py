@@ -1,0 +1,413 @@
+"""Split a backend's measured counter energy into per-request, per-phase millijoules plus an idle bucket.
+
+This is the contract every energy report relies on. It is a pure function of (counter readings of one backend,
+request timelines of that backend, policy); it does no I/O and keeps no state.
+
+The model
+=========
+
+Time. A counter reading taken at wall-clock ``t`` shows the energy the GPUs had spent up to about ``t - lag``
+(NVML's counter advances every ~100 ms and trails the work by about one update). Every reading is therefore moved
+back by ``policy.lag_ns`` into *work time*; the span covered is ``[t_first - lag, t_last - lag]``. Reading interval
+``i`` is ``[t_i - lag, t_{i+1} - lag]`` and carries ``E_i = energy_{i+1} - energy_i`` millijoules.
+
+What a request was doing. Only requests with a backend and a release time own energy; every such timeline passed in
+is taken to have run on the backend the readings belong to. A request's on-GPU window is
+``[released_ns, done_ns]``, cut into three phases:
+
+- *prefill step* ``[max(released, first_token - est), first_token]``. TGI prefills the requests that joined the
+  running batch together, in one step that ends with their first tokens, so
+  ``est = prefill_overhead_ns + (prompt tokens of every request whose first token is within batch_tolerance_ns of
+  this one's) / prefill_tokens_per_s``;
+- *wait* ``[released, prefill step start)``: released to TGI, queued there for its prefill;
+- *decode* ``(first_token, done]``.
+  A request without a first token never decoded: its whole window is *wait*.
+
+Who owns an instant. At every instant the energy goes to exactly one class, by precedence:
+
+1. the requests in a prefill step, shared in proportion to prompt tokens (equally if all have zero);
+2. else the requests in decode, shared equally (a decode step produces one token for each);
+3. else the requests waiting for their prefill (the GPU is held for them), shared equally, booked as prefill;
+4. else idle.
+
+Within one reading interval. Power is taken as uniform over the interval except that a prefill instant weighs
+``prefill_power_ratio`` times an instant of any other class: ``E_i`` is split over the interval's pieces in proportion
+to ``duration x (prefill_power_ratio if prefill else 1)``. If ``idle_power_w`` is set, the idle pieces first get
+``min(E_i, idle_power_w x idle duration)`` and the rest goes to the active pieces by the same weights (all of it to
+idle if the interval has no active piece). The ratio matters only in an interval holding prefill together with other
+classes; intervals that hold a single class need no power model at all.
+
+Integers. Each request's share is a float sum over intervals; the floats are turned into integer millijoules by a
+largest-remainder split of ``counter_mj`` over (each request's total, idle), ties broken by request id, then each
+request's integer total is split into prefill and decode by rounding its prefill float. Hence, for every input,
+``sum(prefill_mj + decode_mj) + idle_mj == counter_mj`` exactly, every request's total is within 1 mJ of its exact
+share, and the result does not depend on the order of the inputs.
+
+Cost. One sweep over the sorted request and reading boundaries (O((n_requests + n_readings) log)), then prefix sums
+of "energy per unit share" per class, so a request's share is read off at its own boundaries: no loop over
+readings x requests. About 0.1 s for 10,000 requests over 1,000 readings in CPython.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
+from types import MappingProxyType
+
+from meter.timeline import Timeline
+
+__all__ = ["Attribution", "AttributionPolicy", "CounterReading", "PhaseEnergy", "attribute"]
+
+_NS_PER_S = 1_000_000_000
+_MJ_PER_W_NS = 1e-6  # 1 W for 1 ns is 1e-9 J = 1e-6 mJ
+
+# Class codes of an elementary segment (precedence order).
+_PREFILL_TOKENS = 0  # prefill step, shared by prompt tokens
+_PREFILL_EQUAL = 1  # prefill step whose members all have zero prompt tokens, shared equally
+_DECODE = 2
+_WAIT = 3
+_IDLE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class CounterReading:
+    """One sampler tick of one backend: the sum of its GPUs' cumulative energy counters."""
+
+    t_ns: int  # when the reading was taken (wall clock, time.time_ns())
+    energy_mj: int  # cumulative, non-decreasing within a segment
+
+
+@dataclass(frozen=True, slots=True)
+class AttributionPolicy:
+    """The tunable assumptions of the model (see the module docstring); reports print the policy they used."""
+
+    lag_ns: int = 100_000_000  # the counter shows energy spent at t at about t + lag; readings are shifted back by it
+    prefill_tokens_per_s: float = 20_000.0  # to estimate how long a prefill step took (it ends at the first token)
+    prefill_overhead_ns: int = 5_000_000
+    prefill_power_ratio: float = 2.0  # prefill draws this many times decode power; splits an interval holding both
+    idle_power_w: float | None = None  # power when nothing runs; None: split partly idle intervals by time
+    batch_tolerance_ns: int = 2_000_000  # first tokens this close together came out of one prefill step
+
+    def __post_init__(self) -> None:
+        if self.lag_ns < 0:
+            raise ValueError(f"lag_ns must be >= 0, got {self.lag_ns}")
+        if not self.prefill_tokens_per_s > 0 or math.isinf(self.prefill_tokens_per_s):
+            raise ValueError(f"prefill_tokens_per_s must be positive and finite, got {self.prefill_tokens_per_s}")
+        if self.prefill_overhead_ns < 0:
+            raise ValueError(f"prefill_overhead_ns must be >= 0, got {self.prefill_overhead_ns}")
+        if not self.prefill_power_ratio > 0 or math.isinf(self.prefill_power_ratio):
+            raise ValueError(f"prefill_power_ratio must be positive and finite, got {self.prefill_power_ratio}")
+        if self.idle_power_w is not None and (not self.idle_power_w >= 0 or math.isinf(self.idle_power_w)):
+            raise ValueError(f"idle_power_w must be None or >= 0 and finite, got {self.idle_power_w}")
+        if self.batch_tolerance_ns < 0:
+            raise ValueError(f"batch_tolerance_ns must be >= 0, got {self.batch_tolerance_ns}")
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseEnergy:
+    """One request's energy inside one attributed span."""
+
+    prefill_mj: int  # prefill steps plus the time the GPU was held for it while it waited for its prefill
+    decode_mj: int
+    active_ns: int  # time the request was on the GPU inside the span (weight for sharing idle energy later)
+
+    @property
+    def total_mj(self) -> int:
+        return self.prefill_mj + self.decode_mj
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Where the counter energy of one span of one backend went. ``attributed_mj + idle_mj == counter_mj``."""
+
+    start_ns: int  # span covered, in work time (first reading time minus lag)
+    end_ns: int  # last reading time minus lag
+    counter_mj: int  # last reading minus first reading
+    idle_mj: int
+    requests: Mapping[str, PhaseEnergy] = field(default_factory=lambda: MappingProxyType({}))  # by request_id
+
+    @property
+    def attributed_mj(self) -> int:
+        return sum(p.prefill_mj + p.decode_mj for p in self.requests.values())
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    released_ns: int
+    done_ns: int
+    prefill_start_ns: int  # end of the wait, start of the prefill step
+    first_token_ns: int | None
+    prompt_tokens: int
+
+
+def attribute(
+    readings: Sequence[CounterReading],
+    timelines: Iterable[Timeline],
+    policy: AttributionPolicy = AttributionPolicy(),  # frozen, so one shared default is safe
+) -> Attribution:
+    """Split the energy between the first and last reading over the timelines, per the module's model.
+
+    ``readings`` are one segment of one backend: strictly increasing in time, counter non-decreasing (split at
+    counter resets and decide about failed reads before calling). Raises ValueError otherwise, and for two different
+    timelines with the same request id. Fewer than two readings give an empty attribution.
+    """
+    _check_readings(readings)
+    requests = _on_gpu_requests(timelines, policy)
+    lag_ns = policy.lag_ns
+    if len(readings) < 2:
+        start_ns = readings[0].t_ns - lag_ns if readings else 0
+        return Attribution(start_ns=start_ns, end_ns=start_ns, counter_mj=0, idle_mj=0)
+
+    bounds_ns = [r.t_ns - lag_ns for r in readings]
+    span_start_ns, span_end_ns = bounds_ns[0], bounds_ns[-1]
+    counter_mj = readings[-1].energy_mj - readings[0].energy_mj
+
+    pre_f, dec_f, idle_f = _float_shares(readings, bounds_ns, requests, policy)
+
+    # Requests that touch the span: they were active in it or got energy from it.
+    ids: list[str] = []
+    totals_f: list[float] = []
+    active: dict[str, int] = {}
+    for req in requests:
+        active_ns = max(0, min(req.done_ns, span_end_ns) - max(req.released_ns, span_start_ns))
+        total = pre_f[req.request_id] + dec_f[req.request_id]
+        if active_ns > 0 or total > 0:
+            ids.append(req.request_id)
+            totals_f.append(total)
+            active[req.request_id] = active_ns
+
+    ints = _largest_remainder([*totals_f, idle_f], counter_mj, [*ids, None])
+    out: dict[str, PhaseEnergy] = {}
+    for rid, total_f, total_mj in zip(ids, totals_f, ints, strict=False):
+        pre = pre_f[rid]
+        prefill_mj = min(total_mj, max(0, math.floor(pre + 0.5))) if total_f > 0 else total_mj
+        out[rid] = PhaseEnergy(prefill_mj=prefill_mj, decode_mj=total_mj - prefill_mj, active_ns=active[rid])
+    return Attribution(
+        start_ns=span_start_ns,
+        end_ns=span_end_ns,
+        counter_mj=counter_mj,
+        idle_mj=ints[-1],
+        requests=MappingProxyType(out),
+    )
+
+
+def _check_readings(readings: Sequence[CounterReading]) -> None:
+    for i in range(1, len(readings)):
+        prev, cur = readings[i - 1], readings[i]
+        if cur.t_ns <= prev.t_ns:
+            raise ValueError(
+                f"readings must be sorted and strictly increasing in time: reading {i} at t_ns={cur.t_ns} "
+                f"is not after reading {i - 1} at t_ns={prev.t_ns}"
+            )
+        if cur.energy_mj < prev.energy_mj:
+            raise ValueError(
+                f"energy counter decreased from {prev.energy_mj} mJ (reading {i - 1}, t_ns={prev.t_ns}) to "
+                f"{cur.energy_mj} mJ (reading {i}, t_ns={cur.t_ns}): a counter reset; split the readings into "
+                "segments at resets and attribute each separately"
+            )
+
+
+def _on_gpu_requests(timelines: Iterable[Timeline], policy: AttributionPolicy) -> list[_Request]:
+    """The requests that can own energy, with their phase boundaries, sorted by request id."""
+    by_id: dict[str, Timeline] = {}
+    for tl in timelines:
+        seen = by_id.get(tl.request_id)
+        if seen is not None and seen != tl:
+            raise ValueError(f"two different timelines for request {tl.request_id!r}")
+        by_id[tl.request_id] = tl
+    live = [by_id[rid] for rid in sorted(by_id) if by_id[rid].on_gpu]
+
+    # One prefill step serves every request whose first token is within the tolerance of this one's.
+    with_first = sorted((tl.first_token_ns, tl.prompt_tokens) for tl in live if tl.first_token_ns is not None)
+    first_ns = [f for f, _ in with_first]
+    prefix_tokens = [0]
+    for _, p in with_first:
+        prefix_tokens.append(prefix_tokens[-1] + p)
+    tol_ns = policy.batch_tolerance_ns
+
+    out: list[_Request] = []
+    for tl in live:
+        released_ns = tl.released_ns
+        assert released_ns is not None  # on_gpu
+        first = tl.first_token_ns
+        if first is None:
+            prefill_start_ns = tl.done_ns  # no prefill step: the whole window is wait
+        else:
+            lo = bisect_left(first_ns, first - tol_ns)
+            hi = bisect_right(first_ns, first + tol_ns)
+            batch_tokens = prefix_tokens[hi] - prefix_tokens[lo]
+            est_ns = policy.prefill_overhead_ns + round(batch_tokens * _NS_PER_S / policy.prefill_tokens_per_s)
+            prefill_start_ns = max(released_ns, first - est_ns)
+        out.append(_Request(tl.request_id, released_ns, tl.done_ns, prefill_start_ns, first, tl.prompt_tokens))
+    return out
+
+
+def _float_shares(
+    readings: Sequence[CounterReading],
+    bounds_ns: list[int],
+    requests: list[_Request],
+    policy: AttributionPolicy,
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """Exact (float) prefill and decode shares per request, and idle, by one sweep over the sorted boundaries."""
+    # Deltas of the running state at each boundary: waiting count, prefill tokens, prefill count, decode count.
+    deltas: dict[int, list[int]] = {}
+
+    def bump(t_ns: int, slot: int, by: int) -> None:
+        d = deltas.get(t_ns)
+        if d is None:
+            d = deltas[t_ns] = [0, 0, 0, 0]
+        d[slot] += by
+
+    zero = (0, 0, 0, 0)
+    for req in requests:
+        for t_ns in (req.released_ns, req.prefill_start_ns, req.done_ns):
+            if t_ns not in deltas:  # every boundary a share is read at must be a sweep time
+                deltas[t_ns] = list(zero)
+        if req.prefill_start_ns > req.released_ns:
+            bump(req.released_ns, 0, 1)
+            bump(req.prefill_start_ns, 0, -1)
+        first = req.first_token_ns
+        if first is not None:
+            if first > req.prefill_start_ns:
+                bump(req.prefill_start_ns, 1, req.prompt_tokens)
+                bump(req.prefill_start_ns, 2, 1)
+                bump(first, 1, -req.prompt_tokens)
+                bump(first, 2, -1)
+            if first not in deltas:
+                deltas[first] = list(zero)
+            if req.done_ns > first:
+                bump(first, 3, 1)
+                bump(req.done_ns, 3, -1)
+    for t_ns in bounds_ns:
+        if t_ns not in deltas:
+            deltas[t_ns] = list(zero)
+    times = sorted(deltas)
+    n_times = len(times)
+    span_start_ns, span_end_ns = bounds_ns[0], bounds_ns[-1]
+
+    # Pass 1: the elementary segments inside the span (class, divisor, duration, interval), and per interval the
+    # weighted active duration and the idle duration.
+    ratio = policy.prefill_power_ratio
+    n_intervals = len(bounds_ns) - 1
+    active_w = [0.0] * n_intervals
+    idle_ns = [0] * n_intervals
+    seg_first: list[int] = []  # index into times where the segment starts
+    seg_class: list[int] = []
+    seg_div: list[int] = []
+    seg_interval: list[int] = []
+    waiting = prefill_tokens = prefilling = decoding = 0
+    interval = -1
+    for k in range(n_times - 1):
+        t0 = times[k]
+        d = deltas[t0]
+        waiting += d[0]
+        prefill_tokens += d[1]
+        prefilling += d[2]
+        decoding += d[3]
+        if t0 < span_start_ns or t0 >= span_end_ns:
+            continue
+        if interval + 1 < n_intervals and t0 >= bounds_ns[interval + 1]:
+            interval += 1  # every reading time is in `times`, so intervals advance one at a time
+        dur_ns = times[k + 1] - t0
+        if prefilling:
+            cls, div = (_PREFILL_TOKENS, prefill_tokens) if prefill_tokens else (_PREFILL_EQUAL, prefilling)
+            active_w[interval] += ratio * dur_ns
+        elif decoding:
+            cls, div = _DECODE, decoding
+            active_w[interval] += dur_ns
+        elif waiting:
+            cls, div = _WAIT, waiting
+            active_w[interval] += dur_ns
+        else:
+            cls, div = _IDLE, 1
+            idle_ns[interval] += dur_ns
+        seg_first.append(k)
+        seg_class.append(cls)
+        seg_div.append(div)
+        seg_interval.append(interval)
+
+    # Energy per unit weight, per interval, for active and idle pieces.
+    idle_power_w = policy.idle_power_w
+    rho_active = [0.0] * n_intervals
+    rho_idle = [0.0] * n_intervals
+    for i in range(n_intervals):
+        e_mj = readings[i + 1].energy_mj - readings[i].energy_mj
+        a_w, i_ns = active_w[i], idle_ns[i]
+        if idle_power_w is None or a_w == 0 or i_ns == 0:
+            rho = e_mj / (a_w + i_ns)
+            rho_active[i] = rho_idle[i] = rho
+        else:
+            idle_mj = min(float(e_mj), idle_power_w * i_ns * _MJ_PER_W_NS)
+            rho_idle[i] = idle_mj / i_ns
+            rho_active[i] = (e_mj - idle_mj) / a_w
+
+    # Pass 2: energy per unit share of each segment, then prefix sums per class, indexed like `times`.
+    inc = [[0.0] * n_times for _ in range(4)]  # prefill per token, prefill per request, decode, wait
+    idle_total = 0.0
+    for k, cls, div, i in zip(seg_first, seg_class, seg_div, seg_interval, strict=True):
+        dur_ns = times[k + 1] - times[k]
+        if cls == _IDLE:
+            idle_total += rho_idle[i] * dur_ns
+        elif cls <= _PREFILL_EQUAL:
+            inc[cls][k + 1] = rho_active[i] * ratio * dur_ns / div
+        else:
+            inc[cls][k + 1] = rho_active[i] * dur_ns / div
+    c_tok, c_eq, c_dec, c_wait = (list(accumulate(x)) for x in inc)
+
+    index = {t: k for k, t in enumerate(times)}
+    prefill: dict[str, float] = {}
+    decode: dict[str, float] = {}
+    for req in requests:
+        k_rel, k_pre = index[req.released_ns], index[req.prefill_start_ns]
+        pre = c_wait[k_pre] - c_wait[k_rel]
+        dec = 0.0
+        first = req.first_token_ns
+        if first is not None:
+            k_first = index[first]
+            if req.prompt_tokens:
+                pre += req.prompt_tokens * (c_tok[k_first] - c_tok[k_pre])
+            else:
+                pre += c_eq[k_first] - c_eq[k_pre]
+            dec = c_dec[index[req.done_ns]] - c_dec[k_first]
+        prefill[req.request_id] = max(0.0, pre)
+        decode[req.request_id] = max(0.0, dec)
+    return prefill, decode, max(0.0, idle_total)
+
+
+def _largest_remainder(shares: list[float], total: int, keys: list[str | None]) -> list[int]:
+    """Integers that sum to ``total`` exactly, each the floor or ceiling of its (non-negative) float share.
+
+    The units left over after flooring go to the largest fractional parts; ties go to the smaller key, with
+    ``None`` (the idle bucket) last, so the result does not depend on input order.
+    """
+    floors = [math.floor(s) for s in shares]
+    left = total - sum(floors)
+    if left == 0:
+        return floors
+
+    def tie(j: int) -> tuple[int, str]:
+        key = keys[j]
+        return (1, "") if key is None else (0, key)
+
+    if left > 0:
+        order = sorted(range(len(shares)), key=lambda j: (floors[j] - shares[j], tie(j)))
+        n = len(order)
+        for step in range(left):  # more than one round only if the floats drifted by a whole unit per bucket
+            floors[order[step % n]] += 1
+    else:
+        order = sorted(range(len(shares)), key=lambda j: (shares[j] - floors[j], tie(j)))
+        need = -left
+        while need:
+            took = False
+            for j in order:
+                if need and floors[j] > 0:
+                    floors[j] -= 1
+                    need -= 1
+                    took = True
+            if not took:
+                raise AssertionError("cannot conserve energy: shares exceed the counter")  # unreachable for E >= 0
+    return floors
