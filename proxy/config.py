@@ -91,6 +91,8 @@ class BackendPoolConfig(_Section):
 class ModelConfig(_Section):
     model_id: str
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
+    max_new_tokens: int = Field(default=1024, ge=1, description="the most new tokens one request may ask for")
+    include_stop_sequence: bool = Field(default=True, description="TGIS default when a request does not say")
     shaping: dict[str, Any] = Field(default_factory=dict, description="arrival shaping (proxy/shaping)")
 
 

@@ -1,0 +1,286 @@
+"""TGI backends: one pooled HTTP session each, health and /info polling, and per-model pools that hand out slots.
+
+A backend never gets more requests in flight than its ``max_concurrent_requests`` (TGI answers 429 at once past
+it): callers take a ``Lease`` from the pool before they send anything and give it back when the stream ends. Among
+healthy backends with a free slot, the pool picks the one with the fewest outstanding tokens (prompt plus tokens
+still to generate), the best cheap proxy for how long its queue is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+
+from proxy.config import BackendConfig, BackendPoolConfig
+from proxy.errors import BackendError, GatewayError, Unavailable, from_tgi
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MAX_CONCURRENT = 128  # TGI's default --max-concurrent-requests
+
+
+class BackendUnreachable(GatewayError):
+    """Nothing came back from the backend (refused, reset, timed out before the first byte): safe to retry."""
+
+
+class Backend:
+    """One TGI server."""
+
+    def __init__(self, cfg: BackendConfig, model_id: str, pool_cfg: BackendPoolConfig) -> None:
+        self.name = cfg.name
+        self.url = cfg.url
+        self.gpus = cfg.gpus
+        self.node = cfg.node
+        self.model_id = model_id
+        self._pool_cfg = pool_cfg
+        self._session: aiohttp.ClientSession | None = None
+        self.healthy = False
+        self.info: dict[str, Any] | None = None
+        self.in_flight = 0
+        self.outstanding_tokens = 0
+        self.last_error: str | None = None
+
+    @property
+    def max_concurrent(self) -> int:
+        if self._pool_cfg.max_concurrent_requests is not None:
+            limit = self._pool_cfg.max_concurrent_requests
+            if self.info and self.info.get("max_concurrent_requests"):
+                limit = min(limit, int(self.info["max_concurrent_requests"]))
+            return limit
+        if self.info and self.info.get("max_concurrent_requests"):
+            return int(self.info["max_concurrent_requests"])
+        return DEFAULT_MAX_CONCURRENT
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_concurrent - self.in_flight)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._pool_cfg.max_connections, keepalive_timeout=60, enable_cleanup_closed=True
+            )
+            self._session = aiohttp.ClientSession(
+                self.url,
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._pool_cfg.connect_timeout_s),
+                skip_auto_headers=("User-Agent",),
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def check(self) -> bool:
+        """Poll /health (and /info when missing); update ``healthy``. Never raises."""
+        timeout = aiohttp.ClientTimeout(total=self._pool_cfg.connect_timeout_s * 2)
+        try:
+            async with self.session.get("/health", timeout=timeout) as resp:
+                ok = resp.status == 200
+                await resp.read()
+            if ok and self.info is None:
+                async with self.session.get("/info", timeout=timeout) as resp:
+                    if resp.status == 200:
+                        self.info = await resp.json()
+            self.last_error = None if ok else f"/health answered {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            ok = False
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        if ok != self.healthy:
+            log.info("backend_health", backend=self.name, healthy=ok, error=self.last_error)
+        self.healthy = ok
+        return ok
+
+    def mark_unreachable(self, reason: str) -> None:
+        if self.healthy:
+            log.warning("backend_unreachable", backend=self.name, error=reason)
+        self.healthy = False
+        self.last_error = reason
+
+    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
+        """POST ``body`` to a streaming route and return the response once its status is 200.
+
+        Raises ``BackendUnreachable`` when nothing came back (retryable), or the mapped TGI error for an error
+        answer (422 -> InvalidArgument, 429 -> Overloaded, ...).
+        """
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._pool_cfg.connect_timeout_s, sock_read=self._pool_cfg.request_timeout_s
+        )
+        try:
+            resp = await self.session.post(path, json=body, headers={"x-request-id": request_id}, timeout=timeout)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            self.mark_unreachable(f"{type(exc).__name__}: {exc}")
+            raise BackendUnreachable(f"backend {self.name} unreachable: {type(exc).__name__}") from exc
+        if resp.status == 200:
+            return resp
+        try:
+            payload = await resp.json(content_type=None)
+        except (aiohttp.ClientError, ValueError):
+            payload = None
+        finally:
+            resp.release()
+        raise from_tgi(resp.status, payload, backend=self.name)
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        """A small non-streaming call (``/tokenize``); errors mapped like ``open_stream``."""
+        timeout = aiohttp.ClientTimeout(total=self._pool_cfg.request_timeout_s)
+        try:
+            async with self.session.post(path, json=body, timeout=timeout) as resp:
+                payload = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise from_tgi(resp.status, payload, backend=self.name)
+                return payload
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            self.mark_unreachable(f"{type(exc).__name__}: {exc}")
+            raise BackendUnreachable(f"backend {self.name} unreachable: {type(exc).__name__}") from exc
+        except ValueError as exc:
+            raise BackendError(f"backend {self.name} answered {path} with invalid JSON") from exc
+
+
+@dataclass(eq=False, slots=True)
+class Lease:
+    """A slot on one backend, held from release to TGI until the stream ends."""
+
+    backend: Backend
+    tokens: int
+    pool: BackendPool
+    released: bool = field(default=False)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.pool._give_back(self)
+
+    def consume(self, tokens: int) -> None:
+        """Tokens that came back no longer count as outstanding."""
+        tokens = min(tokens, self.tokens)
+        self.tokens -= tokens
+        self.backend.outstanding_tokens -= tokens
+
+
+class BackendPool:
+    """The backends that serve one model."""
+
+    def __init__(self, model_id: str, backends: Iterable[Backend]) -> None:
+        self.model_id = model_id
+        self.backends = list(backends)
+        self._waiters: list[asyncio.Future[None]] = []
+        self._health_listeners: list[Callable[[], Awaitable[None] | None]] = []
+
+    @property
+    def healthy(self) -> bool:
+        return any(b.healthy for b in self.backends)
+
+    @property
+    def free_slots(self) -> int:
+        return sum(b.free_slots for b in self.backends if b.healthy)
+
+    @property
+    def info(self) -> dict[str, Any] | None:
+        """The /info of a healthy backend (they serve the same model), else of any that answered once."""
+        for b in sorted(self.backends, key=lambda b: not b.healthy):
+            if b.info:
+                return b.info
+        return None
+
+    def on_health_change(self, listener: Callable[[], Awaitable[None] | None]) -> None:
+        self._health_listeners.append(listener)
+
+    def _pick(self, need: int, exclude: frozenset[str]) -> Backend | None:
+        best: Backend | None = None
+        for b in self.backends:
+            if not b.healthy or b.name in exclude or b.free_slots < need:
+                continue
+            if best is None or b.outstanding_tokens < best.outstanding_tokens:
+                best = b
+        return best
+
+    def try_acquire(self, tokens: int, *, exclude: frozenset[str] = frozenset()) -> Lease | None:
+        """A slot on the least-loaded healthy backend with room, or None."""
+        backend = self._pick(1, exclude)
+        if backend is None:
+            return None
+        return self._lease(backend, tokens)
+
+    def try_acquire_batch(self, token_counts: list[int], *, exclude: frozenset[str] = frozenset()) -> list[Lease]:
+        """Slots for a released batch, all on ONE backend (so TGI prefills them together).
+
+        Takes the healthy backend with the most free slots; returns as many leases as it has room for (possibly
+        fewer than asked, possibly none). The caller keeps the rest queued.
+        """
+        candidates = [b for b in self.backends if b.healthy and b.name not in exclude and b.free_slots > 0]
+        if not candidates:
+            return []
+        backend = max(candidates, key=lambda b: (b.free_slots, -b.outstanding_tokens))
+        return [self._lease(backend, t) for t in token_counts[: backend.free_slots]]
+
+    def _lease(self, backend: Backend, tokens: int) -> Lease:
+        backend.in_flight += 1
+        backend.outstanding_tokens += tokens
+        return Lease(backend=backend, tokens=tokens, pool=self)
+
+    async def acquire(self, tokens: int, *, exclude: frozenset[str] = frozenset()) -> Lease:
+        """Wait for a slot. Raises Unavailable at once when no healthy backend is left to wait for."""
+        while True:
+            lease = self.try_acquire(tokens, exclude=exclude)
+            if lease is not None:
+                return lease
+            if not any(b.healthy and b.name not in exclude for b in self.backends):
+                raise Unavailable(f"no healthy backend for model {self.model_id!r}")
+            await self.capacity_changed()
+
+    async def capacity_changed(self) -> None:
+        """Wait until a slot is given back or a health check ran."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+
+    def _give_back(self, lease: Lease) -> None:
+        lease.backend.in_flight -= 1
+        lease.backend.outstanding_tokens -= lease.tokens
+        lease.tokens = 0
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def check_all(self) -> None:
+        before = self.healthy
+        await asyncio.gather(*(b.check() for b in self.backends))
+        self._wake()
+        if self.healthy != before:
+            for listener in self._health_listeners:
+                result = listener()
+                if asyncio.iscoroutine(result):
+                    await result
+
+    async def close(self) -> None:
+        await asyncio.gather(*(b.close() for b in self.backends))
+
+
+async def run_health_checks(pools: Iterable[BackendPool], interval_s: float, stop: asyncio.Event) -> None:
+    """Poll every backend every ``interval_s`` until ``stop`` is set."""
+    pools = list(pools)
+    while not stop.is_set():
+        started = time.monotonic()
+        await asyncio.gather(*(p.check_all() for p in pools))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(0.0, interval_s - (time.monotonic() - started)))

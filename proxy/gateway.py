@@ -1,0 +1,335 @@
+"""The request path both front doors share: shape, lease a backend slot, stream from TGI, record the timeline.
+
+``Gateway.stream(job)`` yields TGI's stream events (parsed JSON dicts) as they arrive; the gRPC servicer turns them
+into TGIS messages, the HTTP facade writes them back out as SSE. Whatever happens — success, a TGI error, a client
+cancel, an expired deadline — the request's timeline reaches the ledger exactly once, from the ``finally`` here.
+
+Retries (tenacity) happen only before the first byte of a stream and only on another backend: connection refused,
+or TGI overloaded or not ready. After the first byte a failure is the client's to see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
+
+import aiohttp
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+
+from meter.timeline import RequestStart, Timeline
+from proxy.backends import BackendPool, BackendUnreachable, Lease
+from proxy.errors import (
+    BackendError,
+    DeadlineExceeded,
+    GatewayError,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    Unavailable,
+    from_tgi,
+)
+from proxy.job import Job
+from proxy.shaping import Shaper
+from proxy.sse import SSEDecoder
+
+log = structlog.get_logger(__name__)
+
+# TGI: "`inputs` tokens + `max_new_tokens` must be <= 2048. Given: 2000 `inputs` tokens and 100 `max_new_tokens`"
+_TOKEN_LIMIT_RE = re.compile(r"must be <= (\d+)\. Given: (\d+) `inputs` tokens and (\d+) `max_new_tokens`")
+
+
+class TimelineSink(Protocol):
+    """Where timelines go (meter.ledger.Ledger); both calls must return at once."""
+
+    def request_started(self, start: RequestStart) -> None: ...
+
+    def request_finished(self, timeline: Timeline) -> None: ...
+
+
+_RETRYABLE = (BackendUnreachable, Overloaded, Unavailable)
+
+
+class StreamResult:
+    """What the gateway learnt about a stream; filled in while it runs, read by the front door afterwards."""
+
+    __slots__ = ("backend", "first_token_ns", "generated_tokens", "prompt_tokens", "released_ns", "token_limited")
+
+    def __init__(self) -> None:
+        self.backend: str | None = None
+        self.released_ns: int | None = None
+        self.first_token_ns: int | None = None
+        self.generated_tokens = 0
+        self.prompt_tokens: int | None = None
+        self.token_limited = False  # max_new_tokens was shrunk to fit the model (TGIS TOKEN_LIMIT)
+
+
+class Gateway:
+    def __init__(
+        self,
+        pools: Mapping[str, BackendPool],
+        shaper: Shaper | Mapping[str, Shaper],
+        ledger: TimelineSink,
+        *,
+        retries: int = 2,
+    ) -> None:
+        self.pools = dict(pools)
+        self._shapers = shaper if isinstance(shaper, Mapping) else {m: shaper for m in self.pools}
+        self.ledger = ledger
+        self.retries = retries
+        self.draining = False
+
+    # -- lookups ---------------------------------------------------------------------------------------------
+    def resolve_model(self, model_id: str) -> str:
+        """The model a request names; an empty id means the only model, when there is only one."""
+        if not model_id:
+            if len(self.pools) == 1:
+                return next(iter(self.pools))
+            raise InvalidArgument(f"model_id: required (this gateway serves {sorted(self.pools)})")
+        if model_id not in self.pools:
+            raise NotFound(f"model_id: unknown model {model_id!r} (this gateway serves {sorted(self.pools)})")
+        return model_id
+
+    def pool(self, model_id: str) -> BackendPool:
+        return self.pools[self.resolve_model(model_id)]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.draining and any(p.healthy for p in self.pools.values())
+
+    async def tokenize(self, model_id: str, text: str) -> list[dict[str, Any]]:
+        """TGI's /tokenize on the least-loaded healthy backend (no generation slot needed)."""
+        pool = self.pool(model_id)
+        last: GatewayError = Unavailable(f"no healthy backend for model {pool.model_id!r}", retry_after_s=1.0)
+        for backend in sorted((b for b in pool.backends if b.healthy), key=lambda b: b.outstanding_tokens):
+            try:
+                tokens = await backend.post_json("/tokenize", {"inputs": text})
+            except BackendUnreachable as exc:
+                last = exc
+                continue
+            if not isinstance(tokens, list):
+                raise BackendError(f"backend {backend.name} answered /tokenize with something other than a list")
+            return tokens
+        raise _as_final(last)
+
+    async def model_info(self, model_id: str) -> dict[str, Any]:
+        pool = self.pool(model_id)
+        if pool.info is None:
+            await pool.check_all()
+        if pool.info is None:
+            raise Unavailable(f"no backend of model {pool.model_id!r} has answered /info yet", retry_after_s=1.0)
+        return pool.info
+
+    # -- the stream ------------------------------------------------------------------------------------------
+    async def stream(self, job: Job, result: StreamResult | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Yield TGI stream events for ``job``. Raises GatewayError subclasses; records the timeline always."""
+        result = result if result is not None else StreamResult()
+        status = "UNKNOWN"
+        lease: Lease | None = None
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            if self.draining:
+                raise Unavailable("gateway is shutting down", retry_after_s=1.0)
+            pool = self.pool(job.model_id)
+            lease = await self._admit(job, pool)
+            result.released_ns = time.time_ns()
+            result.backend = lease.backend.name
+            self.ledger.request_started(
+                RequestStart(
+                    request_id=job.request_id,
+                    tenant=job.tenant,
+                    model_id=job.model_id,
+                    backend=lease.backend.name,
+                    received_ns=job.received_ns,
+                    released_ns=result.released_ns,
+                )
+            )
+            lease, resp = await self._open(job, pool, lease, result)
+            decoder = SSEDecoder()
+            async for chunk in resp.content.iter_any():
+                for data in decoder.feed(chunk):
+                    event = _parse_event(data, lease.backend.name)
+                    if "error" in event:
+                        raise from_tgi(200, event, backend=lease.backend.name)
+                    if result.first_token_ns is None:
+                        result.first_token_ns = time.time_ns()
+                    if "token" in event:
+                        result.generated_tokens += 1
+                        lease.consume(1)
+                    details = event.get("details")
+                    if details:
+                        result.prompt_tokens = details.get("input_length")
+                        result.generated_tokens = details.get("generated_tokens", result.generated_tokens)
+                    yield event
+            for data in decoder.close():
+                event = _parse_event(data, lease.backend.name)
+                if "error" in event:
+                    raise from_tgi(200, event, backend=lease.backend.name)
+                yield event
+            status = "OK"
+        except GatewayError as exc:
+            status = exc.grpc_code.name
+            raise
+        except asyncio.CancelledError:
+            now = asyncio.get_running_loop().time()
+            if job.stop_at is not None and now >= job.stop_at:
+                status = "OK"  # the front door's time limit: a normal end (TGIS TIME_LIMIT)
+            elif job.deadline is not None and now >= job.deadline:
+                status = "DEADLINE_EXCEEDED"
+            else:
+                status = "CANCELLED"
+            raise
+        except GeneratorExit:
+            status = "OK"  # the front door stopped reading on purpose (e.g. a TGIS time limit)
+            raise
+        except aiohttp.ClientError as exc:
+            status = "UNAVAILABLE"
+            if lease is not None:
+                lease.backend.mark_unreachable(f"{type(exc).__name__}: {exc}")
+            raise BackendError(f"backend stream broke: {type(exc).__name__}") from exc
+        finally:
+            if resp is not None:
+                resp.close()  # closes the connection: TGI drops a request whose client went away
+            if lease is not None:
+                lease.release()
+            self._record(job, result, status)
+
+    async def _admit(self, job: Job, pool: BackendPool) -> Lease:
+        shaper = self._shapers[pool.model_id]
+        if not pool.healthy:
+            raise Unavailable(f"no healthy backend for model {pool.model_id!r}", retry_after_s=1.0)
+        if job.deadline is None:
+            return await shaper.acquire(job, pool)
+        try:
+            async with asyncio.timeout_at(job.deadline):
+                return await shaper.acquire(job, pool)
+        except TimeoutError:
+            raise DeadlineExceeded("deadline exceeded while queued; the request never reached a backend") from None
+
+    async def _open(
+        self, job: Job, pool: BackendPool, lease: Lease, result: StreamResult
+    ) -> tuple[Lease, aiohttp.ClientResponse]:
+        """Send the request; on a retryable failure before the first byte, move to another backend.
+
+        Returns the lease actually used (the caller's, or one on another backend) and the open response. On
+        failure every lease taken here is given back.
+        """
+        tried: set[str] = set()
+        current: Lease | None = lease
+        last: GatewayError | None = None
+
+        async def attempt_once() -> aiohttp.ClientResponse:
+            nonlocal current, last
+            if current is None:
+                current = pool.try_acquire(job.token_estimate, exclude=frozenset(tried))
+                if current is None:
+                    assert last is not None
+                    raise _GiveUp(last)
+            tried.add(current.backend.name)
+            result.backend = current.backend.name
+            try:
+                return await self._send(job, current, result)
+            except _RETRYABLE as exc:
+                last = exc
+                current.release()
+                current = None
+                raise
+
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(1 + self.retries), retry=retry_if_exception_type(_RETRYABLE), reraise=True
+            ):
+                with attempt:
+                    resp = await attempt_once()
+        except _RETRYABLE as exc:
+            raise _as_final(exc) from exc
+        except _GiveUp as exc:
+            raise _as_final(exc.cause) from exc.cause
+        except BaseException:
+            if current is not None:
+                current.release()
+            raise
+        assert current is not None
+        return current, resp
+
+    async def _send(self, job: Job, lease: Lease, result: StreamResult) -> aiohttp.ClientResponse:
+        try:
+            return await lease.backend.open_stream(job.route, job.body, job.request_id)
+        except InvalidArgument as exc:
+            clamped = self._clamp(job, job.body, exc)
+            if clamped is None:
+                raise
+            result.token_limited = True
+            return await lease.backend.open_stream(job.route, clamped, job.request_id)
+
+    @staticmethod
+    def _clamp(job: Job, body: dict[str, Any], exc: InvalidArgument) -> dict[str, Any] | None:
+        """TGIS semantics: a request too long for the model gets fewer new tokens instead of an error."""
+        if not job.clamp_to_token_limit:
+            return None
+        m = _TOKEN_LIMIT_RE.search(exc.message)
+        if not m:
+            return None
+        limit, input_tokens = int(m.group(1)), int(m.group(2))
+        allowed = limit - input_tokens
+        if allowed < 1:
+            return None
+        params = dict(body.get("parameters") or {})
+        params["max_new_tokens"] = allowed
+        return {**body, "parameters": params}
+
+    def _record(self, job: Job, result: StreamResult, status: str) -> None:
+        done_ns = time.time_ns()
+        prompt_tokens = result.prompt_tokens if result.prompt_tokens is not None else job.prompt_tokens_estimate
+        try:
+            self.ledger.request_finished(
+                Timeline(
+                    request_id=job.request_id,
+                    tenant=job.tenant,
+                    model_id=job.model_id,
+                    backend=result.backend if result.released_ns is not None else None,
+                    received_ns=job.received_ns,
+                    released_ns=result.released_ns,
+                    first_token_ns=result.first_token_ns,
+                    done_ns=max(done_ns, result.first_token_ns or 0),
+                    prompt_tokens=prompt_tokens if result.released_ns is not None else 0,
+                    generated_tokens=result.generated_tokens,
+                    status=status,
+                    traffic_class=job.traffic_class,
+                    api=job.api,
+                    correlation_id=job.correlation_id,
+                )
+            )
+        except Exception:  # the meter must never break the request path
+            log.exception("timeline_record_failed", request_id=job.request_id)
+
+
+class _GiveUp(Exception):
+    """No untried backend has room for a retry: the last failure stands."""
+
+    def __init__(self, cause: GatewayError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _as_final(cause: GatewayError) -> GatewayError:
+    """Every backend failed before the first byte: overload stays overload, anything else is unavailability."""
+    if isinstance(cause, Overloaded):
+        return Overloaded(f"all backends are overloaded ({cause.message})", retry_after_s=cause.retry_after_s or 1.0)
+    if isinstance(cause, Unavailable):
+        return cause
+    return Unavailable(f"no backend reachable ({cause.message})", retry_after_s=1.0)
+
+
+def _parse_event(data: str, backend: str) -> dict[str, Any]:
+    try:
+        event = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise BackendError(f"backend {backend} sent an event that is not JSON") from exc
+    if not isinstance(event, dict):
+        raise BackendError(f"backend {backend} sent an event that is not an object")
+    return event

@@ -1,0 +1,361 @@
+"""``fmaas.GenerationService`` over grpc.aio: thin translation between TGIS messages and the shared ``Gateway``.
+
+Every call: authenticate, send ``x-request-id`` (and echo ``x-correlation-id``) as initial metadata, map the TGIS
+parameters once, then run one ``Job`` per text through ``Gateway.stream``. A ``GatewayError`` becomes a gRPC
+status with a clear message; overload carries a retry hint both as ``google.rpc.RetryInfo`` in the status details
+and as ``retry-after-ms`` trailing metadata.
+
+Batched ``Generate`` calls get one request id per text: the call's id when it has one text, else ``<id>-<i>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from meter.timeline import Api
+from proxy.auth import Authenticator, Principal
+from proxy.errors import GatewayError, InvalidArgument
+from proxy.gateway import Gateway, StreamResult
+from proxy.job import Job
+from proxy.params import GenerationOptions, ModelLimits, to_tgi
+from proxy.pb.fmaas import generation_pb2 as pb
+from proxy.pb.fmaas import generation_pb2_grpc as pb_grpc
+from proxy.tgis import StopTextHolder, input_token_infos, matched_stop_sequence, stop_reason, token_info
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: GatewayError) -> None:
+    """End the call with ``exc``'s status; RESOURCE_EXHAUSTED/UNAVAILABLE carry a retry hint."""
+    if exc.retry_after_s is not None:
+        retry = error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=int(exc.retry_after_s), nanos=int((exc.retry_after_s % 1) * 1e9))
+        )
+        detail = status_pb2.Status(code=getattr(code_pb2, exc.grpc_code.name), message=exc.message)
+        detail.details.add().Pack(retry)
+        context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
+        await context.abort_with_status(rpc_status.to_status(detail))
+    await context.abort(exc.grpc_code, exc.message)
+
+
+def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+class CallContext:
+    """What every call needs: who is calling, its ids and deadline."""
+
+    __slots__ = ("correlation_id", "deadline", "principal", "request_id", "traffic_class")
+
+    def __init__(self, principal: Principal, request_id: str, correlation_id: str | None, traffic_class: str,
+                 deadline: float | None) -> None:  # fmt: skip
+        self.principal = principal
+        self.request_id = request_id
+        self.correlation_id = correlation_id
+        self.traffic_class = traffic_class
+        self.deadline = deadline
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    def __init__(
+        self,
+        gateway: Gateway,
+        auth: Authenticator,
+        limits: dict[str, ModelLimits],
+        *,
+        max_batch_requests: int = 64,
+    ) -> None:
+        self.gateway = gateway
+        self.auth = auth
+        self.limits = limits
+        self.max_batch_requests = max_batch_requests
+
+    # -- plumbing --------------------------------------------------------------------------------------------
+    async def _begin(self, context: grpc.aio.ServicerContext) -> CallContext:
+        md = metadata_dict(context)
+        request_id = new_request_id()
+        correlation_id = md.get("x-correlation-id")
+        initial = [("x-request-id", request_id)]
+        if correlation_id:
+            initial.append(("x-correlation-id", correlation_id))
+        await context.send_initial_metadata(initial)
+        principal = await self.auth.authenticate(md)
+        remaining = context.time_remaining()
+        deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
+        traffic_class = md.get("x-traffic-class") or principal.default_class or "default"
+        structlog.contextvars.bind_contextvars(
+            request_id=request_id, tenant=principal.tenant, correlation_id=correlation_id
+        )
+        return CallContext(principal, request_id, correlation_id, traffic_class, deadline)
+
+    async def _guard(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await work()
+        except GatewayError as exc:
+            log.info("request_failed", code=exc.grpc_code.name, error=exc.message)
+            await abort_with(context, exc)
+            raise AssertionError("unreachable") from None  # abort raises
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    def _options(self, model_id: str, params: Any, adapter_id: str | None) -> GenerationOptions:
+        return to_tgi(params, self.limits.get(model_id, ModelLimits()), adapter_id=adapter_id)
+
+    def _job(self, call: CallContext, request_id: str, model_id: str, text: str, options: GenerationOptions,
+             received_ns: int) -> Job:  # fmt: skip
+        return Job(
+            request_id=request_id,
+            model_id=model_id,
+            tenant=call.principal.tenant,
+            inputs=text,
+            body={"inputs": text, "parameters": options.tgi_parameters},
+            max_new_tokens=options.max_new_tokens,
+            traffic_class=call.traffic_class,
+            api=Api.GRPC,
+            correlation_id=call.correlation_id,
+            deadline=call.deadline,
+            clamp_to_token_limit=True,
+            received_ns=received_ns,
+        )
+
+    async def _input_tokens(self, model_id: str, text: str, truncate: int) -> list[dict[str, Any]]:
+        tokens = await self.gateway.tokenize(model_id, text)
+        return tokens[-truncate:] if truncate and len(tokens) > truncate else tokens
+
+    # -- Generate --------------------------------------------------------------------------------------------
+    async def Generate(self, request: pb.BatchedGenerationRequest, context: grpc.aio.ServicerContext) -> Any:
+        received_ns = time.time_ns()
+
+        async def work() -> pb.BatchedGenerationResponse:
+            call = await self._begin(context)
+            model_id = self.gateway.resolve_model(request.model_id)
+            if not request.requests:
+                return pb.BatchedGenerationResponse()
+            if len(request.requests) > self.max_batch_requests:
+                raise InvalidArgument(
+                    f"requests: at most {self.max_batch_requests} texts per call, got {len(request.requests)}"
+                )
+            adapter = request.adapter_id if request.HasField("adapter_id") else request.prefix_id or None
+            options = self._options(model_id, request.params, adapter)
+            n = len(request.requests)
+            ids = [call.request_id] if n == 1 else [f"{call.request_id}-{i}" for i in range(n)]
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [
+                        tg.create_task(
+                            self._generate_one(self._job(call, rid, model_id, r.text, options, received_ns), options)
+                        )
+                        for rid, r in zip(ids, request.requests, strict=True)
+                    ]
+            except* GatewayError as group:
+                raise group.exceptions[0] from None
+            return pb.BatchedGenerationResponse(responses=[t.result() for t in tasks])
+
+        return await self._guard(context, work)
+
+    async def _generate_one(self, job: Job, options: GenerationOptions) -> Any:
+        result = StreamResult()
+        resp = pb.GenerationResponse()
+        r = options.response
+        input_task = (
+            asyncio.create_task(self._input_tokens(job.model_id, job.inputs, options.tgi_parameters.get("truncate", 0)))
+            if r.input_tokens
+            else None
+        )
+        final: dict[str, Any] | None = None
+        time_limited = False
+        try:
+            async with (
+                contextlib.aclosing(self.gateway.stream(job, result)) as events,
+                _time_limit(options.time_limit_ms, job),
+            ):
+                async for event in events:
+                    if r.generated_tokens and "token" in event:
+                        resp.tokens.append(token_info(event["token"], event.get("top_tokens"), r))
+                    if event.get("details"):
+                        final = event
+        except TimeoutError:
+            time_limited = True
+        finally:
+            if input_task is not None and not input_task.done():
+                input_task.cancel()
+        text = final.get("generated_text") or "" if final else "".join(t.text for t in resp.tokens)
+        if final is not None:
+            details = final["details"]
+            resp.stop_reason = stop_reason(details.get("finish_reason"), token_limited=result.token_limited)
+            if resp.stop_reason == pb.STOP_SEQUENCE:
+                resp.stop_sequence = matched_stop_sequence(text, options.tgi_parameters.get("stop", ()))
+                if not options.include_stop_sequence and resp.stop_sequence:
+                    text = text[: -len(resp.stop_sequence)]
+            if options.sampling and details.get("seed") is not None:
+                resp.seed = int(details["seed"])
+        elif time_limited:
+            resp.stop_reason = pb.TIME_LIMIT
+        resp.input_token_count = result.prompt_tokens or 0
+        resp.generated_token_count = result.generated_tokens
+        resp.text = (job.inputs + text) if r.input_text else text
+        if input_task is not None:
+            resp.input_tokens.extend(input_token_infos(await input_task))
+        return resp
+
+    # -- GenerateStream --------------------------------------------------------------------------------------
+    async def GenerateStream(
+        self, request: pb.SingleGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        received_ns = time.time_ns()
+        try:
+            call = await self._begin(context)
+            model_id = self.gateway.resolve_model(request.model_id)
+            if not request.HasField("request"):
+                raise InvalidArgument("request: missing")
+            adapter = request.adapter_id if request.HasField("adapter_id") else request.prefix_id or None
+            options = self._options(model_id, request.params, adapter)
+        except GatewayError as exc:
+            structlog.contextvars.clear_contextvars()
+            await abort_with(context, exc)
+            return
+        job = self._job(call, call.request_id, model_id, request.request.text, options, received_ns)
+        try:
+            async for message in self._stream(job, options):
+                yield message
+        except GatewayError as exc:
+            log.info("request_failed", code=exc.grpc_code.name, error=exc.message)
+            await abort_with(context, exc)
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncIterator[Any]:
+        r = options.response
+        truncate = options.tgi_parameters.get("truncate", 0)
+        # TGI reports input_length only at the end of a stream; TGIS sends it first. Count it alongside.
+        count_task = asyncio.create_task(self._input_tokens(job.model_id, job.inputs, truncate))
+        holder = StopTextHolder(options.tgi_parameters.get("stop", ())) if not options.include_stop_sequence else None
+        result = StreamResult()
+        sent_first = False
+        generated = 0
+        text_so_far: list[str] = []
+        try:
+            async with contextlib.aclosing(self.gateway.stream(job, result)) as events:
+                try:
+                    async with _time_limit(options.time_limit_ms, job):
+                        async for event in events:
+                            if not sent_first:
+                                sent_first = True
+                                yield await self._first_message(job, r, count_task)
+                            msg = pb.GenerationResponse()
+                            token = event.get("token")
+                            if token is not None:
+                                generated += 1
+                                delta = "" if token.get("special") else token.get("text", "")
+                                text_so_far.append(delta)
+                                msg.text = holder.feed(delta) if holder else delta
+                                if r.generated_tokens:
+                                    msg.tokens.append(token_info(token, event.get("top_tokens"), r))
+                            msg.generated_token_count = generated
+                            details = event.get("details")
+                            if details:
+                                msg.stop_reason = stop_reason(
+                                    details.get("finish_reason"), token_limited=result.token_limited
+                                )
+                                msg.generated_token_count = details.get("generated_tokens", generated)
+                                msg.input_token_count = details.get("input_length", 0)
+                                if msg.stop_reason == pb.STOP_SEQUENCE:
+                                    full = event.get("generated_text") or "".join(text_so_far)
+                                    msg.stop_sequence = matched_stop_sequence(
+                                        full, options.tgi_parameters.get("stop", ())
+                                    )
+                                if holder:
+                                    msg.text += holder.finish(msg.stop_sequence)
+                                if options.sampling and details.get("seed") is not None:
+                                    msg.seed = int(details["seed"])
+                            yield msg
+                except TimeoutError:
+                    if not sent_first:
+                        yield await self._first_message(job, r, count_task)
+                    yield pb.GenerationResponse(
+                        generated_token_count=generated,
+                        stop_reason=pb.TIME_LIMIT,
+                        text=holder.finish("") if holder else "",
+                    )
+        finally:
+            if not count_task.done():
+                count_task.cancel()
+
+    async def _first_message(self, job: Job, r: Any, count_task: asyncio.Task[list[dict[str, Any]]]) -> Any:
+        try:
+            tokens = await count_task
+        except GatewayError:
+            tokens = []  # the count is informative; failing to get it must not fail the stream
+        first = pb.GenerationResponse(input_token_count=len(tokens))
+        if r.input_text:
+            first.text = job.inputs
+        if r.input_tokens:
+            first.input_tokens.extend(input_token_infos(tokens))
+        return first
+
+    # -- Tokenize and ModelInfo ------------------------------------------------------------------------------
+    async def Tokenize(self, request: pb.BatchedTokenizeRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> pb.BatchedTokenizeResponse:
+            await self._begin(context)
+            model_id = self.gateway.resolve_model(request.model_id)
+            if len(request.requests) > self.max_batch_requests:
+                raise InvalidArgument(f"requests: at most {self.max_batch_requests} texts per call")
+            results = await asyncio.gather(
+                *(self._input_tokens(model_id, r.text, request.truncate_input_tokens) for r in request.requests)
+            )
+            out = pb.BatchedTokenizeResponse()
+            for tokens in results:
+                item = out.responses.add(token_count=len(tokens))
+                if request.return_tokens:
+                    item.tokens.extend(t.get("text", "") for t in tokens)
+                if request.return_offsets:
+                    for t in tokens:
+                        item.offsets.add(start=t.get("start", 0), end=t.get("stop", 0))
+            return out
+
+        return await self._guard(context, work)
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> pb.ModelInfoResponse:
+            await self._begin(context)
+            model_id = self.gateway.resolve_model(request.model_id)
+            info = await self.gateway.model_info(model_id)
+            limits = self.limits.get(model_id, ModelLimits())
+            max_total = int(info.get("max_total_tokens", 0))
+            return pb.ModelInfoResponse(
+                model_kind=pb.ModelInfoResponse.DECODER_ONLY,
+                max_sequence_length=max_total,
+                max_new_tokens=min(limits.max_new_tokens, max(0, max_total - 1)) if max_total else 0,
+            )
+
+        return await self._guard(context, work)
+
+
+@contextlib.asynccontextmanager
+async def _time_limit(limit_ms: int, job: Job) -> AsyncIterator[None]:
+    """TGIS ``time_limit_millis``, counted from when the gateway received the request."""
+    if not limit_ms:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    elapsed_s = (time.time_ns() - job.received_ns) / 1e9
+    stop_at = loop.time() + limit_ms / 1000 - elapsed_s
+    job.stop_at = stop_at
+    async with asyncio.timeout_at(stop_at):
+        yield

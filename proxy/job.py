@@ -1,0 +1,36 @@
+"""One generation request on its way through the gateway, whichever front door it came in by."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from meter.timeline import Api
+
+
+@dataclass(slots=True)
+class Job:
+    request_id: str
+    model_id: str
+    tenant: str
+    inputs: str
+    body: dict[str, Any]  # the JSON body sent to TGI
+    route: str = "/generate_stream"
+    max_new_tokens: int = 20
+    traffic_class: str = "default"
+    api: Api = Api.GRPC
+    correlation_id: str | None = None
+    deadline: float | None = None  # event-loop time (loop.time()) after which the client no longer waits
+    stop_at: float | None = None  # event-loop time at which the front door stops reading (TGIS time limit)
+    clamp_to_token_limit: bool = False  # TGIS: shrink max_new_tokens to fit the model instead of failing
+    received_ns: int = field(default_factory=time.time_ns)
+
+    @property
+    def prompt_tokens_estimate(self) -> int:
+        """About four characters a token: used only to balance load and bound queues before TGI has counted."""
+        return max(1, len(self.inputs) // 4)
+
+    @property
+    def token_estimate(self) -> int:
+        return self.prompt_tokens_estimate + self.max_new_tokens

@@ -1,0 +1,144 @@
+"""Assembly of one gateway process: store, ledger, backends, shaping, the gRPC server (and its neighbours).
+
+``GatewayApp(config)`` owns the parts and their order: start brings up the database (schema created if
+missing), the ledger writer, backend health checks and the gRPC server with reflection and health; stop drains
+(health NOT_SERVING, no new calls, in-flight calls finish within the grace period) and flushes the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from meter.ledger import Ledger
+from meter.store.db import make_engine
+from meter.store.keys import lookup_key
+from meter.store.migrate import ensure_schema
+from proxy.auth import Authenticator
+from proxy.backends import Backend, BackendPool, run_health_checks
+from proxy.config import Config
+from proxy.gateway import Gateway
+from proxy.grpc_api import GenerationServicer
+from proxy.params import ModelLimits
+from proxy.pb.fmaas import generation_pb2, generation_pb2_grpc
+from proxy.shaping import Passthrough
+
+log = structlog.get_logger(__name__)
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+@dataclass
+class GatewayApp:
+    config: Config
+    grpc_port: int = 0  # the bound port, once started
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        self.engine = make_engine(cfg.db.url)
+        self.ledger = Ledger(self.engine, cfg.meter.journal_path)
+        self.auth = Authenticator(
+            lambda key: lookup_key(self.engine, key),
+            required=cfg.auth.required,
+            anonymous_tenant=cfg.auth.anonymous_tenant,
+            cache_ttl_s=cfg.auth.cache_ttl_s,
+        )
+        self.pools = {
+            m.model_id: BackendPool(m.model_id, [Backend(b, m.model_id, cfg.backend_pool) for b in m.backends])
+            for m in cfg.models
+        }
+        self.limits = {
+            m.model_id: ModelLimits(
+                max_new_tokens=m.max_new_tokens, default_include_stop_sequence=m.include_stop_sequence
+            )
+            for m in cfg.models
+        }
+        self.gateway = Gateway(
+            self.pools,
+            {m.model_id: Passthrough() for m in cfg.models},
+            self.ledger,
+            retries=cfg.backend_pool.retries,
+        )
+        self.health = health.aio.HealthServicer()
+        self._stop_health = asyncio.Event()
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_concurrent_streams", cfg.server.grpc_max_concurrent_streams),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests),
+            self.server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = [GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+
+    async def start(self) -> None:
+        cfg = self.config
+        await asyncio.to_thread(ensure_schema, self.engine)
+        self.ledger.start()
+        for pool in self.pools.values():
+            pool.on_health_change(self._update_health)
+        await asyncio.gather(*(p.check_all() for p in self.pools.values()))
+        await self._update_health()
+        self._tasks.append(
+            asyncio.create_task(
+                run_health_checks(self.pools.values(), cfg.backend_pool.health_interval_s, self._stop_health)
+            )
+        )
+        reflection.enable_server_reflection(self.service_names, self.server)
+        self.grpc_port = self.server.add_insecure_port(cfg.server.grpc_listen)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {cfg.server.grpc_listen}")
+        await self.server.start()
+        log.info(
+            "gateway_started",
+            grpc=cfg.server.grpc_listen,
+            grpc_port=self.grpc_port,
+            models={m: [b.url for b in p.backends] for m, p in self.pools.items()},
+            healthy={m: p.healthy for m, p in self.pools.items()},
+        )
+
+    async def _update_health(self) -> None:
+        serving = health_pb2.HealthCheckResponse
+        status = serving.SERVING if self.gateway.healthy else serving.NOT_SERVING
+        for name in ("", GENERATION_SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish (up to the grace), flush the ledger."""
+        grace = self.config.server.drain_grace_s if grace_s is None else grace_s
+        self.gateway.draining = True
+        await self._update_health()
+        log.info("gateway_draining", grace_s=grace)
+        await self.server.stop(grace)
+        self._stop_health.set()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.gather(*(p.close() for p in self.pools.values()))
+        await asyncio.to_thread(self.ledger.close)
+        self.engine.dispose()
+        log.info("gateway_stopped", ledger=str(self.ledger.stats))
+
+    async def run_until_signalled(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then drain and stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()
