@@ -20,6 +20,7 @@ import structlog
 
 from proxy.config import BackendConfig, BackendPoolConfig
 from proxy.errors import BackendError, GatewayError, Unavailable, from_tgi
+from proxy.metrics import BACKEND_HEALTHY, BACKEND_IN_FLIGHT
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +47,8 @@ class Backend:
         self.in_flight = 0
         self.outstanding_tokens = 0
         self.last_error: str | None = None
+        BACKEND_IN_FLIGHT.labels(self.name).set_function(lambda: self.in_flight)
+        BACKEND_HEALTHY.labels(self.name).set_function(lambda: 1.0 if self.healthy else 0.0)
 
     @property
     def max_concurrent(self) -> int:

@@ -34,6 +34,7 @@ from proxy.errors import (
     from_tgi,
 )
 from proxy.job import Job
+from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
 from proxy.shaping import Shaper
 from proxy.sse import SSEDecoder
 
@@ -306,6 +307,15 @@ class Gateway:
             )
         except Exception:  # the meter must never break the request path
             log.exception("timeline_record_failed", request_id=job.request_id)
+        tenant = tenant_label(job.tenant)
+        REQUESTS.labels(job.model_id, job.api.value, job.traffic_class, tenant, status).inc()
+        if result.released_ns is not None:
+            GENERATED_TOKENS.labels(job.model_id, tenant).inc(result.generated_tokens)
+            PROMPT_TOKENS.labels(job.model_id, tenant).inc(prompt_tokens)
+        if result.first_token_ns is not None:
+            TTFT.labels(job.model_id, job.traffic_class).observe((result.first_token_ns - job.received_ns) / 1e9)
+            if status == "OK":
+                LATENCY.labels(job.model_id, job.traffic_class).observe((done_ns - job.received_ns) / 1e9)
 
 
 class _GiveUp(Exception):
