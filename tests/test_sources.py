@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pynvml
 import pytest
 
 from meter.sampler import Sampler
 from meter.samples import EnergySource, Sample
-from meter.sources import NvmlSource, NvmlUnavailableError, nvml_device_name, nvml_device_names
+from meter.sources import (
+    NvmlSource,
+    NvmlUnavailableError,
+    SimCounterInfo,
+    SimSource,
+    nvml_device_name,
+    nvml_device_names,
+)
 
 
 def _nvml_gpu_count() -> int:
@@ -176,3 +184,155 @@ def test_sampler_over_nvml_for_a_second() -> None:
     assert power_w is not None and 5 < power_w < 1500
     assert stats.read_ms_p50 is not None and stats.read_ms_p50 < 50
     assert stats.cpu_s < 0.1 * stats.wall_s
+
+
+# ---- the simulated source: failure modes against a scripted HTTP server ----------------------------------------------
+
+
+class _ScriptedEnergyServer:
+    """A tiny HTTP/1.1 keep-alive server answering GET /sim/energy as told. The real simulator (sim.server) has no way
+    to answer 500, garbage or too slowly on demand; these tests need exactly that."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        self.mode = "ok"
+        self.device = "sim:gpu0"
+        self.energy_mj = 1_000
+        self.connections = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                server.connections += 1
+                super().setup()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path != "/sim/energy":
+                    body, status = b"not found", 404
+                elif server.mode == "slow":
+                    time.sleep(0.5)
+                    body, status = b"{}", 200
+                elif server.mode == "error":
+                    body, status = b"boom", 500
+                elif server.mode == "garbage":
+                    body, status = b'{"device": "sim:gpu0", "energy_mj": "lots"}', 200
+                else:
+                    server.energy_mj += 100
+                    doc = {
+                        "device": server.device,
+                        "energy_mj": server.energy_mj,
+                        "t_ns": time.time_ns(),
+                        "update_period_ms": 100,
+                        "lag_ms": 50,
+                    }
+                    body, status = json.dumps(doc).encode(), 200
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def energy_server() -> Iterator[_ScriptedEnergyServer]:
+    server = _ScriptedEnergyServer()
+    yield server
+    server.close()
+
+
+def test_sim_source_keeps_one_connection_and_names_the_device(energy_server: _ScriptedEnergyServer) -> None:
+    source = SimSource([energy_server.url + "/"])
+    try:
+        assert isinstance(source, EnergySource)
+        assert source.devices == ("sim:gpu0",)
+        values = [source.read()[0].energy_mj for _ in range(5)]
+        assert values == [1_200, 1_300, 1_400, 1_500, 1_600]  # the constructor's read was 1_100
+        assert energy_server.connections == 1  # keep-alive: one TCP connection for six requests
+        assert source.counter_info("sim:gpu0") == SimCounterInfo(update_period_ms=100, lag_ms=50)
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"), [("error", "HTTP 500"), ("garbage", "no integer energy_mj"), ("slow", "timed out")]
+)
+def test_sim_source_failures_are_gaps_and_it_recovers(
+    energy_server: _ScriptedEnergyServer, mode: str, error: str
+) -> None:
+    source = SimSource([energy_server.url], timeout_s=0.2)
+    try:
+        energy_server.mode = mode
+        t0 = time.monotonic()
+        (gap,) = source.read()
+        assert time.monotonic() - t0 < 0.45  # the timeout bounds a stalled simulator
+        assert gap.device == "sim:gpu0" and gap.energy_mj is None
+        assert gap.error is not None and error in gap.error, gap.error
+        energy_server.mode = "ok"
+        if mode == "slow":
+            time.sleep(0.4)  # let the stalled handler finish before the next request
+        (sample,) = source.read()
+        assert sample.device == "sim:gpu0" and sample.energy_mj is not None
+    finally:
+        source.close()
+
+
+def test_sim_source_falls_back_to_the_url_until_the_simulator_answers(energy_server: _ScriptedEnergyServer) -> None:
+    energy_server.mode = "error"
+    source = SimSource([energy_server.url], timeout_s=0.2)
+    try:
+        assert source.devices == (f"sim:{energy_server.url}",)
+        energy_server.mode = "ok"
+        (sample,) = source.read()
+        assert sample.device == "sim:gpu0" == source.devices[0]  # fixed on the first success
+        energy_server.device = "sim:other"
+        (sample,) = source.read()
+        assert sample.device == "sim:gpu0"  # a renamed simulator keeps its first name: a series is never split
+    finally:
+        source.close()
+
+
+def test_sim_source_unreachable_and_bad_urls(unused_port: int) -> None:
+    source = SimSource([f"http://127.0.0.1:{unused_port}"], timeout_s=0.2)
+    try:
+        (gap,) = source.read()
+        assert gap.energy_mj is None and gap.error is not None and "ConnectionRefused" in gap.error
+        assert gap.device == f"sim:http://127.0.0.1:{unused_port}"
+    finally:
+        source.close()
+    with pytest.raises(ValueError):
+        SimSource([])
+    with pytest.raises(ValueError):
+        SimSource(["ftp://example"])
+    with pytest.raises(ValueError):
+        SimSource(["http://127.0.0.1:1", "http://127.0.0.1:1/"])
+
+
+def test_two_simulators_answering_one_name_keep_distinct_devices(energy_server: _ScriptedEnergyServer) -> None:
+    twin = _ScriptedEnergyServer()  # a copy-pasted simulator config: both claim "sim:gpu0"
+    try:
+        source = SimSource([energy_server.url, twin.url])
+        try:
+            assert source.devices == ("sim:gpu0", f"sim:{twin.url}")
+            assert [s.device for s in source.read()] == list(source.devices)
+        finally:
+            source.close()
+    finally:
+        twin.close()
