@@ -1,0 +1,92 @@
+"""Engines for joulegate's SQL store: SQLite (one box) and PostgreSQL via psycopg 3 (fleets).
+
+The store is used through a *synchronous* SQLAlchemy engine: the ledger writes from its own thread and async
+callers run queries with ``asyncio.to_thread``. A sync engine keeps one code path for both dialects and lets
+psycopg's pipelined ``executemany`` carry bulk upserts.
+
+SQLite runs in WAL mode (readers never block the writer, and the other way round) with ``synchronous=NORMAL``
+(a commit is durable against an application crash at once and against power loss at the next checkpoint, which is
+the documented trade-off for WAL), a busy timeout so that concurrent writers wait instead of failing, and foreign
+keys enforced (SQLite leaves them off by default).
+
+PostgreSQL connections carry a connect timeout, TCP keepalives and a TCP user timeout, so that a database that
+vanishes (a dead host, a cut network) surfaces as an ``OperationalError`` within seconds instead of a hang: the
+ledger turns that error into journaling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import StaticPool
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+PG_CONNECT_TIMEOUT_S = 5
+PG_TCP_USER_TIMEOUT_MS = 20_000  # unacknowledged data older than this kills the connection (Linux)
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Map ``postgres://`` and ``postgresql://`` (libpq style, as Heroku/k8s secrets write them) to psycopg 3."""
+    if isinstance(url, str) and url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _is_memory_sqlite(url: URL) -> bool:
+    return url.database in (None, "", ":memory:") or (url.query.get("mode") == "memory")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str | URL, **kw: Any) -> sa.Engine:
+    """A sync engine for ``url`` with joulegate's connection settings; ``kw`` overrides ``create_engine`` arguments.
+
+    ``connect_args`` given in ``kw`` are merged over the defaults (e.g. ``connect_args={"connect_timeout": 1}``).
+    """
+    parsed = normalize_url(url)
+    backend = parsed.get_backend_name()
+    connect_args: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    if backend == "sqlite":
+        # SQLAlchemy's pysqlite dialect already uses a QueuePool for files; threads share connections safely
+        # because a pooled connection is used by one thread at a time.
+        connect_args["check_same_thread"] = False
+        if _is_memory_sqlite(parsed):
+            options["poolclass"] = StaticPool  # one in-memory database shared by every thread
+    elif backend == "postgresql":
+        connect_args.update(
+            connect_timeout=PG_CONNECT_TIMEOUT_S,
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+            tcp_user_timeout=PG_TCP_USER_TIMEOUT_MS,
+            application_name="joulegate",
+        )
+        options.update(pool_size=5, max_overflow=5, pool_timeout=10, pool_recycle=1800)
+    options["pool_pre_ping"] = True  # a connection that died while pooled is replaced, not handed out
+    connect_args.update(kw.pop("connect_args", {}))
+    options.update(kw)
+    engine = sa.create_engine(parsed, connect_args=connect_args, **options)
+    if backend == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def dialect_name(engine: sa.Engine | sa.Connection) -> str:
+    return engine.dialect.name

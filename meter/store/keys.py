@@ -1,0 +1,186 @@
+"""API keys: ``jg_<key_id>_<secret>``, stored as the SHA-256 of the whole key, mapped to a tenant.
+
+- ``key_id`` is 12 lowercase hex chars (48 random bits): a public handle for listings, logs and revocation.
+- ``secret`` is 32 random bytes (256 bits) in URL-safe base64 without padding (43 chars).
+- Only ``sha256(key).hexdigest()`` is stored. With 256 random bits a fast hash is enough: slow password hashes
+  defend low-entropy secrets against guessing, which a 256-bit secret does not need.
+- Lookups go through the unique index on ``key_hash``. A constant-time comparison is not needed there: timing can
+  at most reveal how much of the *hash of the caller's own guess* matches a stored hash, and since SHA-256 outputs
+  of chosen inputs are unpredictable, that says nothing about any key's secret.
+
+The plaintext key is returned once, by ``create_key``, and is never stored or logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from meter.store.models import ApiKey, Tenant
+from meter.store.upsert import dialect_insert
+
+KEY_PREFIX = "jg"
+KEY_RE = re.compile(r"^jg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    key: str  # the plaintext key: shown once, never stored
+    key_id: str
+    tenant: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What a valid key grants: the request path's view of a key."""
+
+    key_id: str
+    tenant: str
+    admin: bool
+    default_class: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A key as listed for operators (never with its secret)."""
+
+    key_id: str
+    tenant: str
+    admin: bool
+    default_class: str | None
+    label: str | None
+    created_ns: int
+    revoked_ns: int | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_ns is None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _new_key() -> tuple[str, str]:
+    key_id = secrets.token_hex(6)
+    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
+    return key_id, f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+def parse_key_id(key: str) -> str | None:
+    """The key_id of a well-formed key, None for anything else (no database needed)."""
+    m = KEY_RE.match(key)
+    return m.group(1) if m else None
+
+
+def _tenant_id(conn: sa.Connection, tenant: str, now_ns: int) -> int:
+    table = Tenant.__table__
+    conn.execute(
+        dialect_insert(conn)(table)
+        .values(name=tenant, created_ns=now_ns)
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+    return conn.execute(sa.select(table.c.id).where(table.c.name == tenant)).scalar_one()
+
+
+def create_key(
+    engine: sa.Engine,
+    tenant: str,
+    *,
+    admin: bool = False,
+    default_class: str | None = None,
+    label: str | None = None,
+) -> CreatedKey:
+    """Create a key for ``tenant`` (creating the tenant if missing). The returned ``key`` is the only copy."""
+    if not tenant:
+        raise ValueError("tenant must be a non-empty name")
+    now_ns = time.time_ns()
+    for _attempt in range(5):  # a key_id collision (48 random bits) is astronomically rare; retry anyway
+        key_id, key = _new_key()
+        try:
+            with engine.begin() as conn:
+                tenant_id = _tenant_id(conn, tenant, now_ns)
+                conn.execute(
+                    sa.insert(ApiKey.__table__).values(
+                        key_id=key_id,
+                        key_hash=hash_key(key),
+                        tenant_id=tenant_id,
+                        admin=admin,
+                        default_class=default_class,
+                        label=label,
+                        created_ns=now_ns,
+                        revoked_ns=None,
+                    )
+                )
+        except sa.exc.IntegrityError:
+            continue
+        return CreatedKey(key=key, key_id=key_id, tenant=tenant)
+    raise RuntimeError("could not allocate a unique key id")
+
+
+def lookup_key(engine: sa.Engine, key: str) -> KeyInfo | None:
+    """What ``key`` grants; None for a malformed, unknown or revoked key."""
+    key_id = parse_key_id(key)
+    if key_id is None:
+        return None
+    keys, tenants = ApiKey.__table__, Tenant.__table__
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(keys.c.key_id, tenants.c.name, keys.c.admin, keys.c.default_class)
+            .join(tenants, tenants.c.id == keys.c.tenant_id)
+            .where(keys.c.key_hash == hash_key(key), keys.c.revoked_ns.is_(None))
+        ).first()
+    if row is None or row.key_id != key_id:
+        return None
+    return KeyInfo(key_id=row.key_id, tenant=row.name, admin=bool(row.admin), default_class=row.default_class)
+
+
+def list_keys(engine: sa.Engine, *, include_revoked: bool = True) -> list[KeyRecord]:
+    """Every key (oldest first), without secrets."""
+    keys, tenants = ApiKey.__table__, Tenant.__table__
+    query = (
+        sa.select(
+            keys.c.key_id,
+            tenants.c.name,
+            keys.c.admin,
+            keys.c.default_class,
+            keys.c.label,
+            keys.c.created_ns,
+            keys.c.revoked_ns,
+        )
+        .join(tenants, tenants.c.id == keys.c.tenant_id)
+        .order_by(keys.c.created_ns, keys.c.id)
+    )
+    if not include_revoked:
+        query = query.where(keys.c.revoked_ns.is_(None))
+    with engine.connect() as conn:
+        return [
+            KeyRecord(
+                key_id=r.key_id,
+                tenant=r.name,
+                admin=bool(r.admin),
+                default_class=r.default_class,
+                label=r.label,
+                created_ns=r.created_ns,
+                revoked_ns=r.revoked_ns,
+            )
+            for r in conn.execute(query)
+        ]
+
+
+def revoke_key(engine: sa.Engine, key_id: str) -> bool:
+    """Revoke the key ``key_id``. True if it was valid and is now revoked; False if unknown or already revoked."""
+    keys = ApiKey.__table__
+    with engine.begin() as conn:
+        result = conn.execute(
+            sa.update(keys)
+            .where(keys.c.key_id == key_id, keys.c.revoked_ns.is_(None))
+            .values(revoked_ns=time.time_ns())
+        )
+    return result.rowcount == 1

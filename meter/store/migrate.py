@@ -1,0 +1,92 @@
+"""Programmatic Alembic: bring a database to the newest schema, or ask which revision it is at.
+
+The Alembic ``Config`` is built in code and points at the migrations shipped inside the installed package
+(``meter/migrations``), so neither a working directory nor an alembic.ini is needed at runtime.
+On PostgreSQL an advisory lock serialises concurrent upgrades (several gateway replicas starting at once).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+import structlog
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from meter.store.db import make_engine
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_PG_LOCK_KEY = 0x6A6F756C65  # "joule": arbitrary, constant across versions
+
+
+def alembic_config(connection: sa.Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head() -> str:
+    """The newest revision shipped with this version of joulegate."""
+    rev = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert rev is not None
+    return rev
+
+
+def _as_engine(url_or_engine: str | sa.Engine) -> tuple[sa.Engine, bool]:
+    if isinstance(url_or_engine, sa.Engine):
+        return url_or_engine, False
+    return make_engine(url_or_engine), True
+
+
+def upgrade(url: str | sa.Engine) -> None:
+    """``alembic upgrade head`` on ``url`` (a URL or an engine). Idempotent; safe to run from several processes."""
+    engine, owned = _as_engine(url)
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+                conn.commit()
+            try:
+                before = MigrationContext.configure(conn).get_current_revision()
+                conn.commit()
+                command.upgrade(alembic_config(conn), "head")
+                conn.commit()
+                after = MigrationContext.configure(conn).get_current_revision()
+                if before != after:
+                    log.info("schema upgraded", from_revision=before, to_revision=after)
+            finally:
+                if conn.dialect.name == "postgresql":
+                    conn.rollback()
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+                    conn.commit()
+    finally:
+        if owned:
+            engine.dispose()
+
+
+def current(url: str | sa.Engine) -> str | None:
+    """The revision the database is at; None for a database Alembic never touched (no schema)."""
+    engine, owned = _as_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        if owned:
+            engine.dispose()
+
+
+def ensure_schema(url: str | sa.Engine) -> str:
+    """Create the schema when the database has none; leave an existing one as it is. Returns its revision."""
+    rev = current(url)
+    if rev is None:
+        upgrade(url)
+        rev = current(url)
+        assert rev is not None
+    return rev

@@ -1,0 +1,247 @@
+"""joulegate's SQL schema (SQLAlchemy 2 declarative models). Alembic migrations in ``meter/migrations`` create it.
+
+Conventions for every table:
+
+- Times are wall-clock nanoseconds since the Unix epoch (``time.time_ns()``), stored as BIGINT, in columns named
+  ``*_ns``. Durations are nanoseconds too (``active_ns``).
+- Energies are integer millijoules (BIGINT) in columns named ``*_mj``; NVML's counter is in mJ, so no precision is
+  lost and sums are exact.
+- Tenants, models and backends appear in the metering tables by *name* (strings), not by foreign key: timelines
+  from gateway replicas and samples from meter daemons arrive independently and must never be rejected for a name
+  that is not (yet) registered. Only ``api_keys`` references ``tenants`` by id.
+- A backend is named as in the gateway config (``BackendConfig.name``, default ``host:port``); a device as the
+  energy source names it (``Sample.device``, e.g. ``nvml:GPU-<uuid>``).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint and index names, so later migrations (and SQLite batch mode) can address them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Tenant(Base):
+    """A billing party. Requests, keys and reports are scoped to one tenant.
+
+    ``name`` is what timelines and reports carry (``requests.tenant``, ``usage_hourly.tenant``); a tenant row
+    exists for every tenant that owns an API key, and may be missing for names that only appear in timelines
+    (e.g. the anonymous tenant when auth is off).
+    """
+
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, comment="surrogate key")
+    name: Mapped[str] = mapped_column(sa.String, unique=True, comment="the tenant's name, as in requests.tenant")
+    created_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="when the tenant row was created (ns)")
+
+
+class ApiKey(Base):
+    """An API key: ``jg_<key_id>_<secret>``, stored only as the SHA-256 of the whole key string.
+
+    The secret is 256 random bits, so a fast hash is the right choice: slow password hashes (bcrypt, argon2)
+    exist to make guessing *low-entropy* secrets expensive, and nobody can enumerate 2^256 candidates however
+    fast the hash is. A fast hash keeps the per-request auth lookup at microseconds.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, comment="surrogate key")
+    key_id: Mapped[str] = mapped_column(
+        sa.String, unique=True, comment="public short id (12 hex chars), shown in listings and logs; not a secret"
+    )
+    key_hash: Mapped[str] = mapped_column(
+        sa.String, unique=True, comment="lowercase hex SHA-256 of the whole key string (jg_<key_id>_<secret>)"
+    )
+    tenant_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("tenants.id", ondelete="CASCADE"), index=True, comment="the tenant this key acts as"
+    )
+    admin: Mapped[bool] = mapped_column(sa.Boolean, comment="true: may read every tenant's energy")
+    default_class: Mapped[str | None] = mapped_column(
+        sa.String, comment="traffic class for requests that name none; NULL: the gateway's default"
+    )
+    label: Mapped[str | None] = mapped_column(sa.String, comment="free text for humans (who holds the key)")
+    created_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="when the key was created (ns)")
+    revoked_ns: Mapped[int | None] = mapped_column(
+        sa.BigInteger, comment="when the key was revoked (ns); NULL while it is valid"
+    )
+
+
+class Request(Base):
+    """One generation request as the gateway saw it: the input to attribution and to per-request energy.
+
+    Written by the ledger, idempotently on ``request_id``: first as *open* when the request is released to a
+    backend (from a ``RequestStart``: ``done_ns``, ``status``, ``first_token_ns``, ``traffic_class`` and ``api``
+    are NULL and token counts 0), then in full when it ends (from a ``Timeline``). A request rejected or expired
+    in the gateway's queue gets only the full row, with ``released_ns`` and ``backend`` NULL: it used no GPU.
+
+    ``ingested_ns`` is when the ledger last wrote the row *with changed content* (a replayed, identical row leaves
+    it alone). A backend epoch whose ``attributed_at_ns`` is older than the ``ingested_ns`` of a row of that backend
+    whose [released_ns, done_ns] overlaps the epoch (or that is still open) must be recomputed: the row arrived late,
+    e.g. from a gateway replica that journaled through a database outage.
+    """
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        sa.Index(None, "backend", "released_ns"),
+        sa.Index(None, "backend", "done_ns"),
+        sa.Index(None, "tenant", "received_ns"),
+        sa.Index(None, "received_ns"),
+        sa.Index(None, "ingested_ns"),
+    )
+
+    request_id: Mapped[str] = mapped_column(
+        sa.String, primary_key=True, comment="gateway-assigned id (the x-request-id a client sees)"
+    )
+    tenant: Mapped[str] = mapped_column(sa.String, comment="tenant name (from the API key)")
+    model_id: Mapped[str] = mapped_column(sa.String, comment="model id the request asked for")
+    backend: Mapped[str | None] = mapped_column(
+        sa.String, comment="backend name that served it; NULL if it never left the gateway's queue"
+    )
+    traffic_class: Mapped[str | None] = mapped_column(
+        sa.String, comment="shaping class (interactive, batch, ...); NULL while open (RequestStart lacks it)"
+    )
+    api: Mapped[str | None] = mapped_column(sa.String, comment="'grpc' or 'http'; NULL while open")
+    status: Mapped[str | None] = mapped_column(
+        sa.String, comment="gRPC status code name (OK, CANCELLED, ...), for HTTP requests too; NULL while open"
+    )
+    correlation_id: Mapped[str | None] = mapped_column(sa.String, comment="client's x-correlation-id, if it sent one")
+    received_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="when the gateway received the request")
+    released_ns: Mapped[int | None] = mapped_column(
+        sa.BigInteger, comment="when the gateway sent it to the backend; NULL if it never was"
+    )
+    first_token_ns: Mapped[int | None] = mapped_column(
+        sa.BigInteger, comment="when the first generated token arrived (end of prefill); NULL if none did"
+    )
+    done_ns: Mapped[int | None] = mapped_column(
+        sa.BigInteger, comment="when the request ended (last token, error or cancel); NULL: still open on a backend"
+    )
+    prompt_tokens: Mapped[int] = mapped_column(
+        sa.Integer, comment="prompt length after truncation (TGI's input_length); 0 if unknown or open"
+    )
+    generated_tokens: Mapped[int] = mapped_column(sa.Integer, comment="tokens generated; 0 while open")
+    ingested_ns: Mapped[int] = mapped_column(
+        sa.BigInteger,
+        comment="when this row was last written with changed content (finds attribution epochs to recompute)",
+    )
+
+
+class Sample(Base):
+    """One raw reading of one device's cumulative energy counter, kept for audit (pruned by ``prune_samples``).
+
+    ``energy_mj`` is the counter as read (mJ since the counter's origin, e.g. driver load for NVML): NULL when the
+    read failed (a gap, with ``error`` saying why). A value lower than the previous one is a counter reset; it is
+    stored as read and the attribution flags it.
+    """
+
+    __tablename__ = "samples"
+    __table_args__ = (sa.Index(None, "t_ns"),)
+
+    device: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="device name, e.g. nvml:GPU-<uuid>")
+    t_ns: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, comment="wall clock just after the read")
+    energy_mj: Mapped[int | None] = mapped_column(
+        sa.BigInteger, comment="cumulative counter (mJ); NULL when the read failed"
+    )
+    error: Mapped[str | None] = mapped_column(sa.String, comment="why the read failed; NULL for a good read")
+
+
+class RequestEnergy(Base):
+    """The energy one request was attributed inside one attribution epoch of its backend.
+
+    A request's energy is the sum of its rows over all epochs; a request spanning three epochs has three rows.
+    Rows of one (backend, epoch) are replaced as a whole whenever that epoch is recomputed, in the same
+    transaction as its ``backend_epochs`` row.
+    """
+
+    __tablename__ = "request_energy"
+    __table_args__ = (sa.Index(None, "backend", "epoch_start_ns"),)
+
+    request_id: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="requests.request_id")
+    epoch_start_ns: Mapped[int] = mapped_column(
+        sa.BigInteger, primary_key=True, comment="start of the epoch (backend_epochs.epoch_start_ns)"
+    )
+    backend: Mapped[str] = mapped_column(sa.String, comment="backend whose energy this is")
+    prefill_mj: Mapped[int] = mapped_column(
+        sa.BigInteger, comment="energy of the request's prefill (released_ns to first_token_ns) within the epoch"
+    )
+    decode_mj: Mapped[int] = mapped_column(
+        sa.BigInteger, comment="energy of the request's decode (first_token_ns to done_ns) within the epoch"
+    )
+    active_ns: Mapped[int] = mapped_column(
+        sa.BigInteger, comment="time the request was on the backend (released_ns to done_ns) within the epoch"
+    )
+
+
+class BackendEpoch(Base):
+    """One backend's attribution of one epoch (a fixed wall-clock window), recomputed as a whole.
+
+    Conservation: ``counter_mj == attributed_mj + idle_mj`` and ``attributed_mj == prefill_mj + decode_mj`` (the
+    sums of this epoch's ``request_energy`` rows), to the millijoule.
+    """
+
+    __tablename__ = "backend_epochs"
+
+    backend: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="backend name")
+    epoch_start_ns: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, comment="epoch start (inclusive)")
+    epoch_end_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="epoch end (exclusive)")
+    first_reading_ns: Mapped[int | None] = mapped_column(
+        sa.BigInteger, comment="t_ns of the first good sample used; NULL when the epoch had none"
+    )
+    last_reading_ns: Mapped[int | None] = mapped_column(
+        sa.BigInteger, comment="t_ns of the last good sample used; NULL when the epoch had none"
+    )
+    counter_mj: Mapped[int] = mapped_column(
+        sa.BigInteger, comment="energy the backend's device counters measured over the epoch (all its GPUs)"
+    )
+    attributed_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="energy given to requests (prefill + decode)")
+    prefill_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="part of attributed_mj that was prefill")
+    decode_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="part of attributed_mj that was decode")
+    idle_mj: Mapped[int] = mapped_column(
+        sa.BigInteger, comment="energy with no request on the backend (the idle bucket): counter_mj - attributed_mj"
+    )
+    samples: Mapped[int] = mapped_column(sa.Integer, comment="good counter readings used")
+    gaps: Mapped[int] = mapped_column(sa.Integer, comment="failed reads and counter resets inside the epoch")
+    active_ns_total: Mapped[int] = mapped_column(
+        sa.BigInteger, comment="sum over requests of their active_ns in this epoch"
+    )
+    attributed_at_ns: Mapped[int] = mapped_column(
+        sa.BigInteger, comment="when this attribution was computed (compare with requests.ingested_ns)"
+    )
+
+
+class UsageHourly(Base):
+    """Hourly rollup per (tenant, model, backend) for reports; rebuilt from ``requests`` and ``request_energy``.
+
+    A request counts in the hour of its ``received_ns``; its energy is the sum over all its epochs.
+    """
+
+    __tablename__ = "usage_hourly"
+
+    hour_start_ns: Mapped[int] = mapped_column(
+        sa.BigInteger, primary_key=True, comment="start of the UTC hour (a multiple of 3600e9 ns)"
+    )
+    tenant: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="tenant name")
+    model_id: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="model id")
+    backend: Mapped[str] = mapped_column(
+        sa.String, primary_key=True, comment="backend name; '' for requests that never reached one"
+    )
+    requests: Mapped[int] = mapped_column(sa.BigInteger, comment="requests received in the hour")
+    prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of prompt_tokens")
+    generated_tokens: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of generated_tokens")
+    prefill_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of the requests' prefill energy")
+    decode_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of the requests' decode energy")
+    active_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of the requests' time on a backend")
+
+
+metadata = Base.metadata
