@@ -336,3 +336,86 @@ def test_two_simulators_answering_one_name_keep_distinct_devices(energy_server: 
             source.close()
     finally:
         twin.close()
+
+
+# ---- the simulated source against the real simulator (sim.server.SimTGI) ---------------------------------------------
+# SimSource blocks, so it runs in a worker thread while the simulator serves on the test's event loop.
+
+
+async def test_sim_source_reads_the_simulators_counter() -> None:
+    import asyncio
+
+    from sim.config import SimConfig
+    from sim.server import SimTGI
+
+    config = SimConfig(name="gpu-a", idle_power_w=80.0, counter_lag_ms=200, counter_offset_mj=7_000_000)
+    async with SimTGI(config) as sim:
+        source = await asyncio.to_thread(SimSource, [sim.url])
+        try:
+            assert source.devices == ("sim:gpu-a",)
+            assert source.counter_info("sim:gpu-a") == SimCounterInfo(update_period_ms=100, lag_ms=200)
+            (first,) = await asyncio.to_thread(source.read)
+            await asyncio.sleep(1.0)
+            (second,) = await asyncio.to_thread(source.read)
+        finally:
+            source.close()
+        assert first.energy_mj is not None and second.energy_mj is not None
+        assert first.energy_mj >= 7_000_000  # the counter's offset comes through untouched
+        power_w = (second.energy_mj - first.energy_mj) * 1e6 / (second.t_ns - first.t_ns)
+        assert 60 < power_w < 100, power_w  # 80 W idle, give or take one 8 J counter step over a second
+        # each sample shows what the simulated counter showed during the read that preceded its stamp
+        for sample in (first, second):
+            assert sim.gpu.counter(sample.t_ns - 50_000_000).energy_mj <= sample.energy_mj
+            assert sample.energy_mj <= sim.gpu.counter(sample.t_ns).energy_mj
+
+
+async def test_unnamed_simulator_device_matches_the_fallback_name() -> None:
+    import asyncio
+
+    from sim.server import SimTGI
+
+    async with SimTGI() as sim:
+        source = await asyncio.to_thread(SimSource, [sim.url])
+        try:
+            assert source.devices == (f"sim:{sim.url}",) == (sim.gpu.device,)
+        finally:
+            source.close()
+
+
+async def test_sampler_over_the_simulator_sees_a_request_s_energy() -> None:
+    import asyncio
+
+    import aiohttp
+
+    from sim.config import SimConfig
+    from sim.server import SimTGI
+
+    config = SimConfig(name="gpu-b", idle_power_w=80.0, decode_base_power_w=400.0, max_power_w=650.0)
+    samples: list[Sample] = []
+    async with SimTGI(config) as sim:
+        source = await asyncio.to_thread(SimSource, [sim.url])
+        sampler = Sampler(source, samples.extend, interval_ms=100, power_window_ms=500)
+        sampler.start()
+        try:
+            await asyncio.sleep(0.6)
+            idle_power_w = sampler.power_w("sim:gpu-b")
+            async with aiohttp.ClientSession() as http:
+                body = {"inputs": "hello " * 200, "parameters": {"max_new_tokens": 60}}
+                async with http.post(f"{sim.url}/generate", json=body) as response:
+                    assert response.status == 200, await response.text()
+            await asyncio.sleep(0.4)
+        finally:
+            assert await asyncio.to_thread(sampler.stop, 2.0)
+            source.close()
+        truth = sim.gpu.truth()
+    stats = sampler.stats
+    assert stats.failed_reads == 0 and stats.resets == 0 and stats.reads == len(samples) >= 12
+    assert idle_power_w is not None and 60 < idle_power_w < 100, idle_power_w
+    assert all(s.device == "sim:gpu-b" for s in samples)
+    # the sampler's span of the counter holds the request's true energy on top of 80 W idle
+    (request,) = truth.requests.values()
+    spanned_mj = samples[-1].energy_mj - samples[0].energy_mj  # type: ignore[operator]
+    idle_floor_mj = 80 * (samples[-1].t_ns - samples[0].t_ns) / 1e6 - 2 * 80 * 100  # minus a step at each end
+    assert request.total_mj > 0
+    assert spanned_mj > idle_floor_mj + 0.5 * request.total_mj
+    assert spanned_mj <= truth.total_mj
