@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.shaping.config import ShapingConfig
+
 ENV_PREFIX = "JOULEGATE_"
 
 
@@ -93,7 +95,7 @@ class ModelConfig(_Section):
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     max_new_tokens: int = Field(default=1024, ge=1, description="the most new tokens one request may ask for")
     include_stop_sequence: bool = Field(default=True, description="TGIS default when a request does not say")
-    shaping: dict[str, Any] = Field(default_factory=dict, description="arrival shaping (proxy/shaping)")
+    shaping: ShapingConfig = Field(default_factory=ShapingConfig, description="arrival shaping (proxy/shaping)")
 
 
 class IdlePolicy(StrEnum):

@@ -29,7 +29,7 @@ from proxy.gateway import Gateway
 from proxy.grpc_api import GenerationServicer
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2, generation_pb2_grpc
-from proxy.shaping import Passthrough
+from proxy.shaping import build_shapers
 
 log = structlog.get_logger(__name__)
 
@@ -62,9 +62,10 @@ class GatewayApp:
             )
             for m in cfg.models
         }
+        self.shapers = build_shapers({m.model_id: m.shaping for m in cfg.models})
         self.gateway = Gateway(
             self.pools,
-            {m.model_id: Passthrough() for m in cfg.models},
+            self.shapers,
             self.ledger,
             retries=cfg.backend_pool.retries,
         )
@@ -119,6 +120,7 @@ class GatewayApp:
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish (up to the grace), flush the ledger."""
         grace = self.config.server.drain_grace_s if grace_s is None else grace_s
+        await asyncio.gather(*(s.drain() for s in self.shapers.values()))
         self.gateway.draining = True
         await self._update_health()
         log.info("gateway_draining", grace_s=grace)

@@ -1,16 +1,23 @@
 """Arrival shaping: decides when each request reaches a backend, and with which others.
 
 The request path calls ``Shaper.acquire(job, pool)`` and sends the request once it returns a ``Lease``. A shaper
-may hold the job to release it together with others (so TGI batches them), must give every job a slot on a backend
-that has room, and raises ``Overloaded`` (queue full), ``DeadlineExceeded`` or ``Unavailable`` instead of
-releasing. Cancelling the awaiting task takes the job out of the queue at once.
+may hold the job to release it together with others (so TGI batches them: one prefill, shared decode steps), must
+give every job a slot on a backend that has room, and raises ``Overloaded`` (queue full), ``Unavailable`` (no
+healthy backend, shutting down) or ``InvalidArgument`` (unknown traffic class) instead of releasing. Cancelling the
+awaiting task takes the job out of the queue at once. ``drain()`` at shutdown releases what backends have room
+for and fails the rest.
+
+Layout: ``config`` (the ``[models.shaping]`` section), ``policies`` (pure release decisions), ``fairness``
+(weighted fair queueing between tenants), ``core`` (classes, admission, release and placement as plain state),
+``shaper`` (the asyncio layer: futures, timer, capacity watcher), ``metrics``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.shaping.passthrough import Passthrough
+from proxy.shaping.config import ClassConfig, Policy, ShapingConfig
+from proxy.shaping.shaper import ArrivalShaper, Passthrough, build_shapers
 
 if TYPE_CHECKING:
     from proxy.backends import BackendPool, Lease
@@ -20,8 +27,10 @@ if TYPE_CHECKING:
 class Shaper(Protocol):
     async def acquire(self, job: Job, pool: BackendPool) -> Lease: ...
 
+    async def drain(self) -> None: ...
+
     @property
     def queued(self) -> int: ...
 
 
-__all__ = ["Passthrough", "Shaper"]
+__all__ = ["ArrivalShaper", "ClassConfig", "Passthrough", "Policy", "Shaper", "ShapingConfig", "build_shapers"]
