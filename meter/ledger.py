@@ -336,9 +336,9 @@ class Ledger:
             while True:
                 items, markers = self._take()
                 if items:
-                    self._persist(_Batch.from_items(items))
-                for m in markers:
-                    m.done.set()
+                    self._persist(_Batch.from_items(items), markers)
+                else:
+                    _release(markers)
                 if items or markers:
                     continue
                 if self._stopping.is_set():
@@ -367,17 +367,23 @@ class Ledger:
             rows += len(item) if type(item) is list else 1
         return items, markers
 
-    def _persist(self, batch: _Batch) -> None:
-        """Write one batch to SQL, or, when the database is away (or the journal is not replayed yet), journal it."""
+    def _persist(self, batch: _Batch, markers: list[_FlushMarker]) -> None:
+        """Write one batch to SQL, or, when the database is away (or the journal is not replayed yet), journal it.
+
+        ``markers`` (flushes waiting on this batch) are released as soon as the batch is durable either way, before
+        any retrying starts.
+        """
         if not self._pending:
             try:
                 self._write(batch)
-                return
             except Exception as exc:
                 self._note_failure(exc)
+            else:
+                _release(markers)
+                return
         self._journal_append(batch)
-        if self._pending:
-            self._recover(first_wait_s=self._retry_initial_s)
+        _release(markers)
+        self._recover(first_wait_s=self._retry_initial_s)
 
     def _journal_append(self, batch: _Batch) -> None:
         """Append to the journal; if even that fails (disk full), keep retrying: the records are only here."""
@@ -405,7 +411,8 @@ class Ledger:
             self._sleep_journaling(first_wait_s)
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(Exception),
-            wait=tenacity.wait_exponential_jitter(initial=self._retry_initial_s, max=self._retry_max_s),
+            wait=tenacity.wait_exponential(multiplier=self._retry_initial_s, max=self._retry_max_s)
+            + tenacity.wait_random(0, self._retry_initial_s),
             stop=lambda _state: self._stopping.is_set(),
             sleep=self._sleep_journaling,
             before_sleep=self._before_retry,
@@ -434,8 +441,7 @@ class Ledger:
                 items, markers = self._take()
                 if items:
                     self._journal_append(_Batch.from_items(items))
-                for m in markers:
-                    m.done.set()
+                _release(markers)
                 if not items and not markers:
                     break
             remaining = deadline - time.monotonic()
@@ -505,6 +511,11 @@ class Ledger:
         self._rejected.open()
         self._rejected.append(records)
         self._rejected_n += len(records)
+
+
+def _release(markers: list[_FlushMarker]) -> None:
+    for m in markers:
+        m.done.set()
 
 
 def _singles(batch: _Batch) -> list[_Batch]:

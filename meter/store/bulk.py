@@ -177,15 +177,18 @@ class PostgresBulkWriter(BulkWriter):
     ) -> None:
         if not (starts or timelines or samples):
             return
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        dbapi_conn = conn.connection.dbapi_connection
+        assert dbapi_conn is not None
+        cursor = dbapi_conn.cursor()
+        statement = self._ddl
         try:
             cursor.execute(self._ddl)
-            if starts:
-                self._copy(cursor, "starts", starts)
-            if timelines:
-                self._copy(cursor, "timelines", timelines)
-            if samples:
-                self._copy(cursor, "samples", samples)
+            for name, rows in (("starts", starts), ("timelines", timelines), ("samples", samples)):
+                if rows:
+                    statement = self._copy_sql[name]
+                    self._copy(cursor, name, rows)
+        except conn.dialect.loaded_dbapi.Error as err:
+            raise _wrapped(conn, err, statement, cursor) from err
         finally:
             cursor.close()
         if starts:
@@ -194,6 +197,20 @@ class PostgresBulkWriter(BulkWriter):
             conn.execute(self._timeline, {"now_ns": now_ns})
         if samples:
             conn.execute(self._sample)
+
+
+def _wrapped(conn: sa.Connection, err: Exception, statement: str, cursor: Any) -> sa.exc.DBAPIError:
+    """A driver error raised outside SQLAlchemy's execution path (COPY), as SQLAlchemy would have raised it:
+    the matching ``sa.exc`` class (OperationalError, DataError...), and a dead connection invalidated."""
+    dialect = conn.dialect
+    disconnect = dialect.is_disconnect(err, conn.connection.dbapi_connection, cursor)
+    if disconnect:
+        conn.invalidate(err)
+    wrapped = sa.exc.DBAPIError.instance(
+        statement, None, err, dialect.loaded_dbapi.Error, connection_invalidated=disconnect, dialect=dialect
+    )
+    assert isinstance(wrapped, sa.exc.DBAPIError)
+    return wrapped
 
 
 def _pg_type(table: sa.Table, column: str) -> str:

@@ -26,7 +26,7 @@ from meter.store.models import ApiKey, Tenant
 from meter.store.upsert import dialect_insert
 
 KEY_PREFIX = "jg"
-KEY_RE = re.compile(r"^jg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+KEY_RE = re.compile(r"jg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")  # use with fullmatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ def _new_key() -> tuple[str, str]:
 
 def parse_key_id(key: str) -> str | None:
     """The key_id of a well-formed key, None for anything else (no database needed)."""
-    m = KEY_RE.match(key)
+    m = KEY_RE.fullmatch(key)
     return m.group(1) if m else None
 
 

@@ -46,29 +46,60 @@ def _as_engine(url_or_engine: str | sa.Engine) -> tuple[sa.Engine, bool]:
 
 
 def upgrade(url: str | sa.Engine) -> None:
-    """``alembic upgrade head`` on ``url`` (a URL or an engine). Idempotent; safe to run from several processes."""
+    """``alembic upgrade head`` on ``url`` (a URL or an engine). Idempotent; safe to run from several processes.
+
+    Concurrent upgrades are serialised: on PostgreSQL by an advisory lock, on SQLite by running the whole upgrade
+    in one ``BEGIN IMMEDIATE`` transaction (the driver would otherwise run the DDL outside any transaction).
+    """
     engine, owned = _as_engine(url)
     try:
         with engine.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
-                conn.commit()
-            try:
-                before = MigrationContext.configure(conn).get_current_revision()
-                conn.commit()
-                command.upgrade(alembic_config(conn), "head")
-                conn.commit()
-                after = MigrationContext.configure(conn).get_current_revision()
-                if before != after:
-                    log.info("schema upgraded", from_revision=before, to_revision=after)
-            finally:
-                if conn.dialect.name == "postgresql":
-                    conn.rollback()
-                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
-                    conn.commit()
+            if conn.dialect.name == "sqlite":
+                _upgrade_sqlite(conn)
+            elif conn.dialect.name == "postgresql":
+                _upgrade_postgres(conn)
+            else:
+                _upgrade(conn)
     finally:
         if owned:
             engine.dispose()
+
+
+def _upgrade(conn: sa.Connection) -> None:
+    """Run the upgrade inside the connection's current transaction (alembic joins it) and commit."""
+    before = MigrationContext.configure(conn).get_current_revision()
+    command.upgrade(alembic_config(conn), "head")
+    after = MigrationContext.configure(conn).get_current_revision()
+    conn.commit()
+    if before != after:
+        log.info("schema upgraded", from_revision=before, to_revision=after)
+
+
+def _upgrade_postgres(conn: sa.Connection) -> None:
+    conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+    conn.commit()
+    try:
+        _upgrade(conn)
+    finally:
+        conn.rollback()
+        conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+        conn.commit()
+
+
+def _upgrade_sqlite(conn: sa.Connection) -> None:
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None
+    saved = dbapi.isolation_level  # type: ignore[attr-defined]
+    dbapi.isolation_level = None  # type: ignore[attr-defined]  # we issue BEGIN ourselves
+    try:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # waits (busy timeout) for another upgrader to finish
+        try:
+            _upgrade(conn)
+        except BaseException:
+            conn.rollback()
+            raise
+    finally:
+        dbapi.isolation_level = saved  # type: ignore[attr-defined]
 
 
 def current(url: str | sa.Engine) -> str | None:

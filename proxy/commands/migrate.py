@@ -30,12 +30,22 @@ def redact(url: str) -> str:
         return "<unparsable url>"
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at the time of writing (it is swapped under test runners)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def logs_to_stderr() -> None:
     """Keep stdout for the command's own output (scripts parse it) unless logging was configured already."""
     import structlog
 
     if not structlog.is_configured():
-        structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()))  # type: ignore[arg-type]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,150 @@
+"""API keys: create, look up, list, revoke, malformed keys; and the `joulegate keys` command (SQLite and PG)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from meter.store import create_key, list_keys, lookup_key, make_engine, revoke_key, upgrade
+from meter.store.keys import KEY_RE, parse_key_id
+from meter.store.models import ApiKey, Tenant
+from proxy.cli import main as cli_main
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    upgrade(db_url)
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+def test_created_key_looks_up_to_its_tenant_and_is_stored_only_hashed(engine: sa.Engine) -> None:
+    created = create_key(engine, "acme", default_class="batch", label="ci")
+    assert KEY_RE.fullmatch(created.key) and created.key.startswith(f"jg_{created.key_id}_")
+    info = lookup_key(engine, created.key)
+    assert info is not None
+    assert (info.key_id, info.tenant, info.admin, info.default_class) == (created.key_id, "acme", False, "batch")
+    with engine.connect() as conn:
+        stored = conn.execute(sa.select(ApiKey.__table__)).mappings().one()
+    assert stored["key_hash"] == hashlib.sha256(created.key.encode()).hexdigest()
+    secret = created.key[len(f"jg_{created.key_id}_") :]
+    assert all(secret not in str(v) for v in stored.values()), "the secret must not be stored"
+
+
+def test_keys_share_a_tenant_and_admin_flag_is_kept(engine: sa.Engine) -> None:
+    a = create_key(engine, "acme")
+    b = create_key(engine, "acme", admin=True)
+    c = create_key(engine, "globex")
+    assert len({a.key, b.key, c.key}) == 3 and len({a.key_id, b.key_id, c.key_id}) == 3
+    with engine.connect() as conn:
+        assert sorted(conn.execute(sa.select(Tenant.name)).scalars()) == ["acme", "globex"]
+    infos = [lookup_key(engine, k.key) for k in (a, b, c)]
+    assert [(i.tenant, i.admin) for i in infos if i] == [("acme", False), ("acme", True), ("globex", False)]
+    listed = list_keys(engine)
+    assert [k.key_id for k in listed] == [a.key_id, b.key_id, c.key_id]
+    assert all(k.active for k in listed)
+
+
+def test_revoked_key_no_longer_looks_up(engine: sa.Engine) -> None:
+    keep = create_key(engine, "acme")
+    gone = create_key(engine, "acme")
+    assert revoke_key(engine, gone.key_id) is True
+    assert revoke_key(engine, gone.key_id) is False  # already revoked
+    assert revoke_key(engine, "000000000000") is False  # unknown
+    assert lookup_key(engine, gone.key) is None
+    assert lookup_key(engine, keep.key) is not None
+    listed = {k.key_id: k for k in list_keys(engine)}
+    assert listed[gone.key_id].revoked_ns is not None and listed[keep.key_id].revoked_ns is None
+    assert [k.key_id for k in list_keys(engine, include_revoked=False)] == [keep.key_id]
+
+
+def test_malformed_and_unknown_keys_are_refused(engine: sa.Engine) -> None:
+    real = create_key(engine, "acme").key
+    key_id = real.split("_")[1]
+    secret = real[len(f"jg_{key_id}_") :]
+    other_id = "f" * 12 if key_id != "f" * 12 else "e" * 12
+    off_by_one = real[:-1] + ("A" if real[-1] != "A" else "B")
+    malformed = [
+        "",
+        "jg_",
+        "Bearer " + real,
+        real + "x",
+        real[:-1],
+        real.upper(),
+        f"jg_{key_id}{secret}",
+        f"xx_{key_id}_{secret}",
+        " " + real,
+        real + "\n",
+    ]
+    for bad in malformed:
+        assert parse_key_id(bad) is None, bad
+        assert lookup_key(engine, bad) is None, bad
+    for unknown in (f"jg_{other_id}_{secret}", off_by_one):  # well formed, but no such key
+        assert parse_key_id(unknown) is not None
+        assert lookup_key(engine, unknown) is None, unknown
+    assert lookup_key(engine, real) is not None
+
+
+def test_create_key_rejects_an_empty_tenant(engine: sa.Engine) -> None:
+    with pytest.raises(ValueError):
+        create_key(engine, "")
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], str]:
+    rc = cli_main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out.strip().splitlines(), captured.err
+
+
+def test_keys_command_on_a_fresh_sqlite_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("JOULEGATE_DB__URL", raising=False)
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    rc, out, _ = _run(
+        capsys, "keys", "create", "--tenant", "acme", "--admin", "--class", "batch", "--label", "ops", "--db", url
+    )
+    assert rc == 0 and len(out) == 2 and "acme" in out[0]
+    key = out[-1]
+    engine = make_engine(url)
+    info = lookup_key(engine, key)
+    assert info is not None and (info.tenant, info.admin, info.default_class) == ("acme", True, "batch")
+
+    rc, out, _ = _run(capsys, "keys", "list", "--db", url)
+    assert rc == 0 and out[0].split() == ["KEY_ID", "TENANT", "ADMIN", "CLASS", "LABEL", "CREATED", "REVOKED"]
+    assert out[1].split()[:5] == [info.key_id, "acme", "yes", "batch", "ops"] and out[1].split()[-1] == "-"
+    assert key not in "\n".join(out)
+
+    rc, out, _ = _run(capsys, "keys", "revoke", info.key_id, "--db", url)
+    assert rc == 0 and lookup_key(engine, key) is None
+    rc, _, err = _run(capsys, "keys", "revoke", info.key_id, "--db", url)
+    assert rc == 1 and info.key_id in err
+    rc, out, _ = _run(capsys, "keys", "list", "--active", "--db", url)
+    assert rc == 0 and out == ["KEY_ID  TENANT  ADMIN  CLASS  LABEL  CREATED  REVOKED"]
+    engine.dispose()
+
+
+def test_keys_command_reads_the_database_from_config_and_env(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "jg.toml"
+    config.write_text(f'[db]\nurl = "{db_url}"\n')
+    monkeypatch.delenv("JOULEGATE_DB__URL", raising=False)
+    rc, out, _ = _run(capsys, "keys", "create", "--tenant", "cfg", "--config", str(config))
+    assert rc == 0
+    engine = make_engine(db_url)
+    assert (info := lookup_key(engine, out[-1])) is not None and info.tenant == "cfg"
+    monkeypatch.setenv("JOULEGATE_DB__URL", db_url)
+    rc, out, _ = _run(capsys, "keys", "create", "--tenant", "env")
+    assert rc == 0 and (info := lookup_key(engine, out[-1])) is not None and info.tenant == "env"
+    engine.dispose()
+
+
+def test_keys_command_reports_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = _run(capsys, "keys", "list", "--config", str(tmp_path / "missing.toml"))
+    assert rc == 2 and "missing.toml" in err
