@@ -1,0 +1,488 @@
+"""``SimTGI``: the simulated TGI server (aiohttp) with its engine and GPU, plus the ``/sim/*`` side door.
+
+TGI's routes (router/src/server.rs) answer as TGI 3.x does: the same paths, JSON shapes, headers, status codes and
+error texts, and SSE framed as axum frames it. Streams always answer HTTP 200: an error met on the way (validation,
+overload, generation) is an SSE event ``{"error", "error_type"}`` and the stream ends, as in TGI.
+
+The simulator adds:
+
+- ``GET /sim/energy``: the GPU's energy counter, NVML-like (100 ms steps, configurable lag);
+- ``GET /sim/truth[?request_id=]``: the true energy of every request (by ``x-request-id``) and of idle time;
+- ``POST /sim/health {"healthy": false}``: make ``/health`` answer 503 (and ``true`` to heal).
+
+Requests are filed under their ``x-request-id`` header (TGI itself ignores it), else under ``sim-<n>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import socket
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from sim import tokenizer, wire
+from sim.config import SimConfig
+from sim.generation import generated_text, top_tokens
+from sim.gpu import SimGPU
+from sim.infer import Infer, InferError, StreamBatch
+from sim.ledger import TruthSnapshot
+from sim.metrics import SimMetrics
+from sim.scheduler import Scheduler, SimRequest
+from sim.tokenizer import VOCAB
+from sim.validation import BodyRejection, GenerateRequest, ValidRequest, parse_generate_request, read_json
+
+log = structlog.get_logger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+ROUTER_NAME = "text-generation-router"
+KEEPALIVE_TICK_S = 5.0
+
+
+class SimTGI:
+    """A simulated TGI server on one simulated GPU. ``await start()``, use ``url``, ``await stop()``."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.metrics = SimMetrics(self.config.max_batch_total_tokens)
+        self.healthy = True
+        self._gpu: SimGPU | None = None
+        self._scheduler: Scheduler | None = None
+        self._infer: Infer | None = None
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+        self._ids = itertools.count(1)
+        self._ticker: asyncio.Task[None] | None = None
+
+    # --- life cycle ---
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Bind, start the engine and serve; return the base URL (``http://host:port``)."""
+        if self._runner is not None:
+            raise RuntimeError("already started")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        bound_port = sock.getsockname()[1]
+        url_host = f"[{host}]" if family == socket.AF_INET6 else host
+        self._url = f"http://{url_host}:{bound_port}"
+        device = f"sim:{self.config.name or self._url}"
+        self._gpu = SimGPU(self.config, device)
+        self._scheduler = Scheduler(self.config, self._gpu, self.metrics)
+        self._infer = Infer(self.config, self._scheduler, self.metrics)
+        self._scheduler.start()
+        self._ticker = asyncio.get_running_loop().create_task(self._keepalive_ticker(), name="sim-sse-keepalive")
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        self._add_routes(app)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        self._runner = runner
+        log.info("sim_tgi_started", url=self._url, device=device, model_id=self.config.model_id)
+        return self._url
+
+    async def stop(self) -> None:
+        """Stop serving (in-flight requests are cancelled) and stop the engine; the GPU goes idle."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+        if self._scheduler is not None:
+            await self._scheduler.stop()
+
+    async def __aenter__(self) -> SimTGI:
+        if self._runner is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- in-process access ---
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("not started")
+        return self._url
+
+    @property
+    def gpu(self) -> SimGPU:
+        if self._gpu is None:
+            raise RuntimeError("not started")
+        return self._gpu
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError("not started")
+        return self._scheduler
+
+    @property
+    def infer(self) -> Infer:
+        if self._infer is None:
+            raise RuntimeError("not started")
+        return self._infer
+
+    @property
+    def device(self) -> str:
+        return self.gpu.device
+
+    def truth(self, request_id: str | None = None) -> TruthSnapshot:
+        return self.gpu.truth(request_id)
+
+    def info(self) -> dict[str, Any]:
+        """``GET /info``: TGI's ``Info``, fields in TGI's order."""
+        c = self.config
+        return {
+            "model_id": c.model_id,
+            "model_sha": None,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": c.max_concurrent_requests,
+            "max_best_of": c.max_best_of,
+            "max_stop_sequences": c.max_stop_sequences,
+            "max_input_tokens": c.max_input_tokens,
+            "max_total_tokens": c.max_total_tokens,
+            "validation_workers": c.validation_workers,
+            "max_client_batch_size": c.max_client_batch_size,
+            "router": ROUTER_NAME,
+            "version": c.version,
+            "sha": None,
+            "docker_label": None,
+        }
+
+    @property
+    def system_fingerprint(self) -> str:
+        return f"{self.config.version}-native"
+
+    # --- routes ---
+
+    def _add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/", self._compat_generate)
+        app.router.add_post("/generate", self._generate)
+        app.router.add_post("/generate_stream", self._generate_stream)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_get("/", self._health)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ping", self._health)
+        app.router.add_get("/info", self._info)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/sim/energy", self._sim_energy)
+        app.router.add_get("/sim/truth", self._sim_truth)
+        app.router.add_post("/sim/health", self._sim_health)
+        app.router.add_get("/sim/health", self._sim_health_get)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        from sim import openai  # the OpenAI-compatible routes live in their own module
+
+        return await openai.completions(self, request)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        from sim import openai
+
+        return await openai.chat_completions(self, request)
+
+    def request_id(self, request: web.Request) -> str:
+        return request.headers.get(REQUEST_ID_HEADER) or f"sim-{next(self._ids)}"
+
+    async def read_body(self, request: web.Request) -> Any:
+        """The JSON body, or ``BodyRejection`` as axum's ``Json`` extractor would reject it."""
+        return read_json(await request.read(), request.headers.get("Content-Type"))
+
+    async def _parse_generate(self, request: web.Request, compat: bool) -> GenerateRequest:
+        return parse_generate_request(await self.read_body(request), compat=compat)
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_generate(request, compat=False)
+
+    async def _compat_generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle_generate(request, compat=True)
+
+    async def _handle_generate(self, request: web.Request, compat: bool) -> web.StreamResponse:
+        t_start_ns = time.time_ns()
+        try:
+            req = await self._parse_generate(request, compat)
+        except BodyRejection as e:
+            return rejection_response(e)
+        request_id = self.request_id(request)
+        if compat and req.parameters.return_full_text is None:
+            # TGI: models tagged "text-generation" default to the full text on the compat route
+            req = dataclasses.replace(req, parameters=dataclasses.replace(req.parameters, return_full_text=True))
+        if compat and req.stream:
+            return await self.stream_tgi(request, req, request_id)
+        self.metrics.request_received()
+        try:
+            headers, body, _input_length = await self.generate_internal(req, request_id, t_start_ns)
+        except InferError as e:
+            return json_response(wire.error_body(e.message, e.error_type), status=e.status)
+        return json_response([body] if compat else body, headers=headers)
+
+    async def generate_internal(
+        self, req: GenerateRequest, request_id: str, t_start_ns: int
+    ) -> tuple[dict[str, str], dict[str, Any], int]:
+        """server.rs ``generate_internal``: (headers, GenerateResponse, input_length); raises ``InferError``."""
+        p = req.parameters
+        others: list[SimRequest] | None = None
+        if p.best_of is not None and p.best_of > 1:
+            sim, others = await self.infer.generate_best_of(req, request_id, p.best_of)
+        else:
+            sim = await self.infer.generate(req, request_id)
+        valid = sim.valid
+        now_ns = time.time_ns()
+        body: dict[str, Any] = {"generated_text": full_text(sim)}
+        if p.details or p.decoder_input_details:
+            details = details_json(sim, p.decoder_input_details)
+            if others is not None:
+                details["best_of_sequences"] = [best_of_sequence_json(o, p.decoder_input_details) for o in others]
+            if valid.top_n_tokens:
+                details["top_tokens"] = details.pop("top_tokens")  # after best_of_sequences, as serde orders it
+            body["details"] = details
+        headers = timing_headers(self.config, req.inputs, sim, t_start_ns, now_ns)
+        self.metrics.success(valid.input_length, len(sim.tokens))
+        return headers, body, valid.input_length
+
+    async def _generate_stream(self, request: web.Request) -> web.StreamResponse:
+        try:
+            req = await self._parse_generate(request, compat=False)
+        except BodyRejection as e:
+            return rejection_response(e)
+        return await self.stream_tgi(request, req, self.request_id(request))
+
+    def sse_headers(self, inputs_chars: int) -> dict[str, str]:
+        return {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "x-compute-type": self.config.compute_type,
+            "x-compute-characters": str(inputs_chars),
+            "X-Accel-Buffering": "no",
+        }
+
+    async def stream_tgi(self, request: web.Request, req: GenerateRequest, request_id: str) -> web.StreamResponse:
+        """``/generate_stream``: one ``data:{StreamResponse}`` event per token; errors in-stream."""
+        self.metrics.request_received()
+        response = web.StreamResponse(status=200, headers=self.sse_headers(len(req.inputs)))
+        await response.prepare(request)
+        stream = SseStream(response)
+        details = req.parameters.details
+        gen = self.infer.generate_stream(req, request_id)
+        try:
+            async with contextlib.aclosing(gen):
+                async for batch in gen:
+                    if not batch.tokens:
+                        await stream.keepalive_if_due()
+                        continue
+                    await stream.write(encode_tgi_batch(batch, details))
+                    if batch.end:
+                        sim = batch.request
+                        self.metrics.success(sim.valid.input_length, len(sim.tokens))
+        except InferError as e:
+            await stream.write(wire.sse(wire.error_body(e.message, e.error_type)))
+        except ConnectionResetError:
+            pass  # the client left; closing the generator cancelled its request
+        return response
+
+    async def _tokenize(self, request: web.Request) -> web.StreamResponse:
+        try:
+            req = await self._parse_generate(request, compat=False)
+        except BodyRejection as e:
+            return rejection_response(e)
+        raw = req.inputs.encode("utf-8")
+        tokens = [
+            {"id": t.id, "text": raw[t.start : t.stop].decode("utf-8", "replace"), "start": t.start, "stop": t.stop}
+            for t in tokenizer.encode(req.inputs, req.add_special_tokens)
+        ]
+        return json_response(tokens)
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        if self.healthy:
+            return web.Response(status=200)
+        return json_response(wire.error_body("unhealthy", "healthcheck"), status=503)
+
+    async def _info(self, request: web.Request) -> web.StreamResponse:
+        return json_response(self.info())
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text=self.metrics.render(self.scheduler), content_type="text/plain", charset="utf-8")
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        model = self.config.model_id
+        return json_response(
+            {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": model}]}
+        )
+
+    async def _sim_energy(self, request: web.Request) -> web.StreamResponse:
+        return json_response(self.gpu.counter().to_json())
+
+    async def _sim_truth(self, request: web.Request) -> web.StreamResponse:
+        request_id = request.query.get("request_id")
+        return json_response(self.gpu.truth(request_id).to_json())
+
+    async def _sim_health(self, request: web.Request) -> web.StreamResponse:
+        try:
+            doc = await self.read_body(request)
+        except BodyRejection as e:
+            return rejection_response(e)
+        if not isinstance(doc, dict) or not isinstance(doc.get("healthy"), bool):
+            return web.Response(status=422, text='expected {"healthy": true|false}')
+        self.healthy = doc["healthy"]
+        log.info("sim_health_set", url=self._url, healthy=self.healthy)
+        return json_response({"healthy": self.healthy})
+
+    async def _sim_health_get(self, request: web.Request) -> web.StreamResponse:
+        return json_response({"healthy": self.healthy})
+
+    async def _keepalive_ticker(self) -> None:
+        """Nudge every open stream now and then, so a stream silent for 15 s sends axum's keep-alive comment."""
+        while True:
+            await asyncio.sleep(KEEPALIVE_TICK_S)
+            if self._scheduler is not None:
+                for sim in self._scheduler.active():
+                    if sim.stream:
+                        sim._wake()
+
+
+class SseStream:
+    """An SSE response being written; remembers when it last wrote, for keep-alives."""
+
+    __slots__ = ("_last_write_s", "_response")
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self._response = response
+        self._last_write_s = time.monotonic()
+
+    async def write(self, data: bytes) -> None:
+        self._last_write_s = time.monotonic()
+        await self._response.write(data)
+
+    async def keepalive_if_due(self) -> None:
+        if time.monotonic() - self._last_write_s >= wire.KEEPALIVE_INTERVAL_S:
+            await self.write(wire.SSE_KEEPALIVE)
+
+
+# --- responses ---
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=wire.dumps(body), status=status, headers=headers, content_type="application/json")
+
+
+def rejection_response(e: BodyRejection) -> web.Response:
+    return web.Response(status=e.status, text=e.message, content_type="text/plain", charset="utf-8")
+
+
+def full_text(sim: SimRequest) -> str:
+    text = generated_text(sim.tokens)
+    return sim.valid.inputs + text if sim.valid.return_full_text else text
+
+
+def seed_json(valid: ValidRequest) -> int | None:
+    return valid.seed if valid.sampling else None
+
+
+def prefill_json(valid: ValidRequest) -> list[dict[str, Any]]:
+    """Decoder input tokens: the first has no logprob (NaN in TGI, ``null`` on the wire)."""
+    out = []
+    for i, t in enumerate(valid.prompt_tokens()):
+        lp = None if i == 0 else -round(0.5 + (t.id % 97) / 20, 2)
+        out.append({"id": t.id, "text": t.text, "logprob": lp})
+    return out
+
+
+def details_json(sim: SimRequest, with_prefill: bool) -> dict[str, Any]:
+    """TGI's ``Details`` (``top_tokens`` present only when asked for)."""
+    valid = sim.valid
+    out: dict[str, Any] = {
+        "finish_reason": sim.finish_reason,
+        "generated_tokens": len(sim.tokens),
+        "seed": seed_json(valid),
+        "prefill": prefill_json(valid) if with_prefill else [],
+        "tokens": [wire.token(VOCAB[i]) for i in sim.tokens],
+    }
+    if valid.top_n_tokens:
+        out["top_tokens"] = [[wire.token(t) for t in top_tokens(i, valid.top_n_tokens)] for i in sim.tokens]
+    return out
+
+
+def best_of_sequence_json(sim: SimRequest, with_prefill: bool) -> dict[str, Any]:
+    details = details_json(sim, with_prefill)
+    out: dict[str, Any] = {
+        "generated_text": full_text(sim),
+        "finish_reason": details["finish_reason"],
+        "generated_tokens": details["generated_tokens"],
+        "seed": details["seed"],
+        "prefill": details["prefill"],
+        "tokens": details["tokens"],
+    }
+    if "top_tokens" in details:
+        out["top_tokens"] = details["top_tokens"]
+    return out
+
+
+def stream_details_json(sim: SimRequest) -> dict[str, Any]:
+    """TGI's ``StreamDetails``: finish_reason, generated_tokens, seed, input_length."""
+    return {
+        "finish_reason": sim.finish_reason,
+        "generated_tokens": len(sim.tokens),
+        "seed": seed_json(sim.valid),
+        "input_length": sim.valid.input_length,
+    }
+
+
+def encode_tgi_batch(batch: StreamBatch, details: bool) -> bytes:
+    """The SSE events of ``batch`` as ``/generate_stream`` writes them."""
+    sim = batch.request
+    top_n = sim.valid.top_n_tokens
+    last = len(batch.tokens) - 1
+    parts = []
+    for k, index in enumerate(batch.tokens):
+        entry = VOCAB[index]
+        position = batch.first_index + k
+        if batch.end and k == last:
+            top = top_tokens(index, top_n)
+            body = wire.stream_response(
+                position, entry, top, full_text(sim), stream_details_json(sim) if details else None
+            )
+            parts.append(wire.sse(body))
+        elif top_n:
+            parts.append(wire.sse(wire.stream_response(position, entry, top_tokens(index, top_n), None, None)))
+        else:
+            parts.append(wire.stream_token_event(position, entry))
+    return b"".join(parts)
+
+
+def timing_headers(config: SimConfig, inputs: str, sim: SimRequest, t_start_ns: int, now_ns: int) -> dict[str, str]:
+    """The ``x-*`` headers of a non-streamed answer, computed as ``generate_internal`` computes them."""
+    start_ns = sim.start_ns if sim.start_ns is not None else sim.queued_ns
+    total_ns = now_ns - t_start_ns
+    inference_ns = now_ns - start_ns
+    generated = max(len(sim.tokens), 1)
+    return {
+        "x-compute-type": config.compute_type,
+        "x-compute-time": wire.seconds_header(total_ns),
+        "x-compute-characters": str(len(inputs)),
+        "x-total-time": wire.millis_header(total_ns),
+        "x-validation-time": wire.millis_header(sim.queued_ns - t_start_ns),
+        "x-queue-time": wire.millis_header(start_ns - sim.queued_ns),
+        "x-inference-time": wire.millis_header(inference_ns),
+        "x-time-per-token": wire.millis_header(inference_ns // generated),
+        "x-prompt-tokens": str(sim.valid.input_length),
+        "x-generated-tokens": str(len(sim.tokens)),
+    }

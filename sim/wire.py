@@ -1,0 +1,78 @@
+"""TGI's JSON and Server-Sent Events on the wire, byte for byte where it matters.
+
+TGI serializes with serde_json (compact, non-ASCII left as is, struct fields in declaration order) and frames SSE
+with axum: ``data:<json>\\n\\n`` with no space after the colon, ``data:[DONE]\\n\\n`` for the OpenAI routes, and an
+empty comment ``:\\n\\n`` as keep-alive after 15 s of silence. A NaN logprob (the first prompt token's) is ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from decimal import Decimal
+from typing import Any
+
+from sim.tokenizer import VocabEntry
+
+SSE_DONE = b"data:[DONE]\n\n"
+SSE_KEEPALIVE = b":\n\n"
+KEEPALIVE_INTERVAL_S = 15.0
+
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def dumps(obj: Any) -> bytes:
+    return _encoder.encode(obj).encode("utf-8")
+
+
+def sse(obj: Any) -> bytes:
+    return b"data:" + dumps(obj) + b"\n\n"
+
+
+def error_body(message: str, error_type: str) -> dict[str, str]:
+    return {"error": message, "error_type": error_type}
+
+
+def openai_error_event(message: str) -> bytes:
+    """What TGI streams on the OpenAI routes when generation fails (``InferError::into_openai_event``)."""
+    return sse({"error": {"message": message, "http_status_code": 422}})
+
+
+def logprob(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def token(entry: VocabEntry) -> dict[str, Any]:
+    return {"id": entry.id, "text": entry.text, "logprob": entry.logprob, "special": entry.special}
+
+
+def stream_token_event(index: int, entry: VocabEntry) -> bytes:
+    """An intermediate ``StreamResponse`` without top tokens: the hot path, formatted without a JSON encoder."""
+    return b'data:{"index":%d,"token":%s,"generated_text":null,"details":null}\n\n' % (index, entry.json)
+
+
+def stream_response(
+    index: int,
+    entry: VocabEntry,
+    top: list[VocabEntry],
+    generated_text: str | None,
+    details: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A ``StreamResponse``: index, token, top_tokens (left out when empty), generated_text, details."""
+    out: dict[str, Any] = {"index": index, "token": token(entry)}
+    if top:
+        out["top_tokens"] = [token(t) for t in top]
+    out["generated_text"] = generated_text
+    out["details"] = details
+    return out
+
+
+def seconds_header(ns: int) -> str:
+    """A duration in seconds as Rust prints an f64 (shortest round-trip digits, never an exponent)."""
+    text = format(Decimal(repr(ns / 1e9)), "f")
+    return text[:-2] if text.endswith(".0") else text  # Rust prints 1.0_f64 as "1"
+
+
+def millis_header(ns: int) -> str:
+    """A duration in whole milliseconds, as Rust's ``Duration::as_millis`` (truncated)."""
+    return str(max(ns, 0) // 1_000_000)
