@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from proxy.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 from proxy.metrics import tenant_label
 from proxy.shaping import metrics as m
-from proxy.shaping.config import DEFAULT_CLASS, ClassConfig, ShapingConfig
+from proxy.shaping.config import DEFAULT_CLASS, ClassConfig, Policy, ShapingConfig
 from proxy.shaping.fairness import FairQueue
 from proxy.shaping.policies import HeldState, RateEstimator, ReleasePolicy, make_policy
 
@@ -232,6 +232,20 @@ class ShapingCore:
         self.tokens += entry.cost_tokens
         self.tenant_requests[entry.tenant] = self.tenant_requests.get(entry.tenant, 0) + 1
         self.tenant_tokens[entry.tenant] = self.tenant_tokens.get(entry.tenant, 0) + entry.cost_tokens
+
+    def placed_directly(self, cq: ClassQueue, entry: Entry, now_s: float) -> None:
+        """Account for a request that the caller placed without queueing (see ``can_skip_queue``)."""
+        entry.stage = Stage.DONE
+        entry.outcome = Outcome.PLACED
+        cq.h_hold.observe(0.0)
+        cq.h_release.observe(1)
+        cq.h_placed.observe(1)
+        self.drained_requests.observe(now_s)
+        self.drained_tokens.observe(now_s, entry.cost_tokens)
+
+    def can_skip_queue(self, cq: ClassQueue) -> bool:
+        """A passthrough request may take a free slot at once when nobody at all waits: no one to be fair to."""
+        return self.requests == 0 and cq.cfg.policy is Policy.PASSTHROUGH and not self.draining
 
     def check(self, cq: ClassQueue, entry: Entry, now_s: float) -> Refusal | None:
         """The first queue limit ``entry`` would break, or None."""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from proxy.errors import Unavailable
 from proxy.shaping.config import ShapingConfig
 from proxy.shaping.core import Entry, Outcome, ShapingCore
 
@@ -28,6 +29,19 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 TIMER_SLACK_S = 0.0002  # fire just after a due time, so the wall clock read in the callback has passed it
+
+
+def _entry(job: Job, traffic_class: str, now_s: float, waiter: asyncio.Future[Lease] | None) -> Entry:
+    return Entry(
+        tenant=job.tenant,
+        traffic_class=traffic_class,
+        cost_tokens=job.token_estimate,
+        prompt_tokens=job.prompt_tokens_estimate,
+        enqueued_s=now_s,
+        deadline=job.deadline,
+        job=job,
+        waiter=waiter,
+    )
 
 
 class _PoolSink:
@@ -80,22 +94,21 @@ class ArrivalShaper:
         return self.core.requests
 
     async def acquire(self, job: Job, pool: BackendPool) -> Lease:
+        if self.core.draining:
+            raise Unavailable("gateway is shutting down", retry_after_s=1.0)
+        cq = self.core.resolve_class(job.traffic_class)  # raises InvalidArgument
+        job.traffic_class = cq.name  # the resolved class, for the timeline and metrics
+        now_s = self._clock()
+        if self.core.can_skip_queue(cq):  # the fast path: same outcome as queueing and stepping, ~10x cheaper
+            lease = pool.try_acquire(job.token_estimate)
+            if lease is not None:
+                self.core.placed_directly(cq, _entry(job, cq.name, now_s, None), now_s)
+                return lease
         if self._sink is None or self._sink.pool is not pool:
             self._sink = _PoolSink(pool)
         loop = asyncio.get_running_loop()
-        now_s = self._clock()
-        entry = Entry(
-            tenant=job.tenant,
-            traffic_class=job.traffic_class,
-            cost_tokens=job.token_estimate,
-            prompt_tokens=job.prompt_tokens_estimate,
-            enqueued_s=now_s,
-            deadline=job.deadline,
-            job=job,
-            waiter=loop.create_future(),
-        )
-        self.core.admit(entry, now_s)  # raises InvalidArgument / Overloaded / Unavailable
-        job.traffic_class = entry.traffic_class  # the resolved class, for the timeline and metrics
+        entry = _entry(job, cq.name, now_s, loop.create_future())
+        self.core.admit(entry, now_s)  # raises Overloaded
         self._pump()
         try:
             return await entry.waiter
