@@ -149,28 +149,15 @@ class Gateway:
                     released_ns=result.released_ns,
                 )
             )
-            lease, resp = await self._open(job, pool, lease, result)
-            decoder = SSEDecoder()
+            lease, resp, decoder, first = await self._open(job, pool, lease, result)
+            backend = lease.backend.name
+            for event in first:
+                yield self._observe(event, lease, result)
             async for chunk in resp.content.iter_any():
                 for data in decoder.feed(chunk):
-                    event = _parse_event(data, lease.backend.name)
-                    if "error" in event:
-                        raise from_tgi(200, event, backend=lease.backend.name)
-                    if result.first_token_ns is None:
-                        result.first_token_ns = time.time_ns()
-                    if "token" in event:
-                        result.generated_tokens += 1
-                        lease.consume(1)
-                    details = event.get("details")
-                    if details:
-                        result.prompt_tokens = details.get("input_length")
-                        result.generated_tokens = details.get("generated_tokens", result.generated_tokens)
-                    yield event
+                    yield self._observe(_parse_event(data, backend), lease, result)
             for data in decoder.close():
-                event = _parse_event(data, lease.backend.name)
-                if "error" in event:
-                    raise from_tgi(200, event, backend=lease.backend.name)
-                yield event
+                yield self._observe(_parse_event(data, backend), lease, result)
             status = "OK"
         except GatewayError as exc:
             status = exc.grpc_code.name
@@ -199,6 +186,22 @@ class Gateway:
                 lease.release()
             self._record(job, result, status)
 
+    @staticmethod
+    def _observe(event: dict[str, Any], lease: Lease, result: StreamResult) -> dict[str, Any]:
+        """Note what a stream event tells the meter; raise the mapped error for an in-stream error event."""
+        if "error" in event:
+            raise from_tgi(200, event, backend=lease.backend.name)
+        if result.first_token_ns is None:
+            result.first_token_ns = time.time_ns()
+        if "token" in event:
+            result.generated_tokens += 1
+            lease.consume(1)
+        details = event.get("details")
+        if details:
+            result.prompt_tokens = details.get("input_length")
+            result.generated_tokens = details.get("generated_tokens", result.generated_tokens)
+        return event
+
     async def _admit(self, job: Job, pool: BackendPool) -> Lease:
         shaper = self._shapers[pool.model_id]
         if not pool.healthy:
@@ -213,7 +216,7 @@ class Gateway:
 
     async def _open(
         self, job: Job, pool: BackendPool, lease: Lease, result: StreamResult
-    ) -> tuple[Lease, aiohttp.ClientResponse]:
+    ) -> tuple[Lease, aiohttp.ClientResponse, SSEDecoder, list[dict[str, Any]]]:
         """Send the request; on a retryable failure before the first byte, move to another backend.
 
         Returns the lease actually used (the caller's, or one on another backend) and the open response. On
@@ -223,7 +226,7 @@ class Gateway:
         current: Lease | None = lease
         last: GatewayError | None = None
 
-        async def attempt_once() -> aiohttp.ClientResponse:
+        async def attempt_once() -> tuple[aiohttp.ClientResponse, SSEDecoder, list[dict[str, Any]]]:
             nonlocal current, last
             if current is None:
                 current = pool.try_acquire(job.token_estimate, exclude=frozenset(tried))
@@ -245,7 +248,7 @@ class Gateway:
                 stop=stop_after_attempt(1 + self.retries), retry=retry_if_exception_type(_RETRYABLE), reraise=True
             ):
                 with attempt:
-                    resp = await attempt_once()
+                    opened = await attempt_once()
         except _RETRYABLE as exc:
             raise _as_final(exc) from exc
         except _GiveUp as exc:
@@ -255,17 +258,40 @@ class Gateway:
                 current.release()
             raise
         assert current is not None
-        return current, resp
+        return (current, *opened)
 
-    async def _send(self, job: Job, lease: Lease, result: StreamResult) -> aiohttp.ClientResponse:
-        try:
-            return await lease.backend.open_stream(job.route, job.body, job.request_id)
-        except InvalidArgument as exc:
-            clamped = self._clamp(job, job.body, exc)
+    async def _send(
+        self, job: Job, lease: Lease, result: StreamResult
+    ) -> tuple[aiohttp.ClientResponse, SSEDecoder, list[dict[str, Any]]]:
+        """Open the stream and read up to its first event.
+
+        TGI answers /generate_stream with HTTP 200 even when it refuses the request (validation, overload): the
+        refusal is the stream's first event. Until that first event the request is still safe to retry or to
+        re-send with fewer new tokens (TGIS's token-limit semantics), so it is read here, before anything
+        reaches the client.
+        """
+        body = job.body
+        for clamp_round in (0, 1):
+            try:
+                resp = await lease.backend.open_stream(job.route, body, job.request_id)
+            except InvalidArgument as exc:
+                err: GatewayError = exc
+            else:
+                decoder = SSEDecoder()
+                try:
+                    first = await _first_events(resp, decoder, lease.backend.name)
+                except BaseException:
+                    resp.close()
+                    raise
+                if not first or "error" not in first[0]:
+                    return resp, decoder, first
+                resp.close()
+                err = from_tgi(200, first[0], backend=lease.backend.name)
+            clamped = self._clamp(job, body, err) if clamp_round == 0 and isinstance(err, InvalidArgument) else None
             if clamped is None:
-                raise
-            result.token_limited = True
-            return await lease.backend.open_stream(job.route, clamped, job.request_id)
+                raise err
+            body, result.token_limited = clamped, True
+        raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _clamp(job: Job, body: dict[str, Any], exc: InvalidArgument) -> dict[str, Any] | None:
@@ -333,6 +359,15 @@ def _as_final(cause: GatewayError) -> GatewayError:
     if isinstance(cause, Unavailable):
         return cause
     return Unavailable(f"no backend reachable ({cause.message})", retry_after_s=1.0)
+
+
+async def _first_events(resp: aiohttp.ClientResponse, decoder: SSEDecoder, backend: str) -> list[dict[str, Any]]:
+    """Read until at least one complete event (or the end of the stream)."""
+    async for chunk in resp.content.iter_any():
+        events = decoder.feed(chunk)
+        if events:
+            return [_parse_event(d, backend) for d in events]
+    return [_parse_event(d, backend) for d in decoder.close()]
 
 
 def _parse_event(data: str, backend: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,16 +43,32 @@ def new_request_id() -> str:
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: GatewayError) -> None:
-    """End the call with ``exc``'s status; RESOURCE_EXHAUSTED/UNAVAILABLE carry a retry hint."""
-    if exc.retry_after_s is not None:
-        retry = error_details_pb2.RetryInfo(
-            retry_delay=duration_pb2.Duration(seconds=int(exc.retry_after_s), nanos=int((exc.retry_after_s % 1) * 1e9))
-        )
-        detail = status_pb2.Status(code=getattr(code_pb2, exc.grpc_code.name), message=exc.message)
-        detail.details.add().Pack(retry)
-        context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
-        await context.abort_with_status(rpc_status.to_status(detail))
-    await context.abort(exc.grpc_code, exc.message)
+    """End the call with ``exc``'s status; RESOURCE_EXHAUSTED/UNAVAILABLE carry a retry hint.
+
+    The hint travels twice: as ``google.rpc.RetryInfo`` in the rich status details (what gRPC client libraries
+    read) and as plain ``retry-after-ms`` trailing metadata (what a person with grpcurl reads).
+    """
+    if exc.retry_after_s is None:
+        await context.abort(exc.grpc_code, exc.message)
+        return
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
+    detail = status_pb2.Status(code=getattr(code_pb2, exc.grpc_code.name), message=exc.message)
+    detail.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = rpc_status.to_status(detail)
+    status = _Status(
+        status.code,
+        status.details,
+        (*status.trailing_metadata, ("retry-after-ms", str(int(exc.retry_after_s * 1000)))),
+    )
+    await context.abort_with_status(status)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:

@@ -27,8 +27,9 @@ from proxy.backends import Backend, BackendPool, run_health_checks
 from proxy.config import Config
 from proxy.gateway import Gateway
 from proxy.grpc_api import GenerationServicer
+from proxy.grpc_handlers import add_servicer
 from proxy.params import ModelLimits
-from proxy.pb.fmaas import generation_pb2, generation_pb2_grpc
+from proxy.pb.fmaas import generation_pb2
 from proxy.shaping import build_shapers
 
 log = structlog.get_logger(__name__)
@@ -78,9 +79,10 @@ class GatewayApp:
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests),
+        add_servicer(
             self.server,
+            generation_pb2.DESCRIPTOR.services_by_name["GenerationService"],
+            GenerationServicer(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = [GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]

@@ -41,10 +41,12 @@ class _CurrentStderr:
 
 
 def logs_to_stderr() -> None:
-    """Keep stdout for the command's own output (scripts parse it) unless logging was configured already."""
+    """Keep stdout for the command's own output (scripts parse it): a structlog that prints to stdout (its default
+    logger factory) is pointed at stderr; any other logging set-up is left alone."""
     import structlog
 
-    if not structlog.is_configured():
+    factory = structlog.get_config()["logger_factory"]
+    if isinstance(factory, structlog.PrintLoggerFactory) and getattr(factory, "_file", None) in (None, sys.stdout):
         structlog.configure(logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()))  # type: ignore[arg-type]
 
 
