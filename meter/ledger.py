@@ -6,7 +6,8 @@ The writer thread is woken early only when a full batch is waiting; otherwise it
 ``flush_interval_s``.
 
 Writer. One thread drains the buffer in batches of at most ``batch_size`` rows and writes each batch in ONE
-transaction with bulk (executemany) dialect upserts, idempotent on the primary keys:
+transaction with bulk dialect upserts (``meter.store.bulk``: executemany on SQLite, COPY + INSERT ... SELECT on
+PostgreSQL), idempotent on the primary keys:
 
 - ``RequestStart``: INSERT the request as open, ON CONFLICT DO NOTHING (it never regresses a finished row);
 - ``Timeline``: INSERT the full row, ON CONFLICT DO UPDATE ... WHERE some column differs, so an identical replay
@@ -16,12 +17,14 @@ transaction with bulk (executemany) dialect upserts, idempotent on the primary k
 Within a batch, duplicates are folded first (the last timeline of a request wins, like it would in sequence).
 
 Outages. When a write fails because the database is unreachable (refused or dropped connections, timeouts, any
-``OperationalError``), the batch goes to the journal (``meter.journal``: JSON lines, fsync'd per batch) and the
-ledger switches to *journaling*: every later batch is appended behind it, so order is kept, while the writer
-retries the database with exponential backoff (tenacity; its sleeps are spent journaling new arrivals). Once the
-database answers, the journal is replayed in order, in batches, and truncated. A journal left by a crashed process
-is replayed at the next ``start``. Replays are idempotent, so a replay interrupted by another failure (or a crash
-between commit and truncate) is simply repeated: nothing is lost, nothing is doubled.
+``OperationalError``), or does not return within ``write_timeout_s`` (a hung server or network: database calls
+run on a thread of their own so the writer can stop waiting), the batch goes to the journal (``meter.journal``:
+JSON lines, fsync'd per batch) and the ledger switches to *journaling*: every later batch is appended behind it,
+so order is kept, while the writer retries the database with exponential backoff (tenacity; its sleeps are spent
+journaling new arrivals). Once the database answers, the journal is replayed in order, in batches, and truncated.
+A journal left by a crashed process is replayed at the next ``start``. Replays are idempotent, so a replay
+interrupted by another failure (or a crash between commit and truncate) is simply repeated: nothing is lost,
+nothing is doubled.
 
 A row the database rejects for good (a ``DataError`` or ``IntegrityError``, not an outage) would block its batch
 forever; the writer then writes that batch row by row and appends the rejected rows to ``<journal>.rejected``
@@ -34,6 +37,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +66,10 @@ _COLUMNS = {START: START_COLUMNS, TIMELINE: TIMELINE_COLUMNS, SAMPLE: SAMPLE_COL
 # an undefined table/column (the schema is not migrated yet).
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
 _TRANSIENT_SQLSTATES = ("42P01", "42703")
+
+
+class DatabaseStalledError(TimeoutError):
+    """A write did not return within ``write_timeout_s`` (a hung server, proxy or network): treated as an outage."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +216,7 @@ class Ledger:
         batch_size: int = 5000,
         retry_initial_s: float = 0.2,
         retry_max_s: float = 5.0,
+        write_timeout_s: float = 30.0,
         engine_kw: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(url_or_engine, sa.Engine):
@@ -221,6 +230,11 @@ class Ledger:
         self._batch_size = batch_size
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
+        self._write_timeout_s = write_timeout_s
+        # Database calls run on their own thread so that a hung connection (no error, just silence) costs the
+        # writer at most write_timeout_s: it then journals and keeps journaling, as for any outage.
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joulegate-ledger-db")
+        self._inflight: Future[None] | None = None
 
         self._buf: deque[object] = deque()
         self._wake = threading.Event()
@@ -301,6 +315,8 @@ class Ledger:
             if self._thread.is_alive():
                 log.warning("ledger: the writer thread is still busy; leaving the journal open")
                 return
+        stuck = self._inflight is not None and not self._inflight.done()
+        self._db.shutdown(wait=not stuck, cancel_futures=True)
         self._journal.close()
         self._rejected.close()
         if self._owns_engine:
@@ -482,6 +498,24 @@ class Ledger:
         self._written_samples += len(batch.samples)
 
     def _execute(self, batch: _Batch) -> None:
+        """Run the batch's transaction on the database thread, waiting at most ``write_timeout_s``.
+
+        A write that times out may still commit later; its batch is journaled meanwhile and replayed afterwards,
+        which the idempotent upserts make harmless. No new write starts while a stuck one is in flight, so writes
+        never overtake each other.
+        """
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            raise DatabaseStalledError("an earlier write to the database has not returned yet")
+        self._inflight = future = self._db.submit(self._execute_now, batch)
+        try:
+            future.result(timeout=self._write_timeout_s)
+        except TimeoutError:
+            if future.done():  # the write itself raised a TimeoutError (e.g. the pool's)
+                raise
+            raise DatabaseStalledError(f"a write to the database took longer than {self._write_timeout_s} s") from None
+
+    def _execute_now(self, batch: _Batch) -> None:
         with self._engine.begin() as conn:
             self._bulk.write(
                 conn,

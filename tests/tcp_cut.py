@@ -2,8 +2,9 @@
 
 ``cut()`` closes the listening socket (new connections are refused: ECONNREFUSED) and resets every forwarded
 connection (SO_LINGER 0, so the client sees ECONNRESET mid-query, like a dropped link or a restarted database).
-``restore()`` listens on the same port again. Threads, no asyncio: it must keep working while the code under test
-keeps the event loop or the GIL busy.
+``restore()`` listens on the same port again. ``stall()`` keeps every connection open but stops moving bytes (a
+hung server, proxy or network: no error, just silence) until ``resume()``. Threads, no asyncio: it must keep
+working while the code under test keeps the event loop or the GIL busy.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class TcpCut:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._conns: set[socket.socket] = set()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.accepted = 0  # connections forwarded so far
         self.cuts = 0
 
@@ -63,6 +66,13 @@ class TcpCut:
 
     def restore(self) -> None:
         self._listen()
+
+    def stall(self) -> None:
+        """Stop forwarding bytes in both directions; connections stay open and new ones are accepted."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     def close(self) -> None:
         self.cut()
@@ -114,6 +124,7 @@ class TcpCut:
                 data = src.recv(65536)
                 if not data:
                     break
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass

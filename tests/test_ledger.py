@@ -277,42 +277,84 @@ def test_any_interleaving_ends_as_sequential_application(
 # -- outages -------------------------------------------------------------------------------------------------------
 
 
+class _Stream:
+    """A producer thread handing the ledger a steady stream of starts, timelines and samples, timing every call.
+
+    The GC is off while it runs: a collection pauses every thread and is not the ledger's doing.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.latencies_ns: list[int] = []
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="producer")
+        self._gc_was_enabled = gc.isenabled()
+
+    def _run(self) -> None:
+        ledger, i = self.ledger, 0
+        while not self._stop.is_set():
+            now = time.time_ns()
+            s = RequestStart(f"r{i}", "acme", "m", "b1", now, now + 1)
+            t = Timeline(f"r{i}", "acme", "m", "b1", now, now + 1, now + 2, now + 3, 4, i % 50)
+            t0 = time.perf_counter_ns()
+            ledger.request_started(s)
+            ledger.request_finished(t)
+            ledger.add_samples([Sample("gpu0", now, i), Sample("gpu1", now, None, "read failed")])
+            self.latencies_ns.append(time.perf_counter_ns() - t0)
+            i += 1
+            if i % 5 == 0:
+                time.sleep(0.001)  # a steady stream (a few thousand requests/s), not a tight loop
+        self.count = i
+
+    def __enter__(self) -> _Stream:
+        gc.disable()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._gc_was_enabled:
+            gc.enable()
+
+    def summary(self) -> str:
+        lat = sorted(self.latencies_ns)
+        return (
+            f"{self.count} requests; hot path (3 calls) p50 {statistics.median(lat) / 1e3:.1f} us, "
+            f"p99 {lat[int(0.99 * len(lat))] / 1e3:.1f} us, max {lat[-1] / 1e6:.2f} ms"
+        )
+
+    def assert_all_arrived_once(self, engine: sa.Engine) -> None:
+        n = self.count
+        with engine.connect() as conn:
+            req = conn.execute(
+                sa.text(
+                    "SELECT count(*), count(DISTINCT request_id), count(done_ns), sum(generated_tokens) FROM requests"
+                )
+            ).one()
+            smp = conn.execute(
+                sa.text("SELECT device, count(*), count(energy_mj), sum(energy_mj) FROM samples GROUP BY 1")
+            )
+            by_device = {r[0]: tuple(r[1:]) for r in smp}
+        assert tuple(req) == (n, n, n, sum(i % 50 for i in range(n)))  # every request once, every one finished
+        assert by_device == {"gpu0": (n, n, n * (n - 1) // 2), "gpu1": (n, 0, None)}
+
+
+def _through(link: TcpCut, url: str) -> str:
+    return make_url(url).set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
+
+
 def test_a_database_outage_loses_and_doubles_nothing_and_never_blocks(pg_url: str, tmp_path: Path) -> None:
     """A real TCP forwarder between the ledger and PostgreSQL is cut (refused + reset connections) and restored
     while a producer streams starts, timelines and samples; then every row is there exactly once."""
     upgrade(pg_url)
-    direct = make_engine(pg_url)
     target = make_url(pg_url)
+    journal = tmp_path / "j.jsonl"
     with TcpCut(target.host or "127.0.0.1", target.port or 5432) as link:
-        via_link = target.set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
-        journal = tmp_path / "j.jsonl"
-        ledger = ledger_for(via_link, journal, engine_kw={"connect_args": {"connect_timeout": 2}})
+        ledger = ledger_for(_through(link, pg_url), journal, engine_kw={"connect_args": {"connect_timeout": 2}})
         ledger.start()
-        stop = threading.Event()
-        latencies_ns: list[int] = []
-        produced: list[int] = []
-
-        def produce() -> None:
-            i = 0
-            while not stop.is_set():
-                now = time.time_ns()
-                s = RequestStart(f"r{i}", "acme", "m", "b1", now, now + 1)
-                t = Timeline(f"r{i}", "acme", "m", "b1", now, now + 1, now + 2, now + 3, 4, i % 50)
-                t0 = time.perf_counter_ns()
-                ledger.request_started(s)
-                ledger.request_finished(t)
-                ledger.add_samples([Sample("gpu0", now, i), Sample("gpu1", now, None, "read failed")])
-                latencies_ns.append(time.perf_counter_ns() - t0)
-                i += 1
-                if i % 5 == 0:
-                    time.sleep(0.001)  # a steady stream (a few thousand requests/s), not a tight loop
-            produced.append(i)
-
-        gc_was_enabled = gc.isenabled()
-        gc.disable()  # a GC pause of the whole interpreter is not the ledger's doing; measure the ledger
-        producer = threading.Thread(target=produce)
-        try:
-            producer.start()
+        with _Stream(ledger) as stream:
             time.sleep(0.5)
             link.cut()
             assert wait_until(lambda: not ledger.stats.db_available, 5), "the cut was not noticed"
@@ -322,36 +364,53 @@ def test_a_database_outage_loses_and_doubles_nothing_and_never_blocks(pg_url: st
             assert wait_until(lambda: ledger.stats.db_available and not ledger.stats.journal_pending, 15)
             assert link.accepted >= 2  # the writer reconnected through the restored link
             time.sleep(0.3)
-        finally:
-            stop.set()
-            producer.join()
-            if gc_was_enabled:
-                gc.enable()
         assert ledger.flush(30)
         stats = ledger.stats
         ledger.close()
-
-    n = produced[0]
-    with direct.connect() as conn:
-        req = conn.execute(
-            sa.text("SELECT count(*), count(DISTINCT request_id), count(done_ns), sum(generated_tokens) FROM requests")
-        ).one()
-        smp = conn.execute(sa.text("SELECT device, count(*), count(energy_mj), sum(energy_mj) FROM samples GROUP BY 1"))
-        by_device = {r[0]: tuple(r[1:]) for r in smp}
+    direct = make_engine(pg_url)
+    stream.assert_all_arrived_once(direct)
     direct.dispose()
-    assert tuple(req) == (n, n, n, sum(i % 50 for i in range(n)))  # every request once, every one finished
-    assert by_device == {"gpu0": (n, n, n * (n - 1) // 2), "gpu1": (n, 0, None)}
     assert during.journaled > 0 and during.journal_pending
     assert stats.replayed >= during.journaled and stats.journal_pending is False
     assert journal.stat().st_size == 0
-    worst_ms = max(latencies_ns) / 1e6
-    p99_us = sorted(latencies_ns)[int(0.99 * len(latencies_ns))] / 1e3
-    print(
-        f"\noutage: {n} requests, journaled {stats.journaled}, replayed {stats.replayed}; "
-        f"hot path (3 calls) p50 {statistics.median(latencies_ns) / 1e3:.1f} us, p99 {p99_us:.1f} us, "
-        f"max {worst_ms:.2f} ms"
-    )
-    assert worst_ms < 50, "a hot-path call waited on the database or the disk"
+    print(f"\ncut: {stream.summary()}; journaled {stats.journaled}, replayed {stats.replayed}")
+    assert max(stream.latencies_ns) < 50e6, "a hot-path call waited on the database or the disk"
+
+
+def test_a_hung_database_connection_is_an_outage_too(pg_url: str, tmp_path: Path) -> None:
+    """The link stalls (connections stay open, no bytes move): writes time out, the ledger journals, flush still
+    returns, and once the link moves again the stuck write and the journal land, each row once."""
+    upgrade(pg_url)
+    target = make_url(pg_url)
+    journal = tmp_path / "j.jsonl"
+    with TcpCut(target.host or "127.0.0.1", target.port or 5432) as link:
+        ledger = ledger_for(
+            _through(link, pg_url), journal, write_timeout_s=0.3, engine_kw={"connect_args": {"connect_timeout": 2}}
+        )
+        ledger.start()
+        with _Stream(ledger) as stream:
+            time.sleep(0.3)
+            link.stall()
+            assert wait_until(lambda: not ledger.stats.db_available, 5), "the stall was not noticed"
+            t0 = time.monotonic()
+            assert ledger.flush(5)  # journaled, although the database never answered
+            flush_s = time.monotonic() - t0
+            during = ledger.stats
+            time.sleep(0.5)
+            link.resume()
+            assert wait_until(lambda: ledger.stats.db_available and not ledger.stats.journal_pending, 15)
+            time.sleep(0.2)
+        assert ledger.flush(30)
+        stats = ledger.stats
+        ledger.close()
+    direct = make_engine(pg_url)
+    stream.assert_all_arrived_once(direct)
+    direct.dispose()
+    assert during.journal_pending and "DatabaseStalledError" in (during.last_error or "")
+    assert flush_s < 2
+    assert journal.stat().st_size == 0
+    print(f"\nstall: {stream.summary()}; journaled {stats.journaled}, replayed {stats.replayed}")
+    assert max(stream.latencies_ns) < 50e6
 
 
 def test_flush_returns_once_records_are_journaled_while_the_database_is_away(tmp_path: Path, unused_port: int) -> None:
