@@ -63,6 +63,11 @@ class SimGPU:
         with self._lock:
             return self._ledger.open_account(request_id, prompt_tokens)
 
+    def close(self, account: EnergyAccount) -> None:
+        """The request is over (finished, failed or cancelled): its energy becomes final once its step ends."""
+        with self._lock:
+            self._ledger.close_account(account)
+
     def idle(self, t_ns: int | None = None) -> None:
         with self._lock:
             self._ledger.set_state(time.time_ns() if t_ns is None else t_ns, Phase.IDLE, self._idle_mw)

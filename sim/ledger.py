@@ -10,9 +10,10 @@ Energy is integrated in integer picojoules (power in mW x time in ns), so nothin
 - the *counter* (NVML's ``nvmlDeviceGetTotalEnergyConsumption`` twin) is the exact integral up to a 100 ms boundary
   of the wall clock; the ledger remembers the integral at each boundary it passes.
 
-Millijoules appear only at the edge: a snapshot apportions the total's whole millijoules over (each request's prefill,
-each request's decode, idle) by largest remainder, so the reported parts add up to the reported total exactly and
-each part is within 1 mJ of its exact value.
+Millijoules appear only at the edge, by cumulative rounding over a fixed order: the requests that are over, in the
+order they ended, then those still open, then idle; each part gets floor(prefix after it) - floor(prefix before it).
+So the parts add up to floor(total) exactly, each part is within 1 mJ of its exact value, and a finished request's
+millijoules never change afterwards (only open requests and idle can move by 1 mJ between snapshots).
 """
 
 from __future__ import annotations
@@ -88,22 +89,6 @@ class TruthSnapshot:
         }
 
 
-def apportion_mj(values_pj: Sequence[int]) -> list[int]:
-    """Whole millijoules for each value such that they sum to floor(sum(values_pj) / 1e9) exactly.
-
-    Largest remainder (Hamilton): every part gets its floor, then the parts with the largest remainders get one more
-    until the total is reached; ties go to the earlier part. Each part ends within 1 mJ of its exact value.
-    """
-    total_mj = sum(values_pj) // PJ_PER_MJ
-    floors = [v // PJ_PER_MJ for v in values_pj]
-    deficit = total_mj - sum(floors)
-    if deficit:
-        order = sorted(range(len(values_pj)), key=lambda i: (-(values_pj[i] % PJ_PER_MJ), i))
-        for i in order[:deficit]:
-            floors[i] += 1
-    return floors
-
-
 class EnergyLedger:
     """Integrates piecewise-constant power exactly and attributes every picojoule to a request or to idle.
 
@@ -129,7 +114,10 @@ class EnergyLedger:
         self._weights: tuple[int, ...] | None = None
         self._cum_pj = 0  # exact integral over [t0, _last_t]
         self.idle_pj = 0
-        self._accounts: list[EnergyAccount] = []
+        self._open: list[EnergyAccount] = []  # accounts whose energy may still change, oldest first
+        self._closing: list[EnergyAccount] = []  # closed, but owners of the open segment: final at its end
+        self._final_pj = 0  # energy of all final accounts, the head of every snapshot's prefix
+        self._final_rows: dict[str, list[Any]] = {}  # request id -> frozen [prefill_mj, decode_mj, tokens..]
         # Integral at each update boundary passed so far (the counter's possible values), oldest first.
         self._boundaries: deque[tuple[int, int]] = deque(maxlen=boundaries_kept)
         self._next_boundary = (t0_ns // update_period_ns + 1) * update_period_ns
@@ -153,13 +141,29 @@ class EnergyLedger:
         return self._last_t
 
     @property
-    def accounts(self) -> Sequence[EnergyAccount]:
-        return self._accounts
+    def open_accounts(self) -> Sequence[EnergyAccount]:
+        return self._open
 
     def open_account(self, request_id: str, prompt_tokens: int) -> EnergyAccount:
         account = EnergyAccount(request_id=request_id, prompt_tokens=prompt_tokens)
-        self._accounts.append(account)
+        self._open.append(account)
         return account
+
+    def close_account(self, account: EnergyAccount) -> None:
+        """The request is over: once no step it took part in is still running, its energy is final and frozen."""
+        if account in self._closing or account not in self._open:
+            return
+        if any(owner is account for owner in self._owners):
+            self._closing.append(account)
+        else:
+            self._finalize(account)
+
+    def _finalize(self, account: EnergyAccount) -> None:
+        """Freeze ``account``: its millijoules are cut right after all accounts finalized before it."""
+        self._open.remove(account)
+        prefill_mj, prefix = _cut(self._final_pj, account.prefill_pj)
+        decode_mj, self._final_pj = _cut(prefix, account.decode_pj)
+        _add_row(self._final_rows, account, prefill_mj, decode_mj)
 
     def set_state(
         self,
@@ -182,6 +186,12 @@ class EnergyLedger:
         self._power_mw = power_mw
         self._owners = tuple(owners)
         self._weights = None if weights is None else tuple(weights)
+        if self._closing:
+            still_owners = [a for a in self._closing if any(a is o for o in self._owners)]
+            for account in self._closing:
+                if not any(account is o for o in still_owners):
+                    self._finalize(account)
+            self._closing = still_owners
 
     def _close_segment(self, t_ns: int) -> None:
         t = t_ns if t_ns > self._last_t else self._last_t
@@ -233,58 +243,69 @@ class EnergyLedger:
         return energy
 
     def snapshot(self, t_ns: int, request_id: str | None = None) -> TruthSnapshot:
-        """Everything's true energy up to ``t_ns`` (at or after the last transition), in apportioned millijoules."""
+        """Everything's true energy up to ``t_ns`` (at or after the last transition), in whole millijoules.
+
+        Finished accounts come first (in the order they finished, values frozen), then the open ones, idle last;
+        each part gets floor(prefix after it) - floor(prefix before it), so the parts add up to the total exactly.
+        """
         t = t_ns if t_ns > self._last_t else self._last_t
         # Settle the open segment on a scratch copy of the current owners' shares.
         pending = _PendingShares()
         seg_pj = self._power_mw * (t - self._last_t)
         if seg_pj:
             _split(seg_pj, self._phase, self._owners, self._weights, pending)
-        keys: dict[str, int] = {}
-        prefill: list[int] = []
-        decode: list[int] = []
-        meta: list[list[Any]] = []  # prompt_tokens, generated_tokens, finish_reason
-        for account in self._accounts:
-            extra_prefill, extra_decode = pending.of(account)
-            k = keys.get(account.request_id)
-            if k is None:
-                k = keys[account.request_id] = len(prefill)
-                prefill.append(0)
-                decode.append(0)
-                meta.append([0, 0, None])
-            prefill[k] += account.prefill_pj + extra_prefill
-            decode[k] += account.decode_pj + extra_decode
-            meta[k][0] += account.prompt_tokens
-            meta[k][1] += account.generated_tokens
-            if account.finish_reason is not None:
-                meta[k][2] = account.finish_reason
-        idle_pj = self.idle_pj + pending.idle_pj
-        values = [idle_pj]
-        for k in range(len(prefill)):
-            values.append(prefill[k])
-            values.append(decode[k])
         total_pj = self._cum_pj + seg_pj
-        assert sum(values) == total_pj, "energy conservation"
-        mj = apportion_mj(values)
-        requests: dict[str, RequestTruth] = {}
-        for rid, k in keys.items():
-            if request_id is not None and rid != request_id:
+        rows: dict[str, list[Any]] = {}  # request id -> [prefill_mj, decode_mj, prompt, generated, finish_reason]
+        if request_id is None:
+            for rid, row in self._final_rows.items():
+                rows[rid] = list(row)
+        elif request_id in self._final_rows:
+            rows[request_id] = list(self._final_rows[request_id])
+        prefix_pj = self._final_pj
+        for account in self._open:
+            extra_prefill, extra_decode = pending.of(account)
+            prefill_mj, prefix_pj = _cut(prefix_pj, account.prefill_pj + extra_prefill)
+            decode_mj, prefix_pj = _cut(prefix_pj, account.decode_pj + extra_decode)
+            if request_id is not None and account.request_id != request_id:
                 continue
-            prompt_tokens, generated_tokens, finish_reason = meta[k]
-            requests[rid] = RequestTruth(
-                prefill_mj=mj[1 + 2 * k],
-                decode_mj=mj[2 + 2 * k],
-                prompt_tokens=prompt_tokens,
-                generated_tokens=generated_tokens,
-                finish_reason=finish_reason,
+            _add_row(rows, account, prefill_mj, decode_mj)
+        idle_mj, prefix_pj = _cut(prefix_pj, self.idle_pj + pending.idle_pj)
+        assert prefix_pj == total_pj, "energy conservation"
+        requests = {
+            rid: RequestTruth(
+                prefill_mj=row[0],
+                decode_mj=row[1],
+                prompt_tokens=row[2],
+                generated_tokens=row[3],
+                finish_reason=row[4],
             )
+            for rid, row in rows.items()
+        }
         return TruthSnapshot(
             requests=MappingProxyType(requests),
-            idle_mj=mj[0],
+            idle_mj=idle_mj,
             total_mj=total_pj // PJ_PER_MJ,
             t_ns=t,
             total_pj=total_pj,
         )
+
+
+def _cut(prefix_pj: int, part_pj: int) -> tuple[int, int]:
+    """Whole millijoules of the part that follows ``prefix_pj``: floor(after) - floor(before); and the new prefix."""
+    after = prefix_pj + part_pj
+    return after // PJ_PER_MJ - prefix_pj // PJ_PER_MJ, after
+
+
+def _add_row(rows: dict[str, list[Any]], account: EnergyAccount, prefill_mj: int, decode_mj: int) -> None:
+    row = rows.get(account.request_id)
+    if row is None:
+        row = rows[account.request_id] = [0, 0, 0, 0, None]
+    row[0] += prefill_mj
+    row[1] += decode_mj
+    row[2] += account.prompt_tokens
+    row[3] += account.generated_tokens
+    if account.finish_reason is not None:
+        row[4] = account.finish_reason
 
 
 class _PendingShares:

@@ -65,6 +65,8 @@ class SimRequest:
         "account",
         "alloc_tokens",
         "cancelled",
+        "decode_steps_at_first_token",
+        "decode_steps_at_queue",
         "done_ns",
         "error",
         "finish_reason",
@@ -92,6 +94,9 @@ class SimRequest:
         self.start_ns: int | None = None  # joined a batch (TGI's batch_time)
         self.first_token_ns: int | None = None
         self.done_ns: int | None = None
+        # the engine's decode-step count when queued and when the first token came: how long it waited, in steps
+        self.decode_steps_at_queue = 0
+        self.decode_steps_at_first_token: int | None = None
         self.tokens: list[int] = []  # vocabulary indices of every generated token
         self.outbox: list[int] = []  # generated but not yet taken by the handler (streams only)
         self.finish_reason: str | None = None
@@ -185,6 +190,7 @@ class Scheduler:
         block = self.config.kv_block_size_tokens
         tokens = valid.input_length + valid.max_new_tokens - 1
         request.alloc_tokens = math.ceil(tokens / block) * block
+        request.decode_steps_at_queue = self.decode_steps
         self._waiting.append(request)
         self._wakeup.set()
         return request
@@ -328,6 +334,7 @@ class Scheduler:
         request.account.generated_tokens += 1
         if request.first_token_ns is None:
             request.first_token_ns = now_ns
+            request.decode_steps_at_first_token = self.decode_steps
         if request.stream:
             request.outbox.append(index)
         if finish_reason is not None:
@@ -345,6 +352,7 @@ class Scheduler:
         if reason in ("length", "eos_token", "stop_sequence"):
             request.finish_reason = reason
         request.account.finish_reason = reason
+        self.gpu.close(request.account)
         request._wake()
 
     async def _sleep(self, duration_ns: int) -> None:

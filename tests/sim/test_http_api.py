@@ -222,6 +222,7 @@ async def test_stream_only_rules_and_body_rejections(sim: SimTGI, http: aiohttp.
             assert await r.text() == "Expected request with `Content-Type: application/json`"
 
 
+@pytest.mark.filterwarnings("ignore:The `dict` method is deprecated:DeprecationWarning")
 async def test_text_generation_client_parses_everything(sim: SimTGI, tgi_schemas) -> None:
     client = text_generation.AsyncClient(sim.url)
     response = await client.generate("Client test", max_new_tokens=4, decoder_input_details=True, top_n_tokens=3)
