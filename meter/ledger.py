@@ -291,7 +291,11 @@ class Ledger:
         self._thread.start()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything handed in before this call is durable (in SQL or in the journal)."""
+        """Wait until everything handed in before this call is durable (in SQL or in the journal).
+
+        Blocks up to ``timeout_s``; returns False if that was not enough (e.g. the database hangs and
+        ``write_timeout_s`` is longer). From a coroutine, call it through ``asyncio.to_thread``.
+        """
         thread = self._thread
         if thread is None or not thread.is_alive():
             return not self._buf
