@@ -170,3 +170,20 @@ def test_migrate_command_fails_cleanly_on_an_unreachable_database(
     err = capsys.readouterr().err
     assert rc == 1
     assert "OperationalError" in err and "secret" not in err
+
+
+def test_the_first_revision_downgrades_cleanly(db_url: str) -> None:
+    from alembic import command
+
+    from meter.store.migrate import alembic_config
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        command.downgrade(alembic_config(conn), "base")
+        conn.commit()
+        assert set(sa.inspect(conn).get_table_names()) <= {"alembic_version"}
+    assert current(engine) is None
+    upgrade(engine)
+    assert current(engine) == head()
+    engine.dispose()
