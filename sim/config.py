@@ -42,6 +42,10 @@ class SimConfig:
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     kv_block_size_tokens: int = 1  # flashinfer's paged-attention block size (1); flashdecoding uses 256
+    # TGI 3.x turns prefill chunking on for flash models with flashinfer/flashdecoding attention (Llama on an H100
+    # included); the router then ignores waiting_served_ratio and max_waiting_tokens and lets every forward take in
+    # waiting requests up to the prefill budget. Off by default here, so that those two knobs model the classic rule.
+    prefill_chunking: bool = False
 
     # --- step timing (ms); every duration is multiplied by time_scale; 0 makes every step instantaneous ---
     time_scale: float = 1.0

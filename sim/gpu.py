@@ -72,12 +72,16 @@ class SimGPU:
         with self._lock:
             self._ledger.set_state(time.time_ns() if t_ns is None else t_ns, Phase.IDLE, self._idle_mw)
 
-    def prefill(self, accounts: Sequence[EnergyAccount], t_ns: int | None = None) -> None:
-        """A prefill step over ``accounts`` starts: ~650 W, shared in proportion to prompt tokens."""
+    def prefill(
+        self, accounts: Sequence[EnergyAccount], t_ns: int | None = None, weights: Sequence[int] | None = None
+    ) -> None:
+        """A prefill step over ``accounts`` starts: ~650 W, shared in proportion to the prompt tokens each has in
+        the step (``weights``; default: their whole prompts)."""
         if not accounts:
             self.idle(t_ns)
             return
-        weights = [a.prompt_tokens for a in accounts]
+        if weights is None:
+            weights = [a.prompt_tokens for a in accounts]
         with self._lock:
             self._ledger.set_state(
                 time.time_ns() if t_ns is None else t_ns, Phase.PREFILL, self._prefill_mw, accounts, weights
@@ -103,12 +107,14 @@ class SimGPU:
             if account not in owners:
                 return False
             phase = self._ledger.phase
-            rest = [a for a in owners if a is not account]
+            weights = self._ledger.weights or (1,) * len(owners)
+            kept = [(a, w) for a, w in zip(owners, weights, strict=True) if a is not account]
+            rest = [a for a, _ in kept]
             t = time.time_ns() if t_ns is None else t_ns
             if not rest:
                 self._ledger.set_state(t, Phase.IDLE, self._idle_mw)
             elif phase is Phase.PREFILL:
-                self._ledger.set_state(t, Phase.PREFILL, self._prefill_mw, rest, [a.prompt_tokens for a in rest])
+                self._ledger.set_state(t, Phase.PREFILL, self._prefill_mw, rest, [w for _, w in kept])
             else:
                 self._ledger.set_state(t, Phase.DECODE, costmodel.decode_power_mw(self.config, len(rest)), rest)
             return True

@@ -137,6 +137,10 @@ class EnergyLedger:
         return self._owners
 
     @property
+    def weights(self) -> tuple[int, ...] | None:
+        return self._weights
+
+    @property
     def last_transition_ns(self) -> int:
         return self._last_t
 

@@ -65,6 +65,7 @@ class SimRequest:
         "account",
         "alloc_tokens",
         "cancelled",
+        "chunk",
         "decode_steps_at_first_token",
         "decode_steps_at_queue",
         "done_ns",
@@ -72,6 +73,7 @@ class SimRequest:
         "finish_reason",
         "first_token_ns",
         "outbox",
+        "prompt_done",
         "queued_ns",
         "request_id",
         "sequence",
@@ -102,6 +104,8 @@ class SimRequest:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.cancelled = False
+        self.prompt_done = 0  # prompt tokens prefilled so far (prefill chunking)
+        self.chunk = 0  # prompt tokens in the current forward (prefill chunking)
         self._waiter: asyncio.Future[None] | None = None
 
     @property
@@ -141,7 +145,8 @@ class Scheduler:
         self._waiting: deque[SimRequest] = deque()
         self._running: list[SimRequest] = []
         self._prefilling: list[SimRequest] = []
-        self._in_prefill = False
+        self._batch: list[SimRequest] = []  # the cached batch, with prefill chunking
+        self._step: list[SimRequest] = []  # the requests of the step now on the GPU
         self._kv_free_tokens = config.max_batch_total_tokens
         self._wakeup = asyncio.Event()
         self._step_waiter: asyncio.Future[None] | None = None
@@ -173,7 +178,7 @@ class Scheduler:
 
     @property
     def batch_size(self) -> int:
-        return len(self._running)
+        return len(self._batch) if self.config.prefill_chunking else len(self._running)
 
     @property
     def kv_free_tokens(self) -> int:
@@ -181,7 +186,7 @@ class Scheduler:
 
     def active(self) -> list[SimRequest]:
         """Every request queued or on the GPU."""
-        return [*self._waiting, *self._prefilling, *self._running]
+        return [*self._waiting, *self._prefilling, *self._running, *self._batch]
 
     def submit(self, valid: ValidRequest, request_id: str, stream: bool) -> SimRequest:
         """Queue a validated request (TGI's ``Backend::schedule``)."""
@@ -206,53 +211,62 @@ class Scheduler:
             with contextlib.suppress(ValueError):
                 self._waiting.remove(request)
             return
-        if state is State.PREFILL and request in self._prefilling:
-            self._prefilling.remove(request)
-        elif request in self._running:
-            self._running.remove(request)
+        seen: set[int] = set()
+        for members in (self._prefilling, self._running, self._batch, self._step):
+            if id(members) not in seen and request in members:
+                members.remove(request)
+            seen.add(id(members))
         self.gpu.drop(request.account)
-        step_empty = not self._prefilling if self._in_prefill else not self._running
-        if step_empty and self._step_waiter is not None and not self._step_waiter.done():
-            self._step_waiter.set_result(None)
+        if not self._step and self._step_waiter is not None and not self._step_waiter.done():
+            self._step_waiter.set_result(None)  # nothing left to compute in this step: it ends now
 
     # --- the loop (backend.rs: batching_task) ---
 
     async def _loop(self) -> None:
-        config = self.config
         try:
-            while True:
-                if not self._waiting:
-                    self._deadline_s = None
-                    self.gpu.idle()
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                batch = self._next_batch(None, config.max_batch_size)
-                if batch is None:  # cannot happen with a validated config; never spin
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                await self._prefill(batch)
-                waiting_tokens = 1
-                while self._running:
-                    batch_size = len(self._running)
-                    if waiting_tokens >= config.max_waiting_tokens:
-                        min_size = None  # nothing joined for too long: let even a small batch in
-                    else:
-                        min_size = math.floor(batch_size * config.waiting_served_ratio)
-                    max_size = None if config.max_batch_size is None else max(config.max_batch_size - batch_size, 0)
-                    new_batch = self._next_batch(min_size, max_size)
-                    if new_batch is not None:
-                        await self._prefill(new_batch)
-                        waiting_tokens = 1
-                    if self._running:
-                        await self._decode()
-                    waiting_tokens += 1
+            if self.config.prefill_chunking:
+                await self._loop_chunked()
+            else:
+                await self._loop_classic()
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here would silently hang every client: make it loud
             log.exception("sim scheduler crashed")
             raise
+
+    async def _idle_until_work(self) -> None:
+        self._deadline_s = None
+        self.gpu.idle()
+        self._wakeup.clear()
+        await self._wakeup.wait()
+
+    async def _loop_classic(self) -> None:
+        """backend.rs ``batching_task`` for backends without prefill chunking."""
+        config = self.config
+        while True:
+            if not self._waiting:
+                await self._idle_until_work()
+                continue
+            batch = self._next_batch(None, config.max_batch_size)
+            if batch is None:  # cannot happen with a validated config; never spin
+                await self._idle_until_work()
+                continue
+            await self._prefill(batch)
+            waiting_tokens = 1
+            while self._running:
+                batch_size = len(self._running)
+                if waiting_tokens >= config.max_waiting_tokens:
+                    min_size = None  # nothing joined for too long: let even a small batch in
+                else:
+                    min_size = math.floor(batch_size * config.waiting_served_ratio)
+                max_size = None if config.max_batch_size is None else max(config.max_batch_size - batch_size, 0)
+                new_batch = self._next_batch(min_size, max_size)
+                if new_batch is not None:
+                    await self._prefill(new_batch)
+                    waiting_tokens = 1
+                if self._running:
+                    await self._decode()
+                waiting_tokens += 1
 
     def _next_batch(self, min_size: int | None, max_size: int | None) -> list[SimRequest] | None:
         """queue.rs ``State::next_batch`` (block allocator, no prefill chunking)."""
@@ -295,14 +309,14 @@ class Scheduler:
     async def _prefill(self, batch: list[SimRequest]) -> None:
         """One prefill step over ``batch`` (the running batch waits); survivors join the running batch."""
         self._prefilling = batch
-        self._in_prefill = True
+        self._step = batch
         self.prefill_steps += 1
         if self.metrics is not None:
             self.metrics.batch_step("prefill")
         self.gpu.prefill([r.account for r in batch])
         prompt_tokens = sum(r.valid.input_length for r in batch)
         await self._sleep(costmodel.prefill_duration_ns(self.config, prompt_tokens))
-        self._in_prefill = False
+        self._step = []
         now = time.time_ns()
         for request in self._prefilling:  # requests cancelled meanwhile are gone from the list
             if self._emit(request, now):
@@ -315,12 +329,114 @@ class Scheduler:
         self.decode_steps += 1
         if self.metrics is not None:
             self.metrics.batch_step("decode")
-        running = self._running
+        running = self._step = self._running
         self.gpu.decode([r.account for r in running])
         await self._sleep(costmodel.decode_duration_ns(self.config, len(running)))
+        self._step = []
         now = time.time_ns()
         emit = self._emit
         self._running = [r for r in self._running if emit(r, now)]
+
+    # --- with prefill chunking (backend.rs, support_chunking) ---
+
+    async def _loop_chunked(self) -> None:
+        """backend.rs ``batching_task`` when the model supports prefill chunking (TGI 3's default with flashinfer):
+        every forward may take in waiting requests up to the prefill budget left by the batch's own tokens, the last
+        one possibly cut into a chunk; ``waiting_served_ratio`` and ``max_waiting_tokens`` play no part."""
+        config = self.config
+        while True:
+            if not self._waiting:
+                await self._idle_until_work()
+                continue
+            batch = self._next_batch_chunked(config.max_batch_size, config.max_batch_prefill_tokens)
+            if batch is None:
+                await self._idle_until_work()
+                continue
+            self._batch = batch
+            await self._forward()
+            while self._batch:
+                current_tokens = sum(r.chunk if r.prompt_done < r.valid.input_length else 1 for r in self._batch)
+                budget = config.max_batch_prefill_tokens - current_tokens
+                new_batch = self._next_batch_chunked(None, budget) if budget > 0 else None
+                if new_batch is not None:
+                    self._batch.extend(new_batch)
+                await self._forward()
+
+    def _next_batch_chunked(self, max_size: int | None, budget_tokens: int) -> list[SimRequest] | None:
+        """queue.rs ``State::next_batch`` with chunking: the request that overflows the budget gets the rest of it."""
+        waiting = self._waiting
+        if not waiting or budget_tokens <= 0 or max_size == 0:
+            return None
+        block = self.config.kv_block_size_tokens
+        budget = math.ceil(budget_tokens / block) * block
+        batch: list[SimRequest] = []
+        prefill_tokens = 0
+        while waiting:
+            request = waiting[0]
+            if request.alloc_tokens > self._kv_free_tokens:
+                break
+            length = request.valid.input_length
+            chunk = length if prefill_tokens + length <= budget else budget - prefill_tokens
+            if chunk <= 0:
+                break
+            waiting.popleft()
+            self._kv_free_tokens -= request.alloc_tokens
+            request.chunk = chunk
+            request.prompt_done = 0
+            prefill_tokens += chunk
+            batch.append(request)
+            if chunk < length or (max_size is not None and len(batch) == max_size):
+                break
+        if not batch:
+            return None
+        now = time.time_ns()
+        for request in batch:
+            request.start_ns = now
+            request.state = State.PREFILL
+        return batch
+
+    async def _forward(self) -> None:
+        """One forward over the cached batch: prompt chunks for the requests still prefilling, one token for the
+        others. Costed as a prefill step over the chunks followed by a decode step over the rest; every token comes
+        out at the end, when the forward completes."""
+        config = self.config
+        prefilling = [r for r in self._batch if r.prompt_done < r.valid.input_length]
+        if prefilling:
+            self._step = prefilling
+            self.prefill_steps += 1
+            if self.metrics is not None:
+                self.metrics.batch_step("prefill")
+            chunks = [r.chunk for r in prefilling]
+            self.gpu.prefill([r.account for r in prefilling], weights=chunks)
+            await self._sleep(costmodel.prefill_duration_ns(config, sum(chunks)))
+        decoding = [r for r in self._batch if r.prompt_done >= r.valid.input_length]
+        if decoding:
+            self._step = decoding
+            self.decode_steps += 1
+            if self.metrics is not None:
+                self.metrics.batch_step("decode")
+            self.gpu.decode([r.account for r in decoding])
+            await self._sleep(costmodel.decode_duration_ns(config, len(decoding)))
+        self._step = []
+        now = time.time_ns()
+        survivors = []
+        for request in self._batch:  # requests cancelled meanwhile are gone
+            if request.prompt_done < request.valid.input_length:
+                request.prompt_done += request.chunk
+                if request.prompt_done < request.valid.input_length:
+                    survivors.append(request)  # more prompt to go: no token yet
+                    continue
+                request.state = State.RUNNING
+            if self._emit(request, now):
+                survivors.append(request)
+        self._batch = survivors
+        # flash_causal_lm.py: the next chunks share max_batch_prefill_tokens, less one token per other request
+        budget = config.max_batch_prefill_tokens - (len(survivors) - 1)
+        for request in survivors:  # oldest first
+            remaining = request.valid.input_length - request.prompt_done
+            if remaining > 0:
+                request.chunk = max(min(remaining, budget), 1)
+                budget -= request.chunk
 
     def _emit(self, request: SimRequest, now_ns: int) -> bool:
         """Give ``request`` its next token; False when it is finished (or failed) and leaves the batch."""

@@ -215,3 +215,28 @@ async def test_kv_budget_holds_requests_back(make_sim: SimFactory) -> None:
     assert first.start_ns == second.start_ns  # one prefill batch
     assert third.start_ns >= min(first.done_ns, second.done_ns)  # admitted only when memory was freed
     assert sim.scheduler.kv_free_tokens == 2048
+
+
+async def test_prefill_chunking_splits_long_prompts_and_lets_newcomers_in(make_sim: SimFactory) -> None:
+    sim = await make_sim(
+        prefill_chunking=True,
+        max_input_tokens=60,
+        max_total_tokens=120,
+        max_batch_prefill_tokens=64,
+        max_batch_total_tokens=4096,
+        waiting_served_ratio=1.2,  # ignored with chunking
+    )
+    prompt = "abcd" * 49  # 50 tokens with BOS
+    a = _submit(sim, prompt, 5, "a")
+    b = _submit(sim, prompt, 5, "b")
+    assert a.valid.input_length == b.valid.input_length == 50
+    await _until(lambda: a.done and b.done)
+    # forward 1: all of a (50) and 14 tokens of b; forward 2: b's other 36 tokens while a decodes its second token
+    assert a.decode_steps_at_first_token == 0
+    assert b.decode_steps_at_first_token == 1
+    assert b.first_token_ns > a.first_token_ns
+    truth = sim.truth().requests
+    assert truth["b"].prefill_mj > truth["a"].prefill_mj  # b's prompt took two steps' fixed overhead
+    assert truth["a"].generated_tokens == truth["b"].generated_tokens == 5
+    # with chunking, two newcomers join the next forward even though floor(4 * 1.2) = 4 > 2
+    assert await _late_join_wait(sim, late=2) <= 1
