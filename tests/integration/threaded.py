@@ -15,8 +15,7 @@ from .harness import Stack, running_stack
 @contextlib.contextmanager
 def stack_in_thread(tmp_path: Path, **kwargs: Any) -> Iterator[Stack]:
     loop = asyncio.new_event_loop()
-    ready: asyncio.Future[Stack] | None = None
-    stop = threading.Event()
+    stop = asyncio.Event()
     box: dict[str, Any] = {}
     started = threading.Event()
 
@@ -24,8 +23,7 @@ def stack_in_thread(tmp_path: Path, **kwargs: Any) -> Iterator[Stack]:
         async with running_stack(tmp_path, **kwargs) as s:
             box["stack"] = s
             started.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.02)
+            await stop.wait()
 
     def run() -> None:
         try:
@@ -36,7 +34,6 @@ def stack_in_thread(tmp_path: Path, **kwargs: Any) -> Iterator[Stack]:
         finally:
             loop.close()
 
-    del ready
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     started.wait(30)
@@ -45,5 +42,5 @@ def stack_in_thread(tmp_path: Path, **kwargs: Any) -> Iterator[Stack]:
     try:
         yield box["stack"]
     finally:
-        stop.set()
+        loop.call_soon_threadsafe(stop.set)
         thread.join(30)
