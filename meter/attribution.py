@@ -59,7 +59,7 @@ from types import MappingProxyType
 
 from meter.timeline import Timeline
 
-__all__ = ["Attribution", "AttributionPolicy", "CounterReading", "PhaseEnergy", "attribute"]
+__all__ = ["Attribution", "AttributionPolicy", "CounterReading", "PhaseEnergy", "attribute", "drop_stale_readings"]
 
 _NS_PER_S = 1_000_000_000
 _MJ_PER_W_NS = 1e-6  # 1 W for 1 ns is 1e-9 J = 1e-6 mJ
@@ -193,6 +193,24 @@ def attribute(
         idle_mj=ints[-1],
         requests=MappingProxyType(out),
     )
+
+
+def drop_stale_readings(readings: Sequence[CounterReading]) -> list[CounterReading]:
+    """Keep the first reading and each reading that shows a new counter value; drop repeats.
+
+    NVML's counter updates every ~100 ms and a 10 Hz sampler drifts against it, so now and then two reads land
+    between the same two updates: the second repeats the first. Attributed as it stands, that pair claims "no energy
+    was spent over ~100 ms" and the next interval carries ~200 ms of energy in ~100 ms of work time, which misplaces a
+    short prefill step by up to a whole interval. Dropping the repeat joins the two intervals, whose ends are then
+    reads taken just after an update. A GPU never draws 0 W, so a repeat means "not updated", not "no energy". The
+    span then ends at the last reading that showed a new value. Use it on GPU counters, not on sources that really
+    can stand still.
+    """
+    out: list[CounterReading] = []
+    for r in readings:
+        if not out or r.energy_mj != out[-1].energy_mj:
+            out.append(r)
+    return out
 
 
 def _check_readings(readings: Sequence[CounterReading]) -> None:

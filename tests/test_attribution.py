@@ -1,0 +1,554 @@
+"""meter.attribution: hand-computed examples, and the properties the energy reports rely on (hypothesis).
+
+Examples use lag 0 and readings every 100 ms from T0 unless said otherwise; their expected numbers are worked out
+in the comments from the model in meter/attribution.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from dataclasses import replace
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from meter.attribution import (
+    Attribution,
+    AttributionPolicy,
+    CounterReading,
+    PhaseEnergy,
+    attribute,
+    drop_stale_readings,
+)
+from meter.timeline import Timeline
+from tests.attribution_strategies import (
+    MS,
+    T0_NS,
+    NvmlCounter,
+    arrivals,
+    fine_readings,
+    misplacement_bound_mj,
+    nvml_counters,
+    policies,
+    readings,
+    rel,
+    simulate,
+    timeline,
+    timelines,
+    window_ns,
+)
+from tests.attribution_strategies import Arrival as EngineArrival
+
+PROPS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HEAVY = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+
+
+def ms(x: float) -> int:
+    return T0_NS + round(x * MS)
+
+
+def tl(
+    rid: str,
+    released_ms: float | None,
+    first_ms: float | None,
+    done_ms: float,
+    prompt: int = 0,
+    generated: int = 10,
+    backend: str | None = "b0",
+) -> Timeline:
+    rel_ns = None if released_ms is None else ms(released_ms)
+    received = ms(0) if rel_ns is None else rel_ns
+    return Timeline(
+        rid,
+        "t",
+        "m",
+        backend,
+        received,
+        rel_ns,
+        None if first_ms is None else ms(first_ms),
+        ms(done_ms),
+        prompt,
+        generated,
+    )
+
+
+def grid(increments_mj: list[int], every_ms: float = 100, offset_ms: float = 0) -> list[CounterReading]:
+    out = [CounterReading(ms(offset_ms), 1_000_000)]
+    for k, e in enumerate(increments_mj, start=1):
+        out.append(CounterReading(ms(offset_ms + k * every_ms), out[-1].energy_mj + e))
+    return out
+
+
+LAG0 = AttributionPolicy(lag_ns=0)
+Policy = AttributionPolicy
+
+
+def check_conserved(a: Attribution) -> None:
+    assert a.attributed_mj + a.idle_mj == a.counter_mj
+    assert a.idle_mj >= 0
+    for p in a.requests.values():
+        assert p.prefill_mj >= 0 and p.decode_mj >= 0 and p.active_ns >= 0
+
+
+def total(a: Attribution, rid: str) -> int:
+    p = a.requests.get(rid)
+    return 0 if p is None else p.total_mj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hand-computed examples
+
+
+def test_one_request():
+    # 10 W: 1000 mJ per 100 ms over 1 s. Prompt 0 -> est = 5 ms overhead: prefill [200, 205], decode (205, 700].
+    # Interval [200, 300]: prefill 5 ms x ratio 2 = 10, decode 95 -> 1000 * 10/105 = 95.24 prefill, 904.76 decode.
+    # Intervals [300, 700]: 4000 decode. Idle: [0, 200] and [700, 1000] = 5000.
+    a = attribute(grid([1000] * 10), [tl("a", 200, 205, 700)], LAG0)
+    assert a.counter_mj == 10_000 and a.start_ns == ms(0) and a.end_ns == ms(1000)
+    assert a.requests == {"a": PhaseEnergy(prefill_mj=95, decode_mj=4905, active_ns=500 * MS)}
+    assert a.idle_mj == 5000
+    assert a.requests["a"].total_mj == 5000 and a.attributed_mj == 5000
+
+
+def test_lag_moves_readings_back_into_work_time():
+    # The same counter seen 150 ms late: with lag 150 ms the result is identical to the example above.
+    late = grid([1000] * 10, offset_ms=150)
+    a = attribute(late, [tl("a", 200, 205, 700)], AttributionPolicy(lag_ns=150 * MS))
+    assert (a.start_ns, a.end_ns, a.idle_mj) == (ms(0), ms(1000), 5000)
+    assert a.requests["a"] == PhaseEnergy(95, 4905, 500 * MS)
+    # Ignoring the lag puts the work 150 ms late in the counter: [150, 250] now holds the 5 ms prefill, 45 ms of
+    # decode and 50 ms of idle -> 1000 * 55/105 = 523.8; [250, 650] 4000; [650, 750] half -> 500. Total 5023.8.
+    b = attribute(late, [tl("a", 200, 205, 700)], LAG0)
+    assert b.start_ns == ms(150) and b.requests["a"].total_mj == 5024
+
+
+def test_two_overlapping_decoders():
+    # No prefill windows (overhead 0, prompt 0). A decodes (0, 400], B decodes (200, 550]; 3000 mJ per interval.
+    # [0, 200]: A alone 6000. [200, 400]: shared, 3000 each. [400, 500]: B 3000. [500, 600]: B 50 ms, idle 50 ms.
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0)
+    a = attribute(grid([3000] * 6), [tl("A", 0, 0, 400), tl("B", 200, 200, 550)], pol)
+    assert a.requests["A"] == PhaseEnergy(0, 9000, 400 * MS)
+    assert a.requests["B"] == PhaseEnergy(0, 7500, 350 * MS)
+    assert a.idle_mj == 1500
+
+
+def test_prefill_interrupts_decode():
+    # Overhead 10 ms, 10,000 tokens/s, ratio 2. A: released 0, prompt 0 -> prefill [0, 10], decode (10, 200].
+    # B: released 40, first token 80, 200 tokens -> est 10 + 20 = 30 ms: wait [40, 50] (A's decode wins it),
+    # prefill [50, 80], decode (80, 200]. Interval [0, 100] (6000 mJ), weights: A prefill 10x2, A decode 40,
+    # B prefill 30x2, both decode 20 -> 140; 6000/140 = 300/7 per unit. A: prefill 6000/7 = 857.14, decode
+    # (40 + 10) * 300/7 = 2142.86. B: prefill 18000/7 = 2571.43, decode 428.57. Interval [100, 200] (4000): 2000 each.
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=10 * MS, prefill_tokens_per_s=10_000.0)
+    a = attribute(grid([6000, 4000]), [tl("A", 0, 10, 200), tl("B", 40, 80, 200, prompt=200)], pol)
+    assert a.requests["A"] == PhaseEnergy(857, 4143, 200 * MS)
+    assert a.requests["B"] == PhaseEnergy(2571, 2429, 160 * MS)
+    assert a.idle_mj == 0
+
+
+def test_idle_gaps_with_and_without_idle_power():
+    # A decodes (150, 250] (no prefill window). Increments 1000, 5000, 1000 mJ.
+    timelines_ = [tl("A", 150, 150, 250)]
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0)
+    # By time: [100, 200] half each -> 2500; [200, 300] half each -> 500. A 3000, idle 1000 + 2500 + 500 = 4000.
+    a = attribute(grid([1000, 5000, 1000]), timelines_, pol)
+    assert (a.requests["A"].decode_mj, a.idle_mj) == (3000, 4000)
+    # Idle at 10 W: idle pieces take 10 W x 50 ms = 500 mJ first. [100, 200]: A 4500; [200, 300]: A 500.
+    b = attribute(grid([1000, 5000, 1000]), timelines_, replace(pol, idle_power_w=10.0))
+    assert (b.requests["A"].decode_mj, b.idle_mj) == (5000, 2000)
+    # Idle power above what the interval holds: idle takes it all (min(E_i, P x t)), the request gets nothing there.
+    c = attribute(grid([1000, 5000, 1000]), timelines_, replace(pol, idle_power_w=1000.0))
+    assert (c.requests["A"].decode_mj, c.idle_mj) == (0, 7000)
+
+
+def test_one_prefill_step_for_first_tokens_within_tolerance():
+    # C decodes all along (no prefill window). A: released 400, first token 500, 1000 tokens; B: released 400,
+    # first token 501, 3000 tokens. 20,000 tokens/s, overhead 5 ms, 1000 mJ per 100 ms.
+    # Tolerance 2 ms: one step of 5 + 4000/20 = 205 ms for both, clipped at release: both prefill all of [400, 500],
+    # A gets 1000 * 1000/4000 = 250 there. Tolerance 0: A's step is 55 ms [445, 500], B's 155 ms [400, 501]:
+    # [400, 445] B alone, [445, 500] shared 1:3 -> A gets 550 * 1/4 = 137.5.
+    c = tl("C", 0, 0, 1000)
+    a_ = tl("A", 400, 500, 500, prompt=1000)
+    b_ = tl("B", 400, 501, 501, prompt=3000)
+    base = AttributionPolicy(lag_ns=0, prefill_overhead_ns=5 * MS, prefill_tokens_per_s=20_000.0)
+    together = attribute(grid([1000] * 10), [c, a_, b_], base)
+    alone = attribute(grid([1000] * 10), [c, a_, b_], replace(base, batch_tolerance_ns=0))
+    assert together.requests["A"].prefill_mj == 250
+    assert alone.requests["A"].prefill_mj in (137, 138)
+
+
+def test_request_without_first_token_waits_and_yields_to_decode():
+    # W never got a token: its window [100, 300] is wait, booked as prefill. D decodes (200, 400].
+    # [100, 200]: only W -> 1000. [200, 300]: decode wins -> D. W gets 1000, all as prefill.
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0)
+    a = attribute(grid([1000] * 5), [tl("W", 100, None, 300), tl("D", 200, 200, 400)], pol)
+    assert a.requests["W"] == PhaseEnergy(1000, 0, 200 * MS)
+    assert a.requests["D"] == PhaseEnergy(0, 2000, 200 * MS)
+    assert a.idle_mj == 2000
+
+
+def test_requests_off_the_gpu_get_nothing():
+    a = attribute(
+        grid([1000] * 5),
+        [tl("queued", None, None, 300), tl("nobackend", 100, 120, 300, backend=None), tl("x", 0, 5, 500)],
+        LAG0,
+    )
+    assert set(a.requests) == {"x"} and a.requests["x"].total_mj == 5000 and a.idle_mj == 0
+
+
+def test_requests_outside_the_span_are_left_out():
+    a = attribute(grid([1000] * 3, offset_ms=100), [tl("before", 0, 5, 50), tl("after", 450, 455, 500)], LAG0)
+    assert a.requests == {} and a.idle_mj == 3000
+
+
+def test_fewer_than_two_readings_is_empty():
+    assert attribute([], [tl("x", 0, 5, 500)]) == Attribution(0, 0, 0, 0, {})
+    one = attribute([CounterReading(ms(100), 5)], [tl("x", 0, 5, 500)], AttributionPolicy(lag_ns=20 * MS))
+    assert (one.start_ns, one.end_ns, one.counter_mj, one.idle_mj, dict(one.requests)) == (ms(80), ms(80), 0, 0, {})
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ([CounterReading(ms(100), 0), CounterReading(ms(0), 10)], "strictly increasing in time"),
+        ([CounterReading(ms(0), 0), CounterReading(ms(0), 10)], "strictly increasing in time"),
+        ([CounterReading(ms(0), 10), CounterReading(ms(100), 20), CounterReading(ms(200), 5)], "counter decreased"),
+    ],
+)
+def test_bad_readings_raise(bad, message):
+    with pytest.raises(ValueError, match=message):
+        attribute(bad, [])
+
+
+def test_conflicting_timelines_raise_and_duplicates_are_merged():
+    one = tl("x", 0, 5, 500)
+    assert attribute(grid([1000] * 5), [one, one], LAG0) == attribute(grid([1000] * 5), [one], LAG0)
+    with pytest.raises(ValueError, match="two different timelines"):
+        attribute(grid([1000] * 5), [one, tl("x", 0, 5, 400)], LAG0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lag_ns": -1},
+        {"prefill_tokens_per_s": 0.0},
+        {"prefill_tokens_per_s": math.inf},
+        {"prefill_overhead_ns": -1},
+        {"prefill_power_ratio": 0.0},
+        {"prefill_power_ratio": math.nan},
+        {"idle_power_w": -1.0},
+        {"batch_tolerance_ns": -1},
+    ],
+)
+def test_bad_policy_raises(kwargs):
+    with pytest.raises(ValueError):
+        AttributionPolicy(**kwargs)
+
+
+def test_drop_stale_readings_keeps_first_of_each_value():
+    rs = [CounterReading(ms(t), e) for t, e in [(0, 5), (90, 9), (180, 9), (290, 14), (380, 14), (400, 14)]]
+    assert [r.t_ns for r in drop_stale_readings(rs)] == [ms(0), ms(90), ms(290)]
+    assert drop_stale_readings([]) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Properties over arbitrary inputs
+
+
+@PROPS
+@given(readings(), timelines(), policies())
+def test_conservation_to_the_millijoule(rs, tls, pol):
+    a = attribute(rs, tls, pol)
+    check_conserved(a)
+    assert a.counter_mj == rs[-1].energy_mj - rs[0].energy_mj
+    assert (a.start_ns, a.end_ns) == (rs[0].t_ns - pol.lag_ns, rs[-1].t_ns - pol.lag_ns)
+    on_gpu = {t.request_id for t in tls if t.on_gpu}
+    assert set(a.requests) <= on_gpu
+    for _rid, p in a.requests.items():
+        assert p.active_ns <= a.end_ns - a.start_ns
+        assert p.active_ns > 0 or p.total_mj > 0
+
+
+@PROPS
+@given(readings(min_size=3), timelines(), policies(), st.data())
+def test_adjacent_spans_add_up_to_their_union(rs, tls, pol, data):
+    b = data.draw(st.integers(1, len(rs) - 2), label="split reading")
+    whole = attribute(rs, tls, pol)
+    left = attribute(rs[: b + 1], tls, pol)
+    right = attribute(rs[b:], tls, pol)
+    assert left.counter_mj + right.counter_mj == whole.counter_mj
+    assert (left.attributed_mj + left.idle_mj) + (right.attributed_mj + right.idle_mj) == whole.counter_mj
+    # Each interval is split on its own, so the exact shares add; each integer is within 1 mJ of its exact share.
+    assert abs(left.idle_mj + right.idle_mj - whole.idle_mj) <= 2
+    for rid in whole.requests.keys() | left.requests.keys() | right.requests.keys():
+        assert abs(total(left, rid) + total(right, rid) - total(whole, rid)) <= 2, rid
+
+
+@PROPS
+@given(readings(), timelines(), policies(), st.randoms(use_true_random=False))
+def test_input_order_does_not_matter(rs, tls, pol, rnd):
+    a = attribute(rs, tls, pol)
+    shuffled = list(tls) + [t for t in tls if rnd.random() < 0.3]  # identical duplicates are harmless
+    rnd.shuffle(shuffled)
+    b = attribute(rs, iter(shuffled), pol)
+    assert a == b
+    assert list(a.requests) == list(b.requests) == sorted(a.requests)
+
+
+@PROPS
+@given(readings(), timelines(), policies(), st.data())
+def test_requests_never_released_get_nothing(rs, tls, pol, data):
+    off = [data.draw(timeline(f"off{j}", on_gpu=False), label=f"off{j}") for j in range(3)]
+    with_off = attribute(rs, tls + off, pol)
+    assert with_off == attribute(rs, tls, pol)
+    assert not any(rid.startswith("off") for rid in with_off.requests)
+
+
+@PROPS
+@given(readings(), timelines(max_size=6), policies(), st.data())
+def test_identical_requests_served_together_get_equal_shares(rs, tls, pol, data):
+    twin = data.draw(timeline("twin", on_gpu=True), label="twin")
+    copies = data.draw(st.integers(2, 5), label="copies")
+    twins = [replace(twin, request_id=f"twin{k}") for k in range(copies)]
+    a = attribute(rs, tls + twins, pol)
+    check_conserved(a)
+    totals = [total(a, t.request_id) for t in twins]
+    # Identical inputs have identical exact shares; the largest-remainder split then hands out at most one extra mJ.
+    assert max(totals) - min(totals) <= 1
+    parts = [a.requests.get(t.request_id, PhaseEnergy(0, 0, 0)) for t in twins]
+    assert max(p.prefill_mj for p in parts) - min(p.prefill_mj for p in parts) <= 1
+    assert max(p.decode_mj for p in parts) - min(p.decode_mj for p in parts) <= 2
+
+
+def _interval_energy(rs: list[CounterReading], lag_ns: int, lo_ns: int, hi_ns: int) -> tuple[int, int, int]:
+    """Energy of the intervals inside [lo, hi], partly overlapping it, and outside it (work time)."""
+    inside = partly = outside = 0
+    for r0, r1 in itertools.pairwise(rs):
+        a, b, e = r0.t_ns - lag_ns, r1.t_ns - lag_ns, r1.energy_mj - r0.energy_mj
+        if lo_ns <= a and b <= hi_ns:
+            inside += e
+        elif b <= lo_ns or a >= hi_ns:
+            outside += e
+        else:
+            partly += e
+    return inside, partly, outside
+
+
+@PROPS
+@given(readings(), st.data(), policies())
+def test_a_lone_request_gets_every_interval_inside_its_window(rs, data, pol):
+    lone = data.draw(timeline("lone", on_gpu=True), label="lone")
+    a = attribute(rs, [lone], pol)
+    assert lone.released_ns is not None
+    inside, partly, outside = _interval_energy(rs, pol.lag_ns, lone.released_ns, lone.done_ns)
+    # Float shares are exact up to rounding; each integer is within 1 mJ of its share.
+    assert inside - 1 <= total(a, "lone") <= inside + partly + 1
+    assert outside - 1 <= a.idle_mj <= outside + partly + 1
+
+
+@PROPS
+@given(readings(), timelines(), policies())
+def test_intervals_with_no_request_go_wholly_to_idle(rs, tls, pol):
+    a = attribute(rs, tls, pol)
+    windows = sorted((t.released_ns, t.done_ns) for t in tls if t.on_gpu and t.released_ns is not None)
+    empty = covered = 0  # intervals touching no window; intervals every instant of which is in some window
+    for r0, r1 in itertools.pairwise(rs):
+        lo, hi, e = r0.t_ns - pol.lag_ns, r1.t_ns - pol.lag_ns, r1.energy_mj - r0.energy_mj
+        if not any(w0 < hi and w1 > lo for w0, w1 in windows):
+            empty += e
+        reach = lo
+        for w0, w1 in windows:
+            if w0 <= reach < w1:
+                reach = w1
+        if reach >= hi:
+            covered += e
+    # Every instant inside some on-GPU window belongs to a request (wait, prefill or decode), never to idle.
+    assert empty - 1 <= a.idle_mj <= a.counter_mj - covered + 1
+
+
+@PROPS
+@given(readings(), timelines(), policies(), st.data())
+def test_more_generated_tokens_never_cost_less(rs, tls, pol, data):
+    j = data.draw(timeline("j", on_gpu=True).filter(lambda t: t.first_token_ns is not None), label="j")
+    longer_ns = data.draw(st.integers(1, 2_000_000), label="longer_us") * 1000
+    more = replace(j, done_ns=j.done_ns + longer_ns, generated_tokens=j.generated_tokens + 1 + longer_ns // (20 * MS))
+    base = attribute(rs, [*tls, j], pol)
+    longer = attribute(rs, [*tls, more], pol)
+    # Proven for every input: the extra decode time takes only instants that were idle, waiting or decode (all of
+    # weight 1), so no interval's split moves against j; with idle_power_w the idle pieces shrink, which only frees
+    # energy for the active ones. Integers are within 1 mJ of the exact shares, hence the 1 mJ slack.
+    assert total(longer, "j") >= total(base, "j") - 1
+
+
+@st.composite
+def shared_prefill_batch(
+    draw: st.DrawFn,
+) -> tuple[list[Timeline], list[Timeline], list[CounterReading], AttributionPolicy]:
+    """A batch released together and prefilled in one step, other traffic around it, a constant-power counter."""
+    k = draw(st.integers(1, 5))
+    released = T0_NS + draw(st.integers(0, 500)) * MS
+    first = released + draw(st.integers(0, 300)) * MS
+    batch = [
+        Timeline(
+            f"b{i}",
+            "t",
+            "m",
+            "b0",
+            released,
+            released,
+            first,
+            first + draw(st.integers(0, 1500)) * MS,
+            draw(st.integers(0, 3000)),
+            5,
+        )
+        for i in range(k)
+    ]
+    step_ns = draw(st.integers(1, 300)) * MS
+    power_w = draw(st.integers(1, 1000))
+    rs = [CounterReading(T0_NS - 300 * MS + i * step_ns, power_w * i * step_ns // MS) for i in range(40)]
+    pol = draw(policies())
+    pol = replace(pol, prefill_power_ratio=max(1.0, pol.prefill_power_ratio))
+    return batch, draw(timelines(max_size=4)), rs, pol
+
+
+@settings(max_examples=200, deadline=None)
+@given(shared_prefill_batch(), st.integers(1, 2000))
+def test_more_prompt_tokens_in_a_shared_prefill_never_cost_less(case, extra_tokens):
+    """Holds when the counter's power is constant and prefill weighs at least as much as decode (ratio >= 1).
+
+    Not for every input: more prompt tokens lengthen the estimated prefill step, turning a sliver of shared wait into
+    prefill; if an arbitrary counter puts much more energy in that sliver's interval than in the rest of the step,
+    a request with a small prompt can lose a few mJ there (hypothesis finds such cases within ~3,000 examples), and
+    with a ratio below 1 a prefill instant is worth less than the wait it replaces.
+    """
+    batch, others, rs, pol = case
+    j = batch[0]
+    more = replace(j, prompt_tokens=j.prompt_tokens + extra_tokens)
+    base = attribute(rs, batch + others, pol)
+    bigger = attribute(rs, [more, *batch[1:], *others], pol)
+    assert total(bigger, "b0") >= total(base, "b0") - 1
+
+
+def test_speed_10000_requests_over_1000_readings():
+    """The meter runs this every few seconds; an O(readings x requests) version would take tens of seconds."""
+    rng = random.Random(1)
+    rs, e = [], 0
+    for i in range(1000):
+        rs.append(CounterReading(T0_NS + i * 100 * MS + rng.randint(-3, 3) * MS, e))
+        e += rng.randint(8_000, 70_000)
+    tls = []
+    for j in range(10_000):
+        released = T0_NS + rng.randint(0, 99_000) * MS
+        first = released + rng.randint(0, 300) * MS
+        done = first + rng.randint(0, 5000) * MS
+        tls.append(Timeline(f"r{j:05d}", "t", "m", "b0", released, released, first, done, rng.randint(1, 2000), 9))
+    best = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        a = attribute(rs, tls)
+        best = min(best, time.perf_counter() - t)
+    check_conserved(a)
+    assert len(a.requests) == 10_000
+    assert best < 2.0, f"{best:.2f} s"  # ~0.25 s measured on a shared 2-core machine
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stability under the counter's 100 ms quantisation and lag, against a physical engine
+
+
+def _errors_vs_bound(schedule, counter: NvmlCounter, lag_offset_ms: int, stale: bool) -> tuple[dict, dict, dict]:
+    rs, content_ns = counter.read(schedule)
+    if stale:
+        kept = drop_stale_readings(rs)
+        keep = {r.t_ns for r in kept}
+        content_ns = [c for r, c in zip(rs, content_ns, strict=True) if r.t_ns in keep]
+        rs = kept
+    lag_ns = max(0, counter.true_lag_ms + 50 + lag_offset_ms) * MS
+    coarse = attribute(rs, schedule.timelines, schedule.engine_policy(lag_ns))
+    check_conserved(coarse)
+    jumps = schedule.jumps()
+    assumed_ns = [r.t_ns - lag_ns for r in rs]
+    counter_mj = [r.energy_mj for r in rs]
+    bound = {
+        t.request_id: misplacement_bound_mj(assumed_ns, content_ns, counter_mj, jumps[t.request_id])
+        for t in schedule.timelines
+    }
+    return coarse.requests, bound, {t.request_id: t for t in schedule.timelines}
+
+
+@HEAVY
+@given(arrivals(), nvml_counters(), st.sampled_from([0, -100, 100]), st.booleans())
+def test_nvml_like_counter_stays_within_the_edge_bound(arr, counter, lag_offset_ms, stale):
+    """Per request: |coarse - ideal| <= sum over the edges of its GPU share of |jump| x (energy read around it) + 2.
+
+    The truth comes from the engine (each step's energy split by whom it served). The ideal attribution (exact
+    counter every 1 ms, lag 0) must match it to rounding, because every engine step is whole milliseconds and the
+    policy's prefill estimate equals the engine's step time: this checks the implementation against an independent
+    computation. The NVML-like counter (100 ms updates +-3 ms, reads every 100 ms +-15 ms, frozen values, true lag
+    0-200 ms, policy lag = true lag + 50 ms, or 100 ms off either way) must stay within the bound proven in
+    ``misplacement_bound_mj``: each unit jump of a request's share can misplace at most the energy of the few
+    readings around it, i.e. max power x (2 x 200 ms + 2 x alignment error) ~ 650 W x 0.5 s. The +2 mJ is the two
+    roundings to integers.
+    """
+    schedule = simulate(arr)
+    truth = schedule.true_mj()
+    ideal = attribute(fine_readings(schedule), schedule.timelines, schedule.engine_policy(0))
+    check_conserved(ideal)
+    for rid, true_mj in truth.items():
+        assert abs(ideal.requests[rid].total_mj - true_mj) <= 1 + 1e-6, rid
+    coarse, bound, _ = _errors_vs_bound(schedule, counter, lag_offset_ms, stale)
+    for rid in truth:
+        err = abs(coarse[rid].total_mj - ideal.requests[rid].total_mj)
+        assert err <= bound[rid] + 2, (rid, err, bound[rid])
+        assert bound[rid] <= 650 * 600 * sum(j for _, j in schedule.jumps()[rid]) + 1  # the physical form
+
+
+@st.composite
+def steady_load(draw: st.DrawFn) -> list[EngineArrival]:
+    """A busy server: 8-25 requests arriving 0-400 ms apart, prompts up to 1,000 tokens, 80-160 new tokens each."""
+    n = draw(st.integers(8, 25))
+    at_ms, out = 0, []
+    for j in range(n):
+        at_ms += draw(st.integers(0, 400))
+        out.append(EngineArrival(f"q{j:03d}", at_ms, 20 * draw(st.integers(0, 50)), draw(st.integers(80, 160))))
+    return out
+
+
+@HEAVY
+@given(steady_load(), nvml_counters(), st.sampled_from([0, -100, 100]))
+def test_long_requests_in_aggregate_within_a_few_percent(arr, counter, lag_offset_ms):
+    """The summed energy of all requests of >= 2 s is within 5 % of the ideal (10 % with the lag 100 ms off).
+
+    Why: errors arise only at edges of a request's share (its own release, prefill, end, and others joining or
+    leaving), each misplacing about (power step) x (alignment error: up to 50 ms from the frozen counter, plus the
+    lag error) — a few tens of J per edge, signed and zero-mean when the lag is right — against >= 2 s x ~300 W of
+    work per request; summed over many long requests they mostly cancel. A lag off by 100 ms shifts every window by
+    100 ms, a bias of up to ~(650 - 80) W x 0.1 s per request, hence the looser 10 %. Stale reads are dropped first
+    (``drop_stale_readings``), as the meter does. Single requests can be off by more (a short prefill step of a
+    request with a small decode share is placed only to +-50 ms): that is the per-request bound's job.
+    """
+    schedule = simulate(arr)
+    longs = [t.request_id for t in schedule.timelines if window_ns(t) >= 2000 * MS]
+    assume(len(longs) >= 3)
+    ideal = attribute(fine_readings(schedule), schedule.timelines, schedule.engine_policy(0))
+    coarse, _, _ = _errors_vs_bound(schedule, counter, lag_offset_ms, stale=True)
+    err = rel(sum(coarse[r].total_mj for r in longs), sum(ideal.requests[r].total_mj for r in longs))
+    assert err <= (0.05 if lag_offset_ms == 0 else 0.10), err
+
+
+def test_engine_schedule_is_what_the_tests_assume():
+    """Guard the test harness itself: steps are contiguous, shares sum to 1, the counter is exact."""
+    s = simulate([EngineArrival("a", 0, 200, 3), EngineArrival("b", 0, 0, 1), EngineArrival("c", 30, 40, 2)])
+    assert all(x.end_ns == y.start_ns for x, y in zip(s.steps, s.steps[1:], strict=False))
+    assert all(abs(sum(x.shares.values()) - 1) < 1e-12 for x in s.steps if x.kind != "idle")
+    kinds = [x.kind for x in s.steps]
+    # a+b prefill (5 + 10 ms), decode for a (c arrives during it), prefill c (7 ms), decode a+c, then idle.
+    assert kinds == ["idle", "prefill", "decode", "prefill", "decode", "idle"]
+    assert s.energy_mj_at(s.end_ns) == sum(x.energy_mj for x in s.steps)
+    a = {t.request_id: t for t in s.timelines}
+    assert (a["a"].first_token_ns - a["a"].released_ns) == 15 * MS and a["b"].done_ns == a["b"].first_token_ns
