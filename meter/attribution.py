@@ -43,9 +43,22 @@ request's integer total is split into prefill and decode by rounding its prefill
 ``sum(prefill_mj + decode_mj) + idle_mj == counter_mj`` exactly, every request's total is within 1 mJ of its exact
 share, and the result does not depend on the order of the inputs.
 
+Guarantees (tests/test_attribution.py holds the implementation to them):
+
+- conservation to the millijoule, for every input; adjacent spans add up to their union (each integer within 1 mJ
+  of its exact share, so per request within 2 mJ);
+- identical requests served together get totals within 1 mJ; the result is independent of input order;
+- locality: a lone request gets every interval inside its window; an interval touching no request is all idle;
+- a longer decode never costs less (for every input); more prompt tokens in a shared prefill never cost less when
+  power is constant, ``prefill_power_ratio >= 1`` and the span holds the batch's windows (with an arbitrary counter
+  a small-prompt request can lose a few mJ, because the longer estimated step turns shared wait into prefill);
+- stability: against an ideal counter (exact, every 1 ms), an NVML-like one (100 ms updates, frozen values, lag)
+  misplaces at most, per request, the sum over the jumps of its GPU share of |jump| x the energy of the readings
+  around the jump (~ max power x (2 x interval + 2 x alignment error)). Use ``drop_stale_readings`` on GPU counters.
+
 Cost. One sweep over the sorted request and reading boundaries (O((n_requests + n_readings) log)), then prefix sums
 of "energy per unit share" per class, so a request's share is read off at its own boundaries: no loop over
-readings x requests. About 0.1 s for 10,000 requests over 1,000 readings in CPython.
+readings x requests. About 0.25 s for 10,000 requests over 1,000 readings in CPython 3.11 on a shared 2-core host.
 """
 
 from __future__ import annotations
