@@ -43,7 +43,7 @@ from tests.attribution_strategies import (
 )
 from tests.attribution_strategies import Arrival as EngineArrival
 
-PROPS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEAVY = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
