@@ -11,6 +11,7 @@ or TGI overloaded or not ready. After the first byte a failure is the client's t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -54,11 +55,33 @@ class TimelineSink(Protocol):
 
 _RETRYABLE = (BackendUnreachable, Overloaded, Unavailable)
 
+# TGI's OpenAI-compatible routes stream chat.completion chunks, not /generate_stream events: Job.route picks the reader.
+OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+_SSE_DONE = "[DONE]"  # the OpenAI routes' last event: not JSON, nothing to observe
+# TGI's InferError texts (router/src/infer/mod.rs) -> error_type; the OpenAI routes send only the text, always with 422
+_OPENAI_ERROR_TYPES = (
+    ("Input validation error", "validation"),
+    ("Model is overloaded", "overloaded"),
+    ("Request failed during generation", "generation"),
+    ("Incomplete generation", "incomplete_generation"),
+    ("Failed applying chat template", "validation"),
+    ("Tool error", "validation"),
+    ("Missing template vatiable", "validation"),  # sic, TGI's spelling
+)
+
 
 class StreamResult:
     """What the gateway learnt about a stream; filled in while it runs, read by the front door afterwards."""
 
-    __slots__ = ("backend", "first_token_ns", "generated_tokens", "prompt_tokens", "released_ns", "token_limited")
+    __slots__ = (
+        "backend",
+        "compute_type",
+        "first_token_ns",
+        "generated_tokens",
+        "prompt_tokens",
+        "released_ns",
+        "token_limited",
+    )
 
     def __init__(self) -> None:
         self.backend: str | None = None
@@ -67,6 +90,7 @@ class StreamResult:
         self.generated_tokens = 0
         self.prompt_tokens: int | None = None
         self.token_limited = False  # max_new_tokens was shrunk to fit the model (TGIS TOKEN_LIMIT)
+        self.compute_type: str | None = None  # the backend's x-compute-type header (TGI's --compute-type)
 
 
 class Gateway:
@@ -102,13 +126,19 @@ class Gateway:
     def healthy(self) -> bool:
         return not self.draining and any(p.healthy for p in self.pools.values())
 
-    async def tokenize(self, model_id: str, text: str) -> list[dict[str, Any]]:
-        """TGI's /tokenize on the least-loaded healthy backend (no generation slot needed)."""
+    async def tokenize(
+        self, model_id: str, text: str, *, options: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """TGI's /tokenize on the least-loaded healthy backend (no generation slot needed).
+
+        ``options``: the rest of TGI's request body (``add_special_tokens``, ``parameters``), passed through.
+        """
         pool = self.pool(model_id)
+        payload = {**(options or {}), "inputs": text}
         last: GatewayError = Unavailable(f"no healthy backend for model {pool.model_id!r}", retry_after_s=1.0)
         for backend in sorted((b for b in pool.backends if b.healthy), key=lambda b: b.outstanding_tokens):
             try:
-                tokens = await backend.post_json("/tokenize", {"inputs": text})
+                tokens = await backend.post_json("/tokenize", payload)
             except BackendUnreachable as exc:
                 last = exc
                 continue
@@ -127,7 +157,21 @@ class Gateway:
 
     # -- the stream ------------------------------------------------------------------------------------------
     async def stream(self, job: Job, result: StreamResult | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Yield TGI stream events for ``job``. Raises GatewayError subclasses; records the timeline always."""
+        """Yield TGI stream events for ``job`` one by one (see ``stream_batches``)."""
+        async with contextlib.aclosing(self.stream_batches(job, result)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def stream_batches(
+        self, job: Job, result: StreamResult | None = None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Yield TGI stream events for ``job`` in batches: every event that one network read delivered.
+
+        A front door that writes one message per batch sends fewer, larger messages when tokens arrive faster
+        than it can forward them, which is where per-message costs would otherwise cap throughput. Raises
+        GatewayError subclasses; records the timeline whatever happens.
+        """
         result = result if result is not None else StreamResult()
         status = "UNKNOWN"
         lease: Lease | None = None
@@ -150,14 +194,22 @@ class Gateway:
                 )
             )
             lease, resp, decoder, first = await self._open(job, pool, lease, result)
+            result.compute_type = resp.headers.get("x-compute-type")
             backend = lease.backend.name
-            for event in first:
-                yield self._observe(event, lease, result)
+            observe = self._observe_openai if job.route in OPENAI_ROUTES else self._observe
+            if first:
+                yield [observe(event, lease, result) for event in first]
             async for chunk in resp.content.iter_any():
-                for data in decoder.feed(chunk):
-                    yield self._observe(_parse_event(data, backend), lease, result)
-            for data in decoder.close():
-                yield self._observe(_parse_event(data, backend), lease, result)
+                batch = [
+                    observe(_parse_event(data, backend), lease, result)
+                    for data in decoder.feed(chunk)
+                    if data != _SSE_DONE
+                ]
+                if batch:
+                    yield batch
+            tail = [observe(_parse_event(d, backend), lease, result) for d in decoder.close() if d != _SSE_DONE]
+            if tail:
+                yield tail
             status = "OK"
         except GatewayError as exc:
             status = exc.grpc_code.name
@@ -190,7 +242,7 @@ class Gateway:
     def _observe(event: dict[str, Any], lease: Lease, result: StreamResult) -> dict[str, Any]:
         """Note what a stream event tells the meter; raise the mapped error for an in-stream error event."""
         if "error" in event:
-            raise from_tgi(200, event, backend=lease.backend.name)
+            raise _stream_error(event, lease.backend.name)
         if result.first_token_ns is None:
             result.first_token_ns = time.time_ns()
         if "token" in event:
@@ -200,6 +252,27 @@ class Gateway:
         if details:
             result.prompt_tokens = details.get("input_length")
             result.generated_tokens = details.get("generated_tokens", result.generated_tokens)
+        return event
+
+    @staticmethod
+    def _observe_openai(event: dict[str, Any], lease: Lease, result: StreamResult) -> dict[str, Any]:
+        """The same for a chat.completion(.chunk) / text_completion chunk: TGI sends one chunk per generated token.
+
+        The final ``usage`` (TGI sends it when ``stream_options.include_usage``, and always on /v1/completions)
+        gives the exact counts.
+        """
+        if "error" in event:
+            raise _stream_error(event, lease.backend.name)
+        choices = event.get("choices")
+        if choices:
+            if result.first_token_ns is None:
+                result.first_token_ns = time.time_ns()
+            result.generated_tokens += len(choices)
+            lease.consume(len(choices))
+        usage = event.get("usage")
+        if usage:
+            result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+            result.generated_tokens = usage.get("completion_tokens", result.generated_tokens)
         return event
 
     async def _admit(self, job: Job, pool: BackendPool) -> Lease:
@@ -286,7 +359,7 @@ class Gateway:
                 if not first or "error" not in first[0]:
                     return resp, decoder, first
                 resp.close()
-                err = from_tgi(200, first[0], backend=lease.backend.name)
+                err = _stream_error(first[0], lease.backend.name)
             clamped = self._clamp(job, body, err) if clamp_round == 0 and isinstance(err, InvalidArgument) else None
             if clamped is None:
                 raise err
@@ -364,10 +437,20 @@ def _as_final(cause: GatewayError) -> GatewayError:
 async def _first_events(resp: aiohttp.ClientResponse, decoder: SSEDecoder, backend: str) -> list[dict[str, Any]]:
     """Read until at least one complete event (or the end of the stream)."""
     async for chunk in resp.content.iter_any():
-        events = decoder.feed(chunk)
+        events = [d for d in decoder.feed(chunk) if d != _SSE_DONE]
         if events:
             return [_parse_event(d, backend) for d in events]
-    return [_parse_event(d, backend) for d in decoder.close()]
+    return [_parse_event(d, backend) for d in decoder.close() if d != _SSE_DONE]
+
+
+def _stream_error(event: dict[str, Any], backend: str) -> GatewayError:
+    """An in-stream error event: TGI's ``{"error", "error_type"}`` or the OpenAI routes' ``{"error": {"message"}}``."""
+    error = event["error"]
+    if isinstance(error, dict):
+        message = str(error.get("message", ""))
+        error_type = next((t for prefix, t in _OPENAI_ERROR_TYPES if message.startswith(prefix)), "unknown")
+        event = {"error": message, "error_type": error_type}
+    return from_tgi(200, event, backend=backend)
 
 
 def _parse_event(data: str, backend: str) -> dict[str, Any]:

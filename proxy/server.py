@@ -28,6 +28,7 @@ from proxy.config import Config
 from proxy.gateway import Gateway
 from proxy.grpc_api import GenerationServicer
 from proxy.grpc_handlers import add_servicer
+from proxy.http import HttpFrontDoor
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
 from proxy.shaping import build_shapers
@@ -41,6 +42,7 @@ GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationServi
 class GatewayApp:
     config: Config
     grpc_port: int = 0  # the bound port, once started
+    http_port: int = 0  # the bound HTTP port, once started (0: HTTP disabled)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -86,6 +88,11 @@ class GatewayApp:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = [GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self.http = (
+            HttpFrontDoor(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests)
+            if cfg.server.http_listen
+            else None
+        )
 
     async def start(self) -> None:
         cfg = self.config
@@ -105,10 +112,14 @@ class GatewayApp:
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {cfg.server.grpc_listen}")
         await self.server.start()
+        if self.http is not None and cfg.server.http_listen:
+            self.http_port = await self.http.start(cfg.server.http_listen)
         log.info(
             "gateway_started",
             grpc=cfg.server.grpc_listen,
             grpc_port=self.grpc_port,
+            http=cfg.server.http_listen,
+            http_port=self.http_port,
             models={m: [b.url for b in p.backends] for m, p in self.pools.items()},
             healthy={m: p.healthy for m, p in self.pools.items()},
         )
@@ -126,7 +137,7 @@ class GatewayApp:
         self.gateway.draining = True
         await self._update_health()
         log.info("gateway_draining", grace_s=grace)
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
         self._stop_health.set()
         for task in self._tasks:
             task.cancel()

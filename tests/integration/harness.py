@@ -34,6 +34,12 @@ class Stack:
         return generation_pb2_grpc.GenerationServiceStub(self.channel)
 
     @property
+    def http_url(self) -> str:
+        """The HTTP front door (``running_stack(..., http=True)``)."""
+        assert self.app.http_port, "started without http=True"
+        return f"http://127.0.0.1:{self.app.http_port}"
+
+    @property
     def auth(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.key}"),)
 
@@ -55,6 +61,7 @@ async def running_stack(
     model_id: str = "sim-model",
     model: dict[str, Any] | None = None,
     db_url: str | None = None,
+    http: bool = False,
 ) -> AsyncIterator[Stack]:
     sim_config = sim_config or SimConfig(time_scale=0.05)
     servers = [SimTGI(sim_config) for _ in range(sims)]
@@ -62,7 +69,7 @@ async def running_stack(
     db_url = db_url or f"sqlite:///{tmp_path / 'gateway.db'}"
     base = {
         "db": {"url": db_url},
-        "server": {"grpc_listen": "127.0.0.1:0", "http_listen": "", "drain_grace_s": 1.0},
+        "server": {"grpc_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0" if http else "", "drain_grace_s": 1.0},
         "meter": {"journal_path": str(tmp_path / "journal.jsonl")},
         "backend_pool": {"health_interval_s": 0.2},
         "models": [{"model_id": model_id, "backends": [{"url": u} for u in urls], **(model or {})}],

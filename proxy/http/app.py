@@ -1,0 +1,159 @@
+"""The HTTP server: one aiohttp application in the gateway process, beside the gRPC server.
+
+A middleware gives every call its request id (``x-request-id`` on every answer, ``x-correlation-id`` echoed),
+checks the API key (``authorization: Bearer <key>`` or ``x-api-key``) on every route but the public ones, turns a
+``GatewayError`` into TGI's ``{"error", "error_type"}`` answer, and counts the call in ``/metrics``.
+
+Public (no key): ``/health`` (``GET /``, ``/ping``), for load balancers and probes, and ``/metrics``, for Prometheus
+(it names tenants — at most ``proxy.metrics.MAX_TENANT_LABELS`` of them — so keep the port off the internet or
+scrape through a network policy). Everything else, ``/info`` and ``/v1/models`` included, needs a key unless
+``auth.required`` is false.
+
+Handlers are cancelled when their client disconnects (``handler_cancellation``), which closes the backend stream.
+``stop(grace)`` stops listening, lets calls in flight finish for up to ``grace`` seconds, then cancels the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.auth import Authenticator
+from proxy.errors import GatewayError, NotFound
+from proxy.gateway import Gateway
+from proxy.http import wire
+from proxy.http.context import CALL_KEY, Call, Services, call_of, new_request_id
+from proxy.http.errors import error_response
+from proxy.http.metrics import HTTP_DURATION, HTTP_REQUESTS
+from proxy.http.openai_routes import OpenAIRoutes
+from proxy.http.tgi_routes import TgiRoutes
+from proxy.metrics import REGISTRY
+from proxy.params import ModelLimits
+
+log = structlog.get_logger(__name__)
+
+PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/ping"), ("GET", "/metrics")})
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6) -> (host, port)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class HttpFrontDoor:
+    def __init__(
+        self,
+        gateway: Gateway,
+        auth: Authenticator,
+        limits: Mapping[str, ModelLimits] | None = None,
+        *,
+        max_batch_requests: int = 64,
+    ) -> None:
+        self.services = Services(gateway, auth, dict(limits or {}), max_batch_requests)
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def application(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
+        TgiRoutes(self.services).add_to(app)
+        OpenAIRoutes(self.services).add_to(app)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self, listen: str) -> int:
+        """Listen on ``HOST:PORT`` (port 0: any free port); return the bound port."""
+        host, port = parse_listen(listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        runner = web.AppRunner(self.application(), handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        self._site = web.SockSite(runner, sock)
+        await self._site.start()
+        self._runner = runner
+        log.info("http_started", listen=listen, port=self.port)
+        return self.port
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop listening, wait up to ``grace_s`` for calls in flight, cancel what is left."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        if self._site is not None:
+            await self._site.stop()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            log.warning("http_drain_timeout", in_flight=self._in_flight, grace_s=grace_s)
+        await runner.cleanup()
+
+    # -- the middleware ------------------------------------------------------------------------------------------
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        received_ns = time.time_ns()
+        call = Call(request_id=new_request_id(), received_ns=received_ns)
+        call.correlation_id = request.headers.get("x-correlation-id")
+        request[CALL_KEY] = call
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        self._in_flight += 1
+        self._idle.clear()
+        status = 500
+        try:
+            response = await self._guarded(request, handler, call, route)
+            status = response.status
+            return response
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+            HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
+            HTTP_DURATION.labels(route).observe((time.time_ns() - received_ns) / 1e9)
+
+    async def _guarded(self, request: web.Request, handler: Handler, call: Call, route: str) -> web.StreamResponse:
+        structlog.contextvars.bind_contextvars(request_id=call.request_id, correlation_id=call.correlation_id)
+        try:
+            if route != "unmatched" and (request.method, route) not in PUBLIC_ROUTES:
+                headers = {k.lower(): v for k, v in request.headers.items()}
+                call.principal = await self.services.auth.authenticate(headers)
+                call.traffic_class = headers.get("x-traffic-class") or call.principal.default_class or "default"
+                structlog.contextvars.bind_contextvars(tenant=call.principal.tenant)
+            return await handler(request)
+        except GatewayError as exc:
+            log.info("http_request_failed", route=route, status=exc.http_status, error=exc.message)
+            return error_response(exc, call.headers())
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                return error_response(NotFound(f"no route {request.method} {request.path}"), call.headers())
+            body = wire.error_body(exc.reason, "http")
+            return wire.json_response(body, status=exc.status, headers={**exc.headers, **call.headers()})
+        except Exception:
+            log.exception("http_request_crashed", route=route)
+            return wire.json_response(wire.error_body("internal error", "internal"), status=500, headers=call.headers())
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id", "correlation_id", "tenant")
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        """Prometheus text of the gateway's registry (``proxy.metrics.REGISTRY``)."""
+        return web.Response(
+            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST, **call_of(request).headers()}
+        )

@@ -1,0 +1,84 @@
+"""What every HTTP call carries through the front door: who is calling, its ids, when it arrived."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from meter.timeline import Api
+from proxy.auth import Authenticator, Principal
+from proxy.gateway import Gateway
+from proxy.job import Job
+from proxy.params import ModelLimits
+
+
+@dataclass(slots=True)
+class Call:
+    request_id: str
+    received_ns: int
+    correlation_id: str | None = None
+    principal: Principal | None = None  # None on the public routes
+    traffic_class: str = "default"
+
+    @property
+    def tenant(self) -> str:
+        return self.principal.tenant if self.principal is not None else "anonymous"
+
+    def headers(self) -> dict[str, str]:
+        """``x-request-id`` (the key to look the call's energy up later) and the echoed ``x-correlation-id``."""
+        out = {"x-request-id": self.request_id}
+        if self.correlation_id:
+            out["x-correlation-id"] = self.correlation_id
+        return out
+
+    def job(
+        self,
+        *,
+        model_id: str,
+        inputs: str,
+        body: dict[str, Any],
+        route: str,
+        max_new_tokens: int,
+        request_id: str | None = None,
+    ) -> Job:
+        return Job(
+            request_id=request_id or self.request_id,
+            model_id=model_id,
+            tenant=self.tenant,
+            inputs=inputs,
+            body=body,
+            route=route,
+            max_new_tokens=max_new_tokens,
+            traffic_class=self.traffic_class,
+            api=Api.HTTP,
+            correlation_id=self.correlation_id,
+            received_ns=self.received_ns,
+        )
+
+
+CALL_KEY = web.RequestKey("joulegate_call", Call)
+
+
+@dataclass(slots=True)
+class Services:
+    """What the route handlers share."""
+
+    gateway: Gateway
+    auth: Authenticator
+    limits: Mapping[str, ModelLimits] = field(default_factory=dict)
+    max_batch_requests: int = 64
+
+    def limit(self, model_id: str) -> ModelLimits:
+        return self.limits.get(model_id, ModelLimits())
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def call_of(request: web.Request) -> Call:
+    return request[CALL_KEY]

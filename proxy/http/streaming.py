@@ -1,0 +1,129 @@
+"""Relaying a gateway stream to an HTTP client as Server-Sent Events, shared by the TGI and OpenAI routes.
+
+The first event is awaited before anything is written, so a refusal can still become a status code (see
+``proxy.http.errors.in_stream``). After that, a failure is an in-stream error event. A client that goes away
+(reset connection, cancelled handler) is passed into the gateway's stream as ``Cancelled``: the stream closes its
+backend connection (TGI drops the request) and the ledger records CANCELLED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+
+from proxy.errors import Cancelled, GatewayError
+from proxy.gateway import StreamResult
+from proxy.http import wire
+from proxy.http.errors import in_stream
+
+Events = AsyncIterator[dict[str, Any]]
+
+
+async def abandon(events: Events) -> None:
+    """The client left: end the gateway's stream as a cancellation (it records CANCELLED, closes the backend)."""
+    athrow = getattr(events, "athrow", None)
+    if athrow is None:
+        return
+    with contextlib.suppress(Cancelled, StopAsyncIteration, RuntimeError):
+        await athrow(Cancelled("the client went away"))
+
+
+async def relay(
+    request: web.Request,
+    events: Events,
+    results: list[StreamResult],
+    *,
+    headers: Callable[[], dict[str, str]],
+    encode: Callable[[dict[str, Any]], bytes],
+    error_event: Callable[[GatewayError], bytes],
+    trailer: bytes = b"",
+) -> web.StreamResponse:
+    """Write ``events`` as SSE; ``headers()`` is called once the first event (or refusal) is in."""
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        return await _relay(request, events, results, headers, encode, error_event, trailer)
+
+
+async def _relay(
+    request: web.Request,
+    events: Events,
+    results: list[StreamResult],
+    headers: Callable[[], dict[str, str]],
+    encode: Callable[[dict[str, Any]], bytes],
+    error_event: Callable[[GatewayError], bytes],
+    trailer: bytes,
+) -> web.StreamResponse:
+    try:
+        first = await anext(events, None)
+    except GatewayError as exc:
+        if not in_stream(exc, released=any(r.released_ns is not None for r in results)):
+            raise
+        response = await _prepare(request, headers())
+        with contextlib.suppress(ConnectionResetError):
+            await response.write(error_event(exc) + trailer)
+        return response
+    response = await _prepare(request, headers())
+    try:
+        try:
+            if first is not None:
+                await _write(response, encode(first))
+                async for event in events:
+                    await _write(response, encode(event))
+        except GatewayError as exc:
+            await response.write(error_event(exc) + trailer)
+        else:
+            await _write(response, trailer)
+    except ConnectionResetError:
+        await abandon(events)
+    except asyncio.CancelledError:
+        await abandon(events)
+        raise
+    return response
+
+
+async def _prepare(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers={**wire.SSE_HEADERS, **headers})
+    await response.prepare(request)
+    return response
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    if data:
+        await response.write(data)
+
+
+async def merge(streams: list[Events], tag: Callable[[int, dict[str, Any]], dict[str, Any]]) -> Events:
+    """Interleave several gateway streams as their events come (a multi-prompt /v1/completions call).
+
+    ``tag(i, event)`` marks an event of the i-th stream. The first failure ends them all; closing or cancelling
+    the merge cancels every stream still running (each records CANCELLED).
+    """
+    queue: asyncio.Queue[tuple[dict[str, Any] | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: Events) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((tag(i, event), None))
+        except GatewayError as exc:
+            queue.put_nowait((None, exc))
+            return
+        queue.put_nowait((None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            event, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if event is None:
+                remaining -= 1
+            else:
+                yield event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
