@@ -1,0 +1,189 @@
+"""SQL building blocks shared by the reports: a request's energy, its idle share, and whether it is final.
+
+Everything here is SQLAlchemy Core that runs unchanged on SQLite and PostgreSQL and leaves the arithmetic to the
+database, so a report over a million requests moves aggregates, not rows, into Python.
+
+Idle shares (per epoch ``e`` of backend ``b``; only the epoch's ``request_energy`` rows take part):
+
+- NONE: nothing is shared; idle energy stays in the backend's bucket.
+- TIME: request ``r`` gets ``idle_e x active(r, e) / active_ns_total_e``.
+- TOKENS: ``r``'s prompt + generated tokens are apportioned to its epochs by its active time,
+  ``w(r, e) = tokens_r x active(r, e) / sum_e' active(r, e')``, and ``r`` gets ``idle_e x w(r, e) / sum_r' w(r', e)``.
+
+An epoch whose rows weigh nothing in total (no rows, or only rows with zero active time) keeps its idle unshared.
+Every other epoch gives away exactly its ``idle_mj`` (up to float rounding), so the shares plus the unshared idle
+of the epochs always add up to the backends' idle buckets.
+
+Finality of request ``r`` (see ``provisional_expr``): it never reached a backend (final, zero energy), or it has
+ended, its backend is attributed until at least ``done_ns + lag``, and no epoch of its backend that overlaps
+``[released_ns, done_ns)`` was attributed before the request row was last written (``attributed_at_ns <
+ingested_ns``: the row arrived or changed after that epoch was computed, so the epoch will be recomputed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import sqlalchemy as sa
+
+from meter.reports.types import IdlePolicy
+from meter.store.models import BackendEpoch, Request, RequestEnergy
+
+RQ = Request.__table__
+RE = RequestEnergy.__table__
+BE = BackendEpoch.__table__
+
+
+def backend_names(conn: sa.Connection) -> list[str]:
+    """Distinct backends of ``backend_epochs`` by a loose index scan of its primary key (one probe per backend)."""
+    b = sa.select(sa.func.min(BE.c.backend).label("name")).cte("b", recursive=True)
+    nxt = sa.select(sa.select(sa.func.min(BE.c.backend)).where(BE.c.backend > b.c.name).scalar_subquery()).where(
+        b.c.name.is_not(None)
+    )
+    b = b.union_all(nxt)
+    return [name for (name,) in conn.execute(sa.select(b.c.name).where(b.c.name.is_not(None)))]
+
+
+def attributed_until(conn: sa.Connection, backend: str) -> int | None:
+    """End of ``backend``'s last attributed epoch; epochs are attributed in order, so all before it are done."""
+    stmt = sa.select(BE.c.epoch_end_ns).where(BE.c.backend == backend).order_by(BE.c.epoch_start_ns.desc()).limit(1)
+    return conn.execute(stmt).scalar_one_or_none()
+
+
+def attributed_until_all(conn: sa.Connection) -> dict[str, int]:
+    """``attributed_until`` of every backend that has epochs."""
+    out: dict[str, int] = {}
+    for name in backend_names(conn):
+        until = attributed_until(conn, name)
+        if until is not None:
+            out[name] = until
+    return out
+
+
+def _f(x: sa.ColumnElement[int]) -> sa.ColumnElement[float]:
+    return sa.cast(x, sa.Float)
+
+
+def energy_by_request(ids: sa.Select[tuple[str]], policy: IdlePolicy) -> sa.CTE:
+    """Per request in ``ids`` (a one-column select of request ids): ``prefill_mj``, ``decode_mj`` (integer sums of
+    its ``request_energy`` rows) and ``idle_mj`` (its float share under ``policy``). Requests without rows are
+    absent: outer-join and coalesce to 0."""
+    mine = ids.cte("ids")
+    sums = (
+        sa.select(
+            RE.c.request_id,
+            sa.func.sum(RE.c.prefill_mj).label("prefill_mj"),
+            sa.func.sum(RE.c.decode_mj).label("decode_mj"),
+        )
+        .join(mine, mine.c.request_id == RE.c.request_id)
+        .group_by(RE.c.request_id)
+    )
+    if policy is IdlePolicy.NONE:
+        return sums.add_columns(sa.literal(0.0, sa.Float).label("idle_mj")).cte("energy")
+    if policy is IdlePolicy.TIME:
+        share = sa.case(
+            (BE.c.active_ns_total > 0, _f(BE.c.idle_mj) * RE.c.active_ns / _f(BE.c.active_ns_total)), else_=0.0
+        )
+        stmt = sums.add_columns(sa.func.sum(share).label("idle_mj")).outerjoin(
+            BE, sa.and_(BE.c.backend == RE.c.backend, BE.c.epoch_start_ns == RE.c.epoch_start_ns)
+        )
+        return stmt.cte("energy")
+    idle = _token_idle_shares(mine)
+    s = sums.cte("sums")
+    stmt = sa.select(
+        s.c.request_id, s.c.prefill_mj, s.c.decode_mj, sa.func.coalesce(idle.c.idle_mj, 0.0).label("idle_mj")
+    ).outerjoin(idle, idle.c.request_id == s.c.request_id)
+    return stmt.cte("energy")
+
+
+def _token_idle_shares(mine: sa.CTE) -> sa.CTE:
+    """TOKENS policy: ``request_id, idle_mj`` for the requests in ``mine`` (see the module docstring)."""
+    epochs = (
+        sa.select(RE.c.backend, RE.c.epoch_start_ns)
+        .join(mine, mine.c.request_id == RE.c.request_id)
+        .distinct()
+        .cte("tok_epochs")
+    )
+    rows = (
+        sa.select(RE.c.request_id, RE.c.backend, RE.c.epoch_start_ns, RE.c.active_ns)
+        .join(epochs, sa.and_(epochs.c.backend == RE.c.backend, epochs.c.epoch_start_ns == RE.c.epoch_start_ns))
+        .cte("tok_rows")
+    )
+    re2 = RE.alias("re_all")
+    active = (
+        sa.select(re2.c.request_id, sa.func.sum(re2.c.active_ns).label("active_ns"))
+        .where(re2.c.request_id.in_(sa.select(rows.c.request_id)))
+        .group_by(re2.c.request_id)
+        .cte("tok_active")
+    )
+    weights = (
+        sa.select(
+            rows.c.request_id,
+            rows.c.backend,
+            rows.c.epoch_start_ns,
+            (_f(RQ.c.prompt_tokens + RQ.c.generated_tokens) * rows.c.active_ns / _f(active.c.active_ns)).label("w"),
+        )
+        .join(RQ, RQ.c.request_id == rows.c.request_id)
+        .join(active, active.c.request_id == rows.c.request_id)
+        .where(active.c.active_ns > 0)
+        .cte("tok_w")
+    )
+    totals = (
+        sa.select(weights.c.backend, weights.c.epoch_start_ns, sa.func.sum(weights.c.w).label("w_sum"))
+        .group_by(weights.c.backend, weights.c.epoch_start_ns)
+        .cte("tok_wsum")
+    )
+    return (
+        sa.select(
+            weights.c.request_id,
+            sa.func.sum(_f(BE.c.idle_mj) * weights.c.w / totals.c.w_sum).label("idle_mj"),
+        )
+        .join(
+            totals,
+            sa.and_(totals.c.backend == weights.c.backend, totals.c.epoch_start_ns == weights.c.epoch_start_ns),
+        )
+        .join(BE, sa.and_(BE.c.backend == weights.c.backend, BE.c.epoch_start_ns == weights.c.epoch_start_ns))
+        .join(mine, mine.c.request_id == weights.c.request_id)
+        .where(totals.c.w_sum > 0)
+        .group_by(weights.c.request_id)
+        .cte("tok_idle")
+    )
+
+
+def provisional_expr(r: sa.FromClause, until: Mapping[str, int], lag_ns: int) -> sa.ColumnElement[int]:
+    """1 if the request row ``r`` (a selectable with the ``requests`` columns) is not final yet, else 0.
+
+    ``until`` maps backend -> attributed_until (a backend missing from it has attributed nothing yet).
+    """
+    until_col: sa.ColumnElement[int] = (
+        sa.case(*((r.c.backend == name, sa.literal(ns)) for name, ns in until.items()), else_=sa.literal(-1))
+        if until
+        else sa.literal(-1)
+    )
+    e = BE.alias("stale_e")
+    e0 = BE.alias("stale_e0")
+    # The epoch that holds released_ns starts at the latest epoch start <= released_ns: a lower bound for the
+    # index range of the overlap search that holds for epochs of any length.
+    first_start = (
+        sa.select(sa.func.max(e0.c.epoch_start_ns))
+        .where(e0.c.backend == r.c.backend, e0.c.epoch_start_ns <= r.c.released_ns)
+        .scalar_subquery()
+    )
+    stale = (
+        sa.exists()
+        .where(
+            e.c.backend == r.c.backend,
+            e.c.epoch_start_ns >= sa.func.coalesce(first_start, r.c.released_ns),
+            e.c.epoch_start_ns < r.c.done_ns,
+            e.c.epoch_end_ns > r.c.released_ns,
+            e.c.attributed_at_ns < r.c.ingested_ns,
+        )
+        .correlate(r)
+    )
+    return sa.case(
+        (sa.or_(r.c.released_ns.is_(None), r.c.backend.is_(None)), 0),
+        (r.c.done_ns.is_(None), 1),
+        (r.c.done_ns + lag_ns > until_col, 1),
+        (stale, 1),
+        else_=0,
+    )

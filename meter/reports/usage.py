@@ -1,0 +1,142 @@
+"""Usage reports: requests received in ``[start, end)`` with their whole energy, grouped, plus a total row.
+
+Range semantics: a request belongs to the range (and to the hour/day) in which the gateway *received* it, and it
+brings all of its energy along, including epochs after ``end``. So a request is billed once, in full, and the rows
+of consecutive ranges add up to the rows of their union. ``GetBackendEnergy`` selects by time the other way round
+(epochs that start in the range, since a backend's counter has no notion of requests); over a range that no request
+straddles, e.g. the whole history, the two reconcile exactly: the usage total's ``prefill + decode`` equals the
+backends' ``prefill + decode``, and under TIME/TOKENS the usage total's ``idle`` plus the idle of epochs that had no
+request equals the backends' ``idle``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from meter.reports.energy import RQ, attributed_until_all, energy_by_request, provisional_expr
+from meter.reports.types import (
+    NO_BACKEND,
+    NS_PER_DAY,
+    NS_PER_HOUR,
+    GroupBy,
+    InvalidQuery,
+    ReportSettings,
+    UsageReport,
+    UsageRow,
+)
+
+
+def rfc3339(ns: int) -> str:
+    """``ns`` since the epoch as RFC 3339 in UTC with a ``Z``; whole seconds stay without a fraction."""
+    seconds, rest = divmod(ns, 1_000_000_000)
+    text = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{rest:09d}".rstrip("0") + "Z" if rest else text + "Z"
+
+
+def check_range(start_ns: int | None, end_ns: int) -> None:
+    if start_ns is not None and start_ns >= end_ns:
+        raise InvalidQuery("end", "must be after start")
+
+
+def _key(sel: sa.CTE, group_by: GroupBy) -> sa.ColumnElement[object]:
+    match group_by:
+        case GroupBy.TENANT:
+            return sel.c.tenant
+        case GroupBy.MODEL:
+            return sel.c.model_id
+        case GroupBy.BACKEND:
+            return sa.func.coalesce(sel.c.backend, NO_BACKEND)
+        case GroupBy.HOUR:
+            return sel.c.received_ns - sel.c.received_ns % NS_PER_HOUR
+        case GroupBy.DAY:
+            return sel.c.received_ns - sel.c.received_ns % NS_PER_DAY
+    raise InvalidQuery("group_by", f"unknown grouping {group_by!r}")
+
+
+def get_usage(
+    conn: sa.Connection,
+    settings: ReportSettings,
+    *,
+    end_ns: int,
+    start_ns: int | None = None,
+    group_by: GroupBy = GroupBy.TENANT,
+    tenant: str | None = None,
+) -> UsageReport:
+    """Requests received in ``[start_ns, end_ns)`` (optionally of one tenant), grouped; rows sorted by key."""
+    check_range(start_ns, end_ns)
+    conditions = [RQ.c.received_ns < end_ns]
+    if start_ns is not None:
+        conditions.append(RQ.c.received_ns >= start_ns)
+    if tenant:
+        conditions.append(RQ.c.tenant == tenant)
+    sel = (
+        sa.select(
+            RQ.c.request_id,
+            RQ.c.tenant,
+            RQ.c.model_id,
+            RQ.c.backend,
+            RQ.c.received_ns,
+            RQ.c.released_ns,
+            RQ.c.done_ns,
+            RQ.c.ingested_ns,
+            RQ.c.prompt_tokens,
+            RQ.c.generated_tokens,
+        )
+        .where(*conditions)
+        .cte("sel")
+    )
+    energy = energy_by_request(sa.select(sel.c.request_id), settings.idle_policy)
+    until = attributed_until_all(conn)
+    per = (
+        sa.select(
+            _key(sel, group_by).label("k"),
+            sel.c.prompt_tokens,
+            sel.c.generated_tokens,
+            sa.func.coalesce(energy.c.prefill_mj, 0).label("prefill_mj"),
+            sa.func.coalesce(energy.c.decode_mj, 0).label("decode_mj"),
+            sa.func.coalesce(energy.c.idle_mj, 0.0).label("idle_mj"),
+            provisional_expr(sel, until, settings.lag_ns).label("provisional"),
+        )
+        .outerjoin(energy, energy.c.request_id == sel.c.request_id)
+        .subquery("per")
+    )
+    stmt = (
+        sa.select(
+            per.c.k,
+            sa.func.count(),
+            sa.func.sum(per.c.prompt_tokens),
+            sa.func.sum(per.c.generated_tokens),
+            sa.func.sum(per.c.prefill_mj),
+            sa.func.sum(per.c.decode_mj),
+            sa.func.sum(per.c.idle_mj),
+            sa.func.sum(per.c.provisional),
+        )
+        .group_by(per.c.k)
+        .order_by(per.c.k)
+    )
+    rows = tuple(
+        UsageRow(
+            key=rfc3339(int(k)) if group_by in (GroupBy.HOUR, GroupBy.DAY) else str(k),
+            requests=int(n),
+            prompt_tokens=int(prompt or 0),
+            generated_tokens=int(generated or 0),
+            prefill_mj=int(prefill or 0),
+            decode_mj=int(decode or 0),
+            idle_mj=float(idle or 0.0),
+            provisional_requests=int(provisional or 0),
+        )
+        for k, n, prompt, generated, prefill, decode, idle, provisional in conn.execute(stmt)
+    )
+    total = UsageRow(
+        key="total",
+        requests=sum(r.requests for r in rows),
+        prompt_tokens=sum(r.prompt_tokens for r in rows),
+        generated_tokens=sum(r.generated_tokens for r in rows),
+        prefill_mj=sum(r.prefill_mj for r in rows),
+        decode_mj=sum(r.decode_mj for r in rows),
+        idle_mj=sum(r.idle_mj for r in rows),
+        provisional_requests=sum(r.provisional_requests for r in rows),
+    )
+    return UsageReport(rows=rows, total=total, group_by=group_by, start_ns=start_ns, end_ns=end_ns, settings=settings)
