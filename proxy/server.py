@@ -31,6 +31,8 @@ from proxy.grpc_handlers import add_servicer
 from proxy.http import HttpFrontDoor
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
+from proxy.reports_api import SERVICE as ENERGY_REPORTS
+from proxy.reports_api import EnergyReportsServicer, settings_from_config
 from proxy.shaping import build_shapers
 
 log = structlog.get_logger(__name__)
@@ -86,8 +88,16 @@ class GatewayApp:
             generation_pb2.DESCRIPTOR.services_by_name["GenerationService"],
             GenerationServicer(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests),
         )
+        add_servicer(
+            self.server, ENERGY_REPORTS, EnergyReportsServicer(self.engine, self.auth, settings_from_config(cfg))
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.service_names = [GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self.service_names = [
+            GENERATION_SERVICE,
+            ENERGY_REPORTS.full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ]
         self.http = (
             HttpFrontDoor(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests)
             if cfg.server.http_listen

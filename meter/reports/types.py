@@ -50,10 +50,6 @@ class InvalidQuery(ReportError):
         self.field = field
 
 
-class RequestNotFound(ReportError):
-    pass
-
-
 @dataclass(frozen=True, slots=True)
 class ReportSettings:
     """What every report needs besides the database: the idle policy, the counter lag (finality) and carbon."""

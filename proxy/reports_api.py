@@ -1,0 +1,330 @@
+"""``joulegate.v1.EnergyReports`` over grpc.aio: auth, tenant isolation and proto conversion around meter.reports.
+
+Every call needs an API key (``authorization: Bearer <key>`` or ``x-api-key``). Access rules:
+
+- A tenant key sees only its own tenant. ``GetRequestEnergy`` of another tenant's request is PERMISSION_DENIED
+  (not NOT_FOUND: request ids are random 128-bit values, so saying that one exists tells nothing useful, and a
+  clear "not yours" beats a misleading "no such request"). ``ListRequests``/``GetUsage`` with ``tenant`` naming
+  another tenant are PERMISSION_DENIED; without ``tenant`` they return the caller's own rows only.
+- ``GetBackendEnergy`` is admin-only: backends are shared by every tenant, and their counters and idle buckets
+  reveal the load of all of them.
+- An admin key sees everything.
+
+Unknown request id: NOT_FOUND. A malformed query (bad timestamp, ``start >= end``, unknown ``group_by``, page size
+over 1000, a page token that is not ours) is INVALID_ARGUMENT naming the field. A database that cannot be reached is
+UNAVAILABLE with a retry hint.
+
+``GetRequestEnergy`` with ``wait_final`` polls every ``poll_interval_s`` until the request is final, for up to
+``wait_timeout_ms`` (0: 30 s; at most 600 s) and never past the call's own deadline; on timeout it answers the
+provisional figures (``final: false``), not an error. While waiting it also waits for a request the ledger has not
+written yet (a client usually asks right after its generation returned); NOT_FOUND comes only at the timeout.
+
+Queries run on worker threads (``asyncio.to_thread``) against the synchronous engine, so the event loop that
+serves generation is never blocked by SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+import sqlalchemy as sa
+import structlog
+from google.protobuf import timestamp_pb2
+
+from meter.pb.joulegate.v1 import energy_pb2 as pb
+from meter.pb.joulegate.v1 import energy_pb2_grpc as pb_grpc
+from meter.reports import (
+    BackendReport,
+    GroupBy,
+    IdlePolicy,
+    ReportError,
+    ReportSettings,
+    RequestFilter,
+    RequestReport,
+    UsageReport,
+    UsageRow,
+    get_backend_energy,
+    get_request_energy,
+    get_usage,
+    list_requests,
+)
+from proxy.auth import Authenticator, Principal
+from proxy.config import Config
+from proxy.errors import GatewayError, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from proxy.grpc_api import abort_with, metadata_dict
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["EnergyReports"]
+SERVICE_NAME = SERVICE.full_name
+DEFAULT_WAIT_MS = 30_000
+MAX_WAIT_MS = 600_000
+MAX_TIMESTAMP_S = (2**63 - 1) // 1_000_000_000  # 2262-04-11: the last second whose ns fit in a BIGINT
+
+IDLE_POLICY_PB = {
+    IdlePolicy.NONE: pb.IDLE_POLICY_NONE,
+    IdlePolicy.TIME: pb.IDLE_POLICY_TIME,
+    IdlePolicy.TOKENS: pb.IDLE_POLICY_TOKENS,
+}
+GROUP_BY_PB = {
+    pb.GetUsageRequest.TENANT: GroupBy.TENANT,
+    pb.GetUsageRequest.MODEL: GroupBy.MODEL,
+    pb.GetUsageRequest.BACKEND: GroupBy.BACKEND,
+    pb.GetUsageRequest.HOUR: GroupBy.HOUR,
+    pb.GetUsageRequest.DAY: GroupBy.DAY,
+}
+
+
+def settings_from_config(config: Config) -> ReportSettings:
+    return ReportSettings(
+        idle_policy=IdlePolicy(config.meter.idle_policy.value),
+        lag_ns=config.meter.lag_ms * 1_000_000,
+        grid_g_co2e_per_kwh=config.carbon.grid_g_co2e_per_kwh,
+        pue=config.carbon.pue,
+    )
+
+
+# -- proto conversion ----------------------------------------------------------------------------------------------
+
+
+def ns_of(message: Any, field: str) -> int | None:
+    """A Timestamp field as ns since the epoch; None when unset. INVALID_ARGUMENT names the field when it is out of
+    range (before 1970, after 2262, or nanos outside [0, 1e9))."""
+    if not message.HasField(field):
+        return None
+    ts = getattr(message, field)
+    if not 0 <= ts.nanos < 1_000_000_000:
+        raise InvalidArgument(f"{field}: nanos must be in [0, 999999999], got {ts.nanos}")
+    if not 0 <= ts.seconds <= MAX_TIMESTAMP_S:
+        raise InvalidArgument(f"{field}: must be between 1970-01-01T00:00:00Z and 2262-04-11T23:47:16Z")
+    return ts.seconds * 1_000_000_000 + ts.nanos
+
+
+def timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+
+
+def request_pb(r: RequestReport) -> pb.RequestEnergy:
+    msg = pb.RequestEnergy(
+        request_id=r.request_id,
+        tenant=r.tenant,
+        model_id=r.model_id,
+        backend=r.backend or "",
+        traffic_class=r.traffic_class or "",
+        status=r.status or "",
+        correlation_id=r.correlation_id or "",
+        api=r.api or "",
+        prompt_tokens=r.prompt_tokens,
+        generated_tokens=r.generated_tokens,
+        received=timestamp(r.received_ns),
+        queued_ms=r.queued_ms or 0.0,
+        prefill_j=r.prefill_j,
+        decode_j=r.decode_j,
+        idle_j=r.idle_j,
+        total_j=r.total_j,
+        idle_policy=IDLE_POLICY_PB[r.idle_policy],
+        final=r.final,
+    )
+    for field, ns in (("released", r.released_ns), ("first_token", r.first_token_ns), ("done", r.done_ns)):
+        if ns is not None:
+            getattr(msg, field).CopyFrom(timestamp(ns))
+    return msg
+
+
+def usage_row_pb(row: UsageRow, report: UsageReport) -> pb.UsageRow:
+    return pb.UsageRow(
+        key=row.key,
+        requests=row.requests,
+        prompt_tokens=row.prompt_tokens,
+        generated_tokens=row.generated_tokens,
+        prefill_j=row.prefill_j,
+        decode_j=row.decode_j,
+        idle_j=row.idle_j,
+        total_j=row.total_j,
+        total_wh=row.total_wh,
+        j_per_generated_token=row.j_per_generated_token,
+        idle_share=row.idle_share,
+        co2e_g=report.co2e_g(row),
+        provisional_requests=row.provisional_requests,
+    )
+
+
+def usage_pb(report: UsageReport) -> pb.GetUsageResponse:
+    msg = pb.GetUsageResponse(
+        rows=[usage_row_pb(r, report) for r in report.rows],
+        total=usage_row_pb(report.total, report),
+        idle_policy=IDLE_POLICY_PB[report.settings.idle_policy],
+        grid_g_co2e_per_kwh=report.settings.grid_g_co2e_per_kwh,
+        pue=report.settings.pue,
+        end=timestamp(report.end_ns),
+    )
+    if report.start_ns is not None:
+        msg.start.CopyFrom(timestamp(report.start_ns))
+    return msg
+
+
+def backend_pb(b: BackendReport) -> pb.BackendEnergy:
+    msg = pb.BackendEnergy(
+        backend=b.backend,
+        counter_j=b.counter_mj / 1000,
+        attributed_j=b.attributed_mj / 1000,
+        prefill_j=b.prefill_mj / 1000,
+        decode_j=b.decode_mj / 1000,
+        idle_j=b.idle_mj / 1000,
+        conservation_error_mj=b.conservation_error_mj,
+        requests=b.requests,
+        samples=b.samples,
+        gaps=b.gaps,
+    )
+    if b.attributed_until_ns is not None:
+        msg.attributed_until.CopyFrom(timestamp(b.attributed_until_ns))
+    return msg
+
+
+# -- the service ---------------------------------------------------------------------------------------------------
+
+
+def scoped_tenant(principal: Principal, tenant: str) -> str | None:
+    """The tenant a query is limited to: the one asked for (if the key may read it), else the key's own for a
+    tenant key, else None (an admin reading every tenant)."""
+    if tenant:
+        principal.require_tenant_access(tenant)
+        return tenant
+    return None if principal.admin else principal.tenant
+
+
+class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
+    def __init__(
+        self,
+        engine: sa.Engine,
+        auth: Authenticator,
+        settings: ReportSettings,
+        *,
+        poll_interval_s: float = 0.1,
+    ) -> None:
+        self.engine = engine
+        self.auth = auth
+        self.settings = settings
+        self.poll_interval_s = poll_interval_s
+
+    async def _query(self, fn: Callable[[sa.Connection], T]) -> T:
+        def run() -> T:
+            with self.engine.connect() as conn:
+                return fn(conn)
+
+        try:
+            return await asyncio.to_thread(run)
+        except ReportError as exc:  # InvalidQuery: the message starts with the field
+            raise InvalidArgument(exc.message) from None
+        except sa.exc.OperationalError as exc:
+            log.warning("report_db_unavailable", error=str(exc.orig or exc))
+            raise Unavailable("the energy database is unavailable", retry_after_s=1.0) from None
+
+    async def _call(self, context: grpc.aio.ServicerContext, method: str, work: Callable[[Principal], Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            principal = await self.auth.authenticate(metadata_dict(context))
+            result = await work(principal)
+        except GatewayError as exc:
+            log.info("report_failed", method=method, code=exc.grpc_code.name, error=exc.message)
+            await abort_with(context, exc)
+            raise AssertionError("unreachable") from None  # abort raises
+        log.debug("report", method=method, tenant=principal.tenant, ms=round((time.perf_counter() - started) * 1e3, 1))
+        return result
+
+    # -- GetRequestEnergy ----------------------------------------------------------------------------------------
+    async def GetRequestEnergy(self, request: pb.GetRequestEnergyRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def work(principal: Principal) -> pb.RequestEnergy:
+            if not request.request_id:
+                raise InvalidArgument("request_id: missing")
+            if request.wait_timeout_ms > MAX_WAIT_MS:
+                raise InvalidArgument(f"wait_timeout_ms: at most {MAX_WAIT_MS}, got {request.wait_timeout_ms}")
+            loop = asyncio.get_running_loop()
+            wait_s = (request.wait_timeout_ms or DEFAULT_WAIT_MS) / 1000 if request.wait_final else 0.0
+            remaining = context.time_remaining()
+            if remaining is not None:  # answer (provisionally) before the client gives up on us
+                wait_s = min(wait_s, max(0.0, remaining - 0.2))
+            give_up = loop.time() + wait_s
+            while True:
+                report = await self._query(lambda c: get_request_energy(c, request.request_id, self.settings))
+                if report is not None:
+                    principal.require_tenant_access(report.tenant)
+                    if report.final:
+                        break
+                left = give_up - loop.time()
+                if left <= 0:
+                    break
+                await asyncio.sleep(min(self.poll_interval_s, left))
+            if report is None:
+                raise NotFound(f"request_id: no request {request.request_id!r} has been recorded")
+            return request_pb(report)
+
+        return await self._call(context, "GetRequestEnergy", work)
+
+    # -- ListRequests --------------------------------------------------------------------------------------------
+    async def ListRequests(self, request: pb.ListRequestsRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def work(principal: Principal) -> pb.ListRequestsResponse:
+            flt = RequestFilter(
+                tenant=scoped_tenant(principal, request.tenant),
+                model_id=request.model_id or None,
+                backend=request.backend or None,
+                status=request.status or None,
+                start_ns=ns_of(request, "start"),
+                end_ns=ns_of(request, "end"),
+            )
+            if flt.start_ns is not None and flt.end_ns is not None and flt.start_ns >= flt.end_ns:
+                raise InvalidArgument("end: must be after start")
+            page = await self._query(
+                lambda c: list_requests(
+                    c, flt, self.settings, page_size=request.page_size, page_token=request.page_token
+                )
+            )
+            return pb.ListRequestsResponse(
+                requests=[request_pb(r) for r in page.requests], next_page_token=page.next_page_token
+            )
+
+        return await self._call(context, "ListRequests", work)
+
+    # -- GetUsage ------------------------------------------------------------------------------------------------
+    async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def work(principal: Principal) -> pb.GetUsageResponse:
+            group_by = GROUP_BY_PB.get(request.group_by)
+            if group_by is None:
+                raise InvalidArgument(f"group_by: unknown value {request.group_by}")
+            tenant = scoped_tenant(principal, request.tenant)
+            start_ns = ns_of(request, "start")
+            end_ns = ns_of(request, "end")
+            end_ns = time.time_ns() if end_ns is None else end_ns
+            report = await self._query(
+                lambda c: get_usage(
+                    c, self.settings, start_ns=start_ns, end_ns=end_ns, group_by=group_by, tenant=tenant
+                )
+            )
+            return usage_pb(report)
+
+        return await self._call(context, "GetUsage", work)
+
+    # -- GetBackendEnergy ----------------------------------------------------------------------------------------
+    async def GetBackendEnergy(self, request: pb.GetBackendEnergyRequest, context: grpc.aio.ServicerContext) -> Any:
+        async def work(principal: Principal) -> pb.GetBackendEnergyResponse:
+            if not principal.admin:
+                raise PermissionDenied(
+                    f"key {principal.key_id} of tenant {principal.tenant!r}: backend energy is shared by every "
+                    "tenant; it needs an admin key"
+                )
+            start_ns = ns_of(request, "start")
+            end_ns = ns_of(request, "end")
+            end_ns = time.time_ns() if end_ns is None else end_ns
+            backends = await self._query(lambda c: get_backend_energy(c, start_ns=start_ns, end_ns=end_ns))
+            msg = pb.GetBackendEnergyResponse(backends=[backend_pb(b) for b in backends], end=timestamp(end_ns))
+            if start_ns is not None:
+                msg.start.CopyFrom(timestamp(start_ns))
+            return msg
+
+        return await self._call(context, "GetBackendEnergy", work)
