@@ -43,6 +43,9 @@ class SimGPU:
     """One simulated H100: thread-safe; every method takes the wall clock itself unless given ``t_ns``."""
 
     def __init__(self, config: SimConfig, device: str, t0_ns: int | None = None) -> None:
+        """``t0_ns``: when the board powered on. By default a little before now (the counter's lag plus two
+        updates): a real GPU has been drawing idle power long before a server starts, so its counter moves from
+        the first read on, lag or not. That idle energy is in the truth's ``idle_mj`` like any other."""
         self.config = config
         self.device = device
         self._lock = threading.Lock()
@@ -51,7 +54,7 @@ class SimGPU:
         self._period_ns = config.counter_update_period_ms * costmodel.NS_PER_MS
         self._lag_ns = config.counter_lag_ms * costmodel.NS_PER_MS
         self._ledger = EnergyLedger(
-            t0_ns=time.time_ns() if t0_ns is None else t0_ns,
+            t0_ns=time.time_ns() - self._lag_ns - 2 * self._period_ns if t0_ns is None else t0_ns,
             idle_power_mw=self._idle_mw,
             update_period_ns=self._period_ns,
             boundaries_kept=max(64, 4 * (self._lag_ns // self._period_ns + 2)),

@@ -158,3 +158,15 @@ def test_sim_gpu_drop_cuts_a_request_out_of_its_step() -> None:
     assert b.decode_pj == two * 10_000_000 // 2 + one * 10_000_000
     truth = gpu.truth(t_ns=1_020_000_000)
     assert truth.total_pj == 80_000 * 1_000_000_000 + two * 10_000_000 + one * 10_000_000
+
+
+def test_sim_gpu_prefill_is_shared_by_the_tokens_each_request_has_in_the_step() -> None:
+    gpu = SimGPU(SimConfig(), "sim:test", t0_ns=0)
+    a = gpu.open_account("a", 50)
+    b = gpu.open_account("b", 50)
+    gpu.prefill([a, b], t_ns=10**9, weights=[50, 14])  # b's prompt is cut: 14 tokens in this step
+    assert gpu.drop(b, t_ns=10**9 + 32_000_000)  # b leaves half way: the rest of the step is a's alone
+    gpu.idle(t_ns=10**9 + 64_000_000)
+    half = 650_000 * 32_000_000
+    assert a.prefill_pj == half * 50 // 64 + half
+    assert b.prefill_pj == half - half * 50 // 64
