@@ -346,3 +346,21 @@ async def test_openai_chat(sim: SimTGI, http: aiohttp.ClientSession, tgi_schemas
     error = json.loads(payloads[-2])
     assert error["error"]["http_status_code"] == 422
     assert error["error"]["message"].startswith("Request failed during generation")
+
+
+async def test_silent_streams_get_axums_keepalive_comment(
+    make_sim, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sim import server, wire
+
+    monkeypatch.setattr(wire, "KEEPALIVE_INTERVAL_S", 0.03)  # axum: 15 s
+    monkeypatch.setattr(server, "KEEPALIVE_TICK_S", 0.01)
+    sim = await make_sim(time_scale=10)  # ~100 ms between tokens
+    async with http.post(
+        sim.url + "/generate_stream", json={"inputs": "slow", "parameters": {"max_new_tokens": 3}}
+    ) as r:
+        body = await r.read()
+    frames = body[:-2].split(b"\n\n")
+    assert b":" in frames  # an empty SSE comment, ignored by clients
+    data = [f for f in frames if f != b":"]
+    assert len(data) == 3 and all(f.startswith(b"data:{") for f in data)
