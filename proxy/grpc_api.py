@@ -209,10 +209,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         final = event
         except TimeoutError:
             time_limited = True
-        finally:
-            if input_task is not None and not input_task.done():
+        except BaseException:
+            if input_task is not None:
                 input_task.cancel()
-        text = final.get("generated_text") or "" if final else "".join(t.text for t in resp.tokens)
+            raise
+        text = (final.get("generated_text") or "") if final else "".join(t.text for t in resp.tokens)
         if final is not None:
             details = final["details"]
             resp.stop_reason = stop_reason(details.get("finish_reason"), token_limited=result.token_limited)
@@ -258,63 +259,73 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             structlog.contextvars.clear_contextvars()
 
     async def _stream(self, job: Job, options: GenerationOptions) -> AsyncIterator[Any]:
+        """TGIS stream messages: the input token count first, then one message per batch of tokens."""
         r = options.response
+        stops = options.tgi_parameters.get("stop", ())
         truncate = options.tgi_parameters.get("truncate", 0)
         # TGI reports input_length only at the end of a stream; TGIS sends it first. Count it alongside.
         count_task = asyncio.create_task(self._input_tokens(job.model_id, job.inputs, truncate))
-        holder = StopTextHolder(options.tgi_parameters.get("stop", ())) if not options.include_stop_sequence else None
+        holder = StopTextHolder(stops) if not options.include_stop_sequence else None
         result = StreamResult()
         sent_first = False
         generated = 0
-        text_so_far: list[str] = []
+        deltas: list[str] = []
         try:
-            async with contextlib.aclosing(self.gateway.stream(job, result)) as events:
-                try:
-                    async with _time_limit(options.time_limit_ms, job):
-                        async for event in events:
-                            if not sent_first:
-                                sent_first = True
-                                yield await self._first_message(job, r, count_task)
-                            msg = pb.GenerationResponse()
-                            token = event.get("token")
-                            if token is not None:
-                                generated += 1
-                                delta = "" if token.get("special") else token.get("text", "")
-                                text_so_far.append(delta)
-                                msg.text = holder.feed(delta) if holder else delta
-                                if r.generated_tokens:
-                                    msg.tokens.append(token_info(token, event.get("top_tokens"), r))
-                            msg.generated_token_count = generated
-                            details = event.get("details")
-                            if details:
-                                msg.stop_reason = stop_reason(
-                                    details.get("finish_reason"), token_limited=result.token_limited
-                                )
-                                msg.generated_token_count = details.get("generated_tokens", generated)
-                                msg.input_token_count = details.get("input_length", 0)
-                                if msg.stop_reason == pb.STOP_SEQUENCE:
-                                    full = event.get("generated_text") or "".join(text_so_far)
-                                    msg.stop_sequence = matched_stop_sequence(
-                                        full, options.tgi_parameters.get("stop", ())
-                                    )
-                                if holder:
-                                    msg.text += holder.finish(msg.stop_sequence)
-                                if options.sampling and details.get("seed") is not None:
-                                    msg.seed = int(details["seed"])
-                            yield msg
-                except TimeoutError:
+            async with (
+                contextlib.aclosing(self.gateway.stream_batches(job, result)) as batches,
+                _time_limit(options.time_limit_ms, job),
+            ):
+                async for batch in batches:
                     if not sent_first:
-                        yield await self._first_message(job, r, count_task)
-                    yield pb.GenerationResponse(
-                        generated_token_count=generated,
-                        stop_reason=pb.TIME_LIMIT,
-                        text=holder.finish("") if holder else "",
-                    )
+                        sent_first = True
+                        final_details = batch[-1].get("details")
+                        yield await self._first_message(job, r, count_task, final_details)
+                    msg = pb.GenerationResponse()
+                    text: list[str] = []
+                    for event in batch:
+                        token = event.get("token")
+                        if token is not None:
+                            generated += 1
+                            delta = "" if token.get("special") else token.get("text", "")
+                            deltas.append(delta)
+                            text.append(holder.feed(delta) if holder else delta)
+                            if r.generated_tokens:
+                                msg.tokens.append(token_info(token, event.get("top_tokens"), r))
+                        details = event.get("details")
+                        if details:
+                            reason = details.get("finish_reason")
+                            msg.stop_reason = stop_reason(reason, token_limited=result.token_limited)
+                            generated = details.get("generated_tokens", generated)
+                            msg.input_token_count = details.get("input_length", 0)
+                            if msg.stop_reason == pb.STOP_SEQUENCE:
+                                full = event.get("generated_text") or "".join(deltas)
+                                msg.stop_sequence = matched_stop_sequence(full, stops)
+                            if holder:
+                                text.append(holder.finish(msg.stop_sequence))
+                            if options.sampling and details.get("seed") is not None:
+                                msg.seed = int(details["seed"])
+                    msg.text = "".join(text)
+                    msg.generated_token_count = generated
+                    yield msg
+        except TimeoutError:
+            if not sent_first:
+                yield await self._first_message(job, r, count_task, None)
+            yield pb.GenerationResponse(
+                generated_token_count=generated, stop_reason=pb.TIME_LIMIT, text=holder.finish("") if holder else ""
+            )
         finally:
             if not count_task.done():
                 count_task.cancel()
 
-    async def _first_message(self, job: Job, r: Any, count_task: asyncio.Task[list[dict[str, Any]]]) -> Any:
+    async def _first_message(
+        self, job: Job, r: Any, count_task: asyncio.Task[list[dict[str, Any]]], details: dict[str, Any] | None
+    ) -> Any:
+        """TGIS's first stream message: the input token count (and input text/tokens when asked for)."""
+        if details is not None and not r.input_tokens:
+            count_task.cancel()  # the stream already ended: TGI told us the count
+            return pb.GenerationResponse(
+                input_token_count=details.get("input_length", 0), text=job.inputs if r.input_text else ""
+            )
         try:
             tokens = await count_task
         except GatewayError:

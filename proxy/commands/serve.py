@@ -60,5 +60,9 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(config.server.log_level, config.server.log_format)
     from proxy.server import GatewayApp
 
-    asyncio.run(GatewayApp(config).run_until_signalled())
+    async def main() -> None:
+        # built inside the running loop: grpc.aio objects bind to the loop that creates them
+        await GatewayApp(config).run_until_signalled()
+
+    asyncio.run(main())
     return 0
