@@ -187,12 +187,14 @@ def test_finality(store: sa.Engine) -> None:
         Req("too-recent", released_ns=H, done_ns=until - LAG + 1, received_ns=H, ingested_ns=H),
         Req("open", released_ns=H, done_ns=None, status=None, received_ns=H, ingested_ns=H),
         Req("late", released_ns=H + 100 * MS, done_ns=H + 200 * MS, received_ns=H, ingested_ns=H + 5 * S),
+        # released after the first epoch's end, but within the reach of its boundary reading (H + 1.2 s)
+        Req("edge", released_ns=H + 1100 * MS, done_ns=H + 1500 * MS, received_ns=H, ingested_ns=H + 5 * S),
         Req("queued", backend=None, done_ns=H, received_ns=H, ingested_ns=H),
         Req("elsewhere", backend="b2", released_ns=H, done_ns=H + 1, received_ns=H, ingested_ns=H),
     ]
     epochs = [
-        Epoch(H, H + S, 0, rows=[Row("ended", H, 1, 1, S)], attributed_at_ns=H + 4 * S),
-        Epoch(H + S, until, 0, rows=[Row("ended", H + S, 1, 1, S)], attributed_at_ns=H + 4 * S),
+        Epoch(H, H + S, 0, rows=[Row("ended", H, 1, 1, S)], attributed_at_ns=H + 4 * S, last_reading_ns=H + 1200 * MS),
+        Epoch(H + S, until, 0, rows=[Row("ended", H + S, 1, 1, S)], attributed_at_ns=H + 9 * S),
     ]
     insert(store, requests, epochs)
     s = settings()
@@ -204,20 +206,21 @@ def test_finality(store: sa.Engine) -> None:
             return r.final
 
     assert {r.request_id: final(r.request_id) for r in requests} == {
-        "ended": True, "too-recent": False, "open": False, "late": False, "queued": True, "elsewhere": False,
+        "ended": True, "too-recent": False, "open": False, "late": False, "edge": False, "queued": True,
+        "elsewhere": False,
     }  # fmt: skip
-    # The late row's epoch is recomputed after the row arrived: now it is final.
+    # The first epoch is recomputed after the late rows arrived: now they are final.
     with store.begin() as conn:
         conn.execute(sa.text("UPDATE backend_epochs SET attributed_at_ns = :t WHERE epoch_start_ns = :s"),
                      {"t": H + 6 * S, "s": H})  # fmt: skip
-    assert final("late")
+    assert final("late") and final("edge")
     # A row rewritten after its epochs were computed (e.g. the full timeline of a long request) is provisional.
     with store.begin() as conn:
-        conn.execute(sa.text("UPDATE requests SET ingested_ns = :t WHERE request_id = 'ended'"), {"t": H + 5 * S})
+        conn.execute(sa.text("UPDATE requests SET ingested_ns = :t WHERE request_id = 'ended'"), {"t": H + 7 * S})
     assert not final("ended")
     with store.connect() as conn:
         usage = get_usage(conn, s, end_ns=H + S)
-    assert usage.total.requests == 6 and usage.total.provisional_requests == 4
+    assert usage.total.requests == 7 and usage.total.provisional_requests == 4
 
 
 @pytest.mark.parametrize("page_size", [1, 7, 100])

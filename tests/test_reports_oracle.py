@@ -65,6 +65,7 @@ class Epoch:
     gaps: int = 0
     attributed_at_ns: int = ATTRIBUTED_AT
     rows: list[Row] = field(default_factory=list)
+    last_reading_ns: int | None = None  # default: the epoch's end
 
     def record(self) -> dict[str, object]:
         prefill = sum(r.prefill_mj for r in self.rows)
@@ -74,7 +75,7 @@ class Epoch:
             "epoch_start_ns": self.epoch_start_ns,
             "epoch_end_ns": self.epoch_end_ns,
             "first_reading_ns": self.epoch_start_ns,
-            "last_reading_ns": self.epoch_end_ns,
+            "last_reading_ns": self.epoch_end_ns if self.last_reading_ns is None else self.last_reading_ns,
             "counter_mj": prefill + decode + self.idle_mj,
             "attributed_mj": prefill + decode,
             "prefill_mj": prefill,

@@ -15,9 +15,11 @@ Every other epoch gives away exactly its ``idle_mj`` (up to float rounding), so 
 of the epochs always add up to the backends' idle buckets.
 
 Finality of request ``r`` (see ``provisional_expr``): it never reached a backend (final, zero energy), or it has
-ended, its backend is attributed until at least ``done_ns + lag``, and no epoch of its backend that overlaps
-``[released_ns, done_ns)`` was attributed before the request row was last written (``attributed_at_ns <
-ingested_ns``: the row arrived or changed after that epoch was computed, so the epoch will be recomputed).
+ended, its backend is attributed until at least ``done_ns + lag``, and no epoch of its backend that may hold its
+energy (starting at or before ``done_ns``, its readings reaching past ``released_ns``) was attributed before the
+request row was last written (``attributed_at_ns < ingested_ns``: the row arrived or changed after that epoch was
+computed, so the engine will recompute the epoch). This is at least as strict as the engine's own
+``meter.engine.request_finality``: a report never calls final what the engine may still change.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ import sqlalchemy as sa
 
 from meter.reports.types import IdlePolicy
 from meter.store.models import BackendEpoch, Request, RequestEnergy
+
+# How far past its end an epoch's readings may reach: the boundary reading is taken at least the counter lag (<= 2 s)
+# plus up to one reading interval (the engine splits longer ones off as gaps: 5 s by default) after the epoch's end.
+READING_OVERHANG_NS = 60_000_000_000
 
 RQ = Request.__table__
 RE = RequestEnergy.__table__
@@ -162,20 +168,23 @@ def provisional_expr(r: sa.FromClause, until: Mapping[str, int], lag_ns: int) ->
     )
     e = BE.alias("stale_e")
     e0 = BE.alias("stale_e0")
-    # The epoch that holds released_ns starts at the latest epoch start <= released_ns: a lower bound for the
-    # index range of the overlap search that holds for epochs of any length.
+    # Index range of the overlap search: from the epoch that holds released_ns - READING_OVERHANG_NS on (the latest
+    # epoch start at or before it), which is right for epochs of any length.
     first_start = (
         sa.select(sa.func.max(e0.c.epoch_start_ns))
-        .where(e0.c.backend == r.c.backend, e0.c.epoch_start_ns <= r.c.released_ns)
+        .where(e0.c.backend == r.c.backend, e0.c.epoch_start_ns <= r.c.released_ns - READING_OVERHANG_NS)
         .scalar_subquery()
     )
+    reach = sa.case(
+        (e.c.last_reading_ns > e.c.epoch_end_ns, e.c.last_reading_ns), else_=e.c.epoch_end_ns
+    )  # an epoch's boundary reading is taken after its end; energy it measured may fall after the end
     stale = (
         sa.exists()
         .where(
             e.c.backend == r.c.backend,
-            e.c.epoch_start_ns >= sa.func.coalesce(first_start, r.c.released_ns),
-            e.c.epoch_start_ns < r.c.done_ns,
-            e.c.epoch_end_ns > r.c.released_ns,
+            e.c.epoch_start_ns >= sa.func.coalesce(first_start, r.c.released_ns - READING_OVERHANG_NS),
+            e.c.epoch_start_ns <= r.c.done_ns,
+            reach > r.c.released_ns,
             e.c.attributed_at_ns < r.c.ingested_ns,
         )
         .correlate(r)
