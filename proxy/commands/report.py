@@ -1,0 +1,231 @@
+"""``joulegate report usage|requests|backends``: energy reports read straight from SQL, for operators.
+
+No gateway and no key are needed: whoever can read the database sees every tenant (``--tenant`` narrows it). The
+semantics are those of the gRPC ``EnergyReports`` service (``meter.reports``): usage and requests select requests
+by the time they were received, backends select epochs by their start; ranges are ``[--start, --end)``; the idle
+policy, counter lag and carbon factors come from the config file (``--config``) and the environment.
+
+Output is a table for people (a header line names the range, idle policy, grid intensity and PUE), or CSV with
+``--csv`` (one header row, full precision, the total as a last row with key ``total``). ``report backends`` exits
+with status 1 if any backend fails the conservation check (counter != attributed + idle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from proxy.commands.migrate import add_db_arguments, logs_to_stderr, redact
+from proxy.config import ConfigError, load_config
+
+USAGE_COLUMNS = (
+    "key", "requests", "prompt_tokens", "generated_tokens", "prefill_j", "decode_j", "idle_j", "total_j", "total_wh",
+    "j_per_generated_token", "idle_share", "co2e_g", "provisional_requests",
+)  # fmt: skip
+REQUEST_COLUMNS = (
+    "request_id", "tenant", "model_id", "backend", "status", "received", "prompt_tokens", "generated_tokens",
+    "prefill_j", "decode_j", "idle_j", "total_j", "final",
+)  # fmt: skip
+BACKEND_COLUMNS = (
+    "backend", "counter_j", "attributed_j", "prefill_j", "decode_j", "idle_j", "conservation_error_mj", "requests",
+    "samples", "gaps", "attributed_until",
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    add_db_arguments(common)
+    common.add_argument("--start", metavar="ISO", help="range start, e.g. 2024-05-01 or 2024-05-01T12:00:00Z (UTC)")
+    common.add_argument("--end", metavar="ISO", help="range end, exclusive (default: now)")
+    common.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    sub = parser.add_subparsers(dest="report", metavar="REPORT", required=True)
+
+    usage = sub.add_parser("usage", parents=[common], help="energy and tokens of the requests received in the range")
+    usage.add_argument("--group-by", choices=["tenant", "model", "backend", "hour", "day"], default="tenant")
+    usage.add_argument("--tenant", help="only this tenant")
+
+    requests = sub.add_parser("requests", parents=[common], help="requests with their energy, newest first")
+    requests.add_argument("--tenant", help="only this tenant")
+    requests.add_argument("--model", help="only this model id")
+    requests.add_argument("--backend", help="only this backend")
+    requests.add_argument("--status", help="only this status (OK, CANCELLED, ...)")
+    requests.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100; 0: all)")
+
+    sub.add_parser("backends", parents=[common], help="per backend: counter, attributed and idle energy")
+
+
+def parse_time(text: str | None, flag: str) -> int | None:
+    """ISO 8601 date or date-time as ns since the epoch; a time without a zone is UTC."""
+    if text is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: not an ISO 8601 date or time: {text!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    whole = int(parsed.timestamp())
+    return whole * 1_000_000_000 + parsed.microsecond * 1000
+
+
+def _iso(ns: int | None) -> str:
+    from meter.reports import rfc3339
+
+    return "-" if ns is None else rfc3339(ns)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[int]) -> str:
+    cells = [list(header), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for r in cells:
+        parts = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _emit(header: Sequence[str], rows: Sequence[Sequence[Any]], *, as_csv: bool, title: str,
+          pretty: Sequence[Sequence[str]], numeric: set[int]) -> None:  # fmt: skip
+    if as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        return
+    print(title)
+    print(_table([h.upper() for h in header], pretty, numeric))
+
+
+def _usage(conn: Any, args: argparse.Namespace, settings: Any, start_ns: int | None, end_ns: int) -> int:
+    from meter.reports import GroupBy, get_usage
+
+    report = get_usage(
+        conn, settings, start_ns=start_ns, end_ns=end_ns, group_by=GroupBy(args.group_by), tenant=args.tenant
+    )
+    rows = [*report.rows, report.total]
+    raw = [
+        (r.key, r.requests, r.prompt_tokens, r.generated_tokens, r.prefill_j, r.decode_j, r.idle_j, r.total_j,
+         r.total_wh, r.j_per_generated_token, r.idle_share, report.co2e_g(r), r.provisional_requests)
+        for r in rows
+    ]  # fmt: skip
+    pretty = [
+        (r.key, str(r.requests), str(r.prompt_tokens), str(r.generated_tokens), f"{r.prefill_j:.3f}",
+         f"{r.decode_j:.3f}", f"{r.idle_j:.3f}", f"{r.total_j:.3f}", f"{r.total_wh:.6f}",
+         f"{r.j_per_generated_token:.4f}", f"{r.idle_share:.1%}", f"{report.co2e_g(r):.4f}",
+         str(r.provisional_requests))
+        for r in rows
+    ]  # fmt: skip
+    s = settings
+    title = (
+        f"usage by {args.group_by}, requests received in [{_iso(start_ns) if start_ns is not None else 'beginning'}, "
+        f"{_iso(end_ns)}) | idle policy: {s.idle_policy.value} | grid {s.grid_g_co2e_per_kwh:g} gCO2e/kWh | "
+        f"PUE {s.pue:g}"
+    )
+    if args.csv:
+        header = (*USAGE_COLUMNS, "idle_policy", "grid_g_co2e_per_kwh", "pue")
+        raw = [(*r, s.idle_policy.value, s.grid_g_co2e_per_kwh, s.pue) for r in raw]
+        _emit(header, raw, as_csv=True, title=title, pretty=pretty, numeric=set())
+    else:
+        _emit(USAGE_COLUMNS, raw, as_csv=False, title=title, pretty=pretty, numeric=set(range(1, 13)))
+    return 0
+
+
+def _requests(conn: Any, args: argparse.Namespace, settings: Any, start_ns: int | None, end_ns: int) -> int:
+    from meter.reports import MAX_PAGE_SIZE, RequestFilter, list_requests
+
+    if args.limit < 0:
+        raise ConfigError(f"--limit: must be >= 0, got {args.limit}")
+    flt = RequestFilter(
+        tenant=args.tenant, model_id=args.model, backend=args.backend, status=args.status, start_ns=start_ns,
+        end_ns=end_ns,
+    )  # fmt: skip
+    found: list[Any] = []
+    token = ""
+    while args.limit == 0 or len(found) < args.limit:
+        want = MAX_PAGE_SIZE if args.limit == 0 else min(MAX_PAGE_SIZE, args.limit - len(found))
+        page = list_requests(conn, flt, settings, page_size=want, page_token=token)
+        found += page.requests
+        token = page.next_page_token
+        if not token:
+            break
+    raw = [
+        (r.request_id, r.tenant, r.model_id, r.backend or "", r.status or "", _iso(r.received_ns), r.prompt_tokens,
+         r.generated_tokens, r.prefill_j, r.decode_j, r.idle_j, r.total_j, r.final)
+        for r in found
+    ]  # fmt: skip
+    pretty = [
+        (*(str(c) for c in r[:8]), *(f"{c:.3f}" for c in r[8:12]), "yes" if r[12] else "no (provisional)") for r in raw
+    ]
+    title = (
+        f"requests received in [{_iso(start_ns) if start_ns is not None else 'beginning'}, {_iso(end_ns)}), "
+        f"newest first ({len(found)} shown{', more exist' if token else ''}) | idle policy: "
+        f"{settings.idle_policy.value}"
+    )
+    _emit(REQUEST_COLUMNS, raw, as_csv=args.csv, title=title, pretty=pretty, numeric={6, 7, 8, 9, 10, 11})
+    return 0
+
+
+def _backends(conn: Any, args: argparse.Namespace, start_ns: int | None, end_ns: int) -> int:
+    from meter.reports import get_backend_energy
+
+    backends = get_backend_energy(conn, start_ns=start_ns, end_ns=end_ns)
+    raw = [
+        (b.backend, b.counter_mj / 1000, b.attributed_mj / 1000, b.prefill_mj / 1000, b.decode_mj / 1000,
+         b.idle_mj / 1000, b.conservation_error_mj, b.requests, b.samples, b.gaps, _iso(b.attributed_until_ns))
+        for b in backends
+    ]  # fmt: skip
+    pretty = [(r[0], *(f"{c:.3f}" for c in r[1:6]), *(str(c) for c in r[6:])) for r in raw]
+    since = _iso(start_ns) if start_ns is not None else "beginning"
+    title = f"backend energy over the epochs starting in [{since}, {_iso(end_ns)})"
+    _emit(BACKEND_COLUMNS, raw, as_csv=args.csv, title=title, pretty=pretty, numeric=set(range(1, 10)))
+    broken = [b.backend for b in backends if b.conservation_error_mj != 0]
+    if broken:
+        print(f"conservation check FAILED (counter != attributed + idle) on: {', '.join(broken)}", file=sys.stderr)
+        return 1
+    if not args.csv:
+        print(f"conservation check: ok on {len(backends)} backend(s) (counter = attributed + idle, to the mJ)")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from meter.store import current, make_engine
+    from proxy.reports_api import settings_from_config
+
+    logs_to_stderr()
+    try:
+        overrides: dict[str, Any] = {"db": {"url": args.db}} if args.db else {}
+        config = load_config(args.config, overrides=overrides)
+        start_ns = parse_time(args.start, "--start")
+        end_ns = parse_time(args.end, "--end")
+    except ConfigError as exc:
+        print(f"joulegate report: {exc}", file=sys.stderr)
+        return 2
+    end_ns = time.time_ns() if end_ns is None else end_ns
+    if start_ns is not None and start_ns >= end_ns:
+        print("joulegate report: --end must be after --start", file=sys.stderr)
+        return 2
+    url = config.db.url
+    settings = settings_from_config(config)
+    engine = make_engine(url)
+    try:
+        if current(engine) is None:
+            print(f"joulegate report: {redact(url)} has no joulegate schema (run `joulegate migrate`)", file=sys.stderr)
+            return 1
+        with engine.connect() as conn:
+            if args.report == "usage":
+                return _usage(conn, args, settings, start_ns, end_ns)
+            if args.report == "requests":
+                return _requests(conn, args, settings, start_ns, end_ns)
+            return _backends(conn, args, start_ns, end_ns)
+    except ConfigError as exc:
+        print(f"joulegate report: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"joulegate report: {redact(url)}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()

@@ -1,0 +1,108 @@
+"""``joulegate report usage|requests|backends``: tables and CSV from a small hand-built database."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from proxy.cli import main as cli_main
+
+from .test_reports import TIME_IDLE, scenario
+from .test_reports_oracle import insert, open_store
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[str]:
+    for engine in open_store(db_url):
+        insert(engine, *scenario())
+    yield db_url
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> str:
+    path = tmp_path / "joulegate.toml"
+    path.write_text('[meter]\nidle_policy = "time"\n\n[carbon]\ngrid_g_co2e_per_kwh = 500\npue = 1.5\n')
+    return str(path)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli_main(["report", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_usage_csv_has_every_figure_at_full_precision(db: str, config: str, capsys) -> None:
+    code, out, err = run(capsys, "usage", "--db", db, "--config", config, "--start", "2023-11-13", "--csv")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["key"] for r in rows] == ["tenant-a", "tenant-b", "total"]
+    a = rows[0]
+    assert (a["requests"], a["prompt_tokens"], a["generated_tokens"], a["prefill_j"], a["decode_j"]) == (
+        "2", "30", "50", "0.5", "2.3",
+    )  # fmt: skip
+    idle_j = (TIME_IDLE["A"] + TIME_IDLE["C"]) / 1000
+    assert math.isclose(float(a["idle_j"]), idle_j) and math.isclose(float(a["total_j"]), 2.8 + idle_j)
+    assert math.isclose(float(a["co2e_g"]), (2.8 + idle_j) * 1.5 * 500 / 3.6e6)
+    assert (a["idle_policy"], a["grid_g_co2e_per_kwh"], a["pue"]) == ("time", "500.0", "1.5")
+    assert rows[2]["requests"] == "4" and math.isclose(float(rows[2]["total_j"]), 4.0)
+
+
+def test_usage_table_by_hour_names_policy_grid_and_pue(db: str, config: str, capsys) -> None:
+    code, out, _ = run(capsys, "usage", "--db", db, "--config", config, "--group-by", "hour",
+                       "--start", "2023-11-13T23:00:00Z", "--end", "2023-11-14T01:00:00+00:00")  # fmt: skip
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == (
+        "usage by hour, requests received in [2023-11-13T23:00:00Z, 2023-11-14T01:00:00Z) | idle policy: time | "
+        "grid 500 gCO2e/kWh | PUE 1.5"
+    )
+    assert lines[1].split()[:4] == ["KEY", "REQUESTS", "PROMPT_TOKENS", "GENERATED_TOKENS"]
+    assert [line.split()[:2] for line in lines[2:]] == [
+        ["2023-11-13T23:00:00Z", "2"], ["2023-11-14T00:00:00Z", "1"], ["total", "3"],
+    ]  # fmt: skip
+    assert lines[2].split()[4:6] == ["0.800", "1.800"]  # A + B: prefill, decode in J
+
+
+def test_requests_and_backends(db: str, config: str, capsys) -> None:
+    code, out, _ = run(capsys, "requests", "--db", db, "--config", config, "--tenant", "tenant-a", "--csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["request_id"], r["final"]) for r in rows] == [("C", "True"), ("A", "True")]
+    assert rows[1]["received"] == "2023-11-13T23:59:59.3Z" and rows[1]["prefill_j"] == "0.3"
+
+    code, out, _ = run(capsys, "requests", "--db", db, "--limit", "3")
+    assert code == 0 and "(3 shown, more exist)" in out.splitlines()[0]
+    assert [line.split()[0] for line in out.splitlines()[2:]] == ["D", "C", "B"]
+
+    code, out, _ = run(capsys, "backends", "--db", db)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[2].split() == ["b1", "5.000", "3.400", "1.000", "2.400", "1.600", "0", "3", "30", "0",
+                                "2023-11-14T00:00:02Z"]  # fmt: skip
+    assert lines[-1].startswith("conservation check: ok on 1 backend(s)")
+
+
+def test_backends_exit_1_when_conservation_fails(db: str, capsys) -> None:
+    engine = sa.create_engine(db)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE backend_epochs SET counter_mj = counter_mj + 7"))
+    engine.dispose()
+    code, out, err = run(capsys, "backends", "--db", db, "--csv")
+    assert code == 1 and "conservation check FAILED" in err and "on: b1" in err
+    (row,) = csv.DictReader(io.StringIO(out))
+    assert row["conservation_error_mj"] == "21"  # 7 mJ in each of 3 epochs
+
+
+def test_bad_arguments(tmp_path: Path, db: str, capsys) -> None:
+    code, _, err = run(capsys, "usage", "--db", db, "--start", "yesterday")
+    assert code == 2 and "--start: not an ISO 8601" in err
+    code, _, err = run(capsys, "usage", "--db", db, "--start", "2024-01-02", "--end", "2024-01-01")
+    assert code == 2 and "--end must be after --start" in err
+    code, _, err = run(capsys, "requests", "--db", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert code == 1 and "no joulegate schema" in err
