@@ -45,6 +45,12 @@ def _flag_type(field: dataclasses.Field[Any]) -> tuple[Any, bool]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=3000, help="port to listen on (default: 3000, TGI's)")
+    parser.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=10.0,
+        help="on SIGINT/SIGTERM, let requests in flight finish for up to this long (default: 10)",
+    )
     for field in dataclasses.fields(SimConfig):
         flag = "--" + field.name.replace("_", "-")
         kind, is_bool = _flag_type(field)
@@ -67,8 +73,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return SimConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SimConfig)})
 
 
-async def serve(config: SimConfig, host: str, port: int) -> None:
-    """Serve until SIGINT or SIGTERM."""
+async def serve(config: SimConfig, host: str, port: int, shutdown_grace_s: float = 10.0) -> None:
+    """Serve until SIGINT or SIGTERM, then drain for up to ``shutdown_grace_s``."""
     from sim.server import SimTGI
 
     sim = SimTGI(config)
@@ -81,8 +87,8 @@ async def serve(config: SimConfig, host: str, port: int) -> None:
     try:
         await stop.wait()
     finally:
-        log.info("sim_tgi_stopping", url=url)
-        await sim.stop()
+        log.info("sim_tgi_stopping", url=url, in_flight=sim.infer.in_flight, grace_s=shutdown_grace_s)
+        await sim.stop(shutdown_grace_s)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,5 +97,5 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"joulegate sim-tgi: {e}")
         return 2
-    asyncio.run(serve(config, args.host, args.port))
+    asyncio.run(serve(config, args.host, args.port, args.shutdown_grace_s))
     return 0

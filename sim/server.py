@@ -55,6 +55,7 @@ class SimTGI:
         self._scheduler: Scheduler | None = None
         self._infer: Infer | None = None
         self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
         self._url: str | None = None
         self._ids = itertools.count(1)
         self._ticker: asyncio.Task[None] | None = None
@@ -85,17 +86,28 @@ class SimTGI:
         self._ticker = asyncio.get_running_loop().create_task(self._keepalive_ticker(), name="sim-sse-keepalive")
         app = web.Application(client_max_size=64 * 1024 * 1024)
         self._add_routes(app)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # a short shutdown_timeout: stop() cancels what still runs once its own grace period is over (aiohttp reads
+        # 0 as "wait forever")
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.05)
         await runner.setup()
-        await web.SockSite(runner, sock).start()
+        site = web.SockSite(runner, sock)
+        await site.start()
         self._runner = runner
+        self._site = site
         log.info("sim_tgi_started", url=self._url, device=device, model_id=self.config.model_id)
         return self._url
 
-    async def stop(self) -> None:
-        """Stop serving (in-flight requests are cancelled) and stop the engine; the GPU goes idle."""
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop accepting connections, give requests in flight up to ``grace_s`` to finish, cancel the rest (their
+        clients see the connection close), stop the engine; the GPU goes idle."""
         runner, self._runner = self._runner, None
         if runner is not None:
+            if grace_s > 0 and self._site is not None:
+                await self._site.stop()
+                deadline = time.monotonic() + grace_s
+                while self.infer.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110 (a bounded poll)
+                    await asyncio.sleep(0.01)
+            self._site = None
             await runner.cleanup()
         ticker, self._ticker = self._ticker, None
         if ticker is not None:

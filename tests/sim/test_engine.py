@@ -8,6 +8,7 @@ import json
 import time
 
 import aiohttp
+import pytest
 
 from sim.scheduler import SimRequest
 from sim.server import SimTGI
@@ -241,3 +242,32 @@ async def test_prefill_chunking_splits_long_prompts_and_lets_newcomers_in(make_s
     assert truth["a"].generated_tokens == truth["b"].generated_tokens == 5
     # with chunking, two newcomers join the next forward even though floor(4 * 1.2) = 4 > 2
     assert await _late_join_wait(sim, late=2) <= 1
+
+
+async def test_stop_drains_for_the_grace_period_then_cancels(make_sim: SimFactory, http: aiohttp.ClientSession) -> None:
+    sim = await make_sim(time_scale=1.0)
+
+    async def post(rid: str, n: int) -> int:
+        body = {"inputs": "drain", "parameters": {"max_new_tokens": n}}
+        async with http.post(sim.url + "/generate", json=body, headers={"x-request-id": rid}) as r:
+            await r.read()
+            return r.status
+
+    short = asyncio.ensure_future(post("short", 15))  # ~0.15 s
+    long = asyncio.ensure_future(post("long", 1000))  # ~10 s
+    await _until(lambda: sim.scheduler.batch_size == 2)
+    t0 = time.monotonic()
+    await sim.stop(grace_s=0.6)
+    assert 0.1 < time.monotonic() - t0 < 2.0
+    assert await short == 200  # finished within the grace period
+    try:
+        await long
+    except aiohttp.ClientError:
+        pass  # cut off: the connection closed
+    else:
+        raise AssertionError("a 10 s request cannot finish in a 0.6 s grace period")
+    truth = sim.truth().requests
+    assert truth["short"].finish_reason == "length"
+    assert truth["long"].finish_reason == "cancelled"
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await post("late", 1)  # no longer listening
