@@ -1,0 +1,597 @@
+"""The metering engine: turns stored samples and request rows into per-request, per-phase millijoules, incrementally.
+
+Epochs. Time is cut into fixed wall-clock epochs of ``epoch_ns`` (boundaries at multiples since the Unix epoch).
+Each (backend, epoch) is attributed as a whole, in one transaction that replaces its ``request_energy`` rows and its
+``backend_epochs`` row and adds the change to ``usage_hourly``: running twice, or recomputing, never double counts.
+Readings are partitioned among epochs exactly (``meter.engine.readings``), so the backend's ``counter_mj`` summed over
+its epochs is its counter's energy over the whole history, less the gaps.
+
+When an epoch [a, b) of a backend is attributed (the *horizon*), in order, one after the other:
+
+- readings: every device of the backend has a sample with work time (t - lag) at or after b;
+- open requests: no request of the backend that is still open (``done_ns`` NULL) was released before b, unless it
+  has been open longer than ``open_request_timeout_ns`` (logged; it gets no energy until its row is finished);
+- settling: now >= b + ``settle_ns``, so timelines the ledger writes in batches have arrived.
+
+Late data. A request row that arrives after an epoch it overlaps was attributed (``ingested_ns`` > the epoch's
+``attributed_at_ns``, e.g. a gateway replica replaying its journal after an outage) makes that epoch stale; each pass
+finds such rows through the ``ingested_ns`` index and recomputes their epochs. ``attributed_at_ns`` is stamped
+``commit_margin_ns`` before the epoch's inputs were read, so that a row written by a transaction that was still
+committing while the engine read counts as late, not as seen.
+
+Requests that never reached a backend carry no energy but are counted in ``usage_hourly`` under backend ``''``,
+through a zero marker row in ``request_energy`` (backend ``''``) written once when the engine first sees them.
+
+Idle power. With ``idle_power="auto"`` each epoch measures the idle floor over its own reading intervals that no
+request came near (``meter.engine.idle``), pooled with those of the backend's recent epochs when it has less than
+``min_idle_ns`` of them (in memory: a recompute after a restart may pool fewer), and gives ``attribute`` that
+floor: partly idle intervals then book only the floor to idle and the rest to the requests, which matches how a GPU
+draws power (and how the simulator's truth splits it). ``"time"`` splits partly idle intervals by time; a number
+fixes the floor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import sqlalchemy as sa
+import structlog
+
+from meter.attribution import AttributionPolicy, attribute
+from meter.engine import sql
+from meter.engine.idle import IdleEstimate, busy_windows, estimate_idle
+from meter.engine.readings import EpochReadings, Tick, epoch_bounds, epoch_readings, group_ticks
+from meter.engine.usage import UsageDeltas, hour_of
+from meter.store.retention import prune_samples
+from meter.timeline import Timeline
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["EngineSettings", "EngineStats", "MeteredBackend", "MeteringEngine", "PassReport"]
+
+_S = 1_000_000_000
+_MS = 1_000_000
+_LOOKBEHIND_NS = 1 * _S  # ticks are regrouped from this far before an epoch, so groups match across epochs
+_LOOKAHEAD_NS = 1 * _S
+_MAX_EPOCH_NS = 3600 * _S
+_IDLE_HISTORY_EPOCHS = 60  # idle stretches of this many recent epochs measure the floor when one epoch has too few
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredBackend:
+    """A backend whose energy this engine attributes: its name (as in ``requests.backend``) and its devices."""
+
+    name: str
+    devices: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a metered backend needs a name")
+        if not self.devices or len(set(self.devices)) != len(self.devices):
+            raise ValueError(f"backend {self.name!r}: devices must be non-empty and distinct, got {self.devices}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    epoch_ns: int = 10 * _S
+    settle_ns: int = 2 * _S
+    lag_ns: int = 100 * _MS  # counter lag: a reading at t shows the energy spent up to about t - lag
+    open_request_timeout_ns: int = 600 * _S
+    prefill_tokens_per_s: float = 20_000.0
+    prefill_overhead_ns: int = 5 * _MS
+    prefill_power_ratio: float = 2.0
+    batch_tolerance_ns: int = 2 * _MS
+    idle_power: float | Literal["auto", "time"] = "auto"
+    idle_margin_ns: int = 100 * _MS  # an interval this close to a request is not used to measure idle power
+    min_idle_ns: int = 1 * _S  # fully idle time an epoch needs to trust its own idle estimate
+    tick_gap_ns: int = 40 * _MS  # samples of one tick (several GPUs) follow each other closer than this
+    max_interval_ns: int = 5 * _S  # a longer interval between readings is a gap (the sampler was away)
+    drop_stale_readings: bool = True
+    sample_retention_ns: int | None = 7 * 86_400 * _S
+    prune_interval_ns: int = 600 * _S
+    max_epochs_per_pass: int = 60  # per backend, so a catch-up never holds the loop for long
+    count_unrouted: bool = True  # count requests that never reached a backend (backend '') in usage_hourly
+    commit_margin_ns: int = 500 * _MS
+    scan_margin_ns: int = 3 * _S  # rows stamped this long before a pass may only become visible after it
+
+    def __post_init__(self) -> None:
+        if not 0 < self.epoch_ns <= _MAX_EPOCH_NS:
+            raise ValueError(f"epoch_ns must be within (0, 1 h], got {self.epoch_ns}")
+        for name in ("settle_ns", "lag_ns", "open_request_timeout_ns", "idle_margin_ns", "min_idle_ns"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tick_gap_ns <= 0 or self.max_interval_ns <= 0 or self.max_epochs_per_pass < 1:
+            raise ValueError("tick_gap_ns, max_interval_ns and max_epochs_per_pass must be positive")
+        if isinstance(self.idle_power, str):
+            if self.idle_power not in ("auto", "time"):
+                raise ValueError(f"idle_power must be 'auto', 'time' or watts, got {self.idle_power!r}")
+        elif not self.idle_power >= 0:
+            raise ValueError(f"idle_power must be >= 0 W, got {self.idle_power}")
+        self.policy(None)  # validates the attribution parameters
+
+    def policy(self, idle_power_w: float | None) -> AttributionPolicy:
+        return AttributionPolicy(
+            lag_ns=self.lag_ns,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            prefill_overhead_ns=self.prefill_overhead_ns,
+            prefill_power_ratio=self.prefill_power_ratio,
+            idle_power_w=idle_power_w,
+            batch_tolerance_ns=self.batch_tolerance_ns,
+        )
+
+
+@dataclass(slots=True)
+class PassReport:
+    """What one ``run_once`` did."""
+
+    attributed: list[tuple[str, int]] = field(default_factory=list)  # (backend, epoch_start_ns), new
+    recomputed: list[tuple[str, int]] = field(default_factory=list)  # (backend, epoch_start_ns), stale before
+    unrouted_counted: int = 0
+    requests_attributed: int = 0  # request_energy rows written
+    pruned_samples: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    passes: int
+    epochs_attributed: int
+    epochs_recomputed: int
+    request_rows_written: int
+    unrouted_counted: int
+    errors: int
+    last_error: str | None
+    attributed_until_ns: dict[str, int | None]  # per backend: end of its last attributed epoch
+    idle_power_w: dict[str, float | None]  # per backend: the idle floor in use
+
+
+@dataclass(slots=True)
+class _Backend:
+    spec: MeteredBackend
+    until_ns: int | None = None  # end of the last attributed epoch (the next one starts here)
+    span_end_ns: int | None = None  # work-time end of the last epoch's readings (>= until_ns)
+    loaded: bool = False
+    idle_power_w: float | None = None
+    idle_history: deque[IdleEstimate] = field(default_factory=lambda: deque(maxlen=_IDLE_HISTORY_EPOCHS))
+    timeout_logged_ns: int = 0
+
+
+@dataclass(slots=True)
+class _EpochResult:
+    request_rows: list[sql.Row]
+    epoch_row: sql.Row
+    new_usage: UsageDeltas
+
+
+class MeteringEngine:
+    """Attributes the energy of ``backends`` epoch by epoch. Not thread-safe: one thread calls ``run_once``."""
+
+    def __init__(
+        self,
+        db: sa.Engine,
+        backends: Sequence[MeteredBackend],
+        settings: EngineSettings | None = None,
+        *,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._db = db
+        self.settings = settings or EngineSettings()
+        self._clock = clock
+        self._backends: dict[str, _Backend] = {}
+        self.set_backends(backends)
+        self._scan_lo_ns: int | None = None
+        self._pinned_ns: int | None = None  # run_once(now_ns): the clock stands still during that pass
+        self._last_prune_ns = 0
+        self._passes = 0
+        self._epochs = 0
+        self._recomputed = 0
+        self._rows = 0
+        self._unrouted = 0
+        self._errors = 0
+        self._last_error: str | None = None
+
+    # -- configuration ---------------------------------------------------------------------------------------------
+
+    def set_backends(self, backends: Sequence[MeteredBackend]) -> None:
+        """Replace the backends (e.g. once a simulator has told its device name); state of kept ones survives."""
+        names = [b.name for b in backends]
+        if len(set(names)) != len(names):
+            raise ValueError(f"backend names must be distinct: {names}")
+        kept: dict[str, _Backend] = {}
+        for spec in backends:
+            old = self._backends.get(spec.name)
+            if old is not None and old.spec.devices == spec.devices:
+                kept[spec.name] = old
+            else:
+                kept[spec.name] = _Backend(spec)
+        self._backends = kept
+
+    @property
+    def backends(self) -> tuple[MeteredBackend, ...]:
+        return tuple(b.spec for b in self._backends.values())
+
+    @property
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            passes=self._passes,
+            epochs_attributed=self._epochs,
+            epochs_recomputed=self._recomputed,
+            request_rows_written=self._rows,
+            unrouted_counted=self._unrouted,
+            errors=self._errors,
+            last_error=self._last_error,
+            attributed_until_ns={n: b.until_ns if b.loaded else None for n, b in self._backends.items()},
+            idle_power_w={n: b.idle_power_w for n, b in self._backends.items()},
+        )
+
+    # -- the pass --------------------------------------------------------------------------------------------------
+
+    def run_once(self, now_ns: int | None = None) -> PassReport:
+        """Recompute stale epochs, attribute every epoch that is due, count new unrouted requests, prune samples.
+
+        Raises on database errors (nothing is half written: every epoch is its own transaction); the caller
+        retries on its next pass, which starts from what the database holds.
+        """
+        self._pinned_ns = now_ns
+        now = self._now()
+        report = PassReport()
+        try:
+            self._load()
+            self._scan_ingested(now, report)
+            open_since = self._open_requests(now)
+            for b in self._backends.values():
+                self._advance(b, now, open_since.get(b.spec.name), report)
+            self._maybe_prune(now, report)
+        except Exception as exc:
+            self._errors += 1
+            self._last_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            for b in self._backends.values():
+                b.loaded = False  # re-read the state from the database next time
+            raise
+        finally:
+            self._passes += 1
+            self._pinned_ns = None
+        return report
+
+    def _now(self) -> int:
+        return self._clock() if self._pinned_ns is None else self._pinned_ns
+
+    def _load(self) -> None:
+        todo = [b for b in self._backends.values() if not b.loaded]
+        if not todo:
+            return
+        with self._db.connect() as conn:
+            for b in todo:
+                last = sql.last_epoch(conn, b.spec.name)
+                if last is None:
+                    b.until_ns = b.span_end_ns = None
+                else:
+                    _start, end, last_reading, attributed_at = last
+                    b.until_ns = end
+                    b.span_end_ns = max(end, (last_reading or end) - self.settings.lag_ns)
+                    if self._scan_lo_ns is None or attributed_at - self.settings.scan_margin_ns < self._scan_lo_ns:
+                        self._scan_lo_ns = attributed_at - self.settings.scan_margin_ns
+                b.loaded = True
+        if self._scan_lo_ns is None:
+            self._scan_lo_ns = 0  # nothing attributed yet: look at every row once
+
+    # -- open requests ---------------------------------------------------------------------------------------------
+
+    def _open_requests(self, now: int) -> dict[str, int]:
+        """Per backend, the earliest release of an open request that still holds attribution back."""
+        names = list(self._backends)
+        with self._db.connect() as conn:
+            rows = sql.open_requests(conn, names)
+        cutoff = now - self.settings.open_request_timeout_ns
+        out: dict[str, int] = {}
+        stuck: dict[str, int] = {}
+        for backend, released in rows:
+            if released is None:
+                continue
+            if released < cutoff:
+                stuck[backend] = stuck.get(backend, 0) + 1
+            elif backend not in out or released < out[backend]:
+                out[backend] = released
+        for backend, n in stuck.items():
+            b = self._backends[backend]
+            if now - b.timeout_logged_ns >= 60 * _S:
+                b.timeout_logged_ns = now
+                log.warning(
+                    "engine_open_requests_timed_out",
+                    backend=backend,
+                    requests=n,
+                    open_request_timeout_s=self.settings.open_request_timeout_ns / _S,
+                    detail="attributing past them; they get energy once their timelines arrive",
+                )
+        return out
+
+    # -- new epochs ------------------------------------------------------------------------------------------------
+
+    def _advance(self, b: _Backend, now: int, open_since: int | None, report: PassReport) -> None:
+        s = self.settings
+        devices = b.spec.devices
+        with self._db.connect() as conn:
+            lasts = sql.last_samples(conn, devices)
+            if any(last is None for last in lasts):
+                return  # some device has never been read: nothing to attribute yet
+            if b.until_ns is None:
+                first = sql.first_sample_at_or_after(conn, devices, 0)
+                assert first is not None
+                b.until_ns = epoch_bounds(first - s.lag_ns, s.epoch_ns)[0]
+        latest = min(last for last in lasts if last is not None)
+        horizon = min(latest - s.lag_ns - 2 * s.tick_gap_ns, now - s.settle_ns)
+        if open_since is not None:
+            horizon = min(horizon, open_since)
+        for _ in range(s.max_epochs_per_pass):
+            start = b.until_ns
+            end = start - start % s.epoch_ns + s.epoch_ns
+            if end > horizon:
+                return
+            result = self._attribute(b, start, end, now, existing=False)
+            if result is None:
+                return  # readings not complete yet
+            report.attributed.append((b.spec.name, start))
+            report.requests_attributed += result
+
+    # -- stale epochs ----------------------------------------------------------------------------------------------
+
+    def _scan_ingested(self, now: int, report: PassReport) -> None:
+        """Find rows written since the last pass that are late for an attributed epoch, or unrouted and new."""
+        s = self.settings
+        lo = self._scan_lo_ns if self._scan_lo_ns is not None else 0
+        bounds = {n: b.span_end_ns for n, b in self._backends.items() if b.span_end_ns is not None}
+        released_before = max(bounds.values()) if bounds else None
+        with self._db.connect() as conn:
+            rows = sql.ingested_since(conn, lo, list(bounds), released_before, s.count_unrouted)
+        unrouted: list[sql.Row] = []
+        late: dict[str, list[sql.Row]] = {}
+        for row in rows:
+            backend = row[1]
+            if backend is None:
+                unrouted.append(row)
+            elif backend in bounds and row[2] < bounds[backend]:
+                late.setdefault(backend, []).append(row)
+        for backend, cand in late.items():
+            for start, end in self._stale_epochs(backend, cand):
+                b = self._backends[backend]
+                if self._attribute(b, start, end, now, existing=True) is not None:
+                    report.recomputed.append((backend, start))
+        if unrouted:
+            report.unrouted_counted += self._count_unrouted(unrouted)
+        self._scan_lo_ns = now - s.scan_margin_ns
+
+    def _stale_epochs(self, backend: str, rows: list[sql.Row]) -> list[tuple[int, int]]:
+        s = self.settings
+        min_released = min(r[2] for r in rows)
+        max_done = max(r[3] for r in rows)
+        slack = s.lag_ns + s.max_interval_ns + _MAX_EPOCH_NS
+        with self._db.connect() as conn:
+            epochs = sql.epochs_in(conn, backend, min_released - slack, max_done)
+        stale: dict[int, int] = {}
+        for start, end, last_reading, attributed_at in epochs:
+            span_end = max(end, (last_reading or end) - s.lag_ns)
+            for r in rows:
+                released, done, ingested = r[2], r[3], r[4]
+                if released < span_end and done >= start and ingested > attributed_at:
+                    stale[start] = end
+                    break
+        if stale:
+            log.info("engine_late_rows", backend=backend, rows=len(rows), stale_epochs=len(stale))
+        return sorted(stale.items())
+
+    # -- one epoch -------------------------------------------------------------------------------------------------
+
+    def _ticks(self, conn: sa.Connection, devices: tuple[str, ...], start: int, end: int) -> list[Tick]:
+        """The ticks from a second before the epoch to a second past its boundary tick."""
+        s = self.settings
+        lo = start + s.lag_ns - _LOOKBEHIND_NS
+        hi = end + s.lag_ns + _LOOKAHEAD_NS
+        ticks = group_ticks(sql.samples_between(conn, devices, lo, hi), devices, s.tick_gap_ns)
+        if len(ticks) >= 2 and ticks[-2].t_ns >= end + s.lag_ns:  # the boundary tick is complete
+            return ticks
+        nxt = sql.first_sample_at_or_after(conn, devices, end + s.lag_ns)
+        if nxt is None or nxt + _LOOKAHEAD_NS <= hi:
+            return ticks
+        return group_ticks(sql.samples_between(conn, devices, lo, nxt + _LOOKAHEAD_NS), devices, s.tick_gap_ns)
+
+    def _attribute(self, b: _Backend, start: int, end: int, now: int, *, existing: bool) -> int | None:
+        """Attribute (or recompute) epoch [start, end) of ``b``; returns the request rows written, None if its
+        readings are not complete."""
+        s = self.settings
+        name = b.spec.name
+        attributed_at = self._now() - s.commit_margin_ns
+        with self._db.connect() as conn:
+            ticks = self._ticks(conn, b.spec.devices, start, end)
+            readings = epoch_readings(ticks, start, end, s.lag_ns, s.max_interval_ns, drop_stale=s.drop_stale_readings)
+            if readings is None:
+                if existing:
+                    log.warning("engine_recompute_without_readings", backend=name, epoch_start_ns=start)
+                return None
+            hi = max(end, readings.boundary_ns - s.lag_ns)
+            rows = sql.epoch_requests(conn, name, start, end, hi, start - s.open_request_timeout_ns)
+        result = self._compute(b, start, end, readings, rows, attributed_at)
+        excluded: set[str] = set()
+        for attempt in (0, 1):
+            try:
+                with sql.locked_transaction(self._db, name) as conn:
+                    self._write(conn, name, start, end, result, excluded)
+                break
+            except sa.exc.IntegrityError:
+                if attempt:
+                    raise
+                with self._db.connect() as conn:
+                    excluded = sql.conflicting_request_energy(conn, start, name, [r[0] for r in result.request_rows])
+                if not excluded:
+                    raise
+                log.error(
+                    "engine_request_in_two_backends",
+                    backend=name,
+                    epoch_start_ns=start,
+                    requests=sorted(excluded)[:10],
+                    detail="their energy in this epoch goes to idle",
+                )
+                result = self._compute(
+                    b, start, end, readings, [r for r in rows if r[0] not in excluded], attributed_at
+                )
+        if not existing or (b.until_ns is not None and end >= b.until_ns):
+            b.until_ns = max(end, b.until_ns or end)
+            span_end = max(end, (readings.last_reading_ns or end) - s.lag_ns)
+            b.span_end_ns = max(span_end, b.span_end_ns or span_end)
+        if existing:
+            self._recomputed += 1
+        else:
+            self._epochs += 1
+        self._rows += len(result.request_rows)
+        return len(result.request_rows)
+
+    def _compute(
+        self, b: _Backend, start: int, end: int, readings: EpochReadings, rows: list[sql.Row], attributed_at: int
+    ) -> _EpochResult:
+        s = self.settings
+        name = b.spec.name
+        timelines: list[Timeline] = []
+        for rid, tenant, model, received, released, first, done, prompt, generated in rows:
+            try:
+                timelines.append(Timeline(rid, tenant, model, name, received, released, first, done, prompt, generated))
+            except ValueError as exc:
+                log.error("engine_bad_request_row", backend=name, request_id=rid, error=str(exc))
+
+        idle_w = self._idle_power(b, readings, timelines)
+        policy = s.policy(idle_w)
+        energy: dict[str, list[int]] = {}
+        for segment in readings.segments:
+            seg_lo, seg_hi = segment[0].t_ns - s.lag_ns, segment[-1].t_ns - s.lag_ns
+            part = [t for t in timelines if t.released_ns < seg_hi and t.done_ns >= seg_lo]  # type: ignore[operator]
+            if not part:
+                continue
+            got = attribute(segment, part, policy)
+            for rid, pe in got.requests.items():
+                acc = energy.get(rid)
+                if acc is None:
+                    energy[rid] = [pe.prefill_mj, pe.decode_mj]
+                else:
+                    acc[0] += pe.prefill_mj
+                    acc[1] += pe.decode_mj
+
+        request_rows: list[sql.Row] = []
+        usage = UsageDeltas()
+        prefill_sum = decode_sum = active_sum = 0
+        for rid, tenant, model, received, released, _first, done, prompt, generated in rows:
+            active = max(0, min(done, end) - max(released, start))
+            is_home = start <= done < end
+            e = energy.get(rid)
+            if e is None and not active and not is_home:
+                continue
+            pre, dec = (e[0], e[1]) if e is not None else (0, 0)
+            request_rows.append((rid, start, name, pre, dec, active))
+            prefill_sum += pre
+            decode_sum += dec
+            active_sum += active
+            key = (hour_of(received), tenant, model, name)
+            if is_home:
+                usage.add(key, (1, prompt, generated, pre, dec, active))
+            else:
+                usage.add(key, (0, 0, 0, pre, dec, active))
+        attributed = prefill_sum + decode_sum
+        epoch_row = (
+            name,
+            start,
+            end,
+            readings.first_reading_ns,
+            readings.last_reading_ns,
+            readings.counter_mj,
+            attributed,
+            prefill_sum,
+            decode_sum,
+            readings.counter_mj - attributed,
+            readings.samples,
+            readings.gaps,
+            active_sum,
+            attributed_at,
+        )
+        if attributed > readings.counter_mj:
+            raise AssertionError(f"{name} epoch {start}: attributed {attributed} mJ > counter {readings.counter_mj}")
+        return _EpochResult(request_rows, epoch_row, usage)
+
+    def _idle_power(self, b: _Backend, readings: EpochReadings, timelines: list[Timeline]) -> float | None:
+        s = self.settings
+        if not isinstance(s.idle_power, str):
+            return float(s.idle_power)
+        if s.idle_power == "time":
+            return None
+        busy = busy_windows((t.released_ns, t.done_ns) for t in timelines)  # type: ignore[misc]
+        est = estimate_idle(readings.segments, busy, s.lag_ns, s.idle_margin_ns)
+        if est.duration_ns >= s.min_idle_ns:  # enough idle time in this epoch alone
+            b.idle_history.clear()
+        if est.duration_ns > 0:
+            b.idle_history.append(est)
+        total = IdleEstimate(sum(e.energy_mj for e in b.idle_history), sum(e.duration_ns for e in b.idle_history))
+        if total.duration_ns >= s.min_idle_ns and total.power_w is not None:
+            b.idle_power_w = total.power_w
+        return b.idle_power_w
+
+    def _write(
+        self, conn: sa.Connection, name: str, start: int, end: int, result: _EpochResult, excluded: set[str]
+    ) -> None:
+        """Replace the epoch's rows and add the usage change; inside the locked transaction."""
+        usage = UsageDeltas()
+        for k, v in result.new_usage.as_dict().items():
+            usage.add(k, v)
+        if sql.epoch_attributed_at(conn, name, start) is not None:
+            for received, tenant, model, done, prompt, generated, pre, dec, active in sql.old_epoch_contribution(
+                conn, name, start
+            ):
+                key = (hour_of(received), tenant, model, name)
+                is_home = done is not None and start <= done < end
+                usage.add(key, (int(is_home), prompt * is_home, generated * is_home, pre, dec, active), sign=-1)
+            sql.delete_epoch(conn, name, start)
+        rows = result.request_rows
+        if excluded:
+            rows = [r for r in rows if r[0] not in excluded]
+        sql.insert_request_energy(conn, rows)
+        sql.insert_backend_epoch(conn, result.epoch_row)
+        sql.add_usage(conn, usage.rows())
+
+    # -- requests that never reached a backend ---------------------------------------------------------------------
+
+    def _count_unrouted(self, rows: list[sql.Row]) -> int:
+        """Write a zero marker row (backend '') for each new one and count it in usage_hourly, exactly once."""
+        s = self.settings
+        by_id = {r[0]: r for r in rows if r[3] is not None}
+        if not by_id:
+            return 0
+        epoch_of = {rid: epoch_bounds(r[3], s.epoch_ns)[0] for rid, r in by_id.items()}
+        lo, hi = min(epoch_of.values()), max(epoch_of.values())
+        with sql.locked_transaction(self._db, "") as conn:
+            seen = sql.unrouted_markers(conn, lo, hi)
+            new = [rid for rid in by_id if rid not in seen]
+            if not new:
+                return 0
+            usage = UsageDeltas()
+            markers = []
+            for rid in new:
+                _rid, _b, _rel, _done, _ing, tenant, model, received, prompt, generated = by_id[rid]
+                markers.append((rid, epoch_of[rid], "", 0, 0, 0))
+                usage.add((hour_of(received), tenant, model, ""), (1, prompt, generated, 0, 0, 0))
+            sql.insert_request_energy(conn, markers)
+            sql.add_usage(conn, usage.rows())
+        self._unrouted += len(new)
+        return len(new)
+
+    # -- retention -------------------------------------------------------------------------------------------------
+
+    def _maybe_prune(self, now: int, report: PassReport) -> None:
+        s = self.settings
+        if s.sample_retention_ns is None or now - self._last_prune_ns < s.prune_interval_ns:
+            return
+        self._last_prune_ns = now
+        cutoff = now - s.sample_retention_ns
+        for b in self._backends.values():  # never prune what an unattributed epoch still needs
+            if b.until_ns is not None:
+                cutoff = min(cutoff, b.until_ns + s.lag_ns - _LOOKBEHIND_NS)
+        report.pruned_samples = prune_samples(self._db, cutoff)
+        if report.pruned_samples:
+            log.info("engine_pruned_samples", rows=report.pruned_samples, older_than_ns=cutoff)

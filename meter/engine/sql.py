@@ -1,0 +1,325 @@
+"""The engine's SQL: bulk reads of samples and request rows, the locked write transaction, bulk writes.
+
+Plain SQL strings through ``exec_driver_sql`` (no ORM objects on the hot loop), written once with ``?`` placeholders
+and turned into ``%s`` for psycopg. Request energy rows go in with ``COPY ... FROM STDIN (FORMAT BINARY)`` on
+PostgreSQL and ``executemany`` on SQLite.
+
+Writes of one (backend, epoch) happen in one transaction that first takes a lock: a transaction-scoped advisory lock
+on PostgreSQL (so two meters that claim the same backend serialise instead of interleaving their read-modify-write of
+``usage_hourly``), ``BEGIN IMMEDIATE`` on SQLite (the write lock up front, so the rows read inside the transaction
+cannot change before it commits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+Row = tuple[Any, ...]
+
+REQUEST_ENERGY_COLUMNS = ("request_id", "epoch_start_ns", "backend", "prefill_mj", "decode_mj", "active_ns")
+BACKEND_EPOCH_COLUMNS = (
+    "backend",
+    "epoch_start_ns",
+    "epoch_end_ns",
+    "first_reading_ns",
+    "last_reading_ns",
+    "counter_mj",
+    "attributed_mj",
+    "prefill_mj",
+    "decode_mj",
+    "idle_mj",
+    "samples",
+    "gaps",
+    "active_ns_total",
+    "attributed_at_ns",
+)
+USAGE_KEY = ("hour_start_ns", "tenant", "model_id", "backend")
+USAGE_VALUES = ("requests", "prompt_tokens", "generated_tokens", "prefill_mj", "decode_mj", "active_ns")
+REQUEST_COLUMNS = (
+    "request_id",
+    "tenant",
+    "model_id",
+    "received_ns",
+    "released_ns",
+    "first_token_ns",
+    "done_ns",
+    "prompt_tokens",
+    "generated_tokens",
+)
+
+
+def _q(conn: sa.Connection, sql: str) -> str:
+    return sql.replace("?", "%s") if conn.dialect.name == "postgresql" else sql
+
+
+def marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def fetch(conn: sa.Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+    return [tuple(r) for r in conn.exec_driver_sql(_q(conn, sql), tuple(params)).fetchall()]
+
+
+def scalar(conn: sa.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+    return conn.exec_driver_sql(_q(conn, sql), tuple(params)).scalar()
+
+
+# -- samples -------------------------------------------------------------------------------------------------------
+
+
+def samples_between(conn: sa.Connection, devices: Sequence[str], lo_ns: int, hi_ns: int) -> list[Row]:
+    """(device, t_ns, energy_mj) of ``devices`` with lo <= t <= hi, by time."""
+    return fetch(
+        conn,
+        f"SELECT device, t_ns, energy_mj FROM samples WHERE device IN ({marks(len(devices))}) "
+        "AND t_ns >= ? AND t_ns <= ? ORDER BY t_ns, device",
+        (*devices, lo_ns, hi_ns),
+    )
+
+
+def first_sample_at_or_after(conn: sa.Connection, devices: Sequence[str], t_ns: int) -> int | None:
+    return scalar(
+        conn,
+        f"SELECT MIN(t_ns) FROM samples WHERE device IN ({marks(len(devices))}) AND t_ns >= ?",
+        (*devices, t_ns),
+    )
+
+
+def last_samples(conn: sa.Connection, devices: Sequence[str]) -> list[int | None]:
+    """The last t_ns of each device, in one round trip (each an index lookup on the primary key)."""
+    if not devices:
+        return []
+    cols = ", ".join("(SELECT MAX(t_ns) FROM samples WHERE device = ?)" for _ in devices)
+    return list(fetch(conn, f"SELECT {cols}", devices)[0])
+
+
+# -- requests ------------------------------------------------------------------------------------------------------
+
+
+def epoch_requests(
+    conn: sa.Connection, backend: str, start_ns: int, end_ns: int, hi_ns: int, released_since_ns: int
+) -> list[Row]:
+    """Finished request rows of ``backend`` (REQUEST_COLUMNS order) that an epoch [start, end) whose readings reach
+    ``hi_ns`` needs: those whose [released, done] overlaps [start, hi), and those that ended inside the epoch.
+
+    ``released_since_ns`` bounds the scan: a request released earlier than that (longer than the open-request
+    timeout) is only looked for in the epoch where it ended.
+    """
+    return fetch(
+        conn,
+        f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests WHERE backend = ? AND done_ns >= ? "
+        "AND ((released_ns < ? AND released_ns >= ?) OR done_ns < ?)",
+        (backend, start_ns, hi_ns, released_since_ns, end_ns),
+    )
+
+
+def open_requests(conn: sa.Connection, backends: Sequence[str]) -> list[Row]:
+    """(backend, released_ns) of every open request (done_ns NULL) of ``backends``."""
+    if not backends:
+        return []
+    return fetch(
+        conn,
+        f"SELECT backend, released_ns FROM requests WHERE backend IN ({marks(len(backends))}) AND done_ns IS NULL",
+        backends,
+    )
+
+
+def ingested_since(
+    conn: sa.Connection, lo_ns: int, backends: Sequence[str], released_before_ns: int | None, unrouted: bool
+) -> list[Row]:
+    """(request_id, backend, released_ns, done_ns, ingested_ns, tenant, model_id, received_ns, prompt_tokens,
+    generated_tokens) of rows written after ``lo_ns`` that may need the engine: finished rows of ``backends``
+    released before ``released_before_ns`` (late for an attributed epoch, maybe), and rows that never reached a
+    backend (``unrouted``)."""
+    conds = []
+    params: list[Any] = [lo_ns]
+    if unrouted:
+        conds.append("backend IS NULL")
+    if backends and released_before_ns is not None:
+        conds.append(f"(backend IN ({marks(len(backends))}) AND released_ns < ? AND done_ns IS NOT NULL)")
+        params += [*backends, released_before_ns]
+    if not conds:
+        return []
+    return fetch(
+        conn,
+        "SELECT request_id, backend, released_ns, done_ns, ingested_ns, tenant, model_id, received_ns, prompt_tokens, "
+        f"generated_tokens FROM requests WHERE ingested_ns > ? AND ({' OR '.join(conds)})",
+        params,
+    )
+
+
+# -- epochs --------------------------------------------------------------------------------------------------------
+
+
+def last_epoch(conn: sa.Connection, backend: str) -> Row | None:
+    """(epoch_start_ns, epoch_end_ns, last_reading_ns, attributed_at_ns) of the backend's newest epoch."""
+    rows = fetch(
+        conn,
+        "SELECT epoch_start_ns, epoch_end_ns, last_reading_ns, attributed_at_ns FROM backend_epochs "
+        "WHERE backend = ? ORDER BY epoch_start_ns DESC LIMIT 1",
+        (backend,),
+    )
+    return rows[0] if rows else None
+
+
+def epochs_in(conn: sa.Connection, backend: str, start_lo_ns: int, start_hi_ns: int) -> list[Row]:
+    """(epoch_start_ns, epoch_end_ns, last_reading_ns, attributed_at_ns) with start in [lo, hi], by start."""
+    return fetch(
+        conn,
+        "SELECT epoch_start_ns, epoch_end_ns, last_reading_ns, attributed_at_ns FROM backend_epochs "
+        "WHERE backend = ? AND epoch_start_ns >= ? AND epoch_start_ns <= ? ORDER BY epoch_start_ns",
+        (backend, start_lo_ns, start_hi_ns),
+    )
+
+
+def epoch_attributed_at(conn: sa.Connection, backend: str, epoch_start_ns: int) -> int | None:
+    return scalar(
+        conn,
+        "SELECT attributed_at_ns FROM backend_epochs WHERE backend = ? AND epoch_start_ns = ?",
+        (backend, epoch_start_ns),
+    )
+
+
+def old_epoch_contribution(conn: sa.Connection, backend: str, epoch_start_ns: int) -> list[Row]:
+    """What an epoch's current request_energy rows add to usage: (received_ns, tenant, model_id, done_ns,
+    prompt_tokens, generated_tokens, prefill_mj, decode_mj, active_ns) per row, joined to its request."""
+    return fetch(
+        conn,
+        "SELECT r.received_ns, r.tenant, r.model_id, r.done_ns, r.prompt_tokens, r.generated_tokens, "
+        "e.prefill_mj, e.decode_mj, e.active_ns FROM request_energy e JOIN requests r ON r.request_id = e.request_id "
+        "WHERE e.backend = ? AND e.epoch_start_ns = ?",
+        (backend, epoch_start_ns),
+    )
+
+
+def delete_epoch(conn: sa.Connection, backend: str, epoch_start_ns: int) -> None:
+    params = (backend, epoch_start_ns)
+    conn.exec_driver_sql(_q(conn, "DELETE FROM request_energy WHERE backend = ? AND epoch_start_ns = ?"), params)
+    conn.exec_driver_sql(_q(conn, "DELETE FROM backend_epochs WHERE backend = ? AND epoch_start_ns = ?"), params)
+
+
+def insert_backend_epoch(conn: sa.Connection, row: Row) -> None:
+    cols = BACKEND_EPOCH_COLUMNS
+    conn.exec_driver_sql(
+        _q(conn, f"INSERT INTO backend_epochs ({', '.join(cols)}) VALUES ({marks(len(cols))})"), tuple(row)
+    )
+
+
+def conflicting_request_energy(conn: sa.Connection, epoch_start_ns: int, backend: str, ids: Sequence[str]) -> set[str]:
+    """Request ids that already hold a request_energy row at this epoch start under another backend."""
+    out: set[str] = set()
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        out.update(
+            r[0]
+            for r in fetch(
+                conn,
+                f"SELECT request_id FROM request_energy WHERE epoch_start_ns = ? AND backend <> ? "
+                f"AND request_id IN ({marks(len(chunk))})",
+                (epoch_start_ns, backend, *chunk),
+            )
+        )
+    return out
+
+
+def unrouted_markers(conn: sa.Connection, epoch_lo_ns: int, epoch_hi_ns: int) -> set[str]:
+    return {
+        r[0]
+        for r in fetch(
+            conn,
+            "SELECT request_id FROM request_energy WHERE backend = '' AND epoch_start_ns >= ? AND epoch_start_ns <= ?",
+            (epoch_lo_ns, epoch_hi_ns),
+        )
+    }
+
+
+def insert_request_energy(conn: sa.Connection, rows: Sequence[Row]) -> None:
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        _copy(
+            conn, "request_energy", REQUEST_ENERGY_COLUMNS, ["varchar", "int8", "varchar", "int8", "int8", "int8"], rows
+        )
+        return
+    cols = REQUEST_ENERGY_COLUMNS
+    conn.exec_driver_sql(f"INSERT INTO request_energy ({', '.join(cols)}) VALUES ({marks(len(cols))})", list(rows))
+
+
+def add_usage(conn: sa.Connection, deltas: Sequence[Row]) -> None:
+    """Add (hour_start_ns, tenant, model_id, backend, requests, prompt_tokens, generated_tokens, prefill_mj,
+    decode_mj, active_ns) deltas to usage_hourly (insert or add)."""
+    if not deltas:
+        return
+    cols = (*USAGE_KEY, *USAGE_VALUES)
+    sets = ", ".join(f"{c} = usage_hourly.{c} + excluded.{c}" for c in USAGE_VALUES)
+    sql = (
+        f"INSERT INTO usage_hourly ({', '.join(cols)}) VALUES ({marks(len(cols))}) "
+        f"ON CONFLICT ({', '.join(USAGE_KEY)}) DO UPDATE SET {sets}"
+    )
+    conn.exec_driver_sql(_q(conn, sql), list(deltas))
+
+
+def _copy(conn: sa.Connection, table: str, cols: Sequence[str], types: list[str], rows: Sequence[Row]) -> None:
+    dbapi_conn = conn.connection.dbapi_connection
+    assert dbapi_conn is not None
+    cursor = dbapi_conn.cursor()
+    statement = f"COPY {table} ({', '.join(cols)}) FROM STDIN (FORMAT BINARY)"
+    try:
+        with cursor.copy(statement) as copy:  # type: ignore[attr-defined]
+            copy.set_types(types)
+            write_row = copy.write_row
+            for r in rows:
+                write_row(r)
+    except conn.dialect.loaded_dbapi.Error as err:
+        dialect = conn.dialect
+        disconnect = dialect.is_disconnect(err, dbapi_conn, cursor)
+        if disconnect:
+            conn.invalidate(err)
+        wrapped = sa.exc.DBAPIError.instance(
+            statement, None, err, dialect.loaded_dbapi.Error, connection_invalidated=disconnect, dialect=dialect
+        )
+        raise wrapped from err
+    finally:
+        cursor.close()
+
+
+# -- transactions --------------------------------------------------------------------------------------------------
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit key for pg_advisory_xact_lock."""
+    return int.from_bytes(
+        hashlib.blake2b(f"joulegate-engine:{name}".encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+@contextlib.contextmanager
+def locked_transaction(engine: sa.Engine, name: str) -> Iterator[sa.Connection]:
+    """One transaction holding the engine's lock for ``name`` (a backend); commits on success, rolls back on error."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            saved = dbapi.isolation_level  # type: ignore[attr-defined]
+            dbapi.isolation_level = None  # type: ignore[attr-defined]  # we issue BEGIN ourselves
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    with contextlib.suppress(Exception):  # SQLite may have rolled back on its own already
+                        conn.exec_driver_sql("ROLLBACK")
+                    raise
+                conn.exec_driver_sql("COMMIT")
+                conn.commit()  # clears SQLAlchemy's own transaction state; nothing left to commit in SQLite
+            finally:
+                dbapi.isolation_level = saved  # type: ignore[attr-defined]
+        else:
+            with conn.begin():
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (lock_key(name),))
+                yield conn

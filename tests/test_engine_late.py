@@ -1,0 +1,149 @@
+"""meter.engine over real databases: late rows recompute their epochs, never double count; concurrent engines."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from meter.engine import expected_usage, usage_table
+from meter.store import make_engine as make_db
+from meter.store import upgrade
+from tests.test_engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[sa.Engine]:
+    upgrade(db_url)
+    engine = make_db(db_url)
+    yield engine
+    engine.dispose()
+
+
+def _check_books(db: sa.Engine) -> None:
+    """Per epoch counter = attributed + idle = its rows + idle; usage_hourly is what a rebuild gives."""
+    for e in rows(db, "SELECT * FROM backend_epochs"):
+        got = rows(
+            db,
+            "SELECT COALESCE(SUM(prefill_mj), 0), COALESCE(SUM(decode_mj), 0) FROM request_energy "
+            "WHERE backend = :b AND epoch_start_ns = :s",
+            {"b": e.backend, "s": e.epoch_start_ns},
+        )[0]
+        assert (got[0], got[1]) == (e.prefill_mj, e.decode_mj)
+        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj
+    with db.connect() as conn:
+        assert usage_table(conn) == expected_usage(conn)
+
+
+def _energy(db: sa.Engine) -> dict[str, int]:
+    q = "SELECT request_id, SUM(prefill_mj + decode_mj) AS e FROM request_energy GROUP BY request_id"
+    return {r.request_id: int(r.e) for r in rows(db, q)}
+
+
+def _world() -> tuple[Gpu, list, list]:
+    gpu = Gpu()
+    on_time = [
+        timeline(f"r{i}", T0 + i * S, T0 + i * S + 40 * MS, T0 + i * S + 500 * MS)
+        for i in range(1, 29)
+        if i not in (10, 11)
+    ]
+    late = [
+        timeline("late-1", T0 + 4200 * MS, T0 + 4260 * MS, T0 + 4800 * MS, tenant="zeta"),  # overlaps r4
+        timeline("late-2", T0 + 9600 * MS, T0 + 9650 * MS, T0 + 11_900 * MS, tenant="zeta"),  # alone, over 2 epochs
+    ]
+    gpu.requests += on_time + late
+    return gpu, on_time, late
+
+
+def test_late_rows_recompute_their_epochs_without_double_counting(db: sa.Engine) -> None:
+    gpu, on_time, late = _world()
+    write(db, timelines=on_time, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)
+    eng = make_engine(db)
+    first = eng.run_once(now_ns=T0 + 33 * S)
+    assert [s for _b, s in first.attributed] == [T0, T0 + 10 * S, T0 + 20 * S]
+    counters = {r.epoch_start_ns: r.counter_mj for r in rows(db, "SELECT * FROM backend_epochs")}
+    before = _energy(db)
+    _check_books(db)
+
+    # A gateway replica replays its journal: two timelines the meter never saw arrive now.
+    write(db, timelines=late, ingested_ns=T0 + 40 * S)
+    report = eng.run_once(now_ns=T0 + 41 * S)
+    assert report.attributed == []
+    assert sorted(s for _b, s in report.recomputed) == [T0, T0 + 10 * S]
+    after = _energy(db)
+    _check_books(db)
+    assert {r.epoch_start_ns: r.counter_mj for r in rows(db, "SELECT * FROM backend_epochs")} == counters
+    assert after["late-1"] > 0 and after["late-2"] > 0
+    assert after["late-2"] == pytest.approx(gpu.request_mj(late[1]), rel=0.02)  # alone in its window
+    assert after["r4"] < before["r4"]  # it shares its window with late-1 now
+    together = gpu.energy_mj(T0 + 4800 * MS) - gpu.energy_mj(T0 + 4000 * MS)  # the board while either ran
+    assert after["r4"] + after["late-1"] == pytest.approx(together, rel=0.01)
+    assert after["r25"] == before["r25"]  # epoch [20 s, 30 s) untouched
+    # Each request is counted once, including the late ones.
+    with db.connect() as conn:
+        table = usage_table(conn)
+    assert sum(v[0] for v in table.values()) == len(on_time) + len(late)
+    assert sum(v[0] for k, v in table.items() if k[1] == "zeta") == 2
+
+    # Nothing left to do, and an identical replay (the ledger keeps ingested_ns) changes nothing either.
+    assert eng.run_once(now_ns=T0 + 45 * S).recomputed == []
+    write(db, timelines=late + on_time[:3], ingested_ns=T0 + 50 * S)
+    assert eng.run_once(now_ns=T0 + 51 * S).recomputed == []
+    assert _energy(db) == after
+
+
+def test_a_restarted_engine_finds_rows_that_arrived_while_it_was_away(db: sa.Engine) -> None:
+    gpu, on_time, late = _world()
+    write(db, timelines=on_time, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)
+    make_engine(db).run_once(now_ns=T0 + 33 * S)
+    write(db, timelines=late[:1], ingested_ns=T0 + 100 * S)
+    write(db, timelines=[timeline("rejected", None, None, T0 + 5 * S, backend=None)], ingested_ns=T0 + 100 * S)
+    report = make_engine(db).run_once(now_ns=T0 + 200 * S)
+    assert [s for _b, s in report.recomputed] == [T0]
+    assert report.unrouted_counted == 1
+    _check_books(db)
+    # Rescans within the margin do not count the unrouted request twice.
+    eng = make_engine(db)
+    assert eng.run_once(now_ns=T0 + 201 * S).unrouted_counted == 0
+    assert rows(db, "SELECT COUNT(*) FROM request_energy WHERE request_id = 'rejected'")[0][0] == 1
+
+
+def test_rows_that_arrive_before_their_epoch_is_attributed_are_no_recompute(db: sa.Engine) -> None:
+    gpu, on_time, late = _world()
+    write(db, timelines=on_time, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)
+    eng = make_engine(db, max_epochs_per_pass=1)
+    assert [s for _b, s in eng.run_once(now_ns=T0 + 33 * S).attributed] == [T0]
+    write(db, timelines=late[1:], ingested_ns=T0 + 34 * S)  # ends in [10 s, 20 s), starts in [0, 10 s)
+    report = eng.run_once(now_ns=T0 + 35 * S)
+    assert [s for _b, s in report.recomputed] == [T0]  # it overlaps the attributed epoch: that one is redone
+    assert [s for _b, s in report.attributed] == [T0 + 10 * S]  # the next one sees it first time round
+    _check_books(db)
+
+
+def test_two_engines_on_one_backend_never_double_count(db: sa.Engine) -> None:
+    gpu, on_time, late = _world()
+    write(db, timelines=on_time + late, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)
+    engines = [make_engine(db), make_engine(db)]
+    errors: list[BaseException] = []
+
+    def run(e) -> None:
+        try:
+            for k in range(3):
+                e.run_once(now_ns=T0 + (33 + k) * S)
+        except BaseException as exc:  # an IntegrityError when both insert the same new epoch is fine: retried
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for e in engines:  # whoever lost a race catches up
+        e.run_once(now_ns=T0 + 40 * S)
+    assert all(isinstance(e, sa.exc.IntegrityError) for e in errors), errors
+    assert len(rows(db, "SELECT * FROM backend_epochs")) == 3
+    _check_books(db)
+    with db.connect() as conn:
+        assert sum(v[0] for v in usage_table(conn).values()) == len(on_time) + len(late)
