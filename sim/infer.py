@@ -17,7 +17,7 @@ from sim.config import SimConfig
 from sim.metrics import SimMetrics
 from sim.scheduler import Scheduler, SimRequest
 from sim.tokenizer import VOCAB
-from sim.validation import GenerateRequest, ValidationError, validate, validate_best_of
+from sim.validation import GenerateRequest, ValidationError, ValidRequest, validate, validate_best_of
 
 _STATUS = {
     "generation": 424,
@@ -77,7 +77,7 @@ class Infer:
     def _release(self) -> None:
         self.in_flight -= 1
 
-    def _validate(self, request: GenerateRequest):  # -> ValidRequest
+    def _validate(self, request: GenerateRequest) -> ValidRequest:
         try:
             return validate(request, self.config)
         except ValidationError as e:
