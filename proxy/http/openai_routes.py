@@ -29,7 +29,7 @@ from proxy.http.assemble import (
 from proxy.http.bodies import parse_chat, parse_completion
 from proxy.http.context import Call, Services, call_of
 from proxy.http.errors import openai_error_event
-from proxy.http.streaming import Events, merge, relay
+from proxy.http.streaming import Batches, merge, relay
 from proxy.http.tgi_routes import check_max_new_tokens, collect
 
 CHAT_ROUTE = "/v1/chat/completions"
@@ -91,7 +91,7 @@ class OpenAIRoutes:
 
         return await relay(
             request,
-            self.s.gateway.stream(job, result),
+            self.s.gateway.stream_batches(job, result),
             [result],
             headers=lambda: self._headers(call, [result], len(body.text)),
             encode=encode,
@@ -150,7 +150,7 @@ class OpenAIRoutes:
                 chunk["model"] = model_id
             return wire.sse(chunk)
 
-        streams: list[Events] = [self.s.gateway.stream(j, r) for j, r in zip(jobs, results, strict=True)]
+        streams: list[Batches] = [self.s.gateway.stream_batches(j, r) for j, r in zip(jobs, results, strict=True)]
         return await relay(
             request,
             streams[0] if n == 1 else merge(streams, tag),

@@ -20,10 +20,10 @@ from proxy.gateway import StreamResult
 from proxy.http import wire
 from proxy.http.errors import in_stream
 
-Events = AsyncIterator[dict[str, Any]]
+Batches = AsyncIterator[list[dict[str, Any]]]  # Gateway.stream_batches: the events of one network read
 
 
-async def abandon(events: Events) -> None:
+async def abandon(events: Batches) -> None:
     """The client left: end the gateway's stream as a cancellation (it records CANCELLED, closes the backend)."""
     athrow = getattr(events, "athrow", None)
     if athrow is None:
@@ -34,7 +34,7 @@ async def abandon(events: Events) -> None:
 
 async def relay(
     request: web.Request,
-    events: Events,
+    events: Batches,
     results: list[StreamResult],
     *,
     headers: Callable[[], dict[str, str]],
@@ -42,14 +42,14 @@ async def relay(
     error_event: Callable[[GatewayError], bytes],
     trailer: bytes = b"",
 ) -> web.StreamResponse:
-    """Write ``events`` as SSE; ``headers()`` is called once the first event (or refusal) is in."""
+    """Write ``events`` as SSE, one write per batch; ``headers()`` is called once the first batch (or refusal) is in."""
     async with contextlib.aclosing(events):  # type: ignore[type-var]
         return await _relay(request, events, results, headers, encode, error_event, trailer)
 
 
 async def _relay(
     request: web.Request,
-    events: Events,
+    events: Batches,
     results: list[StreamResult],
     headers: Callable[[], dict[str, str]],
     encode: Callable[[dict[str, Any]], bytes],
@@ -69,9 +69,9 @@ async def _relay(
     try:
         try:
             if first is not None:
-                await _write(response, encode(first))
-                async for event in events:
-                    await _write(response, encode(event))
+                await _write(response, b"".join(map(encode, first)))
+                async for batch in events:
+                    await _write(response, b"".join(map(encode, batch)))
         except GatewayError as exc:
             await response.write(error_event(exc) + trailer)
         else:
@@ -95,18 +95,18 @@ async def _write(response: web.StreamResponse, data: bytes) -> None:
         await response.write(data)
 
 
-async def merge(streams: list[Events], tag: Callable[[int, dict[str, Any]], dict[str, Any]]) -> Events:
+async def merge(streams: list[Batches], tag: Callable[[int, dict[str, Any]], dict[str, Any]]) -> Batches:
     """Interleave several gateway streams as their events come (a multi-prompt /v1/completions call).
 
     ``tag(i, event)`` marks an event of the i-th stream. The first failure ends them all; closing or cancelling
     the merge cancels every stream still running (each records CANCELLED).
     """
-    queue: asyncio.Queue[tuple[dict[str, Any] | None, BaseException | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[list[dict[str, Any]] | None, BaseException | None]] = asyncio.Queue()
 
-    async def pump(i: int, stream: Events) -> None:
+    async def pump(i: int, stream: Batches) -> None:
         try:
-            async for event in stream:
-                queue.put_nowait((tag(i, event), None))
+            async for batch in stream:
+                queue.put_nowait(([tag(i, event) for event in batch], None))
         except GatewayError as exc:
             queue.put_nowait((None, exc))
             return
@@ -116,13 +116,13 @@ async def merge(streams: list[Events], tag: Callable[[int, dict[str, Any]], dict
     try:
         remaining = len(tasks)
         while remaining:
-            event, exc = await queue.get()
+            batch, exc = await queue.get()
             if exc is not None:
                 raise exc
-            if event is None:
+            if batch is None:
                 remaining -= 1
             else:
-                yield event
+                yield batch
     finally:
         for task in tasks:
             task.cancel()

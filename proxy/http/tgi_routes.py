@@ -35,9 +35,10 @@ UPSTREAM_ROUTE = "/generate_stream"
 
 async def collect(services: Services, job: Job, result: StreamResult, feed: Callable[[dict[str, Any]], None]) -> int:
     """Run ``job`` to its end, feeding every event; return when it ended (ns)."""
-    async with contextlib.aclosing(services.gateway.stream(job, result)) as events:
-        async for event in events:
-            feed(event)
+    async with contextlib.aclosing(services.gateway.stream_batches(job, result)) as batches:
+        async for batch in batches:
+            for event in batch:
+                feed(event)
     return time.time_ns()
 
 
@@ -138,7 +139,7 @@ class TgiRoutes:
 
         return await relay(
             request,
-            self.s.gateway.stream(job, result),
+            self.s.gateway.stream_batches(job, result),
             [result],
             headers=headers,
             encode=lambda event: wire.sse(client_stream_event(event, details=details)),
