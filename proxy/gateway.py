@@ -15,7 +15,7 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import aiohttp
@@ -163,9 +163,7 @@ class Gateway:
                 for event in batch:
                     yield event
 
-    async def stream_batches(
-        self, job: Job, result: StreamResult | None = None
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+    async def stream_batches(self, job: Job, result: StreamResult | None = None) -> AsyncIterator[list[dict[str, Any]]]:
         """Yield TGI stream events for ``job`` in batches: every event that one network read delivered.
 
         A front door that writes one message per batch sends fewer, larger messages when tokens arrive faster
@@ -197,19 +195,23 @@ class Gateway:
             result.compute_type = resp.headers.get("x-compute-type")
             backend = lease.backend.name
             observe = self._observe_openai if job.route in OPENAI_ROUTES else self._observe
-            if first:
-                yield [observe(event, lease, result) for event in first]
-            async for chunk in resp.content.iter_any():
-                batch = [
-                    observe(_parse_event(data, backend), lease, result)
-                    for data in decoder.feed(chunk)
-                    if data != _SSE_DONE
-                ]
+            # Tokens that arrived in the same read as an error event still reach the client, then the error.
+            batch, error = _observe_batch(observe, first, lease, result)
+            if batch:
+                yield batch
+            if error is None:
+                async for chunk in resp.content.iter_any():
+                    batch, error = _observe_batch(observe, _parse_events(decoder.feed(chunk), backend), lease, result)
+                    if batch:
+                        yield batch
+                    if error is not None:
+                        break
+            if error is None:
+                batch, error = _observe_batch(observe, _parse_events(decoder.close(), backend), lease, result)
                 if batch:
                     yield batch
-            tail = [observe(_parse_event(d, backend), lease, result) for d in decoder.close() if d != _SSE_DONE]
-            if tail:
-                yield tail
+            if error is not None:
+                raise error
             status = "OK"
         except GatewayError as exc:
             status = exc.grpc_code.name
@@ -441,6 +443,26 @@ async def _first_events(resp: aiohttp.ClientResponse, decoder: SSEDecoder, backe
         if events:
             return [_parse_event(d, backend) for d in events]
     return [_parse_event(d, backend) for d in decoder.close() if d != _SSE_DONE]
+
+
+Observer = Callable[[dict[str, Any], Lease, StreamResult], dict[str, Any]]
+
+
+def _parse_events(datas: Iterable[str], backend: str) -> Iterator[dict[str, Any]]:
+    return (_parse_event(d, backend) for d in datas if d != _SSE_DONE)
+
+
+def _observe_batch(
+    observe: Observer, events: Iterable[dict[str, Any]], lease: Lease, result: StreamResult
+) -> tuple[list[dict[str, Any]], GatewayError | None]:
+    """Observe events up to the first in-stream error: (the events before it, the error or None)."""
+    batch: list[dict[str, Any]] = []
+    try:
+        for event in events:
+            batch.append(observe(event, lease, result))
+    except GatewayError as exc:
+        return batch, exc
+    return batch, None
 
 
 def _stream_error(event: dict[str, Any], backend: str) -> GatewayError:
