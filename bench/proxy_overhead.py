@@ -56,8 +56,9 @@ async def _drive(concurrency: int, requests: int, one) -> Run:
         nonlocal tokens
         for _ in todo:
             t0 = time.perf_counter()
-            tokens += await one()
+            n = await one()  # not `tokens += await one()`: that reads `tokens` before the await
             lat.append((time.perf_counter() - t0) * 1000)
+            tokens += n
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

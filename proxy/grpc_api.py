@@ -78,15 +78,23 @@ def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
 class CallContext:
     """What every call needs: who is calling, its ids and deadline."""
 
-    __slots__ = ("correlation_id", "deadline", "principal", "request_id", "traffic_class")
+    __slots__ = ("correlation_id", "deadline", "metadata_sent", "principal", "request_id", "traffic_class")
 
     def __init__(self, principal: Principal, request_id: str, correlation_id: str | None, traffic_class: str,
-                 deadline: float | None) -> None:  # fmt: skip
+                 deadline: float | None, metadata_sent: asyncio.Future[None] | None = None) -> None:  # fmt: skip
         self.principal = principal
         self.request_id = request_id
         self.correlation_id = correlation_id
         self.traffic_class = traffic_class
         self.deadline = deadline
+        self.metadata_sent = metadata_sent  # the initial metadata, on its way while the call's work starts
+
+
+async def _settle(sending: asyncio.Future[None] | None) -> None:
+    """Wait for the initial metadata to be out (a client that left makes it fail: nothing to do then)."""
+    if sending is not None:
+        with contextlib.suppress(Exception):
+            await sending
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
@@ -105,26 +113,39 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     # -- plumbing --------------------------------------------------------------------------------------------
     async def _begin(self, context: grpc.aio.ServicerContext) -> CallContext:
+        """Ids, initial metadata (sent in the background: the caller awaits ``metadata_sent`` before answering),
+        authentication, deadline, traffic class."""
         md = metadata_dict(context)
         request_id = new_request_id()
         correlation_id = md.get("x-correlation-id")
         initial = [("x-request-id", request_id)]
         if correlation_id:
             initial.append(("x-correlation-id", correlation_id))
-        await context.send_initial_metadata(initial)
-        principal = await self.auth.authenticate(md)
+        sending = asyncio.ensure_future(context.send_initial_metadata(initial))
+        try:
+            principal = await self.auth.authenticate(md)
+        except BaseException:
+            await _settle(sending)
+            raise
         remaining = context.time_remaining()
         deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
         traffic_class = md.get("x-traffic-class") or principal.default_class or "default"
         structlog.contextvars.bind_contextvars(
             request_id=request_id, tenant=principal.tenant, correlation_id=correlation_id
         )
-        return CallContext(principal, request_id, correlation_id, traffic_class, deadline)
+        return CallContext(principal, request_id, correlation_id, traffic_class, deadline, sending)
 
-    async def _guard(self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
+    async def _guard(self, context: grpc.aio.ServicerContext, work: Callable[[CallContext], Awaitable[T]]) -> T:
+        """Run a unary call's work; map a GatewayError to its status. The response waits for the metadata."""
+        call: CallContext | None = None
         try:
-            return await work()
+            call = await self._begin(context)
+            result = await work(call)
+            await _settle(call.metadata_sent)
+            return result
         except GatewayError as exc:
+            if call is not None:
+                await _settle(call.metadata_sent)
             log.info("request_failed", code=exc.grpc_code.name, error=exc.message)
             await abort_with(context, exc)
             raise AssertionError("unreachable") from None  # abort raises
@@ -159,8 +180,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(self, request: pb.BatchedGenerationRequest, context: grpc.aio.ServicerContext) -> Any:
         received_ns = time.time_ns()
 
-        async def work() -> pb.BatchedGenerationResponse:
-            call = await self._begin(context)
+        async def work(call: CallContext) -> pb.BatchedGenerationResponse:
             model_id = self.gateway.resolve_model(request.model_id)
             if not request.requests:
                 return pb.BatchedGenerationResponse()
@@ -237,6 +257,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self, request: pb.SingleGenerationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         received_ns = time.time_ns()
+        call: CallContext | None = None
         try:
             call = await self._begin(context)
             model_id = self.gateway.resolve_model(request.model_id)
@@ -244,15 +265,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 raise InvalidArgument("request: missing")
             adapter = request.adapter_id if request.HasField("adapter_id") else request.prefix_id or None
             options = self._options(model_id, request.params, adapter)
-        except GatewayError as exc:
-            structlog.contextvars.clear_contextvars()
-            await abort_with(context, exc)
-            return
-        job = self._job(call, call.request_id, model_id, request.request.text, options, received_ns)
-        try:
+            job = self._job(call, call.request_id, model_id, request.request.text, options, received_ns)
+            first = True
             async for message in self._stream(job, options):
+                if first:
+                    first = False
+                    await _settle(call.metadata_sent)
                 yield message
         except GatewayError as exc:
+            if call is not None:
+                await _settle(call.metadata_sent)
             log.info("request_failed", code=exc.grpc_code.name, error=exc.message)
             await abort_with(context, exc)
         finally:
@@ -265,6 +287,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         truncate = options.tgi_parameters.get("truncate", 0)
         # TGI reports input_length only at the end of a stream; TGIS sends it first. Count it alongside.
         count_task = asyncio.create_task(self._input_tokens(job.model_id, job.inputs, truncate))
+        _keep_until_done(count_task)
         holder = StopTextHolder(stops) if not options.include_stop_sequence else None
         result = StreamResult()
         sent_first = False
@@ -313,16 +336,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             yield pb.GenerationResponse(
                 generated_token_count=generated, stop_reason=pb.TIME_LIMIT, text=holder.finish("") if holder else ""
             )
-        finally:
-            if not count_task.done():
-                count_task.cancel()
+        except BaseException:
+            count_task.cancel()  # the call failed or the client left: nobody needs the count
+            raise
 
     async def _first_message(
         self, job: Job, r: Any, count_task: asyncio.Task[list[dict[str, Any]]], details: dict[str, Any] | None
     ) -> Any:
         """TGIS's first stream message: the input token count (and input text/tokens when asked for)."""
         if details is not None and not r.input_tokens:
-            count_task.cancel()  # the stream already ended: TGI told us the count
+            # The stream already ended and TGI told us the count. The /tokenize call finishes in the background:
+            # cancelling it would close its pooled connection to the backend.
             return pb.GenerationResponse(
                 input_token_count=details.get("input_length", 0), text=job.inputs if r.input_text else ""
             )
@@ -339,8 +363,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     # -- Tokenize and ModelInfo ------------------------------------------------------------------------------
     async def Tokenize(self, request: pb.BatchedTokenizeRequest, context: grpc.aio.ServicerContext) -> Any:
-        async def work() -> pb.BatchedTokenizeResponse:
-            await self._begin(context)
+        async def work(call: CallContext) -> pb.BatchedTokenizeResponse:
             model_id = self.gateway.resolve_model(request.model_id)
             if len(request.requests) > self.max_batch_requests:
                 raise InvalidArgument(f"requests: at most {self.max_batch_requests} texts per call")
@@ -360,8 +383,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return await self._guard(context, work)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> Any:
-        async def work() -> pb.ModelInfoResponse:
-            await self._begin(context)
+        async def work(call: CallContext) -> pb.ModelInfoResponse:
             model_id = self.gateway.resolve_model(request.model_id)
             info = await self.gateway.model_info(model_id)
             limits = self.limits.get(model_id, ModelLimits())
@@ -373,6 +395,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             )
 
         return await self._guard(context, work)
+
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _keep_until_done(task: asyncio.Task[Any]) -> None:
+    """Hold a reference to a side task until it ends, and consume its exception if nobody awaits it."""
+    _background.add(task)
+
+    def done(t: asyncio.Task[Any]) -> None:
+        _background.discard(t)
+        if not t.cancelled():
+            t.exception()
+
+    task.add_done_callback(done)
 
 
 @contextlib.asynccontextmanager

@@ -285,3 +285,40 @@ async def test_drain_finishes_in_flight_requests(tmp_path: Path) -> None:
         await s.app.stop(5.0)
         resp = await call
         assert resp.responses[0].generated_token_count == 20
+
+
+async def test_retries_on_another_backend_before_the_first_byte(tmp_path: Path) -> None:
+    import aiohttp
+
+    sim = SimConfig(time_scale=1.0, max_concurrent_requests=1)
+    async with running_stack(
+        tmp_path, sims=2, sim_config=sim, overrides={"backend_pool": {"health_interval_s": 30}}
+    ) as s:
+        busy, free = s.sims
+        # Someone else fills `busy`'s only slot behind the gateway's back: TGI answers the gateway "overloaded"
+        # inside an HTTP 200 stream, before any token. The gateway must move the request to the other backend.
+        async with aiohttp.ClientSession() as http:
+            hog = await http.post(
+                f"{busy.url}/generate_stream", json={"inputs": "hog", "parameters": {"max_new_tokens": 400}}
+            )
+            for b in s.app.pools["sim-model"].backends:  # make `busy` the gateway's first choice
+                b.outstanding_tokens = 0 if b.url == busy.url else 10**6
+            resp = await s.stub.Generate(
+                pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text="x")], params=_params(3)),
+                metadata=s.auth,
+            )
+            hog.close()
+        assert resp.responses[0].generated_token_count == 3
+        rows = await _rows(s.db_url, s.app)
+        assert [r["backend"] for r in rows] == [free.url.removeprefix("http://")]
+
+        # A backend that refuses connections (it died since the last health check) is skipped the same way.
+        for b in s.app.pools["sim-model"].backends:
+            b.outstanding_tokens = 0 if b.url == busy.url else 10**6
+        await busy.stop()
+        resp = await s.stub.Generate(
+            pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text="y")], params=_params(2)), metadata=s.auth
+        )
+        assert resp.responses[0].generated_token_count == 2
+        dead = next(b for b in s.app.pools["sim-model"].backends if b.url == busy.url)
+        assert not dead.healthy  # marked down at once, without waiting for the next health check
