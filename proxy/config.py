@@ -105,6 +105,9 @@ class IdlePolicy(StrEnum):
 
 
 class MeterConfig(_Section):
+    """The meter: sampler, ledger journal, and the metering engine (meter/engine) that turns samples and timelines
+    into per-request joules. See meter.engine.core for what each engine knob means."""
+
     source: Literal["nvml", "sim", "none"] = "none"
     interval_ms: int = Field(default=100, ge=10, le=10_000)
     lag_ms: int = Field(default=100, ge=0, le=2_000, description="counter lag behind the work it measures")
@@ -112,6 +115,29 @@ class MeterConfig(_Section):
     sample_retention_days: float = Field(default=7.0, gt=0)
     journal_path: str = "joulegate-journal.jsonl"
     node: str = ""  # this host's name, matched against backends' `node` (default: the hostname)
+    # -- the metering engine --
+    epoch_s: float = Field(default=10.0, ge=0.1, le=3600, description="attribution epoch (wall-clock window)")
+    settle_s: float = Field(default=2.0, ge=0, le=600, description="wait past an epoch's end for late timelines")
+    open_request_timeout_s: float = Field(
+        default=600.0, gt=0, description="an open request older than this no longer holds attribution back"
+    )
+    engine_interval_s: float = Field(default=1.0, gt=0, le=60, description="how often the engine runs a pass")
+    prefill_tokens_per_s: float = Field(default=20_000.0, gt=0, description="to estimate a prefill step's length")
+    prefill_overhead_ms: float = Field(default=5.0, ge=0, le=10_000)
+    prefill_power_ratio: float = Field(default=2.0, gt=0, le=100, description="prefill power / decode power")
+    batch_tolerance_ms: float = Field(default=2.0, ge=0, le=1_000, description="first tokens this close: one prefill")
+    idle_power_w: float | Literal["auto", "time"] = Field(
+        default="auto", description="idle floor: 'auto' (measured), 'time' (split partly idle intervals by time), W"
+    )
+    max_interval_s: float = Field(default=5.0, gt=0, le=3600, description="a longer reading interval is a gap")
+    count_unrouted: bool = Field(default=True, description="count requests that never reached a backend in usage")
+
+    @field_validator("idle_power_w")
+    @classmethod
+    def _v_idle_power(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not 0 <= v < 100_000:
+            raise ValueError(f"expected 'auto', 'time' or watts >= 0, got {v!r}")
+        return v
 
 
 class DbConfig(_Section):

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from meter.ledger import Ledger
+from meter.service import MeterService
 from meter.store.db import make_engine
 from meter.store.keys import lookup_key
 from meter.store.migrate import ensure_schema
@@ -51,6 +52,7 @@ class GatewayApp:
         cfg = self.config
         self.engine = make_engine(cfg.db.url)
         self.ledger = Ledger(self.engine, cfg.meter.journal_path)
+        self.meter: MeterService | None = None  # the in-process meter (sampler + engine), unless meter.source is none
         self.auth = Authenticator(
             lambda key: lookup_key(self.engine, key),
             required=cfg.auth.required,
@@ -108,6 +110,11 @@ class GatewayApp:
         cfg = self.config
         await asyncio.to_thread(ensure_schema, self.engine)
         self.ledger.start()
+        if cfg.meter.source != "none":
+            from proxy.commands.meter import build_meter_service
+
+            self.meter = await asyncio.to_thread(build_meter_service, cfg, self.engine, self.ledger)
+            self.meter.start()
         for pool in self.pools.values():
             pool.on_health_change(self._update_health)
         await asyncio.gather(*(p.check_all() for p in self.pools.values()))
@@ -154,6 +161,8 @@ class GatewayApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.gather(*(p.close() for p in self.pools.values()))
+        if self.meter is not None:  # after the last request, before the ledger's last flush
+            await asyncio.to_thread(self.meter.stop)
         await asyncio.to_thread(self.ledger.close)
         self.engine.dispose()
         log.info("gateway_stopped", ledger=str(self.ledger.stats))

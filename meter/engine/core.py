@@ -86,8 +86,8 @@ class EngineSettings:
     prefill_power_ratio: float = 2.0
     batch_tolerance_ns: int = 2 * _MS
     idle_power: float | Literal["auto", "time"] = "auto"
-    idle_margin_ns: int = 100 * _MS  # an interval this close to a request is not used to measure idle power
-    min_idle_ns: int = 1 * _S  # fully idle time an epoch needs to trust its own idle estimate
+    idle_margin_ns: int = 50 * _MS  # an interval this close to a request is not used to measure idle power
+    min_idle_ns: int = 500 * _MS  # fully idle time an epoch needs to trust its own idle estimate
     tick_gap_ns: int = 40 * _MS  # samples of one tick (several GPUs) follow each other closer than this
     max_interval_ns: int = 5 * _S  # a longer interval between readings is a gap (the sampler was away)
     drop_stale_readings: bool = True
@@ -332,7 +332,7 @@ class MeteringEngine:
                 return
             result = self._attribute(b, start, end, now, existing=False)
             if result is None:
-                return  # readings not complete yet
+                return  # readings not complete yet, or a row too fresh
             report.attributed.append((b.spec.name, start))
             report.requests_attributed += result
 
@@ -412,6 +412,8 @@ class MeteringEngine:
                 return None
             hi = max(end, readings.boundary_ns - s.lag_ns)
             rows = sql.epoch_requests(conn, name, start, end, hi, start - s.open_request_timeout_ns)
+        if not existing and any(r[9] > attributed_at for r in rows):
+            return None  # a row is still fresh (its transaction may not be the last): next pass, not a recompute
         result = self._compute(b, start, end, readings, rows, attributed_at)
         excluded: set[str] = set()
         for attempt in (0, 1):
@@ -453,7 +455,7 @@ class MeteringEngine:
         s = self.settings
         name = b.spec.name
         timelines: list[Timeline] = []
-        for rid, tenant, model, received, released, first, done, prompt, generated in rows:
+        for rid, tenant, model, received, released, first, done, prompt, generated, _ingested in rows:
             try:
                 timelines.append(Timeline(rid, tenant, model, name, received, released, first, done, prompt, generated))
             except ValueError as exc:
@@ -479,7 +481,7 @@ class MeteringEngine:
         request_rows: list[sql.Row] = []
         usage = UsageDeltas()
         prefill_sum = decode_sum = active_sum = 0
-        for rid, tenant, model, received, released, _first, done, prompt, generated in rows:
+        for rid, tenant, model, received, released, _first, done, prompt, generated, _ingested in rows:
             active = max(0, min(done, end) - max(released, start))
             is_home = start <= done < end
             e = energy.get(rid)

@@ -50,6 +50,7 @@ REQUEST_COLUMNS = (
     "done_ns",
     "prompt_tokens",
     "generated_tokens",
+    "ingested_ns",
 )
 
 

@@ -1,0 +1,174 @@
+"""``joulegate meter``: the metering daemon alone (one per GPU node in a fleet), and the meter of ``joulegate serve``.
+
+The daemon samples the energy counters of the backends that run on this node (``backends[].node`` equal to
+``meter.node``, which defaults to the hostname, or empty), writes the samples through a ledger of its own (journal:
+``<meter.journal_path>.meter.jsonl`` unless ``--journal`` says otherwise, so it never shares a journal with a
+gateway on the same host), and runs the metering engine for those backends, until SIGTERM or SIGINT; then it drains
+(stops the sampler and the engine, flushes the ledger).
+
+``build_meter_service(config, db, ledger)`` is also what ``GatewayApp`` calls for ``joulegate serve --meter ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from proxy.config import Config, ConfigError, MeterConfig, load_config
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+    from meter.engine import EngineSettings
+    from meter.service import BackendSpec, MeterService, SampleSink
+
+_S = 1_000_000_000
+_MS = 1_000_000
+
+
+def engine_settings(meter: MeterConfig) -> EngineSettings:
+    """The engine's settings from the ``[meter]`` section."""
+    from meter.engine import EngineSettings
+
+    return EngineSettings(
+        epoch_ns=round(meter.epoch_s * _S),
+        settle_ns=round(meter.settle_s * _S),
+        lag_ns=meter.lag_ms * _MS,
+        open_request_timeout_ns=round(meter.open_request_timeout_s * _S),
+        prefill_tokens_per_s=meter.prefill_tokens_per_s,
+        prefill_overhead_ns=round(meter.prefill_overhead_ms * _MS),
+        prefill_power_ratio=meter.prefill_power_ratio,
+        batch_tolerance_ns=round(meter.batch_tolerance_ms * _MS),
+        idle_power=meter.idle_power_w,
+        tick_gap_ns=min(40 * _MS, meter.interval_ms * _MS // 2),
+        max_interval_ns=max(round(meter.max_interval_s * _S), 2 * meter.interval_ms * _MS),
+        sample_retention_ns=round(meter.sample_retention_days * 86_400 * _S),
+        count_unrouted=meter.count_unrouted,
+    )
+
+
+def node_name(meter: MeterConfig) -> str:
+    return meter.node or socket.gethostname()
+
+
+def local_backends(config: Config) -> list[BackendSpec]:
+    """The backends whose energy this node's meter attributes: ``node`` empty or this node's name."""
+    from meter.service import BackendSpec
+
+    node = node_name(config.meter)
+    return [BackendSpec(b.name, b.url, b.gpus) for b in config.backends if b.node in ("", node)]
+
+
+def build_meter_service(config: Config, db: sa.Engine, ledger: SampleSink) -> MeterService:
+    """The meter service of this node for ``config`` (not started). Blocking: it opens the source and reads it."""
+    from meter.service import build_meter_service as build
+
+    source = config.meter.source
+    if source == "none":
+        raise ConfigError("meter.source is 'none': nothing to meter")
+    return build(
+        source,
+        local_backends(config),
+        db,
+        ledger,
+        engine_settings(config.meter),
+        interval_ms=config.meter.interval_ms,
+        engine_interval_s=config.meter.engine_interval_s,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file (backends, [meter], [db])")
+    parser.add_argument("--db", metavar="URL", help="database URL (default: the config's db.url)")
+    parser.add_argument("--source", choices=["nvml", "sim"], help="energy source (default: the config's meter.source)")
+    parser.add_argument("--node", metavar="NAME", help="this node's name, matched against backends' node")
+    parser.add_argument("--journal", metavar="PATH", help="ledger journal (default: <meter.journal_path>.meter.jsonl)")
+    parser.add_argument("--log-format", choices=["json", "console"])
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    meter: dict[str, Any] = {}
+    if args.db:
+        out["db"] = {"url": args.db}
+    if args.source:
+        meter["source"] = args.source
+    if args.node:
+        meter["node"] = args.node
+    if meter:
+        out["meter"] = meter
+    if getattr(args, "log_format", None):
+        out["server"] = {"log_format": args.log_format}
+    return out
+
+
+def meter_journal_path(config: Config) -> Path:
+    base = Path(config.meter.journal_path)
+    return base.with_name(base.stem + ".meter.jsonl")
+
+
+def run(args: argparse.Namespace) -> int:
+    from proxy.logs import configure_logging
+
+    try:
+        config = load_config(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        print(f"joulegate meter: {exc}", file=sys.stderr)
+        return 2
+    if config.meter.source == "none":
+        print("joulegate meter: no energy source: give --source nvml|sim or meter.source", file=sys.stderr)
+        return 2
+    if not local_backends(config):
+        print(
+            f"joulegate meter: no backend runs on node {node_name(config.meter)!r} "
+            "(backends[].node must be empty or this node's name)",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(config.server.log_level, config.server.log_format)
+    journal = Path(args.journal) if args.journal else meter_journal_path(config)
+    try:
+        return asyncio.run(_serve(config, journal))
+    except Exception as exc:
+        print(f"joulegate meter: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve(config: Config, journal: Path) -> int:
+    import structlog
+
+    from meter.ledger import Ledger
+    from meter.store.db import make_engine
+    from meter.store.migrate import ensure_schema
+
+    log = structlog.get_logger("joulegate.meter")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    db = make_engine(config.db.url)
+    await asyncio.to_thread(ensure_schema, db)
+    ledger = Ledger(db, journal)
+    ledger.start()
+    service: MeterService | None = None
+    try:
+        service = await asyncio.to_thread(build_meter_service, config, db, ledger)
+        service.start()
+        # -- The EnergyReports gRPC server (meter/reports) starts here when the daemon serves reports itself, and
+        # -- stops first in the `finally` below. It reads the same database (`db`) and may use `service.run_soon`.
+        log.info("meter_daemon_started", node=node_name(config.meter), backends=service.stats.backends)
+        await stop.wait()
+        log.info("meter_daemon_draining")
+    finally:
+        if service is not None:
+            await asyncio.to_thread(service.stop)
+        await asyncio.to_thread(ledger.close)
+        db.dispose()
+        log.info("meter_daemon_stopped", ledger=str(ledger.stats))
+    return 0

@@ -1,0 +1,186 @@
+"""Helpers for the end-to-end metering tests: traffic from several tenants, waiting for attribution, the books.
+
+Holds no tests itself; ``test_metering_*.py`` import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import sqlalchemy as sa
+
+from meter.engine import attributed_until, expected_usage, usage_table
+from proxy.pb.fmaas import generation_pb2 as pb
+from proxy.pb.fmaas import generation_pb2_grpc
+from sim.server import SimTGI
+
+
+@dataclass
+class Traffic:
+    calls: int = 0
+    failures: int = 0
+    request_ids: list[str] | None = None
+
+
+async def run_traffic(
+    channel: grpc.aio.Channel,
+    keys: Sequence[str],
+    *,
+    seconds: float,
+    clients_per_key: int = 3,
+    gap_s: float = 0.3,
+    seed: int = 7,
+    model_id: str = "sim-model",
+) -> Traffic:
+    """Clients per API key send Generate (1-3 prompts) and GenerateStream calls with random gaps, prompt lengths
+    (20-600 tokens) and max_new_tokens (5-60) until ``seconds`` have passed."""
+    stub = generation_pb2_grpc.GenerationServiceStub(channel)
+    out = Traffic(request_ids=[])
+    stop = time.monotonic() + seconds
+
+    async def client(key: str, rnd: random.Random) -> None:
+        md = (("authorization", f"Bearer {key}"),)
+        while time.monotonic() < stop:
+            await asyncio.sleep(rnd.expovariate(1 / gap_s))
+            params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=rnd.randint(5, 60)))
+            out.calls += 1
+            try:
+                if rnd.random() < 0.3:
+                    call = stub.GenerateStream(
+                        pb.SingleGenerationRequest(
+                            model_id=model_id,
+                            request=pb.GenerationRequest(text="w " * rnd.randint(20, 600)),
+                            params=params,
+                        ),
+                        metadata=md,
+                    )
+                    async for _ in call:
+                        pass
+                    rid = dict(await call.initial_metadata())["x-request-id"]
+                    out.request_ids.append(rid)  # type: ignore[union-attr]
+                else:
+                    n = rnd.randint(1, 3)
+                    texts = [pb.GenerationRequest(text="w " * rnd.randint(20, 600)) for _ in range(n)]
+                    unary = stub.Generate(
+                        pb.BatchedGenerationRequest(model_id=model_id, requests=texts, params=params), metadata=md
+                    )
+                    await unary
+                    rid = dict(await unary.initial_metadata())["x-request-id"]
+                    ids = [rid] if n == 1 else [f"{rid}-{i}" for i in range(n)]  # as the gateway names them
+                    out.request_ids.extend(ids)  # type: ignore[union-attr]
+            except grpc.aio.AioRpcError:
+                out.failures += 1
+
+    rnd = random.Random(seed)
+    await asyncio.gather(*(client(k, random.Random(rnd.random())) for k in keys for _ in range(clients_per_key)))
+    return out
+
+
+def query(db: sa.Engine, sql: str, params: dict | None = None) -> list[sa.Row]:
+    with db.connect() as conn:
+        return list(conn.execute(sa.text(sql), params or {}))
+
+
+async def wait_attributed(db: sa.Engine, timeout_s: float = 15.0) -> None:
+    """Until every backend's attribution covers the end of its last request."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last_done = dict(
+            query(db, "SELECT backend, MAX(done_ns) FROM requests WHERE backend IS NOT NULL GROUP BY backend")
+        )
+        with db.connect() as conn:
+            behind = {b: d for b, d in last_done.items() if (attributed_until(conn, b) or 0) <= d}
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"attribution did not cover the last requests of {sorted(behind)} in {timeout_s} s")
+        await asyncio.sleep(0.2)
+
+
+def check_books(db: sa.Engine) -> dict[str, int]:
+    """Conservation, exactly: per epoch counter = its requests' energy + idle; consecutive epochs of a backend share
+    their boundary reading, so per backend the epochs' counter energy is the counter's over the span (less gaps).
+    usage_hourly equals its rebuild. Returns the counter energy per backend."""
+    epochs = query(db, "SELECT * FROM backend_epochs WHERE backend <> '' ORDER BY backend, epoch_start_ns")
+    sums = {
+        (r[0], r[1]): (r[2], r[3])
+        for r in query(
+            db,
+            "SELECT backend, epoch_start_ns, SUM(prefill_mj), SUM(decode_mj) FROM request_energy GROUP BY backend, "
+            "epoch_start_ns",
+        )
+    }
+    totals: dict[str, int] = {}
+    prev: dict[str, sa.Row] = {}
+    for e in epochs:
+        pre, dec = sums.get((e.backend, e.epoch_start_ns), (0, 0))
+        assert (pre, dec) == (e.prefill_mj, e.decode_mj), e
+        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj, e
+        if e.backend in prev:
+            p = prev[e.backend]
+            assert p.epoch_end_ns == e.epoch_start_ns
+            if p.gaps == 0 and e.gaps == 0 and p.last_reading_ns is not None:
+                assert p.last_reading_ns == e.first_reading_ns  # the shared boundary reading
+        prev[e.backend] = e
+        totals[e.backend] = totals.get(e.backend, 0) + e.counter_mj
+    with db.connect() as conn:
+        assert usage_table(conn) == expected_usage(conn)
+    return totals
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    n: int
+    median: float
+    p95: float
+    worst: float
+    tenant_errors: dict[str, float]  # relative error of each tenant's total
+    phase_errors: dict[str, float]  # relative error of all prefill, all decode
+
+    def __str__(self) -> str:
+        tenants = ", ".join(f"{k} {v:+.2%}" for k, v in sorted(self.tenant_errors.items()))
+        phases = ", ".join(f"{k} {v:+.2%}" for k, v in sorted(self.phase_errors.items()))
+        return (
+            f"{self.n} requests: per-request error median {self.median:.2%}, p95 {self.p95:.2%}, worst "
+            f"{self.worst:.2%}; tenant totals {tenants}; phase totals {phases}"
+        )
+
+
+def accuracy(db: sa.Engine, sims: Sequence[SimTGI]) -> Accuracy:
+    """Attributed energy per request (over all its epochs) against the simulators' truth."""
+    truth = {}
+    for sim in sims:
+        truth.update(sim.truth().requests)
+    got = query(
+        db,
+        "SELECT e.request_id, SUM(e.prefill_mj), SUM(e.decode_mj), MAX(r.tenant) FROM request_energy e "
+        "JOIN requests r ON r.request_id = e.request_id WHERE e.backend <> '' GROUP BY e.request_id",
+    )
+    errors = []
+    tenants: dict[str, list[int]] = {}
+    phases = {"prefill": [0, 0], "decode": [0, 0]}
+    for rid, pre, dec, tenant in got:
+        t = truth[rid]
+        errors.append(abs(pre + dec - t.total_mj) / t.total_mj)
+        acc = tenants.setdefault(tenant, [0, 0])
+        acc[0] += pre + dec
+        acc[1] += t.total_mj
+        phases["prefill"][0] += pre
+        phases["prefill"][1] += t.prefill_mj
+        phases["decode"][0] += dec
+        phases["decode"][1] += t.decode_mj
+    errors.sort()
+    return Accuracy(
+        n=len(errors),
+        median=statistics.median(errors),
+        p95=errors[min(len(errors) - 1, int(0.95 * len(errors)))],
+        worst=errors[-1],
+        tenant_errors={k: a / b - 1 for k, (a, b) in tenants.items()},
+        phase_errors={k: a / b - 1 for k, (a, b) in phases.items()},
+    )
