@@ -318,6 +318,16 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _round_names(concurrencies: list[int]) -> list[str]:
+    """``c8``, and ``c8_2``, ``c8_3`` for repeats of the same concurrency."""
+    seen: dict[int, int] = {}
+    names = []
+    for c in concurrencies:
+        seen[c] = seen.get(c, 0) + 1
+        names.append(f"c{c}" if seen[c] == 1 else f"c{c}_{seen[c]}")
+    return names
+
+
 def report(doc: dict[str, Any], ready: dict[str, Any]) -> str:
     lines = [
         f"model {ready['model_id']} ({ready['parameters'] / 1e9:.2f} B parameters), built in {ready['build_s']} s, "
@@ -338,13 +348,13 @@ def report(doc: dict[str, Any], ready: dict[str, Any]) -> str:
     )
     lines.append(f"overload: {o['sent']} sent, {o['status_200']} x 200, {o['status_429']} x 429; ok={o['ok']}")
     lines.append(f"checks: {doc['checks']}")
+    names = _round_names([r["concurrency"] for r in doc["rounds"]])
     parts = []
-    for r in doc["rounds"]:
-        n = r["concurrency"]
-        key = "ttft_ms" if n == 1 else "ttft_p50_ms"
-        parts.append(f"{key}_c{n}={r['ttft_ms_p50']:.1f}")
-    parts += [f"tok_s_c{r['concurrency']}={r['tok_s']:.1f}" for r in doc["rounds"]]
-    parts += [f"j_per_request_c{r['concurrency']}={_fmt(r['j_per_request'])}" for r in doc["rounds"]]
+    for r, name in zip(doc["rounds"], names, strict=True):
+        key = "ttft_ms" if r["concurrency"] == 1 else "ttft_p50_ms"
+        parts.append(f"{key}_{name}={r['ttft_ms_p50']:.1f}")
+    parts += [f"tok_s_{name}={r['tok_s']:.1f}" for r, name in zip(doc["rounds"], names, strict=True)]
+    parts += [f"j_per_request_{name}={_fmt(r['j_per_request'])}" for r, name in zip(doc["rounds"], names, strict=True)]
     parts.append(f"cancel_idle_ms={_fmt(c['idle_ms'])}")
     parts.append(f"overloaded={o['status_429']}/{o['sent']}")
     parts.append(f"checks={'ok' if all(doc['checks'].values()) else 'FAILED'}")
