@@ -1,26 +1,25 @@
 """JSON and Server-Sent Events as TGI writes them: compact JSON, ``data:<json>\\n\\n`` frames, ``data:[DONE]``.
 
 TGI serialises with serde_json (no spaces, non-ASCII as is, fields in declaration order) and frames SSE with axum
-(no space after ``data:``). Python dicts keep the order the backend sent, so re-encoding a parsed event gives the
-backend's bytes back for everything but float spellings (serde prints ``1e-5`` where Python prints ``1e-05``).
+(no space after ``data:``). Python dicts keep the order the backend sent and orjson prints shortest round-trip
+floats, so re-encoding a parsed event gives the backend's bytes back, up to the spelling of very small or large
+floats (serde writes ``1e-5`` where orjson writes ``0.00001``; both parse to the same number).
 """
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 SSE_DONE = b"data:[DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
 
 def dumps(obj: Any) -> bytes:
-    return _encoder.encode(obj).encode("utf-8")
+    return orjson.dumps(obj)  # one per token on streams: several times faster than json
 
 
 def json_response(obj: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
