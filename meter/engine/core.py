@@ -33,6 +33,7 @@ fixes the floor.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,8 +58,13 @@ _S = 1_000_000_000
 _MS = 1_000_000
 _LOOKBEHIND_NS = 1 * _S  # ticks are regrouped from this far before an epoch, so groups match across epochs
 _LOOKAHEAD_NS = 1 * _S
+_RESTART_LOOKBACK_NS = 60 * _S  # at start, rows written this long before the last attribution are checked again
 _MAX_EPOCH_NS = 3600 * _S
 _IDLE_HISTORY_EPOCHS = 60  # idle stretches of this many recent epochs measure the floor when one epoch has too few
+
+
+class _CannotRecomputeError(Exception):
+    """A stale epoch whose readings are no longer stored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,7 @@ class _Backend:
     loaded: bool = False
     idle_power_w: float | None = None
     idle_history: deque[IdleEstimate] = field(default_factory=lambda: deque(maxlen=_IDLE_HISTORY_EPOCHS))
+    stale: dict[int, int] = field(default_factory=dict)  # epochs to recompute (start -> end), found by the scan
     timeout_logged_ns: int = 0
 
 
@@ -272,8 +279,9 @@ class MeteringEngine:
                     _start, end, last_reading, attributed_at = last
                     b.until_ns = end
                     b.span_end_ns = max(end, (last_reading or end) - self.settings.lag_ns)
-                    if self._scan_lo_ns is None or attributed_at - self.settings.scan_margin_ns < self._scan_lo_ns:
-                        self._scan_lo_ns = attributed_at - self.settings.scan_margin_ns
+                    lo = attributed_at - _RESTART_LOOKBACK_NS  # a row the last run found but did not redo
+                    if self._scan_lo_ns is None or lo < self._scan_lo_ns:
+                        self._scan_lo_ns = lo
                 b.loaded = True
         if self._scan_lo_ns is None:
             self._scan_lo_ns = 0  # nothing attributed yet: look at every row once
@@ -339,7 +347,8 @@ class MeteringEngine:
     # -- stale epochs ----------------------------------------------------------------------------------------------
 
     def _scan_ingested(self, now: int, report: PassReport) -> None:
-        """Find rows written since the last pass that are late for an attributed epoch, or unrouted and new."""
+        """Find rows written since the last pass that are late for an attributed epoch, or unrouted and new; then
+        recompute every stale epoch whose rows have settled (the others wait for a later pass)."""
         s = self.settings
         lo = self._scan_lo_ns if self._scan_lo_ns is not None else 0
         bounds = {n: b.span_end_ns for n, b in self._backends.items() if b.span_end_ns is not None}
@@ -355,32 +364,47 @@ class MeteringEngine:
             elif backend in bounds and row[2] < bounds[backend]:
                 late.setdefault(backend, []).append(row)
         for backend, cand in late.items():
-            for start, end in self._stale_epochs(backend, cand):
-                b = self._backends[backend]
-                if self._attribute(b, start, end, now, existing=True) is not None:
-                    report.recomputed.append((backend, start))
+            self._backends[backend].stale.update(self._stale_epochs(backend, cand))
+        self._scan_lo_ns = now - s.scan_margin_ns  # what is found is remembered in `stale` until it is redone
+        for name, b in self._backends.items():
+            for start in sorted(b.stale):
+                try:
+                    done = self._attribute(b, start, b.stale[start], now, existing=True)
+                except _CannotRecomputeError:
+                    del b.stale[start]
+                    continue
+                if done is not None:
+                    del b.stale[start]
+                    report.recomputed.append((name, start))
         if unrouted:
             report.unrouted_counted += self._count_unrouted(unrouted)
-        self._scan_lo_ns = now - s.scan_margin_ns
 
-    def _stale_epochs(self, backend: str, rows: list[sql.Row]) -> list[tuple[int, int]]:
+    def _stale_epochs(self, backend: str, rows: list[sql.Row]) -> dict[int, int]:
+        """The attributed epochs (start -> end) of ``backend`` that one of ``rows`` overlaps and is newer than."""
         s = self.settings
         min_released = min(r[2] for r in rows)
         max_done = max(r[3] for r in rows)
-        slack = s.lag_ns + s.max_interval_ns + _MAX_EPOCH_NS
         with self._db.connect() as conn:
-            epochs = sql.epochs_in(conn, backend, min_released - slack, max_done)
+            reach = 2 * s.epoch_ns + s.lag_ns + s.max_interval_ns  # an overlapping epoch starts no earlier
+            epochs = sql.epochs_in(conn, backend, min_released - reach, max_done)
+        if not epochs:
+            return {}
+        starts = [e[0] for e in epochs]
+        ends = [e[1] for e in epochs]
         stale: dict[int, int] = {}
-        for start, end, last_reading, attributed_at in epochs:
-            span_end = max(end, (last_reading or end) - s.lag_ns)
-            for r in rows:
-                released, done, ingested = r[2], r[3], r[4]
+        for r in rows:
+            released, done, ingested = r[2], r[3], r[4]
+            # The epochs whose span can hold [released, done]: from the one before the epoch holding `released` (its
+            # readings may reach past its end) to the last one starting at or before `done`.
+            first = max(0, bisect_right(ends, released) - 1)
+            for i in range(first, bisect_right(starts, done)):
+                start, end, last_reading, attributed_at = epochs[i]
+                span_end = max(end, (last_reading or end) - s.lag_ns)
                 if released < span_end and done >= start and ingested > attributed_at:
                     stale[start] = end
-                    break
         if stale:
             log.info("engine_late_rows", backend=backend, rows=len(rows), stale_epochs=len(stale))
-        return sorted(stale.items())
+        return stale
 
     # -- one epoch -------------------------------------------------------------------------------------------------
 
@@ -407,13 +431,14 @@ class MeteringEngine:
             ticks = self._ticks(conn, b.spec.devices, start, end)
             readings = epoch_readings(ticks, start, end, s.lag_ns, s.max_interval_ns, drop_stale=s.drop_stale_readings)
             if readings is None:
-                if existing:
+                if existing:  # its samples are gone (pruned): the epoch stays as it was
                     log.warning("engine_recompute_without_readings", backend=name, epoch_start_ns=start)
+                    raise _CannotRecomputeError
                 return None
             hi = max(end, readings.boundary_ns - s.lag_ns)
             rows = sql.epoch_requests(conn, name, start, end, hi, start - s.open_request_timeout_ns)
-        if not existing and any(r[9] > attributed_at for r in rows):
-            return None  # a row is still fresh (its transaction may not be the last): next pass, not a recompute
+        if any(r[9] > attributed_at for r in rows):
+            return None  # a row is still fresh (another may still be committing): a later pass, not a recompute
         result = self._compute(b, start, end, readings, rows, attributed_at)
         excluded: set[str] = set()
         for attempt in (0, 1):
