@@ -223,6 +223,20 @@ def test_finality(store: sa.Engine) -> None:
     assert usage.total.requests == 7 and usage.total.provisional_requests == 4
 
 
+def test_finality_of_many_requests_at_once_checks_each_against_its_own_epochs(store: sa.Engine) -> None:
+    epochs = [Epoch(H + k * 10 * S, H + (k + 1) * 10 * S, 5, attributed_at_ns=H + 300 * S) for k in range(20)]
+    requests = [
+        Req("old", released_ns=H + 5 * S, done_ns=H + 6 * S, received_ns=H + 5 * S, ingested_ns=H + 400 * S),
+        Req("new", released_ns=H + 150 * S, done_ns=H + 151 * S, received_ns=H + 150 * S, ingested_ns=H),
+    ]
+    insert(store, requests, epochs)
+    with store.connect() as conn:
+        usage = get_usage(conn, settings(), end_ns=H + 1000 * S)
+        assert (usage.total.requests, usage.total.provisional_requests) == (2, 1)
+        listed = list_requests(conn, RequestFilter(), settings())
+        assert [(r.request_id, r.final) for r in listed.requests] == [("new", True), ("old", False)]
+
+
 @pytest.mark.parametrize("page_size", [1, 7, 100])
 def test_list_requests_pages_without_gaps_or_repeats(store: sa.Engine, page_size: int) -> None:
     # 60 requests on 20 distinct received times (ties broken by id), two tenants, one model filter.

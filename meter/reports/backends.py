@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from meter.reports.energy import BE, RE, attributed_until, backend_names
+from meter.reports.energy import BE, RE, attributed_until, backend_names, tune_for_reports
 from meter.reports.types import BackendReport
 from meter.reports.usage import check_range
 
@@ -17,6 +17,7 @@ from meter.reports.usage import check_range
 def get_backend_energy(conn: sa.Connection, *, end_ns: int, start_ns: int | None = None) -> tuple[BackendReport, ...]:
     """One row per backend that has epochs starting in the range, sorted by backend name."""
     check_range(start_ns, end_ns)
+    tune_for_reports(conn)
     out: list[BackendReport] = []
     for name in backend_names(conn):
         epoch_cond = [BE.c.backend == name, BE.c.epoch_start_ns < end_ns]

@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from meter.reports.energy import RQ, attributed_until_all, energy_by_request, provisional_expr
+from meter.reports.energy import RQ, attributed_until_all, energy_by_request, provisional_expr, tune_for_reports
 from meter.reports.types import InvalidQuery, ReportSettings, RequestPage, RequestReport
 
 DEFAULT_PAGE_SIZE = 100
@@ -92,6 +92,7 @@ def fetch_reports(conn: sa.Connection, ids: Sequence[str], settings: ReportSetti
     """Reports for the requests ``ids`` (missing ids are absent from the answer)."""
     if not ids:
         return {}
+    tune_for_reports(conn)
     mine = sa.select(RQ).where(RQ.c.request_id.in_(list(ids))).cte("mine")
     energy = energy_by_request(sa.select(mine.c.request_id), settings.idle_policy)
     until = attributed_until_all(conn)
@@ -122,6 +123,7 @@ def list_requests(
     if page_size < 0 or page_size > MAX_PAGE_SIZE:
         raise InvalidQuery("page_size", f"must be between 0 and {MAX_PAGE_SIZE}, got {page_size}")
     size = page_size or DEFAULT_PAGE_SIZE
+    tune_for_reports(conn)
     stmt = sa.select(RQ.c.received_ns, RQ.c.request_id)
     for column, value in (
         (RQ.c.tenant, flt.tenant),

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from meter.reports.energy import RQ, attributed_until_all, energy_by_request, provisional_expr
+from meter.reports.energy import RQ, attributed_until_all, energy_by_request, provisional_expr, tune_for_reports
 from meter.reports.types import (
     NO_BACKEND,
     NS_PER_DAY,
@@ -66,6 +66,7 @@ def get_usage(
 ) -> UsageReport:
     """Requests received in ``[start_ns, end_ns)`` (optionally of one tenant), grouped; rows sorted by key."""
     check_range(start_ns, end_ns)
+    tune_for_reports(conn)
     conditions = [RQ.c.received_ns < end_ns]
     if start_ns is not None:
         conditions.append(RQ.c.received_ns >= start_ns)
