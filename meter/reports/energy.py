@@ -24,7 +24,7 @@ computed, so the engine will recompute the epoch). This is at least as strict as
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 
@@ -34,6 +34,8 @@ from meter.store.models import BackendEpoch, Request, RequestEnergy
 # How far past its end an epoch's readings may reach: the boundary reading is taken at least the counter lag (<= 2 s)
 # plus up to one reading interval (the engine splits longer ones off as gaps: 5 s by default) after the epoch's end.
 READING_OVERHANG_NS = 60_000_000_000
+# The engine's longest epoch (meter.engine: epochs are at most an hour).
+MAX_EPOCH_NS = 3_600_000_000_000
 
 RQ = Request.__table__
 RE = RequestEnergy.__table__
@@ -80,10 +82,22 @@ def _f(x: sa.ColumnElement[int]) -> sa.ColumnElement[float]:
     return sa.cast(x, sa.Float)
 
 
-def energy_by_request(ids: sa.Select[tuple[str]], policy: IdlePolicy) -> sa.CTE:
+def energy_by_request(
+    ids: sa.Select[tuple[str]],
+    policy: IdlePolicy,
+    *,
+    rows_since: tuple[Sequence[str], int] | None = None,
+    rows_until: sa.ColumnElement[int] | None = None,
+) -> sa.CTE:
     """Per request in ``ids`` (a one-column select of request ids): ``prefill_mj``, ``decode_mj`` (integer sums of
     its ``request_energy`` rows) and ``idle_mj`` (its float share under ``policy``). Requests without rows are
-    absent: outer-join and coalesce to 0."""
+    absent: outer-join and coalesce to 0.
+
+    ``rows_since = (backends, t_ns)`` promises that every energy row of these requests belongs to one of
+    ``backends`` and to an epoch starting at or after ``t_ns``: the rows are then found by a range scan of the
+    ``(backend, epoch_start_ns)`` index instead of a scan of the whole table (for requests received since a time);
+    ``rows_until`` (an expression) likewise bounds the epochs' starts from above (the requests' latest end).
+    """
     mine = ids.cte("ids")
     sums = (
         sa.select(
@@ -94,6 +108,11 @@ def energy_by_request(ids: sa.Select[tuple[str]], policy: IdlePolicy) -> sa.CTE:
         .join(mine, mine.c.request_id == RE.c.request_id)
         .group_by(RE.c.request_id)
     )
+    if rows_since is not None:
+        backends, since_ns = rows_since
+        sums = sums.where(RE.c.backend.in_(list(backends)), RE.c.epoch_start_ns >= since_ns)
+    if rows_until is not None:
+        sums = sums.where(RE.c.epoch_start_ns <= rows_until)
     if policy is IdlePolicy.NONE:
         return sums.add_columns(sa.literal(0.0, sa.Float).label("idle_mj")).cte("energy")
     if policy is IdlePolicy.TIME:
@@ -166,10 +185,25 @@ def _token_idle_shares(mine: sa.CTE) -> sa.CTE:
     )
 
 
-def provisional_expr(r: sa.FromClause, until: Mapping[str, int], lag_ns: int) -> sa.ColumnElement[int]:
+def longest_epoch_ns(conn: sa.Connection, backends: Sequence[str], since_ns: int | None, until_ns: int | None) -> int:
+    """The longest epoch of ``backends`` starting in ``[since_ns, until_ns]`` (ends open when None); 0 if none."""
+    stmt = sa.select(sa.func.max(BE.c.epoch_end_ns - BE.c.epoch_start_ns)).where(BE.c.backend.in_(list(backends)))
+    if since_ns is not None:
+        stmt = stmt.where(BE.c.epoch_start_ns >= since_ns)
+    if until_ns is not None:
+        stmt = stmt.where(BE.c.epoch_start_ns <= until_ns)
+    return int(conn.execute(stmt).scalar_one_or_none() or 0)
+
+
+def provisional_expr(
+    r: sa.FromClause, until: Mapping[str, int], lag_ns: int, *, epoch_span_ns: int | None = None
+) -> sa.ColumnElement[int]:
     """1 if the request row ``r`` (a selectable with the ``requests`` columns) is not final yet, else 0.
 
     ``until`` maps backend -> attributed_until (a backend missing from it has attributed nothing yet).
+    ``epoch_span_ns``, when given, must be at least the length of every epoch that may overlap these requests
+    (``longest_epoch_ns``): the overlap search then starts that far before ``released_ns`` (one index range scan
+    per request). Without it, each request first looks up the epoch that holds its release (a second probe).
     """
     until_col: sa.ColumnElement[int] = (
         sa.case(*((r.c.backend == name, sa.literal(ns)) for name, ns in until.items()), else_=sa.literal(-1))
@@ -177,15 +211,20 @@ def provisional_expr(r: sa.FromClause, until: Mapping[str, int], lag_ns: int) ->
         else sa.literal(-1)
     )
     e = BE.alias("stale_e")
-    e0 = BE.alias("stale_e0")
-    # Index range of the overlap search: from the epoch that holds released_ns - READING_OVERHANG_NS on (the latest
-    # epoch start at or before it), which is right for epochs of any length.
-    first_start = (
-        sa.select(sa.func.max(e0.c.epoch_start_ns))
-        .where(e0.c.backend == r.c.backend, e0.c.epoch_start_ns <= r.c.released_ns - READING_OVERHANG_NS)
-        .correlate(r)  # to the request row two levels up, not to the EXISTS around it
-        .scalar_subquery()
-    )
+    lowest = r.c.released_ns - READING_OVERHANG_NS
+    if epoch_span_ns is not None:
+        first_start: sa.ColumnElement[int] = lowest - epoch_span_ns
+    else:
+        # From the epoch that holds released_ns - READING_OVERHANG_NS on (the latest epoch start at or before it),
+        # which is right for epochs of any length.
+        e0 = BE.alias("stale_e0")
+        first_start = sa.func.coalesce(
+            sa.select(sa.func.max(e0.c.epoch_start_ns))
+            .where(e0.c.backend == r.c.backend, e0.c.epoch_start_ns <= lowest)
+            .correlate(r)  # to the request row two levels up, not to the EXISTS around it
+            .scalar_subquery(),
+            lowest,
+        )
     reach = sa.case(
         (e.c.last_reading_ns > e.c.epoch_end_ns, e.c.last_reading_ns), else_=e.c.epoch_end_ns
     )  # an epoch's boundary reading is taken after its end; energy it measured may fall after the end
@@ -193,7 +232,7 @@ def provisional_expr(r: sa.FromClause, until: Mapping[str, int], lag_ns: int) ->
         sa.exists()
         .where(
             e.c.backend == r.c.backend,
-            e.c.epoch_start_ns >= sa.func.coalesce(first_start, r.c.released_ns - READING_OVERHANG_NS),
+            e.c.epoch_start_ns >= first_start,
             e.c.epoch_start_ns <= r.c.done_ns,
             reach > r.c.released_ns,
             e.c.attributed_at_ns < r.c.ingested_ns,

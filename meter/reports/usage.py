@@ -15,7 +15,16 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from meter.reports.energy import RQ, attributed_until_all, energy_by_request, provisional_expr, tune_for_reports
+from meter.reports.energy import (
+    MAX_EPOCH_NS,
+    READING_OVERHANG_NS,
+    RQ,
+    attributed_until_all,
+    energy_by_request,
+    longest_epoch_ns,
+    provisional_expr,
+    tune_for_reports,
+)
 from meter.reports.types import (
     NO_BACKEND,
     NS_PER_DAY,
@@ -26,6 +35,8 @@ from meter.reports.types import (
     UsageReport,
     UsageRow,
 )
+
+OPEN_END_NS = 2**62  # stands for "not ended yet" when bounding the epochs of the requests
 
 
 def rfc3339(ns: int) -> str:
@@ -88,8 +99,21 @@ def get_usage(
         .where(*conditions)
         .cte("sel")
     )
-    energy = energy_by_request(sa.select(sel.c.request_id), settings.idle_policy)
     until = attributed_until_all(conn)
+    backends = sorted(until)
+    # Bounds of the epochs that may hold these requests' energy, so that rows and epochs are found by index ranges.
+    # A request received at or after start was released then too: its epochs start at most an epoch (and the reach of
+    # a boundary reading) earlier. The last one starts no later than the requests' latest end.
+    bounds = sa.select(sa.func.max(sa.func.coalesce(RQ.c.done_ns, OPEN_END_NS))).where(*conditions)
+    latest_end = conn.execute(bounds).scalar_one_or_none()
+    since_ns = None if start_ns is None else start_ns - MAX_EPOCH_NS - READING_OVERHANG_NS
+    span_ns = longest_epoch_ns(conn, backends, since_ns, latest_end)
+    energy = energy_by_request(
+        sa.select(sel.c.request_id),
+        settings.idle_policy,
+        rows_since=None if since_ns is None else (backends, since_ns),
+        rows_until=None if latest_end is None else sa.literal(latest_end),
+    )
     per = (
         sa.select(
             _key(sel, group_by).label("k"),
@@ -98,7 +122,7 @@ def get_usage(
             sa.func.coalesce(energy.c.prefill_mj, 0).label("prefill_mj"),
             sa.func.coalesce(energy.c.decode_mj, 0).label("decode_mj"),
             sa.func.coalesce(energy.c.idle_mj, 0.0).label("idle_mj"),
-            provisional_expr(sel, until, settings.lag_ns).label("provisional"),
+            provisional_expr(sel, until, settings.lag_ns, epoch_span_ns=span_ns).label("provisional"),
         )
         .outerjoin(energy, energy.c.request_id == sel.c.request_id)
         .subquery("per")
