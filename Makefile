@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m sim.demo
+	$(VENV)/bin/joulegate demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

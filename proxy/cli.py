@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("proxy.commands.migrate", "create or upgrade the database schema (Alembic)"),
     "report": ("proxy.commands.report", "print energy reports: usage, requests, backends"),
     "sim-tgi": ("sim.cli", "run a simulated TGI server with a simulated GPU energy counter"),
+    "demo": ("proxy.commands.demo", "the whole stack on simulated GPUs: traffic from two tenants, then their energy"),
 }
 
 
