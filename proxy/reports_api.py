@@ -14,7 +14,8 @@ Unknown request id: NOT_FOUND. A malformed query (bad timestamp, ``start >= end`
 over 1000, a page token that is not ours) is INVALID_ARGUMENT naming the field. A database that cannot be reached is
 UNAVAILABLE with a retry hint.
 
-``GetRequestEnergy`` with ``wait_final`` polls every ``poll_interval_s`` until the request is final, for up to
+``GetRequestEnergy`` with ``wait_final`` polls every ``poll_interval_s`` (and asks an in-process metering engine
+for a pass) until the request is final, for up to
 ``wait_timeout_ms`` (0: 30 s; at most 600 s) and never past the call's own deadline; on timeout it answers the
 provisional figures (``final: false``), not an error. While waiting it also waits for a request the ledger has not
 written yet (a client usually asks right after its generation returned); NOT_FOUND comes only at the timeout.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -207,11 +209,24 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         settings: ReportSettings,
         *,
         poll_interval_s: float = 0.1,
+        nudge: Callable[[], None] | None = None,
+        nudge_interval_s: float = 0.5,
     ) -> None:
+        """``nudge`` asks the metering engine for a pass now (``MeterService.run_soon``); ``wait_final`` calls it,
+        at most every ``nudge_interval_s``, while the request it waits for is provisional."""
         self.engine = engine
         self.auth = auth
         self.settings = settings
         self.poll_interval_s = poll_interval_s
+        self._nudge = nudge
+        self._nudge_interval_s = nudge_interval_s
+        self._last_nudge = 0.0
+
+    def _nudge_engine(self) -> None:
+        now = time.monotonic()
+        if self._nudge is not None and now - self._last_nudge >= self._nudge_interval_s:
+            self._last_nudge = now
+            self._nudge()
 
     async def _query(self, fn: Callable[[sa.Connection], T]) -> T:
         def run() -> T:
@@ -260,6 +275,7 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
                 left = give_up - loop.time()
                 if left <= 0:
                     break
+                self._nudge_engine()
                 await asyncio.sleep(min(self.poll_interval_s, left))
             if report is None:
                 raise NotFound(f"request_id: no request {request.request_id!r} has been recorded")
@@ -328,3 +344,51 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
             return msg
 
         return await self._call(context, "GetBackendEnergy", work)
+
+
+# -- a server of its own (``joulegate meter``) ---------------------------------------------------------------------
+
+
+@dataclass
+class ReportsServer:
+    """EnergyReports with health and reflection on a port of its own, for the meter daemon."""
+
+    server: grpc.aio.Server
+    health: Any
+    port: int
+
+    async def stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def start_reports_server(
+    config: Config, engine: sa.Engine, listen: str, *, nudge: Callable[[], None] | None = None
+) -> ReportsServer:
+    """Serve EnergyReports (keys checked against ``engine``'s ``api_keys``), the health service (SERVING) and
+    reflection on ``listen`` (HOST:PORT; port 0 picks one)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from meter.store.keys import lookup_key
+    from proxy.grpc_handlers import add_servicer
+
+    auth = Authenticator(
+        lambda key: lookup_key(engine, key),
+        required=config.auth.required,
+        anonymous_tenant=config.auth.anonymous_tenant,
+        cache_ttl_s=config.auth.cache_ttl_s,
+    )
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    add_servicer(server, SERVICE, EnergyReportsServicer(engine, auth, settings_from_config(config), nudge=nudge))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("reports_server_started", listen=listen, port=port)
+    return ReportsServer(server=server, health=health_servicer, port=port)

@@ -90,9 +90,13 @@ class GatewayApp:
             generation_pb2.DESCRIPTOR.services_by_name["GenerationService"],
             GenerationServicer(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests),
         )
-        add_servicer(
-            self.server, ENERGY_REPORTS, EnergyReportsServicer(self.engine, self.auth, settings_from_config(cfg))
+        reports = EnergyReportsServicer(
+            self.engine,
+            self.auth,
+            settings_from_config(cfg),
+            nudge=lambda: self.meter.run_soon() if self.meter is not None else None,  # wait_final: attribute now
         )
+        add_servicer(self.server, ENERGY_REPORTS, reports)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = [
             GENERATION_SERVICE,

@@ -187,8 +187,10 @@ def test_finality(store: sa.Engine) -> None:
         Req("too-recent", released_ns=H, done_ns=until - LAG + 1, received_ns=H, ingested_ns=H),
         Req("open", released_ns=H, done_ns=None, status=None, received_ns=H, ingested_ns=H),
         Req("late", released_ns=H + 100 * MS, done_ns=H + 200 * MS, received_ns=H, ingested_ns=H + 5 * S),
-        # released after the first epoch's end, but within the reach of its boundary reading (H + 1.2 s)
-        Req("edge", released_ns=H + 1100 * MS, done_ns=H + 1500 * MS, received_ns=H, ingested_ns=H + 5 * S),
+        # released after the first epoch's end, but within the reach of its boundary reading (H + 1.2 s, work time
+        # H + 1.1 s); and one released after that reach
+        Req("edge", released_ns=H + 1050 * MS, done_ns=H + 1500 * MS, received_ns=H, ingested_ns=H + 5 * S),
+        Req("beyond", released_ns=H + 1100 * MS, done_ns=H + 1500 * MS, received_ns=H, ingested_ns=H + 5 * S),
         Req("queued", backend=None, done_ns=H, received_ns=H, ingested_ns=H),
         Req("elsewhere", backend="b2", released_ns=H, done_ns=H + 1, received_ns=H, ingested_ns=H),
     ]
@@ -206,8 +208,8 @@ def test_finality(store: sa.Engine) -> None:
             return r.final
 
     assert {r.request_id: final(r.request_id) for r in requests} == {
-        "ended": True, "too-recent": False, "open": False, "late": False, "edge": False, "queued": True,
-        "elsewhere": False,
+        "ended": True, "too-recent": False, "open": False, "late": False, "edge": False, "beyond": True,
+        "queued": True, "elsewhere": False,
     }  # fmt: skip
     # The first epoch is recomputed after the late rows arrived: now they are final.
     with store.begin() as conn:
@@ -220,7 +222,7 @@ def test_finality(store: sa.Engine) -> None:
     assert not final("ended")
     with store.connect() as conn:
         usage = get_usage(conn, s, end_ns=H + S)
-    assert usage.total.requests == 7 and usage.total.provisional_requests == 4
+    assert usage.total.requests == 8 and usage.total.provisional_requests == 4
 
 
 def test_finality_of_many_requests_at_once_checks_each_against_its_own_epochs(store: sa.Engine) -> None:

@@ -16,10 +16,11 @@ of the epochs always add up to the backends' idle buckets.
 
 Finality of request ``r`` (see ``provisional_expr``): it never reached a backend (final, zero energy), or it has
 ended, its backend is attributed until at least ``done_ns + lag``, and no epoch of its backend that may hold its
-energy (starting at or before ``done_ns``, its readings reaching past ``released_ns``) was attributed before the
-request row was last written (``attributed_at_ns < ingested_ns``: the row arrived or changed after that epoch was
-computed, so the engine will recompute the epoch). This is at least as strict as the engine's own
-``meter.engine.request_finality``: a report never calls final what the engine may still change.
+energy (starting at or before ``done_ns``, its readings reaching past ``released_ns`` in work time) was attributed
+before the request row was last written (``attributed_at_ns < ingested_ns``: the row arrived or changed after that
+epoch was computed). The overlap rule is the one by which the engine finds such epochs and recomputes them
+(``MeteringEngine._stale_epochs``), so every request that is provisional for this reason becomes final after the
+engine's next pass, and none is called final that the engine would still recompute.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 
+from meter.engine import attributed_until
 from meter.reports.types import IdlePolicy
 from meter.store.models import BackendEpoch, Request, RequestEnergy
 
@@ -62,14 +64,9 @@ def backend_names(conn: sa.Connection) -> list[str]:
     return [name for (name,) in conn.execute(sa.select(b.c.name).where(b.c.name.is_not(None)))]
 
 
-def attributed_until(conn: sa.Connection, backend: str) -> int | None:
-    """End of ``backend``'s last attributed epoch; epochs are attributed in order, so all before it are done."""
-    stmt = sa.select(BE.c.epoch_end_ns).where(BE.c.backend == backend).order_by(BE.c.epoch_start_ns.desc()).limit(1)
-    return conn.execute(stmt).scalar_one_or_none()
-
-
 def attributed_until_all(conn: sa.Connection) -> dict[str, int]:
-    """``attributed_until`` of every backend that has epochs."""
+    """``meter.engine.attributed_until`` (end of the last attributed epoch; the engine attributes epochs in order) of
+    every backend that has epochs."""
     out: dict[str, int] = {}
     for name in backend_names(conn):
         until = attributed_until(conn, name)
@@ -225,9 +222,10 @@ def provisional_expr(
             .scalar_subquery(),
             lowest,
         )
-    reach = sa.case(
-        (e.c.last_reading_ns > e.c.epoch_end_ns, e.c.last_reading_ns), else_=e.c.epoch_end_ns
-    )  # an epoch's boundary reading is taken after its end; energy it measured may fall after the end
+    # An epoch's boundary reading comes after its end: the energy it measured reaches to that reading's work time
+    # (its time less the lag). This is the overlap rule by which the engine recomputes epochs for late rows.
+    boundary_work_ns = e.c.last_reading_ns - lag_ns
+    reach = sa.case((boundary_work_ns > e.c.epoch_end_ns, boundary_work_ns), else_=e.c.epoch_end_ns)
     stale = (
         sa.exists()
         .where(

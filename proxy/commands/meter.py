@@ -89,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", metavar="NAME", help="this node's name, matched against backends' node")
     parser.add_argument("--journal", metavar="PATH", help="ledger journal (default: <meter.journal_path>.meter.jsonl)")
     parser.add_argument("--log-format", choices=["json", "console"])
+    parser.add_argument(
+        "--grpc-listen",
+        metavar="HOST:PORT",
+        default="0.0.0.0:8034",
+        help="serve joulegate.v1.EnergyReports, health and reflection here; 'off': do not (default 0.0.0.0:8034)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,13 +139,13 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(config.server.log_level, config.server.log_format)
     journal = Path(args.journal) if args.journal else meter_journal_path(config)
     try:
-        return asyncio.run(_serve(config, journal))
+        return asyncio.run(_serve(config, journal, None if args.grpc_listen == "off" else args.grpc_listen))
     except Exception as exc:
         print(f"joulegate meter: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
 
 
-async def _serve(config: Config, journal: Path) -> int:
+async def _serve(config: Config, journal: Path, reports_listen: str | None = None) -> int:
     import structlog
 
     from meter.ledger import Ledger
@@ -157,15 +163,20 @@ async def _serve(config: Config, journal: Path) -> int:
     ledger = Ledger(db, journal)
     ledger.start()
     service: MeterService | None = None
+    reports = None
     try:
         service = await asyncio.to_thread(build_meter_service, config, db, ledger)
         service.start()
-        # -- The EnergyReports gRPC server (meter/reports) starts here when the daemon serves reports itself, and
-        # -- stops first in the `finally` below. It reads the same database (`db`) and may use `service.run_soon`.
+        if reports_listen:
+            from proxy.reports_api import start_reports_server
+
+            reports = await start_reports_server(config, db, reports_listen, nudge=service.run_soon)
         log.info("meter_daemon_started", node=node_name(config.meter), backends=service.stats.backends)
         await stop.wait()
         log.info("meter_daemon_draining")
     finally:
+        if reports is not None:
+            await reports.stop(config.server.drain_grace_s)
         if service is not None:
             await asyncio.to_thread(service.stop)
         await asyncio.to_thread(ledger.close)
