@@ -114,3 +114,24 @@ def test_retention_prunes_old_samples_but_not_those_unattributed_epochs_need(db:
     behind.run_once(now_ns=T0 + 95 * S)  # attributes [50 s, 60 s) only
     assert rows(db, "SELECT MIN(t_ns) FROM samples WHERE device = 'gpu1'")[0][0] >= T0 + 59 * S
     assert rows(db, "SELECT MIN(t_ns) FROM samples WHERE device = 'gpu1'")[0][0] < T0 + 60 * S
+
+
+@pytest.mark.parametrize("per_pass", [1, 60])  # one epoch a pass: the boundary lies past the samples first read
+def test_a_sampler_pause_across_epochs_is_read_past_and_counted_once(db: sa.Engine, per_pass: int) -> None:
+    gpu = Gpu()
+    reqs = [timeline("early", T0 + 2 * S, T0 + 2 * S + 30 * MS, T0 + 3 * S),
+            timeline("late", T0 + 21 * S, T0 + 21 * S + 30 * MS, T0 + 22 * S)]  # fmt: skip
+    gpu.requests += reqs
+    samples = samples_for(gpu, "gpu0", T0, T0 + 5 * S) + samples_for(gpu, "gpu0", T0 + 18 * S, T0 + 31 * S)
+    write(db, timelines=reqs, samples=samples, ingested_ns=T0 + 31 * S)
+    eng = make_engine(db, max_epochs_per_pass=per_pass)
+    for k in range(3):
+        eng.run_once(now_ns=T0 + (35 + k) * S)
+    epochs = _conserves(db)
+    assert [e.epoch_start_ns for e in epochs] == [T0, T0 + 10 * S, T0 + 20 * S]
+    assert [e.gaps for e in epochs] == [1, 0, 0]  # the 13 s pause starts in the first epoch
+    assert epochs[0].last_reading_ns < T0 + 5 * S and epochs[1].first_reading_ns > T0 + 18 * S
+    assert sum(e.counter_mj for e in epochs) == _measured([s for s in samples if s[1] <= epochs[-1].last_reading_ns])
+    energy = dict(rows(db, "SELECT request_id, SUM(prefill_mj + decode_mj) FROM request_energy GROUP BY request_id"))
+    assert energy["early"] == pytest.approx(gpu.request_mj(reqs[0]), rel=0.01)
+    assert energy["late"] == pytest.approx(gpu.request_mj(reqs[1]), rel=0.01)

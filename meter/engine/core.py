@@ -46,7 +46,7 @@ from meter.attribution import AttributionPolicy, attribute
 from meter.engine import sql
 from meter.engine.idle import IdleEstimate, busy_windows, estimate_idle
 from meter.engine.readings import EpochReadings, Tick, epoch_bounds, epoch_readings, group_ticks
-from meter.engine.usage import UsageDeltas, hour_of
+from meter.engine.usage import HOUR_NS, UsageDeltas, hour_of
 from meter.store.retention import prune_samples
 from meter.timeline import Timeline
 
@@ -248,9 +248,9 @@ class MeteringEngine:
         try:
             self._load()
             self._scan_ingested(now, report)
-            open_since = self._open_requests(now)
-            for b in self._backends.values():
-                self._advance(b, now, open_since.get(b.spec.name), report)
+            plan = self._plan(now, self._open_requests(now))
+            if plan:
+                self._attribute_planned(plan, report)
             self._maybe_prune(now, report)
         except Exception as exc:
             self._errors += 1
@@ -290,19 +290,16 @@ class MeteringEngine:
 
     def _open_requests(self, now: int) -> dict[str, int]:
         """Per backend, the earliest release of an open request that still holds attribution back."""
-        names = list(self._backends)
-        with self._db.connect() as conn:
-            rows = sql.open_requests(conn, names)
         cutoff = now - self.settings.open_request_timeout_ns
+        with self._db.connect() as conn:
+            rows = sql.open_requests(conn, list(self._backends), cutoff)
         out: dict[str, int] = {}
         stuck: dict[str, int] = {}
-        for backend, released in rows:
-            if released is None:
-                continue
-            if released < cutoff:
-                stuck[backend] = stuck.get(backend, 0) + 1
-            elif backend not in out or released < out[backend]:
-                out[backend] = released
+        for backend, earliest, timed_out in rows:
+            if earliest is not None:
+                out[backend] = int(earliest)
+            if timed_out:
+                stuck[backend] = int(timed_out)
         for backend, n in stuck.items():
             b = self._backends[backend]
             if now - b.timeout_logged_ns >= 60 * _S:
@@ -318,31 +315,132 @@ class MeteringEngine:
 
     # -- new epochs ------------------------------------------------------------------------------------------------
 
-    def _advance(self, b: _Backend, now: int, open_since: int | None, report: PassReport) -> None:
+    def _plan(self, now: int, open_since: dict[str, int]) -> dict[str, list[tuple[int, int]]]:
+        """The epochs due now, per backend, in order (at most ``max_epochs_per_pass`` each)."""
         s = self.settings
-        devices = b.spec.devices
+        devices = sorted({d for b in self._backends.values() for d in b.spec.devices})
         with self._db.connect() as conn:
-            lasts = sql.last_samples(conn, devices)
-            if any(last is None for last in lasts):
-                return  # some device has never been read: nothing to attribute yet
-            if b.until_ns is None:
-                first = sql.first_sample_at_or_after(conn, devices, 0)
-                assert first is not None
-                b.until_ns = epoch_bounds(first - s.lag_ns, s.epoch_ns)[0]
-        latest = min(last for last in lasts if last is not None)
-        horizon = min(latest - s.lag_ns - 2 * s.tick_gap_ns, now - s.settle_ns)
-        if open_since is not None:
-            horizon = min(horizon, open_since)
-        for _ in range(s.max_epochs_per_pass):
+            last = dict(zip(devices, sql.last_samples(conn, devices), strict=True))
+            for b in self._backends.values():
+                if b.until_ns is None and all(last[d] is not None for d in b.spec.devices):
+                    first = sql.first_sample_at_or_after(conn, b.spec.devices, 0)
+                    assert first is not None
+                    b.until_ns = epoch_bounds(first - s.lag_ns, s.epoch_ns)[0]
+        plan: dict[str, list[tuple[int, int]]] = {}
+        for name, b in self._backends.items():
+            lasts = [last[d] for d in b.spec.devices]
+            if b.until_ns is None or any(t is None for t in lasts):
+                continue  # some device has never been read: nothing to attribute yet
+            latest = min(t for t in lasts if t is not None)
+            horizon = min(latest - s.lag_ns - 2 * s.tick_gap_ns, now - s.settle_ns)
+            if name in open_since:
+                horizon = min(horizon, open_since[name])
+            epochs = []
             start = b.until_ns
-            end = start - start % s.epoch_ns + s.epoch_ns
-            if end > horizon:
+            for _ in range(s.max_epochs_per_pass):
+                end = start - start % s.epoch_ns + s.epoch_ns
+                if end > horizon:
+                    break
+                epochs.append((start, end))
+                start = end
+            if epochs:
+                plan[name] = epochs
+        return plan
+
+    def _attribute_planned(self, plan: dict[str, list[tuple[int, int]]], report: PassReport) -> None:
+        """Attribute every planned (new) epoch with bulk reads and ONE write transaction for all of them."""
+        s = self.settings
+        attributed_at = self._now() - s.commit_margin_ns
+        starts = [e[0] for eps in plan.values() for e in eps]
+        ends = [e[1] for eps in plan.values() for e in eps]
+        devices = sorted({d for name in plan for d in self._backends[name].spec.devices})
+        with self._db.connect() as conn:
+            samples = sql.samples_between(
+                conn, devices, min(starts) + s.lag_ns - _LOOKBEHIND_NS, max(ends) + s.lag_ns + _LOOKAHEAD_NS
+            )
+            ready: dict[str, list[tuple[int, int, EpochReadings]]] = {}
+            for name, epochs in plan.items():
+                b = self._backends[name]
+                mine = set(b.spec.devices)
+                ticks = group_ticks([x for x in samples if x[0] in mine], b.spec.devices, s.tick_gap_ns)
+                for start, end in epochs:
+                    readings = self._readings(ticks, start, end)
+                    if readings is None:  # the sampler paused past the window read: read up to its next sample
+                        readings = self._readings(self._ticks(conn, b.spec.devices, start, end), start, end)
+                    if readings is None:
+                        break  # no boundary reading yet: a later pass
+                    ready.setdefault(name, []).append((start, end, readings))
+            if not ready:
                 return
-            result = self._attribute(b, start, end, now, existing=False)
-            if result is None:
-                return  # readings not complete yet, or a row too fresh
+            flat = [e for r in ready.values() for e in r]
+            lo = min(start for start, _e, _r in flat)
+            hi = max(max(end, r.boundary_ns - s.lag_ns) for _s, end, r in flat)
+            rows = sql.requests_of(
+                conn, list(ready), lo, max(end for _s, end, _r in flat), hi, lo - s.open_request_timeout_ns
+            )
+        by_backend: dict[str, list[sql.Row]] = {}
+        for row in rows:
+            by_backend.setdefault(row[0], []).append(row[1:])
+        results: list[tuple[_Backend, int, int, EpochReadings, _EpochResult]] = []
+        for name, epochs in ready.items():
+            b = self._backends[name]
+            for (start, end, readings), mine in zip(epochs, self._split(epochs, by_backend.get(name, [])), strict=True):
+                if any(r[9] > attributed_at for r in mine):
+                    break  # a row is still fresh: this epoch and the later ones wait for a later pass
+                results.append((b, start, end, readings, self._compute(b, start, end, readings, mine, attributed_at)))
+        if not results:
+            return
+        try:
+            with sql.locked_transaction(self._db, sorted(ready)) as conn:
+                sql.insert_request_energy(conn, [row for r in results for row in r[4].request_rows])
+                sql.insert_backend_epochs(conn, [r[4].epoch_row for r in results])
+                usage = UsageDeltas()
+                for r in results:
+                    for k, v in r[4].new_usage.as_dict().items():
+                        usage.add(k, v)
+                sql.add_usage(conn, usage.rows())
+        except sa.exc.IntegrityError:
+            # Another meter wrote one of these epochs first: redo them one by one (each replaces what is there).
+            log.warning("engine_batch_conflict", epochs=len(results), detail="retrying epoch by epoch")
+            for b, start, end, _readings, _result in results:
+                if self._attribute(b, start, end, self._now(), existing=False) is None:
+                    break
+                report.attributed.append((b.spec.name, start))
+            return
+        for b, start, end, readings, result in results:
+            self._advanced(b, end, readings)
+            self._epochs += 1
+            self._rows += len(result.request_rows)
             report.attributed.append((b.spec.name, start))
-            report.requests_attributed += result
+            report.requests_attributed += len(result.request_rows)
+
+    def _readings(self, ticks: list[Tick], start: int, end: int) -> EpochReadings | None:
+        s = self.settings
+        return epoch_readings(ticks, start, end, s.lag_ns, s.max_interval_ns, drop_stale=s.drop_stale_readings)
+
+    def _split(self, epochs: list[tuple[int, int, EpochReadings]], rows: list[sql.Row]) -> list[list[sql.Row]]:
+        """The request rows each of a backend's consecutive epochs needs (as ``sql.epoch_requests`` selects them)."""
+        s = self.settings
+        starts = [e[0] for e in epochs]
+        his = [max(end, r.boundary_ns - s.lag_ns) for _s, end, r in epochs]  # non-decreasing
+        out: list[list[sql.Row]] = [[] for _ in epochs]
+        for row in rows:
+            released, done = row[4], row[6]
+            k_lo = bisect_right(his, released)  # the first epoch whose readings reach past the release
+            k_hi = bisect_right(starts, done)  # past the last epoch starting at or before done
+            for k in range(k_lo, k_hi):  # they overlap; the release bound only skips over-long requests
+                start, end, _r = epochs[k]
+                if released >= start - s.open_request_timeout_ns or done < end:
+                    out[k].append(row)
+            if k_lo >= k_hi > 0 and done < epochs[k_hi - 1][1]:
+                out[k_hi - 1].append(row)  # an over-long request, in the epoch where it ended (its home)
+        return out
+
+    def _advanced(self, b: _Backend, end: int, readings: EpochReadings) -> None:
+        s = self.settings
+        b.until_ns = max(end, b.until_ns or end)
+        span_end = max(end, (readings.last_reading_ns or end) - s.lag_ns)
+        b.span_end_ns = max(span_end, b.span_end_ns or span_end)
 
     # -- stale epochs ----------------------------------------------------------------------------------------------
 
@@ -428,8 +526,7 @@ class MeteringEngine:
         name = b.spec.name
         attributed_at = self._now() - s.commit_margin_ns
         with self._db.connect() as conn:
-            ticks = self._ticks(conn, b.spec.devices, start, end)
-            readings = epoch_readings(ticks, start, end, s.lag_ns, s.max_interval_ns, drop_stale=s.drop_stale_readings)
+            readings = self._readings(self._ticks(conn, b.spec.devices, start, end), start, end)
             if readings is None:
                 if existing:  # its samples are gone (pruned): the epoch stays as it was
                     log.warning("engine_recompute_without_readings", backend=name, epoch_start_ns=start)
@@ -464,9 +561,7 @@ class MeteringEngine:
                     b, start, end, readings, [r for r in rows if r[0] not in excluded], attributed_at
                 )
         if not existing or (b.until_ns is not None and end >= b.until_ns):
-            b.until_ns = max(end, b.until_ns or end)
-            span_end = max(end, (readings.last_reading_ns or end) - s.lag_ns)
-            b.span_end_ns = max(span_end, b.span_end_ns or span_end)
+            self._advanced(b, end, readings)
         if existing:
             self._recomputed += 1
         else:
@@ -504,7 +599,7 @@ class MeteringEngine:
                     acc[1] += pe.decode_mj
 
         request_rows: list[sql.Row] = []
-        usage = UsageDeltas()
+        sums: dict[tuple[int, str, str, str], list[int]] = {}  # usage per (hour, tenant, model, backend)
         prefill_sum = decode_sum = active_sum = 0
         for rid, tenant, model, received, released, _first, done, prompt, generated, _ingested in rows:
             active = max(0, min(done, end) - max(released, start))
@@ -517,11 +612,17 @@ class MeteringEngine:
             prefill_sum += pre
             decode_sum += dec
             active_sum += active
-            key = (hour_of(received), tenant, model, name)
+            key = (received - received % HOUR_NS, tenant, model, name)
+            acc = sums.get(key)
+            if acc is None:
+                acc = sums[key] = [0, 0, 0, 0, 0, 0]
             if is_home:
-                usage.add(key, (1, prompt, generated, pre, dec, active))
-            else:
-                usage.add(key, (0, 0, 0, pre, dec, active))
+                acc[0] += 1
+                acc[1] += prompt
+                acc[2] += generated
+            acc[3] += pre
+            acc[4] += dec
+            acc[5] += active
         attributed = prefill_sum + decode_sum
         epoch_row = (
             name,
@@ -541,6 +642,9 @@ class MeteringEngine:
         )
         if attributed > readings.counter_mj:
             raise AssertionError(f"{name} epoch {start}: attributed {attributed} mJ > counter {readings.counter_mj}")
+        usage = UsageDeltas()
+        for key, values in sums.items():
+            usage.add(key, values)
         return _EpochResult(request_rows, epoch_row, usage)
 
     def _idle_power(self, b: _Backend, readings: EpochReadings, timelines: list[Timeline]) -> float | None:

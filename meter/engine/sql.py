@@ -63,7 +63,8 @@ def marks(n: int) -> str:
 
 
 def fetch(conn: sa.Connection, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-    return [tuple(r) for r in conn.exec_driver_sql(_q(conn, sql), tuple(params)).fetchall()]
+    """All rows (SQLAlchemy ``Row`` objects: tuples in all but name, so no copy is made)."""
+    return conn.exec_driver_sql(_q(conn, sql), tuple(params)).fetchall()  # type: ignore[return-value]
 
 
 def scalar(conn: sa.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -119,14 +120,29 @@ def epoch_requests(
     )
 
 
-def open_requests(conn: sa.Connection, backends: Sequence[str]) -> list[Row]:
-    """(backend, released_ns) of every open request (done_ns NULL) of ``backends``."""
+def requests_of(
+    conn: sa.Connection, backends: Sequence[str], start_ns: int, end_ns: int, hi_ns: int, released_since_ns: int
+) -> list[Row]:
+    """``epoch_requests`` for several backends and a run of epochs at once: (backend, *REQUEST_COLUMNS) rows."""
+    return fetch(
+        conn,
+        f"SELECT backend, {', '.join(REQUEST_COLUMNS)} FROM requests WHERE backend IN ({marks(len(backends))}) "
+        "AND done_ns >= ? AND ((released_ns < ? AND released_ns >= ?) OR done_ns < ?)",
+        (*backends, start_ns, hi_ns, released_since_ns, end_ns),
+    )
+
+
+def open_requests(conn: sa.Connection, backends: Sequence[str], cutoff_ns: int) -> list[Row]:
+    """Per backend with open requests (done_ns NULL): (backend, earliest release at or after ``cutoff_ns``, how many
+    were released before it). Aggregated in the database: there may be thousands in flight."""
     if not backends:
         return []
     return fetch(
         conn,
-        f"SELECT backend, released_ns FROM requests WHERE backend IN ({marks(len(backends))}) AND done_ns IS NULL",
-        backends,
+        "SELECT backend, MIN(CASE WHEN released_ns >= ? THEN released_ns END), "
+        "SUM(CASE WHEN released_ns < ? THEN 1 ELSE 0 END) FROM requests "
+        f"WHERE backend IN ({marks(len(backends))}) AND done_ns IS NULL GROUP BY backend",
+        (cutoff_ns, cutoff_ns, *backends),
     )
 
 
@@ -205,10 +221,18 @@ def delete_epoch(conn: sa.Connection, backend: str, epoch_start_ns: int) -> None
 
 
 def insert_backend_epoch(conn: sa.Connection, row: Row) -> None:
+    insert_backend_epochs(conn, [row])
+
+
+def insert_backend_epochs(conn: sa.Connection, rows: Sequence[Row]) -> None:
+    if not rows:
+        return
     cols = BACKEND_EPOCH_COLUMNS
-    conn.exec_driver_sql(
-        _q(conn, f"INSERT INTO backend_epochs ({', '.join(cols)}) VALUES ({marks(len(cols))})"), tuple(row)
-    )
+    sql = _q(conn, f"INSERT INTO backend_epochs ({', '.join(cols)}) VALUES ({marks(len(cols))})")
+    if len(rows) == 1:
+        conn.exec_driver_sql(sql, tuple(rows[0]))
+    else:
+        conn.exec_driver_sql(sql, [tuple(r) for r in rows])
 
 
 def conflicting_request_energy(conn: sa.Connection, epoch_start_ns: int, backend: str, ids: Sequence[str]) -> set[str]:
@@ -300,8 +324,10 @@ def lock_key(name: str) -> int:
 
 
 @contextlib.contextmanager
-def locked_transaction(engine: sa.Engine, name: str) -> Iterator[sa.Connection]:
-    """One transaction holding the engine's lock for ``name`` (a backend); commits on success, rolls back on error."""
+def locked_transaction(engine: sa.Engine, names: str | Sequence[str]) -> Iterator[sa.Connection]:
+    """One transaction holding the engine's lock for each of ``names`` (backends), taken in one fixed order so that
+    two meters never deadlock; commits on success, rolls back on error."""
+    keys = sorted({lock_key(n) for n in ([names] if isinstance(names, str) else names)})
     with engine.connect() as conn:
         if conn.dialect.name == "sqlite":
             dbapi = conn.connection.dbapi_connection
@@ -322,5 +348,11 @@ def locked_transaction(engine: sa.Engine, name: str) -> Iterator[sa.Connection]:
                 dbapi.isolation_level = saved  # type: ignore[attr-defined]
         else:
             with conn.begin():
-                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (lock_key(name),))
+                if len(keys) == 1:
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (keys[0],))
+                else:
+                    conn.exec_driver_sql(
+                        "SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest(%s::bigint[]) AS k ORDER BY k) AS keys",
+                        (keys,),
+                    )
                 yield conn
