@@ -74,14 +74,16 @@ class EnergyReportsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetUsage(self, request, context):
-        """Energy and tokens over a time range, grouped by tenant, model, backend, hour or day.
+        """Energy and tokens of the requests received in [start, end), grouped by tenant, model, backend, hour or day.
+        A request counts once, in full, in the range (hour, day) in which the gateway received it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBackendEnergy(self, request, context):
-        """Per backend: what the energy counter measured, what was attributed to requests, and what was idle.
+        """Per backend: what the energy counter measured, what was attributed to requests, and what was idle, over the
+        attribution epochs that start in [start, end). Admin only: backends are shared and reveal every tenant's load.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
