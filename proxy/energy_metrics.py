@@ -1,0 +1,96 @@
+"""Energy on ``/metrics``: attributed joules per tenant, model and phase, and GPU power per backend.
+
+Joules come from SQL (the ``usage_hourly`` rollups the metering engine keeps exact), so every gateway replica of a
+fleet reports the fleet's figures, whichever node metered them. The query runs at most once per ``refresh_s`` and on
+a worker thread: a scrape never waits on the database longer than it takes to answer from the cache. The figures
+are attributed energy so far — they grow as epochs are attributed, and may step down by a few millijoules when a
+late timeline makes the engine recompute an epoch (rare; Prometheus' ``increase`` tolerates it as a reset).
+
+Power is the in-process meter's latest reading per backend (absent when this gateway runs without a meter).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import sqlalchemy as sa
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from proxy.metrics import MAX_TENANT_LABELS
+
+log = structlog.get_logger(__name__)
+
+_ENERGY_SQL = sa.text(
+    "SELECT tenant, model_id, SUM(prefill_mj) AS prefill_mj, SUM(decode_mj) AS decode_mj "
+    "FROM usage_hourly GROUP BY tenant, model_id"
+)
+
+
+class EnergyCollector(Collector):
+    def __init__(
+        self,
+        engine: sa.Engine,
+        *,
+        power_w: Callable[[], dict[str, float | None]] | None = None,
+        refresh_s: float = 10.0,
+    ) -> None:
+        self._engine = engine
+        self._power_w = power_w
+        self._refresh_s = refresh_s
+        self._lock = threading.Lock()
+        self._cached: list[tuple[str, str, int, int]] = []
+        self._cached_at = float("-inf")
+
+    def _energy_rows(self) -> list[tuple[str, str, int, int]]:
+        with self._lock:
+            if time.monotonic() - self._cached_at < self._refresh_s:
+                return self._cached
+            try:
+                with self._engine.connect() as conn:
+                    rows = [(r.tenant, r.model_id, int(r.prefill_mj or 0), int(r.decode_mj or 0))
+                            for r in conn.execute(_ENERGY_SQL)]  # fmt: skip
+            except sa.exc.SQLAlchemyError as exc:  # the database is down: serve the last figures
+                log.warning("energy_metrics_unavailable", error=str(exc).splitlines()[0])
+                return self._cached
+            self._cached, self._cached_at = _bounded(rows), time.monotonic()
+            return self._cached
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        energy = CounterMetricFamily(
+            "joulegate_energy_joules",
+            "GPU energy attributed to requests, by tenant, model and phase (prefill, decode); idle energy excluded.",
+            labels=["tenant", "model", "phase"],
+        )
+        for tenant, model, prefill_mj, decode_mj in self._energy_rows():
+            energy.add_metric([tenant, model, "prefill"], prefill_mj / 1000)
+            energy.add_metric([tenant, model, "decode"], decode_mj / 1000)
+        yield energy
+        if self._power_w is not None:
+            power = GaugeMetricFamily(
+                "joulegate_backend_power_watts",
+                "Average GPU power of each backend over the last second (sum over its GPUs), from the energy counter.",
+                labels=["backend"],
+            )
+            for backend, watts in sorted(self._power_w().items()):
+                if watts is not None:
+                    power.add_metric([backend], watts)
+            yield power
+
+
+def _bounded(rows: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int, int]]:
+    """Keep the MAX_TENANT_LABELS tenants with the most energy; fold the rest into tenant "other"."""
+    per_tenant: dict[str, int] = {}
+    for tenant, _, p, d in rows:
+        per_tenant[tenant] = per_tenant.get(tenant, 0) + p + d
+    keep = set(sorted(per_tenant, key=lambda t: (-per_tenant[t], t))[:MAX_TENANT_LABELS])
+    folded: dict[tuple[str, str], list[int]] = {}
+    for tenant, model, p, d in rows:
+        key = (tenant if tenant in keep else "other", model)
+        acc = folded.setdefault(key, [0, 0])
+        acc[0] += p
+        acc[1] += d
+    return [(t, m, p, d) for (t, m), (p, d) in sorted(folded.items())]
