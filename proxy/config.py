@@ -124,13 +124,19 @@ class MeterConfig(_Section):
     engine_interval_s: float = Field(default=1.0, gt=0, le=60, description="how often the engine runs a pass")
     prefill_tokens_per_s: float = Field(default=20_000.0, gt=0, description="to estimate a prefill step's length")
     prefill_overhead_ms: float = Field(default=5.0, ge=0, le=10_000)
-    prefill_power_ratio: float = Field(default=2.0, gt=0, le=100, description="prefill power / decode power")
+    prefill_power_ratio: float = Field(
+        default=2.5, gt=0, le=100, description="prefill power / decode power (H100: ~650-700 W vs ~250-300 W)"
+    )
     batch_tolerance_ms: float = Field(default=2.0, ge=0, le=1_000, description="first tokens this close: one prefill")
     idle_power_w: float | Literal["auto", "time"] = Field(
         default="auto", description="idle floor: 'auto' (measured), 'time' (split partly idle intervals by time), W"
     )
     max_interval_s: float = Field(default=5.0, gt=0, le=3600, description="a longer reading interval is a gap")
     count_unrouted: bool = Field(default=True, description="count requests that never reached a backend in usage")
+    calibrate: bool = Field(
+        default=True,
+        description="fit the lag and the prefill/decode power ratio to the counter (meter.engine.calibrate)",
+    )
 
     @field_validator("idle_power_w")
     @classmethod

@@ -130,7 +130,7 @@ def write(
 def make_engine(
     db: sa.Engine, backends: dict[str, tuple[str, ...]] | None = None, **settings: object
 ) -> MeteringEngine:
-    base: dict[str, object] = {"epoch_ns": 10 * S, "settle_ns": 2 * S, "lag_ns": 0}
+    base: dict[str, object] = {"epoch_ns": 10 * S, "settle_ns": 2 * S, "lag_ns": 0, "calibrate": False}
     base.update(settings)
     specs = [MeteredBackend(n, d) for n, d in (backends or {"b1": ("gpu0",)}).items()]
     return MeteringEngine(db, specs, EngineSettings(**base))  # type: ignore[arg-type]

@@ -44,6 +44,7 @@ import structlog
 
 from meter.attribution import AttributionPolicy, attribute
 from meter.engine import sql
+from meter.engine.calibrate import ClassTimeline, LagCalibrator, PowerModel
 from meter.engine.idle import IdleEstimate, busy_windows, estimate_idle
 from meter.engine.readings import EpochReadings, Tick, epoch_bounds, epoch_readings, group_ticks
 from meter.engine.usage import HOUR_NS, UsageDeltas, hour_of
@@ -61,6 +62,7 @@ _LOOKAHEAD_NS = 1 * _S
 _RESTART_LOOKBACK_NS = 60 * _S  # at start, rows written this long before the last attribution are checked again
 _MAX_EPOCH_NS = 3600 * _S
 _IDLE_HISTORY_EPOCHS = 60  # idle stretches of this many recent epochs measure the floor when one epoch has too few
+_RECALIBRATE_EPOCHS = 30  # when the calibration first settles or moves, this many recent epochs are recomputed
 
 
 class _CannotRecomputeError(Exception):
@@ -103,6 +105,9 @@ class EngineSettings:
     count_unrouted: bool = True  # count requests that never reached a backend (backend '') in usage_hourly
     commit_margin_ns: int = 500 * _MS
     scan_margin_ns: int = 3 * _S  # rows stamped this long before a pass may only become visible after it
+    calibrate: bool = True  # fit the lag and the prefill/active power ratio to the counter (meter.engine.calibrate)
+    calibration_lags_ns: tuple[int, ...] = tuple(range(0, 301 * _MS, 10 * _MS))
+    calibration_refresh_ns: int = 30 * _S  # once calibrated, feed the fit one epoch per this much time
 
     def __post_init__(self) -> None:
         if not 0 < self.epoch_ns <= _MAX_EPOCH_NS:
@@ -112,6 +117,8 @@ class EngineSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tick_gap_ns <= 0 or self.max_interval_ns <= 0 or self.max_epochs_per_pass < 1:
             raise ValueError("tick_gap_ns, max_interval_ns and max_epochs_per_pass must be positive")
+        if not self.calibration_lags_ns or min(self.calibration_lags_ns) < 0:
+            raise ValueError("calibration_lags_ns must be a non-empty set of lags >= 0")
         if isinstance(self.idle_power, str):
             if self.idle_power not in ("auto", "time"):
                 raise ValueError(f"idle_power must be 'auto', 'time' or watts, got {self.idle_power!r}")
@@ -119,15 +126,27 @@ class EngineSettings:
             raise ValueError(f"idle_power must be >= 0 W, got {self.idle_power}")
         self.policy(None)  # validates the attribution parameters
 
-    def policy(self, idle_power_w: float | None) -> AttributionPolicy:
+    def policy(
+        self, idle_power_w: float | None, lag_ns: int | None = None, prefill_power_ratio: float | None = None
+    ) -> AttributionPolicy:
         return AttributionPolicy(
-            lag_ns=self.lag_ns,
+            lag_ns=self.lag_ns if lag_ns is None else lag_ns,
             prefill_tokens_per_s=self.prefill_tokens_per_s,
             prefill_overhead_ns=self.prefill_overhead_ns,
-            prefill_power_ratio=self.prefill_power_ratio,
+            prefill_power_ratio=self.prefill_power_ratio if prefill_power_ratio is None else prefill_power_ratio,
             idle_power_w=idle_power_w,
             batch_tolerance_ns=self.batch_tolerance_ns,
         )
+
+    @property
+    def min_lag_ns(self) -> int:
+        """The smallest lag attribution may use (calibration may pick a smaller one than ``lag_ns``)."""
+        return min(self.lag_ns, *self.calibration_lags_ns) if self.calibrate else self.lag_ns
+
+    @property
+    def reach_ns(self) -> int:
+        """How far before an epoch's start its readings' work time may reach with a calibrated (larger) lag."""
+        return max(0, max(self.calibration_lags_ns) - self.lag_ns) if self.calibrate else 0
 
 
 @dataclass(slots=True)
@@ -163,6 +182,9 @@ class _Backend:
     idle_power_w: float | None = None
     idle_history: deque[IdleEstimate] = field(default_factory=lambda: deque(maxlen=_IDLE_HISTORY_EPOCHS))
     stale: dict[int, int] = field(default_factory=dict)  # epochs to recompute (start -> end), found by the scan
+    calibrator: LagCalibrator | None = None
+    calibrated_at_ns: int | None = None  # start of the last epoch fed to the calibrator
+    recent: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=_RECALIBRATE_EPOCHS))
     timeout_logged_ns: int = 0
 
 
@@ -278,7 +300,7 @@ class MeteringEngine:
                 else:
                     _start, end, last_reading, attributed_at = last
                     b.until_ns = end
-                    b.span_end_ns = max(end, (last_reading or end) - self.settings.lag_ns)
+                    b.span_end_ns = max(end, (last_reading or end) - self.settings.min_lag_ns)
                     lo = attributed_at - _RESTART_LOOKBACK_NS  # a row the last run found but did not redo
                     if self._scan_lo_ns is None or lo < self._scan_lo_ns:
                         self._scan_lo_ns = lo
@@ -374,9 +396,9 @@ class MeteringEngine:
                 return
             flat = [e for r in ready.values() for e in r]
             lo = min(start for start, _e, _r in flat)
-            hi = max(max(end, r.boundary_ns - s.lag_ns) for _s, end, r in flat)
+            hi = max(max(end, r.boundary_ns - s.min_lag_ns) for _s, end, r in flat)
             rows = sql.requests_of(
-                conn, list(ready), lo, max(end for _s, end, _r in flat), hi, lo - s.open_request_timeout_ns
+                conn, list(ready), lo - s.reach_ns, max(end for _s, end, _r in flat), hi, lo - s.open_request_timeout_ns
             )
         by_backend: dict[str, list[sql.Row]] = {}
         for row in rows:
@@ -421,13 +443,14 @@ class MeteringEngine:
     def _split(self, epochs: list[tuple[int, int, EpochReadings]], rows: list[sql.Row]) -> list[list[sql.Row]]:
         """The request rows each of a backend's consecutive epochs needs (as ``sql.epoch_requests`` selects them)."""
         s = self.settings
+        reach = s.reach_ns
         starts = [e[0] for e in epochs]
-        his = [max(end, r.boundary_ns - s.lag_ns) for _s, end, r in epochs]  # non-decreasing
+        his = [max(end, r.boundary_ns - s.min_lag_ns) for _s, end, r in epochs]  # non-decreasing
         out: list[list[sql.Row]] = [[] for _ in epochs]
         for row in rows:
             released, done = row[4], row[6]
             k_lo = bisect_right(his, released)  # the first epoch whose readings reach past the release
-            k_hi = bisect_right(starts, done)  # past the last epoch starting at or before done
+            k_hi = bisect_right(starts, done + reach)  # past the last epoch whose readings start before done
             for k in range(k_lo, k_hi):  # they overlap; the release bound only skips over-long requests
                 start, end, _r = epochs[k]
                 if released >= start - s.open_request_timeout_ns or done < end:
@@ -439,7 +462,7 @@ class MeteringEngine:
     def _advanced(self, b: _Backend, end: int, readings: EpochReadings) -> None:
         s = self.settings
         b.until_ns = max(end, b.until_ns or end)
-        span_end = max(end, (readings.last_reading_ns or end) - s.lag_ns)
+        span_end = max(end, (readings.last_reading_ns or end) - s.min_lag_ns)
         b.span_end_ns = max(span_end, b.span_end_ns or span_end)
 
     # -- stale epochs ----------------------------------------------------------------------------------------------
@@ -497,7 +520,7 @@ class MeteringEngine:
             first = max(0, bisect_right(ends, released) - 1)
             for i in range(first, bisect_right(starts, done)):
                 start, end, last_reading, attributed_at = epochs[i]
-                span_end = max(end, (last_reading or end) - s.lag_ns)
+                span_end = max(end, (last_reading or end) - s.min_lag_ns)
                 if released < span_end and done >= start and ingested > attributed_at:
                     stale[start] = end
         if stale:
@@ -532,11 +555,11 @@ class MeteringEngine:
                     log.warning("engine_recompute_without_readings", backend=name, epoch_start_ns=start)
                     raise _CannotRecomputeError
                 return None
-            hi = max(end, readings.boundary_ns - s.lag_ns)
-            rows = sql.epoch_requests(conn, name, start, end, hi, start - s.open_request_timeout_ns)
+            hi = max(end, readings.boundary_ns - s.min_lag_ns)
+            rows = sql.epoch_requests(conn, name, start - s.reach_ns, end, hi, start - s.open_request_timeout_ns)
         if any(r[9] > attributed_at for r in rows):
             return None  # a row is still fresh (another may still be committing): a later pass, not a recompute
-        result = self._compute(b, start, end, readings, rows, attributed_at)
+        result = self._compute(b, start, end, readings, rows, attributed_at, learn=not existing)
         excluded: set[str] = set()
         for attempt in (0, 1):
             try:
@@ -557,9 +580,8 @@ class MeteringEngine:
                     requests=sorted(excluded)[:10],
                     detail="their energy in this epoch goes to idle",
                 )
-                result = self._compute(
-                    b, start, end, readings, [r for r in rows if r[0] not in excluded], attributed_at
-                )
+                kept = [r for r in rows if r[0] not in excluded]
+                result = self._compute(b, start, end, readings, kept, attributed_at, learn=False)
         if not existing or (b.until_ns is not None and end >= b.until_ns):
             self._advanced(b, end, readings)
         if existing:
@@ -570,8 +592,17 @@ class MeteringEngine:
         return len(result.request_rows)
 
     def _compute(
-        self, b: _Backend, start: int, end: int, readings: EpochReadings, rows: list[sql.Row], attributed_at: int
+        self,
+        b: _Backend,
+        start: int,
+        end: int,
+        readings: EpochReadings,
+        rows: list[sql.Row],
+        attributed_at: int,
+        *,
+        learn: bool = True,
     ) -> _EpochResult:
+        """The epoch's rows, from its readings and request rows. ``learn``: a new epoch may feed the calibration."""
         s = self.settings
         name = b.spec.name
         timelines: list[Timeline] = []
@@ -581,11 +612,15 @@ class MeteringEngine:
             except ValueError as exc:
                 log.error("engine_bad_request_row", backend=name, request_id=rid, error=str(exc))
 
-        idle_w = self._idle_power(b, readings, timelines)
-        policy = s.policy(idle_w)
+        model = self._calibration(b, start, readings, timelines, learn)
+        if learn:
+            b.recent.append((start, end))
+        lag = model.lag_ns if model is not None else s.lag_ns
+        idle_w = self._idle_power(b, readings, timelines, lag)
+        policy = s.policy(idle_w, lag, model.prefill_power_ratio if model is not None else None)
         energy: dict[str, list[int]] = {}
         for segment in readings.segments:
-            seg_lo, seg_hi = segment[0].t_ns - s.lag_ns, segment[-1].t_ns - s.lag_ns
+            seg_lo, seg_hi = segment[0].t_ns - lag, segment[-1].t_ns - lag
             part = [t for t in timelines if t.released_ns < seg_hi and t.done_ns >= seg_lo]  # type: ignore[operator]
             if not part:
                 continue
@@ -647,14 +682,52 @@ class MeteringEngine:
             usage.add(key, values)
         return _EpochResult(request_rows, epoch_row, usage)
 
-    def _idle_power(self, b: _Backend, readings: EpochReadings, timelines: list[Timeline]) -> float | None:
+    def _calibration(
+        self, b: _Backend, start: int, readings: EpochReadings, timelines: list[Timeline], learn: bool
+    ) -> PowerModel | None:
+        """The backend's calibrated power model; feeds it this epoch while it is young, then now and then."""
+        s = self.settings
+        if not s.calibrate:
+            return None
+        if b.calibrator is None:
+            b.calibrator = LagCalibrator(s.calibration_lags_ns)
+        cal = b.calibrator
+        due = cal.warming or b.calibrated_at_ns is None or start - b.calibrated_at_ns >= s.calibration_refresh_ns
+        if learn and due and timelines and readings.segments:
+            requests = ((t.released_ns, t.first_token_ns, t.done_ns, t.prompt_tokens) for t in timelines)
+            classes = ClassTimeline(requests, s.prefill_tokens_per_s, s.prefill_overhead_ns, s.batch_tolerance_ns)  # type: ignore[arg-type]
+            before = cal.model
+            cal.add(readings.segments, classes, b.idle_power_w if s.idle_power == "auto" else None)
+            b.calibrated_at_ns = start
+            m = cal.model
+            if m is not None and (
+                before is None
+                or abs(before.lag_ns - m.lag_ns) >= 20 * _MS
+                or abs(before.prefill_power_ratio / m.prefill_power_ratio - 1) > 0.1
+            ):
+                # The model settled or moved: the epochs attributed under the old one are redone (exactly, as any
+                # recompute), so that a backend's recent history shares one model.
+                b.stale.update((e_start, e_end) for e_start, e_end in b.recent if e_start < start)
+                log.info(
+                    "engine_calibrated",
+                    backend=b.spec.name,
+                    lag_ms=m.lag_ns / _MS,
+                    prefill_w=round(m.prefill_w, 1),
+                    active_w=round(m.active_w, 1),
+                    idle_w=None if m.idle_w is None else round(m.idle_w, 1),
+                    intervals=m.intervals,
+                    recomputing=sum(1 for e_start, _e in b.recent if e_start < start),
+                )
+        return cal.model
+
+    def _idle_power(self, b: _Backend, readings: EpochReadings, timelines: list[Timeline], lag: int) -> float | None:
         s = self.settings
         if not isinstance(s.idle_power, str):
             return float(s.idle_power)
         if s.idle_power == "time":
             return None
         busy = busy_windows((t.released_ns, t.done_ns) for t in timelines)  # type: ignore[misc]
-        est = estimate_idle(readings.segments, busy, s.lag_ns, s.idle_margin_ns)
+        est = estimate_idle(readings.segments, busy, lag, s.idle_margin_ns)
         if est.duration_ns >= s.min_idle_ns:  # enough idle time in this epoch alone
             b.idle_history.clear()
         if est.duration_ns > 0:

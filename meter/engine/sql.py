@@ -104,10 +104,10 @@ def last_samples(conn: sa.Connection, devices: Sequence[str]) -> list[int | None
 
 
 def epoch_requests(
-    conn: sa.Connection, backend: str, start_ns: int, end_ns: int, hi_ns: int, released_since_ns: int
+    conn: sa.Connection, backend: str, lo_ns: int, end_ns: int, hi_ns: int, released_since_ns: int
 ) -> list[Row]:
-    """Finished request rows of ``backend`` (REQUEST_COLUMNS order) that an epoch [start, end) whose readings reach
-    ``hi_ns`` needs: those whose [released, done] overlaps [start, hi), and those that ended inside the epoch.
+    """Finished request rows of ``backend`` (REQUEST_COLUMNS order) that an epoch ending at ``end_ns`` whose readings'
+    work time may span [lo, hi) needs: those whose [released, done] overlaps [lo, hi), and those that ended in it.
 
     ``released_since_ns`` bounds the scan: a request released earlier than that (longer than the open-request
     timeout) is only looked for in the epoch where it ended.
@@ -116,19 +116,19 @@ def epoch_requests(
         conn,
         f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests WHERE backend = ? AND done_ns >= ? "
         "AND ((released_ns < ? AND released_ns >= ?) OR done_ns < ?)",
-        (backend, start_ns, hi_ns, released_since_ns, end_ns),
+        (backend, lo_ns, hi_ns, released_since_ns, end_ns),
     )
 
 
 def requests_of(
-    conn: sa.Connection, backends: Sequence[str], start_ns: int, end_ns: int, hi_ns: int, released_since_ns: int
+    conn: sa.Connection, backends: Sequence[str], lo_ns: int, end_ns: int, hi_ns: int, released_since_ns: int
 ) -> list[Row]:
     """``epoch_requests`` for several backends and a run of epochs at once: (backend, *REQUEST_COLUMNS) rows."""
     return fetch(
         conn,
         f"SELECT backend, {', '.join(REQUEST_COLUMNS)} FROM requests WHERE backend IN ({marks(len(backends))}) "
         "AND done_ns >= ? AND ((released_ns < ? AND released_ns >= ?) OR done_ns < ?)",
-        (*backends, start_ns, hi_ns, released_since_ns, end_ns),
+        (*backends, lo_ns, hi_ns, released_since_ns, end_ns),
     )
 
 

@@ -49,6 +49,7 @@ def engine_settings(meter: MeterConfig) -> EngineSettings:
         max_interval_ns=max(round(meter.max_interval_s * _S), 2 * meter.interval_ms * _MS),
         sample_retention_ns=round(meter.sample_retention_days * 86_400 * _S),
         count_unrouted=meter.count_unrouted,
+        calibrate=meter.calibrate,
     )
 
 

@@ -135,6 +135,15 @@ def check_books(db: sa.Engine) -> dict[str, int]:
     return totals
 
 
+def sampler_phase_ms(db: sa.Engine, device: str, period_ms: int = 100) -> float:
+    """Where the sampler's reads fall inside the simulated counter's update period (its updates sit on wall-clock
+    multiples of the period). Near 0 (or the period) every read races an update, so each one randomly shows the
+    newest update or the one before: the readings' timing is then ambiguous by a whole period."""
+    times = sorted(r[0] % (period_ms * 1_000_000) for r in query(db, "SELECT t_ns FROM samples WHERE device = :d",
+                                                                    {"d": device}))  # fmt: skip
+    return times[len(times) // 2] / 1e6
+
+
 @dataclass(frozen=True)
 class Accuracy:
     n: int
@@ -143,13 +152,14 @@ class Accuracy:
     worst: float
     tenant_errors: dict[str, float]  # relative error of each tenant's total
     phase_errors: dict[str, float]  # relative error of all prefill, all decode
+    worst_case: str = ""  # the request with the largest error: attributed vs true mJ
 
     def __str__(self) -> str:
         tenants = ", ".join(f"{k} {v:+.2%}" for k, v in sorted(self.tenant_errors.items()))
         phases = ", ".join(f"{k} {v:+.2%}" for k, v in sorted(self.phase_errors.items()))
         return (
             f"{self.n} requests: per-request error median {self.median:.2%}, p95 {self.p95:.2%}, worst "
-            f"{self.worst:.2%}; tenant totals {tenants}; phase totals {phases}"
+            f"{self.worst:.2%} ({self.worst_case}); tenant totals {tenants}; phase totals {phases}"
         )
 
 
@@ -164,11 +174,14 @@ def accuracy(db: sa.Engine, sims: Sequence[SimTGI]) -> Accuracy:
         "JOIN requests r ON r.request_id = e.request_id WHERE e.backend <> '' GROUP BY e.request_id",
     )
     errors = []
+    worst = (-1.0, "")
     tenants: dict[str, list[int]] = {}
     phases = {"prefill": [0, 0], "decode": [0, 0]}
     for rid, pre, dec, tenant in got:
         t = truth[rid]
         errors.append(abs(pre + dec - t.total_mj) / t.total_mj)
+        if errors[-1] > worst[0]:
+            worst = (errors[-1], f"{rid}: {pre + dec} mJ vs {t.total_mj} mJ true, {t.generated_tokens} tokens")
         acc = tenants.setdefault(tenant, [0, 0])
         acc[0] += pre + dec
         acc[1] += t.total_mj
@@ -184,4 +197,5 @@ def accuracy(db: sa.Engine, sims: Sequence[SimTGI]) -> Accuracy:
         worst=errors[-1],
         tenant_errors={k: a / b - 1 for k, (a, b) in tenants.items()},
         phase_errors={k: a / b - 1 for k, (a, b) in phases.items()},
+        worst_case=worst[1],
     )

@@ -1,0 +1,287 @@
+"""Online calibration of the power model from the counter itself: the lag, and the power of each activity class.
+
+Why. Two assumptions of ``attribute`` decide most of its per-request error (tests/integration/test_metering_*):
+
+- the *lag*: a reading at t shows the energy up to about t - lag. With a counter that updates every 100 ms at its
+  own phase (NVML; the simulator's wall-clock grid), the true lag is that phase plus the counter's own delay, fixed
+  for a run but unknown: anywhere in [0, 100 ms) + delay. A wrong lag shifts every request's window against the power
+  it drew;
+- the *prefill/decode power ratio*, which splits an interval that holds a prefill step and other work. It depends on
+  the GPU, the model and the batch (the simulator: 650 W vs 250 + 4 W/request; an H100 near its 700 W limit in
+  prefill).
+
+How. Over reading intervals i with energy E_i, the model says E_i = P_idle t_idle,i + P_prefill t_prefill,i +
+P_active t_active,i, where the t are the time each activity class held the GPU inside the interval's work-time window
+[t_i - L, t_(i+1) - L] (prefill steps first, then decode or waiting requests, else idle: the precedence ``attribute``
+uses). For each candidate lag L on a grid, least squares gives the powers and a residual; the lag with the smallest
+residual, pooled over recent epochs, wins, and its powers give the ratio (and an idle floor). The fit is refused,
+and the configured values stay, when the pool is too small, a class has too little time to be measured, the residual
+hardly depends on the lag (nothing to tell lags apart by), or the powers come out implausible (not positive, ratio
+outside 0.5..10).
+
+Cost: building a class timeline is one sort of the epoch's request boundaries; each lag costs 4 bisections per
+interval. The engine feeds an epoch in only while the pool is small, then once every ``refresh_ns`` of epochs.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from meter.attribution import CounterReading
+
+__all__ = ["ClassTimeline", "LagCalibrator", "PowerModel", "solve_least_squares"]
+
+_NS_PER_S = 1e9
+_MJ_PER_J = 1e3
+_DISTINCT = 0.8  # the best lag's residual must be at most this share of the median lag's
+
+
+@dataclass(frozen=True, slots=True)
+class PowerModel:
+    """The calibrated model of one backend."""
+
+    lag_ns: int
+    prefill_w: float
+    active_w: float  # decode, or requests held while waiting for their prefill
+    idle_w: float | None  # None when too little idle time was seen
+    intervals: int  # reading intervals the fit used
+    residual_w: float  # root-mean-square misfit, as average power over an interval
+
+    @property
+    def prefill_power_ratio(self) -> float:
+        return self.prefill_w / self.active_w
+
+
+class ClassTimeline:
+    """When prefill steps, other active work, or nothing ran, from request timelines (the ``attribute`` model).
+
+    ``requests`` are (released_ns, first_token_ns or None, done_ns, prompt_tokens). The prefill step of a request ends
+    at its first token and lasts ``overhead + tokens / tokens_per_s`` for the prompt tokens of every request whose
+    first token came within ``tolerance_ns`` of it (one batched step), but never starts before its release.
+    """
+
+    def __init__(
+        self,
+        requests: Iterable[tuple[int, int | None, int, int]],
+        tokens_per_s: float,
+        overhead_ns: int,
+        tolerance_ns: int,
+    ) -> None:
+        reqs = list(requests)
+        firsts = sorted((f, p) for _r, f, _d, p in reqs if f is not None)
+        first_ns = [f for f, _ in firsts]
+        prefix = [0]
+        for _, p in firsts:
+            prefix.append(prefix[-1] + p)
+        events: list[tuple[int, int, int]] = []  # (t, change of prefilling, change of active)
+        add = events.append
+        for released, first, done, _p in reqs:
+            if first is None:
+                if done > released:
+                    add((released, 0, 1))
+                    add((done, 0, -1))
+                continue
+            lo = bisect_left(first_ns, first - tolerance_ns)
+            hi = bisect_right(first_ns, first + tolerance_ns)
+            est = overhead_ns + round((prefix[hi] - prefix[lo]) * _NS_PER_S / tokens_per_s)
+            step_start = max(released, first - est)
+            if first > step_start:
+                add((step_start, 1, 0))
+                add((first, -1, 0))
+            if step_start > released:  # waiting for its prefill: active
+                add((released, 0, 1))
+                add((step_start, 0, -1))
+            if done > first:
+                add((first, 0, 1))
+                add((done, 0, -1))
+        events.sort()
+        times: list[int] = []
+        classes: list[int] = []  # class of the piece starting at times[k]: 0 prefill, 1 active, 2 idle
+        cum_prefill: list[int] = []
+        cum_active: list[int] = []
+        prefilling = active = 0
+        cum_p = cum_a = 0
+        for t, dp, da in events:
+            if times and t == times[-1]:
+                prefilling += dp
+                active += da
+                classes[-1] = 0 if prefilling else 1 if active else 2
+                continue
+            if times:
+                dt = t - times[-1]
+                if classes[-1] == 0:
+                    cum_p += dt
+                elif classes[-1] == 1:
+                    cum_a += dt
+            prefilling += dp
+            active += da
+            times.append(t)
+            classes.append(0 if prefilling else 1 if active else 2)
+            cum_prefill.append(cum_p)
+            cum_active.append(cum_a)
+        self._times = times
+        self._cls = classes
+        self._cum_prefill = cum_prefill
+        self._cum_active = cum_active
+
+    def _cum(self, t: int) -> tuple[int, int]:
+        k = bisect_right(self._times, t) - 1
+        if k < 0:
+            return 0, 0
+        dt = t - self._times[k]
+        c = self._cls[k]
+        return self._cum_prefill[k] + (dt if c == 0 else 0), self._cum_active[k] + (dt if c == 1 else 0)
+
+    def durations(self, a_ns: int, b_ns: int) -> tuple[int, int, int]:
+        """(prefill, active, idle) ns inside [a, b]."""
+        pa, aa = self._cum(a_ns)
+        pb, ab = self._cum(b_ns)
+        prefill, active = pb - pa, ab - aa
+        return prefill, active, (b_ns - a_ns) - prefill - active
+
+
+@dataclass(slots=True)
+class _Sums:
+    """Normal equations of one lag: X'X (3x3), X'y, y'y, the count, and the total time of each class (s)."""
+
+    xx: list[float]
+    xy: list[float]
+    time_s: list[float]
+    yy: float = 0.0
+    n: int = 0
+
+    @classmethod
+    def zero(cls) -> _Sums:
+        return cls([0.0] * 9, [0.0] * 3, [0.0] * 3)
+
+    def add(self, other: _Sums) -> None:
+        for i in range(9):
+            self.xx[i] += other.xx[i]
+        for i in range(3):
+            self.xy[i] += other.xy[i]
+            self.time_s[i] += other.time_s[i]
+        self.yy += other.yy
+        self.n += other.n
+
+
+def solve_least_squares(xx: Sequence[float], xy: Sequence[float], use: Sequence[int]) -> list[float] | None:
+    """Solve the normal equations restricted to the columns ``use`` (Gaussian elimination with pivoting)."""
+    m = len(use)
+    a = [[xx[3 * i + j] for j in use] + [xy[i]] for i in use]
+    for col in range(m):
+        pivot = max(range(col, m), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(m):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                for c in range(col, m + 1):
+                    a[r][c] -= f * a[col][c]
+    return [a[i][m] / a[i][i] for i in range(m)]
+
+
+class LagCalibrator:
+    """Pooled least-squares fits of one backend, one per candidate lag, over its most recent epochs."""
+
+    def __init__(
+        self,
+        lags_ns: Sequence[int],
+        *,
+        window_epochs: int = 30,
+        min_intervals: int = 50,
+        min_class_s: tuple[float, float, float] = (0.2, 1.0, 0.5),
+    ) -> None:
+        self.lags_ns = tuple(lags_ns)
+        self._epochs: deque[list[_Sums]] = deque(maxlen=window_epochs)
+        self._min_intervals = min_intervals
+        self._min_class_s = min_class_s
+        self.model: PowerModel | None = None
+
+    @property
+    def intervals(self) -> int:
+        return sum(e[0].n for e in self._epochs)
+
+    @property
+    def warming(self) -> bool:
+        """Too few intervals pooled for a fit yet."""
+        return self.intervals < self._min_intervals
+
+    def add(
+        self, segments: Sequence[Sequence[CounterReading]], timeline: ClassTimeline, idle_w: float | None = None
+    ) -> PowerModel | None:
+        """Add one epoch's intervals, refit, and return the model (also kept in ``model``).
+
+        ``idle_w``: the idle floor when it is measured directly (``meter.engine.idle``); the fit then solves only for
+        the prefill and active powers, which makes it steadier when idle time is scarce."""
+        per_lag = []
+        for lag in self.lags_ns:
+            sums = _Sums.zero()
+            xx, xy, time_s = sums.xx, sums.xy, sums.time_s
+            for seg in segments:
+                for k in range(len(seg) - 1):
+                    a, b = seg[k], seg[k + 1]
+                    p, act, idle = timeline.durations(a.t_ns - lag, b.t_ns - lag)
+                    x = (p / _NS_PER_S, act / _NS_PER_S, idle / _NS_PER_S)
+                    y = (b.energy_mj - a.energy_mj) / _MJ_PER_J
+                    for i in range(3):
+                        time_s[i] += x[i]
+                        xy[i] += x[i] * y
+                        for j in range(3):
+                            xx[3 * i + j] += x[i] * x[j]
+                    sums.yy += y * y
+                    sums.n += 1
+            per_lag.append(sums)
+        self._epochs.append(per_lag)
+        self.model = self._fit(idle_w)
+        return self.model
+
+    def _fit(self, idle_w: float | None) -> PowerModel | None:
+        if self.intervals < self._min_intervals:
+            return None
+        best: tuple[float, int, list[float], list[int], _Sums] | None = None
+        residuals: list[float] = []
+        for k, lag in enumerate(self.lags_ns):
+            pooled = _Sums.zero()
+            for epoch in self._epochs:
+                pooled.add(epoch[k])
+            use = [i for i in range(3) if pooled.time_s[i] >= self._min_class_s[i]]  # classes seen long enough
+            if 0 not in use or 1 not in use:
+                return None  # prefill and active work must both be seen to fit their ratio
+            xy, yy = pooled.xy, pooled.yy
+            if idle_w is not None:  # fit y - idle_w * t_idle on the two active classes
+                use = [0, 1]
+                xx = pooled.xx
+                xy = [pooled.xy[i] - idle_w * xx[3 * i + 2] for i in range(3)]
+                yy = pooled.yy - 2 * idle_w * pooled.xy[2] + idle_w * idle_w * xx[8]
+            p = solve_least_squares(pooled.xx, xy, use)
+            if p is None:
+                continue
+            rss = yy - sum(pi * xy[i] for pi, i in zip(p, use, strict=True))
+            residuals.append(rss)
+            if best is None or rss < best[0]:
+                best = (rss, lag, p, use, pooled)
+        if best is None:
+            return None
+        rss, lag, p, use, pooled = best
+        if len(residuals) > 2 and rss > _DISTINCT * sorted(residuals)[len(residuals) // 2]:
+            return None  # the residual hardly depends on the lag (e.g. a flat power draw): the lag is not identifiable
+        powers = dict(zip(use, p, strict=True))
+        prefill_w, active_w = powers[0], powers[1]
+        idle_w = idle_w if idle_w is not None else powers.get(2)
+        if not (prefill_w > 0 and active_w > 0 and 0.5 <= prefill_w / active_w <= 10):
+            return None
+        if idle_w is not None and not 0 < idle_w < active_w:
+            idle_w = None
+        mean_interval_s = sum(pooled.time_s) / pooled.n
+        return PowerModel(
+            lag_ns=lag,
+            prefill_w=prefill_w,
+            active_w=active_w,
+            idle_w=idle_w,
+            intervals=pooled.n,
+            residual_w=(max(rss, 0.0) / pooled.n) ** 0.5 / mean_interval_s,
+        )

@@ -1,0 +1,145 @@
+"""meter.engine.calibrate: the lag and the class powers come back from a counter whose board follows the model; the
+engine uses them, recomputes what it attributed before they settled, and still conserves every millijoule."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from meter.attribution import CounterReading
+from meter.engine import attributed_until, expected_usage, usage_table
+from meter.engine.calibrate import ClassTimeline, LagCalibrator, solve_least_squares
+from meter.store import make_engine as make_db
+from meter.store import upgrade
+from tests.test_engine_helpers import MS, T0, S, make_engine, rows, timeline, write
+
+IDLE_W, PREFILL_W, ACTIVE_W = 80.0, 620.0, 260.0
+TOKENS_PER_S, OVERHEAD_NS, TOLERANCE_NS = 20_000.0, 5 * MS, 2 * MS
+
+
+def _traffic(seconds: int, seed: int = 3) -> list[tuple[int, int, int, int]]:
+    """(released, first_token, done, prompt_tokens): bursts of 1-4 requests prefilled together, then decoding."""
+    rnd = random.Random(seed)
+    out = []
+    t = T0 + 200 * MS
+    while t < T0 + seconds * S:
+        n = rnd.randint(1, 4)
+        prompts = [rnd.randint(50, 800) for _ in range(n)]
+        step_ns = OVERHEAD_NS + round(sum(prompts) * 1e9 / TOKENS_PER_S)
+        released = t
+        first = released + rnd.randint(0, 20) * MS + step_ns
+        for p in prompts:
+            out.append((released, first, first + rnd.randint(50, 900) * MS, p))
+        t = first + rnd.choice([rnd.randint(0, 100), rnd.randint(300, 1500)]) * MS
+    return out
+
+
+def _energy_mj(classes: ClassTimeline, t_ns: int) -> float:
+    prefill, active, idle = classes.durations(T0, t_ns)
+    return (PREFILL_W * prefill + ACTIVE_W * active + IDLE_W * idle) * 1e-6
+
+
+def _readings(classes: ClassTimeline, seconds: int, lag_ns: int, quantum_ns: int | None = None) -> list[CounterReading]:
+    """A reading every 100 ms (plus 7 ms): the energy up to t - lag, or, with ``quantum_ns``, up to the last multiple
+    of the quantum before t - lag (a counter that updates every 100 ms, like NVML's), in whole mJ."""
+    out = []
+    for k in range(1, seconds * 10):
+        t = T0 + k * 100 * MS + 7 * MS
+        upto = t - lag_ns
+        if quantum_ns:
+            upto -= upto % quantum_ns
+        out.append(CounterReading(t, int(_energy_mj(classes, upto))))
+    return out
+
+
+def _classes(traffic: list[tuple[int, int, int, int]]) -> ClassTimeline:
+    return ClassTimeline(traffic, TOKENS_PER_S, OVERHEAD_NS, TOLERANCE_NS)
+
+
+def test_solve_least_squares_on_a_subset_of_columns() -> None:
+    # y = 2 a + 3 b exactly, over four points; the third column is left out.
+    xs = [(1.0, 0.0, 5.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (2.0, 1.0, 3.0)]
+    xx = [sum(x[i] * x[j] for x in xs) for i in range(3) for j in range(3)]
+    xy = [sum(x[i] * (2 * x[0] + 3 * x[1]) for x in xs) for i in range(3)]
+    assert solve_least_squares(xx, xy, [0, 1]) == pytest.approx([2.0, 3.0])
+    assert solve_least_squares([0.0] * 9, [0.0] * 3, [0, 1]) is None  # singular
+
+
+def test_class_timeline_follows_the_attribution_precedence() -> None:
+    # A prefills 10 ms (5 ms + 100 tokens at 20k tok/s) ending at 100 ms, then decodes to 300 ms; B waits from 150 ms
+    # for its prefill step, 200-210 ms (which outranks A's decode).
+    classes = ClassTimeline(
+        [(40 * MS, 100 * MS, 300 * MS, 100), (150 * MS, 210 * MS, 400 * MS, 100)], TOKENS_PER_S, OVERHEAD_NS, 0
+    )
+    assert classes.durations(0, 100 * MS) == (10 * MS, 50 * MS, 40 * MS)  # A waits 40-90 ms, prefills 90-100 ms
+    assert classes.durations(190 * MS, 220 * MS) == (10 * MS, 20 * MS, 0)
+    assert classes.durations(400 * MS, 500 * MS) == (0, 0, 100 * MS)
+
+
+@pytest.mark.parametrize("lag_ms", [0, 70, 160])
+def test_the_lag_and_the_powers_come_back(lag_ms: int) -> None:
+    traffic = _traffic(20)
+    classes = _classes(traffic)
+    cal = LagCalibrator(tuple(range(0, 301 * MS, 10 * MS)))
+    model = cal.add([_readings(classes, 20, lag_ms * MS)], classes)
+    assert model is not None
+    assert model.lag_ns == lag_ms * MS
+    assert model.prefill_w == pytest.approx(PREFILL_W, rel=0.02)
+    assert model.active_w == pytest.approx(ACTIVE_W, rel=0.02)
+    assert model.idle_w == pytest.approx(IDLE_W, rel=0.05)
+    # Given the idle floor, only the two active powers are fitted: the same answer.
+    again = LagCalibrator(tuple(range(0, 301 * MS, 10 * MS))).add([_readings(classes, 20, lag_ms * MS)], classes, 80.0)
+    assert again is not None and again.lag_ns == lag_ms * MS and again.prefill_w == pytest.approx(PREFILL_W, rel=0.02)
+
+
+def test_a_counter_that_updates_every_100_ms_is_read_with_its_phase_as_lag() -> None:
+    traffic = _traffic(30, seed=5)
+    classes = _classes(traffic)
+    # Updates on multiples of 100 ms, reads at +7 ms: a read shows the update of 7 ms ago, plus a 40 ms delay.
+    model = LagCalibrator(tuple(range(0, 301 * MS, 10 * MS))).add([_readings(classes, 30, 40 * MS, 100 * MS)], classes)
+    assert model is not None
+    assert abs(model.lag_ns - (40 + 7 + 50) * MS) <= 50 * MS  # within half an update of the middle of the step
+    assert model.prefill_power_ratio == pytest.approx(PREFILL_W / ACTIVE_W, rel=0.15)
+
+
+def test_too_little_data_or_no_prefill_gives_no_model() -> None:
+    traffic = _traffic(20)
+    classes = _classes(traffic)
+    assert LagCalibrator((0, 10 * MS)).add([_readings(classes, 3, 0)], classes) is None  # 29 intervals
+    decode_only = ClassTimeline([(T0, None, T0 + 15 * S, 0)], TOKENS_PER_S, OVERHEAD_NS, TOLERANCE_NS)
+    assert LagCalibrator((0, 10 * MS)).add([_readings(decode_only, 20, 0)], decode_only) is None
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[sa.Engine]:
+    upgrade(db_url)
+    engine = make_db(db_url)
+    yield engine
+    engine.dispose()
+
+
+def test_engine_calibrates_recomputes_and_still_conserves(db: sa.Engine) -> None:
+    traffic = _traffic(40, seed=11)
+    classes = _classes(traffic)
+    timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
+    samples = [("gpu0", r.t_ns, r.energy_mj, None) for r in _readings(classes, 40, 120 * MS)]
+    write(db, timelines=timelines, samples=samples, ingested_ns=T0 + 40 * S)
+
+    eng = make_engine(db, epoch_ns=2 * S, lag_ns=50 * MS, calibrate=True)
+    first = eng.run_once(now_ns=T0 + 50 * S)
+    model = eng._backends["b1"].calibrator.model  # type: ignore[union-attr]
+    assert model is not None and model.lag_ns == 120 * MS
+    second = eng.run_once(now_ns=T0 + 51 * S)  # the epochs attributed before the model settled are redone
+    assert first.attributed and second.recomputed and not second.attributed
+    assert eng.run_once(now_ns=T0 + 52 * S).recomputed == []
+
+    for e in rows(db, "SELECT * FROM backend_epochs"):
+        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj
+    with db.connect() as conn:
+        assert usage_table(conn) == expected_usage(conn)
+        until = attributed_until(conn, "b1")
+        assert until is not None
+        assert sum(v[0] for v in usage_table(conn).values()) == sum(1 for t in timelines if t.done_ns < until)
