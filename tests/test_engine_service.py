@@ -1,0 +1,93 @@
+"""The meter service's assembly: config -> engine settings, this node's backends, sources; the service's loop over a
+real simulator and a real database (SQLite), stopped cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from meter.engine import MeteredBackend
+from meter.ledger import Ledger
+from meter.service import BackendSpec, MeterService, meter_backends
+from meter.sources.sim import SimSource
+from meter.store import make_engine, upgrade
+from proxy.commands.meter import engine_settings, local_backends, meter_journal_path
+from proxy.config import ConfigError, load_config
+from sim.config import SimConfig
+from sim.server import SimTGI
+
+MS = 1_000_000
+
+
+def _config(**meter: object):  # type: ignore[no-untyped-def]
+    models = [
+        {
+            "model_id": "m",
+            "backends": [
+                {"url": "http://10.0.0.1:3000", "gpus": [0, 1], "node": "n1"},
+                {"url": "http://10.0.0.2:3000", "gpus": [2]},
+                {"url": "http://10.0.0.3:3000", "node": "n2"},
+            ],
+        }
+    ]
+    return load_config(environ={}, overrides={"meter": meter, "models": models})
+
+
+def test_engine_settings_follow_the_meter_section() -> None:
+    cfg = _config(epoch_s=2.5, settle_s=1, lag_ms=150, idle_power_w=85, prefill_power_ratio=3, calibrate=False)
+    s = engine_settings(cfg.meter)
+    assert (s.epoch_ns, s.settle_ns, s.lag_ns) == (2_500 * MS, 1_000 * MS, 150 * MS)
+    assert (s.idle_power, s.prefill_power_ratio, s.calibrate) == (85.0, 3.0, False)
+    assert s.sample_retention_ns == 7 * 86_400 * 1_000_000_000
+    assert engine_settings(_config(idle_power_w="time").meter).idle_power == "time"
+    with pytest.raises(ConfigError, match=r"meter\.epoch_s"):
+        _config(epoch_s=0)
+    assert meter_journal_path(_config(journal_path="/var/lib/jg/journal.jsonl")).name == "journal.meter.jsonl"
+
+
+def test_a_node_meters_its_own_backends_and_those_of_no_node() -> None:
+    assert [b.name for b in local_backends(_config(node="n1"))] == ["10.0.0.1:3000", "10.0.0.2:3000"]
+    assert [b.name for b in local_backends(_config(node="n2"))] == ["10.0.0.2:3000", "10.0.0.3:3000"]
+    assert local_backends(_config(node="n1"))[0].gpus == (0, 1)
+
+
+def test_nvml_backends_must_name_their_gpus_when_several_share_a_node() -> None:
+    specs = [BackendSpec("a", "http://a:1"), BackendSpec("b", "http://b:1", (1,))]
+    with pytest.raises(ValueError, match=r"backends \['a'\] list no gpus"):
+        meter_backends("nvml", specs)
+    with pytest.raises(ValueError, match="no backends"):
+        meter_backends("sim", [])
+
+
+async def test_service_samples_attributes_and_stops(tmp_path: Path) -> None:
+    async with SimTGI(SimConfig(time_scale=0.05)) as sim:
+        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+        upgrade(url)
+        db = make_engine(url)
+        ledger = Ledger(db, tmp_path / "journal.jsonl", flush_interval_s=0.05)
+        ledger.start()
+        source, backends = meter_backends("sim", [BackendSpec("b1", sim.url)])
+        assert isinstance(source, SimSource) and backends() == [MeteredBackend("b1", (sim.device,))]
+        cfg = _config(epoch_s=0.5, settle_s=0.1, engine_interval_s=0.1, lag_ms=0)
+        service = MeterService(db, ledger, source, backends, engine_settings(cfg.meter), engine_interval_s=0.1)
+        service.start()
+        try:
+            for _ in range(100):  # the service runs on its own threads; look in now and then
+                if service.engine.stats.epochs_attributed >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            stats = service.stats
+            assert stats.running and stats.engine.epochs_attributed >= 2 and stats.engine_failures == 0
+            assert stats.sampler.reads > 5 and stats.backends == {"b1": (sim.device,)}
+            assert service.power_w("b1") == pytest.approx(80.0, rel=0.2)  # the simulator idles at 80 W
+            assert service.power_w("nope") is None
+        finally:
+            service.stop()
+            ledger.close()
+        assert not service.running and not service.sampler.running
+        with db.connect() as conn:
+            epochs = conn.exec_driver_sql("SELECT counter_mj, idle_mj FROM backend_epochs").fetchall()
+        assert epochs and all(c == i > 0 for c, i in epochs)  # no requests: all of it idle
+        db.dispose()
