@@ -1,10 +1,18 @@
 """The metering engine: turns stored samples and request rows into per-request, per-phase millijoules, incrementally.
 
 Epochs. Time is cut into fixed wall-clock epochs of ``epoch_ns`` (boundaries at multiples since the Unix epoch).
-Each (backend, epoch) is attributed as a whole, in one transaction that replaces its ``request_energy`` rows and its
-``backend_epochs`` row and adds the change to ``usage_hourly``: running twice, or recomputing, never double counts.
-Readings are partitioned among epochs exactly (``meter.engine.readings``), so the backend's ``counter_mj`` summed over
-its epochs is its counter's energy over the whole history, less the gaps.
+Each (backend, epoch) is attributed as a whole: its ``request_energy`` rows and its ``backend_epochs`` row are
+written (or, for a recompute, deleted and written again) in one transaction together with the change to
+``usage_hourly`` (``meter.engine.usage``): running twice, or recomputing, never double counts. Readings are
+partitioned among epochs exactly (``meter.engine.readings``), so a backend's ``counter_mj`` summed over its epochs is
+its counter's energy over the whole history, less the gaps (failed reads, resets, sampler pauses: never attributed).
+
+A pass (``run_once``): rows written since the last pass are scanned for late data and unrouted requests; the stale
+epochs are recomputed one by one; then every epoch now due, of every backend, is attributed with bulk reads (samples
+of all devices, request rows of all backends) and one write transaction for all of them (COPY on PostgreSQL). The
+transaction takes a lock per backend first (advisory locks on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), so two
+meters that claim the same backend serialise; the second one's insert of an existing epoch fails and it redoes those
+epochs one by one as recomputes.
 
 When an epoch [a, b) of a backend is attributed (the *horizon*), in order, one after the other:
 
@@ -19,8 +27,19 @@ finds such rows through the ``ingested_ns`` index and recomputes their epochs. `
 ``commit_margin_ns`` before the epoch's inputs were read, so that a row written by a transaction that was still
 committing while the engine read counts as late, not as seen.
 
+An epoch whose request rows include one written less than ``commit_margin_ns`` ago waits for a later pass (new
+epochs) or stays on the stale list (recomputes), so a batch of timelines is never split across two attributions.
+
 Requests that never reached a backend carry no energy but are counted in ``usage_hourly`` under backend ``''``,
 through a zero marker row in ``request_energy`` (backend ``''``) written once when the engine first sees them.
+
+Calibration (``calibrate``, on by default; ``meter.engine.calibrate``). The counter lag and the ratio of prefill to
+decode power are fitted per backend by least squares over the counter's own readings; once the fit settles (or
+moves), the backend's recent epochs are recomputed under it. Epoch boundaries and the readings' partition always use
+the configured ``lag_ns``; the fitted lag only places the readings against the timelines inside ``attribute``, so
+each epoch also looks at requests up to ``reach_ns`` before its start. Calibration state lives in memory: after a
+restart it is learned again (and a recompute of an old epoch may use a slightly different model; conservation holds
+either way).
 
 Idle power. With ``idle_power="auto"`` each epoch measures the idle floor over its own reading intervals that no
 request came near (``meter.engine.idle``), pooled with those of the backend's recent epochs when it has less than

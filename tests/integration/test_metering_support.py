@@ -135,6 +135,12 @@ def check_books(db: sa.Engine) -> dict[str, int]:
     return totals
 
 
+def failed_reads(db: sa.Engine) -> int:
+    """Counter reads that failed. On a loaded machine the event loop that serves the simulator can stall past the
+    sampler's read timeout: the meter then records a gap (rightly), and the requests inside it get no energy."""
+    return int(query(db, "SELECT COUNT(*) FROM samples WHERE energy_mj IS NULL")[0][0])
+
+
 def sampler_phase_ms(db: sa.Engine, device: str, period_ms: int = 100) -> float:
     """Where the sampler's reads fall inside the simulated counter's update period (its updates sit on wall-clock
     multiples of the period). Near 0 (or the period) every read races an update, so each one randomly shows the
