@@ -6,6 +6,7 @@ gaps, late data); ``meter.service.MeterService`` runs it in a loop next to the s
 rollup from scratch by the engine's own rule.
 """
 
+from meter.engine.calibrate import PowerModel
 from meter.engine.core import EngineSettings, EngineStats, MeteredBackend, MeteringEngine, PassReport
 from meter.engine.finality import attributed_until, request_finality
 from meter.engine.readings import EpochReadings, Tick, epoch_bounds, epoch_readings, group_ticks
@@ -19,6 +20,7 @@ __all__ = [
     "MeteredBackend",
     "MeteringEngine",
     "PassReport",
+    "PowerModel",
     "Tick",
     "attributed_until",
     "epoch_bounds",

@@ -190,6 +190,7 @@ class EngineStats:
     last_error: str | None
     attributed_until_ns: dict[str, int | None]  # per backend: end of its last attributed epoch
     idle_power_w: dict[str, float | None]  # per backend: the idle floor in use
+    calibration: dict[str, PowerModel | None]  # per backend: the fitted lag and powers, once settled
 
 
 @dataclass(slots=True)
@@ -273,6 +274,7 @@ class MeteringEngine:
             last_error=self._last_error,
             attributed_until_ns={n: b.until_ns if b.loaded else None for n, b in self._backends.items()},
             idle_power_w={n: b.idle_power_w for n, b in self._backends.items()},
+            calibration={n: b.calibrator.model if b.calibrator else None for n, b in self._backends.items()},
         )
 
     # -- the pass --------------------------------------------------------------------------------------------------
@@ -280,8 +282,8 @@ class MeteringEngine:
     def run_once(self, now_ns: int | None = None) -> PassReport:
         """Recompute stale epochs, attribute every epoch that is due, count new unrouted requests, prune samples.
 
-        Raises on database errors (nothing is half written: every epoch is its own transaction); the caller
-        retries on its next pass, which starts from what the database holds.
+        Raises on database errors (nothing is half written: a recompute, or the batch of new epochs, is one
+        transaction); the caller retries on its next pass, which starts again from what the database holds.
         """
         self._pinned_ns = now_ns
         now = self._now()
@@ -508,6 +510,9 @@ class MeteringEngine:
         self._scan_lo_ns = now - s.scan_margin_ns  # what is found is remembered in `stale` until it is redone
         for name, b in self._backends.items():
             for start in sorted(b.stale):
+                if b.until_ns is None or start >= b.until_ns:
+                    del b.stale[start]  # not attributed (any more): the normal path will do it, in order
+                    continue
                 try:
                     done = self._attribute(b, start, b.stale[start], now, existing=True)
                 except _CannotRecomputeError:
@@ -601,7 +606,7 @@ class MeteringEngine:
                 )
                 kept = [r for r in rows if r[0] not in excluded]
                 result = self._compute(b, start, end, readings, kept, attributed_at, learn=False)
-        if not existing or (b.until_ns is not None and end >= b.until_ns):
+        if not existing or end == b.until_ns:  # a recompute never moves "attributed until"; it may move the span
             self._advanced(b, end, readings)
         if existing:
             self._recomputed += 1
