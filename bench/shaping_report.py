@@ -350,6 +350,7 @@ def plot(rows: Sequence[RunRow], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     loads = list(dict.fromkeys(r.load for r in rows))
     fig, axes = plt.subplots(1, len(loads), figsize=(5.2 * len(loads), 4.6), squeeze=False)
@@ -367,9 +368,12 @@ def plot(rows: Sequence[RunRow], path: Path, title: str) -> None:
         rate = scen[0].rate_per_s if scen else math.nan
         ax.set_title(f"{load} load ({rate:g} req/s)")
         ax.set_xscale("log")
-        ax.set_xlabel("TTFT p95 at the client (ms, log)")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v / 1000:g} s"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("TTFT p95 at the client (log)")
         ax.set_ylabel("J per request")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, 1.1 * max(r.j_per_request for r in scen))
         ax.grid(True, which="both", alpha=0.3)
         for b in sorted({r.bound_ms for r in scen if r.bound_ms is not None}):
             ax.axvline(b, color="gray", ls="--", lw=0.8)
@@ -387,3 +391,36 @@ def plot(rows: Sequence[RunRow], path: Path, title: str) -> None:
     fig.tight_layout(rect=(0, 0.1, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def load_csv(path: Path) -> list[RunRow]:
+    """Rows back from a CSV written by ``csv_text`` (to redraw a plot without rerunning)."""
+    out: list[RunRow] = []
+    with open(path, newline="") as f:
+        for rec in csv.DictReader(f):
+            kw: dict[str, Any] = {}
+            for name, fld in RunRow.__dataclass_fields__.items():
+                raw = rec.get(name, "")
+                if name == "notes":
+                    kw[name] = tuple(n for n in rec.get("notes", "").split("; ") if n)
+                elif fld.type in ("str",):
+                    kw[name] = raw
+                elif fld.type in ("int",):
+                    kw[name] = int(raw)
+                elif fld.type in ("bool",):
+                    kw[name] = raw == "True"
+                else:
+                    kw[name] = None if raw in ("", "None") else float(raw)
+            out.append(RunRow(**kw))
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="redraw a shaping plot from its CSV")
+    ap.add_argument("csv", type=Path)
+    ap.add_argument("png", type=Path)
+    ap.add_argument("--title", default="joulegate arrival shaping: J/request vs TTFT p95")
+    a = ap.parse_args()
+    plot(load_csv(a.csv), a.png, a.title)
