@@ -20,7 +20,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from proxy.metrics import MAX_TENANT_LABELS
+from proxy.metrics import MAX_TENANT_LABELS, REGISTRY
 
 log = structlog.get_logger(__name__)
 
@@ -31,23 +31,34 @@ _ENERGY_SQL = sa.text(
 
 
 class EnergyCollector(Collector):
-    def __init__(
-        self,
-        engine: sa.Engine,
-        *,
-        power_w: Callable[[], dict[str, float | None]] | None = None,
-        refresh_s: float = 10.0,
-    ) -> None:
-        self._engine = engine
-        self._power_w = power_w
-        self._refresh_s = refresh_s
+    """Registered once per process; a gateway ``attach``es its database and meter while it runs.
+
+    (One collector for the process, not one per gateway: two gateways in one process — tests, or a restart in
+    place — would otherwise register the same metric names twice.)
+    """
+
+    def __init__(self, *, refresh_s: float = 10.0) -> None:
+        self.refresh_s = refresh_s
         self._lock = threading.Lock()
+        self._engine: sa.Engine | None = None
+        self._power_w: Callable[[], dict[str, float | None]] | None = None
         self._cached: list[tuple[str, str, int, int]] = []
         self._cached_at = float("-inf")
 
+    def attach(self, engine: sa.Engine, power_w: Callable[[], dict[str, float | None]] | None = None) -> None:
+        with self._lock:
+            self._engine, self._power_w = engine, power_w
+            self._cached, self._cached_at = [], float("-inf")
+
+    def detach(self, engine: sa.Engine) -> None:
+        with self._lock:
+            if self._engine is engine:
+                self._engine, self._power_w = None, None
+                self._cached = []
+
     def _energy_rows(self) -> list[tuple[str, str, int, int]]:
         with self._lock:
-            if time.monotonic() - self._cached_at < self._refresh_s:
+            if self._engine is None or time.monotonic() - self._cached_at < self.refresh_s:
                 return self._cached
             try:
                 with self._engine.connect() as conn:
@@ -69,16 +80,21 @@ class EnergyCollector(Collector):
             energy.add_metric([tenant, model, "prefill"], prefill_mj / 1000)
             energy.add_metric([tenant, model, "decode"], decode_mj / 1000)
         yield energy
-        if self._power_w is not None:
+        power_w = self._power_w
+        if power_w is not None:
             power = GaugeMetricFamily(
                 "joulegate_backend_power_watts",
                 "Average GPU power of each backend over the last second (sum over its GPUs), from the energy counter.",
                 labels=["backend"],
             )
-            for backend, watts in sorted(self._power_w().items()):
+            for backend, watts in sorted(power_w().items()):
                 if watts is not None:
                     power.add_metric([backend], watts)
             yield power
+
+
+ENERGY = EnergyCollector()
+REGISTRY.register(ENERGY)
 
 
 def _bounded(rows: list[tuple[str, str, int, int]]) -> list[tuple[str, str, int, int]]:

@@ -26,12 +26,11 @@ from meter.store.migrate import ensure_schema
 from proxy.auth import Authenticator
 from proxy.backends import Backend, BackendPool, run_health_checks
 from proxy.config import Config
-from proxy.energy_metrics import EnergyCollector
+from proxy.energy_metrics import ENERGY as ENERGY_METRICS
 from proxy.gateway import Gateway
 from proxy.grpc_api import GenerationServicer
 from proxy.grpc_handlers import add_servicer
 from proxy.http import HttpFrontDoor
-from proxy.metrics import REGISTRY
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
 from proxy.reports_api import SERVICE as ENERGY_REPORTS
@@ -106,11 +105,6 @@ class GatewayApp:
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ]
-        self._energy_metrics = EnergyCollector(
-            self.engine,
-            power_w=lambda: {b.name: self.meter.power_w(b.name) for b in cfg.backends} if self.meter else {},
-        )
-        REGISTRY.register(self._energy_metrics)
         self.http = (
             HttpFrontDoor(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests)
             if cfg.server.http_listen
@@ -121,6 +115,10 @@ class GatewayApp:
         cfg = self.config
         await asyncio.to_thread(ensure_schema, self.engine)
         self.ledger.start()
+        ENERGY_METRICS.attach(
+            self.engine,
+            power_w=lambda: {b.name: self.meter.power_w(b.name) for b in cfg.backends} if self.meter else {},
+        )
         if cfg.meter.source != "none":
             from proxy.commands.meter import build_meter_service
 
@@ -175,7 +173,7 @@ class GatewayApp:
         if self.meter is not None:  # after the last request, before the ledger's last flush
             await asyncio.to_thread(self.meter.stop)
         await asyncio.to_thread(self.ledger.close)
-        REGISTRY.unregister(self._energy_metrics)
+        ENERGY_METRICS.detach(self.engine)
         self.engine.dispose()
         log.info("gateway_stopped", ledger=str(self.ledger.stats))
 

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meter.pb.joulegate.v1 import energy_pb2 as epb
 from meter.pb.joulegate.v1 import energy_pb2_grpc as epbg
+from proxy.energy_metrics import ENERGY
 from proxy.pb.fmaas import generation_pb2 as pb
 from sim.config import SimConfig
 
@@ -29,9 +30,9 @@ async def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     }
 
 
-async def test_metrics_report_energy_per_tenant_model_phase_and_power(tmp_path: Path) -> None:
+async def test_metrics_report_energy_per_tenant_model_phase_and_power(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(ENERGY, "refresh_s", 0.0)  # read SQL on every scrape in this test
     async with running_stack(tmp_path, sim_config=SimConfig(time_scale=1.0), overrides=METER, http=True) as s:
-        s.app._energy_metrics._refresh_s = 0.0  # read SQL on every scrape in this test
         call = s.stub.Generate(
             pb.BatchedGenerationRequest(
                 requests=[pb.GenerationRequest(text="energy please")] * 3,
