@@ -1,6 +1,6 @@
 """How many request timelines per second the meter records, attributes and stores, on SQLite and on PostgreSQL.
 
-    .venv/bin/python -m bench.ledger [--quick] [--requests N] [--backends 64] [--postgres ADMIN_URL]
+    .venv/bin/python -m bench.ledger [--quick] [--requests 300000] [--backends 64] [--epoch-ms 1000] [--postgres URL]
 
 One workload, run on a fresh SQLite file and then on a fresh PostgreSQL database, in one process, as a gateway and
 an in-process meter would run it: a feeder thread hands every request to the real ``Ledger`` the way the gateway
@@ -224,13 +224,13 @@ def report(r: RunResult) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
-    parser.add_argument("--requests", type=int, help="requests per database (default 150000; --quick 30000)")
+    parser.add_argument("--requests", type=int, help="requests per database (default 300000; --quick 30000)")
     parser.add_argument("--backends", type=int, default=64, help="backends (odd ones on two GPUs)")
     parser.add_argument("--postgres", default=POSTGRES_ADMIN_URL, help="admin URL of the PostgreSQL server")
     parser.add_argument("--only", choices=["sqlite", "postgres"], help="run one database only")
     parser.add_argument("--epoch-ms", type=int, default=1000, help="attribution epoch (production default: 10000)")
     args = parser.parse_args(argv)
-    n = args.requests or (30_000 if args.quick else 150_000)
+    n = args.requests or (30_000 if args.quick else 300_000)
     print(
         f"bench.ledger: {n} requests over {args.backends} backends per database, sampler at 10 Hz, "
         f"{args.epoch_ms} ms epochs; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"

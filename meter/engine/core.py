@@ -84,6 +84,11 @@ _IDLE_HISTORY_EPOCHS = 60  # idle stretches of this many recent epochs measure t
 _RECALIBRATE_EPOCHS = 30  # when the calibration first settles or moves, this many recent epochs are recomputed
 
 
+def _merge_by_time(by_device: dict[str, list[sql.Row]], devices: Sequence[str]) -> list[sql.Row]:
+    """The samples of several devices (each already sorted by time) in one list sorted by (time, device)."""
+    return sorted((x for d in devices for x in by_device.get(d, ())), key=lambda x: (x[1], x[0]))
+
+
 class _CannotRecomputeError(Exception):
     """A stale epoch whose readings are no longer stored."""
 
@@ -125,7 +130,7 @@ class EngineSettings:
     commit_margin_ns: int = 500 * _MS
     scan_margin_ns: int = 3 * _S  # rows stamped this long before a pass may only become visible after it
     calibrate: bool = True  # fit the lag and the prefill/active power ratio to the counter (meter.engine.calibrate)
-    calibration_lags_ns: tuple[int, ...] = tuple(range(0, 301 * _MS, 10 * _MS))
+    calibration_lags_ns: tuple[int, ...] = tuple(range(0, 201 * _MS, 10 * _MS))  # NVML: one update, <= ~200 ms
     calibration_refresh_ns: int = 30 * _S  # once calibrated, feed the fit one epoch per this much time
 
     def __post_init__(self) -> None:
@@ -401,11 +406,15 @@ class MeteringEngine:
             samples = sql.samples_between(
                 conn, devices, min(starts) + s.lag_ns - _LOOKBEHIND_NS, max(ends) + s.lag_ns + _LOOKAHEAD_NS
             )
+            by_device: dict[str, list[sql.Row]] = {}
+            for x in samples:
+                by_device.setdefault(x[0], []).append(x)
             ready: dict[str, list[tuple[int, int, EpochReadings]]] = {}
             for name, epochs in plan.items():
                 b = self._backends[name]
-                mine = set(b.spec.devices)
-                ticks = group_ticks([x for x in samples if x[0] in mine], b.spec.devices, s.tick_gap_ns)
+                devices = b.spec.devices
+                mine = by_device.get(devices[0], []) if len(devices) == 1 else _merge_by_time(by_device, devices)
+                ticks = group_ticks(mine, devices, s.tick_gap_ns)
                 for start, end in epochs:
                     readings = self._readings(ticks, start, end)
                     if readings is None:  # the sampler paused past the window read: read up to its next sample
