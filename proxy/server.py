@@ -31,6 +31,7 @@ from proxy.gateway import Gateway
 from proxy.grpc_api import GenerationServicer
 from proxy.grpc_handlers import add_servicer
 from proxy.http import HttpFrontDoor
+from proxy.metering import build_meter_service
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
 from proxy.reports_api import SERVICE as ENERGY_REPORTS
@@ -120,8 +121,6 @@ class GatewayApp:
             power_w=lambda: {b.name: self.meter.power_w(b.name) for b in cfg.backends} if self.meter else {},
         )
         if cfg.meter.source != "none":
-            from proxy.commands.meter import build_meter_service
-
             self.meter = await asyncio.to_thread(build_meter_service, cfg, self.engine, self.ledger)
             self.meter.start()
         for pool in self.pools.values():

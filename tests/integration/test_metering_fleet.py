@@ -14,8 +14,8 @@ from sqlalchemy.engine import make_url
 from meter.ledger import Ledger
 from meter.store import make_engine
 from meter.store.keys import create_key
-from proxy.commands.meter import build_meter_service
 from proxy.config import MeterConfig
+from proxy.metering import build_meter_service
 from sim.config import SimConfig
 from tests.conftest import _postgres_database
 from tests.tcp_cut import TcpCut
