@@ -87,3 +87,17 @@ def gateway_process(workdir: Path, backends: list[str], *, env: dict[str, str] |
         finally:
             proc.terminate()
             proc.wait(30)
+
+
+def create_admin_key(db_url: str) -> str:
+    """Create the schema if needed and an admin key to read every tenant's energy reports."""
+    from meter.store.db import make_engine
+    from meter.store.keys import create_key
+    from meter.store.migrate import ensure_schema
+
+    engine = make_engine(db_url)
+    try:
+        ensure_schema(engine)
+        return create_key(engine, "bench", admin=True).key
+    finally:
+        engine.dispose()

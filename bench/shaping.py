@@ -40,7 +40,7 @@ from pathlib import Path
 
 import grpc
 
-from bench._procs import gateway_process, sim_process
+from bench._procs import create_admin_key, gateway_process, sim_process
 from bench.gpu.reference_tokenizer import WordTokenizer
 from bench.shaping_config import GatewayBackend, gateway_config, toml_dumps
 from bench.shaping_report import (
@@ -229,7 +229,7 @@ def main() -> None:
             for t in traces
         }
         db_url = f"sqlite:///{workdir / 'bench.db'}"  # the path gateway_process passes with --db
-        admin_key = _admin_key(db_url)
+        admin_key = create_admin_key(db_url)
         scenarios = [Scenario(t, t.name, t.name) for t in traces]
         cfg = gateway_config(
             backends=[GatewayBackend(s.model_id, urls[s.backend], s.backend) for s in scenarios],
@@ -247,19 +247,6 @@ def main() -> None:
         rows = asyncio.run(_bench(port, admin_key, scenarios, policies, urls, tail_s))
     wall_s = time.monotonic() - t0
     _write(args, rows, traces, policies, lengths, capacity, burst, duration_s, wall_s)
-
-
-def _admin_key(db_url: str) -> str:
-    from meter.store.db import make_engine
-    from meter.store.keys import create_key
-    from meter.store.migrate import ensure_schema
-
-    engine = make_engine(db_url)
-    try:
-        ensure_schema(engine)
-        return create_key(engine, "bench", admin=True).key
-    finally:
-        engine.dispose()
 
 
 def _write(args: argparse.Namespace, rows: list[RunRow], traces: list[Trace], policies: list[PolicySpec],

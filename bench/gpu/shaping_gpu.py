@@ -39,7 +39,7 @@ from pathlib import Path
 
 import grpc
 
-from bench._procs import _wait_grpc, free_port
+from bench._procs import _wait_grpc, create_admin_key, free_port
 from bench.gpu.reference_tokenizer import WordTokenizer
 from bench.shaping_config import GatewayBackend, gateway_config, toml_dumps
 from bench.shaping_drive import WindowEnergy, epoch_ceil_ns, read_window, sleep_until_ns, wait_attributed
@@ -219,19 +219,6 @@ async def _bench(args: argparse.Namespace, port: int, admin_key: str, scenarios:
     return rows, skipped, idle_w
 
 
-def _admin_key(db_url: str) -> str:
-    from meter.store.db import make_engine
-    from meter.store.keys import create_key
-    from meter.store.migrate import ensure_schema
-
-    engine = make_engine(db_url)
-    try:
-        ensure_schema(engine)
-        return create_key(engine, "bench", admin=True).key
-    finally:
-        engine.dispose()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -276,7 +263,7 @@ def main() -> None:
     with _process(_backend_cmd(args, backend_port), args.out / "server.log") as backend:
         _wait_http(f"http://127.0.0.1:{backend_port}/health", backend, 300)
         print(f"[{time.monotonic() - t0:5.0f} s] backend up ({args.backend})", flush=True)
-        admin_key = _admin_key(db_url)
+        admin_key = create_admin_key(db_url)
         gpus = (0,) if args.meter == "nvml" else ()
         cfg = gateway_config(
             backends=[GatewayBackend(model_id, f"http://127.0.0.1:{backend_port}", "gpu0", gpus)],

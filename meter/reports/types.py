@@ -64,8 +64,33 @@ class ReportSettings:
         return total_j * self.pue * self.grid_g_co2e_per_kwh / J_PER_KWH
 
 
+class _Joules:
+    """Joules read off the millijoule fields (``prefill_mj``, ``decode_mj``, ``idle_mj``) of a report row."""
+
+    __slots__ = ()
+    prefill_mj: int
+    decode_mj: int
+    idle_mj: float
+
+    @property
+    def prefill_j(self) -> float:
+        return self.prefill_mj / MJ_PER_J
+
+    @property
+    def decode_j(self) -> float:
+        return self.decode_mj / MJ_PER_J
+
+    @property
+    def idle_j(self) -> float:
+        return self.idle_mj / MJ_PER_J
+
+    @property
+    def total_j(self) -> float:
+        return (self.prefill_mj + self.decode_mj + self.idle_mj) / MJ_PER_J
+
+
 @dataclass(frozen=True, slots=True)
-class RequestReport:
+class RequestReport(_Joules):
     """One request with its energy. ``idle_mj`` is its share under ``idle_policy`` (0 under NONE)."""
 
     request_id: str
@@ -89,22 +114,6 @@ class RequestReport:
     idle_policy: IdlePolicy
 
     @property
-    def prefill_j(self) -> float:
-        return self.prefill_mj / MJ_PER_J
-
-    @property
-    def decode_j(self) -> float:
-        return self.decode_mj / MJ_PER_J
-
-    @property
-    def idle_j(self) -> float:
-        return self.idle_mj / MJ_PER_J
-
-    @property
-    def total_j(self) -> float:
-        return (self.prefill_mj + self.decode_mj + self.idle_mj) / MJ_PER_J
-
-    @property
     def queued_ms(self) -> float | None:
         return None if self.released_ns is None else (self.released_ns - self.received_ns) / NS_PER_MS
 
@@ -116,7 +125,7 @@ class RequestPage:
 
 
 @dataclass(frozen=True, slots=True)
-class UsageRow:
+class UsageRow(_Joules):
     """One group of a usage report (or the total): requests received in the range and their whole energy."""
 
     key: str
@@ -127,22 +136,6 @@ class UsageRow:
     decode_mj: int
     idle_mj: float
     provisional_requests: int
-
-    @property
-    def prefill_j(self) -> float:
-        return self.prefill_mj / MJ_PER_J
-
-    @property
-    def decode_j(self) -> float:
-        return self.decode_mj / MJ_PER_J
-
-    @property
-    def idle_j(self) -> float:
-        return self.idle_mj / MJ_PER_J
-
-    @property
-    def total_j(self) -> float:
-        return (self.prefill_mj + self.decode_mj + self.idle_mj) / MJ_PER_J
 
     @property
     def total_wh(self) -> float:
