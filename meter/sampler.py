@@ -5,6 +5,14 @@ serves requests. Why a fixed schedule: ticks fall at ``start + k * interval`` so
 read latency; a tick that is already past when the previous one finishes is skipped (counted in ``missed_ticks``)
 instead of being read in a burst, because back-to-back reads of a counter that updates every ~100 ms add nothing.
 
+Phase: NVML's counter advances in ~100 ms steps. A sampling grid whose reads land within a few milliseconds of the
+counter's updates sees some updates and misses others (a read repeats the previous value, then the next one jumps two
+steps), which turns into ±100 ms of timing noise in attribution. So when most devices of a read return their previous
+value (the counter has not moved since the last tick: a read just before its update), the grid is shifted by half an
+interval, putting reads midway between updates, where the counter's ~3 % period drift keeps them for many ticks. The
+constant offset that remains is what the engine's lag (and its calibration) accounts for. ``phase_lock=False`` turns
+this off (a source without stepped counters).
+
 Nothing here hides a problem: a read that raises becomes a gap ``Sample`` for every device of the source, a counter
 that goes backwards is logged, counted as a reset and still passed on (the consumer starts a new segment there), and an
 exception from the sink is logged and counted. None of these stops the thread.
@@ -42,6 +50,7 @@ class SamplerStats:
     cpu_s: float  # CPU time of the sampler thread (time.thread_time)
     wall_s: float  # wall time since start (until stop, once stopped)
     missed_ticks: int = 0  # scheduled ticks skipped because the previous tick ran past them
+    phase_shifts: int = 0  # times the grid moved half an interval away from the counter's updates
     source_errors: int = 0  # read() calls that raised
     sink_errors: int = 0  # sink calls that raised (those samples are lost to the sink)
 
@@ -77,6 +86,7 @@ class Sampler:
         *,
         interval_ms: int = 100,
         power_window_ms: int = 1000,
+        phase_lock: bool = True,
     ) -> None:
         if interval_ms <= 0:
             raise ValueError(f"interval_ms must be positive, got {interval_ms}")
@@ -84,6 +94,10 @@ class Sampler:
         self._sink = sink
         self._interval_ns = interval_ms * 1_000_000
         self._power_window_ns = power_window_ms * 1_000_000
+        self._phase_lock = phase_lock
+        self._phase_shifts = 0
+        self._stale_in_tick = 0  # devices whose valid reading repeated the previous value, in the current tick
+        self._valid_in_tick = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards everything below, read by other threads
@@ -143,6 +157,7 @@ class Sampler:
                 cpu_s=self._cpu_s,
                 wall_s=wall_s,
                 missed_ticks=self._missed_ticks,
+                phase_shifts=self._phase_shifts,
                 source_errors=self._source_errors,
                 sink_errors=self._sink_errors,
             )
@@ -162,9 +177,12 @@ class Sampler:
         tick = 0
         try:
             while not self._stop.is_set():
-                self._tick()
+                stale = self._tick()
                 with self._lock:
                     self._cpu_s = time.thread_time() - cpu0_s
+                    if stale and self._phase_lock:
+                        self._phase_shifts += 1
+                        start_ns += self._interval_ns // 2  # read midway between the counter's updates
                 tick += 1
                 now_ns = time.monotonic_ns()
                 due_ns = start_ns + tick * self._interval_ns
@@ -180,7 +198,8 @@ class Sampler:
                 self._cpu_s = time.thread_time() - cpu0_s
                 self._stopped_ns = time.monotonic_ns()
 
-    def _tick(self) -> None:
+    def _tick(self) -> bool:
+        """One read of the source; True when most devices repeated their previous value (read just before an update)."""
         t0_ns = time.perf_counter_ns()
         try:
             samples = list(self._source.read())
@@ -197,8 +216,10 @@ class Sampler:
         with self._lock:
             self._reads += 1
             self._read_ms.append(read_ms)
+            self._stale_in_tick = self._valid_in_tick = 0
             for sample in samples:
                 self._account(sample)
+            stale = self._valid_in_tick > 0 and 2 * self._stale_in_tick > self._valid_in_tick
         try:
             self._sink(samples)
         except Exception:
@@ -207,6 +228,7 @@ class Sampler:
                 n = self._sink_errors
             if n == 1 or n % _LOG_EVERY == 0:
                 log.exception("sampler_sink_raised", sink_errors=n, samples_lost=len(samples))
+        return stale
 
     def _account(self, sample: Sample) -> None:
         """Update counters, reset detection and the power window with one sample (lock held)."""
@@ -222,6 +244,9 @@ class Sampler:
         if gaps:
             log.info("energy_read_recovered", device=device, gaps=gaps)
         previous = self._last_valid.get(device)
+        self._valid_in_tick += 1
+        if previous is not None and sample.energy_mj == previous[1]:
+            self._stale_in_tick += 1
         readings = self._power_readings.setdefault(device, deque())
         if previous is not None and sample.energy_mj < previous[1]:
             self._resets += 1

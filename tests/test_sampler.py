@@ -230,3 +230,56 @@ def test_lifecycle_errors() -> None:
             other.start()
     finally:
         assert other.stop(2.0)
+
+
+class SteppedCounter:
+    """A counter that advances every ``period_s`` (like NVML's), its updates on the sampler's own grid.
+
+    Each read sees the counter at its call time plus a jitter that alternates ±``jitter_s``: reads that land on
+    the update instants then see some updates and miss others, which is the case the phase lock exists for.
+    """
+
+    def __init__(self, period_s: float, jitter_s: float) -> None:
+        self.period_s = period_s
+        self.jitter_s = jitter_s
+        self.t0: float | None = None
+        self.calls = 0
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return ("fake:stepped",)
+
+    def read(self) -> list[Sample]:
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now  # updates fall on the grid the sampler started on
+        seen = now + (self.jitter_s if self.calls % 2 else -self.jitter_s)
+        self.calls += 1
+        steps = int((seen - self.t0) // self.period_s)
+        return [Sample("fake:stepped", time.time_ns(), 10_000 + 100 * steps)]
+
+    def close(self) -> None:
+        pass
+
+
+def _stale_reads(samples: list[Sample]) -> int:
+    values = [s.energy_mj for s in samples]
+    return sum(1 for a, b in itertools.pairwise(values) if a == b)
+
+
+@pytest.mark.parametrize("phase_lock", [True, False])
+def test_phase_lock_moves_reads_away_from_the_counter_updates(phase_lock: bool) -> None:
+    sink = Collector()
+    sampler = Sampler(SteppedCounter(0.05, 0.01), sink, interval_ms=50, phase_lock=phase_lock)
+    stats = run_for(sampler, 1.6)
+    samples = sink.samples
+    assert len(samples) >= 20
+    if phase_lock:
+        assert 1 <= stats.phase_shifts <= 2
+        # once shifted, reads sit midway between updates: every read sees exactly one new step
+        after = samples[stats.phase_shifts * 2 + 2 :]
+        assert _stale_reads(after) == 0
+        assert all(b.energy_mj - a.energy_mj == 100 for a, b in itertools.pairwise(after))
+    else:
+        assert stats.phase_shifts == 0
+        assert _stale_reads(samples) >= 5  # without it, reads keep straddling the updates
