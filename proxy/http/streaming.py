@@ -1,9 +1,13 @@
 """Relaying a gateway stream to an HTTP client as Server-Sent Events, shared by the TGI and OpenAI routes.
 
 The first event is awaited before anything is written, so a refusal can still become a status code (see
-``proxy.http.errors.in_stream``). After that, a failure is an in-stream error event. A client that goes away
-(reset connection, cancelled handler) is passed into the gateway's stream as ``Cancelled``: the stream closes its
-backend connection (TGI drops the request) and the ledger records CANCELLED.
+``proxy.http.errors.in_stream``). After that, a failure is an in-stream error event. A request that waits longer
+than ``HEADERS_AFTER_S`` for its first event (held by a shaping policy, or queued behind a long prefill) gets its
+HTTP 200 and SSE headers then, and a ``:`` comment every ``KEEPALIVE_S`` until its first token, so that clients and
+proxies with idle timeouts do not drop it; from then on any refusal is an in-stream error event, as TGI sends them.
+
+A client that goes away (reset connection, cancelled handler) is passed into the gateway's stream as ``Cancelled``:
+the stream closes its backend connection (TGI drops the request) and the ledger records CANCELLED.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from proxy.http import wire
 from proxy.http.errors import in_stream
 
 Batches = AsyncIterator[list[dict[str, Any]]]  # Gateway.stream_batches: the events of one network read
+
+HEADERS_AFTER_S = 5.0  # commit the 200 + SSE headers if the first event has not come by then
+KEEPALIVE_S = 5.0  # then an SSE comment this often until it comes
+KEEPALIVE = b":\n\n"
 
 
 async def abandon(events: Batches) -> None:
@@ -56,16 +64,30 @@ async def _relay(
     error_event: Callable[[GatewayError], bytes],
     trailer: bytes,
 ) -> web.StreamResponse:
+    first_step: asyncio.Future[list[dict[str, Any]] | None] = asyncio.ensure_future(anext(events, None))
+    response: web.StreamResponse | None = None
     try:
-        first = await anext(events, None)
+        await asyncio.wait({first_step}, timeout=HEADERS_AFTER_S)
+        if not first_step.done():  # held: answer now and keep the connection alive until the first token
+            response = await _prepare(request, headers())
+            while not first_step.done():
+                await response.write(KEEPALIVE)
+                await asyncio.wait({first_step}, timeout=KEEPALIVE_S)
+    except (asyncio.CancelledError, ConnectionResetError):
+        first_step.cancel()
+        with contextlib.suppress(BaseException):
+            await first_step  # the stream's first step ends (it records CANCELLED) before the stream is closed
+        raise
+    try:
+        first = first_step.result()
     except GatewayError as exc:
-        if not in_stream(exc, released=any(r.released_ns is not None for r in results)):
+        if response is None and not in_stream(exc, released=any(r.released_ns is not None for r in results)):
             raise
-        response = await _prepare(request, headers())
+        response = response or await _prepare(request, headers())
         with contextlib.suppress(ConnectionResetError):
             await response.write(error_event(exc) + trailer)
         return response
-    response = await _prepare(request, headers())
+    response = response or await _prepare(request, headers())
     try:
         try:
             if first is not None:
