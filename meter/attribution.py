@@ -27,7 +27,9 @@ Who owns an instant. At every instant the energy goes to exactly one class, by p
 
 1. the requests in a prefill step, shared in proportion to prompt tokens (equally if all have zero);
 2. else the requests in decode, shared equally (a decode step produces one token for each);
-3. else the requests waiting for their prefill (the GPU is held for them), shared equally, booked as prefill;
+3. else the requests waiting for their prefill (the GPU is held for them), shared in proportion to prompt tokens
+   like the prefill they wait for (equally if all have zero), booked as prefill — shared by the same rule as the
+   step, so that a longer prompt, which turns some of that wait into prefill step, never costs its request less;
 4. else idle.
 
 Within one reading interval. Power is taken as uniform over the interval except that a prefill instant weighs
@@ -81,8 +83,9 @@ _MJ_PER_W_NS = 1e-6  # 1 W for 1 ns is 1e-9 J = 1e-6 mJ
 _PREFILL_TOKENS = 0  # prefill step, shared by prompt tokens
 _PREFILL_EQUAL = 1  # prefill step whose members all have zero prompt tokens, shared equally
 _DECODE = 2
-_WAIT = 3
-_IDLE = 4
+_WAIT_TOKENS = 3  # waiting for a prefill, shared by prompt tokens
+_WAIT_EQUAL = 4  # waiting, all with zero prompt tokens: shared equally
+_IDLE = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,16 +287,17 @@ def _float_shares(
     policy: AttributionPolicy,
 ) -> tuple[dict[str, float], dict[str, float], float]:
     """Exact (float) prefill and decode shares per request, and idle, by one sweep over the sorted boundaries."""
-    # Deltas of the running state at each boundary: waiting count, prefill tokens, prefill count, decode count.
+    # Deltas of the running state at each boundary: waiting count, prefill tokens, prefill count, decode count,
+    # waiting tokens.
     deltas: dict[int, list[int]] = {}
 
     def bump(t_ns: int, slot: int, by: int) -> None:
         d = deltas.get(t_ns)
         if d is None:
-            d = deltas[t_ns] = [0, 0, 0, 0]
+            d = deltas[t_ns] = [0, 0, 0, 0, 0]
         d[slot] += by
 
-    zero = (0, 0, 0, 0)
+    zero = (0, 0, 0, 0, 0)
     for req in requests:
         for t_ns in (req.released_ns, req.prefill_start_ns, req.done_ns):
             if t_ns not in deltas:  # every boundary a share is read at must be a sweep time
@@ -301,6 +305,8 @@ def _float_shares(
         if req.prefill_start_ns > req.released_ns:
             bump(req.released_ns, 0, 1)
             bump(req.prefill_start_ns, 0, -1)
+            bump(req.released_ns, 4, req.prompt_tokens)
+            bump(req.prefill_start_ns, 4, -req.prompt_tokens)
         first = req.first_token_ns
         if first is not None:
             if first > req.prefill_start_ns:
@@ -330,7 +336,7 @@ def _float_shares(
     seg_class: list[int] = []
     seg_div: list[int] = []
     seg_interval: list[int] = []
-    waiting = prefill_tokens = prefilling = decoding = 0
+    waiting = prefill_tokens = prefilling = decoding = waiting_tokens = 0
     interval = -1
     for k in range(n_times - 1):
         t0 = times[k]
@@ -339,6 +345,7 @@ def _float_shares(
         prefill_tokens += d[1]
         prefilling += d[2]
         decoding += d[3]
+        waiting_tokens += d[4]
         if t0 < span_start_ns or t0 >= span_end_ns:
             continue
         if interval + 1 < n_intervals and t0 >= bounds_ns[interval + 1]:
@@ -351,7 +358,7 @@ def _float_shares(
             cls, div = _DECODE, decoding
             active_w[interval] += dur_ns
         elif waiting:
-            cls, div = _WAIT, waiting
+            cls, div = (_WAIT_TOKENS, waiting_tokens) if waiting_tokens else (_WAIT_EQUAL, waiting)
             active_w[interval] += dur_ns
         else:
             cls, div = _IDLE, 1
@@ -377,7 +384,8 @@ def _float_shares(
             rho_active[i] = (e_mj - idle_mj) / a_w
 
     # Pass 2: energy per unit share of each segment, then prefix sums per class, indexed like `times`.
-    inc = [[0.0] * n_times for _ in range(4)]  # prefill per token, prefill per request, decode, wait
+    # prefill per token, prefill per request, decode, wait per token, wait per request
+    inc = [[0.0] * n_times for _ in range(5)]
     idle_total = 0.0
     for k, cls, div, i in zip(seg_first, seg_class, seg_div, seg_interval, strict=True):
         dur_ns = times[k + 1] - times[k]
@@ -387,14 +395,17 @@ def _float_shares(
             inc[cls][k + 1] = rho_active[i] * ratio * dur_ns / div
         else:
             inc[cls][k + 1] = rho_active[i] * dur_ns / div
-    c_tok, c_eq, c_dec, c_wait = (list(accumulate(x)) for x in inc)
+    c_tok, c_eq, c_dec, c_wait_tok, c_wait_eq = (list(accumulate(x)) for x in inc)
 
     index = {t: k for k, t in enumerate(times)}
     prefill: dict[str, float] = {}
     decode: dict[str, float] = {}
     for req in requests:
         k_rel, k_pre = index[req.released_ns], index[req.prefill_start_ns]
-        pre = c_wait[k_pre] - c_wait[k_rel]
+        if req.prompt_tokens:
+            pre = req.prompt_tokens * (c_wait_tok[k_pre] - c_wait_tok[k_rel])
+        else:
+            pre = c_wait_eq[k_pre] - c_wait_eq[k_rel]
         dec = 0.0
         first = req.first_token_ns
         if first is not None:
