@@ -9,6 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI (`.ci/run`) runs the property tests derandomized: the same examples on every run, so a landing is never blocked
+# by a new random draw. Local `make test` explores new examples on every run (and keeps failures in .hypothesis/).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("JOULEGATE_HYPOTHESIS_PROFILE", "default"))
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 REPO_ROOT = Path(__file__).resolve().parent.parent
