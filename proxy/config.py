@@ -108,7 +108,9 @@ class MeterConfig(_Section):
     """The meter: sampler, ledger journal, and the metering engine (meter/engine) that turns samples and timelines
     into per-request joules. See meter.engine.core for what each engine knob means."""
 
-    source: Literal["nvml", "sim", "none"] = "none"
+    # auto: NVML when this host's driver exposes the GPUs' energy counters, else no meter (logged); the default, so a
+    # single GPU box meters with no configuration
+    source: Literal["auto", "nvml", "sim", "none"] = "auto"
     interval_ms: int = Field(default=100, ge=10, le=10_000)
     lag_ms: int = Field(default=100, ge=0, le=2_000, description="counter lag behind the work it measures")
     idle_policy: IdlePolicy = IdlePolicy.NONE

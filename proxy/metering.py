@@ -8,7 +8,11 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
+import structlog
+
 from proxy.config import Config, ConfigError, MeterConfig
+
+log = structlog.get_logger(__name__)
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -54,13 +58,23 @@ def local_backends(config: Config) -> list[BackendSpec]:
     return [BackendSpec(b.name, b.url, b.gpus) for b in config.backends if b.node in ("", node)]
 
 
-def build_meter_service(config: Config, db: sa.Engine, ledger: SampleSink) -> MeterService:
-    """The meter service of this node for ``config`` (not started). Blocking: it opens the source and reads it."""
-    from meter.service import build_meter_service as build
+def build_meter_service(config: Config, db: sa.Engine, ledger: SampleSink) -> MeterService | None:
+    """The meter service of this node for ``config`` (not started), or None when ``meter.source = "auto"`` finds no
+    NVML energy counter here. Blocking: it opens the source and reads it."""
+    from meter.sources.nvml import NvmlSource, NvmlUnavailableError
 
     source = config.meter.source
     if source == "none":
         raise ConfigError("meter.source is 'none': nothing to meter")
+    if source == "auto":
+        try:
+            NvmlSource().close()  # is there a driver with energy counters here at all?
+        except NvmlUnavailableError as exc:
+            log.info("meter_off", reason=f"meter.source is auto and NVML is not usable here: {exc}")
+            return None
+        source = "nvml"  # a GPU host: configuration errors from here on are reported, not skipped
+    from meter.service import build_meter_service as build
+
     return build(
         source,
         local_backends(config),

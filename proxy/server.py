@@ -122,7 +122,8 @@ class GatewayApp:
         )
         if cfg.meter.source != "none":
             self.meter = await asyncio.to_thread(build_meter_service, cfg, self.engine, self.ledger)
-            self.meter.start()
+            if self.meter is not None:
+                self.meter.start()
         for pool in self.pools.values():
             pool.on_health_change(self._update_health)
         await asyncio.gather(*(p.check_all() for p in self.pools.values()))

@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if config.meter.source == "none":
         print("joulegate meter: no energy source: give --source nvml|sim or meter.source", file=sys.stderr)
         return 2
+    if config.meter.source == "auto":  # the daemon exists to meter this node's GPUs: auto means NVML, or fail
+        config = config.model_copy(update={"meter": config.meter.model_copy(update={"source": "nvml"})})
     if not local_backends(config):
         print(
             f"joulegate meter: no backend runs on node {node_name(config.meter)!r} "

@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-listen", metavar="HOST:PORT", help="default 0.0.0.0:8033")
     parser.add_argument("--http-listen", metavar="HOST:PORT", help="default 0.0.0.0:8080; 'off' disables it")
     parser.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default sqlite:///joulegate.db)")
-    parser.add_argument("--meter", choices=["nvml", "sim", "none"], help="energy source of the in-process meter")
+    parser.add_argument(
+        "--meter", choices=["auto", "nvml", "sim", "none"], help="energy source of the in-process meter (default auto)"
+    )
     parser.add_argument("--log-format", choices=["json", "console"])
 
 

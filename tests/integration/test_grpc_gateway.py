@@ -322,3 +322,19 @@ async def test_retries_on_another_backend_before_the_first_byte(tmp_path: Path) 
         assert resp.responses[0].generated_token_count == 2
         dead = next(b for b in s.app.pools["sim-model"].backends if b.url == busy.url)
         assert not dead.healthy  # marked down at once, without waiting for the next health check
+
+
+async def test_default_meter_is_auto_and_serves_unmetered_without_nvml(tmp_path: Path) -> None:
+    from meter.sources.nvml import NvmlSource, NvmlUnavailableError
+
+    try:
+        NvmlSource().close()
+        pytest.skip("this host has NVML energy counters: auto meters them")
+    except NvmlUnavailableError:
+        pass
+    async with running_stack(tmp_path) as s:
+        assert s.app.config.meter.source == "auto" and s.app.meter is None
+        resp = await s.stub.Generate(
+            pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text="x")], params=_params(2)), metadata=s.auth
+        )
+        assert resp.responses[0].generated_token_count == 2
