@@ -8,7 +8,6 @@ status and content type, SSE events one by one. A hypothesis property sends bodi
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -18,37 +17,14 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
 from sim.config import SimConfig
-from tests.conftest import REFERENCE_DIR
+from tests.openapi import SPEC, SPEC_URI, as_json_schema, registry
 
 from .harness import Stack
 from .threaded import stack_in_thread
 
-SPEC_URI = "urn:tgi-openapi"
-SPEC = json.loads((REFERENCE_DIR / "tgi_openapi.json").read_text())
-
-
-def _as_json_schema(node: Any) -> Any:
-    """OpenAPI 3.0 -> JSON Schema: ``nullable: true`` admits null; ``discriminator`` is documentation only."""
-    if isinstance(node, list):
-        return [_as_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _as_json_schema(v) for k, v in node.items() if k not in ("nullable", "discriminator")}
-    if node.get("nullable") is True:
-        if "type" in out:
-            out["type"] = [out["type"], "null"]
-        else:
-            return {"anyOf": [out, {"type": "null"}]}
-    return out
-
-
-_REGISTRY = Registry().with_resource(
-    SPEC_URI, Resource(contents=_as_json_schema(copy.deepcopy(SPEC)), specification=DRAFT202012)
-)
+_REGISTRY = registry()
 
 
 def _absolute(node: Any) -> Any:
@@ -61,7 +37,7 @@ def _absolute(node: Any) -> Any:
 
 
 def _validate(schema: dict[str, Any], instance: Any, what: str) -> None:
-    validator = Draft202012Validator(_absolute(_as_json_schema(schema)), registry=_REGISTRY)
+    validator = Draft202012Validator(_absolute(as_json_schema(schema)), registry=_REGISTRY)
     errors = sorted(validator.iter_errors(instance), key=str)
     assert not errors, f"{what}: " + "; ".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
 

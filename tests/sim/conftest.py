@@ -2,50 +2,27 @@
 
 from __future__ import annotations
 
-import copy
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
 from sim.config import SimConfig
 from sim.server import SimTGI
-from tests.conftest import REFERENCE_DIR
-
-SPEC_URI = "urn:tgi-openapi"
+from tests.openapi import SPEC, SPEC_URI, registry
 
 # Fast but not instantaneous: a decode step is ~1 ms, a prefill ~0.5 ms.
 FAST = 0.1
-
-
-def _nullable_to_json_schema(node: Any) -> Any:
-    """OpenAPI 3.0's ``nullable: true`` as JSON Schema: the type also admits null."""
-    if isinstance(node, list):
-        return [_nullable_to_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _nullable_to_json_schema(v) for k, v in node.items() if k not in ("nullable", "discriminator")}
-    if node.get("nullable") is True:
-        if "type" in out:
-            out["type"] = [out["type"], "null"]
-        else:
-            return {"anyOf": [out, {"type": "null"}]}
-    return out
 
 
 class TgiSchemas:
     """Validate JSON against a named schema of TGI's OpenAPI document (``$ref``s resolved within it)."""
 
     def __init__(self) -> None:
-        spec = json.loads((REFERENCE_DIR / "tgi_openapi.json").read_text())
-        doc = _nullable_to_json_schema(copy.deepcopy(spec))
-        self._registry = Registry().with_resource(SPEC_URI, Resource(contents=doc, specification=DRAFT202012))
-        self.spec = spec
+        self._registry = registry()
+        self.spec = SPEC
 
     def validator(self, name: str) -> Draft202012Validator:
         return Draft202012Validator({"$ref": f"{SPEC_URI}#/components/schemas/{name}"}, registry=self._registry)
