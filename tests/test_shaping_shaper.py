@@ -13,7 +13,7 @@ from proxy.config import BackendConfig, BackendPoolConfig
 from proxy.errors import InvalidArgument, Unavailable
 from proxy.job import Job
 from proxy.metrics import REGISTRY
-from proxy.shaping import ArrivalShaper, Passthrough, ShapingConfig
+from proxy.shaping import ArrivalShaper, ShapingConfig
 
 
 def pool_of(model: str, *slots: int) -> BackendPool:
@@ -41,7 +41,7 @@ def metric(name: str, **labels: str) -> float:
 
 async def test_passthrough_places_at_once_and_waiters_get_freed_slots_in_order() -> None:
     pool = pool_of("s-pass", 2)
-    s = Passthrough(model_id="s-pass")
+    s = ArrivalShaper("s-pass", ShapingConfig())  # the default: one class, passthrough
     a = await s.acquire(job("s-pass"), pool)
     b = await s.acquire(job("s-pass"), pool)
     waiting = [asyncio.create_task(s.acquire(job("s-pass"), pool)) for _ in range(2)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.shaping.config import ClassConfig, Policy, ShapingConfig
-from proxy.shaping.shaper import ArrivalShaper, Passthrough, build_shapers
+from proxy.shaping.shaper import ArrivalShaper, build_shapers
 
 if TYPE_CHECKING:
     from proxy.backends import BackendPool, Lease
@@ -33,4 +33,4 @@ class Shaper(Protocol):
     def queued(self) -> int: ...
 
 
-__all__ = ["ArrivalShaper", "ClassConfig", "Passthrough", "Policy", "Shaper", "ShapingConfig", "build_shapers"]
+__all__ = ["ArrivalShaper", "ClassConfig", "Policy", "Shaper", "ShapingConfig", "build_shapers"]

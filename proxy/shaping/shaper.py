@@ -180,16 +180,9 @@ class ArrivalShaper:
             self._watcher = None
 
 
-class Passthrough(ArrivalShaper):
-    """No hold: the default shaper (one class, ``passthrough``), with a bound on the requests waiting for a slot."""
-
-    def __init__(self, *, max_queued: int = 10_000, model_id: str = "") -> None:
-        super().__init__(model_id, ShapingConfig(max_queued_requests=max_queued))
-
-
 def build_shapers(models: dict[str, ShapingConfig]) -> dict[str, ArrivalShaper]:
     """One shaper per model id."""
     return {model_id: ArrivalShaper(model_id, cfg) for model_id, cfg in models.items()}
 
 
-__all__ = ["ArrivalShaper", "Passthrough", "build_shapers"]
+__all__ = ["ArrivalShaper", "build_shapers"]
