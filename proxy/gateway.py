@@ -97,13 +97,13 @@ class Gateway:
     def __init__(
         self,
         pools: Mapping[str, BackendPool],
-        shaper: Shaper | Mapping[str, Shaper],
+        shapers: Mapping[str, Shaper],
         ledger: TimelineSink,
         *,
         retries: int = 2,
     ) -> None:
         self.pools = dict(pools)
-        self._shapers = shaper if isinstance(shaper, Mapping) else {m: shaper for m in self.pools}
+        self._shapers = dict(shapers)  # one per model
         self.ledger = ledger
         self.retries = retries
         self.draining = False
