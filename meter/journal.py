@@ -126,17 +126,17 @@ class Journal:
         """Every record, oldest first; undecodable lines are skipped with a warning."""
         for lineno, line in enumerate(self._lines(), start=1):
             if not line.endswith(b"\n"):
-                log.warning("journal_partial_line_skipped", path=str(self.path), line=lineno)
+                log.warning("journal: skipping a partially written last line", path=str(self.path), line=lineno)
                 continue
             try:
                 record = _loads(line)
             except ValueError:
-                log.warning("journal_undecodable_line_skipped", path=str(self.path), line=lineno)
+                log.warning("journal: skipping an undecodable line", path=str(self.path), line=lineno)
                 continue
             if isinstance(record, dict):
                 yield record
             else:
-                log.warning("journal_non_record_line_skipped", path=str(self.path), line=lineno)
+                log.warning("journal: skipping a line that is not a record", path=str(self.path), line=lineno)
 
     def read_chunks(self, chunk_records: int) -> Iterator[list[dict[str, Any]]]:
         chunk: list[dict[str, Any]] = []
@@ -168,7 +168,9 @@ class Journal:
             end = start
         if keep < size:
             log.warning(
-                "journal_partial_tail_cut", path=str(self.path), bytes=size - keep, cause="a crash during append"
+                "journal: cutting off a partially written last line (a crash during append)",
+                path=str(self.path),
+                bytes=size - keep,
             )
             os.ftruncate(self.fd, keep)
             os.fsync(self.fd)

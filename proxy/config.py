@@ -350,8 +350,7 @@ def _format_errors(
         if origin is None and any(loc[: len(path)] == path for path in flags):
             origin = "the command line"
         origin = origin or file or "the defaults"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {msg} (from {origin})")
+        lines.append(f"{where}: {e['msg']} (from {origin})")
     if len(lines) == 1:
         return f"invalid configuration: {lines[0]}"
     return "\n".join(["invalid configuration:", *(f"  {line}" for line in lines)])

@@ -176,8 +176,9 @@ async def test_request_log_errors_keeps_only_requests_that_did_not_end_ok(tmp_pa
 # -- the source: event names ----------------------------------------------------------------------------------------
 
 LOG_METHODS = {"debug", "info", "warning", "warn", "error", "exception", "critical", "msg", "fatal"}
-# meter/ledger.py is being reworked in another branch (durability); its events are renamed there.
-PENDING = {"meter/ledger.py"}
+# meter/ledger.py and meter/journal.py are being reworked in another branch (durability): their events are renamed
+# there.
+PENDING = {"meter/ledger.py", "meter/journal.py"}
 
 
 def _log_events(path: Path) -> list[tuple[int, str]]:
