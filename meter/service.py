@@ -14,6 +14,7 @@ answer, so it is looked up on every pass), an NVML backend's devices are its GPU
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -110,7 +111,7 @@ class MeterService:
                 log.warning("meter_engine_still_busy_at_stop")
         if self._close_source:
             self._source.close()
-        log.info("meter_stopped", engine=str(self.engine.stats))
+        log.info("meter_stopped", engine=dataclasses.asdict(self.engine.stats))  # fields, not a repr
 
     def run_soon(self) -> None:
         """Ask the engine loop for a pass now (tests, and a reports call that waits for finality)."""

@@ -43,6 +43,7 @@ class Backend:
         self._pool_cfg = pool_cfg
         self._session: aiohttp.ClientSession | None = None
         self.healthy = False
+        self._checked = False  # a first check logs the state it finds, up or down
         self.info: dict[str, Any] | None = None
         self.in_flight = 0
         self.outstanding_tokens = 0
@@ -100,16 +101,23 @@ class Backend:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             ok = False
             self.last_error = f"{type(exc).__name__}: {exc}"
-        if ok != self.healthy:
-            log.info("backend_health", backend=self.name, healthy=ok, error=self.last_error)
-        self.healthy = ok
+        self._set_health(ok, self.last_error)
         return ok
 
     def mark_unreachable(self, reason: str) -> None:
-        if self.healthy:
-            log.warning("backend_unreachable", backend=self.name, error=reason)
-        self.healthy = False
         self.last_error = reason
+        self._set_health(False, reason)
+
+    def _set_health(self, ok: bool, error: str | None) -> None:
+        """Log the first state found (``at_start``) and every change after it: ``backend_up`` / ``backend_down``."""
+        if ok != self.healthy or not self._checked:
+            fields = {"backend": self.name, "url": self.url, "model": self.model_id, "at_start": not self._checked}
+            if ok:
+                log.info("backend_up", **fields)
+            else:
+                log.warning("backend_down", **fields, error=error)
+        self._checked = True
+        self.healthy = ok
 
     async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
         """POST ``body`` to a streaming route and return the response once its status is 200.

@@ -3,17 +3,30 @@
 Precedence, lowest first: defaults < TOML file < environment < command-line flags. Environment variables name a
 path through the sections with ``__``: ``JOULEGATE_DB__URL``, ``JOULEGATE_SERVER__GRPC_LISTEN``,
 ``JOULEGATE_METER__SOURCE``. Values are parsed as TOML scalars when they parse (``30``, ``true``, ``"x"``) and
-taken as strings otherwise. Every error names the offending key, e.g. ``models.0.backends.1.url: ...``.
+taken as strings otherwise. Every error names the offending key, e.g. ``models.0.backends.1.url: ...``, and where
+the value came from (the file, ``JOULEGATE_X__Y=...``, or the command line).
+
+Every ``JOULEGATE_`` variable is checked, because a mistyped one would be silently ignored and the process would
+run on a default (``JOULEGATE_DB_URL`` instead of ``JOULEGATE_DB__URL``: the bills go to a local SQLite file). One
+that names no setting is an *error* when it looks like a setting — it has the ``__`` separator, or it is a typo
+away from one, and the error names the setting it resembles — and a *warning* otherwise (other tools' variables
+such as ``JOULEGATE_TEST_POSTGRES`` are ignored). ``[[models]]`` are set in the file only.
+
+Listeners (``server.http_listen``, ``meter.grpc_listen``) take ``HOST:PORT``, or ``off`` (or an empty value) to
+turn them off: one rule for the TOML key, its environment variable and its flag (``LISTEN_HELP``).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, get_args, get_origin
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,6 +44,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+LISTEN_OFF = "off"
+LISTEN_HELP = "HOST:PORT, or 'off' (or an empty value) to turn it off"
+
+
 def _check_listen(value: str) -> str:
     _host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -38,24 +55,39 @@ def _check_listen(value: str) -> str:
     return value
 
 
+def listener(value: str | None) -> str | None:
+    """A listener setting: ``HOST:PORT``, or None when it is turned off (``off``, an empty value, or None)."""
+    if value is None or value.strip().lower() in ("", LISTEN_OFF):
+        return None
+    try:
+        return _check_listen(value.strip())
+    except ValueError:
+        raise ValueError(f"expected {LISTEN_HELP}, got {value!r}") from None
+
+
 class ServerConfig(_Section):
     grpc_listen: str = "0.0.0.0:8033"
-    http_listen: str | None = "0.0.0.0:8080"  # None or "" disables the HTTP facade
+    http_listen: str | None = Field(default="0.0.0.0:8080", description=f"the HTTP API: {LISTEN_HELP}")
     drain_grace_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+    request_log: Literal["all", "errors", "off"] = Field(
+        default="all", description="one `request_finished` line per request: all, only those not OK, or none"
+    )
     max_batch_requests: int = Field(default=64, ge=1, description="most texts in one Generate call")
     grpc_max_concurrent_streams: int = Field(default=4096, ge=1)
 
     @field_validator("grpc_listen")
     @classmethod
     def _v_grpc(cls, v: str) -> str:
-        return _check_listen(v)
+        if listener(v) is None:
+            raise ValueError("the gateway's gRPC listener cannot be turned off (it serves health and reports)")
+        return _check_listen(v.strip())
 
     @field_validator("http_listen")
     @classmethod
     def _v_http(cls, v: str | None) -> str | None:
-        return _check_listen(v) if v else None
+        return listener(v)
 
 
 class BackendConfig(_Section):
@@ -139,6 +171,15 @@ class MeterConfig(_Section):
         default=True,
         description="fit the lag and the prefill/decode power ratio to the counter (meter.engine.calibrate)",
     )
+    grpc_listen: str | None = Field(
+        default="0.0.0.0:8034",
+        description=f"`joulegate meter` only: EnergyReports, health and reflection; {LISTEN_HELP}",
+    )
+
+    @field_validator("grpc_listen")
+    @classmethod
+    def _v_grpc(cls, v: str | None) -> str | None:
+        return listener(v)
 
     @field_validator("idle_power_w")
     @classmethod
@@ -194,23 +235,91 @@ class Config(_Section):
         return tuple(b for m in self.models for b in m.backends)
 
 
-def _parse_env_value(raw: str) -> Any:
+def _parse_env_value(raw: str, *, text: bool) -> Any:
+    """A TOML scalar when it parses as one; a text setting takes anything else (``8080``, ``042``) as a string."""
     try:
-        return tomllib.loads(f"v = {raw}")["v"]
+        value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return raw
+    return raw if text and not isinstance(value, str) else value
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or "__" not in key:
+def _is_text(annotation: Any) -> bool:
+    """A setting whose values are strings (``str``, ``str | None``, a ``Literal`` of strings, a ``StrEnum``)."""
+    if annotation in (str, str | None) or (isinstance(annotation, type) and issubclass(annotation, StrEnum)):
+        return True
+    return get_origin(annotation) is Literal and all(isinstance(a, str) for a in get_args(annotation))
+
+
+def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], bool]]:
+    """The settings a plain value sets, as paths through the sections (``("meter", "source")``), each with whether
+    it is a text setting."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _leaf_paths(ann, (*prefix, name))
+        elif not prefix and name == "models":
+            continue  # a list of tables: the file only
+        else:
+            yield (*prefix, name), _is_text(ann)
+
+
+def env_name(path: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "__".join(p.upper() for p in path)
+
+
+ENV_SETTINGS: dict[str, tuple[str, ...]] = {env_name(p): p for p, _text in _leaf_paths(Config)}
+_TEXT_SETTINGS = {p for p, text in _leaf_paths(Config) if text}
+
+
+def _closest_setting(name: str) -> tuple[str | None, float]:
+    """The known variable ``name`` most resembles (compared without the prefix and the separators), and how much."""
+
+    def bare(v: str) -> str:
+        return v[len(ENV_PREFIX) :].replace("__", "_").lower()
+
+    best, score = None, 0.0
+    for known in ENV_SETTINGS:
+        ratio = difflib.SequenceMatcher(None, bare(name), bare(known)).ratio()
+        if ratio > score:
+            best, score = known, ratio
+    return best, score
+
+
+_TYPO_RATIO = 0.85  # within a character or two of a setting's name
+
+
+@dataclass(frozen=True)
+class _EnvOverrides:
+    values: dict[str, Any]
+    origins: dict[tuple[str, ...], str]  # setting path -> "JOULEGATE_X__Y='raw'"
+    errors: list[str]
+    warnings: list[str]
+
+
+def _env_overrides(environ: Mapping[str, str]) -> _EnvOverrides:
+    out = _EnvOverrides({}, {}, [], [])
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX):
             continue
-        path = key[len(ENV_PREFIX) :].lower().split("__")
-        node = out
+        path = ENV_SETTINGS.get(key.upper())
+        if path is None:
+            closest, score = _closest_setting(key)
+            hint = f"; did you mean {closest}?" if closest and score >= 0.6 else ""
+            if "__" in key or score >= _TYPO_RATIO:
+                form = "JOULEGATE_<SECTION>__<KEY>, e.g. JOULEGATE_DB__URL"
+                where = (
+                    "; [[models]] are set in the config file only" if key.upper().startswith("JOULEGATE_MODELS") else ""
+                )
+                out.errors.append(f"{key}: not a joulegate setting{hint} (settings are {form}{where})")
+            else:
+                out.warnings.append(f"{key} is not a joulegate setting; ignored{hint}")
+            continue
+        node = out.values
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = _parse_env_value(raw)
+        node[path[-1]] = _parse_env_value(raw, text=path in _TEXT_SETTINGS)
+        out.origins[path] = f"{key}={raw!r}"
     return out
 
 
@@ -221,12 +330,34 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+def _paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for k, v in data.items():
+        if isinstance(v, Mapping) and v:
+            yield from _paths(v, (*prefix, k))
+        else:
+            yield (*prefix, k)
+
+
+def _format_errors(
+    err: ValidationError, file: str | None, env: Mapping[tuple[str, ...], str], flags: set[tuple[str, ...]]
+) -> str:
+    """One line per error: the key, what is wrong, and where the value came from."""
+    lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
-    return "\n".join(lines)
+        loc = tuple(str(p) for p in e["loc"])
+        where = ".".join(loc) or "(top level)"
+        origin = next((o for path, o in env.items() if loc[: len(path)] == path), None)
+        if origin is None and any(loc[: len(path)] == path for path in flags):
+            origin = "the command line"
+        origin = origin or file or "the defaults"
+        lines.append(f"{where}: {e['msg']} (from {origin})")
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0]}"
+    return "\n".join(["invalid configuration:", *(f"  {line}" for line in lines)])
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"joulegate: warning: {message}", file=sys.stderr)
 
 
 def load_config(
@@ -234,10 +365,13 @@ def load_config(
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    warn: Callable[[str], None] = _warn_stderr,
 ) -> Config:
-    """Read ``path`` (TOML), apply environment and then ``overrides`` (from flags), validate, return."""
+    """Read ``path`` (TOML), apply environment and then ``overrides`` (from flags), validate, return.
+
+    Unknown ``JOULEGATE_*`` variables that look like settings raise ``ConfigError``; others go to ``warn``."""
     data: dict[str, Any] = {}
-    source = "defaults"
+    file = None
     if path is not None:
         p = Path(path)
         try:
@@ -246,11 +380,17 @@ def load_config(
             raise ConfigError(f"config file not found: {p}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
-        source = str(p)
-    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+        file = str(p)
+    env = _env_overrides(os.environ if environ is None else environ)
+    if env.errors:
+        raise ConfigError("; ".join(env.errors) if len(env.errors) == 1 else "\n".join(env.errors))
+    for message in env.warnings:
+        warn(message)
+    data = _merge(data, env.values)
     if overrides:
         data = _merge(data, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        env_origins = {p: o for p, o in env.origins.items() if not overrides or p not in set(_paths(overrides))}
+        raise ConfigError(_format_errors(exc, file, env_origins, set(_paths(overrides or {})))) from None

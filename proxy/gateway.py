@@ -35,6 +35,7 @@ from proxy.errors import (
     from_tgi,
 )
 from proxy.job import Job
+from proxy.logs import log_request
 from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
 from proxy.shaping import Shaper
 from proxy.sse import SSEDecoder
@@ -422,6 +423,7 @@ class Gateway:
             TTFT.labels(job.model_id, job.traffic_class).observe((result.first_token_ns - job.received_ns) / 1e9)
             if status == "OK":
                 LATENCY.labels(job.model_id, job.traffic_class).observe((done_ns - job.received_ns) / 1e9)
+        log_request(job, result, status, done_ns)
 
 
 class _GiveUp(Exception):

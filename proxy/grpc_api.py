@@ -25,7 +25,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from meter.timeline import Api
-from proxy.auth import Authenticator, Principal
+from proxy.auth import Authenticator, Principal, requested_class
 from proxy.errors import GatewayError, InvalidArgument
 from proxy.gateway import Gateway, StreamResult
 from proxy.job import Job
@@ -129,7 +129,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise
         remaining = context.time_remaining()
         deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
-        traffic_class = md.get("x-traffic-class") or principal.default_class or "default"
+        traffic_class = requested_class(md.get("x-traffic-class"), principal)
         structlog.contextvars.bind_contextvars(
             request_id=request_id, tenant=principal.tenant, correlation_id=correlation_id
         )

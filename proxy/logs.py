@@ -2,19 +2,41 @@
 
 The request path binds ``request_id``, ``tenant``, ``backend`` and ``correlation_id`` with
 ``structlog.contextvars.bind_contextvars``; every line logged while serving that request carries them.
+
+Conventions every log line here follows: the event is a snake_case name (``backend_down``, not prose), and what it
+reports is in fields, never in a formatted string or a Python repr (``as_fields`` turns a stats dataclass into a
+mapping), so that a log pipeline can filter and aggregate on them.
+
+One line per finished request (``request_finished``, at INFO): ``server.request_log`` chooses ``all`` (default),
+``errors`` (only requests that did not end OK) or ``off``. It is not sampled: the operator who has to explain one
+tenant's bill needs that tenant's every request, and a line costs microseconds next to a generation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
+if TYPE_CHECKING:
+    from proxy.gateway import StreamResult
+    from proxy.job import Job
+
+RequestLog = Literal["all", "errors", "off"]
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_request_log: RequestLog = "all"
+_request_logger = structlog.get_logger("joulegate.requests")
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
+def configure_logging(level: str = "info", fmt: str = "json", *, request_log: RequestLog = "all") -> None:
+    global _request_log
+    _request_log = request_log
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -32,3 +54,62 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(_LEVELS[level], logging.WARNING), stream=sys.stderr, format="%(message)s")
+
+
+def as_fields(value: Any) -> Any:
+    """A dataclass (stats) as a plain mapping of its fields, recursively, for a log line's fields; enums as their
+    values. Anything else is returned as it is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: as_fields(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): as_fields(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_fields(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _ms(later_ns: int | None, earlier_ns: int) -> float | None:
+    return None if later_ns is None else round((later_ns - earlier_ns) / 1e6, 3)
+
+
+def log_request(job: Job, result: StreamResult, status: str, done_ns: int) -> None:
+    """The ``request_finished`` line of one request (see the module docstring): who, what, where, how it ended,
+    and its times from arrival: ``queue_ms`` (until handed to the backend), ``ttft_ms``, ``total_ms``."""
+    if _request_log == "off" or (_request_log == "errors" and status == "OK"):
+        return
+    _request_logger.info(
+        "request_finished",
+        request_id=job.request_id,
+        correlation_id=job.correlation_id,
+        tenant=job.tenant,
+        model=job.model_id,
+        backend=result.backend if result.released_ns is not None else None,
+        api=job.api.value,
+        traffic_class=job.traffic_class,
+        status=status,
+        prompt_tokens=result.prompt_tokens,
+        generated_tokens=result.generated_tokens,
+        queue_ms=_ms(result.released_ns, job.received_ns),
+        ttft_ms=_ms(result.first_token_ns, job.received_ns),
+        total_ms=_ms(done_ns, job.received_ns),
+    )
+
+
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at the time of writing (it is swapped under test runners)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def logs_to_stderr() -> None:
+    """Keep stdout for a command's own output (scripts parse it): a structlog that prints to stdout (its default
+    logger factory) is pointed at stderr; any other logging set-up is left alone."""
+    factory = structlog.get_config()["logger_factory"]
+    if isinstance(factory, structlog.PrintLoggerFactory) and getattr(factory, "_file", None) in (None, sys.stdout):
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(_CurrentStderr()))  # type: ignore[arg-type]

@@ -354,11 +354,11 @@ class ReportsServer:
     """EnergyReports with health and reflection on a port of its own, for the meter daemon."""
 
     server: grpc.aio.Server
-    health: Any
+    health: Any  # proxy.grpc_introspection.Health
     port: int
 
     async def stop(self, grace_s: float) -> None:
-        await self.health.enter_graceful_shutdown()
+        await self.health.shutdown()
         await self.server.stop(grace_s)
 
 
@@ -367,11 +367,9 @@ async def start_reports_server(
 ) -> ReportsServer:
     """Serve EnergyReports (keys checked against ``engine``'s ``api_keys``), the health service (SERVING) and
     reflection on ``listen`` (HOST:PORT; port 0 picks one)."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
-
     from meter.store.keys import lookup_key
     from proxy.grpc_handlers import add_servicer
+    from proxy.grpc_introspection import Health, enable_reflection
 
     auth = Authenticator(
         lambda key: lookup_key(engine, key),
@@ -381,14 +379,12 @@ async def start_reports_server(
     )
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     add_servicer(server, SERVICE, EnergyReportsServicer(engine, auth, settings_from_config(config), nudge=nudge))
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    health = Health(server)
+    names = enable_reflection(server, [SERVICE_NAME])
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health.set(("", *names), serving=True)
     log.info("reports_server_started", listen=listen, port=port)
-    return ReportsServer(server=server, health=health_servicer, port=port)
+    return ReportsServer(server=server, health=health, port=port)

@@ -15,8 +15,6 @@ from typing import Any
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from meter.ledger import Ledger
 from meter.service import MeterService
@@ -30,7 +28,9 @@ from proxy.energy_metrics import ENERGY as ENERGY_METRICS
 from proxy.gateway import Gateway
 from proxy.grpc_api import GenerationServicer
 from proxy.grpc_handlers import add_servicer
+from proxy.grpc_introspection import Health, enable_reflection
 from proxy.http import HttpFrontDoor
+from proxy.logs import as_fields
 from proxy.metering import build_meter_service
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
@@ -78,7 +78,6 @@ class GatewayApp:
             self.ledger,
             retries=cfg.backend_pool.retries,
         )
-        self.health = health.aio.HealthServicer()
         self._stop_health = asyncio.Event()
         self.server = grpc.aio.server(
             options=[
@@ -99,13 +98,9 @@ class GatewayApp:
             nudge=lambda: self.meter.run_soon() if self.meter is not None else None,  # wait_final: attribute now
         )
         add_servicer(self.server, ENERGY_REPORTS, reports)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.service_names = [
-            GENERATION_SERVICE,
-            ENERGY_REPORTS.full_name,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-        ]
+        self.health = Health(self.server)
+        # every served name (reflection lists them; health answers for each and for "")
+        self.service_names = enable_reflection(self.server, [GENERATION_SERVICE, ENERGY_REPORTS.full_name])
         self.http = (
             HttpFrontDoor(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests)
             if cfg.server.http_listen
@@ -133,7 +128,6 @@ class GatewayApp:
                 run_health_checks(self.pools.values(), cfg.backend_pool.health_interval_s, self._stop_health)
             )
         )
-        reflection.enable_server_reflection(self.service_names, self.server)
         self.grpc_port = self.server.add_insecure_port(cfg.server.grpc_listen)
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {cfg.server.grpc_listen}")
@@ -151,10 +145,11 @@ class GatewayApp:
         )
 
     async def _update_health(self) -> None:
-        serving = health_pb2.HealthCheckResponse
-        status = serving.SERVING if self.gateway.healthy else serving.NOT_SERVING
-        for name in ("", GENERATION_SERVICE):
-            await self.health.set(name, status)
+        """``""`` and the generation service follow the backends; the other services (reports, health,
+        reflection) need none and serve until the drain."""
+        await self.health.set(("", GENERATION_SERVICE), self.gateway.healthy)
+        others = [n for n in self.service_names if n != GENERATION_SERVICE]
+        await self.health.set(others, not self.gateway.draining)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish (up to the grace), flush the ledger."""
@@ -175,7 +170,7 @@ class GatewayApp:
         await asyncio.to_thread(self.ledger.close)
         ENERGY_METRICS.detach(self.engine)
         self.engine.dispose()
-        log.info("gateway_stopped", ledger=str(self.ledger.stats))
+        log.info("gateway_stopped", ledger=as_fields(self.ledger.stats))
 
     async def run_until_signalled(self) -> None:
         """Start, serve until SIGTERM or SIGINT, then drain and stop."""

@@ -231,7 +231,7 @@ class Scheduler:
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug here would silently hang every client: make it loud
-            log.exception("sim scheduler crashed")
+            log.exception("sim_scheduler_crashed")
             raise
 
     async def _idle_until_work(self) -> None:

@@ -106,9 +106,20 @@ def test_keys_command_on_a_fresh_sqlite_file(
 ) -> None:
     monkeypatch.delenv("JOULEGATE_DB__URL", raising=False)
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    rc, out, _ = _run(
-        capsys, "keys", "create", "--tenant", "acme", "--admin", "--class", "batch", "--label", "ops", "--db", url
+    # a SQLite file that does not exist is a typo until `migrate` creates it
+    rc, out, err = _run(capsys, "keys", "create", "--tenant", "acme", "--db", url)
+    assert rc == 1 and out == [] and "no database file" in err and "joulegate migrate" in err
+    assert not (tmp_path / "fresh.db").exists()
+    assert _run(capsys, "migrate", "--db", url)[0] == 0
+    config = tmp_path / "jg.toml"
+    config.write_text(
+        '[[models]]\nmodel_id = "m"\nbackends = [{url = "http://tgi:80"}]\n'
+        '[models.shaping]\nclasses = {default = {}, batch = {policy = "batch"}}\n'
     )
+    rc, out, _ = _run(
+        capsys, "keys", "create", "--tenant", "acme", "--admin", "--class", "batch", "--label", "ops", "--db", url,
+        "--config", str(config),
+    )  # fmt: skip
     assert rc == 0 and len(out) == 2 and "acme" in out[0]
     key = out[-1]
     engine = make_engine(url)
@@ -132,6 +143,7 @@ def test_keys_command_on_a_fresh_sqlite_file(
 def test_keys_command_reads_the_database_from_config_and_env(
     db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    upgrade(db_url)  # the keys command refuses a SQLite file that does not exist
     config = tmp_path / "jg.toml"
     config.write_text(f'[db]\nurl = "{db_url}"\n')
     monkeypatch.delenv("JOULEGATE_DB__URL", raising=False)

@@ -104,5 +104,9 @@ def test_bad_arguments(tmp_path: Path, db: str, capsys) -> None:
     assert code == 2 and "--start: not an ISO 8601" in err
     code, _, err = run(capsys, "usage", "--db", db, "--start", "2024-01-02", "--end", "2024-01-01")
     assert code == 2 and "--end must be after --start" in err
-    code, _, err = run(capsys, "requests", "--db", f"sqlite:///{tmp_path / 'empty.db'}")
+    empty = tmp_path / "empty.db"
+    code, _, err = run(capsys, "requests", "--db", f"sqlite:///{empty}")
+    assert code == 1 and "no database file" in err and not empty.exists()  # a typo never becomes an empty report
+    empty.touch()
+    code, _, err = run(capsys, "requests", "--db", f"sqlite:///{empty}")
     assert code == 1 and "no joulegate schema" in err

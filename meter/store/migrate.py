@@ -72,7 +72,7 @@ def _upgrade(conn: sa.Connection) -> None:
     after = MigrationContext.configure(conn).get_current_revision()
     conn.commit()
     if before != after:
-        log.info("schema upgraded", from_revision=before, to_revision=after)
+        log.info("schema_upgraded", from_revision=before, to_revision=after)
 
 
 def _upgrade_postgres(conn: sa.Connection) -> None:

@@ -1,8 +1,13 @@
 """``joulegate keys``: create, list and revoke API keys.
 
 ``keys create`` prints one human line, then the new key alone on the last line, so scripts can take it with
-``tail -n 1``. The key is shown only this once; the database keeps its SHA-256. A database without a schema
-(e.g. a fresh SQLite file) is migrated first.
+``tail -n 1``. The key is shown only this once; the database keeps its SHA-256. A database without a schema is
+migrated first; a SQLite file that does not exist is refused (a typo would otherwise create a database no gateway
+reads: ``joulegate migrate`` creates one).
+
+``--class`` is checked against the traffic classes of the configuration (``--config`` and the environment, as the
+gateway reads them): a key whose default class no model has would get every request it sends without an
+``x-traffic-class`` refused.
 """
 
 from __future__ import annotations
@@ -10,9 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
-from proxy.commands.migrate import add_db_arguments, logs_to_stderr, redact, resolve_db_url
-from proxy.config import ConfigError
+from proxy.commands.database import CommandError, add_db_arguments, check_db_url, db_failure, url_origin
+from proxy.config import Config, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create = sub.add_parser("create", parents=[common], help="create a key for a tenant (printed once)")
     create.add_argument("--tenant", required=True, help="tenant name (created if missing)")
     create.add_argument("--admin", action="store_true", help="may read every tenant's energy")
-    create.add_argument("--class", dest="default_class", metavar="CLASS", help="default traffic class")
+    create.add_argument(
+        "--class",
+        dest="default_class",
+        metavar="CLASS",
+        help="default traffic class of the key's requests: a class of [models.shaping] in the config (--config)",
+    )
     create.add_argument("--label", help="free text: who holds the key")
 
     listing = sub.add_parser("list", parents=[common], help="list keys (never their secrets)")
@@ -39,23 +50,52 @@ def _iso(ns: int | None) -> str:
     return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def check_class(config: Config, name: str) -> list[str]:
+    """Refuse a default class that no configured model has (``CommandError``); return the models that lack it (a
+    request of the key to one of those must name its class with ``x-traffic-class``)."""
+    classes = {m.model_id: set(m.shaping.classes) for m in config.models}
+    if not classes:
+        raise CommandError(
+            f"--class {name!r}: no traffic classes to check it against: pass the gateway's configuration "
+            "(--config FILE with its [[models]]) so the key's class is one the gateway has",
+            exit_code=2,
+        )
+    if not any(name in names for names in classes.values()):
+        known = sorted(set().union(*classes.values()))
+        raise CommandError(
+            f"--class {name!r}: no model of the configuration has this traffic class (classes: {', '.join(known)})",
+            exit_code=2,
+        )
+    return [model for model, names in classes.items() if name not in names]
+
+
 def run(args: argparse.Namespace) -> int:
     from meter.store import create_key, ensure_schema, list_keys, make_engine, revoke_key
+    from proxy.logs import logs_to_stderr
 
     logs_to_stderr()
-    try:
-        url = resolve_db_url(args)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    overrides: dict[str, Any] = {"db": {"url": args.db}} if args.db else {}
+    config = load_config(args.config, overrides=overrides)
+    url = config.db.url
+    check_db_url(url, must_exist=True, origin=url_origin(args))
+    lacking = check_class(config, args.default_class) if getattr(args, "default_class", None) else []
     engine = make_engine(url)
     try:
         ensure_schema(engine)
         if args.action == "create":
-            created = create_key(
-                engine, args.tenant, admin=args.admin, default_class=args.default_class, label=args.label
-            )
+            try:
+                created = create_key(
+                    engine, args.tenant, admin=args.admin, default_class=args.default_class, label=args.label
+                )
+            except ValueError as exc:
+                raise CommandError(f"--tenant: {exc}", exit_code=2) from None
             role = "admin key" if args.admin else "key"
+            if lacking:
+                print(
+                    f"note: models {', '.join(lacking)} have no class {args.default_class!r}: requests of this key "
+                    "to them must send x-traffic-class",
+                    file=sys.stderr,
+                )
             print(f"created {role} {created.key_id} for tenant {created.tenant!r} (shown once; store it now):")
             print(created.key)
             return 0
@@ -83,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
         print(f"no active key with id {args.key_id!r}", file=sys.stderr)
         return 1
+    except CommandError:
+        raise
     except Exception as exc:
-        print(f"joulegate keys: {redact(url)}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        raise db_failure(exc, url) from None
     finally:
         engine.dispose()

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from proxy.config import Config, ConfigError, load_config
+from proxy.commands.database import check_db_url, url_origin
+from proxy.config import LISTEN_HELP, Config, ConfigError, load_config
 from proxy.metering import build_meter_service, local_backends, node_name
 
 if TYPE_CHECKING:
@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grpc-listen",
         metavar="HOST:PORT",
-        default="0.0.0.0:8034",
-        help="serve joulegate.v1.EnergyReports, health and reflection here; 'off': do not (default 0.0.0.0:8034)",
+        help=f"joulegate.v1.EnergyReports, health and reflection: {LISTEN_HELP} (default: meter.grpc_listen, "
+        "0.0.0.0:8034)",
     )
 
 
@@ -49,6 +49,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         meter["source"] = args.source
     if args.node:
         meter["node"] = args.node
+    if getattr(args, "grpc_listen", None) is not None:  # "" is a value: off, as in the file and the environment
+        meter["grpc_listen"] = args.grpc_listen
     if meter:
         out["meter"] = meter
     if getattr(args, "log_format", None):
@@ -62,32 +64,28 @@ def meter_journal_path(config: Config) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from proxy.commands.serve import start_failure
     from proxy.logs import configure_logging
 
-    try:
-        config = load_config(args.config, overrides=_overrides(args))
-    except ConfigError as exc:
-        print(f"joulegate meter: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, overrides=_overrides(args))
     if config.meter.source == "none":
-        print("joulegate meter: no energy source: give --source nvml|sim or meter.source", file=sys.stderr)
-        return 2
+        raise ConfigError("no energy source: give --source nvml|sim or meter.source")
     if config.meter.source == "auto":  # the daemon exists to meter this node's GPUs: auto means NVML, or fail
         config = config.model_copy(update={"meter": config.meter.model_copy(update={"source": "nvml"})})
     if not local_backends(config):
-        print(
-            f"joulegate meter: no backend runs on node {node_name(config.meter)!r} "
-            "(backends[].node must be empty or this node's name)",
-            file=sys.stderr,
+        raise ConfigError(
+            f"no backend runs on node {node_name(config.meter)!r} (backends[].node must be empty or this node's name)"
         )
-        return 2
+    check_db_url(config.db.url, must_exist=False, origin=url_origin(args))
     configure_logging(config.server.log_level, config.server.log_format)
     journal = Path(args.journal) if args.journal else meter_journal_path(config)
     try:
-        return asyncio.run(_serve(config, journal, None if args.grpc_listen == "off" else args.grpc_listen))
+        return asyncio.run(_serve(config, journal, config.meter.grpc_listen))
     except Exception as exc:
-        print(f"joulegate meter: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        failure = start_failure(exc, config.db.url, f"meter source {config.meter.source}")
+        if failure is None:
+            raise
+        raise failure from None
 
 
 async def _serve(config: Config, journal: Path, reports_listen: str | None = None) -> int:
@@ -96,6 +94,7 @@ async def _serve(config: Config, journal: Path, reports_listen: str | None = Non
     from meter.ledger import Ledger
     from meter.store.db import make_engine
     from meter.store.migrate import ensure_schema
+    from proxy.logs import as_fields
 
     log = structlog.get_logger("joulegate.meter")
     stop = asyncio.Event()
@@ -126,5 +125,5 @@ async def _serve(config: Config, journal: Path, reports_listen: str | None = Non
             await asyncio.to_thread(service.stop)
         await asyncio.to_thread(ledger.close)
         db.dispose()
-        log.info("meter_daemon_stopped", ledger=str(ledger.stats))
+        log.info("meter_daemon_stopped", ledger=as_fields(ledger.stats))
     return 0

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.commands.migrate import add_db_arguments, logs_to_stderr, redact
+from proxy.commands.database import CommandError, add_db_arguments, check_db_url, db_failure, redact, url_origin
 from proxy.config import ConfigError, load_config
 
 USAGE_COLUMNS = (
@@ -193,39 +193,35 @@ def _backends(conn: Any, args: argparse.Namespace, start_ns: int | None, end_ns:
 
 def run(args: argparse.Namespace) -> int:
     from meter.store import current, make_engine
+    from proxy.logs import logs_to_stderr
     from proxy.reports_api import settings_from_config
 
     logs_to_stderr()
-    try:
-        overrides: dict[str, Any] = {"db": {"url": args.db}} if args.db else {}
-        config = load_config(args.config, overrides=overrides)
-        start_ns = parse_time(args.start, "--start")
-        end_ns = parse_time(args.end, "--end")
-    except ConfigError as exc:
-        print(f"joulegate report: {exc}", file=sys.stderr)
-        return 2
+    overrides: dict[str, Any] = {"db": {"url": args.db}} if args.db else {}
+    config = load_config(args.config, overrides=overrides)
+    start_ns = parse_time(args.start, "--start")
+    end_ns = parse_time(args.end, "--end")
     end_ns = time.time_ns() if end_ns is None else end_ns
     if start_ns is not None and start_ns >= end_ns:
-        print("joulegate report: --end must be after --start", file=sys.stderr)
-        return 2
+        raise ConfigError("--end must be after --start")
     url = config.db.url
+    check_db_url(url, must_exist=True, origin=url_origin(args))  # a mistyped SQLite path: no empty report
     settings = settings_from_config(config)
     engine = make_engine(url)
     try:
         if current(engine) is None:
-            print(f"joulegate report: {redact(url)} has no joulegate schema (run `joulegate migrate`)", file=sys.stderr)
-            return 1
+            raise CommandError(
+                f"{redact(url)} has no joulegate schema (a wrong database? `joulegate migrate` creates it)"
+            )
         with engine.connect() as conn:
             if args.report == "usage":
                 return _usage(conn, args, settings, start_ns, end_ns)
             if args.report == "requests":
                 return _requests(conn, args, settings, start_ns, end_ns)
             return _backends(conn, args, start_ns, end_ns)
-    except ConfigError as exc:
-        print(f"joulegate report: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, CommandError):
+        raise
     except Exception as exc:
-        print(f"joulegate report: {redact(url)}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        raise db_failure(exc, url) from None
     finally:
         engine.dispose()

@@ -1,13 +1,18 @@
-"""``joulegate serve``: the gateway process (gRPC on 8033, HTTP on 8080), with an in-process meter if asked."""
+"""``joulegate serve``: the gateway process (gRPC on 8033, HTTP on 8080), with an in-process meter if asked.
+
+What can stop it at start ends as one line (``proxy.cli``): a bad setting, a database it cannot use, an energy
+source that is not there (``--meter nvml`` without a GPU), a port it cannot listen on.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+import errno
 from typing import Any
 
-from proxy.config import ConfigError, load_config
+from proxy.commands.database import CommandError, check_db_url, db_failure, url_origin
+from proxy.config import LISTEN_HELP, ConfigError, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", action="append", default=[], metavar="URL", help="a TGI server (repeat for a pool)"
     )
     parser.add_argument("--model-id", help="the model the --backend servers serve (default: 'default')")
-    parser.add_argument("--grpc-listen", metavar="HOST:PORT", help="default 0.0.0.0:8033")
-    parser.add_argument("--http-listen", metavar="HOST:PORT", help="default 0.0.0.0:8080; 'off' disables it")
+    parser.add_argument("--grpc-listen", metavar="HOST:PORT", help="the gRPC API (default 0.0.0.0:8033)")
+    parser.add_argument(
+        "--http-listen", metavar="HOST:PORT", help=f"the HTTP API: {LISTEN_HELP} (default 0.0.0.0:8080)"
+    )
     parser.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default sqlite:///joulegate.db)")
     parser.add_argument(
         "--meter", choices=["auto", "nvml", "sim", "none"], help="energy source of the in-process meter (default auto)"
@@ -29,10 +36,10 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line flags as config overrides (they win over the file and the environment)."""
     out: dict[str, Any] = {}
     server: dict[str, Any] = {}
-    if args.grpc_listen:
+    if args.grpc_listen is not None:
         server["grpc_listen"] = args.grpc_listen
-    if args.http_listen:
-        server["http_listen"] = None if args.http_listen == "off" else args.http_listen
+    if args.http_listen is not None:  # "" is a value: it turns the listener off, as in the file and the environment
+        server["http_listen"] = args.http_listen
     if getattr(args, "log_format", None):
         server["log_format"] = args.log_format
     if server:
@@ -51,20 +58,41 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from proxy.logs import configure_logging
 
-    try:
-        config = load_config(args.config, overrides=overrides_from_args(args))
-    except ConfigError as exc:
-        print(f"joulegate serve: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, overrides=overrides_from_args(args))
     if not config.models:
-        print("joulegate serve: no backends: give --backend URL or [[models]] in the config file", file=sys.stderr)
-        return 2
-    configure_logging(config.server.log_level, config.server.log_format)
+        raise ConfigError("no backends: give --backend URL or [[models]] in the config file")
+    check_db_url(config.db.url, must_exist=False, origin=url_origin(args))  # the gateway creates a new SQLite file
+    configure_logging(config.server.log_level, config.server.log_format, request_log=config.server.request_log)
     from proxy.server import GatewayApp
 
     async def main() -> None:
         # built inside the running loop: grpc.aio objects bind to the loop that creates them
         await GatewayApp(config).run_until_signalled()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except Exception as exc:
+        failure = start_failure(exc, config.db.url, f"--meter {config.meter.source}")
+        if failure is None:
+            raise
+        raise failure from None
     return 0
+
+
+def start_failure(exc: BaseException, db_url: str, meter: str) -> CommandError | ConfigError | None:
+    """One line for what stopped a gateway or meter daemon (the energy source, the database, a port); None for an
+    error nobody anticipated (a bug: ``proxy.cli`` reports it, with its traceback on request)."""
+    import sqlalchemy as sa
+
+    from meter.sources.nvml import NvmlUnavailableError
+
+    if isinstance(exc, CommandError | ConfigError):
+        return exc
+    if isinstance(exc, NvmlUnavailableError):
+        return CommandError(f"{meter}: {exc} (--meter none serves without metering)")
+    if isinstance(exc, sa.exc.SQLAlchemyError):
+        return db_failure(exc, db_url)
+    if isinstance(exc, OSError):
+        bind = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or "cannot listen" in str(exc)
+        return CommandError(f"{exc}{' (another process on that port? change the listen address)' if bind else ''}")
+    return None

@@ -24,7 +24,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.auth import Authenticator
+from proxy.auth import Authenticator, requested_class
 from proxy.errors import GatewayError, NotFound
 from proxy.gateway import Gateway
 from proxy.http import wire
@@ -135,7 +135,7 @@ class HttpFrontDoor:
             if route != "unmatched" and (request.method, route) not in PUBLIC_ROUTES:
                 headers = {k.lower(): v for k, v in request.headers.items()}
                 call.principal = await self.services.auth.authenticate(headers)
-                call.traffic_class = headers.get("x-traffic-class") or call.principal.default_class or "default"
+                call.traffic_class = requested_class(headers.get("x-traffic-class"), call.principal)
                 structlog.contextvars.bind_contextvars(tenant=call.principal.tenant)
             return await handler(request)
         except GatewayError as exc:

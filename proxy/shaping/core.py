@@ -215,7 +215,8 @@ class ShapingCore:
             return cq
         if not name or name == DEFAULT_CLASS:
             return self.classes[self.cfg.default_class]
-        raise InvalidArgument(f"x-traffic-class: unknown class {name!r} (known: {', '.join(self.classes)})")
+        origin = getattr(name, "origin", "x-traffic-class")  # proxy.auth.RequestedClass: the header or the key
+        raise InvalidArgument(f"{origin}: unknown class {str(name)!r} (known: {', '.join(self.classes)})")
 
     def admit(self, entry: Entry, now_s: float) -> None:
         """Queue ``entry`` (held in its class) or raise Overloaded / Unavailable / InvalidArgument."""
