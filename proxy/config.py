@@ -8,6 +8,7 @@ taken as strings otherwise. Every error names the offending key, e.g. ``models.0
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -115,7 +116,9 @@ class MeterConfig(_Section):
     lag_ms: int = Field(default=100, ge=0, le=2_000, description="counter lag behind the work it measures")
     idle_policy: IdlePolicy = IdlePolicy.NONE
     sample_retention_days: float = Field(default=7.0, gt=0)
-    journal_path: str = "joulegate-journal.jsonl"
+    # the ledger's write-ahead journal (meter.journal: <path>.<n> segments, <path>.rejected, <path>.lock); "": beside
+    # a SQLite database file, else $XDG_STATE_HOME/joulegate/journal-<hash of db.url>.jsonl (~/.local/state/...)
+    journal_path: str = ""
     node: str = ""  # this host's name, matched against backends' `node` (default: the hostname)
     # -- the metering engine --
     epoch_s: float = Field(default=10.0, ge=0.1, le=3600, description="attribution epoch (wall-clock window)")
@@ -186,12 +189,40 @@ class Config(_Section):
                 seen_backends.add(b.name)
         return self
 
+    @model_validator(mode="after")
+    def _default_journal(self) -> Self:
+        if not self.meter.journal_path:
+            meter = self.meter.model_copy(update={"journal_path": str(default_journal_path(self.db.url))})
+            object.__setattr__(self, "meter", meter)
+        return self
+
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.model_id == model_id), None)
 
     @property
     def backends(self) -> tuple[BackendConfig, ...]:
         return tuple(b for m in self.models for b in m.backends)
+
+
+def default_journal_path(db_url: str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the ledger's journal goes unless ``meter.journal_path`` says: beside a SQLite database file (the journal
+    belongs to that database), else under the XDG state directory. Never the current directory."""
+    from sqlalchemy.engine import make_url
+
+    env = os.environ if environ is None else environ
+    try:
+        url = make_url(db_url)
+    except Exception:  # an invalid URL is reported when the database is opened
+        url = None
+    if url is not None and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        db_file = Path(url.database).expanduser().absolute()
+        return db_file.with_name(db_file.name + ".journal.jsonl")
+    state = env.get("XDG_STATE_HOME") or (str(Path(env["HOME"]) / ".local" / "state") if env.get("HOME") else "")
+    if not state:
+        raise ValueError("meter.journal_path: set it (neither XDG_STATE_HOME nor HOME is set to put it under)")
+    # one journal per database: a journal is never replayed into a database it was not written for
+    which = hashlib.sha256((url.render_as_string(hide_password=True) if url else db_url).encode()).hexdigest()[:12]
+    return Path(state) / "joulegate" / f"journal-{which}.jsonl"
 
 
 def _parse_env_value(raw: str) -> Any:
