@@ -67,7 +67,7 @@ import sqlalchemy as sa
 import structlog
 import tenacity
 
-from meter.journal import BadLine, Journal, Record, encode
+from meter.journal import UNREADABLE, BadLine, Journal, Record, encode
 from meter.samples import Sample
 from meter.store.bulk import SAMPLE_COLUMNS, START_COLUMNS, TIMELINE_COLUMNS, BulkWriter
 from meter.store.db import is_outage, make_engine
@@ -200,10 +200,10 @@ def aborted_row(start: Row, done_ns: int) -> Row:
 
 
 def _lines(kind: str, payload: Row | list[Row]) -> bytes:
-    cols = _COLUMNS[kind]
+    """The journal's lines for a hand-off: ``[kind, *row]`` (``meter.journal``: the segment's header names them)."""
     if kind == SAMPLE:
-        return b"".join(encode({"k": kind, **dict(zip(cols, r, strict=True))}) for r in payload)  # type: ignore[arg-type]
-    return encode({"k": kind, **dict(zip(cols, payload, strict=True))})
+        return b"".join(encode([kind, *r]) for r in payload)  # type: ignore[misc]
+    return encode([kind, *payload])
 
 
 def _record_row(kind: str, record: Record) -> Row:
@@ -329,7 +329,7 @@ class Ledger:
         else:
             self._engine, self._owns_engine = make_engine(url_or_engine, **(engine_kw or {})), True
         self._bulk = BulkWriter.for_dialect(self._engine.dialect)
-        self._journal = Journal(journal_path)
+        self._journal = Journal(journal_path, _COLUMNS)
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
         self._retry_initial_s = retry_initial_s
@@ -610,11 +610,12 @@ class Ledger:
         marker = _Marker(seal=True)
         with self._lock:
             try:
-                self._journal.rotate(sync=self._pending)
+                self._journal.rotate()
             except OSError as exc:
                 log.error("ledger: cannot rotate the journal", error=str(exc))
                 return
             self._buf.append(marker)
+        self._settle()
         self._seal_pending = True
         self._rotated_at = time.monotonic()
 
@@ -640,6 +641,7 @@ class Ledger:
             return
         with self._lock:
             self._journal.rotate()
+        self._settle()
         self._checkpoint_and_delete()
         with self._lock:
             if not self._journal.remove_current_if_empty():
@@ -649,7 +651,18 @@ class Ledger:
 
     def _go_journaling(self) -> None:
         self._pending = True
-        self._sync_journal()
+        try:
+            self._journal.sync_all()
+        except OSError as exc:
+            log.error("ledger: cannot fsync the journal", error=str(exc))
+        self._dirty = False
+
+    def _settle(self, *, sync: bool | None = None) -> None:
+        """Close sealed segments; fsync them first while their records are not in SQL (journaling)."""
+        try:
+            self._journal.settle(sync=self._pending if sync is None else sync)
+        except OSError as exc:
+            log.error("ledger: cannot fsync a sealed journal segment", error=str(exc))
 
     def _sync_journal(self) -> None:
         try:
@@ -743,8 +756,9 @@ class Ledger:
         marker = _Marker(seal=True)
         with self._lock:
             if self._journal.is_open:
-                self._journal.rotate(sync=True)
+                self._journal.rotate()
             self._buf.append(marker)
+        self._settle(sync=True)
         self._seal_pending = True
         sealed = self._journal.sealed
         self._records_read = 0
@@ -796,6 +810,8 @@ class Ledger:
                 if isinstance(record, BadLine):
                     raw = record.raw.decode("utf-8", "backslashreplace")
                     where = {"segment": record.segment.name, "line": record.lineno}
+                    if record.reason.startswith(UNREADABLE):  # not a record's fault: keep the file for people
+                        where["set_aside_as"] = self._journal.set_aside(segment).name
                     self._quarantine([{"k": "?", **where, "raw": raw}], record.reason)
                     continue
                 kind = record.get("k")

@@ -513,7 +513,9 @@ def test_a_journal_left_by_a_crashed_process_is_replayed_at_the_next_start(
     # The 50 requests the crash left in flight are closed, ABORTED at the dead process's last heartbeat (its
     # records carry older, made-up times).
     ended = {r["done_ns"] for k, r in rows.items() if int(k[1:]) >= 150}
-    assert len(ended) == 1 and t_before < (last_alive_ns := ended.pop()) < time.time_ns()
+    assert len(ended) == 1
+    last_alive_ns = ended.pop()
+    assert t_before < last_alive_ns < time.time_ns()
     aborted = {
         f"r{i}": {**expected_open(start_of(i)), "status": ABORTED, "done_ns": last_alive_ns} for i in range(150, 200)
     }
@@ -623,6 +625,21 @@ def test_a_partially_written_last_line_is_quarantined_and_the_rest_replayed(
     assert not seg.exists()
 
 
+def test_a_segment_that_cannot_be_read_is_set_aside_and_the_rest_replayed(
+    sqlite_migrated: tuple[str, sa.Engine], tmp_path: Path
+) -> None:
+    url, engine = sqlite_migrated
+    journal = tmp_path / "j.jsonl"
+    (tmp_path / "j.jsonl.00000002").mkdir()  # reading it fails (EISDIR), as an I/O error would
+    (tmp_path / "j.jsonl.00000003").write_text(json.dumps({"k": "t", **expected_done(timeline_of(1))}) + "\n")
+    with ledger_for(url, journal) as ledger:
+        assert wait_until(lambda: not ledger.stats.journal_pending) and ledger.flush()
+        stats = ledger.stats
+    assert set(request_rows(engine)) == {"r1"} and stats.rejected == 1
+    assert (tmp_path / "j.jsonl.00000002.unreadable").is_dir()  # kept for people, out of the way
+    assert rejected_records(journal)[0]["set_aside_as"] == "j.jsonl.00000002.unreadable"
+
+
 def test_two_ledgers_cannot_share_a_journal(sqlite_migrated: tuple[str, sa.Engine], tmp_path: Path) -> None:
     url, _ = sqlite_migrated
     with ledger_for(url, tmp_path / "j.jsonl"), pytest.raises(JournalLockedError):
@@ -711,7 +728,7 @@ def test_a_poison_line_in_a_journal_left_by_an_earlier_run_cannot_wedge_the_repl
     lines.append(json.dumps({"k": "t", **expected_done(timeline_of(101)), "generated_tokens": 2**70}))
     lines.append('{"k": "t", "request_id": "r102", "ten')  # damaged, newline and all
     lines.append(json.dumps({"k": "x", "request_id": "r103"}))  # a kind this version does not know
-    lines.append("[1, 2]")
+    lines.append("[[1], 2]")  # an array line, and no column header to read it with
     lines += [json.dumps(r) for r in good[50:]]
     journal.write_text("\n".join(lines) + "\n")
     with ledger_for(url, journal) as ledger:

@@ -10,7 +10,6 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -68,23 +67,28 @@ backends = [{{ url = "{sim_url}" }}]
     return path
 
 
+def _tail(log: Path) -> str:
+    return log.read_text()[-3000:]
+
+
 @contextlib.asynccontextmanager
-async def serve(config: Path, log: Path, port: int) -> AsyncIterator[subprocess.Popen[bytes]]:
+async def serve(config: Path, log: Path, port: int) -> AsyncIterator[asyncio.subprocess.Process]:
     """``joulegate serve`` in its own process; yields once its health says SERVING."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "proxy.cli", "serve", "--config", str(config)),
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=asyncio.subprocess.STDOUT,
         )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 60
             while True:
-                assert proc.poll() is None, log.read_text()[-3000:]
+                assert proc.returncode is None, _tail(log)
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -93,13 +97,13 @@ async def serve(config: Path, log: Path, port: int) -> AsyncIterator[subprocess.
                 await asyncio.sleep(0.1)
         yield proc
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.terminate()
             try:
-                await asyncio.to_thread(proc.wait, 30)
-            except subprocess.TimeoutExpired:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
                 proc.kill()
-                proc.wait()
+                await proc.wait()
 
 
 @dataclass
@@ -204,7 +208,7 @@ async def test_kill_9_under_traffic_then_restart_loses_doubles_and_leaves_open_n
             before = asyncio.create_task(_traffic(port, key, 0, seed=1, until=killed))
             await asyncio.sleep(3.0)
             first.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(first.wait)
+            await first.wait()
             killed_ns = time.time_ns()
             await asyncio.sleep(0.5)  # the clients see the gateway gone
             killed.set()
