@@ -43,9 +43,10 @@ takes them.
 
 Restart. ``start`` takes over the journal a dead process left (its lock died with it). Before replaying it, the
 writer closes every request that the dead process had released to a backend and never finished — a start with no
-timeline in those segments — with a timeline of status ``ABORTED``: no tokens, no first token (attribution books
-its window as waiting for a prefill), ended at the process's last sign of life (the latest time stamped in its
-segments: records, heartbeats; at most ``heartbeat_s`` before the death when the writer was alive). So after a
+timeline in those segments — with status ``ABORTED``: no tokens, no first token (attribution books its window as
+waiting for a prefill), ended at the process's last sign of life (the latest time stamped in its segments:
+records, heartbeats; at most ``heartbeat_s`` before the death when the writer was alive). The close is an UPDATE of
+an open row only (``abort_row``): it can never overwrite a request that did finish. So after a
 kill -9 no row stays open longer than until the next start has replayed (seconds), and the backend's attribution,
 held back by open rows, resumes. A request whose timeline a live process still holds is never closed this way: the
 journal's lock says which process owns it.
@@ -71,6 +72,7 @@ from meter.journal import UNREADABLE, BadLine, Journal, Record, encode
 from meter.samples import Sample
 from meter.store.bulk import SAMPLE_COLUMNS, START_COLUMNS, TIMELINE_COLUMNS, BulkWriter
 from meter.store.db import is_outage, make_engine
+from meter.store.models import Request
 from meter.timeline import Api, RequestStart, Timeline
 
 log = structlog.get_logger(__name__)
@@ -78,12 +80,15 @@ log = structlog.get_logger(__name__)
 Row = tuple[Any, ...]  # one database row, in meter.store.bulk's column order
 
 # Record kinds, as stored in the journal under "k". A heartbeat carries only "t_ns".
-START, TIMELINE, SAMPLE, HEARTBEAT = "s", "t", "m", "h"
-_COLUMNS = {START: START_COLUMNS, TIMELINE: TIMELINE_COLUMNS, SAMPLE: SAMPLE_COLUMNS}
+START, TIMELINE, SAMPLE, ABORT, HEARTBEAT = "s", "t", "m", "a", "h"
+ABORT_COLUMNS = (*START_COLUMNS, "done_ns")
+_COLUMNS = {START: START_COLUMNS, TIMELINE: TIMELINE_COLUMNS, SAMPLE: SAMPLE_COLUMNS, ABORT: ABORT_COLUMNS}
 _TIME_COLUMNS = ("received_ns", "released_ns", "first_token_ns", "done_ns", "t_ns")  # a sign of life, in any record
 
 ABORTED = "ABORTED"  # the status of a request whose process died while it was in flight
+_CHECKPOINT_CHUNK = 256  # open requests per journal write of a checkpoint
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_REQUESTS: sa.Table = Request.__table__  # type: ignore[assignment]
 
 
 class DatabaseStalledError(TimeoutError):
@@ -102,7 +107,7 @@ class LedgerStats:
     journaled: int  # records the journal kept for the database while it was unavailable
     replayed: int  # journal records replayed into SQL
     rejected: int  # records quarantined (<journal>.rejected): refused at the door or by the database, or undecodable
-    aborted: int  # requests a dead process left in flight, closed with status ABORTED at start
+    aborted: int  # requests a dead process left in flight, closed ABORTED at start (unless their row is finished)
     journal_errors: int  # hand-offs the journal could not take (disk full): those records were held in memory
     db_available: bool  # whether the last database write succeeded
     last_error: str | None  # the last database error, if any
@@ -190,13 +195,13 @@ def sample_rows(samples: Sequence[Sample]) -> list[Row]:
     return [storable((s.device, s.t_ns, s.energy_mj, s.error)) for s in samples]
 
 
-def aborted_row(start: Row, done_ns: int) -> Row:
-    """The timeline that closes a request its process left in flight: what the start knew, status ABORTED, ended at
-    ``done_ns`` (never before its release), no tokens; columns the start cannot know (class, API) stay NULL."""
-    known: dict[str, Any] = dict(zip(START_COLUMNS, start, strict=True))
-    released = known["released_ns"] if known["released_ns"] is not None else known["received_ns"]
-    known.update(status=ABORTED, done_ns=max(done_ns, released), prompt_tokens=0, generated_tokens=0)
-    return tuple(known.get(c) for c in TIMELINE_COLUMNS)
+def abort_row(start: Row, done_ns: int) -> Row:
+    """What closes a request its process left in flight: its start and when it ended (``done_ns``, never before
+    its release). Written as the start (INSERT, DO NOTHING) and then ``UPDATE ... SET status = 'ABORTED', done_ns
+    WHERE done_ns IS NULL``: it closes an open row and never touches a finished one, whatever the order in which
+    records reach the database. Tokens stay 0 and class and API NULL: the start does not know them."""
+    released = start[5] if start[5] is not None else start[4]
+    return (*start, max(done_ns, released))
 
 
 def _lines(kind: str, payload: Row | list[Row]) -> bytes:
@@ -221,20 +226,22 @@ def _json_safe(v: Any) -> Any:
 
 @dataclass(slots=True)
 class _Batch:
-    """One batch folded to one row per key, in the order the upserts run: starts, timelines, samples.
+    """One batch folded to one row per key, in the order its statements run: starts, timelines, samples, aborts.
 
     Folding keeps what applying the items one by one would leave: the last timeline of a request, the first start
     (DO NOTHING), the first reading per (device, t_ns); a start whose request the batch also finishes is dropped,
-    since the timeline overwrites it anyway.
+    since the timeline overwrites it anyway. An abort brings its start along and closes the row only if nothing
+    else has (``abort_row``).
     """
 
     starts: dict[str, Row]
     timelines: dict[str, Row]
     samples: dict[tuple[str, int], Row]
+    aborts: dict[str, Row]
 
     @classmethod
     def empty(cls) -> _Batch:
-        return cls({}, {}, {})
+        return cls({}, {}, {}, {})
 
     def add(self, kind: str, payload: Row | list[Row]) -> None:
         if kind == TIMELINE:
@@ -243,36 +250,49 @@ class _Batch:
         elif kind == SAMPLE:
             for r in payload:
                 self.samples.setdefault((r[0], r[1]), r)  # type: ignore[index]
+        elif kind == ABORT:
+            self.add(START, payload[: len(START_COLUMNS)])
+            self.aborts.setdefault(payload[0], payload)  # type: ignore[arg-type]
         elif payload[0] not in self.timelines:
             self.starts.setdefault(payload[0], payload)  # type: ignore[arg-type]
 
+    def _parts(self) -> tuple[tuple[str, dict[Any, Row]], ...]:
+        return ((START, self.starts), (TIMELINE, self.timelines), (SAMPLE, self.samples), (ABORT, self.aborts))
+
     def to_records(self) -> list[Record]:
         out: list[Record] = []
-        for kind, rows in ((START, self.starts), (TIMELINE, self.timelines), (SAMPLE, self.samples)):
+        for kind, rows in self._parts():
             cols = _COLUMNS[kind]
             out.extend({"k": kind, **dict(zip(cols, row, strict=True))} for row in rows.values())
         return out
 
     def halves(self) -> tuple[_Batch, _Batch]:
-        entries = [(START, k, r) for k, r in self.starts.items()]
-        entries += [(TIMELINE, k, r) for k, r in self.timelines.items()]
-        entries += [(SAMPLE, k, r) for k, r in self.samples.items()]  # type: ignore[misc]
+        """Two batches of about half the rows each, the first holding the earlier statements."""
+        entries = [(kind, key, row) for kind, rows in self._parts() for key, row in rows.items()]
         mid = len(entries) // 2
         return _Batch._of(entries[:mid]), _Batch._of(entries[mid:])
 
     @staticmethod
     def _of(entries: list[tuple[str, Any, Row]]) -> _Batch:
         b = _Batch.empty()
+        parts = dict(b._parts())
         for kind, key, row in entries:
-            {START: b.starts, TIMELINE: b.timelines, SAMPLE: b.samples}[kind][key] = row
+            parts[kind][key] = row
         return b
 
     @property
     def requests(self) -> int:
-        return len(self.starts) + len(self.timelines)
+        return len(self.starts) + len(self.timelines) + len(self.aborts)
 
     def __len__(self) -> int:
-        return len(self.starts) + len(self.timelines) + len(self.samples)
+        return len(self.starts) + len(self.timelines) + len(self.samples) + len(self.aborts)
+
+
+_ABORT = (
+    sa.update(_REQUESTS)
+    .where(_REQUESTS.c.request_id == sa.bindparam("rid"), _REQUESTS.c.done_ns.is_(None))
+    .values(status=ABORTED, done_ns=sa.bindparam("done"), ingested_ns=sa.bindparam("now"))
+)
 
 
 # -- what travels through the buffer besides (kind, payload) tuples --------------------------------------------------
@@ -566,7 +586,7 @@ class Ledger:
             if kind == START:
                 if payload[0] not in open_:
                     open_[payload[0]] = payload  # type: ignore[assignment]
-            elif kind == TIMELINE:
+            elif kind != SAMPLE:
                 open_.pop(payload[0], None)
             batch.add(kind, payload)
         return batch
@@ -623,11 +643,11 @@ class Ledger:
         """The sealed segments' records are all in SQL: carry the open requests over to the current segment, then
         delete the sealed ones. (A crash between the two leaves both: replays are idempotent.)"""
         sealed = self._journal.sealed
-        if self._open:
-            data = b"".join(_lines(START, row) for row in self._open.values())
-            with self._lock:
+        lines = [_lines(START, row) for row in self._open.values()]
+        for i in range(0, len(lines), _CHECKPOINT_CHUNK):
+            with self._lock:  # in chunks: thousands in flight must not hold the hot path up for long
                 try:
-                    self._journal.write(data)
+                    self._journal.write(b"".join(lines[i : i + _CHECKPOINT_CHUNK]))
                 except OSError as exc:
                     log.error("ledger: cannot checkpoint the journal; keeping its sealed segments", error=str(exc))
                     return
@@ -852,7 +872,7 @@ class Ledger:
                 rid = record.get("request_id")
                 if not isinstance(rid, str):
                     continue
-                if kind == TIMELINE:
+                if kind in (TIMELINE, ABORT):
                     finished.add(rid)
                 elif kind == START:
                     try:
@@ -861,7 +881,7 @@ class Ledger:
                         continue  # quarantined by the replay
         orphans = [row for rid, row in starts.items() if rid not in finished]
         for row in orphans:
-            self._hand_in(TIMELINE, lambda r: aborted_row(r, last_alive_ns), row)
+            self._hand_in(ABORT, lambda r: abort_row(r, last_alive_ns), row)
         if orphans:
             self._aborted += len(orphans)
             log.warning(
@@ -956,14 +976,17 @@ class Ledger:
             raise DatabaseStalledError(f"a write to the database took longer than {self._write_timeout_s} s") from None
 
     def _execute_now(self, batch: _Batch) -> None:
+        now_ns = time.time_ns()
         with self._engine.begin() as conn:
             self._bulk.write(
                 conn,
                 list(batch.starts.values()),
                 list(batch.timelines.values()),
                 list(batch.samples.values()),
-                time.time_ns(),
+                now_ns,
             )
+            if batch.aborts:
+                conn.execute(_ABORT, [{"rid": r[0], "done": r[-1], "now": now_ns} for r in batch.aborts.values()])
 
 
 def _probe(engine: sa.Engine) -> None:

@@ -220,7 +220,13 @@ def test_a_start_after_its_timeline_never_reopens_the_request(migrated: tuple[st
         ledger.request_finished(timeline_of(2))
         ledger.request_started(start_of(2))  # late, in the same batch
         assert ledger.flush()
-    assert request_rows(engine) == {"r1": expected_done(timeline_of(1)), "r2": expected_done(timeline_of(2))}
+    expected = {"r1": expected_done(timeline_of(1)), "r2": expected_done(timeline_of(2))}
+    assert request_rows(engine) == expected
+    # The late starts looked like requests in flight: the next start closes them ABORTED, which must change nothing.
+    with ledger_for(url, tmp_path / "j.jsonl") as ledger:
+        assert wait_until(lambda: not ledger.stats.journal_pending) and ledger.flush()
+        assert ledger.stats.aborted == 2
+    assert request_rows(engine) == expected
 
 
 def test_duplicates_in_one_batch_fold_like_sequential_writes(migrated: tuple[str, sa.Engine], tmp_path: Path) -> None:
