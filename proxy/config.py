@@ -117,7 +117,7 @@ class MeterConfig(_Section):
     idle_policy: IdlePolicy = IdlePolicy.NONE
     sample_retention_days: float = Field(default=7.0, gt=0)
     # the ledger's write-ahead journal (meter.journal: <path>.<n> segments, <path>.rejected, <path>.lock); "": beside
-    # a SQLite database file, else $XDG_STATE_HOME/joulegate/journal-<hash of db.url>.jsonl (~/.local/state/...)
+    # a SQLite file given by an absolute path, else $XDG_STATE_HOME/joulegate/journal-<hash of the database>.jsonl
     journal_path: str = ""
     node: str = ""  # this host's name, matched against backends' `node` (default: the hostname)
     # -- the metering engine --
@@ -205,8 +205,10 @@ class Config(_Section):
 
 
 def default_journal_path(db_url: str, environ: Mapping[str, str] | None = None) -> Path:
-    """Where the ledger's journal goes unless ``meter.journal_path`` says: beside a SQLite database file (the journal
-    belongs to that database), else under the XDG state directory. Never the current directory."""
+    """Where the ledger's journal goes unless ``meter.journal_path`` says: beside a SQLite database file named by an
+    absolute path (the journal belongs to that database), else under the XDG state directory, named after the
+    database (a relative SQLite path by its absolute form, a server by its URL without the password), so that a
+    journal is never replayed into a database it was not written for. Never the current directory."""
     from sqlalchemy.engine import make_url
 
     env = os.environ if environ is None else environ
@@ -214,15 +216,16 @@ def default_journal_path(db_url: str, environ: Mapping[str, str] | None = None) 
         url = make_url(db_url)
     except Exception:  # an invalid URL is reported when the database is opened
         url = None
+    identity = url.render_as_string(hide_password=True) if url is not None else db_url
     if url is not None and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        db_file = Path(url.database).expanduser().absolute()
-        return db_file.with_name(db_file.name + ".journal.jsonl")
+        db_file = Path(url.database).expanduser()
+        if db_file.is_absolute():
+            return db_file.with_name(db_file.name + ".journal.jsonl")
+        identity = str(db_file.absolute())
     state = env.get("XDG_STATE_HOME") or (str(Path(env["HOME"]) / ".local" / "state") if env.get("HOME") else "")
     if not state:
         raise ValueError("meter.journal_path: set it (neither XDG_STATE_HOME nor HOME is set to put it under)")
-    # one journal per database: a journal is never replayed into a database it was not written for
-    which = hashlib.sha256((url.render_as_string(hide_password=True) if url else db_url).encode()).hexdigest()[:12]
-    return Path(state) / "joulegate" / f"journal-{which}.jsonl"
+    return Path(state) / "joulegate" / f"journal-{hashlib.sha256(identity.encode()).hexdigest()[:12]}.jsonl"
 
 
 def _parse_env_value(raw: str) -> Any:

@@ -39,6 +39,19 @@ def test_a_server_database_gets_a_journal_of_its_own_under_the_xdg_state_directo
     assert Path(home.meter.journal_path).parent == Path(os.environ["HOME"]) / ".local" / "state" / "joulegate"
 
 
+def test_a_relative_sqlite_path_does_not_put_the_journal_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    paths = []
+    for cwd in ("one", "two"):
+        (tmp_path / cwd).mkdir()
+        monkeypatch.chdir(tmp_path / cwd)
+        paths.append(Path(load_config(environ={}).meter.journal_path))  # the default db: sqlite:///joulegate.db
+    assert all(p.parent == tmp_path / "state" / "joulegate" for p in paths)
+    assert paths[0] != paths[1]  # two databases (one per directory), two journals
+
+
 def test_an_explicit_journal_path_wins_and_none_can_be_found_without_a_home(monkeypatch: pytest.MonkeyPatch) -> None:
     explicit = load_config(environ={"JOULEGATE_METER__JOURNAL_PATH": "/var/lib/joulegate/journal.jsonl"})
     assert explicit.meter.journal_path == "/var/lib/joulegate/journal.jsonl"
