@@ -23,8 +23,9 @@ Files. ``path`` names a family of files side by side:
   delete each other's records, so the second one fails at ``open`` with ``JournalLockedError``. The lock dies
   with its process, so a killed gateway's successor takes the journal over at once.
 
-Durability. A plain write survives a process kill, not a power cut. ``sync`` (fsync) covers that: the ledger calls
-it while the database is unreachable (records then live only here), before it reports them durable.
+Durability. A plain write survives a process kill, not a power cut. ``sync``, ``sync_all`` and ``settle(sync=True)``
+(fsync) cover that: the ledger calls them while the database is unreachable (records then live only here), before
+it reports them durable, and never while holding the lock the hand-offs take.
 
 Damage. A crash mid-write leaves at most a torn last line in a segment; a failed write (disk full) may leave a
 partial line in the current one, so the next write starts on a new line and the partial line can never glue onto a
@@ -44,9 +45,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
-import structlog
-
-log = structlog.get_logger(__name__)
 
 Record = dict[str, Any]
 
