@@ -1,9 +1,15 @@
 """The ledger: takes request timelines and counter samples off the hot path and writes them to SQL in batches.
 
-Hot path. ``request_started``, ``request_finished`` and ``add_samples`` append to a ``collections.deque`` (atomic
-and thread-safe in CPython, no lock) and return: O(1), no I/O, no waiting, no exception for a healthy interpreter.
-The writer thread is woken early only when a full batch is waiting; otherwise it drains every
-``flush_interval_s``.
+Hot path. ``request_started``, ``request_finished`` and ``add_samples`` turn the record into its row (checked and
+made storable, see *The door*), append its line to the write-ahead journal (``meter.journal``: one plain
+``write()``, no fsync) and put the row in a ``collections.deque``, both under one lock so that the journal's order
+is the buffer's order. Then they return: a few microseconds, no waiting on the database, no exception. Once a
+hand-off has returned, its record survives a kill of the process (the journal is in the kernel's page cache).
+
+The door. Every value of a row must be ``None``, an ``int`` that fits 64 bits, or a ``str``. A string that no
+database can store (a lone surrogate, which is how aiohttp hands on a non-UTF-8 header byte; a NUL, which PostgreSQL
+text cannot hold) is escaped (``\\xff``, ``\\x00``), so the request still has its row. Anything else is refused at
+the door: quarantined (``<journal>.rejected``), counted and logged, never handed to the database.
 
 Writer. One thread drains the buffer in batches of at most ``batch_size`` rows and writes each batch in ONE
 transaction with bulk dialect upserts (``meter.store.bulk``: executemany on SQLite, COPY + INSERT ... SELECT on
@@ -15,28 +21,44 @@ PostgreSQL), idempotent on the primary keys:
 - ``Sample``: INSERT, ON CONFLICT DO NOTHING.
 
 Within a batch, duplicates are folded first (the last timeline of a request wins, like it would in sequence).
+Every few seconds (``rotate_s``) the writer seals the journal's segment; once every record handed in before the
+seal is in SQL, it writes the requests still open into the new segment (a *checkpoint*, so the journal always knows
+every request in flight) and deletes the sealed segments. A heartbeat line each ``heartbeat_s`` records that the
+process was alive.
 
-Outages. When a write fails because the database is unreachable (refused or dropped connections, timeouts, any
-``OperationalError``), or does not return within ``write_timeout_s`` (a hung server or network: database calls
-run on a thread of their own so the writer can stop waiting), the batch goes to the journal (``meter.journal``:
-JSON lines, fsync'd per batch) and the ledger switches to *journaling*: every later batch is appended behind it,
-so order is kept, while the writer retries the database with exponential backoff (tenacity; its sleeps are spent
-journaling new arrivals). Once the database answers, the journal is replayed in order, in batches, and truncated.
-A journal left by a crashed process is replayed at the next ``start``. Replays are idempotent, so a replay
-interrupted by another failure (or a crash between commit and truncate) is simply repeated: nothing is lost,
-nothing is doubled.
+Poison. A batch the database refuses for a reason other than an outage (``meter.store.db.is_outage``: a data or
+integrity error, a value the driver cannot bind) is split in halves until the refused records are alone; those are
+quarantined, counted and logged, and every other record lands. A record can therefore never stop the writer, and a
+journal line that does not decode is quarantined the same way: nothing can wedge the replay.
 
-A row the database rejects for good (a ``DataError`` or ``IntegrityError``, not an outage) would block its batch
-forever; the writer then writes that batch row by row and appends the rejected rows to ``<journal>.rejected``
-(also JSON lines) with an error log, so one bad row never holds up the others.
+Outages. When a write fails because the database is unreachable (refused or dropped connections, timeouts,
+``is_outage``), or does not return within ``write_timeout_s`` (a hung server or network: database calls run on a
+thread of their own so the writer can stop waiting), the ledger switches to *journaling*: the records are already
+in the journal, so the writer only fsyncs it (a record the ledger reports durable then survives a power cut too)
+and lets the buffer go, while it retries the database with exponential backoff (tenacity). Once the database
+answers, the sealed segments are replayed in order, in batches, and deleted. Replays are idempotent, so a replay
+interrupted by another failure (or a crash between commit and delete) is simply repeated: nothing is lost, nothing
+is doubled. If the journal cannot be written either (disk full), records are kept in memory until the database
+takes them.
+
+Restart. ``start`` takes over the journal a dead process left (its lock died with it). Before replaying it, the
+writer closes every request that the dead process had released to a backend and never finished — a start with no
+timeline in those segments — with status ``ABORTED``: no tokens, no first token (attribution books its window as
+waiting for a prefill), ended at the process's last sign of life (the latest time stamped in its segments:
+records, heartbeats; at most ``heartbeat_s`` before the death when the writer was alive). The close is an UPDATE of
+an open row only (``abort_row``): it can never overwrite a request that did finish. So after a
+kill -9 no row stays open longer than until the next start has replayed (seconds), and the backend's attribution,
+held back by open rows, resumes. A request whose timeline a live process still holds is never closed this way: the
+journal's lock says which process owns it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,30 +68,35 @@ import sqlalchemy as sa
 import structlog
 import tenacity
 
-from meter.journal import Journal
+from meter.journal import UNREADABLE, BadLine, Journal, Record, encode
 from meter.samples import Sample
 from meter.store.bulk import SAMPLE_COLUMNS, START_COLUMNS, TIMELINE_COLUMNS, BulkWriter
-from meter.store.db import make_engine
+from meter.store.db import is_outage, make_engine
+from meter.store.models import Request
 from meter.timeline import Api, RequestStart, Timeline
 
 log = structlog.get_logger(__name__)
 
-Record = dict[str, Any]  # one journal line
 Row = tuple[Any, ...]  # one database row, in meter.store.bulk's column order
 
-# Record kinds, as stored in the journal under "k".
-START, TIMELINE, SAMPLE = "s", "t", "m"
-_COLUMNS = {START: START_COLUMNS, TIMELINE: TIMELINE_COLUMNS, SAMPLE: SAMPLE_COLUMNS}
+# Record kinds, as stored in the journal under "k". A heartbeat carries only "t_ns".
+START, TIMELINE, SAMPLE, ABORT, HEARTBEAT = "s", "t", "m", "a", "h"
+ABORT_COLUMNS = (*START_COLUMNS, "done_ns")
+_COLUMNS = {START: START_COLUMNS, TIMELINE: TIMELINE_COLUMNS, SAMPLE: SAMPLE_COLUMNS, ABORT: ABORT_COLUMNS}
+_TIME_COLUMNS = ("received_ns", "released_ns", "first_token_ns", "done_ns", "t_ns")  # a sign of life, in any record
 
-# SQLSTATEs that mean "not now" rather than "never": connection exceptions, insufficient resources, operator
-# intervention (admin shutdown, cannot connect now), transaction rollback (serialization failure, deadlock), and
-# an undefined table/column (the schema is not migrated yet).
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
-_TRANSIENT_SQLSTATES = ("42P01", "42703")
+ABORTED = "ABORTED"  # the status of a request whose process died while it was in flight
+_CHECKPOINT_CHUNK = 256  # open requests per journal write of a checkpoint
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_REQUESTS: sa.Table = Request.__table__  # type: ignore[assignment]
 
 
 class DatabaseStalledError(TimeoutError):
     """A write did not return within ``write_timeout_s`` (a hung server, proxy or network): treated as an outage."""
+
+
+class UnstorableValueError(ValueError):
+    """A value no database column of the ledger can hold (not None, a 64-bit int or a str): refused at the door."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,131 +104,226 @@ class LedgerStats:
     buffered: int  # items handed in and not yet taken by the writer
     written_requests: int  # start and timeline rows committed to SQL (directly or by replay)
     written_samples: int  # sample rows committed to SQL (directly or by replay)
-    journaled: int  # records appended to the journal
+    journaled: int  # records the journal kept for the database while it was unavailable
     replayed: int  # journal records replayed into SQL
-    rejected: int  # records the database refused for good (kept in <journal>.rejected)
+    rejected: int  # records quarantined (<journal>.rejected): refused at the door or by the database, or undecodable
+    aborted: int  # requests a dead process left in flight, closed ABORTED at start (unless their row is finished)
+    journal_errors: int  # hand-offs the journal could not take (disk full): those records were held in memory
     db_available: bool  # whether the last database write succeeded
     last_error: str | None  # the last database error, if any
-    journal_pending: bool  # the journal holds records not yet in SQL
+    journal_pending: bool  # the journal holds records not yet in SQL (an outage, or a replay still to run)
 
 
-class _FlushMarker:
-    """Put in the buffer by ``flush``: set once every item before it is durable."""
-
-    __slots__ = ("done",)
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
+# -- rows ----------------------------------------------------------------------------------------------------------
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` means the database is unreachable or not ready (retry later) rather than a bad row."""
-    if isinstance(exc, sa.exc.DBAPIError):
-        if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
-            return True
-        sqlstate = getattr(exc.orig, "sqlstate", None)
-        return bool(sqlstate) and (sqlstate in _TRANSIENT_SQLSTATES or sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES)
-    return isinstance(exc, sa.exc.DisconnectionError | sa.exc.TimeoutError | OSError)
+def storable_text(s: str) -> str:
+    """``s`` with what no database can store escaped: NUL as ``\\x00``, a lone surrogate as the byte it stands for
+    (``\\xff``: aiohttp decodes a non-UTF-8 header byte 0xff to U+DCFF) or as ``\\udXXX``. Valid text is unchanged."""
+    s = s.replace("\x00", "\\x00")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(_escape_surrogate(c) for c in s)
+    return s
 
 
-def _is_permanent(exc: BaseException) -> bool:
-    """A database error that retrying cannot fix (the row is bad). Anything else is treated as an outage."""
-    return isinstance(exc, sa.exc.DBAPIError) and not is_transient(exc)
+def _escape_surrogate(c: str) -> str:
+    o = ord(c)
+    if 0xDC80 <= o <= 0xDCFF:
+        return f"\\x{o - 0xDC00:02x}"
+    if 0xD800 <= o <= 0xDFFF:
+        return f"\\u{o:04x}"
+    return c
+
+
+def _storable(v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return storable_text(str.__str__(v))
+    if isinstance(v, int):  # bool included
+        if _INT64_MIN <= v <= _INT64_MAX:
+            return int(v)
+        raise UnstorableValueError(f"integer {v} does not fit 64 bits")
+    raise UnstorableValueError(f"a value of type {type(v).__name__} ({v!r:.80})")
+
+
+def storable(row: Row) -> Row:
+    """``row`` with every value storable (see the module docstring); raises ``UnstorableValueError``. The common
+    case, plain ASCII strings and ints in range, costs one pass and returns ``row`` itself."""
+    for v in row:
+        t = type(v)
+        if t is str:
+            if v.isascii() and "\x00" not in v:
+                continue
+        elif t is int:
+            if _INT64_MIN <= v <= _INT64_MAX:
+                continue
+        elif v is None:
+            continue
+        return tuple(_storable(x) for x in row)
+    return row
 
 
 def start_row(s: RequestStart) -> Row:
-    return (s.request_id, s.tenant, s.model_id, s.backend, s.received_ns, s.released_ns)
+    return storable((s.request_id, s.tenant, s.model_id, s.backend, s.received_ns, s.released_ns))
 
 
 def timeline_row(t: Timeline) -> Row:
-    return (
-        t.request_id,
-        t.tenant,
-        t.model_id,
-        t.backend,
-        t.traffic_class,
-        t.api.value if isinstance(t.api, Api) else str(t.api),
-        t.status,
-        t.correlation_id,
-        t.received_ns,
-        t.released_ns,
-        t.first_token_ns,
-        t.done_ns,
-        t.prompt_tokens,
-        t.generated_tokens,
+    return storable(
+        (
+            t.request_id,
+            t.tenant,
+            t.model_id,
+            t.backend,
+            t.traffic_class,
+            t.api.value if isinstance(t.api, Api) else t.api,
+            t.status,
+            t.correlation_id,
+            t.received_ns,
+            t.released_ns,
+            t.first_token_ns,
+            t.done_ns,
+            t.prompt_tokens,
+            t.generated_tokens,
+        )
     )
+
+
+def sample_rows(samples: Sequence[Sample]) -> list[Row]:
+    return [storable((s.device, s.t_ns, s.energy_mj, s.error)) for s in samples]
+
+
+def abort_row(start: Row, done_ns: int) -> Row:
+    """What closes a request its process left in flight: its start and when it ended (``done_ns``, never before
+    its release). Written as the start (INSERT, DO NOTHING) and then ``UPDATE ... SET status = 'ABORTED', done_ns
+    WHERE done_ns IS NULL``: it closes an open row and never touches a finished one, whatever the order in which
+    records reach the database. Tokens stay 0 and class and API NULL: the start does not know them."""
+    released = start[5] if start[5] is not None else start[4]
+    return (*start, max(done_ns, released))
+
+
+def _lines(kind: str, payload: Row | list[Row]) -> bytes:
+    """The journal's lines for a hand-off: ``[kind, *row]`` (``meter.journal``: the segment's header names them)."""
+    if kind == SAMPLE:
+        return b"".join(encode([kind, *r]) for r in payload)  # type: ignore[misc]
+    return encode([kind, *payload])
+
+
+def _record_row(kind: str, record: Record) -> Row:
+    """A journal record's row; a record written by an older or newer version still maps by column name."""
+    return storable(tuple(record.get(c) for c in _COLUMNS[kind]))
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, str):
+        return storable_text(v)
+    if v is None or isinstance(v, bool | float) or (isinstance(v, int) and _INT64_MIN <= v <= _INT64_MAX):
+        return v
+    return repr(v)
 
 
 @dataclass(slots=True)
 class _Batch:
-    """One batch folded to one row per key, in the order the upserts run: starts, timelines, samples.
+    """One batch folded to one row per key, in the order its statements run: starts, timelines, samples, aborts.
 
     Folding keeps what applying the items one by one would leave: the last timeline of a request, the first start
     (DO NOTHING), the first reading per (device, t_ns); a start whose request the batch also finishes is dropped,
-    since the timeline overwrites it anyway.
+    since the timeline overwrites it anyway. An abort brings its start along and closes the row only if nothing
+    else has (``abort_row``).
     """
 
     starts: dict[str, Row]
     timelines: dict[str, Row]
     samples: dict[tuple[str, int], Row]
+    aborts: dict[str, Row]
 
     @classmethod
     def empty(cls) -> _Batch:
-        return cls({}, {}, {})
+        return cls({}, {}, {}, {})
 
-    def add_start(self, row: Row) -> None:
-        if row[0] not in self.timelines:
-            self.starts.setdefault(row[0], row)
+    def add(self, kind: str, payload: Row | list[Row]) -> None:
+        if kind == TIMELINE:
+            self.starts.pop(payload[0], None)
+            self.timelines[payload[0]] = payload  # type: ignore[assignment]
+        elif kind == SAMPLE:
+            for r in payload:
+                self.samples.setdefault((r[0], r[1]), r)  # type: ignore[index]
+        elif kind == ABORT:
+            self.add(START, payload[: len(START_COLUMNS)])
+            self.aborts.setdefault(payload[0], payload)  # type: ignore[arg-type]
+        elif payload[0] not in self.timelines:
+            self.starts.setdefault(payload[0], payload)  # type: ignore[arg-type]
 
-    def add_timeline(self, row: Row) -> None:
-        self.starts.pop(row[0], None)
-        self.timelines[row[0]] = row
-
-    def add_sample(self, row: Row) -> None:
-        self.samples.setdefault((row[0], row[1]), row)
-
-    @classmethod
-    def from_items(cls, items: Sequence[object]) -> _Batch:
-        """From hot-path objects, in the order they were handed in."""
-        b = cls.empty()
-        for item in items:
-            if type(item) is Timeline:
-                b.add_timeline(timeline_row(item))
-            elif type(item) is list:
-                for s in item:
-                    b.add_sample((s.device, s.t_ns, s.energy_mj, s.error))
-            elif type(item) is RequestStart:
-                b.add_start(start_row(item))
-            else:
-                log.error("ledger: ignoring an object of unknown type", type=type(item).__name__)
-        return b
-
-    @classmethod
-    def from_records(cls, records: Sequence[Record]) -> _Batch:
-        """From journal records; a record written by an older or newer version still maps by column name."""
-        b = cls.empty()
-        adders = {START: b.add_start, TIMELINE: b.add_timeline, SAMPLE: b.add_sample}
-        for r in records:
-            kind = r.get("k")
-            if kind not in adders:
-                log.warning("ledger: skipping a journal record of unknown kind", kind=kind)
-                continue
-            adders[kind](tuple(r.get(c) for c in _COLUMNS[kind]))
-        return b
+    def _parts(self) -> tuple[tuple[str, dict[Any, Row]], ...]:
+        return ((START, self.starts), (TIMELINE, self.timelines), (SAMPLE, self.samples), (ABORT, self.aborts))
 
     def to_records(self) -> list[Record]:
         out: list[Record] = []
-        for kind, rows in ((START, self.starts), (TIMELINE, self.timelines), (SAMPLE, self.samples)):
+        for kind, rows in self._parts():
             cols = _COLUMNS[kind]
             out.extend({"k": kind, **dict(zip(cols, row, strict=True))} for row in rows.values())
         return out
 
+    def halves(self) -> tuple[_Batch, _Batch]:
+        """Two batches of about half the rows each, the first holding the earlier statements."""
+        entries = [(kind, key, row) for kind, rows in self._parts() for key, row in rows.items()]
+        mid = len(entries) // 2
+        return _Batch._of(entries[:mid]), _Batch._of(entries[mid:])
+
+    @staticmethod
+    def _of(entries: list[tuple[str, Any, Row]]) -> _Batch:
+        b = _Batch.empty()
+        parts = dict(b._parts())
+        for kind, key, row in entries:
+            parts[kind][key] = row
+        return b
+
     @property
     def requests(self) -> int:
-        return len(self.starts) + len(self.timelines)
+        return len(self.starts) + len(self.timelines) + len(self.aborts)
 
     def __len__(self) -> int:
-        return len(self.starts) + len(self.timelines) + len(self.samples)
+        return len(self.starts) + len(self.timelines) + len(self.samples) + len(self.aborts)
+
+
+_ABORT = (
+    sa.update(_REQUESTS)
+    .where(_REQUESTS.c.request_id == sa.bindparam("rid"), _REQUESTS.c.done_ns.is_(None))
+    .values(status=ABORTED, done_ns=sa.bindparam("done"), ingested_ns=sa.bindparam("now"))
+)
+
+
+# -- what travels through the buffer besides (kind, payload) tuples --------------------------------------------------
+
+
+class _Marker:
+    """Ends a batch. ``flush``: set once every item before it is durable. ``seal``: the journal was rotated here,
+    so the sealed segments may go once every item before it is in SQL."""
+
+    __slots__ = ("done", "seal")
+
+    def __init__(self, *, seal: bool = False) -> None:
+        self.done = threading.Event()
+        self.seal = seal
+
+
+@dataclass(frozen=True, slots=True)
+class _Unjournaled:
+    """A record the journal could not take (disk full): it exists only in memory until the database has it."""
+
+    kind: str
+    payload: Row | list[Row]
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A record refused at the door: to be quarantined by the writer."""
+
+    kind: str
+    what: str
+    reason: str
 
 
 class Ledger:
@@ -217,6 +339,9 @@ class Ledger:
         retry_initial_s: float = 0.2,
         retry_max_s: float = 5.0,
         write_timeout_s: float = 30.0,
+        rotate_s: float = 5.0,
+        rotate_bytes: int = 16 << 20,
+        heartbeat_s: float = 1.0,
         engine_kw: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(url_or_engine, sa.Engine):
@@ -224,18 +349,21 @@ class Ledger:
         else:
             self._engine, self._owns_engine = make_engine(url_or_engine, **(engine_kw or {})), True
         self._bulk = BulkWriter.for_dialect(self._engine.dialect)
-        self._journal = Journal(journal_path)
-        self._rejected = Journal(Path(str(journal_path) + ".rejected"))
+        self._journal = Journal(journal_path, _COLUMNS)
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
         self._write_timeout_s = write_timeout_s
+        self._rotate_s = rotate_s
+        self._rotate_bytes = rotate_bytes
+        self._heartbeat_s = heartbeat_s
         # Database calls run on their own thread so that a hung connection (no error, just silence) costs the
         # writer at most write_timeout_s: it then journals and keeps journaling, as for any outage.
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="joulegate-ledger-db")
         self._inflight: Future[None] | None = None
 
+        self._lock = threading.Lock()  # journal order == buffer order
         self._buf: deque[object] = deque()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -243,31 +371,56 @@ class Ledger:
         self._closed = False
         self._late_warned = False
 
+        # writer thread only
+        self._open: dict[str, Row] = {}  # requests started and not finished: the checkpoint
+        self._held: list[tuple[str, Row | list[Row]]] = []  # records neither journaled nor in SQL (disk full)
+        self._leftovers: list[Path] = []  # segments an earlier process left, until replayed
+        self._seal_pending = False  # a seal marker is in the buffer
+        self._rotated_at = time.monotonic()
+        self._heartbeat_at = 0.0
+        self._dirty = False  # records written to the journal since its last fsync, while journaling
+        self._quarantined: set[bytes] = set()  # quarantine once, even if a replay is retried
+        self._records_read = 0  # by the replay running now
+
         self._written_requests = 0
         self._written_samples = 0
         self._journaled = 0
         self._replayed = 0
         self._rejected_n = 0
+        self._aborted = 0
+        self._journal_errors = 0
         self._db_available = True
         self._last_error: str | None = None
         self._pending = False  # the journal holds records that are not in SQL yet
 
-    # -- hot path (any thread; O(1); never blocks) -----------------------------------------------------------------
+    # -- hot path (any thread; microseconds; never blocks on the database, never raises) ---------------------------
 
     def request_started(self, start: RequestStart) -> None:
-        self._put(start)
+        self._hand_in(START, start_row, start)
 
     def request_finished(self, timeline: Timeline) -> None:
-        self._put(timeline)
+        self._hand_in(TIMELINE, timeline_row, timeline)
 
     def add_samples(self, samples: Sequence[Sample]) -> None:
         if samples:
-            self._put(list(samples))
+            self._hand_in(SAMPLE, sample_rows, samples)
 
-    def _put(self, item: object) -> None:
-        buf = self._buf
-        buf.append(item)
-        if len(buf) >= self._batch_size:
+    def _hand_in(self, kind: str, to_payload: Callable[[Any], Any], obj: Any) -> None:
+        try:
+            payload = to_payload(obj)
+            data = _lines(kind, payload)
+        except Exception as exc:  # refused at the door: the writer quarantines it
+            self._buf.append(_Refused(kind, f"{obj!r:.2000}", f"{type(exc).__name__}: {exc}"))
+            self._wake.set()
+            return
+        item: object = (kind, payload)
+        with self._lock:
+            try:
+                self._journal.write(data)
+            except OSError:
+                item = _Unjournaled(kind, payload)
+            self._buf.append(item)
+        if len(self._buf) >= self._batch_size or type(item) is _Unjournaled:
             self._wake.set()
         if self._closed and not self._late_warned:
             self._late_warned = True
@@ -279,19 +432,26 @@ class Ledger:
     def engine(self) -> sa.Engine:
         return self._engine
 
+    @property
+    def journal_path(self) -> Path:
+        return self._journal.path
+
     def start(self) -> None:
-        """Open (and lock) the journal and start the writer thread, which first replays a leftover journal."""
+        """Open (and lock) the journal and start the writer thread, which first closes and replays what an earlier
+        process left in it."""
         if self._thread is not None:
             return
-        self._journal.open()
-        self._pending = not self._journal.is_empty()
+        with self._lock:
+            self._leftovers = self._journal.open()
+        self._pending = bool(self._leftovers)
         if self._pending:
             log.info("ledger: found a journal from an earlier run; replaying it", path=str(self._journal.path))
         self._thread = threading.Thread(target=self._run, name="joulegate-ledger", daemon=True)
         self._thread.start()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything handed in before this call is durable (in SQL or in the journal).
+        """Wait until everything handed in before this call is durable: in SQL, or fsync'd in the journal while the
+        database is away.
 
         Blocks up to ``timeout_s``; returns False if that was not enough (e.g. the database hangs and
         ``write_timeout_s`` is longer). From a coroutine, call it through ``asyncio.to_thread``.
@@ -299,13 +459,13 @@ class Ledger:
         thread = self._thread
         if thread is None or not thread.is_alive():
             return not self._buf
-        marker = _FlushMarker()
+        marker = _Marker()
         self._buf.append(marker)
         self._wake.set()
         return marker.done.wait(timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Flush, stop the writer and close the journal. Rows the database did not take stay in the journal."""
+        """Flush, stop the writer and close the journal. Records the database did not take stay in the journal."""
         if self._closed:
             return
         deadline = time.monotonic() + timeout_s
@@ -321,8 +481,8 @@ class Ledger:
                 return
         stuck = self._inflight is not None and not self._inflight.done()
         self._db.shutdown(wait=not stuck, cancel_futures=True)
-        self._journal.close()
-        self._rejected.close()
+        with self._lock:
+            self._journal.close()
         if self._owns_engine:
             self._engine.dispose()
 
@@ -342,6 +502,8 @@ class Ledger:
             journaled=self._journaled,
             replayed=self._replayed,
             rejected=self._rejected_n,
+            aborted=self._aborted,
+            journal_errors=self._journal_errors,
             db_available=self._db_available,
             last_error=self._last_error,
             journal_pending=self._pending,
@@ -351,28 +513,45 @@ class Ledger:
 
     def _run(self) -> None:
         try:
+            if self._leftovers:
+                self._close_orphans(self._leftovers)
             if self._pending:
                 self._recover(first_wait_s=0.0)
             while True:
-                items, markers = self._take()
+                self._maintain()
+                items, marker = self._take()
                 if items:
-                    self._persist(_Batch.from_items(items), markers)
-                else:
-                    _release(markers)
-                if items or markers:
+                    batch = self._absorb(items)
+                    if batch:
+                        try:
+                            self._write(batch)
+                        except Exception as exc:
+                            self._note_failure(exc)
+                            self._keep_in_journal(items)
+                            self._go_journaling()
+                            if marker is not None:
+                                if marker.seal:
+                                    self._seal_pending = False  # its segments are replayed with the rest
+                                else:
+                                    self._release(marker)
+                            self._recover(first_wait_s=self._retry_initial_s)
+                            continue
+                if marker is not None:
+                    self._at_marker(marker)
+                if items or marker is not None:
                     continue
                 if self._stopping.is_set():
+                    self._finish()
                     return
                 self._wake.wait(self._flush_interval_s)
                 self._wake.clear()
-        except BaseException:  # a bug: say so loudly; the hot path keeps buffering in memory
+        except BaseException:  # a bug: say so loudly; the hot path keeps journaling, the next start replays
             log.exception("ledger: writer thread died")
             raise
 
-    def _take(self) -> tuple[list[object], list[_FlushMarker]]:
-        """Up to ``batch_size`` rows from the buffer; a flush marker ends the batch."""
+    def _take(self) -> tuple[list[object], _Marker | None]:
+        """Up to ``batch_size`` rows from the buffer; a marker ends the batch."""
         items: list[object] = []
-        markers: list[_FlushMarker] = []
         rows = 0
         buf = self._buf
         while rows < self._batch_size:
@@ -380,49 +559,142 @@ class Ledger:
                 item = buf.popleft()
             except IndexError:
                 break
-            if type(item) is _FlushMarker:
-                markers.append(item)
-                break
+            if type(item) is _Marker:
+                return items, item
             items.append(item)
-            rows += len(item) if type(item) is list else 1
-        return items, markers
+            rows += len(item[1]) if type(item) is tuple and item[0] == SAMPLE else 1  # type: ignore[index]
+        return items, None
 
-    def _persist(self, batch: _Batch, markers: list[_FlushMarker]) -> None:
-        """Write one batch to SQL, or, when the database is away (or the journal is not replayed yet), journal it.
-
-        ``markers`` (flushes waiting on this batch) are released as soon as the batch is durable either way, before
-        any retrying starts.
-        """
-        if not self._pending:
-            try:
-                self._write(batch)
-            except Exception as exc:
-                self._note_failure(exc)
+    def _absorb(self, items: Iterable[object]) -> _Batch:
+        """Fold items into a batch, keep the set of open requests, quarantine refused records."""
+        batch = _Batch.empty()
+        open_ = self._open
+        for item in items:
+            if type(item) is tuple:
+                kind, payload = item
+            elif type(item) is _Unjournaled:
+                kind, payload = item.kind, item.payload
+                self._journal_errors += 1
+                if self._journal_errors == 1 or self._journal_errors % 1000 == 0:
+                    log.error("ledger: cannot write the journal; holding records in memory", count=self._journal_errors)
+            elif type(item) is _Refused:
+                self._quarantine([{"k": item.kind, "record": item.what}], item.reason)
+                continue
             else:
-                _release(markers)
-                return
-        self._journal_append(batch)
-        _release(markers)
-        self._recover(first_wait_s=self._retry_initial_s)
+                log.error("ledger: ignoring an object of unknown type", type=type(item).__name__)
+                continue
+            if kind == START:
+                if payload[0] not in open_:
+                    open_[payload[0]] = payload  # type: ignore[assignment]
+            elif kind != SAMPLE:
+                open_.pop(payload[0], None)
+            batch.add(kind, payload)
+        return batch
 
-    def _journal_append(self, batch: _Batch) -> None:
-        """Append to the journal; if even that fails (disk full), keep retrying: the records are only here."""
-        records = batch.to_records()
-        while True:
+    def _keep_in_journal(self, items: Iterable[object]) -> None:
+        """The database is away: ``items`` stay in the journal for it; those the journal lacks are written to it
+        now, or held in memory."""
+        for item in items:
+            if type(item) is tuple:
+                self._journaled += len(item[1]) if item[0] == SAMPLE else 1  # type: ignore[index]
+            elif type(item) is _Unjournaled:
+                self._journal_late(item)
+        self._dirty = True
+
+    def _at_marker(self, marker: _Marker) -> None:
+        """Everything before ``marker`` is in SQL (normal mode)."""
+        if marker.seal:
+            self._seal_pending = False
+            self._checkpoint_and_delete()
+        self._release(marker)
+
+    def _release(self, marker: _Marker) -> None:
+        marker.done.set()
+
+    def _maintain(self) -> None:
+        """Heartbeat; seal the journal's segment when it is old or large enough (never two seals at once)."""
+        now = time.monotonic()
+        if now - self._heartbeat_at >= self._heartbeat_s:
+            self._heartbeat_at = now
+            with self._lock, contextlib.suppress(OSError):  # a full disk shows in the records' own writes
+                self._journal.write(encode({"k": HEARTBEAT, "t_ns": time.time_ns()}))
+        size = self._journal.current_size
+        if self._seal_pending or not self._journal.is_open:
+            return
+        # While journaling nothing can be deleted: seal by size only, not by age (no file every few seconds).
+        aged = not self._pending and now - self._rotated_at >= self._rotate_s and size > 0
+        if size >= self._rotate_bytes or aged:
+            self._seal()
+
+    def _seal(self) -> None:
+        marker = _Marker(seal=True)
+        with self._lock:
             try:
-                self._journaled += self._journal.append(records)
-                self._pending = True
-                return
+                self._journal.rotate()
             except OSError as exc:
-                log.error("ledger: cannot write the journal; retrying", path=str(self._journal.path), error=str(exc))
-                time.sleep(1.0)
+                log.error("ledger: cannot rotate the journal", error=str(exc))
+                return
+            self._buf.append(marker)
+        self._settle()
+        self._seal_pending = True
+        self._rotated_at = time.monotonic()
+
+    def _checkpoint_and_delete(self) -> None:
+        """The sealed segments' records are all in SQL: carry the open requests over to the current segment, then
+        delete the sealed ones. (A crash between the two leaves both: replays are idempotent.)"""
+        sealed = self._journal.sealed
+        lines = [_lines(START, row) for row in self._open.values()]
+        for i in range(0, len(lines), _CHECKPOINT_CHUNK):
+            with self._lock:  # in chunks: thousands in flight must not hold the hot path up for long
+                try:
+                    self._journal.write(b"".join(lines[i : i + _CHECKPOINT_CHUNK]))
+                except OSError as exc:
+                    log.error("ledger: cannot checkpoint the journal; keeping its sealed segments", error=str(exc))
+                    return
+        self._journal.remove(sealed)
+
+    def _finish(self) -> None:
+        """The writer stops. All in SQL: seal, checkpoint whatever is still open, drop an empty segment. Else the
+        journal keeps everything, fsync'd, for the next start."""
+        if self._pending or not self._journal.is_open:
+            self._sync_journal()
+            return
+        with self._lock:
+            self._journal.rotate()
+        self._settle()
+        self._checkpoint_and_delete()
+        with self._lock:
+            if not self._journal.remove_current_if_empty():
+                self._journal.write(encode({"k": HEARTBEAT, "t_ns": time.time_ns()}))
+
+    # -- outage ----------------------------------------------------------------------------------------------------
+
+    def _go_journaling(self) -> None:
+        self._pending = True
+        try:
+            self._journal.sync_all()
+        except OSError as exc:
+            log.error("ledger: cannot fsync the journal", error=str(exc))
+        self._dirty = False
+
+    def _settle(self, *, sync: bool | None = None) -> None:
+        """Close sealed segments; fsync them first while their records are not in SQL (journaling)."""
+        try:
+            self._journal.settle(sync=self._pending if sync is None else sync)
+        except OSError as exc:
+            log.error("ledger: cannot fsync a sealed journal segment", error=str(exc))
+
+    def _sync_journal(self) -> None:
+        try:
+            self._journal.sync()
+        except OSError as exc:
+            log.error("ledger: cannot fsync the journal", error=str(exc))
+        self._dirty = False
 
     def _note_failure(self, exc: BaseException) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         if self._db_available:
             log.warning("ledger: database unavailable; journaling", error=self._last_error)
-        if not is_transient(exc):
-            log.exception("ledger: unexpected error writing to the database; journaling", exc_info=exc)
         self._db_available = False
 
     def _recover(self, first_wait_s: float) -> None:
@@ -439,9 +711,10 @@ class Ledger:
             reraise=True,
         )
         try:
-            retrying(self._replay_journal)
+            retrying(self._replay)
         except Exception as exc:  # only when stopping: the journal keeps the records for the next start
             self._note_failure(exc)
+            self._sleep_journaling(0)
             log.warning("ledger: stopping with records in the journal", path=str(self._journal.path))
 
     def _before_retry(self, state: tenacity.RetryCallState) -> None:
@@ -455,28 +728,91 @@ class Ledger:
         )
 
     def _sleep_journaling(self, seconds: float) -> None:
+        """Wait ``seconds`` while the database is away: take what arrives (its records are in the journal), fsync
+        the journal, release flushes waiting on it."""
         deadline = time.monotonic() + seconds
         while True:
-            while True:  # journal whatever arrived, batch by batch, and release flushes waiting on it
-                items, markers = self._take()
+            self._maintain()
+            while True:
+                items, marker = self._take()
                 if items:
-                    self._journal_append(_Batch.from_items(items))
-                _release(markers)
-                if not items and not markers:
+                    self._absorb(items)  # the open set stays current; refused records are quarantined
+                    self._keep_in_journal(items)
+                if marker is not None:
+                    if marker.seal:
+                        self._seal_pending = False  # its segments are replayed with the rest
+                    else:
+                        if self._dirty:
+                            self._sync_journal()
+                        self._release(marker)
+                if not items and marker is None:
                     break
+            if self._dirty:
+                self._sync_journal()
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopping.is_set():
                 return
             self._wake.wait(min(remaining, self._flush_interval_s))
             self._wake.clear()
 
-    def _replay_journal(self) -> None:
-        replayed = 0
+    def _journal_late(self, item: _Unjournaled) -> None:
+        """Journal a record whose hand-off could not (the disk may have room again); else hold it in memory."""
+        with self._lock:
+            try:
+                self._journal.write(_lines(item.kind, item.payload))
+            except OSError:
+                self._held.append((item.kind, item.payload))
+                return
+        self._journaled += 1
+
+    def _replay(self) -> None:
+        """Seal the current segment, write every sealed segment to SQL in order, delete them. Raises on an outage.
+
+        The records handed in before the seal are all in those segments (or held in memory): once they are written,
+        the buffer up to the seal marker is dropped instead of written twice.
+        """
         t0 = time.monotonic()
-        for chunk in self._journal.read_chunks(self._batch_size):
-            self._write(_Batch.from_records(chunk))
-            replayed += len(chunk)
-        self._journal.truncate()
+        self._run_on_db(_probe, self._engine)  # still away: raise before sealing anything
+        marker = _Marker(seal=True)
+        with self._lock:
+            if self._journal.is_open:
+                self._journal.rotate()
+            self._buf.append(marker)
+        self._settle(sync=True)
+        self._seal_pending = True
+        sealed = self._journal.sealed
+        self._records_read = 0
+        for chunk in self._read_chunks(sealed):
+            self._write(chunk)
+        replayed = self._records_read
+        if self._held:
+            batch = _Batch.empty()
+            for kind, payload in self._held:
+                batch.add(kind, payload)
+            self._write(batch)
+            self._held.clear()
+        # The buffer up to the marker: in the segments just written. Keep the open set current, release flushes.
+        while True:
+            items, m = self._take()
+            self._absorb(items)
+            for item in items:
+                if type(item) is _Unjournaled:
+                    self._held.append((item.kind, item.payload))
+            if m is marker:
+                break
+            if m is not None and not m.seal:
+                self._release(m)
+            if m is None and not items:
+                break  # cannot happen (the marker is in the buffer); never spin
+        self._seal_pending = False
+        if self._held:  # records that raced in unjournaled: write them now
+            batch = _Batch.empty()
+            for kind, payload in self._held:
+                batch.add(kind, payload)
+            self._write(batch)
+            self._held.clear()
+        self._checkpoint_and_delete()
+        self._leftovers = []
         self._pending = False
         self._replayed += replayed
         if not self._db_available or replayed:
@@ -485,18 +821,135 @@ class Ledger:
             )
         self._db_available = True
 
+    def _read_chunks(self, segments: Sequence[Path]) -> Iterator[_Batch]:
+        """The segments' records as batches of at most ``batch_size``, in order; lines that do not decode and
+        records that cannot be stored are quarantined on the way."""
+        batch = _Batch.empty()
+        for segment in segments:
+            for record in Journal.read(segment):
+                if isinstance(record, BadLine):
+                    raw = record.raw.decode("utf-8", "backslashreplace")
+                    where = {"segment": record.segment.name, "line": record.lineno}
+                    if record.reason.startswith(UNREADABLE):  # not a record's fault: keep the file for people
+                        where["set_aside_as"] = self._journal.set_aside(segment).name
+                    self._quarantine([{"k": "?", **where, "raw": raw}], record.reason)
+                    continue
+                kind = record.get("k")
+                if kind == HEARTBEAT:
+                    continue
+                if kind not in _COLUMNS:
+                    self._quarantine([record], f"a journal record of unknown kind {kind!r}")
+                    continue
+                try:
+                    row = _record_row(kind, record)
+                except UnstorableValueError as exc:
+                    self._quarantine([record], str(exc))
+                    continue
+                self._records_read += 1
+                batch.add(kind, [row] if kind == SAMPLE else row)
+                if len(batch) >= self._batch_size:
+                    yield batch
+                    batch = _Batch.empty()
+        if batch:
+            yield batch
+
+    # -- restart ---------------------------------------------------------------------------------------------------
+
+    def _close_orphans(self, segments: Sequence[Path]) -> None:
+        """Close the requests a dead process left in flight: starts without a timeline in its segments."""
+        starts: dict[str, Row] = {}
+        finished: set[str] = set()
+        last_alive_ns = 0
+        for segment in segments:
+            for record in Journal.read(segment):
+                if isinstance(record, BadLine):
+                    continue
+                kind = record.get("k")
+                for c in _TIME_COLUMNS:
+                    v = record.get(c)
+                    if type(v) is int and v > last_alive_ns:
+                        last_alive_ns = v
+                rid = record.get("request_id")
+                if not isinstance(rid, str):
+                    continue
+                if kind in (TIMELINE, ABORT):
+                    finished.add(rid)
+                elif kind == START:
+                    try:
+                        starts.setdefault(rid, _record_row(START, record))
+                    except UnstorableValueError:
+                        continue  # quarantined by the replay
+        orphans = [row for rid, row in starts.items() if rid not in finished]
+        for row in orphans:
+            self._hand_in(ABORT, lambda r: abort_row(r, last_alive_ns), row)
+        if orphans:
+            self._aborted += len(orphans)
+            log.warning(
+                "ledger: closed requests an earlier process left in flight",
+                requests=len(orphans),
+                status=ABORTED,
+                ended_ns=last_alive_ns,
+            )
+
+    # -- quarantine ------------------------------------------------------------------------------------------------
+
+    def _quarantine(self, records: list[Record], reason: str) -> None:
+        reason = reason.splitlines()[0][:500] if reason else "refused"
+        safe = [{**{k: _json_safe(v) for k, v in r.items()}, "rejected_because": reason} for r in records]
+        fresh = []
+        for r in safe:
+            key = encode(r)
+            if key not in self._quarantined:
+                self._quarantined.add(key)
+                fresh.append(r)
+        if not fresh:
+            return
+        log.error(
+            "ledger: quarantined records the database can never take",
+            error=reason,
+            records=len(fresh),
+            path=str(self._journal.rejected_path),
+            record=fresh[:3],
+        )
+        self._rejected_n += len(fresh)
+        try:
+            self._journal.reject(fresh)
+        except OSError as exc:
+            log.error("ledger: cannot write the quarantine file; the records are in this log only", error=str(exc))
+
     # -- SQL -------------------------------------------------------------------------------------------------------
 
     def _write(self, batch: _Batch) -> None:
-        """Write a batch in one transaction. Raises on an outage; diverts rows the database refuses for good."""
+        """Write a batch in one transaction. Raises on an outage; isolates and quarantines records the database
+        refuses for good, writing all the others."""
         try:
             self._execute(batch)
         except Exception as exc:
-            if not _is_permanent(exc):
+            if is_outage(exc):
                 raise
-            log.error("ledger: the database refused a batch; writing it row by row", error=str(exc).splitlines()[0])
-            self._write_row_by_row(batch)
+            log.warning("ledger: the database refused a batch; isolating the refused records", error=_first(exc))
+            self._isolate(batch, exc)
             return
+        self._count(batch)
+
+    def _isolate(self, batch: _Batch, exc: BaseException) -> None:
+        """Bisect ``batch`` (which the database refused with ``exc``) down to the records it refuses."""
+        if len(batch) <= 1:
+            self._quarantine(batch.to_records(), f"{type(exc).__name__}: {_first(exc)}")
+            return
+        for half in batch.halves():
+            if not half:
+                continue
+            try:
+                self._execute(half)
+            except Exception as sub:
+                if is_outage(sub):
+                    raise
+                self._isolate(half, sub)
+            else:
+                self._count(half)
+
+    def _count(self, batch: _Batch) -> None:
         self._db_available = True
         self._written_requests += batch.requests
         self._written_samples += len(batch.samples)
@@ -504,14 +957,17 @@ class Ledger:
     def _execute(self, batch: _Batch) -> None:
         """Run the batch's transaction on the database thread, waiting at most ``write_timeout_s``.
 
-        A write that times out may still commit later; its batch is journaled meanwhile and replayed afterwards,
+        A write that times out may still commit later; its records stay in the journal and are replayed afterwards,
         which the idempotent upserts make harmless. No new write starts while a stuck one is in flight, so writes
         never overtake each other.
         """
+        self._run_on_db(self._execute_now, batch)
+
+    def _run_on_db(self, fn: Callable[[Any], None], arg: Any) -> None:
         inflight = self._inflight
         if inflight is not None and not inflight.done():
             raise DatabaseStalledError("an earlier write to the database has not returned yet")
-        self._inflight = future = self._db.submit(self._execute_now, batch)
+        self._inflight = future = self._db.submit(fn, arg)
         try:
             future.result(timeout=self._write_timeout_s)
         except TimeoutError:
@@ -520,44 +976,23 @@ class Ledger:
             raise DatabaseStalledError(f"a write to the database took longer than {self._write_timeout_s} s") from None
 
     def _execute_now(self, batch: _Batch) -> None:
+        now_ns = time.time_ns()
         with self._engine.begin() as conn:
             self._bulk.write(
                 conn,
                 list(batch.starts.values()),
                 list(batch.timelines.values()),
                 list(batch.samples.values()),
-                time.time_ns(),
+                now_ns,
             )
-
-    def _write_row_by_row(self, batch: _Batch) -> None:
-        """Each row in its own transaction; an outage raises (the caller journals the whole batch: idempotent)."""
-        for single in _singles(batch):
-            try:
-                self._execute(single)
-            except Exception as exc:
-                if not _is_permanent(exc):
-                    raise
-                self._reject(single, exc)
-                continue
-            self._written_requests += single.requests
-            self._written_samples += len(single.samples)
-
-    def _reject(self, single: _Batch, exc: BaseException) -> None:
-        reason = str(exc).splitlines()[0][:500]
-        records = [{**r, "rejected_because": reason} for r in single.to_records()]
-        log.error("ledger: the database refused a record; kept in the rejected file", error=reason, record=records)
-        self._rejected.open()
-        self._rejected.append(records)
-        self._rejected_n += len(records)
+            if batch.aborts:
+                conn.execute(_ABORT, [{"rid": r[0], "done": r[-1], "now": now_ns} for r in batch.aborts.values()])
 
 
-def _release(markers: list[_FlushMarker]) -> None:
-    for m in markers:
-        m.done.set()
+def _probe(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
 
 
-def _singles(batch: _Batch) -> list[_Batch]:
-    out = [_Batch({k: r}, {}, {}) for k, r in batch.starts.items()]
-    out += [_Batch({}, {k: r}, {}) for k, r in batch.timelines.items()]
-    out += [_Batch({}, {}, {k: r}) for k, r in batch.samples.items()]
-    return out
+def _first(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:500]

@@ -19,6 +19,7 @@ turn them off: one rule for the TOML key, its environment variable and its flag 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import sys
 import tomllib
@@ -147,7 +148,9 @@ class MeterConfig(_Section):
     lag_ms: int = Field(default=100, ge=0, le=2_000, description="counter lag behind the work it measures")
     idle_policy: IdlePolicy = IdlePolicy.NONE
     sample_retention_days: float = Field(default=7.0, gt=0)
-    journal_path: str = "joulegate-journal.jsonl"
+    # the ledger's write-ahead journal (meter.journal: <path>.<n> segments, <path>.rejected, <path>.lock); "": beside
+    # a SQLite file given by an absolute path, else $XDG_STATE_HOME/joulegate/journal-<hash of the database>.jsonl
+    journal_path: str = ""
     node: str = ""  # this host's name, matched against backends' `node` (default: the hostname)
     # -- the metering engine --
     epoch_s: float = Field(default=10.0, ge=0.1, le=3600, description="attribution epoch (wall-clock window)")
@@ -227,12 +230,43 @@ class Config(_Section):
                 seen_backends.add(b.name)
         return self
 
+    @model_validator(mode="after")
+    def _default_journal(self) -> Self:
+        if not self.meter.journal_path:
+            meter = self.meter.model_copy(update={"journal_path": str(default_journal_path(self.db.url))})
+            object.__setattr__(self, "meter", meter)
+        return self
+
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.model_id == model_id), None)
 
     @property
     def backends(self) -> tuple[BackendConfig, ...]:
         return tuple(b for m in self.models for b in m.backends)
+
+
+def default_journal_path(db_url: str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the ledger's journal goes unless ``meter.journal_path`` says: beside a SQLite database file named by an
+    absolute path (the journal belongs to that database), else under the XDG state directory, named after the
+    database (a relative SQLite path by its absolute form, a server by its URL without the password), so that a
+    journal is never replayed into a database it was not written for. Never the current directory."""
+    from sqlalchemy.engine import make_url
+
+    env = os.environ if environ is None else environ
+    try:
+        url = make_url(db_url)
+    except Exception:  # an invalid URL is reported when the database is opened
+        url = None
+    identity = url.render_as_string(hide_password=True) if url is not None else db_url
+    if url is not None and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        db_file = Path(url.database).expanduser()
+        if db_file.is_absolute():
+            return db_file.with_name(db_file.name + ".journal.jsonl")
+        identity = str(db_file.absolute())
+    state = env.get("XDG_STATE_HOME") or (str(Path(env["HOME"]) / ".local" / "state") if env.get("HOME") else "")
+    if not state:
+        raise ValueError("meter.journal_path: set it (neither XDG_STATE_HOME nor HOME is set to put it under)")
+    return Path(state) / "joulegate" / f"journal-{hashlib.sha256(identity.encode()).hexdigest()[:12]}.jsonl"
 
 
 def _parse_env_value(raw: str, *, text: bool) -> Any:

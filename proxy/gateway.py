@@ -108,6 +108,7 @@ class Gateway:
         self.ledger = ledger
         self.retries = retries
         self.draining = False
+        self.ready = True  # False while the gateway cannot authenticate yet (its database never answered): proxy.server
 
     # -- lookups ---------------------------------------------------------------------------------------------
     def resolve_model(self, model_id: str) -> str:
@@ -125,7 +126,7 @@ class Gateway:
 
     @property
     def healthy(self) -> bool:
-        return not self.draining and any(p.healthy for p in self.pools.values())
+        return self.ready and not self.draining and any(p.healthy for p in self.pools.values())
 
     async def tokenize(
         self, model_id: str, text: str, *, options: Mapping[str, Any] | None = None

@@ -3,6 +3,12 @@
 ``GatewayApp(config)`` owns the parts and their order: start brings up the database (schema created if
 missing), the ledger writer, backend health checks and the gRPC server with reflection and health; stop drains
 (health NOT_SERVING, no new calls, in-flight calls finish within the grace period) and flushes the ledger.
+
+A database that does not answer at start does not stop the gateway from starting (a restart during an outage
+would otherwise be an outage of the gateway): everything starts, health says NOT_SERVING (gRPC health, HTTP
+``/health`` 503) while a task retries the database with backoff (tenacity), and once it answers (schema ensured)
+health turns SERVING. Meanwhile the ledger journals (``meter.ledger``), and calls get UNAVAILABLE from the
+authenticator, which knows no key yet (``proxy.auth``).
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from typing import Any
 
 import grpc
 import structlog
+import tenacity
 
 from meter.ledger import Ledger
 from meter.service import MeterService
-from meter.store.db import make_engine
+from meter.store.db import is_outage, make_engine
 from meter.store.keys import lookup_key
 from meter.store.migrate import ensure_schema
 from proxy.auth import Authenticator
@@ -109,7 +116,7 @@ class GatewayApp:
 
     async def start(self) -> None:
         cfg = self.config
-        await asyncio.to_thread(ensure_schema, self.engine)
+        self.gateway.ready = await self._try_database()
         self.ledger.start()
         ENERGY_METRICS.attach(
             self.engine,
@@ -134,6 +141,8 @@ class GatewayApp:
         await self.server.start()
         if self.http is not None and cfg.server.http_listen:
             self.http_port = await self.http.start(cfg.server.http_listen)
+        if not self.gateway.ready:
+            self._tasks.append(asyncio.create_task(self._await_database()))
         log.info(
             "gateway_started",
             grpc=cfg.server.grpc_listen,
@@ -143,6 +152,35 @@ class GatewayApp:
             models={m: [b.url for b in p.backends] for m, p in self.pools.items()},
             healthy={m: p.healthy for m, p in self.pools.items()},
         )
+
+    async def _try_database(self) -> bool:
+        """Ensure the schema once. False when the database is away (retried later); other errors (a schema newer
+        than this version, a bad URL) stop the start."""
+        try:
+            await asyncio.to_thread(ensure_schema, self.engine)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("database_unavailable_at_start", error=_first_line(exc), health="NOT_SERVING until it answers")
+            return False
+        return True
+
+    async def _await_database(self) -> None:
+        """Retry the database until it answers, then serve."""
+        retrying = tenacity.AsyncRetrying(
+            wait=tenacity.wait_exponential(multiplier=0.2, max=5.0) + tenacity.wait_random(0, 0.2),
+            before_sleep=lambda state: log.info(
+                "database_still_unavailable",
+                attempt=state.attempt_number,
+                error=_first_line(state.outcome.exception()) if state.outcome else None,
+            ),
+        )
+        async for attempt in retrying:
+            with attempt:
+                await asyncio.to_thread(ensure_schema, self.engine)
+        self.gateway.ready = True
+        log.info("database_available", health="SERVING" if self.gateway.healthy else "NOT_SERVING (no backend)")
+        await self._update_health()
 
     async def _update_health(self) -> None:
         """``""`` and the generation service follow the backends; the other services (reports, health,
@@ -181,3 +219,7 @@ class GatewayApp:
         await self.start()
         await stop.wait()
         await self.stop()
+
+
+def _first_line(exc: BaseException | None) -> str:
+    return (str(exc).splitlines() or [""])[0][:300]

@@ -1,9 +1,12 @@
-"""meter.ledger over real databases: idempotency, ordering, outages (a real TCP cut), crash recovery, speed."""
+"""meter.ledger over real databases: idempotency, ordering, outages (a real TCP cut), crash recovery (a real
+kill -9 of a process), poison records and unstorable strings, speed."""
 
 from __future__ import annotations
 
 import gc
 import itertools
+import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -22,7 +25,7 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 
 from meter.journal import Journal, JournalLockedError
-from meter.ledger import Ledger
+from meter.ledger import ABORTED, Ledger
 from meter.samples import Sample
 from meter.store import make_engine, upgrade
 from meter.store.models import Request as RequestRow
@@ -97,6 +100,28 @@ def sample_rows(engine: sa.Engine) -> list[tuple[str, int, int | None, str | Non
     return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
+def segments(journal: Path) -> list[Path]:
+    """The journal's files that hold records (a 0.1 single-file journal first, then the segments in order)."""
+    numbered = sorted(journal.parent.glob(journal.name + ".[0-9]*"), key=lambda p: int(p.suffix[1:]))
+    return ([journal] if journal.exists() else []) + numbered
+
+
+def journal_records(journal: Path) -> list[dict[str, Any]]:
+    """Every record in the journal's files, heartbeats left out."""
+    out = []
+    for seg in segments(journal):
+        for r in Journal.read(seg):
+            assert isinstance(r, dict), r
+            if r.get("k") != "h":
+                out.append(r)
+    return out
+
+
+def rejected_records(journal: Path) -> list[dict[str, Any]]:
+    path = journal.with_name(journal.name + ".rejected")
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def wait_until(predicate: Any, timeout_s: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -160,7 +185,10 @@ def test_rows_arrive_with_their_content(migrated: tuple[str, sa.Engine], tmp_pat
     }
     assert sample_rows(engine) == sorted((s.device, s.t_ns, s.energy_mj, s.error) for s in samples)
     assert stats.written_samples == 6 and stats.journaled == 0 and stats.db_available
-    assert (tmp_path / "j.jsonl").stat().st_size == 0
+    # Everything is in SQL: the journal keeps only the requests still open (a restart would close them ABORTED).
+    assert {r["request_id"]: r["k"] for r in journal_records(tmp_path / "j.jsonl")} == {
+        f"r{i}": "s" for i in range(6, 10)
+    }
 
 
 def test_writing_the_same_records_again_changes_nothing(migrated: tuple[str, sa.Engine], tmp_path: Path) -> None:
@@ -192,7 +220,13 @@ def test_a_start_after_its_timeline_never_reopens_the_request(migrated: tuple[st
         ledger.request_finished(timeline_of(2))
         ledger.request_started(start_of(2))  # late, in the same batch
         assert ledger.flush()
-    assert request_rows(engine) == {"r1": expected_done(timeline_of(1)), "r2": expected_done(timeline_of(2))}
+    expected = {"r1": expected_done(timeline_of(1)), "r2": expected_done(timeline_of(2))}
+    assert request_rows(engine) == expected
+    # The late starts looked like requests in flight: the next start closes them ABORTED, which must change nothing.
+    with ledger_for(url, tmp_path / "j.jsonl") as ledger:
+        assert wait_until(lambda: not ledger.stats.journal_pending) and ledger.flush()
+        assert ledger.stats.aborted == 2
+    assert request_rows(engine) == expected
 
 
 def test_duplicates_in_one_batch_fold_like_sequential_writes(migrated: tuple[str, sa.Engine], tmp_path: Path) -> None:
@@ -372,7 +406,7 @@ def test_a_database_outage_loses_and_doubles_nothing_and_never_blocks(pg_url: st
     direct.dispose()
     assert during.journaled > 0 and during.journal_pending
     assert stats.replayed >= during.journaled and stats.journal_pending is False
-    assert journal.stat().st_size == 0
+    assert journal_records(journal) == []
     print(f"\ncut: {stream.summary()}; journaled {stats.journaled}, replayed {stats.replayed}")
     assert max(stream.latencies_ns) < 50e6, "a hot-path call waited on the database or the disk"
 
@@ -408,7 +442,7 @@ def test_a_hung_database_connection_is_an_outage_too(pg_url: str, tmp_path: Path
     direct.dispose()
     assert during.journal_pending and "DatabaseStalledError" in (during.last_error or "")
     assert flush_s < 2
-    assert journal.stat().st_size == 0
+    assert journal_records(journal) == []
     print(f"\nstall: {stream.summary()}; journaled {stats.journaled}, replayed {stats.replayed}")
     assert max(stream.latencies_ns) < 50e6
 
@@ -424,8 +458,7 @@ def test_flush_returns_once_records_are_journaled_while_the_database_is_away(tmp
         stats = ledger.stats
     assert not stats.db_available and stats.journal_pending and stats.journaled == 2
     assert stats.last_error is not None and "OperationalError" in stats.last_error
-    with Journal(tmp_path / "j.jsonl") as journal:
-        assert [r["k"] for r in journal.read()] == ["t", "m"]
+    assert [r["k"] for r in journal_records(tmp_path / "j.jsonl")] == ["t", "m"]
 
 
 def test_an_unmigrated_database_is_an_outage_not_a_reason_to_drop_rows(db_url: str, tmp_path: Path) -> None:
@@ -466,6 +499,7 @@ def test_a_journal_left_by_a_crashed_process_is_replayed_at_the_next_start(
     url, engine = migrated
     journal = tmp_path / "j.jsonl"
     dead_db = f"postgresql://postgres@127.0.0.1:{unused_port}/gone"
+    t_before = time.time_ns()
     child = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_CRASHING_CHILD), dead_db, str(journal)],
         cwd=REPO_ROOT,
@@ -474,44 +508,142 @@ def test_a_journal_left_by_a_crashed_process_is_replayed_at_the_next_start(
         timeout=60,
     )
     assert child.returncode == 17, child.stderr
-    with Journal(journal) as j:
-        left = len(j)
-    assert 200 + 40 <= left <= 350 + 40  # a start folds away when its timeline shares its batch
+    left = journal_records(journal)
+    assert len(left) == 200 + 150 + 40  # every hand-off, in order
     with ledger_for(url, journal) as ledger:  # takes the journal over (the dead process's lock is gone)
         assert wait_until(lambda: not ledger.stats.journal_pending)
         assert ledger.flush()
         stats = ledger.stats
-    assert stats.replayed == left
+    assert stats.replayed >= len(left) and stats.aborted == 50
     rows = request_rows(engine)
-    assert rows == {
-        **{f"r{i}": expected_open(start_of(i)) for i in range(150, 200)},
-        **{f"r{i}": expected_done(timeline_of(i)) for i in range(150)},
+    # The 50 requests the crash left in flight are closed, ABORTED at the dead process's last heartbeat (its
+    # records carry older, made-up times).
+    ended = {r["done_ns"] for k, r in rows.items() if int(k[1:]) >= 150}
+    assert len(ended) == 1
+    last_alive_ns = ended.pop()
+    assert t_before < last_alive_ns < time.time_ns()
+    aborted = {
+        f"r{i}": {**expected_open(start_of(i)), "status": ABORTED, "done_ns": last_alive_ns} for i in range(150, 200)
     }
+    assert rows == {**aborted, **{f"r{i}": expected_done(timeline_of(i)) for i in range(150)}}
     assert len(sample_rows(engine)) == 40
-    assert journal.stat().st_size == 0
-    # A second replay of the same journal content (a crash between commit and truncate) changes nothing.
+    assert journal_records(journal) == []
+    # A second replay of the same content (a crash between commit and delete), here as a journal written by
+    # joulegate 0.1 (one file at the journal's path), changes nothing.
     before = request_rows(engine, with_ingested=True)
-    with Journal(journal) as j:
-        j.append([{"k": "t", **{c: v for c, v in expected_done(timeline_of(3)).items()}}])
+    journal.write_text(json.dumps({"k": "t", **expected_done(timeline_of(3))}) + "\n")
     with ledger_for(url, journal) as ledger:
         assert wait_until(lambda: not ledger.stats.journal_pending) and ledger.flush()
+        assert ledger.stats.aborted == 0
     assert request_rows(engine, with_ingested=True) == before
+    assert not journal.exists()
 
 
-def test_a_partially_written_last_line_is_skipped_with_a_warning(
+_KILLED_CHILD = """
+import os, signal, sys, time
+from meter.ledger import Ledger
+from meter.samples import Sample
+from meter.timeline import RequestStart, Timeline
+db, journal, phase2 = sys.argv[1], sys.argv[2], int(sys.argv[3])
+now = time.time_ns()
+def start(i): return RequestStart(f"r{i}", "acme", "m", "b1", now + i, now + i + 5)
+def timeline(i): return Timeline(f"r{i}", "acme", "m", "b1", now + i, now + i + 5, now + i + 50, now + i + 900, 7, 3)
+# rotate often: the requests in flight must survive many segment deletions (the checkpoint carries them)
+ledger = Ledger(db, journal, flush_interval_s=0.01, rotate_s=0.02)
+ledger.start()
+for i in range(100):
+    ledger.request_started(start(i))
+for i in range(60):
+    ledger.request_finished(timeline(i))
+assert ledger.flush(10) and ledger.stats.written_requests > 0
+time.sleep(0.5)  # many rotations; all of the above is in SQL and its segments are gone
+# Now hand in more and never let the writer get to it: the process dies with it only in memory and the journal.
+ledger._flush_interval_s = 3600
+time.sleep(0.05)
+for i in range(100, 100 + phase2):
+    ledger.request_started(start(i))
+for i in range(100, 100 + phase2 // 2):
+    ledger.request_finished(timeline(i))
+ledger.add_samples([Sample("d", now + k, k) for k in range(phase2)])
+print(time.time_ns(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_process_killed_with_sigkill_loses_nothing_it_handed_in_and_leaves_no_row_open(
+    migrated: tuple[str, sa.Engine], tmp_path: Path
+) -> None:
+    """kill -9 right after hand-offs the writer never took: they are in the journal, replayed at the next start; the
+    requests in flight at the kill (also those released long before, across many segment deletions) are closed
+    ABORTED at the process's last sign of life."""
+    url, engine = migrated
+    journal = tmp_path / "j.jsonl"
+    phase2 = 80
+    t_before = time.time_ns()
+    child = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_KILLED_CHILD), url, str(journal), str(phase2)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    killed_ns = int(child.stdout.split()[-1])
+    in_sql = request_rows(engine)
+    assert not any(f"r{i}" in in_sql for i in range(100, 100 + phase2))  # the kill really hit unwritten records
+    with ledger_for(url, journal) as ledger:
+        assert wait_until(lambda: not ledger.stats.journal_pending) and ledger.flush()
+        stats = ledger.stats
+    rows = request_rows(engine)
+    assert set(rows) == {f"r{i}" for i in range(100 + phase2)}  # nothing lost
+    finished = {f"r{i}" for i in [*range(60), *range(100, 100 + phase2 // 2)]}
+    assert {k for k, r in rows.items() if r["status"] == "OK"} == finished
+    aborted = {k: r for k, r in rows.items() if k not in finished}
+    assert len(aborted) == stats.aborted == 40 + phase2 // 2
+    for r in aborted.values():
+        assert r["status"] == ABORTED and r["first_token_ns"] is None and r["generated_tokens"] == 0
+        assert t_before < r["done_ns"] <= killed_ns  # the last sign of life: before the kill
+    assert all(r["done_ns"] is not None for r in rows.values())  # no row left open
+    assert len(sample_rows(engine)) == phase2
+    assert journal_records(journal) == []
+
+
+def test_a_partially_written_last_line_is_quarantined_and_the_rest_replayed(
     sqlite_migrated: tuple[str, sa.Engine], tmp_path: Path
 ) -> None:
     url, engine = sqlite_migrated
     journal = tmp_path / "j.jsonl"
-    with Journal(journal) as j:
-        j.append([{"k": "s", **{c: v for c, v in expected_open(start_of(1)).items()}}])
-    with journal.open("ab") as f:
-        f.write(b'{"k":"t","request_id":"r2","ten')  # the crash hit mid-write
+    seg = tmp_path / "j.jsonl.00000007"
+    line = json.dumps({"k": "s", **{c: v for c, v in expected_open(start_of(1)).items()}})
+    seg.write_bytes(line.encode() + b"\n" + b'{"k":"t","request_id":"r2","ten')  # the crash hit mid-write
     with structlog.testing.capture_logs() as logs, ledger_for(url, journal) as ledger:
-        ledger.request_finished(timeline_of(3))  # must not glue onto the broken line
+        ledger.request_finished(timeline_of(3))
         assert wait_until(lambda: not ledger.stats.journal_pending) and ledger.flush()
-    assert set(request_rows(engine)) == {"r1", "r3"}
-    assert any("partially written" in e["event"] and e["log_level"] == "warning" for e in logs)
+        stats = ledger.stats
+    assert request_rows(engine) == {
+        "r1": {**expected_open(start_of(1)), "status": ABORTED, "done_ns": start_of(1).released_ns},
+        "r3": expected_done(timeline_of(3)),
+    }
+    assert stats.rejected == 1 and stats.aborted == 1
+    (torn,) = rejected_records(journal)
+    assert torn["raw"] == '{"k":"t","request_id":"r2","ten' and "partially written" in torn["rejected_because"]
+    assert any("quarantined" in e["event"] and e["log_level"] == "error" for e in logs)
+    assert not seg.exists()
+
+
+def test_a_segment_that_cannot_be_read_is_set_aside_and_the_rest_replayed(
+    sqlite_migrated: tuple[str, sa.Engine], tmp_path: Path
+) -> None:
+    url, engine = sqlite_migrated
+    journal = tmp_path / "j.jsonl"
+    (tmp_path / "j.jsonl.00000002").mkdir()  # reading it fails (EISDIR), as an I/O error would
+    (tmp_path / "j.jsonl.00000003").write_text(json.dumps({"k": "t", **expected_done(timeline_of(1))}) + "\n")
+    with ledger_for(url, journal) as ledger:
+        assert wait_until(lambda: not ledger.stats.journal_pending) and ledger.flush()
+        stats = ledger.stats
+    assert set(request_rows(engine)) == {"r1"} and stats.rejected == 1
+    assert (tmp_path / "j.jsonl.00000002.unreadable").is_dir()  # kept for people, out of the way
+    assert rejected_records(journal)[0]["set_aside_as"] == "j.jsonl.00000002.unreadable"
 
 
 def test_two_ledgers_cannot_share_a_journal(sqlite_migrated: tuple[str, sa.Engine], tmp_path: Path) -> None:
@@ -520,21 +652,100 @@ def test_two_ledgers_cannot_share_a_journal(sqlite_migrated: tuple[str, sa.Engin
         ledger_for(url, tmp_path / "j.jsonl").start()
 
 
-def test_a_row_the_database_refuses_is_set_aside_and_the_rest_written(pg_url: str, tmp_path: Path) -> None:
-    upgrade(pg_url)
-    engine = make_engine(pg_url)
-    with ledger_for(engine, tmp_path / "j.jsonl") as ledger:
-        ledger.request_finished(timeline_of(1))
-        ledger.request_finished(timeline_of(2, tenant="bad\x00tenant"))  # PostgreSQL text cannot hold NUL
-        ledger.request_finished(timeline_of(3))
+# -- poison: what no database can take never stops the ledger ------------------------------------------------------
+
+
+def test_strings_no_database_can_store_are_escaped_and_every_row_lands(
+    migrated: tuple[str, sa.Engine], tmp_path: Path
+) -> None:
+    """aiohttp hands on a header byte 0xff as U+DCFF; psycopg and sqlite3 cannot encode it, and PostgreSQL text
+    cannot hold NUL. Such strings are escaped at the ledger's door: the request keeps its row, the ledger its pace."""
+    url, engine = migrated
+    odd = {
+        1: {"correlation_id": "\udcff"},  # x-correlation-id: \xff over HTTP
+        2: {"correlation_id": "a\x00b", "tenant": "t\x00"},
+        3: {"correlation_id": "\ud800\udc00"},  # a surrogate pair left unpaired in a str
+        4: {"correlation_id": "z\u00e9\u65e5"},  # valid text: unchanged
+    }
+    with ledger_for(url, tmp_path / "j.jsonl") as ledger:
+        for i, fields in odd.items():
+            ledger.request_started(RequestStart(f"r{i}", fields.get("tenant", "acme"), "m\udcfe", "b1", T0, T0 + 5))
+            ledger.request_finished(Timeline(**{**_fields(timeline_of(i)), **fields}))
+        ledger.add_samples([Sample("d", T0, 1, "read failed: \udc80")])
+        for i in range(5, 50):
+            ledger.request_finished(timeline_of(i))
         assert ledger.flush()
         stats = ledger.stats
-    assert set(request_rows(engine)) == {"r1", "r3"}
-    assert stats.rejected == 1 and stats.db_available and not stats.journal_pending
-    with Journal(tmp_path / "j.jsonl.rejected") as rejected:
-        (record,) = list(rejected.read())
-    assert record["request_id"] == "r2" and record["tenant"] == "bad\x00tenant" and record["rejected_because"]
-    engine.dispose()
+    rows = request_rows(engine)
+    assert set(rows) == {f"r{i}" for i in range(1, 50)}
+    assert rows["r1"]["correlation_id"] == "\\xff"
+    assert rows["r2"]["correlation_id"] == "a\\x00b" and rows["r2"]["tenant"] == "t\\x00"
+    assert rows["r3"]["correlation_id"] == "\\ud800\\udc00"
+    assert rows["r4"]["correlation_id"] == "z\u00e9\u65e5"
+    assert sample_rows(engine) == [("d", T0, 1, "read failed: \\x80")]
+    assert stats.db_available and not stats.journal_pending and stats.rejected == 0 and stats.journaled == 0
+    assert journal_records(tmp_path / "j.jsonl") == []
+
+
+def _fields(t: Timeline) -> dict[str, Any]:
+    return {f: getattr(t, f) for f in Timeline.__dataclass_fields__}
+
+
+def test_a_poison_record_is_quarantined_and_every_other_record_lands(
+    migrated: tuple[str, sa.Engine], tmp_path: Path
+) -> None:
+    """Records the database refuses (NOT NULL) or the door refuses (an int beyond 64 bits) among a thousand good
+    ones in one batch: the refused are isolated (bisection), quarantined, counted and logged; the rest lands."""
+    url, engine = migrated
+    journal = tmp_path / "j.jsonl"
+    poison = {17: {"tenant": None}, 500: {"prompt_tokens": 2**70}, 999: {"model_id": None}}
+    with structlog.testing.capture_logs() as logs:
+        ledger = ledger_for(url, journal, flush_interval_s=60)
+        ledger.start()
+        try:
+            for i in range(1000):
+                ledger.request_finished(Timeline(**{**_fields(timeline_of(i)), **poison.get(i, {})}))
+            assert ledger.flush()
+            ledger.request_finished(timeline_of(1000))  # and the ledger goes on
+            assert ledger.flush()
+            stats = ledger.stats
+        finally:
+            ledger.close()
+    rows = request_rows(engine)
+    assert set(rows) == {f"r{i}" for i in range(1001)} - {f"r{i}" for i in poison}
+    assert stats.rejected == 3 and stats.db_available and not stats.journal_pending
+    quarantined = rejected_records(journal)
+    assert sorted(r.get("request_id") or r["record"] for r in quarantined if r.get("request_id")) == ["r17", "r999"]
+    assert any("r500" in r.get("record", "") and "64 bits" in r["rejected_because"] for r in quarantined)
+    assert sum(1 for e in logs if "quarantined" in e["event"] and e["log_level"] == "error") == 3
+    assert journal_records(journal) == []
+
+
+def test_a_poison_line_in_a_journal_left_by_an_earlier_run_cannot_wedge_the_replay(
+    migrated: tuple[str, sa.Engine], tmp_path: Path
+) -> None:
+    """What the outside tester's gateway left: a 0.1 journal (JSON with \\udcff escapes) whose replay failed at
+    every start. Now the surrogate is escaped, lines that are not records are quarantined, the rest replays."""
+    url, engine = migrated
+    journal = tmp_path / "j.jsonl"
+    good = [{"k": "t", **expected_done(timeline_of(i))} for i in range(100)]
+    lines = [json.dumps(r) for r in good[:50]]
+    lines.append(json.dumps({"k": "t", **expected_done(timeline_of(100)), "correlation_id": "\udcff"}))
+    lines.append(json.dumps({"k": "t", **expected_done(timeline_of(101)), "generated_tokens": 2**70}))
+    lines.append('{"k": "t", "request_id": "r102", "ten')  # damaged, newline and all
+    lines.append(json.dumps({"k": "x", "request_id": "r103"}))  # a kind this version does not know
+    lines.append("[[1], 2]")  # an array line, and no column header to read it with
+    lines += [json.dumps(r) for r in good[50:]]
+    journal.write_text("\n".join(lines) + "\n")
+    with ledger_for(url, journal) as ledger:
+        assert wait_until(lambda: not ledger.stats.journal_pending), ledger.stats
+        assert ledger.flush()
+        stats = ledger.stats
+    rows = request_rows(engine)
+    assert set(rows) == {f"r{i}" for i in range(101)}
+    assert rows["r100"]["correlation_id"] == "\\xff"
+    assert stats.rejected == 4 and stats.db_available
+    assert not journal.exists() and journal_records(journal) == []
 
 
 # -- speed ---------------------------------------------------------------------------------------------------------

@@ -11,7 +11,11 @@ keys enforced (SQLite leaves them off by default).
 
 PostgreSQL connections carry a connect timeout, TCP keepalives and a TCP user timeout, so that a database that
 vanishes (a dead host, a cut network) surfaces as an ``OperationalError`` within seconds instead of a hang: the
-ledger turns that error into journaling.
+ledger turns that error into journaling, and key lookups into serving cached keys.
+
+``is_outage`` tells the two kinds of failure apart for every caller: the database is away or not ready (retry
+later, nothing is wrong with what was sent), or it refused what was sent (retrying the same thing cannot help).
+Mistaking the second for the first makes a writer retry one bad row for ever.
 """
 
 from __future__ import annotations
@@ -28,6 +32,32 @@ from sqlalchemy.pool import StaticPool
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_CONNECT_TIMEOUT_S = 5
 PG_TCP_USER_TIMEOUT_MS = 20_000  # unacknowledged data older than this kills the connection (Linux)
+
+
+# PostgreSQL SQLSTATE classes that mean "not now" rather than "never": connection exception, invalid authorization
+# (credentials being rotated), invalid catalog name (the database is not created yet), transaction rollback
+# (serialization failure, deadlock), insufficient resources (disk full, too many connections), object not in
+# prerequisite state (lock not available), operator intervention (admin shutdown, cannot connect now, statement
+# timeout), system error (I/O), internal error. Plus an undefined table or column: the schema is not migrated yet.
+# Everything else with a SQLSTATE (22 data exception, 23 integrity, 54 program limit such as an index row too large,
+# 42 other than the two below) is about what was sent.
+_OUTAGE_SQLSTATE_CLASSES = frozenset({"08", "28", "3D", "40", "53", "55", "57", "58", "XX"})
+_OUTAGE_SQLSTATES = frozenset({"42P01", "42703"})
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database is unreachable or not ready (retry later) rather than that it refused the
+    statement's data. A PostgreSQL error is judged by its SQLSTATE (psycopg files some data errors, e.g. 54000
+    "index row size exceeds maximum", under ``OperationalError``); one without (SQLite, a failed connect) by its
+    class. Errors raised outside the driver's error hierarchy while binding values (``UnicodeEncodeError`` for a
+    lone surrogate, ``OverflowError`` for a huge int) are data errors; ``OSError`` (timeouts included) is an outage.
+    """
+    if isinstance(exc, sa.exc.DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if sqlstate:
+            return sqlstate in _OUTAGE_SQLSTATES or sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES
+        return exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+    return isinstance(exc, sa.exc.DisconnectionError | sa.exc.TimeoutError | OSError)
 
 
 def normalize_url(url: str | URL) -> URL:

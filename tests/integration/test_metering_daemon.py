@@ -90,4 +90,4 @@ async def test_daemon_attributes_its_node_and_drains_on_sigterm(tmp_path: Path) 
         assert sorted(energy) == sorted(traffic.request_ids or [])
         assert all(v > 0 for v in energy.values()) or failed_reads(db) > 0
         check_books(db)
-        assert (tmp_path / "journal.meter.jsonl").exists()  # its own journal, not the gateway's
+        assert (tmp_path / "journal.meter.jsonl.lock").exists()  # its own journal, not the gateway's
