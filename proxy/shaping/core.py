@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from proxy.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from proxy.inputs import clip
 from proxy.metrics import tenant_label
 from proxy.shaping import metrics as m
 from proxy.shaping.config import DEFAULT_CLASS, ClassConfig, Policy, ShapingConfig
@@ -215,7 +216,7 @@ class ShapingCore:
             return cq
         if not name or name == DEFAULT_CLASS:
             return self.classes[self.cfg.default_class]
-        raise InvalidArgument(f"x-traffic-class: unknown class {name!r} (known: {', '.join(self.classes)})")
+        raise InvalidArgument(f"x-traffic-class: unknown class {clip(name)!r} (known: {', '.join(self.classes)})")
 
     def admit(self, entry: Entry, now_s: float) -> None:
         """Queue ``entry`` (held in its class) or raise Overloaded / Unavailable / InvalidArgument."""
