@@ -151,10 +151,15 @@ class Backend:
 
     async def _error_of(self, resp: aiohttp.ClientResponse) -> GatewayError:
         """The mapped error of a non-200 answer (a TGI error object, or axum's plain-text rejection)."""
+        raw = b""
         try:
-            raw = await resp.content.read(MAX_ERROR_BODY_BYTES)
+            while len(raw) < MAX_ERROR_BODY_BYTES:
+                chunk = await resp.content.read(MAX_ERROR_BODY_BYTES - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
         except (aiohttp.ClientError, TimeoutError):
-            raw = b""
+            pass  # what arrived is what there is to say
         finally:
             resp.release()
         body: object
