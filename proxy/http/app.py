@@ -163,13 +163,14 @@ class HttpFrontDoor:
             HTTP_DURATION.labels(route).observe((time.time_ns() - received_ns) / 1e9)
 
     async def _guarded(self, request: web.Request, handler: Handler, call: Call, route: str) -> web.StreamResponse:
+        structlog.contextvars.bind_contextvars(request_id=call.request_id)
         try:
             try:
                 headers = headers_of_interest(request.headers, READ_HEADERS)
             except InputRefused as exc:
                 raise MalformedRequest(str(exc)) from None
             call.correlation_id = headers.get("x-correlation-id")
-            structlog.contextvars.bind_contextvars(request_id=call.request_id, correlation_id=call.correlation_id)
+            structlog.contextvars.bind_contextvars(correlation_id=call.correlation_id)
             if route != "unmatched" and (request.method, route) not in PUBLIC_ROUTES:
                 call.principal = await self.services.auth.authenticate(headers)
                 call.traffic_class = headers.get("x-traffic-class") or call.principal.default_class or "default"
@@ -193,7 +194,7 @@ class HttpFrontDoor:
     def _http_exception(self, request: web.Request, exc: web.HTTPException, call: Call) -> web.StreamResponse:
         """aiohttp's own refusals (no route, wrong method, body too large) as TGI-style JSON errors."""
         if exc.status == 404:
-            return error_response(NotFound(f"no route {request.method} {clip(request.path)}"), call.headers())
+            return error_response(NotFound(f"no route {clip(request.method)} {clip(request.path)}"), call.headers())
         if exc.status == 413:
             limit = f"{self.max_body_bytes} bytes"
             return error_response(PayloadTooLarge(f"the request body is larger than {limit}"), call.headers())
