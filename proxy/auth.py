@@ -53,7 +53,8 @@ class Principal:
     def require_tenant_access(self, tenant: str) -> None:
         """A tenant key sees its own tenant only; an admin key sees all."""
         if not self.admin and tenant != self.tenant:
-            raise PermissionDenied(f"key {self.key_id} of tenant {self.tenant!r} cannot read tenant {tenant!r}")
+            # never name the other tenant: a request id must not tell whose it is
+            raise PermissionDenied(f"key {self.key_id} of tenant {self.tenant!r} may read its own tenant's energy only")
 
 
 class RequestedClass(str):

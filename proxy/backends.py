@@ -4,12 +4,20 @@ A backend never gets more requests in flight than its ``max_concurrent_requests`
 it): callers take a ``Lease`` from the pool before they send anything and give it back when the stream ends. Among
 healthy backends with a free slot, the pool picks the one with the fewest outstanding tokens (prompt plus tokens
 still to generate), the best cheap proxy for how long its queue is.
+
+Who takes a backend out of service. Only connection-level evidence does: a connection that cannot be opened
+(refused, unreachable, connect timeout) or a failed ``/health`` check. One stream that breaks, one pooled connection
+that the backend had closed, one slow answer is not evidence about the backend: one tenant's poisoned input can
+crash one request, and taking the backend out for everybody on that evidence let it fail other tenants' calls.
+Such a failure only asks for a ``/health`` probe now (``Backend.suspect``), which takes the backend out if it is
+really gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +33,8 @@ from proxy.metrics import BACKEND_HEALTHY, BACKEND_IN_FLIGHT
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_CONCURRENT = 128  # TGI's default --max-concurrent-requests
+PROBE_MIN_INTERVAL_S = 1.0  # suspicion probes /health at most this often per backend
+MAX_ERROR_BODY_BYTES = 64 * 1024  # of a backend's error answer: enough for any TGI message
 
 
 class BackendUnreachable(GatewayError):
@@ -48,6 +58,9 @@ class Backend:
         self.in_flight = 0
         self.outstanding_tokens = 0
         self.last_error: str | None = None
+        self.on_health_change: Callable[[], None] | None = None  # set by the pool: a probe changed ``healthy``
+        self._probe: asyncio.Task[None] | None = None
+        self._last_probe_s = float("-inf")
         BACKEND_IN_FLIGHT.labels(self.name).set_function(lambda: self.in_flight)
         BACKEND_HEALTHY.labels(self.name).set_function(lambda: 1.0 if self.healthy else 0.0)
 
@@ -82,6 +95,11 @@ class Backend:
         return self._session
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -105,6 +123,7 @@ class Backend:
         return ok
 
     def mark_unreachable(self, reason: str) -> None:
+        """Connection-level evidence (a connection could not be opened): out of service until a health check."""
         self.last_error = reason
         self._set_health(False, reason)
 
@@ -119,6 +138,54 @@ class Backend:
         self._checked = True
         self.healthy = ok
 
+    def suspect(self, reason: str) -> None:
+        """One call failed in a way that says nothing certain about the backend: probe ``/health`` now.
+
+        At most one probe runs at a time and at most one starts per ``PROBE_MIN_INTERVAL_S``, so a client that
+        breaks streams on purpose cannot turn the gateway into a /health flood either.
+        """
+        log.info("backend_suspect", backend=self.name, error=reason)
+        now = time.monotonic()
+        if (self._probe is not None and not self._probe.done()) or now - self._last_probe_s < PROBE_MIN_INTERVAL_S:
+            return
+        self._last_probe_s = now
+        self._probe = asyncio.get_running_loop().create_task(self._run_probe())
+
+    async def _run_probe(self) -> None:
+        before = self.healthy
+        await self.check()
+        if self.healthy != before and self.on_health_change is not None:
+            self.on_health_change()
+
+    async def _error_of(self, resp: aiohttp.ClientResponse) -> GatewayError:
+        """The mapped error of a non-200 answer (a TGI error object, or axum's plain-text rejection)."""
+        raw = b""
+        try:
+            while len(raw) < MAX_ERROR_BODY_BYTES:
+                chunk = await resp.content.read(MAX_ERROR_BODY_BYTES - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+        except (aiohttp.ClientError, TimeoutError):
+            pass  # what arrived is what there is to say
+        finally:
+            resp.release()
+        body: object
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        return from_tgi(resp.status, body, backend=self.name)
+
+    def _connect_failed(self, exc: BaseException) -> BackendUnreachable:
+        """Nothing came back: take the backend out when no connection could be opened, else only suspect it."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            self.mark_unreachable(reason)
+        else:  # a pooled connection the backend had closed, a read timeout: about this call, maybe not the backend
+            self.suspect(reason)
+        return BackendUnreachable(f"backend {self.name} unreachable: {type(exc).__name__}")
+
     async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
         """POST ``body`` to a streaming route and return the response once its status is 200.
 
@@ -131,30 +198,21 @@ class Backend:
         try:
             resp = await self.session.post(path, json=body, headers={"x-request-id": request_id}, timeout=timeout)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            self.mark_unreachable(f"{type(exc).__name__}: {exc}")
-            raise BackendUnreachable(f"backend {self.name} unreachable: {type(exc).__name__}") from exc
+            raise self._connect_failed(exc) from exc
         if resp.status == 200:
             return resp
-        try:
-            payload = await resp.json(content_type=None)
-        except (aiohttp.ClientError, ValueError):
-            payload = None
-        finally:
-            resp.release()
-        raise from_tgi(resp.status, payload, backend=self.name)
+        raise await self._error_of(resp)
 
     async def post_json(self, path: str, body: dict[str, Any]) -> Any:
         """A small non-streaming call (``/tokenize``); errors mapped like ``open_stream``."""
         timeout = aiohttp.ClientTimeout(total=self._pool_cfg.request_timeout_s)
         try:
             async with self.session.post(path, json=body, timeout=timeout) as resp:
-                payload = await resp.json(content_type=None)
                 if resp.status != 200:
-                    raise from_tgi(resp.status, payload, backend=self.name)
-                return payload
+                    raise await self._error_of(resp)
+                return await resp.json(content_type=None)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            self.mark_unreachable(f"{type(exc).__name__}: {exc}")
-            raise BackendUnreachable(f"backend {self.name} unreachable: {type(exc).__name__}") from exc
+            raise self._connect_failed(exc) from exc
         except ValueError as exc:
             raise BackendError(f"backend {self.name} answered {path} with invalid JSON") from exc
 
@@ -188,6 +246,9 @@ class BackendPool:
         self.backends = list(backends)
         self._waiters: list[asyncio.Future[None]] = []
         self._health_listeners: list[Callable[[], Awaitable[None] | None]] = []
+        self._notifying: set[asyncio.Task[None]] = set()
+        for b in self.backends:
+            b.on_health_change = self._backend_changed
 
     @property
     def healthy(self) -> bool:
@@ -278,10 +339,20 @@ class BackendPool:
         await asyncio.gather(*(b.check() for b in self.backends))
         self._wake()
         if self.healthy != before:
-            for listener in self._health_listeners:
-                result = listener()
-                if asyncio.iscoroutine(result):
-                    await result
+            await self._notify()
+
+    async def _notify(self) -> None:
+        for listener in self._health_listeners:
+            result = listener()
+            if asyncio.iscoroutine(result):
+                await result
+
+    def _backend_changed(self) -> None:
+        """A probe changed one backend's health: wake the waiters, tell the listeners (the gRPC health service)."""
+        self._wake()
+        task = asyncio.get_running_loop().create_task(self._notify())
+        self._notifying.add(task)
+        task.add_done_callback(self._notifying.discard)
 
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self.backends))

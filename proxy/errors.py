@@ -2,13 +2,18 @@
 
 Both front doors (gRPC and HTTP) raise and catch these, so a failure reads the same through either: a client's
 mistake is INVALID_ARGUMENT / 422 naming what was wrong, overload is RESOURCE_EXHAUSTED / 429 with a retry hint,
-and nothing a client can send turns into INTERNAL.
+and nothing a client can send turns into INTERNAL. Messages are clipped to ``MAX_MESSAGE_CHARS``: an error never
+carries megabytes of a client's input (or of a backend's answer) back.
 """
 
 from __future__ import annotations
 
 import grpc
 from text_generation import errors as tgi_errors
+
+from proxy.inputs import clip
+
+MAX_MESSAGE_CHARS = 1024
 
 
 class GatewayError(Exception):
@@ -19,6 +24,7 @@ class GatewayError(Exception):
     error_type: str = "unknown"  # TGI's `error_type` field in an error body
 
     def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
@@ -33,6 +39,28 @@ class InvalidArgument(GatewayError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
     http_status = 422
     error_type = "validation"
+
+
+class MalformedRequest(InvalidArgument):
+    """The request cannot be read at all: a body that is not JSON, a header value that is not printable ASCII, a
+    body that does not decompress. HTTP 400 (axum's answer to a body that is not JSON); INVALID_ARGUMENT."""
+
+    http_status = 400
+
+
+class PayloadTooLarge(InvalidArgument):
+    """The body is larger than the gateway takes (after decompression): HTTP 413; INVALID_ARGUMENT."""
+
+    http_status = 413
+
+
+class BodyRejected(InvalidArgument):
+    """The backend refused the body before validating it (axum's plain-text 400/413/422, e.g. ``top_k`` past
+    i32). Passed on with the backend's own HTTP status, as TGI answers it (not inside a stream); INVALID_ARGUMENT."""
+
+    def __init__(self, message: str, *, http_status: int) -> None:
+        super().__init__(message)
+        self.http_status = http_status
 
 
 class Unauthenticated(GatewayError):
@@ -89,6 +117,14 @@ class GenerationFailed(GatewayError):
     error_type = "generation"
 
 
+class Internal(GatewayError):
+    """A fault of the gateway itself (a bug, a query the database could not run): never a client's mistake."""
+
+    grpc_code = grpc.StatusCode.INTERNAL
+    http_status = 500
+    error_type = "internal"
+
+
 class BackendError(GatewayError):
     """The backend answered something the gateway cannot use (a broken stream, an unexpected status)."""
 
@@ -97,13 +133,23 @@ class BackendError(GatewayError):
     error_type = "backend"
 
 
+# axum's rejections of a body it cannot read: 400 not JSON, 413 too large, 422 wrong shape (415 cannot be the
+# client's doing: the gateway always sends JSON)
+_BODY_REJECTIONS = frozenset({400, 413, 422})
+
+
 def from_tgi(status: int, body: object, *, backend: str) -> GatewayError:
     """Map a TGI error answer (HTTP status + ``{"error", "error_type"}`` body, or an in-stream error event).
 
     Classification goes through the ``text-generation`` package's own ``parse_error`` so the gateway reads TGI's
-    errors exactly as TGI's Python client does.
+    errors exactly as TGI's Python client does. A 4xx whose body is not a TGI error object is axum refusing the
+    request body before TGI saw it (plain text, e.g. ``Failed to deserialize the JSON body into the target type:
+    parameters.top_k: invalid value ...``): the client's mistake, passed on as ``BodyRejected`` with its text.
     """
     if not isinstance(body, dict) or "error" not in body:
+        if status in _BODY_REJECTIONS:
+            text = body.strip() if isinstance(body, str) and body.strip() else f"HTTP {status}"
+            return BodyRejected(text, http_status=status)
         return BackendError(f"backend {backend} answered HTTP {status} without a TGI error body")
     message = str(body["error"])
     err = tgi_errors.parse_error(status, {k: str(v) for k, v in body.items()})

@@ -34,6 +34,7 @@ from proxy.errors import (
     Unavailable,
     from_tgi,
 )
+from proxy.inputs import clip
 from proxy.job import Job
 from proxy.logs import log_request
 from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
@@ -118,11 +119,19 @@ class Gateway:
                 return next(iter(self.pools))
             raise InvalidArgument(f"model_id: required (this gateway serves {sorted(self.pools)})")
         if model_id not in self.pools:
-            raise NotFound(f"model_id: unknown model {model_id!r} (this gateway serves {sorted(self.pools)})")
+            raise NotFound(f"model_id: unknown model {clip(model_id)!r} (this gateway serves {sorted(self.pools)})")
         return model_id
 
     def pool(self, model_id: str) -> BackendPool:
         return self.pools[self.resolve_model(model_id)]
+
+    def resolve_class(self, model_id: str, name: str) -> str:
+        """The configured traffic class of ``model_id`` that ``name`` asks for; InvalidArgument for any other name.
+
+        Front doors call this before they build a Job, so a class name that no operator configured never becomes a
+        metric label or a ledger row (a client could otherwise grow both without bound).
+        """
+        return self._shapers[self.resolve_model(model_id)].resolve_class(name)
 
     @property
     def healthy(self) -> bool:
@@ -232,8 +241,8 @@ class Gateway:
             raise
         except aiohttp.ClientError as exc:
             status = "UNAVAILABLE"
-            if lease is not None:
-                lease.backend.mark_unreachable(f"{type(exc).__name__}: {exc}")
+            if lease is not None:  # one broken stream is no evidence against the backend: probe it, keep it
+                lease.backend.suspect(f"{type(exc).__name__}: {exc}")
             raise BackendError(f"backend stream broke: {type(exc).__name__}") from exc
         finally:
             if resp is not None:

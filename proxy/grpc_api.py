@@ -6,6 +6,17 @@ status with a clear message; overload carries a retry hint both as ``google.rpc.
 and as ``retry-after-ms`` trailing metadata.
 
 Batched ``Generate`` calls get one request id per text: the call's id when it has one text, else ``<id>-<i>``.
+
+Metadata the gateway reads (``authorization``, ``x-api-key``, ``x-correlation-id``, ``x-traffic-class``) must be
+printable ASCII, as gRPC requires of ASCII metadata: anything else is INVALID_ARGUMENT naming the key, before the
+correlation id is echoed or anything is stored (``proxy.inputs``). The traffic class must be one the model has
+configured. An exception that is not a ``GatewayError`` is a bug of ours: INTERNAL with the request id, never
+UNKNOWN with a Python message.
+
+A time limit (``time_limit_millis``) ends a call as TGIS ends it: ``TIME_LIMIT``, the text and token count generated
+so far, and on a unary call the input token count (counted with the backend's tokenizer when TGI's own count never
+came). A stream carries the input token count in its first message only, as TGIS streams do (its last message, like
+every other after the first, leaves it 0).
 """
 
 from __future__ import annotations
@@ -26,8 +37,9 @@ from grpc_status import rpc_status
 
 from meter.timeline import Api
 from proxy.auth import Authenticator, Principal, requested_class
-from proxy.errors import GatewayError, InvalidArgument
+from proxy.errors import GatewayError, Internal, InvalidArgument, MalformedRequest
 from proxy.gateway import Gateway, StreamResult
+from proxy.inputs import InputRefused, headers_of_interest
 from proxy.job import Job
 from proxy.params import GenerationOptions, ModelLimits, to_tgi
 from proxy.pb.fmaas import generation_pb2 as pb
@@ -36,6 +48,9 @@ from proxy.tgis import StopTextHolder, input_token_infos, matched_stop_sequence,
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+
+# The metadata the gateway reads (and may echo or store): printable ASCII only
+READ_METADATA = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class")
 
 
 def new_request_id() -> str:
@@ -72,7 +87,18 @@ class _Status(grpc.Status):
 
 
 def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    """The metadata the gateway reads, each value checked (INVALID_ARGUMENT naming the key when it is not fit)."""
+    md = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    try:
+        return headers_of_interest(md, READ_METADATA)
+    except InputRefused as exc:
+        raise MalformedRequest(str(exc)) from None
+
+
+def internal_error(method: str, call: CallContext | None) -> Internal:
+    """A bug of ours, logged with its traceback (call it in the ``except`` block), answered as INTERNAL, not UNKNOWN."""
+    log.exception("request_crashed", method=method)
+    return Internal(f"internal error (request id {call.request_id if call is not None else 'unknown'})")
 
 
 class CallContext:
@@ -115,7 +141,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _begin(self, context: grpc.aio.ServicerContext) -> CallContext:
         """Ids, initial metadata (sent in the background: the caller awaits ``metadata_sent`` before answering),
         authentication, deadline, traffic class."""
-        md = metadata_dict(context)
+        md = metadata_dict(context)  # checked before anything is echoed or kept
         request_id = new_request_id()
         correlation_id = md.get("x-correlation-id")
         initial = [("x-request-id", request_id)]
@@ -143,7 +169,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             result = await work(call)
             await _settle(call.metadata_sent)
             return result
-        except GatewayError as exc:
+        except Exception as caught:
+            exc = caught if isinstance(caught, GatewayError) else internal_error("unary", call)
             if call is not None:
                 await _settle(call.metadata_sent)
             log.info("request_failed", code=exc.grpc_code.name, error=exc.message)
@@ -156,7 +183,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return to_tgi(params, self.limits.get(model_id, ModelLimits()), adapter_id=adapter_id)
 
     def _job(self, call: CallContext, request_id: str, model_id: str, text: str, options: GenerationOptions,
-             received_ns: int) -> Job:  # fmt: skip
+             received_ns: int, traffic_class: str) -> Job:  # fmt: skip
         return Job(
             request_id=request_id,
             model_id=model_id,
@@ -164,7 +191,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             inputs=text,
             body={"inputs": text, "parameters": options.tgi_parameters},
             max_new_tokens=options.max_new_tokens,
-            traffic_class=call.traffic_class,
+            traffic_class=traffic_class,
             api=Api.GRPC,
             correlation_id=call.correlation_id,
             deadline=call.deadline,
@@ -190,16 +217,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 )
             adapter = request.adapter_id if request.HasField("adapter_id") else request.prefix_id or None
             options = self._options(model_id, request.params, adapter)
+            traffic_class = self.gateway.resolve_class(model_id, call.traffic_class)
             n = len(request.requests)
             ids = [call.request_id] if n == 1 else [f"{call.request_id}-{i}" for i in range(n)]
+            jobs = [
+                self._job(call, rid, model_id, r.text, options, received_ns, traffic_class)
+                for rid, r in zip(ids, request.requests, strict=True)
+            ]
             try:
                 async with asyncio.TaskGroup() as tg:
-                    tasks = [
-                        tg.create_task(
-                            self._generate_one(self._job(call, rid, model_id, r.text, options, received_ns), options)
-                        )
-                        for rid, r in zip(ids, request.requests, strict=True)
-                    ]
+                    tasks = [tg.create_task(self._generate_one(job, options)) for job in jobs]
             except* GatewayError as group:
                 raise group.exceptions[0] from None
             return pb.BatchedGenerationResponse(responses=[t.result() for t in tasks])
@@ -217,14 +244,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
         final: dict[str, Any] | None = None
         time_limited = False
+        deltas: list[str] = []  # the text so far, for a call that its time limit ends before TGI's last event
         try:
             async with (
                 contextlib.aclosing(self.gateway.stream(job, result)) as events,
                 _time_limit(options.time_limit_ms, job),
             ):
                 async for event in events:
-                    if r.generated_tokens and "token" in event:
-                        resp.tokens.append(token_info(event["token"], event.get("top_tokens"), r))
+                    token = event.get("token")
+                    if token is not None:
+                        deltas.append("" if token.get("special") else token.get("text", ""))
+                        if r.generated_tokens:
+                            resp.tokens.append(token_info(token, event.get("top_tokens"), r))
                     if event.get("details"):
                         final = event
         except TimeoutError:
@@ -233,7 +264,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if input_task is not None:
                 input_task.cancel()
             raise
-        text = (final.get("generated_text") or "") if final else "".join(t.text for t in resp.tokens)
+        text = (final.get("generated_text") or "") if final else "".join(deltas)
         if final is not None:
             details = final["details"]
             resp.stop_reason = stop_reason(details.get("finish_reason"), token_limited=result.token_limited)
@@ -245,12 +276,25 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 resp.seed = int(details["seed"])
         elif time_limited:
             resp.stop_reason = pb.TIME_LIMIT
-        resp.input_token_count = result.prompt_tokens or 0
         resp.generated_token_count = result.generated_tokens
         resp.text = (job.inputs + text) if r.input_text else text
-        if input_task is not None:
-            resp.input_tokens.extend(input_token_infos(await input_task))
+        input_tokens = await input_task if input_task is not None else None
+        if input_tokens is not None:
+            resp.input_tokens.extend(input_token_infos(input_tokens))
+        if result.prompt_tokens is not None:
+            resp.input_token_count = result.prompt_tokens
+        elif input_tokens is not None:
+            resp.input_token_count = len(input_tokens)
+        elif time_limited:  # TGI's count comes with its last event, which never came: count as TGIS would have
+            resp.input_token_count = await self._input_count(job, options)
         return resp
+
+    async def _input_count(self, job: Job, options: GenerationOptions) -> int:
+        """The prompt's token count from the backend's tokenizer (0 if it cannot be had: it is informative)."""
+        try:
+            return len(await self._input_tokens(job.model_id, job.inputs, options.tgi_parameters.get("truncate", 0)))
+        except GatewayError:
+            return 0
 
     # -- GenerateStream --------------------------------------------------------------------------------------
     async def GenerateStream(
@@ -265,14 +309,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 raise InvalidArgument("request: missing")
             adapter = request.adapter_id if request.HasField("adapter_id") else request.prefix_id or None
             options = self._options(model_id, request.params, adapter)
-            job = self._job(call, call.request_id, model_id, request.request.text, options, received_ns)
+            traffic_class = self.gateway.resolve_class(model_id, call.traffic_class)
+            job = self._job(call, call.request_id, model_id, request.request.text, options, received_ns, traffic_class)
             first = True
             async for message in self._stream(job, options):
                 if first:
                     first = False
                     await _settle(call.metadata_sent)
                 yield message
-        except GatewayError as exc:
+        except Exception as caught:
+            exc = caught if isinstance(caught, GatewayError) else internal_error("stream", call)
             if call is not None:
                 await _settle(call.metadata_sent)
             log.info("request_failed", code=exc.grpc_code.name, error=exc.message)
@@ -319,7 +365,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                             reason = details.get("finish_reason")
                             msg.stop_reason = stop_reason(reason, token_limited=result.token_limited)
                             generated = details.get("generated_tokens", generated)
-                            msg.input_token_count = details.get("input_length", 0)
                             if msg.stop_reason == pb.STOP_SEQUENCE:
                                 full = event.get("generated_text") or "".join(deltas)
                                 msg.stop_sequence = matched_stop_sequence(full, stops)

@@ -6,12 +6,14 @@ grpc_server.rs): greedy ignores sampling parameters; SAMPLE with temperature 0 m
 "unset" for top_k, top_p, typical_p and repetition_penalty; at most 6 non-empty stop sequences of at most 240
 bytes; token detail options need generated or input tokens. Where TGI has no equivalent (min_new_tokens > 1,
 length_penalty, context-free grammars) the request is refused with INVALID_ARGUMENT rather than served with
-different semantics. Every error names the field.
+different semantics; so is what TGI could not read (a ``top_k`` past i32, a ``json_schema`` that is not JSON to
+serde: NaN, lone surrogates, deeper than serde's recursion limit). Every error names the field.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ from text_generation import errors as tgi_errors
 from text_generation.types import Parameters as TgiParameters
 
 from proxy.errors import InvalidArgument
+from proxy.inputs import MAX_JSON_DEPTH, InputRefused, check_json, may_hold_surrogates
 from proxy.pb.fmaas import generation_pb2 as pb
 
 DEFAULT_MAX_NEW_TOKENS = 20  # TGIS: "Default (0) is currently 20"
@@ -26,6 +29,9 @@ MAX_STOP_SEQUENCES = 6
 MAX_STOP_SEQUENCE_BYTES = 240
 MAX_TOP_N_TOKENS = 5
 MIN_TEMPERATURE = 0.05
+MAX_TOP_K = 2**31 - 1  # TGI reads top_k as an i32
+# TGI parses the whole body with serde's recursion limit; the schema sits three levels down (parameters.grammar.value)
+MAX_SCHEMA_DEPTH = MAX_JSON_DEPTH - 3
 _REGEX_META = set(".^$*+?()[]{}|\\/")
 
 
@@ -81,6 +87,15 @@ def _grammar(decoding: pb.DecodingParameters) -> dict[str, Any] | None:
             schema = json.loads(decoding.json_schema)
         except json.JSONDecodeError as exc:
             raise InvalidArgument(f"params.decoding.json_schema: not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise InvalidArgument(
+                f"params.decoding.json_schema: nested deeper than {MAX_SCHEMA_DEPTH} arrays/objects"
+            ) from None
+        try:
+            check_json(schema, surrogates=may_hold_surrogates(decoding.json_schema), max_depth=MAX_SCHEMA_DEPTH)
+        except InputRefused as exc:
+            where = f"params.decoding.json_schema{'.' + exc.where if exc.where else ''}"
+            raise InvalidArgument(f"{where}: {exc.reason}") from None
         if not isinstance(schema, dict) or not schema:
             raise InvalidArgument("params.decoding.json_schema: must be a non-empty JSON object")
         return {"type": "json", "value": schema}
@@ -113,9 +128,13 @@ def to_tgi(params: pb.Parameters, limits: ModelLimits, *, adapter_id: str | None
             temperature = 1.0  # TGIS: sampling with temperature 0 means "disabled", i.e. 1.0
         if not temperature >= MIN_TEMPERATURE:  # also catches NaN
             raise InvalidArgument(f"params.sampling.temperature: must be >= {MIN_TEMPERATURE}")
+        if math.isinf(temperature):
+            raise InvalidArgument("params.sampling.temperature: must be finite")
         out["do_sample"] = True
         out["temperature"] = _f32(temperature)
         if s.top_k:
+            if s.top_k > MAX_TOP_K:
+                raise InvalidArgument(f"params.sampling.top_k: must be <= {MAX_TOP_K}")
             out["top_k"] = s.top_k
         if s.top_p:
             if not 0.0 < s.top_p <= 1.0:
@@ -135,8 +154,8 @@ def to_tgi(params: pb.Parameters, limits: ModelLimits, *, adapter_id: str | None
     # Decoding
     d = params.decoding
     if d.repetition_penalty:
-        if not d.repetition_penalty > 0.0:
-            raise InvalidArgument("params.decoding.repetition_penalty: must be > 0.0")
+        if not 0.0 < d.repetition_penalty < math.inf:
+            raise InvalidArgument("params.decoding.repetition_penalty: must be > 0.0 and finite")
         out["repetition_penalty"] = _f32(d.repetition_penalty)
     if d.HasField("length_penalty"):
         if not 1.0 <= d.length_penalty.decay_factor <= 10.0:

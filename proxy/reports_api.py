@@ -10,15 +10,22 @@ Every call needs an API key (``authorization: Bearer <key>`` or ``x-api-key``). 
   reveal the load of all of them.
 - An admin key sees everything.
 
-Unknown request id: NOT_FOUND. A malformed query (bad timestamp, ``start >= end``, unknown ``group_by``, page size
-over 1000, a page token that is not ours) is INVALID_ARGUMENT naming the field. A database that cannot be reached is
-UNAVAILABLE with a retry hint.
+A PERMISSION_DENIED message never names the other tenant (a request id must not reveal whose it is).
 
-``GetRequestEnergy`` with ``wait_final`` polls every ``poll_interval_s`` (and asks an in-process metering engine
-for a pass) until the request is final, for up to
-``wait_timeout_ms`` (0: 30 s; at most 600 s) and never past the call's own deadline; on timeout it answers the
-provisional figures (``final: false``), not an error. While waiting it also waits for a request the ledger has not
-written yet (a client usually asks right after its generation returned); NOT_FOUND comes only at the timeout.
+Unknown request id: NOT_FOUND. A malformed query (bad timestamp, ``start >= end``, unknown ``group_by``, page size
+over 1000, a page token that is not ours or out of range, a string that is not printable text of at most
+``MAX_FIELD_CHARS`` characters: a NUL, which PostgreSQL cannot hold) is INVALID_ARGUMENT naming the field, checked
+before any SQL runs. A database that cannot be reached is UNAVAILABLE with a retry hint; any other database error is
+INTERNAL without the SQL text.
+
+``GetRequestEnergy`` with ``wait_final`` polls (and asks an in-process metering engine for a pass) until the request
+is final, for up to ``wait_timeout_ms`` (0: 30 s; at most 600 s) and never past the call's own deadline; on timeout
+it answers the provisional figures (``final: false``), not an error. While waiting it also waits for a request the
+ledger has not written yet (a client usually asks right after its generation returned); NOT_FOUND comes only at the
+timeout. Waits are kept cheap and bounded, so that one tenant's waits cannot starve another tenant's reports: a
+tenant may hold ``MAX_WAITS_PER_TENANT`` waits at once (more: RESOURCE_EXHAUSTED with a retry hint), polls back off
+from ``poll_interval_s`` to ``MAX_POLL_INTERVAL_S``, and at most ``WAIT_QUERY_SLOTS`` polls of all waits run at
+once, leaving the other worker threads to one-shot queries.
 
 Queries run on worker threads (``asyncio.to_thread``) against the synchronous engine, so the event loop that
 serves generation is never blocked by SQL.
@@ -54,10 +61,12 @@ from meter.reports import (
     get_usage,
     list_requests,
 )
+from meter.reports.requests import decode_page_token
 from proxy.auth import Authenticator, Principal
 from proxy.config import Config
-from proxy.errors import GatewayError, InvalidArgument, NotFound, PermissionDenied, Unavailable
-from proxy.grpc_api import abort_with, metadata_dict
+from proxy.errors import GatewayError, Internal, InvalidArgument, NotFound, Overloaded, PermissionDenied, Unavailable
+from proxy.grpc_api import abort_with, internal_error, metadata_dict
+from proxy.inputs import clip
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -67,6 +76,11 @@ SERVICE_NAME = SERVICE.full_name
 DEFAULT_WAIT_MS = 30_000
 MAX_WAIT_MS = 600_000
 MAX_TIMESTAMP_S = (2**63 - 1) // 1_000_000_000  # 2262-04-11: the last second whose ns fit in a BIGINT
+MAX_NS = 2**63 - 1  # a BIGINT
+MAX_FIELD_CHARS = 256  # of a request id, tenant, model, backend or status named in a query
+MAX_WAITS_PER_TENANT = 16
+MAX_POLL_INTERVAL_S = 1.0
+WAIT_QUERY_SLOTS = 2
 
 IDLE_POLICY_PB = {
     IdlePolicy.NONE: pb.IDLE_POLICY_NONE,
@@ -105,6 +119,27 @@ def ns_of(message: Any, field: str) -> int | None:
     if not 0 <= ts.seconds <= MAX_TIMESTAMP_S:
         raise InvalidArgument(f"{field}: must be between 1970-01-01T00:00:00Z and 2262-04-11T23:47:16Z")
     return ts.seconds * 1_000_000_000 + ts.nanos
+
+
+def text_field(field: str, value: str) -> str:
+    """A string of a query, as it may be compared with stored text: printable, at most MAX_FIELD_CHARS."""
+    if len(value) > MAX_FIELD_CHARS:
+        raise InvalidArgument(f"{field}: at most {MAX_FIELD_CHARS} characters, got {len(value)}")
+    if not value.isprintable():
+        raise InvalidArgument(f"{field}: must be printable text (no control characters such as NUL)")
+    return value
+
+
+def checked_page_token(token: str, flt: RequestFilter) -> str:
+    """``token`` once it decodes to a cursor the database can compare (a forged one may hold any number)."""
+    if token:
+        try:
+            received_ns, request_id = decode_page_token(token, flt)
+        except ReportError as exc:
+            raise InvalidArgument(exc.message) from None
+        if not 0 <= received_ns <= MAX_NS or not request_id.isprintable() or len(request_id) > MAX_FIELD_CHARS:
+            raise InvalidArgument("page_token: not a token from a previous ListRequests response")
+    return token
 
 
 def timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -196,9 +231,35 @@ def scoped_tenant(principal: Principal, tenant: str) -> str | None:
     """The tenant a query is limited to: the one asked for (if the key may read it), else the key's own for a
     tenant key, else None (an admin reading every tenant)."""
     if tenant:
-        principal.require_tenant_access(tenant)
+        principal.require_tenant_access(text_field("tenant", tenant))
         return tenant
     return None if principal.admin else principal.tenant
+
+
+class WaitSlots:
+    """How many ``wait_final`` calls each tenant holds; past ``per_tenant``, RESOURCE_EXHAUSTED."""
+
+    def __init__(self, per_tenant: int = MAX_WAITS_PER_TENANT) -> None:
+        self.per_tenant = per_tenant
+        self._held: dict[str, int] = {}
+
+    def held(self, tenant: str) -> int:
+        return self._held.get(tenant, 0)
+
+    def take(self, tenant: str) -> None:
+        if self.held(tenant) >= self.per_tenant:
+            raise Overloaded(
+                f"wait_final: at most {self.per_tenant} waits at once per tenant; retry later or ask without waiting",
+                retry_after_s=1.0,
+            )
+        self._held[tenant] = self.held(tenant) + 1
+
+    def give_back(self, tenant: str) -> None:
+        left = self.held(tenant) - 1
+        if left > 0:
+            self._held[tenant] = left
+        else:
+            self._held.pop(tenant, None)
 
 
 class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
@@ -221,6 +282,8 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         self._nudge = nudge
         self._nudge_interval_s = nudge_interval_s
         self._last_nudge = 0.0
+        self.waits = WaitSlots()
+        self._poll_slots = asyncio.Semaphore(WAIT_QUERY_SLOTS)
 
     def _nudge_engine(self) -> None:
         now = time.monotonic()
@@ -240,13 +303,17 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         except sa.exc.OperationalError as exc:
             log.warning("report_db_unavailable", error=str(exc.orig or exc))
             raise Unavailable("the energy database is unavailable", retry_after_s=1.0) from None
+        except sa.exc.SQLAlchemyError:  # not the caller's doing (inputs are checked first); the SQL stays in the log
+            log.exception("report_query_failed")
+            raise Internal("the energy database could not run the report query") from None
 
     async def _call(self, context: grpc.aio.ServicerContext, method: str, work: Callable[[Principal], Any]) -> Any:
         started = time.perf_counter()
         try:
             principal = await self.auth.authenticate(metadata_dict(context))
             result = await work(principal)
-        except GatewayError as exc:
+        except Exception as caught:
+            exc = caught if isinstance(caught, GatewayError) else internal_error(method, None)
             log.info("report_failed", method=method, code=exc.grpc_code.name, error=exc.message)
             await abort_with(context, exc)
             raise AssertionError("unreachable") from None  # abort raises
@@ -258,48 +325,66 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         async def work(principal: Principal) -> pb.RequestEnergy:
             if not request.request_id:
                 raise InvalidArgument("request_id: missing")
+            request_id = text_field("request_id", request.request_id)
             if request.wait_timeout_ms > MAX_WAIT_MS:
                 raise InvalidArgument(f"wait_timeout_ms: at most {MAX_WAIT_MS}, got {request.wait_timeout_ms}")
-            loop = asyncio.get_running_loop()
             wait_s = (request.wait_timeout_ms or DEFAULT_WAIT_MS) / 1000 if request.wait_final else 0.0
             remaining = context.time_remaining()
             if remaining is not None:  # answer (provisionally) before the client gives up on us
                 wait_s = min(wait_s, max(0.0, remaining - 0.2))
-            give_up = loop.time() + wait_s
-            while True:
-                report = await self._query(lambda c: get_request_energy(c, request.request_id, self.settings))
-                if report is not None:
-                    principal.require_tenant_access(report.tenant)
-                    if report.final:
-                        break
-                left = give_up - loop.time()
-                if left <= 0:
-                    break
-                self._nudge_engine()
-                await asyncio.sleep(min(self.poll_interval_s, left))
+            if wait_s <= 0:
+                report = await self._request_report(principal, request_id)
+            else:
+                self.waits.take(principal.tenant)
+                try:
+                    report = await self._wait_final(principal, request_id, wait_s)
+                finally:
+                    self.waits.give_back(principal.tenant)
             if report is None:
-                raise NotFound(f"request_id: no request {request.request_id!r} has been recorded")
+                raise NotFound(f"request_id: no request {clip(request_id)!r} has been recorded")
             return request_pb(report)
 
         return await self._call(context, "GetRequestEnergy", work)
+
+    async def _request_report(self, principal: Principal, request_id: str) -> RequestReport | None:
+        report = await self._query(lambda c: get_request_energy(c, request_id, self.settings))
+        if report is not None:
+            principal.require_tenant_access(report.tenant)
+        return report
+
+    async def _wait_final(self, principal: Principal, request_id: str, wait_s: float) -> RequestReport | None:
+        """Poll until the request is final or ``wait_s`` is over, backing off; polls share WAIT_QUERY_SLOTS."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + wait_s
+        interval_s = self.poll_interval_s
+        report = await self._request_report(principal, request_id)
+        while report is None or not report.final:
+            left = give_up - loop.time()
+            if left <= 0:
+                break
+            self._nudge_engine()
+            await asyncio.sleep(min(interval_s, left))
+            interval_s = min(interval_s * 1.5, MAX_POLL_INTERVAL_S)
+            async with self._poll_slots:
+                report = await self._request_report(principal, request_id)
+        return report
 
     # -- ListRequests --------------------------------------------------------------------------------------------
     async def ListRequests(self, request: pb.ListRequestsRequest, context: grpc.aio.ServicerContext) -> Any:
         async def work(principal: Principal) -> pb.ListRequestsResponse:
             flt = RequestFilter(
                 tenant=scoped_tenant(principal, request.tenant),
-                model_id=request.model_id or None,
-                backend=request.backend or None,
-                status=request.status or None,
+                model_id=text_field("model_id", request.model_id) or None,
+                backend=text_field("backend", request.backend) or None,
+                status=text_field("status", request.status) or None,
                 start_ns=ns_of(request, "start"),
                 end_ns=ns_of(request, "end"),
             )
             if flt.start_ns is not None and flt.end_ns is not None and flt.start_ns >= flt.end_ns:
                 raise InvalidArgument("end: must be after start")
+            token = checked_page_token(request.page_token, flt)
             page = await self._query(
-                lambda c: list_requests(
-                    c, flt, self.settings, page_size=request.page_size, page_token=request.page_token
-                )
+                lambda c: list_requests(c, flt, self.settings, page_size=request.page_size, page_token=token)
             )
             return pb.ListRequestsResponse(
                 requests=[request_pb(r) for r in page.requests], next_page_token=page.next_page_token

@@ -6,7 +6,9 @@ Two layers, as in TGI:
    ``Failed to parse the request body as JSON: ...``; JSON of the wrong shape (missing ``inputs``, a string where a
    number goes, a negative ``max_new_tokens``) with HTTP 422 ``Failed to deserialize the JSON body into the target
    type: <path>: <serde message>``; a request without ``Content-Type: application/json`` with HTTP 415. All plain text.
-   (serde's ``at line L column C`` suffix is left out.)
+   (serde's ``at line L column C`` suffix is left out of data errors.) A lone UTF-16 surrogate escape (``"\ud800"``),
+   which Python's ``json`` reads but serde refuses when it reads a ``String``, is a syntax error (400) with serde's
+   message and position, like TGI's.
 2. Validation (``router/src/validation.rs``, ``Validation::validate``), in TGI's order and with TGI's messages;
    the HTTP layer prefixes ``Input validation error: `` and answers 422 ``{"error", "error_type": "validation"}``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -193,9 +196,72 @@ def read_json(body: bytes, content_type: str | None) -> Any:
     if not (mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))):
         raise BodyRejection(415, "Expected request with `Content-Type: application/json`")
     try:
-        return json.loads(body)
+        doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BodyRejection(400, f"Failed to parse the request body as JSON: {_serde_syntax_message(e)}") from None
+    if _SURROGATE_ESCAPE.search(body):
+        lone = _lone_surrogate(body)
+        if lone is not None:
+            path = _surrogate_path(doc)
+            prefix = f"{path}: " if path else ""
+            raise BodyRejection(400, f"Failed to parse the request body as JSON: {prefix}{lone}")
+    return doc
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_ESCAPE = re.compile(rb"\\(?:u([0-9a-fA-F]{4})|.)", re.DOTALL)
+
+
+def _at(body: bytes, index: int) -> str:
+    """serde's position of the byte ``index`` bytes into the body: ``at line L column C``."""
+    line = body.count(b"\n", 0, index) + 1
+    column = index - (body.rfind(b"\n", 0, index) + 1)
+    return f"at line {line} column {column}"
+
+
+def _lone_surrogate(body: bytes) -> str | None:
+    """serde_json's error for the first unpaired surrogate escape in ``body`` (valid JSON), or None."""
+    high_end: int | None = None  # where the escape of a leading surrogate waiting for its pair ended
+    for m in _ESCAPE.finditer(body):
+        unit = int(m.group(1), 16) if m.group(1) else None
+        if high_end is not None:
+            if m.start() != high_end:  # the next byte is no backslash: serde reads it, then gives up
+                return f"unexpected end of hex escape {_at(body, high_end + 1)}"
+            if unit is None:  # a backslash, but not \u
+                return f"unexpected end of hex escape {_at(body, high_end + 2)}"
+            if not 0xDC00 <= unit <= 0xDFFF:
+                return f"lone leading surrogate in hex escape {_at(body, m.end())}"
+            high_end = None
+        elif unit is not None and 0xDC00 <= unit <= 0xDFFF:
+            return f"lone leading surrogate in hex escape {_at(body, m.end())}"
+        elif unit is not None and 0xD800 <= unit <= 0xDBFF:
+            high_end = m.end()
+    if high_end is not None:
+        return f"unexpected end of hex escape {_at(body, high_end + 1)}"
+    return None
+
+
+def _surrogate_path(doc: Any, path: str = "") -> str | None:
+    """The serde_path_to_error path of the first string (or key) holding a lone surrogate, in document order."""
+    if isinstance(doc, str):
+        return path if not doc.isascii() and _unencodable(doc) else None
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, value in items:
+        here = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else key)
+        if isinstance(key, str) and _unencodable(key):
+            return path or "."
+        found = _surrogate_path(value, here)
+        if found is not None:
+            return found
+    return None
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 _SERDE_SYNTAX = {

@@ -11,6 +11,12 @@ scrape through a network policy). Everything else, ``/info`` and ``/v1/models`` 
 
 Handlers are cancelled when their client disconnects (``handler_cancellation``), which closes the backend stream.
 ``stop(grace)`` stops listening, lets calls in flight finish for up to ``grace`` seconds, then cancels the rest.
+
+A client's mistake is a 4xx, whatever it is: a header the gateway reads whose value is not printable ASCII (400,
+naming the header: see ``proxy.inputs``), a wrong method (405), a body over ``max_body_bytes`` once decompressed
+(413; compressed bodies are inflated chunk by chunk and stopped at the limit), a body that does not decompress
+(400), a request head that does not arrive within ``head_timeout_s`` (408, ``proxy.http.deadline``). A 500 means a
+bug of the gateway. Metric labels are bounded: route templates, a fixed set of methods, status codes.
 """
 
 from __future__ import annotations
@@ -21,25 +27,43 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.auth import Authenticator, requested_class
-from proxy.errors import GatewayError, NotFound
+from proxy.errors import Cancelled, GatewayError, MalformedRequest, NotFound, PayloadTooLarge
 from proxy.gateway import Gateway
 from proxy.http import wire
 from proxy.http.context import CALL_KEY, Call, Services, call_of, new_request_id
+from proxy.http.deadline import HEAD_TIMEOUT_S, HeadDeadlines
 from proxy.http.errors import error_response
-from proxy.http.metrics import HTTP_DURATION, HTTP_REQUESTS
+from proxy.http.metrics import HTTP_DURATION, HTTP_REQUESTS, method_label
 from proxy.http.openai_routes import OpenAIRoutes
-from proxy.http.tgi_routes import TgiRoutes
+from proxy.http.tgi_routes import MODEL_HEADER, TgiRoutes
+from proxy.inputs import InputRefused, clip, headers_of_interest
 from proxy.metrics import REGISTRY
 from proxy.params import ModelLimits
 
 log = structlog.get_logger(__name__)
 
 PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/ping"), ("GET", "/metrics")})
+# TGI's default --payload-limit is 2 MB; twice that leaves room for a TGI configured higher
+MAX_BODY_BYTES = 4 * 1024 * 1024
+# The headers the gateway reads: each must be printable ASCII (``proxy.inputs``) before anything keeps or echoes it.
+READ_HEADERS = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class", MODEL_HEADER)
+# An HTTPException's own headers that describe its (text) body: the gateway writes a JSON body of its own.
+_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _why(exc: BaseException) -> str:
+    """What was wrong with a body aiohttp could not read (its own exceptions wrap the parser's)."""
+    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) and exc.__cause__ is not None else exc
+    if isinstance(cause, http_exceptions.ContentEncodingError):
+        return "it does not decompress as its Content-Encoding says"
+    if isinstance(cause, http_exceptions.HttpProcessingError) and cause.message:
+        return clip(cause.message, 200)
+    return type(cause).__name__
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -56,17 +80,21 @@ class HttpFrontDoor:
         limits: Mapping[str, ModelLimits] | None = None,
         *,
         max_batch_requests: int = 64,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        head_timeout_s: float = HEAD_TIMEOUT_S,
     ) -> None:
         self.services = Services(gateway, auth, dict(limits or {}), max_batch_requests)
+        self.max_body_bytes = max_body_bytes
+        self.deadlines = HeadDeadlines(head_timeout_s)
         self.port = 0
         self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
+        self._server: asyncio.Server | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body_bytes)
         TgiRoutes(self.services).add_to(app)
         OpenAIRoutes(self.services).add_to(app)
         app.router.add_get("/metrics", self._metrics)
@@ -87,8 +115,9 @@ class HttpFrontDoor:
         self.port = sock.getsockname()[1]
         runner = web.AppRunner(self.application(), handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        self._site = web.SockSite(runner, sock)
-        await self._site.start()
+        assert runner.server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.deadlines.factory(runner.server), sock=sock)
         self._runner = runner
         log.info("http_started", listen=listen, port=self.port)
         return self.port
@@ -98,20 +127,23 @@ class HttpFrontDoor:
         runner, self._runner = self._runner, None
         if runner is None:
             return
-        if self._site is not None:
-            await self._site.stop()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()  # stop listening; connections stay until the runner's cleanup
         try:
             await asyncio.wait_for(self._idle.wait(), grace_s)
         except TimeoutError:
             log.warning("http_drain_timeout", in_flight=self._in_flight, grace_s=grace_s)
         await runner.cleanup()
+        if server is not None:
+            await server.wait_closed()
 
     # -- the middleware ------------------------------------------------------------------------------------------
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         received_ns = time.time_ns()
+        self.deadlines.head_arrived(request.transport)
         call = Call(request_id=new_request_id(), received_ns=received_ns)
-        call.correlation_id = request.headers.get("x-correlation-id")
         request[CALL_KEY] = call
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
@@ -126,14 +158,20 @@ class HttpFrontDoor:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-            HTTP_REQUESTS.labels(route, request.method, str(status)).inc()
+            self.deadlines.request_done(request.transport)
+            HTTP_REQUESTS.labels(route, method_label(request.method), str(status)).inc()
             HTTP_DURATION.labels(route).observe((time.time_ns() - received_ns) / 1e9)
 
     async def _guarded(self, request: web.Request, handler: Handler, call: Call, route: str) -> web.StreamResponse:
-        structlog.contextvars.bind_contextvars(request_id=call.request_id, correlation_id=call.correlation_id)
+        structlog.contextvars.bind_contextvars(request_id=call.request_id)
         try:
+            try:
+                headers = headers_of_interest(request.headers, READ_HEADERS)
+            except InputRefused as exc:
+                raise MalformedRequest(str(exc)) from None
+            call.correlation_id = headers.get("x-correlation-id")
+            structlog.contextvars.bind_contextvars(correlation_id=call.correlation_id)
             if route != "unmatched" and (request.method, route) not in PUBLIC_ROUTES:
-                headers = {k.lower(): v for k, v in request.headers.items()}
                 call.principal = await self.services.auth.authenticate(headers)
                 call.traffic_class = requested_class(headers.get("x-traffic-class"), call.principal)
                 structlog.contextvars.bind_contextvars(tenant=call.principal.tenant)
@@ -142,15 +180,27 @@ class HttpFrontDoor:
             log.info("http_request_failed", route=route, status=exc.http_status, error=exc.message)
             return error_response(exc, call.headers())
         except web.HTTPException as exc:
-            if exc.status == 404:
-                return error_response(NotFound(f"no route {request.method} {request.path}"), call.headers())
-            body = wire.error_body(exc.reason, "http")
-            return wire.json_response(body, status=exc.status, headers={**exc.headers, **call.headers()})
+            return self._http_exception(request, exc, call)
+        except (web.RequestPayloadError, http_exceptions.HttpProcessingError) as exc:  # the body could not be read
+            return error_response(MalformedRequest(f"Failed to read the request body: {_why(exc)}"), call.headers())
+        except ConnectionError:  # the client went away while we read its body: nobody to answer
+            return error_response(Cancelled("the client went away"), call.headers())
         except Exception:
             log.exception("http_request_crashed", route=route)
             return wire.json_response(wire.error_body("internal error", "internal"), status=500, headers=call.headers())
         finally:
             structlog.contextvars.unbind_contextvars("request_id", "correlation_id", "tenant")
+
+    def _http_exception(self, request: web.Request, exc: web.HTTPException, call: Call) -> web.StreamResponse:
+        """aiohttp's own refusals (no route, wrong method, body too large) as TGI-style JSON errors."""
+        if exc.status == 404:
+            return error_response(NotFound(f"no route {clip(request.method)} {clip(request.path)}"), call.headers())
+        if exc.status == 413:
+            limit = f"{self.max_body_bytes} bytes"
+            return error_response(PayloadTooLarge(f"the request body is larger than {limit}"), call.headers())
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}  # keeps Allow on a 405
+        body = wire.error_body(exc.reason, "http")
+        return wire.json_response(body, status=exc.status, headers={**headers, **call.headers()})
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         """Prometheus text of the gateway's registry (``proxy.metrics.REGISTRY``)."""

@@ -1,9 +1,13 @@
 """Request bodies: checked for shape the way TGI's axum ``Json`` extractor checks them, then forwarded untouched.
 
 The gateway reads only what it needs (inputs, stream flag, max_new_tokens, model) and leaves every range check to
-TGI, whose messages clients already know. But a body of the wrong *shape* must be refused here: TGI would answer it
-with a plain-text 422 that the gateway could not pass on as a TGI error. Unknown fields are allowed (serde ignores
-them too). The body forwarded to TGI is the client's own dict, not a re-serialised model, so nothing is lost.
+TGI, whose messages clients already know. But a body of the wrong *shape* is refused here, with the field named,
+rather than costing a backend round trip (TGI would answer it with axum's plain-text 422, which the gateway passes on
+as ``BodyRejected``). Unknown fields are allowed (serde ignores them too). The body forwarded to TGI is the client's
+own dict, not a re-serialised model, so nothing is lost.
+
+What is not JSON to TGI's parser is refused with 400 naming the field even though Python's ``json`` reads it:
+``NaN``/``Infinity``, lone UTF-16 surrogates, nesting past serde's recursion limit (``proxy.inputs.check_json``).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from proxy.errors import InvalidArgument
 from proxy.http.errors import MalformedBody
+from proxy.inputs import InputRefused, check_json, clip, may_hold_surrogates
 
 U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
+I32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 class _Shape(BaseModel):
@@ -44,7 +50,7 @@ class _Parameters(_Shape):
     seed: U64 | None = None
     stop: list[str] = []
     temperature: float | None = None
-    top_k: int | None = None
+    top_k: I32 | None = None
     top_n_tokens: U32 | None = None
     top_p: float | None = None
     truncate: U32 | None = None
@@ -118,9 +124,16 @@ class CompletionBody:
 def read_json(raw: bytes) -> Any:
     """Parse a body (any Content-Type: curl's ``-d`` sends form encoding, and TGI's 415 helps nobody)."""
     try:
-        return json.loads(raw)
+        doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedBody(f"Failed to parse the request body as JSON: {clip(str(exc), 200)}") from None
+    except RecursionError:
+        raise MalformedBody("Failed to parse the request body as JSON: recursion limit exceeded") from None
+    try:
+        check_json(doc, surrogates=may_hold_surrogates(raw))
+    except InputRefused as exc:
         raise MalformedBody(f"Failed to parse the request body as JSON: {exc}") from None
+    return doc
 
 
 def _check(model: type[_Shape], doc: Any) -> Any:

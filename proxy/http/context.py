@@ -22,7 +22,7 @@ class Call:
     received_ns: int
     correlation_id: str | None = None
     principal: Principal | None = None  # None on the public routes
-    traffic_class: str = "default"
+    traffic_class: str = "default"  # as asked for (header or key): a configured class only once ``job`` resolved it
 
     @property
     def tenant(self) -> str:
@@ -37,6 +37,7 @@ class Call:
 
     def job(
         self,
+        gateway: Gateway,
         *,
         model_id: str,
         inputs: str,
@@ -45,6 +46,9 @@ class Call:
         max_new_tokens: int,
         request_id: str | None = None,
     ) -> Job:
+        """The gateway's Job for this call; the traffic class resolved to one of ``model_id``'s configured classes
+        (InvalidArgument otherwise), so that no other name ever reaches a metric label or a ledger row."""
+        traffic_class = gateway.resolve_class(model_id, self.traffic_class)
         return Job(
             request_id=request_id or self.request_id,
             model_id=model_id,
@@ -53,7 +57,7 @@ class Call:
             body=body,
             route=route,
             max_new_tokens=max_new_tokens,
-            traffic_class=self.traffic_class,
+            traffic_class=traffic_class,
             api=Api.HTTP,
             correlation_id=self.correlation_id,
             received_ns=self.received_ns,

@@ -2,9 +2,10 @@
 
 Two ways to fail a stream, chosen by where the failure came from (``in_stream``):
 
-- TGI itself never fails ``/generate_stream`` with a status code: validation errors, overload and generation
-  failures arrive inside an HTTP 200 stream as one ``{"error", "error_type"}`` event. Whatever a *backend* refused
-  is passed on the same way, so clients see what TGI would have shown them.
+- TGI itself never fails ``/generate_stream`` with a status code once it has read the body: validation errors,
+  overload and generation failures arrive inside an HTTP 200 stream as one ``{"error", "error_type"}`` event.
+  Whatever a *backend* refused is passed on the same way, so clients see what TGI would have shown them. (A body
+  axum could not read at all is answered with a plain-text status; ``BodyRejected`` keeps that status.)
 - What only the gateway can refuse (a missing key, an unknown model, its own full queue, no healthy backend, a
   drain) happens before any backend is involved and keeps its HTTP status (401, 404, 429 with Retry-After, 503).
 
@@ -18,16 +19,14 @@ import re
 
 from aiohttp import web
 
-from proxy.errors import GatewayError, GenerationFailed, InvalidArgument, Overloaded
+from proxy.errors import BodyRejected, GatewayError, GenerationFailed, InvalidArgument, MalformedRequest, Overloaded
 from proxy.http import wire
 
 _BACKEND_PREFIX = re.compile(r"^backend \S+: ")
 
 
-class MalformedBody(InvalidArgument):
+class MalformedBody(MalformedRequest):
     """The body is not JSON at all (axum answers 400 here, 422 for JSON of the wrong shape)."""
-
-    http_status = 400
 
 
 def client_message(exc: GatewayError) -> str:
@@ -54,6 +53,8 @@ def in_stream(exc: GatewayError, *, released: bool) -> bool:
     """
     if not released:
         return False  # refused before any backend saw it: the gateway's own answer, with its status
+    if isinstance(exc, BodyRejected):
+        return False  # axum refused the body before TGI's stream began: TGI answers it with its status too
     return isinstance(exc, InvalidArgument | Overloaded | GenerationFailed)
 
 

@@ -72,7 +72,14 @@ class OpenAIRoutes:
         model_id = self._model(body.model)
         max_tokens = check_max_new_tokens(self.s, model_id, body.max_tokens, "max_tokens")
         upstream = {**body.doc, "model": "tgi", "stream": True, "stream_options": {"include_usage": True}}
-        job = call.job(model_id=model_id, inputs=body.text, body=upstream, route=CHAT_ROUTE, max_new_tokens=max_tokens)
+        job = call.job(
+            self.s.gateway,
+            model_id=model_id,
+            inputs=body.text,
+            body=upstream,
+            route=CHAT_ROUTE,
+            max_new_tokens=max_tokens,
+        )
         handed_ns = time.time_ns()
         result = StreamResult()
         if not body.stream:
@@ -114,6 +121,7 @@ class OpenAIRoutes:
         ids = [call.request_id] if n == 1 else [f"{call.request_id}-{i}" for i in range(n)]
         jobs = [
             call.job(
+                self.s.gateway,
                 model_id=model_id,
                 inputs=prompt,
                 body={**body.doc, "prompt": prompt, "model": "tgi", "stream": True},

@@ -94,7 +94,12 @@ class TgiRoutes:
         upstream = {k: v for k, v in body.doc.items() if k != "stream"}
         upstream["parameters"] = params
         return call.job(
-            model_id=model_id, inputs=body.inputs, body=upstream, route=UPSTREAM_ROUTE, max_new_tokens=max_new_tokens
+            self.s.gateway,
+            model_id=model_id,
+            inputs=body.inputs,
+            body=upstream,
+            route=UPSTREAM_ROUTE,
+            max_new_tokens=max_new_tokens,
         )
 
     async def _unary(self, request: web.Request, body: GenerateBody, *, compat: bool) -> web.StreamResponse:

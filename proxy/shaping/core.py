@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from proxy.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from proxy.inputs import clip
 from proxy.metrics import tenant_label
 from proxy.shaping import metrics as m
 from proxy.shaping.config import DEFAULT_CLASS, ClassConfig, Policy, ShapingConfig
@@ -216,7 +217,7 @@ class ShapingCore:
         if not name or name == DEFAULT_CLASS:
             return self.classes[self.cfg.default_class]
         origin = getattr(name, "origin", "x-traffic-class")  # proxy.auth.RequestedClass: the header or the key
-        raise InvalidArgument(f"{origin}: unknown class {str(name)!r} (known: {', '.join(self.classes)})")
+        raise InvalidArgument(f"{origin}: unknown class {clip(str(name))!r} (known: {', '.join(self.classes)})")
 
     def admit(self, entry: Entry, now_s: float) -> None:
         """Queue ``entry`` (held in its class) or raise Overloaded / Unavailable / InvalidArgument."""

@@ -93,6 +93,10 @@ class ArrivalShaper:
     def queued(self) -> int:
         return self.core.requests
 
+    def resolve_class(self, name: str) -> str:
+        """The configured class ``name`` means (``default`` or "": the default class); else InvalidArgument."""
+        return self.core.resolve_class(name).name
+
     async def acquire(self, job: Job, pool: BackendPool) -> Lease:
         if self.core.draining:
             raise Unavailable("gateway is shutting down", retry_after_s=1.0)
