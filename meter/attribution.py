@@ -11,17 +11,27 @@ Time. A counter reading taken at wall-clock ``t`` shows the energy the GPUs had 
 back by ``policy.lag_ns`` into *work time*; the span covered is ``[t_first - lag, t_last - lag]``. Reading interval
 ``i`` is ``[t_i - lag, t_{i+1} - lag]`` and carries ``E_i = energy_{i+1} - energy_i`` millijoules.
 
-What a request was doing. Only requests with a backend and a release time own energy; every such timeline passed in
-is taken to have run on the backend the readings belong to. A request's on-GPU window is
-``[released_ns, done_ns]``, cut into three phases:
+What a request was doing. Only requests that made their backend's GPU work own energy (``Timeline.on_gpu``, the
+billing rule of ``meter.timeline``: released to a backend and not refused by it); every such timeline passed in is
+taken to have run on the backend the readings belong to. A request's on-GPU window is ``[released_ns, done_ns]``,
+cut into three phases around the end of its prefill step, ``prefill_end`` (``Timeline.prefill_end_ns``): its first
+token, or, for a request that ended without one (it failed at prefill, was cancelled, hit its deadline), the moment
+it ended:
 
-- *prefill step* ``[max(released, first_token - est), first_token]``. TGI prefills the requests that joined the
+- *prefill step* ``[max(released, prefill_end - est), prefill_end]``. TGI prefills the requests that joined the
   running batch together, in one step that ends with their first tokens, so
-  ``est = prefill_overhead_ns + (prompt tokens of every request whose first token is within batch_tolerance_ns of
+  ``est = prefill_overhead_ns + (prompt tokens of every request whose prefill_end is within batch_tolerance_ns of
   this one's) / prefill_tokens_per_s``;
 - *wait* ``[released, prefill step start)``: released to TGI, queued there for its prefill;
-- *decode* ``(first_token, done]``.
-  A request without a first token never decoded: its whole window is *wait*.
+- *decode* ``(first_token, done]``; a request without a first token has no decode.
+
+Abandoned prefills. A request that ends without a first token owns the prefill step the engine ran for it, modelled
+as a step ending when it ended. The assumption behind that: the step was cut when the request left, as the
+simulator does (it drops the request from the step at the cancel and finishes the step for the others, or idles if
+none is left). A real TGI finishes a step in flight even when one of its requests has gone, so on a GPU the bill
+may miss the rest of that step (it goes to the step's other requests, or to idle); the request still pays for the
+part of its prefill before it left, never less than nothing, and a step that errors at its end (``generation``
+errors) is billed whole.
 
 Who owns an instant. At every instant the energy goes to exactly one class, by precedence:
 
@@ -156,7 +166,8 @@ class _Request:
     released_ns: int
     done_ns: int
     prefill_start_ns: int  # end of the wait, start of the prefill step
-    first_token_ns: int | None
+    prefill_end_ns: int  # end of the prefill step: the first token, or the end of a request that got none
+    decodes: bool  # it got a first token: (prefill_end, done] is decode
     prompt_tokens: int
 
 
@@ -255,28 +266,36 @@ def _on_gpu_requests(timelines: Iterable[Timeline], policy: AttributionPolicy) -
         by_id[tl.request_id] = tl
     live = [by_id[rid] for rid in sorted(by_id) if by_id[rid].on_gpu]
 
-    # One prefill step serves every request whose first token is within the tolerance of this one's.
-    with_first = sorted((tl.first_token_ns, tl.prompt_tokens) for tl in live if tl.first_token_ns is not None)
-    first_ns = [f for f, _ in with_first]
+    # One prefill step serves every request whose prefill ends within the tolerance of this one's.
+    ends = {tl.request_id: tl.prefill_end_ns for tl in live}
+    with_end = sorted((end, tl.prompt_tokens) for tl in live if (end := ends[tl.request_id]) is not None)
+    end_ns = [f for f, _ in with_end]
     prefix_tokens = [0]
-    for _, p in with_first:
+    for _, p in with_end:
         prefix_tokens.append(prefix_tokens[-1] + p)
     tol_ns = policy.batch_tolerance_ns
 
     out: list[_Request] = []
     for tl in live:
         released_ns = tl.released_ns
-        assert released_ns is not None  # on_gpu
-        first = tl.first_token_ns
-        if first is None:
-            prefill_start_ns = tl.done_ns  # no prefill step: the whole window is wait
-        else:
-            lo = bisect_left(first_ns, first - tol_ns)
-            hi = bisect_right(first_ns, first + tol_ns)
-            batch_tokens = prefix_tokens[hi] - prefix_tokens[lo]
-            est_ns = policy.prefill_overhead_ns + round(batch_tokens * _NS_PER_S / policy.prefill_tokens_per_s)
-            prefill_start_ns = max(released_ns, first - est_ns)
-        out.append(_Request(tl.request_id, released_ns, tl.done_ns, prefill_start_ns, first, tl.prompt_tokens))
+        prefill_end = ends[tl.request_id]
+        assert released_ns is not None and prefill_end is not None  # on_gpu
+        lo = bisect_left(end_ns, prefill_end - tol_ns)
+        hi = bisect_right(end_ns, prefill_end + tol_ns)
+        batch_tokens = prefix_tokens[hi] - prefix_tokens[lo]
+        est_ns = policy.prefill_overhead_ns + round(batch_tokens * _NS_PER_S / policy.prefill_tokens_per_s)
+        prefill_start_ns = max(released_ns, prefill_end - est_ns)
+        out.append(
+            _Request(
+                tl.request_id,
+                released_ns,
+                tl.done_ns,
+                prefill_start_ns,
+                prefill_end,
+                tl.first_token_ns is not None,
+                tl.prompt_tokens,
+            )
+        )
     return out
 
 
@@ -307,18 +326,17 @@ def _float_shares(
             bump(req.prefill_start_ns, 0, -1)
             bump(req.released_ns, 4, req.prompt_tokens)
             bump(req.prefill_start_ns, 4, -req.prompt_tokens)
-        first = req.first_token_ns
-        if first is not None:
-            if first > req.prefill_start_ns:
-                bump(req.prefill_start_ns, 1, req.prompt_tokens)
-                bump(req.prefill_start_ns, 2, 1)
-                bump(first, 1, -req.prompt_tokens)
-                bump(first, 2, -1)
-            if first not in deltas:
-                deltas[first] = list(zero)
-            if req.done_ns > first:
-                bump(first, 3, 1)
-                bump(req.done_ns, 3, -1)
+        end = req.prefill_end_ns
+        if end > req.prefill_start_ns:
+            bump(req.prefill_start_ns, 1, req.prompt_tokens)
+            bump(req.prefill_start_ns, 2, 1)
+            bump(end, 1, -req.prompt_tokens)
+            bump(end, 2, -1)
+        if end not in deltas:
+            deltas[end] = list(zero)
+        if req.decodes and req.done_ns > end:
+            bump(end, 3, 1)
+            bump(req.done_ns, 3, -1)
     for t_ns in bounds_ns:
         if t_ns not in deltas:
             deltas[t_ns] = list(zero)
@@ -406,15 +424,12 @@ def _float_shares(
             pre = req.prompt_tokens * (c_wait_tok[k_pre] - c_wait_tok[k_rel])
         else:
             pre = c_wait_eq[k_pre] - c_wait_eq[k_rel]
-        dec = 0.0
-        first = req.first_token_ns
-        if first is not None:
-            k_first = index[first]
-            if req.prompt_tokens:
-                pre += req.prompt_tokens * (c_tok[k_first] - c_tok[k_pre])
-            else:
-                pre += c_eq[k_first] - c_eq[k_pre]
-            dec = c_dec[index[req.done_ns]] - c_dec[k_first]
+        k_end = index[req.prefill_end_ns]
+        if req.prompt_tokens:
+            pre += req.prompt_tokens * (c_tok[k_end] - c_tok[k_pre])
+        else:
+            pre += c_eq[k_end] - c_eq[k_pre]
+        dec = c_dec[index[req.done_ns]] - c_dec[k_end] if req.decodes else 0.0
         prefill[req.request_id] = max(0.0, pre)
         decode[req.request_id] = max(0.0, dec)
     return prefill, decode, max(0.0, idle_total)

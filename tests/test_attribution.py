@@ -61,6 +61,7 @@ def tl(
     prompt: int = 0,
     generated: int = 10,
     backend: str | None = "b0",
+    status: str = "OK",
 ) -> Timeline:
     rel_ns = None if released_ms is None else ms(released_ms)
     received = ms(0) if rel_ns is None else rel_ns
@@ -75,6 +76,7 @@ def tl(
         ms(done_ms),
         prompt,
         generated,
+        status=status,
     )
 
 
@@ -182,14 +184,48 @@ def test_one_prefill_step_for_first_tokens_within_tolerance():
     assert alone.requests["A"].prefill_mj in (137, 138)
 
 
-def test_request_without_first_token_waits_and_yields_to_decode():
-    # W never got a token: its window [100, 300] is wait, booked as prefill. D decodes (200, 400].
-    # [100, 200]: only W -> 1000. [200, 300]: decode wins -> D. W gets 1000, all as prefill.
+def test_a_request_that_ends_without_a_token_owns_the_prefill_step_it_ended_in():
+    # W failed at prefill: released at 100, no token, ended at 300. Its 2,000-token prompt is a 100 ms step (no
+    # overhead), so its step is [200, 300] and it waited [100, 200]. D decodes (200, 400]: the prefill step wins
+    # [200, 300] over D's decode (TGI pauses the running batch for a prefill), D gets (300, 400].
     pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0)
-    a = attribute(grid([1000] * 5), [tl("W", 100, None, 300), tl("D", 200, 200, 400)], pol)
-    assert a.requests["W"] == PhaseEnergy(1000, 0, 200 * MS)
-    assert a.requests["D"] == PhaseEnergy(0, 2000, 200 * MS)
-    assert a.idle_mj == 2000
+    for status in ("INTERNAL", "CANCELLED", "DEADLINE_EXCEEDED", "OK"):
+        w = tl("W", 100, None, 300, prompt=2000, generated=0, status=status)
+        a = attribute(grid([1000] * 5), [w, tl("D", 200, 200, 400)], pol)
+        assert a.requests["W"] == PhaseEnergy(2000, 0, 200 * MS), status
+        assert a.requests["D"] == PhaseEnergy(0, 1000, 200 * MS)
+        assert a.idle_mj == 2000
+    # Cancelled 50 ms after its release, less than its step's estimate: the step is clipped to its release. In the
+    # reading [200, 300] it weighs prefill_power_ratio (2) x 50 ms against D's 50 ms of decode: 2/3 of 1000 mJ.
+    a = attribute(grid([1000] * 5), [tl("W", 250, None, 300, prompt=2000, status="CANCELLED"), tl("D", 200, 200, 400)],
+                  pol)  # fmt: skip
+    assert a.requests["W"].prefill_mj == 667 and a.requests["D"].decode_mj == 1333
+
+
+def test_a_request_its_backend_refused_owns_nothing_and_yields_to_everyone():
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0)
+    for status in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
+        r = tl("R", 100, None, 300, prompt=2000, generated=0, status=status)
+        assert not r.on_gpu and r.prefill_end_ns is None
+        a = attribute(grid([1000] * 5), [r, tl("D", 200, 200, 400)], pol)
+        assert "R" not in a.requests and a.requests["D"] == PhaseEnergy(0, 2000, 200 * MS)
+        assert a.idle_mj == 3000  # [100, 200] is idle: nobody was on the GPU
+    # A first token means it was prefilled, whatever its status says afterwards.
+    assert tl("X", 100, 150, 300, status="UNAVAILABLE").on_gpu
+
+
+def test_an_abandoned_prefill_joins_the_step_of_first_tokens_within_the_tolerance():
+    # F failed at the end of the step that gave G its first token 1 ms later: one step of 2 x 1,000 tokens (100 ms),
+    # so F's step is [200, 300], [200, 201] its own and [201, 300] shared with G by tokens: 1000 x 50.5/100 of that
+    # reading. D decodes all along and gets none of it (a prefill step pauses the running batch).
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0, batch_tolerance_ns=2 * MS)
+    f = tl("F", 100, None, 300, prompt=1000, generated=0, status="INTERNAL")
+    d = tl("D", 100, 100, 400)
+    a = attribute(grid([1000] * 5), [f, tl("G", 100, 301, 400, prompt=1000), d], pol)
+    assert a.requests["F"].prefill_mj == 505
+    # G's first token 4 ms later is another step: F's own is 50 ms, [250, 300], and D decodes [200, 250].
+    alone = attribute(grid([1000] * 5), [f, tl("G", 100, 304, 400, prompt=1000), d], pol)
+    assert alone.requests["F"].prefill_mj == 360  # weights in [200, 300]: D 50, F 2 x (4 + 46/2), G 2 x 46/2
 
 
 def test_requests_off_the_gpu_get_nothing():
