@@ -60,6 +60,8 @@ Row = tuple[Any, ...]  # one database row, in meter.store.bulk's column order
 # Record kinds, as stored in the journal under "k".
 START, TIMELINE, SAMPLE = "s", "t", "m"
 _COLUMNS = {START: START_COLUMNS, TIMELINE: TIMELINE_COLUMNS, SAMPLE: SAMPLE_COLUMNS}
+# Values for columns a journal record written by an older version does not have.
+_MISSING = {"prompt_tokens_estimated": False}
 
 # SQLSTATEs that mean "not now" rather than "never": connection exceptions, insufficient resources, operator
 # intervention (admin shutdown, cannot connect now), transaction rollback (serialization failure, deadlock), and
@@ -128,6 +130,7 @@ def timeline_row(t: Timeline) -> Row:
         t.first_token_ns,
         t.done_ns,
         t.prompt_tokens,
+        t.prompt_tokens_estimated,
         t.generated_tokens,
     )
 
@@ -186,7 +189,7 @@ class _Batch:
             if kind not in adders:
                 log.warning("ledger: skipping a journal record of unknown kind", kind=kind)
                 continue
-            adders[kind](tuple(r.get(c) for c in _COLUMNS[kind]))
+            adders[kind](tuple(r.get(c, _MISSING.get(c)) for c in _COLUMNS[kind]))
         return b
 
     def to_records(self) -> list[Record]:
