@@ -35,7 +35,7 @@ from proxy.metering import build_meter_service
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
 from proxy.reports_api import SERVICE as ENERGY_REPORTS
-from proxy.reports_api import EnergyReportsServicer, settings_from_config
+from proxy.reports_api import EnergyReportsServicer, seed_billing_settings, settings_from_config
 from proxy.shaping import build_shapers
 
 log = structlog.get_logger(__name__)
@@ -115,6 +115,7 @@ class GatewayApp:
     async def start(self) -> None:
         cfg = self.config
         await asyncio.to_thread(ensure_schema, self.engine)
+        await asyncio.to_thread(seed_billing_settings, cfg, self.engine, "joulegate serve")
         self.ledger.start()
         ENERGY_METRICS.attach(
             self.engine,
@@ -160,7 +161,7 @@ class GatewayApp:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish (up to the grace), flush the ledger."""
         grace = self.config.server.drain_grace_s if grace_s is None else grace_s
         await asyncio.gather(*(s.drain() for s in self.shapers.values()))
-        self.gateway.draining = True
+        self.gateway.begin_drain(grace)
         await self._update_health()
         log.info("gateway_draining", grace_s=grace)
         await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
@@ -169,6 +170,7 @@ class GatewayApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.gateway.flush_records()  # timelines waiting for a backend's prompt count, before the pools close
         await asyncio.gather(*(p.close() for p in self.pools.values()))
         if self.meter is not None:  # after the last request, before the ledger's last flush
             await asyncio.to_thread(self.meter.stop)

@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meter.timeline import Api
 from proxy.auth import Authenticator
 from proxy.errors import GatewayError, NotFound
 from proxy.gateway import Gateway
@@ -39,6 +40,10 @@ from proxy.params import ModelLimits
 log = structlog.get_logger(__name__)
 
 PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/ping"), ("GET", "/metrics")})
+# Generation calls: an authenticated one the gateway refuses before any job reaches a backend still gets a row
+GENERATION_ROUTES = frozenset(
+    {("POST", r) for r in ("/generate", "/generate_stream", "/", "/v1/chat/completions", "/v1/completions")}
+)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -140,17 +145,37 @@ class HttpFrontDoor:
             return await handler(request)
         except GatewayError as exc:
             log.info("http_request_failed", route=route, status=exc.http_status, error=exc.message)
+            self._record_refused(request, call, route, exc.grpc_code.name)
             return error_response(exc, call.headers())
         except web.HTTPException as exc:
             if exc.status == 404:
                 return error_response(NotFound(f"no route {request.method} {request.path}"), call.headers())
+            self._record_refused(request, call, route, "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL")
             body = wire.error_body(exc.reason, "http")
             return wire.json_response(body, status=exc.status, headers={**exc.headers, **call.headers()})
         except Exception:
             log.exception("http_request_crashed", route=route)
+            self._record_refused(request, call, route, "INTERNAL")
             return wire.json_response(wire.error_body("internal error", "internal"), status=500, headers=call.headers())
         finally:
             structlog.contextvars.unbind_contextvars("request_id", "correlation_id", "tenant")
+
+    def _record_refused(self, request: web.Request, call: Call, route: str, status: str) -> None:
+        """An authenticated generation call refused before any job reached the gateway: a row with its status, so
+        that its ``x-request-id`` answers ``GetRequestEnergy`` at once. Unauthenticated calls get none."""
+        if call.principal is None or call.handed or (request.method, route) not in GENERATION_ROUTES:
+            return
+        call.handed = True
+        self.services.gateway.record_refused(
+            request_id=call.request_id,
+            tenant=call.principal.tenant,
+            model_id=call.model_id or request.headers.get("x-model-id", ""),
+            api=Api.HTTP,
+            status=status,
+            received_ns=call.received_ns,
+            traffic_class=call.traffic_class,
+            correlation_id=call.correlation_id,
+        )
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         """Prometheus text of the gateway's registry (``proxy.metrics.REGISTRY``)."""

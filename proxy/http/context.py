@@ -23,6 +23,8 @@ class Call:
     correlation_id: str | None = None
     principal: Principal | None = None  # None on the public routes
     traffic_class: str = "default"
+    model_id: str = ""  # the model the call named, once read (recorded for a refused call)
+    handed: bool = False  # a job of this call went to the gateway, which records it
 
     @property
     def tenant(self) -> str:
@@ -45,6 +47,7 @@ class Call:
         max_new_tokens: int,
         request_id: str | None = None,
     ) -> Job:
+        self.handed = True
         return Job(
             request_id=request_id or self.request_id,
             model_id=model_id,
