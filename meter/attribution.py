@@ -84,7 +84,16 @@ from types import MappingProxyType
 
 from meter.timeline import Timeline
 
-__all__ = ["Attribution", "AttributionPolicy", "CounterReading", "PhaseEnergy", "attribute", "drop_stale_readings"]
+__all__ = [
+    "Attribution",
+    "AttributionPolicy",
+    "CounterReading",
+    "PhaseEnergy",
+    "RequestPhases",
+    "attribute",
+    "drop_stale_readings",
+    "request_phases",
+]
 
 _NS_PER_S = 1_000_000_000
 _MJ_PER_W_NS = 1e-6  # 1 W for 1 ns is 1e-9 J = 1e-6 mJ
@@ -160,8 +169,11 @@ class Attribution:
         return sum(p.prefill_mj + p.decode_mj for p in self.requests.values())
 
 
-@dataclass(slots=True)
-class _Request:
+@dataclass(frozen=True, slots=True)
+class RequestPhases:
+    """Where one request's phases begin and end in work time (the model above): wait [released, prefill_start),
+    prefill step [prefill_start, prefill_end], decode (prefill_end, done] if it ``decodes``."""
+
     request_id: str
     released_ns: int
     done_ns: int
@@ -183,7 +195,7 @@ def attribute(
     timelines with the same request id. Fewer than two readings give an empty attribution.
     """
     _check_readings(readings)
-    requests = _on_gpu_requests(timelines, policy)
+    requests = request_phases(timelines, policy)
     lag_ns = policy.lag_ns
     if len(readings) < 2:
         start_ns = readings[0].t_ns - lag_ns if readings else 0
@@ -256,8 +268,9 @@ def _check_readings(readings: Sequence[CounterReading]) -> None:
             )
 
 
-def _on_gpu_requests(timelines: Iterable[Timeline], policy: AttributionPolicy) -> list[_Request]:
-    """The requests that can own energy, with their phase boundaries, sorted by request id."""
+def request_phases(timelines: Iterable[Timeline], policy: AttributionPolicy) -> list[RequestPhases]:
+    """The requests that can own energy (``Timeline.on_gpu``), with their phase boundaries, sorted by request id.
+    Raises ValueError for two different timelines with the same request id."""
     by_id: dict[str, Timeline] = {}
     for tl in timelines:
         seen = by_id.get(tl.request_id)
@@ -267,42 +280,90 @@ def _on_gpu_requests(timelines: Iterable[Timeline], policy: AttributionPolicy) -
     live = [by_id[rid] for rid in sorted(by_id) if by_id[rid].on_gpu]
 
     # One prefill step serves every request whose prefill ends within the tolerance of this one's.
-    ends = {tl.request_id: tl.prefill_end_ns for tl in live}
-    with_end = sorted((end, tl.prompt_tokens) for tl in live if (end := ends[tl.request_id]) is not None)
+    ends: dict[str, int] = {}
+    for tl in live:
+        end = tl.prefill_end_ns
+        assert end is not None  # on_gpu
+        ends[tl.request_id] = end
+    with_end = sorted((ends[tl.request_id], tl.prompt_tokens) for tl in live)
     end_ns = [f for f, _ in with_end]
     prefix_tokens = [0]
     for _, p in with_end:
         prefix_tokens.append(prefix_tokens[-1] + p)
     tol_ns = policy.batch_tolerance_ns
+    est: dict[str, int] = {}
+    for tl in live:
+        end = ends[tl.request_id]
+        batch_tokens = (
+            prefix_tokens[bisect_right(end_ns, end + tol_ns)] - prefix_tokens[bisect_left(end_ns, end - tol_ns)]
+        )
+        est[tl.request_id] = policy.prefill_overhead_ns + round(batch_tokens * _NS_PER_S / policy.prefill_tokens_per_s)
 
-    out: list[_Request] = []
+    queue_wait_ns = _queue_wait_ns(live, ends, est)
+
+    out: list[RequestPhases] = []
     for tl in live:
         released_ns = tl.released_ns
-        prefill_end = ends[tl.request_id]
-        assert released_ns is not None and prefill_end is not None  # on_gpu
-        lo = bisect_left(end_ns, prefill_end - tol_ns)
-        hi = bisect_right(end_ns, prefill_end + tol_ns)
-        batch_tokens = prefix_tokens[hi] - prefix_tokens[lo]
-        est_ns = policy.prefill_overhead_ns + round(batch_tokens * _NS_PER_S / policy.prefill_tokens_per_s)
-        prefill_start_ns = max(released_ns, prefill_end - est_ns)
+        assert released_ns is not None  # on_gpu
+        end = ends[tl.request_id]
+        decodes = tl.first_token_ns is not None
+        earliest = min(end, released_ns + queue_wait_ns) if tl.abandoned_prefill else released_ns
         out.append(
-            _Request(
+            RequestPhases(
                 tl.request_id,
                 released_ns,
                 tl.done_ns,
-                prefill_start_ns,
-                prefill_end,
-                tl.first_token_ns is not None,
+                max(earliest, end - est[tl.request_id]),
+                end,
+                decodes,
                 tl.prompt_tokens,
             )
         )
     return out
 
 
+def _queue_wait_ns(live: list[Timeline], ends: dict[str, int], est: dict[str, int]) -> int:
+    """How long a request waits in the backend's queue before its prefill step begins when no other prefill is ahead
+    of it (the hand-over, the backend's validation, the rest of the decode step in progress): the median over the
+    requests whose steps are known (a first token, or a failure at the end of the step) of their wait from release
+    to step, counting only waits that no known prefill step overlaps. Waits behind other prefills stay out: they are
+    long under congestion, and what an abandoned request waited behind another prefill is that prefill's step,
+    shared in the model anyway. 0 without such a wait."""
+    steps = sorted(
+        (ends[tl.request_id] - est[tl.request_id], ends[tl.request_id]) for tl in live if not tl.abandoned_prefill
+    )
+    starts: list[int] = []
+    stops: list[int] = []
+    for a, b in steps:  # the union of the known steps, as disjoint sorted intervals
+        if stops and a <= stops[-1]:
+            stops[-1] = max(stops[-1], b)
+        else:
+            starts.append(a)
+            stops.append(b)
+    waits = []
+    for tl in live:
+        if tl.first_token_ns is None:
+            continue
+        released = tl.released_ns
+        assert released is not None
+        step_start = ends[tl.request_id] - est[tl.request_id]
+        if step_start <= released:
+            waits.append(0)
+            continue
+        k = bisect_right(starts, released) - 1  # the last known step starting at or before the release
+        if (k >= 0 and stops[k] > released) or bisect_left(starts, step_start) > k + 1:
+            continue  # another prefill ran while it waited
+        waits.append(step_start - released)
+    if not waits:
+        return 0
+    waits.sort()
+    return waits[(len(waits) - 1) // 2]
+
+
 def _float_shares(
     readings: Sequence[CounterReading],
     bounds_ns: list[int],
-    requests: list[_Request],
+    requests: list[RequestPhases],
     policy: AttributionPolicy,
 ) -> tuple[dict[str, float], dict[str, float], float]:
     """Exact (float) prefill and decode shares per request, and idle, by one sweep over the sorted boundaries."""

@@ -48,6 +48,11 @@ REFUSED_STATUSES = frozenset(
 )
 
 
+# Statuses with which a request that got no token ended because its client left (a cancel, a deadline, a TGIS time
+# limit) rather than because its step ended: its prefill step was cut where it left, at an unknown point of the step.
+ABANDONED_STATUSES = frozenset({"CANCELLED", "DEADLINE_EXCEEDED", "OK"})
+
+
 def did_gpu_work(backend: str | None, released_ns: int | None, first_token_ns: int | None, status: str | None) -> bool:
     """The billing rule (see the module docstring): whether a request made its backend's GPU work."""
     if backend is None or released_ns is None:
@@ -118,6 +123,12 @@ class Timeline:
     def on_gpu(self) -> bool:
         """Whether the request made its backend's GPU work (``did_gpu_work``), so that it owns energy."""
         return did_gpu_work(self.backend, self.released_ns, self.first_token_ns, self.status)
+
+    @property
+    def abandoned_prefill(self) -> bool:
+        """It did GPU work, got no token, and ended because its client left (``ABANDONED_STATUSES``): its step was
+        cut short. A generation failure (``INTERNAL``) instead ends where its step ended, like a first token."""
+        return self.first_token_ns is None and self.status in ABANDONED_STATUSES and self.on_gpu
 
     @property
     def prefill_end_ns(self) -> int | None:

@@ -61,7 +61,7 @@ from typing import Literal
 import sqlalchemy as sa
 import structlog
 
-from meter.attribution import AttributionPolicy, attribute
+from meter.attribution import AttributionPolicy, attribute, request_phases
 from meter.engine import sql
 from meter.engine.calibrate import ClassTimeline, LagCalibrator, PowerModel
 from meter.engine.idle import IdleEstimate, busy_windows, estimate_idle, split_idle
@@ -866,8 +866,8 @@ class MeteringEngine:
         cal = b.calibrator
         due = cal.warming or b.calibrated_at_ns is None or start - b.calibrated_at_ns >= s.calibration_refresh_ns
         if learn and due and timelines and readings.segments:
-            requests = ((t.released_ns, t.prefill_end_ns, t.done_ns, t.prompt_tokens) for t in timelines)
-            classes = ClassTimeline(requests, s.prefill_tokens_per_s, s.prefill_overhead_ns, s.batch_tolerance_ns)  # type: ignore[arg-type]
+            uncertain = [(t.released_ns, t.done_ns) for t in timelines if t.abandoned_prefill]
+            classes = ClassTimeline.from_phases(request_phases(timelines, s.policy(None)), uncertain)  # type: ignore[arg-type]
             before = cal.model
             cal.add(readings.segments, classes, b.idle_power_w if s.idle_power == "auto" else None)
             b.calibrated_at_ns = start
