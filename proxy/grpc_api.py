@@ -121,19 +121,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     # -- plumbing --------------------------------------------------------------------------------------------
     async def _begin(self, context: grpc.aio.ServicerContext, request_id: str) -> CallContext:
-        """Initial metadata with the call's ids (sent in the background: the caller awaits ``metadata_sent`` before
-        answering), authentication, deadline, traffic class."""
+        """Authentication, then initial metadata with the call's ids (sent in the background: the caller awaits
+        ``metadata_sent`` before answering), deadline, traffic class.
+
+        The ids go out only once the caller is known, so that a call with an ``x-request-id`` in its initial
+        metadata always has a row (a caller that gives up before that gets none, like a stranger; a refused one
+        finds its id in the trailing metadata)."""
         md = metadata_dict(context)
         correlation_id = md.get("x-correlation-id")
+        principal = await self.auth.authenticate(md)
         initial = [("x-request-id", request_id)]
         if correlation_id:
             initial.append(("x-correlation-id", correlation_id))
         sending = asyncio.ensure_future(context.send_initial_metadata(initial))
-        try:
-            principal = await self.auth.authenticate(md)
-        except BaseException:
-            await _settle(sending)
-            raise
         remaining = context.time_remaining()
         deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
         traffic_class = md.get("x-traffic-class") or principal.default_class or "default"
@@ -302,11 +302,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             options = self._options(model_id, request.params, adapter)
             job = self._job(call, call.request_id, model_id, request.request.text, options, received_ns)
             first = True
-            async for message in self._stream(job, options):
-                if first:
-                    first = False
-                    await _settle(call.metadata_sent)
-                yield message
+            # Closed with the call (a client that leaves while a message is being written): the stream then ends,
+            # and records how, at once rather than whenever the garbage collector finalises it.
+            async with contextlib.aclosing(self._stream(job, options)) as messages:
+                async for message in messages:
+                    if first:
+                        first = False
+                        await _settle(call.metadata_sent)
+                    yield message
         except GatewayError as exc:
             if call is not None:
                 self._record_refused(call, request.model_id, received_ns, exc.grpc_code.name)
