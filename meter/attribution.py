@@ -26,12 +26,16 @@ it ended:
 - *decode* ``(first_token, done]``; a request without a first token has no decode.
 
 Abandoned prefills. A request that ends without a first token owns the prefill step the engine ran for it, modelled
-as a step ending when it ended. The assumption behind that: the step was cut when the request left, as the
-simulator does (it drops the request from the step at the cancel and finishes the step for the others, or idles if
-none is left). A real TGI finishes a step in flight even when one of its requests has gone, so on a GPU the bill
-may miss the rest of that step (it goes to the step's other requests, or to idle); the request still pays for the
-part of its prefill before it left, never less than nothing, and a step that errors at its end (``generation``
-errors) is billed whole.
+as a step ending when it ended. A generation failure (``INTERNAL``) comes at the end of its step, like a first
+token: its step is estimated as any other. A request whose client left (``Timeline.abandoned_prefill``: cancelled,
+past its deadline, a time limit) was cut at an unknown point of its step, and may have spent the start of its
+window in the backend's queue behind the decode step in progress: its step starts no earlier than the backend's
+queue wait after its release, which the requests with known steps in the same span show (the median of their
+waits from release to step that no other known prefill overlaps; 0 without one). The assumption behind all this:
+the step was cut when the request left, as the simulator does (it drops the request from the step at the cancel
+and finishes the step for the others, or idles if none is left). A real TGI finishes a step in flight even when one
+of its requests has gone, so on a GPU the bill may miss the rest of that step (it goes to the step's other
+requests, or to idle); the request still pays for the part of its prefill before it left.
 
 Who owns an instant. At every instant the energy goes to exactly one class, by precedence:
 

@@ -31,15 +31,35 @@ An epoch whose request rows include one written less than ``commit_margin_ns`` a
 epochs) or stays on the stale list (recomputes), so a batch of timelines is never split across two attributions.
 
 Requests that never reached a backend carry no energy but are counted in ``usage_hourly`` under backend ``''``,
-through a zero marker row in ``request_energy`` (backend ``''``) written once when the engine first sees them.
+through a zero marker row in ``request_energy`` (backend ``''``) written once when the engine first sees them. A
+request its backend refused (``meter.timeline.did_gpu_work``) takes no part in attribution: no energy, no active
+time, only its home row.
+
+Idle shares. When it writes an epoch, the engine also splits the epoch's idle energy (``counter - attributed``) into
+integer shares per request row, one per idle policy, by largest remainder (``meter.engine.idle.split_idle``): TIME
+by the row's active time, TOKENS by the request's prompt + generated tokens times the part of its own window
+(``done - released``) inside the epoch. Each share depends only on the epoch and the request's own timeline, so
+reports only add stored integers and never disagree.
+
+Finality (``meter.engine.finality``). After each pass the engine *seals* every request of a backend that became
+final: its ``done_ns`` is at least ``seal_margin_ns`` (counter lag + calibration reach + settle time) before the
+end of the backend's attributed epochs, no epoch that may hold its energy is waiting for a recompute, and every such
+epoch was computed after the request's row was last written. The seal (``request_seals``) stores its figures,
+the sums of its rows. From then on a recompute (a late row, a calibration move) writes a sealed request's rows back
+as they were and re-splits only the others and idle; what the fresh attribution would have given the sealed
+requests, less what they hold, is booked to the epoch's ``adjustment_mj``, so that, exactly,
+``counter_mj = prefill_mj + decode_mj + idle_mj + adjustment_mj``. Requests are sealed in (done, id) order from a
+cursor kept in memory (after a restart, from an hour before the latest seal); late rows found by the scan are held
+until their epochs are redone.
 
 Calibration (``calibrate``, on by default; ``meter.engine.calibrate``). The counter lag and the ratio of prefill to
-decode power are fitted per backend by least squares over the counter's own readings; once the fit settles (or
-moves), the backend's recent epochs are recomputed under it. Epoch boundaries and the readings' partition always use
-the configured ``lag_ns``; the fitted lag only places the readings against the timelines inside ``attribute``, so
-each epoch also looks at requests up to ``reach_ns`` before its start. Calibration state lives in memory: after a
-restart it is learned again (and a recompute of an old epoch may use a slightly different model; conservation holds
-either way).
+decode power are fitted per backend by least squares over the counter's own readings (leaving out the intervals
+near abandoned prefills, whose classes are guesses); once the fit settles (or moves), the backend's recent epochs
+are recomputed under it: figures not final yet improve, final ones stay (see Finality). Epoch boundaries and the
+readings' partition always use the configured ``lag_ns``; the fitted lag only places the readings against the
+timelines inside ``attribute``, so each epoch also looks at requests up to ``reach_ns`` before its start.
+Calibration state lives in memory: after a restart it is learned again (a recompute of an old epoch may then use a
+slightly different model: conservation holds either way, and final figures stay).
 
 Idle power. With ``idle_power="auto"`` each epoch measures the idle floor over its own reading intervals that no
 request came near (``meter.engine.idle``), pooled with those of the backend's recent epochs when it has less than

@@ -235,6 +235,34 @@ async def test_prefills_abandoned_by_deadline_or_cancel_are_paid_by_who_abandone
         assert set(seen.values()) == {grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
         for rid, _cid, _status, prompt, estimated in rows:
             assert not estimated and prompt == truth[rid].prompt_tokens, rid
+        await lists_and_lookups_agree(s)
+
+
+async def lists_and_lookups_agree(s: Stack) -> None:
+    """Issue 8: under idle_policy = tokens, ListRequests and GetRequestEnergy disagreed on 93 rows (idle shares were
+    recomputed from whichever neighbours a query happened to read). Every row, every policy: one figure."""
+    reports = epb_grpc.EnergyReportsStub(s.channel)
+    for policy in (epb.IDLE_POLICY_NONE, epb.IDLE_POLICY_TIME, epb.IDLE_POLICY_TOKENS):
+        listed: dict[str, epb.RequestEnergy] = {}
+        token = ""
+        while True:
+            page = await reports.ListRequests(
+                epb.ListRequestsRequest(page_size=7, page_token=token, idle_policy=policy), metadata=md(s.admin_key)
+            )
+            listed.update((r.request_id, r) for r in page.requests)
+            token = page.next_page_token
+            if not token:
+                break
+        assert len(listed) == len(query(s.app.engine, "SELECT request_id FROM requests"))
+        idle = 0.0
+        for rid, row in listed.items():
+            one = await reports.GetRequestEnergy(
+                epb.GetRequestEnergyRequest(request_id=rid, idle_policy=policy), metadata=md(s.admin_key)
+            )
+            assert one == row, rid
+            idle += row.idle_j
+        if policy != epb.IDLE_POLICY_NONE:
+            assert idle > 0  # there was idle to share, and it was shared
 
 
 async def test_streams_a_client_cancels_mid_decode_are_cancelled_and_deadlines_are_deadlines(tmp_path: Path) -> None:
