@@ -199,8 +199,8 @@ def attribute(
     timelines with the same request id. Fewer than two readings give an empty attribution.
     """
     _check_readings(readings)
-    requests = request_phases(timelines, policy)
     lag_ns = policy.lag_ns
+    requests = request_phases(timelines, policy, since_ns=readings[0].t_ns - lag_ns if readings else None)
     if len(readings) < 2:
         start_ns = readings[0].t_ns - lag_ns if readings else 0
         return Attribution(start_ns=start_ns, end_ns=start_ns, counter_mj=0, idle_mj=0)
@@ -272,9 +272,13 @@ def _check_readings(readings: Sequence[CounterReading]) -> None:
             )
 
 
-def request_phases(timelines: Iterable[Timeline], policy: AttributionPolicy) -> list[RequestPhases]:
+def request_phases(
+    timelines: Iterable[Timeline], policy: AttributionPolicy, *, since_ns: int | None = None
+) -> list[RequestPhases]:
     """The requests that can own energy (``Timeline.on_gpu``), with their phase boundaries, sorted by request id.
-    Raises ValueError for two different timelines with the same request id."""
+    ``since_ns``: where the span begins that ``timelines`` hold every request of (the queue wait is measured only on
+    requests released since: before it, what delayed them may be missing). Raises ValueError for two different
+    timelines with the same request id."""
     by_id: dict[str, Timeline] = {}
     for tl in timelines:
         seen = by_id.get(tl.request_id)
@@ -303,7 +307,7 @@ def request_phases(timelines: Iterable[Timeline], policy: AttributionPolicy) -> 
         )
         est[tl.request_id] = policy.prefill_overhead_ns + round(batch_tokens * _NS_PER_S / policy.prefill_tokens_per_s)
 
-    queue_wait_ns = _queue_wait_ns(live, ends, est)
+    queue_wait_ns = _queue_wait_ns(live, ends, est, since_ns)
 
     out: list[RequestPhases] = []
     for tl in live:
@@ -326,19 +330,23 @@ def request_phases(timelines: Iterable[Timeline], policy: AttributionPolicy) -> 
     return out
 
 
-def _queue_wait_ns(live: list[Timeline], ends: dict[str, int], est: dict[str, int]) -> int:
+def _queue_wait_ns(live: list[Timeline], ends: dict[str, int], est: dict[str, int], since_ns: int | None) -> int:
     """How long a request waits in the backend's queue before its prefill step begins when no other prefill is ahead
     of it (the hand-over, the backend's validation, the rest of the decode step in progress): the median over the
-    requests whose steps are known (a first token, or a failure at the end of the step) of their wait from release
-    to step, counting only waits that no known prefill step overlaps. Waits behind other prefills stay out: they are
-    long under congestion, and what an abandoned request waited behind another prefill is that prefill's step,
-    shared in the model anyway. 0 without such a wait."""
+    requests with a first token of their wait from release to step, counting only waits that no other prefill
+    overlaps (a known step, or the window of an abandoned prefill, whose step lies somewhere in it). Waits behind
+    other prefills stay out: they are long under congestion, and what an abandoned request waited behind another
+    prefill is that prefill's step, shared in the model anyway. 0 without such a wait."""
+    # Known steps, and the whole windows of abandoned prefills (their step lies somewhere in them).
     steps = sorted(
-        (ends[tl.request_id] - est[tl.request_id], ends[tl.request_id]) for tl in live if not tl.abandoned_prefill
+        (tl.released_ns, tl.done_ns)  # type: ignore[misc]
+        if tl.abandoned_prefill
+        else (ends[tl.request_id] - est[tl.request_id], ends[tl.request_id])
+        for tl in live
     )
     starts: list[int] = []
     stops: list[int] = []
-    for a, b in steps:  # the union of the known steps, as disjoint sorted intervals
+    for a, b in steps:  # their union, as disjoint sorted intervals
         if stops and a <= stops[-1]:
             stops[-1] = max(stops[-1], b)
         else:
@@ -350,11 +358,13 @@ def _queue_wait_ns(live: list[Timeline], ends: dict[str, int], est: dict[str, in
             continue
         released = tl.released_ns
         assert released is not None
+        if since_ns is not None and released < since_ns:
+            continue  # what it waited behind may be outside the timelines given
         step_start = ends[tl.request_id] - est[tl.request_id]
         if step_start <= released:
             waits.append(0)
             continue
-        k = bisect_right(starts, released) - 1  # the last known step starting at or before the release
+        k = bisect_right(starts, released) - 1  # the last of them starting at or before the release
         if (k >= 0 and stops[k] > released) or bisect_left(starts, step_start) > k + 1:
             continue  # another prefill ran while it waited
         waits.append(step_start - released)

@@ -46,6 +46,10 @@ def timeline(draw: st.DrawFn, request_id: str, span_us: int = 3_000_000, on_gpu:
     generated = draw(st.integers(0, 300))
     if kind == "unreleased":
         return Timeline(request_id, "t", "m", None, received, None, None, received + (done - released), prompt, 0)
+    # A request without a first token failed at prefill, was abandoned (its client left) or was refused.
+    status = "OK"
+    if kind == "no_first_token":
+        status = draw(st.sampled_from(["INTERNAL", "CANCELLED", "DEADLINE_EXCEEDED", "OK", "INVALID_ARGUMENT"]))
     return Timeline(
         request_id,
         "t",
@@ -57,6 +61,7 @@ def timeline(draw: st.DrawFn, request_id: str, span_us: int = 3_000_000, on_gpu:
         done,
         prompt,
         0 if kind == "no_first_token" else generated,
+        status=status,
     )
 
 
@@ -271,7 +276,7 @@ def simulate(arrivals: list[Arrival], lead_ms: int = 1000, tail_ms: int = 1500) 
                 if running[r] == 0:
                     del running[r]
                     done[r], status[r] = t, "OK"
-        else:
+        elif nxt < len(todo):
             nxt_t = released[todo[nxt].request_id]
             steps.append(Step(t, nxt_t, IDLE_W, "idle", {}))
             t = nxt_t

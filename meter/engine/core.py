@@ -887,7 +887,7 @@ class MeteringEngine:
         due = cal.warming or b.calibrated_at_ns is None or start - b.calibrated_at_ns >= s.calibration_refresh_ns
         if learn and due and timelines and readings.segments:
             uncertain = [(t.released_ns, t.done_ns) for t in timelines if t.abandoned_prefill]
-            classes = ClassTimeline.from_phases(request_phases(timelines, s.policy(None)), uncertain)  # type: ignore[arg-type]
+            classes = ClassTimeline.from_phases(request_phases(timelines, s.policy(None), since_ns=start), uncertain)  # type: ignore[arg-type]
             before = cal.model
             cal.add(readings.segments, classes, b.idle_power_w if s.idle_power == "auto" else None)
             b.calibrated_at_ns = start
