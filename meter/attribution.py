@@ -11,17 +11,31 @@ Time. A counter reading taken at wall-clock ``t`` shows the energy the GPUs had 
 back by ``policy.lag_ns`` into *work time*; the span covered is ``[t_first - lag, t_last - lag]``. Reading interval
 ``i`` is ``[t_i - lag, t_{i+1} - lag]`` and carries ``E_i = energy_{i+1} - energy_i`` millijoules.
 
-What a request was doing. Only requests with a backend and a release time own energy; every such timeline passed in
-is taken to have run on the backend the readings belong to. A request's on-GPU window is
-``[released_ns, done_ns]``, cut into three phases:
+What a request was doing. Only requests that made their backend's GPU work own energy (``Timeline.on_gpu``, the
+billing rule of ``meter.timeline``: released to a backend and not refused by it); every such timeline passed in is
+taken to have run on the backend the readings belong to. A request's on-GPU window is ``[released_ns, done_ns]``,
+cut into three phases around the end of its prefill step, ``prefill_end`` (``Timeline.prefill_end_ns``): its first
+token, or, for a request that ended without one (it failed at prefill, was cancelled, hit its deadline), the moment
+it ended:
 
-- *prefill step* ``[max(released, first_token - est), first_token]``. TGI prefills the requests that joined the
+- *prefill step* ``[max(released, prefill_end - est), prefill_end]``. TGI prefills the requests that joined the
   running batch together, in one step that ends with their first tokens, so
-  ``est = prefill_overhead_ns + (prompt tokens of every request whose first token is within batch_tolerance_ns of
+  ``est = prefill_overhead_ns + (prompt tokens of every request whose prefill_end is within batch_tolerance_ns of
   this one's) / prefill_tokens_per_s``;
 - *wait* ``[released, prefill step start)``: released to TGI, queued there for its prefill;
-- *decode* ``(first_token, done]``.
-  A request without a first token never decoded: its whole window is *wait*.
+- *decode* ``(first_token, done]``; a request without a first token has no decode.
+
+Abandoned prefills. A request that ends without a first token owns the prefill step the engine ran for it, modelled
+as a step ending when it ended. A generation failure (``INTERNAL``) comes at the end of its step, like a first
+token: its step is estimated as any other. A request whose client left (``Timeline.abandoned_prefill``: cancelled,
+past its deadline, a time limit) was cut at an unknown point of its step, and may have spent the start of its
+window in the backend's queue behind the decode step in progress: its step starts no earlier than the backend's
+queue wait after its release, which the requests with known steps in the same span show (the median of their
+waits from release to step that no other known prefill overlaps; 0 without one). The assumption behind all this:
+the step was cut when the request left, as the simulator does (it drops the request from the step at the cancel
+and finishes the step for the others, or idles if none is left). A real TGI finishes a step in flight even when one
+of its requests has gone, so on a GPU the bill may miss the rest of that step (it goes to the step's other
+requests, or to idle); the request still pays for the part of its prefill before it left.
 
 Who owns an instant. At every instant the energy goes to exactly one class, by precedence:
 
@@ -74,7 +88,16 @@ from types import MappingProxyType
 
 from meter.timeline import Timeline
 
-__all__ = ["Attribution", "AttributionPolicy", "CounterReading", "PhaseEnergy", "attribute", "drop_stale_readings"]
+__all__ = [
+    "Attribution",
+    "AttributionPolicy",
+    "CounterReading",
+    "PhaseEnergy",
+    "RequestPhases",
+    "attribute",
+    "drop_stale_readings",
+    "request_phases",
+]
 
 _NS_PER_S = 1_000_000_000
 _MJ_PER_W_NS = 1e-6  # 1 W for 1 ns is 1e-9 J = 1e-6 mJ
@@ -150,13 +173,17 @@ class Attribution:
         return sum(p.prefill_mj + p.decode_mj for p in self.requests.values())
 
 
-@dataclass(slots=True)
-class _Request:
+@dataclass(frozen=True, slots=True)
+class RequestPhases:
+    """Where one request's phases begin and end in work time (the model above): wait [released, prefill_start),
+    prefill step [prefill_start, prefill_end], decode (prefill_end, done] if it ``decodes``."""
+
     request_id: str
     released_ns: int
     done_ns: int
     prefill_start_ns: int  # end of the wait, start of the prefill step
-    first_token_ns: int | None
+    prefill_end_ns: int  # end of the prefill step: the first token, or the end of a request that got none
+    decodes: bool  # it got a first token: (prefill_end, done] is decode
     prompt_tokens: int
 
 
@@ -172,8 +199,8 @@ def attribute(
     timelines with the same request id. Fewer than two readings give an empty attribution.
     """
     _check_readings(readings)
-    requests = _on_gpu_requests(timelines, policy)
     lag_ns = policy.lag_ns
+    requests = request_phases(timelines, policy, since_ns=readings[0].t_ns - lag_ns if readings else None)
     if len(readings) < 2:
         start_ns = readings[0].t_ns - lag_ns if readings else 0
         return Attribution(start_ns=start_ns, end_ns=start_ns, counter_mj=0, idle_mj=0)
@@ -245,8 +272,13 @@ def _check_readings(readings: Sequence[CounterReading]) -> None:
             )
 
 
-def _on_gpu_requests(timelines: Iterable[Timeline], policy: AttributionPolicy) -> list[_Request]:
-    """The requests that can own energy, with their phase boundaries, sorted by request id."""
+def request_phases(
+    timelines: Iterable[Timeline], policy: AttributionPolicy, *, since_ns: int | None = None
+) -> list[RequestPhases]:
+    """The requests that can own energy (``Timeline.on_gpu``), with their phase boundaries, sorted by request id.
+    ``since_ns``: where the span begins that ``timelines`` hold every request of (the queue wait is measured only on
+    requests released since: before it, what delayed them may be missing). Raises ValueError for two different
+    timelines with the same request id."""
     by_id: dict[str, Timeline] = {}
     for tl in timelines:
         seen = by_id.get(tl.request_id)
@@ -255,35 +287,97 @@ def _on_gpu_requests(timelines: Iterable[Timeline], policy: AttributionPolicy) -
         by_id[tl.request_id] = tl
     live = [by_id[rid] for rid in sorted(by_id) if by_id[rid].on_gpu]
 
-    # One prefill step serves every request whose first token is within the tolerance of this one's.
-    with_first = sorted((tl.first_token_ns, tl.prompt_tokens) for tl in live if tl.first_token_ns is not None)
-    first_ns = [f for f, _ in with_first]
+    # One prefill step serves every request whose prefill ends within the tolerance of this one's.
+    ends: dict[str, int] = {}
+    for tl in live:
+        end = tl.prefill_end_ns
+        assert end is not None  # on_gpu
+        ends[tl.request_id] = end
+    with_end = sorted((ends[tl.request_id], tl.prompt_tokens) for tl in live)
+    end_ns = [f for f, _ in with_end]
     prefix_tokens = [0]
-    for _, p in with_first:
+    for _, p in with_end:
         prefix_tokens.append(prefix_tokens[-1] + p)
     tol_ns = policy.batch_tolerance_ns
+    est: dict[str, int] = {}
+    for tl in live:
+        end = ends[tl.request_id]
+        batch_tokens = (
+            prefix_tokens[bisect_right(end_ns, end + tol_ns)] - prefix_tokens[bisect_left(end_ns, end - tol_ns)]
+        )
+        est[tl.request_id] = policy.prefill_overhead_ns + round(batch_tokens * _NS_PER_S / policy.prefill_tokens_per_s)
 
-    out: list[_Request] = []
+    queue_wait_ns = _queue_wait_ns(live, ends, est, since_ns)
+
+    out: list[RequestPhases] = []
     for tl in live:
         released_ns = tl.released_ns
         assert released_ns is not None  # on_gpu
-        first = tl.first_token_ns
-        if first is None:
-            prefill_start_ns = tl.done_ns  # no prefill step: the whole window is wait
-        else:
-            lo = bisect_left(first_ns, first - tol_ns)
-            hi = bisect_right(first_ns, first + tol_ns)
-            batch_tokens = prefix_tokens[hi] - prefix_tokens[lo]
-            est_ns = policy.prefill_overhead_ns + round(batch_tokens * _NS_PER_S / policy.prefill_tokens_per_s)
-            prefill_start_ns = max(released_ns, first - est_ns)
-        out.append(_Request(tl.request_id, released_ns, tl.done_ns, prefill_start_ns, first, tl.prompt_tokens))
+        end = ends[tl.request_id]
+        decodes = tl.first_token_ns is not None
+        earliest = min(end, released_ns + queue_wait_ns) if tl.abandoned_prefill else released_ns
+        out.append(
+            RequestPhases(
+                tl.request_id,
+                released_ns,
+                tl.done_ns,
+                max(earliest, end - est[tl.request_id]),
+                end,
+                decodes,
+                tl.prompt_tokens,
+            )
+        )
     return out
+
+
+def _queue_wait_ns(live: list[Timeline], ends: dict[str, int], est: dict[str, int], since_ns: int | None) -> int:
+    """How long a request waits in the backend's queue before its prefill step begins when no other prefill is ahead
+    of it (the hand-over, the backend's validation, the rest of the decode step in progress): the median over the
+    requests with a first token of their wait from release to step, counting only waits that no other prefill
+    overlaps (a known step, or the window of an abandoned prefill, whose step lies somewhere in it). Waits behind
+    other prefills stay out: they are long under congestion, and what an abandoned request waited behind another
+    prefill is that prefill's step, shared in the model anyway. 0 without such a wait."""
+    # Known steps, and the whole windows of abandoned prefills (their step lies somewhere in them).
+    steps = sorted(
+        (tl.released_ns, tl.done_ns)  # type: ignore[misc]
+        if tl.abandoned_prefill
+        else (ends[tl.request_id] - est[tl.request_id], ends[tl.request_id])
+        for tl in live
+    )
+    starts: list[int] = []
+    stops: list[int] = []
+    for a, b in steps:  # their union, as disjoint sorted intervals
+        if stops and a <= stops[-1]:
+            stops[-1] = max(stops[-1], b)
+        else:
+            starts.append(a)
+            stops.append(b)
+    waits = []
+    for tl in live:
+        if tl.first_token_ns is None:
+            continue
+        released = tl.released_ns
+        assert released is not None
+        if since_ns is not None and released < since_ns:
+            continue  # what it waited behind may be outside the timelines given
+        step_start = ends[tl.request_id] - est[tl.request_id]
+        if step_start <= released:
+            waits.append(0)
+            continue
+        k = bisect_right(starts, released) - 1  # the last of them starting at or before the release
+        if (k >= 0 and stops[k] > released) or bisect_left(starts, step_start) > k + 1:
+            continue  # another prefill ran while it waited
+        waits.append(step_start - released)
+    if not waits:
+        return 0
+    waits.sort()
+    return waits[(len(waits) - 1) // 2]
 
 
 def _float_shares(
     readings: Sequence[CounterReading],
     bounds_ns: list[int],
-    requests: list[_Request],
+    requests: list[RequestPhases],
     policy: AttributionPolicy,
 ) -> tuple[dict[str, float], dict[str, float], float]:
     """Exact (float) prefill and decode shares per request, and idle, by one sweep over the sorted boundaries."""
@@ -307,18 +401,17 @@ def _float_shares(
             bump(req.prefill_start_ns, 0, -1)
             bump(req.released_ns, 4, req.prompt_tokens)
             bump(req.prefill_start_ns, 4, -req.prompt_tokens)
-        first = req.first_token_ns
-        if first is not None:
-            if first > req.prefill_start_ns:
-                bump(req.prefill_start_ns, 1, req.prompt_tokens)
-                bump(req.prefill_start_ns, 2, 1)
-                bump(first, 1, -req.prompt_tokens)
-                bump(first, 2, -1)
-            if first not in deltas:
-                deltas[first] = list(zero)
-            if req.done_ns > first:
-                bump(first, 3, 1)
-                bump(req.done_ns, 3, -1)
+        end = req.prefill_end_ns
+        if end > req.prefill_start_ns:
+            bump(req.prefill_start_ns, 1, req.prompt_tokens)
+            bump(req.prefill_start_ns, 2, 1)
+            bump(end, 1, -req.prompt_tokens)
+            bump(end, 2, -1)
+        if end not in deltas:
+            deltas[end] = list(zero)
+        if req.decodes and req.done_ns > end:
+            bump(end, 3, 1)
+            bump(req.done_ns, 3, -1)
     for t_ns in bounds_ns:
         if t_ns not in deltas:
             deltas[t_ns] = list(zero)
@@ -406,15 +499,12 @@ def _float_shares(
             pre = req.prompt_tokens * (c_wait_tok[k_pre] - c_wait_tok[k_rel])
         else:
             pre = c_wait_eq[k_pre] - c_wait_eq[k_rel]
-        dec = 0.0
-        first = req.first_token_ns
-        if first is not None:
-            k_first = index[first]
-            if req.prompt_tokens:
-                pre += req.prompt_tokens * (c_tok[k_first] - c_tok[k_pre])
-            else:
-                pre += c_eq[k_first] - c_eq[k_pre]
-            dec = c_dec[index[req.done_ns]] - c_dec[k_first]
+        k_end = index[req.prefill_end_ns]
+        if req.prompt_tokens:
+            pre += req.prompt_tokens * (c_tok[k_end] - c_tok[k_pre])
+        else:
+            pre += c_eq[k_end] - c_eq[k_pre]
+        dec = c_dec[index[req.done_ns]] - c_dec[k_end] if req.decodes else 0.0
         prefill[req.request_id] = max(0.0, pre)
         decode[req.request_id] = max(0.0, dec)
     return prefill, decode, max(0.0, idle_total)

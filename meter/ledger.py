@@ -84,6 +84,8 @@ START, TIMELINE, SAMPLE, ABORT, HEARTBEAT = "s", "t", "m", "a", "h"
 ABORT_COLUMNS = (*START_COLUMNS, "done_ns")
 _COLUMNS = {START: START_COLUMNS, TIMELINE: TIMELINE_COLUMNS, SAMPLE: SAMPLE_COLUMNS, ABORT: ABORT_COLUMNS}
 _TIME_COLUMNS = ("received_ns", "released_ns", "first_token_ns", "done_ns", "t_ns")  # a sign of life, in any record
+# Values for columns a journal record written by an older version does not have.
+_MISSING = {"prompt_tokens_estimated": False}
 
 ABORTED = "ABORTED"  # the status of a request whose process died while it was in flight
 _CHECKPOINT_CHUNK = 256  # open requests per journal write of a checkpoint
@@ -138,8 +140,8 @@ def _escape_surrogate(c: str) -> str:
 
 
 def _storable(v: Any) -> Any:
-    if v is None:
-        return None
+    if v is None or type(v) is bool:
+        return v
     if isinstance(v, str):
         return storable_text(str.__str__(v))
     if isinstance(v, int):  # bool included
@@ -160,7 +162,7 @@ def storable(row: Row) -> Row:
         elif t is int:
             if _INT64_MIN <= v <= _INT64_MAX:
                 continue
-        elif v is None:
+        elif v is None or t is bool:
             continue
         return tuple(_storable(x) for x in row)
     return row
@@ -186,6 +188,7 @@ def timeline_row(t: Timeline) -> Row:
             t.first_token_ns,
             t.done_ns,
             t.prompt_tokens,
+            t.prompt_tokens_estimated,
             t.generated_tokens,
         )
     )
@@ -213,7 +216,7 @@ def _lines(kind: str, payload: Row | list[Row]) -> bytes:
 
 def _record_row(kind: str, record: Record) -> Row:
     """A journal record's row; a record written by an older or newer version still maps by column name."""
-    return storable(tuple(record.get(c) for c in _COLUMNS[kind]))
+    return storable(tuple(record.get(c, _MISSING.get(c)) for c in _COLUMNS[kind]))
 
 
 def _json_safe(v: Any) -> Any:

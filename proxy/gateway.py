@@ -2,7 +2,19 @@
 
 ``Gateway.stream(job)`` yields TGI's stream events (parsed JSON dicts) as they arrive; the gRPC servicer turns them
 into TGIS messages, the HTTP facade writes them back out as SSE. Whatever happens — success, a TGI error, a client
-cancel, an expired deadline — the request's timeline reaches the ledger exactly once, from the ``finally`` here.
+cancel, an expired deadline — the request's timeline reaches the ledger exactly once, from the ``finally`` here;
+calls the front doors refuse before any stream starts are recorded through ``record_refused``.
+
+What the timeline says (the meter bills by it, ``meter.timeline.did_gpu_work``):
+
+- ``status`` is what the client saw. A stream that ends because its consumer went away is ``CANCELLED``, or
+  ``DEADLINE_EXCEEDED`` when that happened at (or within ``DEADLINE_SLACK_S`` before) the call's deadline (a client's
+  own deadline reaches the server as a cancellation a moment before the server's copy of it expires), or ``OK`` at
+  a TGIS time limit, or ``UNAVAILABLE`` when the gateway's drain ran past its grace and cut it;
+- ``prompt_tokens`` is the backend's own count: TGI's ``input_length``, or, for a stream that ended without it (an
+  error, a cancel), the backend's ``/tokenize`` (``/chat_tokenize`` for chat), asked after the stream has ended, off
+  the request's path, before the timeline goes to the ledger. Only when that fails too is it the gateway's estimate,
+  flagged ``prompt_tokens_estimated``. A request the backend refused (no GPU work) records 0.
 
 Retries (tenacity) happen only before the first byte of a stream and only on another backend: connection refused,
 or TGI overloaded or not ready. After the first byte a failure is the client's to see.
@@ -22,10 +34,11 @@ import orjson
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from meter.timeline import RequestStart, Timeline
+from meter.timeline import Api, RequestStart, Timeline, did_gpu_work
 from proxy.backends import BackendPool, BackendUnreachable, Lease
 from proxy.errors import (
     BackendError,
+    Cancelled,
     DeadlineExceeded,
     GatewayError,
     InvalidArgument,
@@ -47,6 +60,9 @@ log = structlog.get_logger(__name__)
 _TOKEN_LIMIT_RE = re.compile(r"must be <= (\d+)\. Given: (\d+) `inputs` tokens and (\d+) `max_new_tokens`")
 
 
+UNKNOWN_CLASS = "(unknown)"  # the recorded class of a refused call that named a class no operator configured
+
+
 class TimelineSink(Protocol):
     """Where timelines go (meter.ledger.Ledger); both calls must return at once."""
 
@@ -56,6 +72,12 @@ class TimelineSink(Protocol):
 
 
 _RETRYABLE = (BackendUnreachable, Overloaded, Unavailable)
+
+# A client's deadline reaches the server as a cancellation, a moment before the server's own copy of the deadline
+# (set from the grpc-timeout header, a transit later) expires: a cancel this close to the deadline is the deadline.
+DEADLINE_SLACK_S = 0.05
+COUNT_TIMEOUT_S = 10.0  # how long the backend's /tokenize may take after a stream that did not report its count
+MAX_RECORDED_ID_CHARS = 256  # a model id a client named, as it is recorded for a refused call
 
 # TGI's OpenAI-compatible routes stream chat.completion chunks, not /generate_stream events: Job.route picks the reader.
 OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -81,11 +103,13 @@ class StreamResult:
         "first_token_ns",
         "generated_tokens",
         "prompt_tokens",
+        "recorded",
         "released_ns",
         "token_limited",
     )
 
     def __init__(self) -> None:
+        self.recorded = False  # the stream ended and its timeline is (being) recorded
         self.backend: str | None = None
         self.released_ns: int | None = None
         self.first_token_ns: int | None = None
@@ -110,6 +134,19 @@ class Gateway:
         self.retries = retries
         self.draining = False
         self.ready = True  # False while the gateway cannot authenticate yet (its database never answered): proxy.server
+        self._drain_cut_at: float | None = None  # loop time after which the drain cuts what is still running
+        self._pending: set[asyncio.Task[None]] = set()  # timelines waiting for the backend's prompt count
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Refuse new requests; streams still running ``grace_s`` from now are cut by the server's stop, and record
+        UNAVAILABLE, as their clients see. Call before the front doors start their own grace period."""
+        self.draining = True
+        self._drain_cut_at = asyncio.get_running_loop().time() + grace_s
+
+    async def flush_records(self, timeout_s: float = COUNT_TIMEOUT_S) -> None:
+        """Wait for the timelines still waiting for a prompt count (before the ledger's last flush)."""
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=timeout_s)
 
     # -- lookups ---------------------------------------------------------------------------------------------
     def resolve_model(self, model_id: str) -> str:
@@ -144,18 +181,21 @@ class Gateway:
 
         ``options``: the rest of TGI's request body (``add_special_tokens``, ``parameters``), passed through.
         """
+        tokens = await self._post_any(model_id, "/tokenize", {**(options or {}), "inputs": text})
+        if not isinstance(tokens, list):
+            raise BackendError("a backend answered /tokenize with something other than a list")
+        return tokens
+
+    async def _post_any(self, model_id: str, path: str, payload: dict[str, Any]) -> Any:
+        """A small call on the least-loaded healthy backend of the model, the next one if it is unreachable."""
         pool = self.pool(model_id)
-        payload = {**(options or {}), "inputs": text}
         last: GatewayError = Unavailable(f"no healthy backend for model {pool.model_id!r}", retry_after_s=1.0)
         for backend in sorted((b for b in pool.backends if b.healthy), key=lambda b: b.outstanding_tokens):
             try:
-                tokens = await backend.post_json("/tokenize", payload)
+                return await backend.post_json(path, payload)
             except BackendUnreachable as exc:
                 last = exc
                 continue
-            if not isinstance(tokens, list):
-                raise BackendError(f"backend {backend.name} answered /tokenize with something other than a list")
-            return tokens
         raise _as_final(last)
 
     async def model_info(self, model_id: str) -> dict[str, Any]:
@@ -224,20 +264,16 @@ class Gateway:
             if error is not None:
                 raise error
             status = "OK"
+        except Cancelled:  # the HTTP front door passes its client's leaving in as Cancelled
+            status = self.ended_by_consumer(job)
+            raise
         except GatewayError as exc:
             status = exc.grpc_code.name
             raise
-        except asyncio.CancelledError:
-            now = asyncio.get_running_loop().time()
-            if job.stop_at is not None and now >= job.stop_at:
-                status = "OK"  # the front door's time limit: a normal end (TGIS TIME_LIMIT)
-            elif job.deadline is not None and now >= job.deadline:
-                status = "DEADLINE_EXCEEDED"
-            else:
-                status = "CANCELLED"
-            raise
-        except GeneratorExit:
-            status = "OK"  # the front door stopped reading on purpose (e.g. a TGIS time limit)
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled while waiting inside the stream, or closed by a consumer that stopped reading (a gRPC
+            # client that left while its last message was being written, a time limit): the same question either way.
+            status = self.ended_by_consumer(job)
             raise
         except aiohttp.ClientError as exc:
             status = "UNAVAILABLE"
@@ -249,7 +285,21 @@ class Gateway:
                 resp.close()  # closes the connection: TGI drops a request whose client went away
             if lease is not None:
                 lease.release()
-            self._record(job, result, status)
+            self._finish(job, result, status)
+
+    def ended_by_consumer(self, job: Job) -> str:
+        """The status of a stream its consumer ended (cancelled or closed): what its client saw."""
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:  # closed by the garbage collector after the loop stopped
+            return "CANCELLED"
+        if job.stop_at is not None and now >= job.stop_at:
+            return "OK"  # the front door's time limit: a normal end (TGIS TIME_LIMIT)
+        if job.deadline is not None and now >= job.deadline - DEADLINE_SLACK_S:
+            return "DEADLINE_EXCEEDED"
+        if self._drain_cut_at is not None and now >= self._drain_cut_at:
+            return "UNAVAILABLE"  # the drain ran past its grace: the server cut the call
+        return "CANCELLED"
 
     @staticmethod
     def _observe(event: dict[str, Any], lease: Lease, result: StreamResult) -> dict[str, Any]:
@@ -400,33 +450,136 @@ class Gateway:
         params["max_new_tokens"] = allowed
         return {**body, "parameters": params}
 
-    def _record(self, job: Job, result: StreamResult, status: str) -> None:
-        done_ns = time.time_ns()
-        prompt_tokens = result.prompt_tokens if result.prompt_tokens is not None else job.prompt_tokens_estimate
+    def _finish(self, job: Job, result: StreamResult, status: str) -> None:
+        """Record the stream's timeline, after asking the backend for the prompt count if the stream did not tell
+        it and the backend worked on the request (a task of its own: the stream has ended already)."""
+        result.recorded = True
+        done_ns = max(time.time_ns(), result.first_token_ns or 0)
+        backend = result.backend if result.released_ns is not None else None
+        if result.prompt_tokens is None and did_gpu_work(backend, result.released_ns, result.first_token_ns, status):
+            try:
+                task = asyncio.get_running_loop().create_task(self._count_then_record(job, result, status, done_ns))
+            except RuntimeError:  # no running loop (a generator finalised at shutdown): the estimate, flagged
+                self._record(job, result, status, done_ns, job.prompt_tokens_estimate, estimated=True)
+                return
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+            return
+        self._record(job, result, status, done_ns, result.prompt_tokens or 0, estimated=False)
+
+    async def _count_then_record(self, job: Job, result: StreamResult, status: str, done_ns: int) -> None:
+        count: int | None = None
+        try:
+            async with asyncio.timeout(COUNT_TIMEOUT_S):
+                count = await self._count_prompt(job)
+        except Exception as exc:  # the backend is gone, or cannot count: the estimate, flagged as one
+            log.warning("prompt_count_failed", request_id=job.request_id, error=f"{type(exc).__name__}: {exc}")
+        finally:  # also when cancelled (shutdown): the timeline is never lost
+            if count is None:
+                self._record(job, result, status, done_ns, job.prompt_tokens_estimate, estimated=True)
+            else:
+                self._record(job, result, status, done_ns, count, estimated=False)
+
+    async def _count_prompt(self, job: Job) -> int:
+        """The prompt's length in tokens as the backend computes it (after truncation), for a stream that ended
+        without TGI's ``input_length`` (or the OpenAI routes' ``usage``)."""
+        if job.route == "/v1/chat/completions":  # the chat template is applied by TGI: ask it to apply it
+            answer = await self._post_any(job.model_id, "/chat_tokenize", {**job.body, "stream": False})
+            tokens = answer.get("tokenize_response") if isinstance(answer, dict) else None
+            if not isinstance(tokens, list):
+                raise BackendError("a backend answered /chat_tokenize without tokenize_response")
+            return len(tokens)
+        options: dict[str, Any] = {}
+        if "add_special_tokens" in job.body:
+            options["add_special_tokens"] = job.body["add_special_tokens"]
+        tokens = await self.tokenize(job.model_id, job.inputs, options=options)
+        params = job.body.get("parameters")
+        truncate = params.get("truncate") if isinstance(params, dict) else None
+        if isinstance(truncate, int) and 0 < truncate < len(tokens):
+            return truncate  # TGI keeps the last `truncate` tokens
+        return len(tokens)
+
+    def record_refused(
+        self,
+        *,
+        request_id: str,
+        tenant: str,
+        model_id: str,
+        api: Api,
+        status: str,
+        received_ns: int,
+        traffic_class: str = "default",
+        correlation_id: str | None = None,
+    ) -> None:
+        """Record a call the gateway refused (or ended) before any backend saw it: a row with its status and 0 J, so
+        that its request id answers at once. A class name no operator configured is recorded as ``(unknown)``: the
+        raw name never becomes a row value or a label."""
+        try:
+            traffic_class = self.resolve_class(model_id, traffic_class)
+        except GatewayError:
+            traffic_class = UNKNOWN_CLASS
+        job = Job(
+            request_id=request_id,
+            model_id=model_id[:MAX_RECORDED_ID_CHARS],
+            tenant=tenant,
+            inputs="",
+            body={},
+            traffic_class=traffic_class,
+            api=api,
+            correlation_id=correlation_id,
+            received_ns=received_ns,
+        )
+        self._record(job, StreamResult(), status, max(time.time_ns(), received_ns), 0, estimated=False)
+
+    @contextlib.contextmanager
+    def recording(self, jobs: Iterable[tuple[Job, StreamResult]]) -> Iterator[None]:
+        """Around a front door's handling of ``jobs``: a job whose stream never started (its call failed, or its task
+        was cancelled before it ran) still gets its row, with the status its client saw, and 0 J."""
+        status: str | None = None
+        try:
+            yield
+        except GatewayError as exc:
+            status = exc.grpc_code.name
+            raise
+        finally:
+            for job, result in jobs:
+                if not result.recorded:
+                    result.recorded = True
+                    end = status or self.ended_by_consumer(job)
+                    self._record(job, result, end, max(time.time_ns(), job.received_ns), 0, estimated=False)
+
+    def _record(
+        self, job: Job, result: StreamResult, status: str, done_ns: int, prompt_tokens: int, *, estimated: bool
+    ) -> None:
+        released = result.released_ns is not None
+        works = did_gpu_work(result.backend if released else None, result.released_ns, result.first_token_ns, status)
+        prompt_tokens = prompt_tokens if works else 0
         try:
             self.ledger.request_finished(
                 Timeline(
                     request_id=job.request_id,
                     tenant=job.tenant,
                     model_id=job.model_id,
-                    backend=result.backend if result.released_ns is not None else None,
+                    backend=result.backend if released else None,
                     received_ns=job.received_ns,
                     released_ns=result.released_ns,
                     first_token_ns=result.first_token_ns,
-                    done_ns=max(done_ns, result.first_token_ns or 0),
-                    prompt_tokens=prompt_tokens if result.released_ns is not None else 0,
+                    done_ns=done_ns,
+                    prompt_tokens=prompt_tokens,
                     generated_tokens=result.generated_tokens,
                     status=status,
                     traffic_class=job.traffic_class,
                     api=job.api,
                     correlation_id=job.correlation_id,
+                    prompt_tokens_estimated=estimated and works,
                 )
             )
         except Exception:  # the meter must never break the request path
             log.exception("timeline_record_failed", request_id=job.request_id)
         tenant = tenant_label(job.tenant)
-        REQUESTS.labels(job.model_id, job.api.value, job.traffic_class, tenant, status).inc()
-        if result.released_ns is not None:
+        model = job.model_id if job.model_id in self.pools else "(unknown)"  # a refused call may name anything
+        REQUESTS.labels(model, job.api.value, job.traffic_class, tenant, status).inc()
+        if released:
             GENERATED_TOKENS.labels(job.model_id, tenant).inc(result.generated_tokens)
             PROMPT_TOKENS.labels(job.model_id, tenant).inc(prompt_tokens)
         if result.first_token_ns is not None:

@@ -2,8 +2,11 @@
 
 Every call: authenticate, send ``x-request-id`` (and echo ``x-correlation-id``) as initial metadata, map the TGIS
 parameters once, then run one ``Job`` per text through ``Gateway.stream``. A ``GatewayError`` becomes a gRPC
-status with a clear message; overload carries a retry hint both as ``google.rpc.RetryInfo`` in the status details
-and as ``retry-after-ms`` trailing metadata.
+status with a clear message and ``x-request-id`` in the trailing metadata too; overload carries a retry hint both
+as ``google.rpc.RetryInfo`` in the status details and as ``retry-after-ms`` trailing metadata. An authenticated
+generation call the gateway refuses before any text reaches a backend (unknown model, bad parameters...) is recorded
+all the same (0 J, its status), so that its id answers ``GetRequestEnergy`` at once; an unauthenticated one gets an
+id but no row.
 
 Batched ``Generate`` calls get one request id per text: the call's id when it has one text, else ``<id>-<i>``.
 
@@ -57,14 +60,16 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: GatewayError) -> None:
+async def abort_with(context: grpc.aio.ServicerContext, exc: GatewayError, request_id: str | None = None) -> None:
     """End the call with ``exc``'s status; RESOURCE_EXHAUSTED/UNAVAILABLE carry a retry hint.
 
     The hint travels twice: as ``google.rpc.RetryInfo`` in the rich status details (what gRPC client libraries
-    read) and as plain ``retry-after-ms`` trailing metadata (what a person with grpcurl reads).
+    read) and as plain ``retry-after-ms`` trailing metadata (what a person with grpcurl reads). ``request_id`` goes
+    into the trailing metadata as ``x-request-id``, for a client that got no initial metadata.
     """
+    trailing: tuple[tuple[str, str | bytes], ...] = (("x-request-id", request_id),) if request_id else ()
     if exc.retry_after_s is None:
-        await context.abort(exc.grpc_code, exc.message)
+        await context.abort(exc.grpc_code, exc.message, trailing_metadata=trailing)
         return
     delay = duration_pb2.Duration()
     delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
@@ -74,7 +79,7 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: GatewayError) -> No
     status = _Status(
         status.code,
         status.details,
-        (*status.trailing_metadata, ("retry-after-ms", str(int(exc.retry_after_s * 1000)))),
+        (*status.trailing_metadata, ("retry-after-ms", str(int(exc.retry_after_s * 1000))), *trailing),
     )
     await context.abort_with_status(status)
 
@@ -104,10 +109,13 @@ def internal_error(method: str, call: CallContext | None) -> Internal:
 class CallContext:
     """What every call needs: who is calling, its ids and deadline."""
 
-    __slots__ = ("correlation_id", "deadline", "metadata_sent", "principal", "request_id", "traffic_class")
+    __slots__ = (
+        "correlation_id", "deadline", "handed", "metadata_sent", "principal", "request_id", "traffic_class",
+    )  # fmt: skip
 
     def __init__(self, principal: Principal, request_id: str, correlation_id: str | None, traffic_class: str,
                  deadline: float | None, metadata_sent: asyncio.Future[None] | None = None) -> None:  # fmt: skip
+        self.handed = False  # a job of this call went to the gateway (which then records it)
         self.principal = principal
         self.request_id = request_id
         self.correlation_id = correlation_id
@@ -138,21 +146,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.max_batch_requests = max_batch_requests
 
     # -- plumbing --------------------------------------------------------------------------------------------
-    async def _begin(self, context: grpc.aio.ServicerContext) -> CallContext:
-        """Ids, initial metadata (sent in the background: the caller awaits ``metadata_sent`` before answering),
-        authentication, deadline, traffic class."""
+    async def _begin(self, context: grpc.aio.ServicerContext, request_id: str) -> CallContext:
+        """Authentication, then initial metadata with the call's ids (sent in the background: the caller awaits
+        ``metadata_sent`` before answering), deadline, traffic class.
+
+        The ids go out only once the caller is known, so that a call with an ``x-request-id`` in its initial
+        metadata always has a row (a caller that gives up before that gets none, like a stranger; a refused one
+        finds its id in the trailing metadata)."""
         md = metadata_dict(context)  # checked before anything is echoed or kept
-        request_id = new_request_id()
         correlation_id = md.get("x-correlation-id")
+        principal = await self.auth.authenticate(md)
         initial = [("x-request-id", request_id)]
         if correlation_id:
             initial.append(("x-correlation-id", correlation_id))
         sending = asyncio.ensure_future(context.send_initial_metadata(initial))
-        try:
-            principal = await self.auth.authenticate(md)
-        except BaseException:
-            await _settle(sending)
-            raise
         remaining = context.time_remaining()
         deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None
         traffic_class = requested_class(md.get("x-traffic-class"), principal)
@@ -161,29 +168,57 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
         return CallContext(principal, request_id, correlation_id, traffic_class, deadline, sending)
 
-    async def _guard(self, context: grpc.aio.ServicerContext, work: Callable[[CallContext], Awaitable[T]]) -> T:
-        """Run a unary call's work; map a GatewayError to its status. The response waits for the metadata."""
+    async def _guard(
+        self,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[CallContext], Awaitable[T]],
+        *,
+        model_id: str | None = None,
+        received_ns: int = 0,
+    ) -> T:
+        """Run a unary call's work; map a GatewayError to its status. The response waits for the metadata.
+        ``model_id``: a generation call, recorded when it is refused before any job reaches the gateway."""
         call: CallContext | None = None
+        request_id = new_request_id()
         try:
-            call = await self._begin(context)
+            call = await self._begin(context, request_id)
             result = await work(call)
             await _settle(call.metadata_sent)
             return result
         except Exception as caught:
             exc = caught if isinstance(caught, GatewayError) else internal_error("unary", call)
             if call is not None:
+                if model_id is not None:
+                    self._record_refused(call, model_id, received_ns, exc.grpc_code.name)
                 await _settle(call.metadata_sent)
             log.info("request_failed", code=exc.grpc_code.name, error=exc.message)
-            await abort_with(context, exc)
+            await abort_with(context, exc, request_id)
             raise AssertionError("unreachable") from None  # abort raises
         finally:
             structlog.contextvars.clear_contextvars()
+
+    def _record_refused(self, call: CallContext, model_id: str, received_ns: int, status: str) -> None:
+        """A generation call refused before any of its texts reached the gateway's stream: one row, 0 J."""
+        if call.handed:
+            return
+        call.handed = True
+        self.gateway.record_refused(
+            request_id=call.request_id,
+            tenant=call.principal.tenant,
+            model_id=model_id,
+            api=Api.GRPC,
+            status=status,
+            received_ns=received_ns,
+            traffic_class=call.traffic_class,
+            correlation_id=call.correlation_id,
+        )
 
     def _options(self, model_id: str, params: Any, adapter_id: str | None) -> GenerationOptions:
         return to_tgi(params, self.limits.get(model_id, ModelLimits()), adapter_id=adapter_id)
 
     def _job(self, call: CallContext, request_id: str, model_id: str, text: str, options: GenerationOptions,
              received_ns: int, traffic_class: str) -> Job:  # fmt: skip
+        call.handed = True
         return Job(
             request_id=request_id,
             model_id=model_id,
@@ -221,20 +256,20 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             n = len(request.requests)
             ids = [call.request_id] if n == 1 else [f"{call.request_id}-{i}" for i in range(n)]
             jobs = [
-                self._job(call, rid, model_id, r.text, options, received_ns, traffic_class)
+                (self._job(call, rid, model_id, r.text, options, received_ns, traffic_class), StreamResult())
                 for rid, r in zip(ids, request.requests, strict=True)
             ]
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    tasks = [tg.create_task(self._generate_one(job, options)) for job in jobs]
-            except* GatewayError as group:
-                raise group.exceptions[0] from None
+            with self.gateway.recording(jobs):  # a text whose task was cancelled before it started
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tasks = [tg.create_task(self._generate_one(job, result, options)) for job, result in jobs]
+                except* GatewayError as group:
+                    raise group.exceptions[0] from None
             return pb.BatchedGenerationResponse(responses=[t.result() for t in tasks])
 
-        return await self._guard(context, work)
+        return await self._guard(context, work, model_id=request.model_id, received_ns=received_ns)
 
-    async def _generate_one(self, job: Job, options: GenerationOptions) -> Any:
-        result = StreamResult()
+    async def _generate_one(self, job: Job, result: StreamResult, options: GenerationOptions) -> Any:
         resp = pb.GenerationResponse()
         r = options.response
         input_task = (
@@ -302,8 +337,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[Any]:
         received_ns = time.time_ns()
         call: CallContext | None = None
+        request_id = new_request_id()
         try:
-            call = await self._begin(context)
+            call = await self._begin(context, request_id)
             model_id = self.gateway.resolve_model(request.model_id)
             if not request.HasField("request"):
                 raise InvalidArgument("request: missing")
@@ -312,17 +348,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             traffic_class = self.gateway.resolve_class(model_id, call.traffic_class)
             job = self._job(call, call.request_id, model_id, request.request.text, options, received_ns, traffic_class)
             first = True
-            async for message in self._stream(job, options):
-                if first:
-                    first = False
-                    await _settle(call.metadata_sent)
-                yield message
+            # Closed with the call (a client that leaves while a message is being written): the stream then ends,
+            # and records how, at once rather than whenever the garbage collector finalises it.
+            async with contextlib.aclosing(self._stream(job, options)) as messages:
+                async for message in messages:
+                    if first:
+                        first = False
+                        await _settle(call.metadata_sent)
+                    yield message
         except Exception as caught:
             exc = caught if isinstance(caught, GatewayError) else internal_error("stream", call)
             if call is not None:
+                self._record_refused(call, request.model_id, received_ns, exc.grpc_code.name)
                 await _settle(call.metadata_sent)
             log.info("request_failed", code=exc.grpc_code.name, error=exc.message)
-            await abort_with(context, exc)
+            await abort_with(context, exc, request_id)
         finally:
             structlog.contextvars.clear_contextvars()
 

@@ -48,10 +48,11 @@ from meter.pb.joulegate.v1 import energy_pb2 as pb
 from meter.pb.joulegate.v1 import energy_pb2_grpc as pb_grpc
 from meter.reports import (
     BackendReport,
+    BillingSettings,
     GroupBy,
     IdlePolicy,
     ReportError,
-    ReportSettings,
+    ReportOptions,
     RequestFilter,
     RequestReport,
     UsageReport,
@@ -60,6 +61,7 @@ from meter.reports import (
     get_request_energy,
     get_usage,
     list_requests,
+    seed_settings,
 )
 from meter.reports.requests import decode_page_token
 from proxy.auth import Authenticator, Principal
@@ -87,6 +89,7 @@ IDLE_POLICY_PB = {
     IdlePolicy.TIME: pb.IDLE_POLICY_TIME,
     IdlePolicy.TOKENS: pb.IDLE_POLICY_TOKENS,
 }
+IDLE_POLICY_OF_PB = {v: k for k, v in IDLE_POLICY_PB.items()}
 GROUP_BY_PB = {
     pb.GetUsageRequest.TENANT: GroupBy.TENANT,
     pb.GetUsageRequest.MODEL: GroupBy.MODEL,
@@ -96,13 +99,28 @@ GROUP_BY_PB = {
 }
 
 
-def settings_from_config(config: Config) -> ReportSettings:
-    return ReportSettings(
+def settings_from_config(config: Config) -> BillingSettings:
+    """The billing settings of ``config``: they seed an empty database and stand in while none are stored."""
+    return BillingSettings(
         idle_policy=IdlePolicy(config.meter.idle_policy.value),
-        lag_ns=config.meter.lag_ms * 1_000_000,
         grid_g_co2e_per_kwh=config.carbon.grid_g_co2e_per_kwh,
         pue=config.carbon.pue,
     )
+
+
+def seed_billing_settings(config: Config, engine: sa.Engine, process: str) -> None:
+    """Store ``config``'s billing settings if the database holds none yet (blocking: run it on a thread)."""
+    seed_settings(engine, settings_from_config(config), source=f"config of {process}")
+
+
+def asked_policy(message: Any) -> IdlePolicy | None:
+    """The ``optional IdlePolicy idle_policy`` of a request message; INVALID_ARGUMENT for a value we do not know."""
+    if not message.HasField("idle_policy"):
+        return None
+    policy = IDLE_POLICY_OF_PB.get(message.idle_policy)
+    if policy is None:
+        raise InvalidArgument(f"idle_policy: unknown value {message.idle_policy}")
+    return policy
 
 
 # -- proto conversion ----------------------------------------------------------------------------------------------
@@ -158,6 +176,7 @@ def request_pb(r: RequestReport) -> pb.RequestEnergy:
         correlation_id=r.correlation_id or "",
         api=r.api or "",
         prompt_tokens=r.prompt_tokens,
+        prompt_tokens_estimated=r.prompt_tokens_estimated,
         generated_tokens=r.generated_tokens,
         received=timestamp(r.received_ns),
         queued_ms=r.queued_ms or 0.0,
@@ -166,6 +185,8 @@ def request_pb(r: RequestReport) -> pb.RequestEnergy:
         idle_j=r.idle_j,
         total_j=r.total_j,
         idle_policy=IDLE_POLICY_PB[r.idle_policy],
+        co2e_g=r.co2e_g,
+        idle_policy_asked=r.idle_policy_asked,
         final=r.final,
     )
     for field, ns in (("released", r.released_ns), ("first_token", r.first_token_ns), ("done", r.done_ns)):
@@ -174,7 +195,7 @@ def request_pb(r: RequestReport) -> pb.RequestEnergy:
     return msg
 
 
-def usage_row_pb(row: UsageRow, report: UsageReport) -> pb.UsageRow:
+def usage_row_pb(row: UsageRow) -> pb.UsageRow:
     return pb.UsageRow(
         key=row.key,
         requests=row.requests,
@@ -187,19 +208,33 @@ def usage_row_pb(row: UsageRow, report: UsageReport) -> pb.UsageRow:
         total_wh=row.total_wh,
         j_per_generated_token=row.j_per_generated_token,
         idle_share=row.idle_share,
-        co2e_g=report.co2e_g(row),
+        co2e_g=row.co2e_g,
         provisional_requests=row.provisional_requests,
+        estimated_prompt_requests=row.estimated_prompt_requests,
     )
 
 
 def usage_pb(report: UsageReport) -> pb.GetUsageResponse:
+    at_end = report.settings.at(report.end_ns)
     msg = pb.GetUsageResponse(
-        rows=[usage_row_pb(r, report) for r in report.rows],
-        total=usage_row_pb(report.total, report),
-        idle_policy=IDLE_POLICY_PB[report.settings.idle_policy],
-        grid_g_co2e_per_kwh=report.settings.grid_g_co2e_per_kwh,
-        pue=report.settings.pue,
+        rows=[usage_row_pb(r) for r in report.rows],
+        total=usage_row_pb(report.total),
+        idle_policy=IDLE_POLICY_PB[report.idle_policy_asked or at_end.idle_policy],
+        grid_g_co2e_per_kwh=at_end.grid_g_co2e_per_kwh,
+        pue=at_end.pue,
         end=timestamp(report.end_ns),
+        settings=[
+            pb.BillingSettings(
+                effective=timestamp(p.effective_ns),
+                idle_policy=IDLE_POLICY_PB[p.idle_policy],
+                grid_g_co2e_per_kwh=p.grid_g_co2e_per_kwh,
+                pue=p.pue,
+                source=p.source,
+            )
+            for p in report.periods
+        ],
+        settings_stored=report.settings.stored,
+        idle_policy_asked=report.idle_policy_asked is not None,
     )
     if report.start_ns is not None:
         msg.start.CopyFrom(timestamp(report.start_ns))
@@ -218,6 +253,8 @@ def backend_pb(b: BackendReport) -> pb.BackendEnergy:
         requests=b.requests,
         samples=b.samples,
         gaps=b.gaps,
+        adjustment_mj=b.adjustment_mj,
+        adjusted_epochs=b.adjusted_epochs,
     )
     if b.attributed_until_ns is not None:
         msg.attributed_until.CopyFrom(timestamp(b.attributed_until_ns))
@@ -267,23 +304,28 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         self,
         engine: sa.Engine,
         auth: Authenticator,
-        settings: ReportSettings,
+        fallback: BillingSettings,
         *,
         poll_interval_s: float = 0.1,
         nudge: Callable[[], None] | None = None,
         nudge_interval_s: float = 0.5,
     ) -> None:
-        """``nudge`` asks the metering engine for a pass now (``MeterService.run_soon``); ``wait_final`` calls it,
-        at most every ``nudge_interval_s``, while the request it waits for is provisional."""
+        """``fallback``: the billing settings of this process's config, which bill only while the database holds
+        none (``meter.reports.settings``). ``nudge`` asks the metering engine for a pass now
+        (``MeterService.run_soon``); ``wait_final`` calls it, at most every ``nudge_interval_s``, while the request
+        it waits for is provisional."""
         self.engine = engine
         self.auth = auth
-        self.settings = settings
+        self.fallback = fallback
         self.poll_interval_s = poll_interval_s
         self._nudge = nudge
         self._nudge_interval_s = nudge_interval_s
         self._last_nudge = 0.0
         self.waits = WaitSlots()
         self._poll_slots = asyncio.Semaphore(WAIT_QUERY_SLOTS)
+
+    def _options(self, message: Any) -> ReportOptions:
+        return ReportOptions(idle_policy=asked_policy(message), fallback=self.fallback)
 
     def _nudge_engine(self) -> None:
         now = time.monotonic()
@@ -332,12 +374,13 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
             remaining = context.time_remaining()
             if remaining is not None:  # answer (provisionally) before the client gives up on us
                 wait_s = min(wait_s, max(0.0, remaining - 0.2))
+            options = self._options(request)
             if wait_s <= 0:
-                report = await self._request_report(principal, request_id)
+                report = await self._request_report(principal, request_id, options)
             else:
                 self.waits.take(principal.tenant)
                 try:
-                    report = await self._wait_final(principal, request_id, wait_s)
+                    report = await self._wait_final(principal, request_id, options, wait_s)
                 finally:
                     self.waits.give_back(principal.tenant)
             if report is None:
@@ -346,18 +389,22 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
 
         return await self._call(context, "GetRequestEnergy", work)
 
-    async def _request_report(self, principal: Principal, request_id: str) -> RequestReport | None:
-        report = await self._query(lambda c: get_request_energy(c, request_id, self.settings))
+    async def _request_report(
+        self, principal: Principal, request_id: str, options: ReportOptions
+    ) -> RequestReport | None:
+        report = await self._query(lambda c: get_request_energy(c, request_id, options))
         if report is not None:
             principal.require_tenant_access(report.tenant)
         return report
 
-    async def _wait_final(self, principal: Principal, request_id: str, wait_s: float) -> RequestReport | None:
+    async def _wait_final(
+        self, principal: Principal, request_id: str, options: ReportOptions, wait_s: float
+    ) -> RequestReport | None:
         """Poll until the request is final or ``wait_s`` is over, backing off; polls share WAIT_QUERY_SLOTS."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait_s
         interval_s = self.poll_interval_s
-        report = await self._request_report(principal, request_id)
+        report = await self._request_report(principal, request_id, options)
         while report is None or not report.final:
             left = give_up - loop.time()
             if left <= 0:
@@ -366,7 +413,7 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
             await asyncio.sleep(min(interval_s, left))
             interval_s = min(interval_s * 1.5, MAX_POLL_INTERVAL_S)
             async with self._poll_slots:
-                report = await self._request_report(principal, request_id)
+                report = await self._request_report(principal, request_id, options)
         return report
 
     # -- ListRequests --------------------------------------------------------------------------------------------
@@ -383,8 +430,9 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
             if flt.start_ns is not None and flt.end_ns is not None and flt.start_ns >= flt.end_ns:
                 raise InvalidArgument("end: must be after start")
             token = checked_page_token(request.page_token, flt)
+            options = self._options(request)
             page = await self._query(
-                lambda c: list_requests(c, flt, self.settings, page_size=request.page_size, page_token=token)
+                lambda c: list_requests(c, flt, options, page_size=request.page_size, page_token=token)
             )
             return pb.ListRequestsResponse(
                 requests=[request_pb(r) for r in page.requests], next_page_token=page.next_page_token
@@ -402,10 +450,9 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
             start_ns = ns_of(request, "start")
             end_ns = ns_of(request, "end")
             end_ns = time.time_ns() if end_ns is None else end_ns
+            options = self._options(request)
             report = await self._query(
-                lambda c: get_usage(
-                    c, self.settings, start_ns=start_ns, end_ns=end_ns, group_by=group_by, tenant=tenant
-                )
+                lambda c: get_usage(c, options, start_ns=start_ns, end_ns=end_ns, group_by=group_by, tenant=tenant)
             )
             return usage_pb(report)
 

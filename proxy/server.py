@@ -42,7 +42,7 @@ from proxy.metering import build_meter_service
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
 from proxy.reports_api import SERVICE as ENERGY_REPORTS
-from proxy.reports_api import EnergyReportsServicer, settings_from_config
+from proxy.reports_api import EnergyReportsServicer, seed_billing_settings, settings_from_config
 from proxy.shaping import build_shapers
 
 log = structlog.get_logger(__name__)
@@ -153,11 +153,16 @@ class GatewayApp:
             healthy={m: p.healthy for m, p in self.pools.items()},
         )
 
+    def _prepare_database(self) -> None:
+        """The schema, and the billing settings seeded from this config when the database holds none (blocking)."""
+        ensure_schema(self.engine)
+        seed_billing_settings(self.config, self.engine, "joulegate serve")
+
     async def _try_database(self) -> bool:
         """Ensure the schema once. False when the database is away (retried later); other errors (a schema newer
         than this version, a bad URL) stop the start."""
         try:
-            await asyncio.to_thread(ensure_schema, self.engine)
+            await asyncio.to_thread(self._prepare_database)
         except Exception as exc:
             if not is_outage(exc):
                 raise
@@ -177,7 +182,7 @@ class GatewayApp:
         )
         async for attempt in retrying:
             with attempt:
-                await asyncio.to_thread(ensure_schema, self.engine)
+                await asyncio.to_thread(self._prepare_database)
         self.gateway.ready = True
         log.info("database_available", health="SERVING" if self.gateway.healthy else "NOT_SERVING (no backend)")
         await self._update_health()
@@ -193,7 +198,7 @@ class GatewayApp:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish (up to the grace), flush the ledger."""
         grace = self.config.server.drain_grace_s if grace_s is None else grace_s
         await asyncio.gather(*(s.drain() for s in self.shapers.values()))
-        self.gateway.draining = True
+        self.gateway.begin_drain(grace)
         await self._update_health()
         log.info("gateway_draining", grace_s=grace)
         await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace)] if self.http is not None else []))
@@ -202,6 +207,7 @@ class GatewayApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.gateway.flush_records()  # timelines waiting for a backend's prompt count, before the pools close
         await asyncio.gather(*(p.close() for p in self.pools.values()))
         if self.meter is not None:  # after the last request, before the ledger's last flush
             await asyncio.to_thread(self.meter.stop)

@@ -46,6 +46,10 @@ def timeline(draw: st.DrawFn, request_id: str, span_us: int = 3_000_000, on_gpu:
     generated = draw(st.integers(0, 300))
     if kind == "unreleased":
         return Timeline(request_id, "t", "m", None, received, None, None, received + (done - released), prompt, 0)
+    # A request without a first token failed at prefill, was abandoned (its client left) or was refused.
+    status = "OK"
+    if kind == "no_first_token":
+        status = draw(st.sampled_from(["INTERNAL", "CANCELLED", "DEADLINE_EXCEEDED", "OK", "INVALID_ARGUMENT"]))
     return Timeline(
         request_id,
         "t",
@@ -57,6 +61,7 @@ def timeline(draw: st.DrawFn, request_id: str, span_us: int = 3_000_000, on_gpu:
         done,
         prompt,
         0 if kind == "no_first_token" else generated,
+        status=status,
     )
 
 
@@ -117,6 +122,9 @@ class Arrival:
     at_ms: int  # after the engine's start
     prompt_tokens: int  # a multiple of 20
     generated_tokens: int  # >= 1
+    fate: str = "ok"  # "ok"; "fail": an error at the end of its prefill step; "refuse": validation, no GPU work;
+    # "leave": its client leaves `leave_ms` after its release (queued: it never runs; in a step: it leaves the step)
+    leave_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,63 +197,105 @@ class Schedule:
 
 
 def simulate(arrivals: list[Arrival], lead_ms: int = 1000, tail_ms: int = 1500) -> Schedule:
-    """Run a TGI-like continuous-batching engine over ``arrivals``; idle ``lead_ms`` before and ``tail_ms`` after."""
+    """Run a TGI-like continuous-batching engine over ``arrivals``; idle ``lead_ms`` before and ``tail_ms`` after.
+
+    Fates, as the simulator (``sim/``) treats them: a refused request never reaches the engine; a failing one is
+    prefilled with its step and ends at the step's end without a token; a request whose client leaves while queued
+    never runs, and one that leaves during a step leaves it then (the others finish it; a step left empty ends).
+    """
     start_ns = T0_NS
     todo = sorted(arrivals, key=lambda a: (a.at_ms, a.request_id))
     released = {a.request_id: start_ns + (lead_ms + a.at_ms) * MS for a in todo}
     by_id = {a.request_id: a for a in todo}
+    leave = {a.request_id: released[a.request_id] + a.leave_ms * MS for a in todo if a.fate == "leave"}
     first: dict[str, int] = {}
     done: dict[str, int] = {}
+    status: dict[str, str] = {}
     steps: list[Step] = []
     queue: list[str] = []
     running: dict[str, int] = {}  # request id -> tokens still to generate
     t = start_ns
     nxt = 0
+
+    def run_step(kind: str, members: list[str], dur_ns: int) -> list[str]:
+        """Steps from t on for ``members``, split where one leaves; returns those left at the end."""
+        nonlocal t
+        end = t + dur_ns
+        present = list(members)
+        for rid in sorted((r for r in members if r in leave and t < leave[r] < end), key=lambda r: leave[r]):
+            cut = leave[rid]
+            steps.append(_step(kind, present, t, cut))
+            t = cut
+            present.remove(rid)
+            done[rid], status[rid] = cut, "CANCELLED"
+            if not present:
+                return []  # a step its requests all left ends there
+        steps.append(_step(kind, present, t, end))
+        t = end
+        return present
+
+    def _step(kind: str, members: list[str], a: int, b: int) -> Step:
+        if kind == "prefill":
+            tokens = sum(by_id[r].prompt_tokens for r in members)
+            shares = {r: (by_id[r].prompt_tokens / tokens if tokens else 1 / len(members)) for r in members}
+            return Step(a, b, PREFILL_W, "prefill", shares)
+        return Step(a, b, decode_w(len(members)), "decode", dict.fromkeys(members, 1 / len(members)))
+
     while nxt < len(todo) or queue or running:
         while nxt < len(todo) and released[todo[nxt].request_id] <= t:
-            queue.append(todo[nxt].request_id)
+            rid = todo[nxt].request_id
             nxt += 1
+            if by_id[rid].fate == "refuse":
+                done[rid], status[rid] = released[rid] + MS, "INVALID_ARGUMENT"
+            else:
+                queue.append(rid)
+        for rid in [r for r in queue if r in leave and leave[r] <= t]:  # left while queued: it never ran
+            queue.remove(rid)
+            done[rid], status[rid] = leave[rid], "CANCELLED"
         if queue:
             tokens = sum(by_id[r].prompt_tokens for r in queue)
             dur_ns = ENGINE_OVERHEAD_MS * MS + tokens * MS // (ENGINE_TOKENS_PER_S // 1000)
-            shares = {r: (by_id[r].prompt_tokens / tokens if tokens else 1 / len(queue)) for r in queue}
-            steps.append(Step(t, t + dur_ns, PREFILL_W, "prefill", shares))
-            t += dur_ns
-            for r in queue:
+            members, queue = queue, []
+            for r in run_step("prefill", members, dur_ns):
+                if by_id[r].fate == "fail":
+                    done[r], status[r] = t, "INTERNAL"
+                    continue
                 first[r] = t
                 if by_id[r].generated_tokens == 1:
-                    done[r] = t
+                    done[r], status[r] = t, "OK"
                 else:
                     running[r] = by_id[r].generated_tokens - 1
-            queue = []
         elif running:
-            n = len(running)
-            dur_ns = decode_step_ms(n) * MS
-            steps.append(Step(t, t + dur_ns, decode_w(n), "decode", dict.fromkeys(running, 1 / n)))
-            t += dur_ns
-            for r in list(running):
+            members = list(running)
+            kept = run_step("decode", members, decode_step_ms(len(members)) * MS)
+            for r in members:
+                if r not in kept:
+                    del running[r]  # left during the step
+            for r in kept:
                 running[r] -= 1
                 if running[r] == 0:
                     del running[r]
-                    done[r] = t
-        else:
+                    done[r], status[r] = t, "OK"
+        elif nxt < len(todo):
             nxt_t = released[todo[nxt].request_id]
             steps.append(Step(t, nxt_t, IDLE_W, "idle", {}))
             t = nxt_t
-    end_ns = t + tail_ms * MS
-    steps.append(Step(t, end_ns, IDLE_W, "idle", {}))
+    end_ns = max(t, *done.values()) + tail_ms * MS if done else t + tail_ms * MS
+    if end_ns > t:
+        steps.append(Step(t, end_ns, IDLE_W, "idle", {}))
     tls = [
         Timeline(
             a.request_id,
-            "t",
+            "adversary" if a.fate != "ok" else "t",
             "m",
             "b0",
             released[a.request_id],
             released[a.request_id],
-            first[a.request_id],
+            first.get(a.request_id),
             done[a.request_id],
             a.prompt_tokens,
-            a.generated_tokens,
+            a.generated_tokens if a.request_id in first else 0,
+            status=status[a.request_id],
         )
         for a in todo
     ]
@@ -253,21 +303,47 @@ def simulate(arrivals: list[Arrival], lead_ms: int = 1000, tail_ms: int = 1500) 
 
 
 @st.composite
-def arrivals(draw: st.DrawFn, max_requests: int = 20) -> list[Arrival]:
-    """Bursts and stragglers: gaps of 0 (same burst) to 1.5 s; prompts up to 2,000 tokens; up to 160 new tokens."""
+def arrivals(draw: st.DrawFn, max_requests: int = 20, fates: tuple[str, ...] = ("ok",)) -> list[Arrival]:
+    """Bursts and stragglers: gaps of 0 (same burst) to 1.5 s; prompts up to 2,000 tokens; up to 160 new tokens.
+
+    ``fates``: what may happen to a request besides finishing (``Arrival.fate``); a leaving client leaves 1-300 ms
+    after its release (in the queue, during its prefill, or while it decodes)."""
     n = draw(st.integers(1, max_requests))
     at_ms = 0
     out = []
     for j in range(n):
         at_ms += draw(st.one_of(st.just(0), st.integers(0, 60), st.integers(0, 1500)))
+        fate = draw(st.sampled_from(fates))
         out.append(
             Arrival(
                 f"q{j:03d}",
                 at_ms,
                 20 * draw(st.integers(0, 100)),
                 draw(st.one_of(st.integers(1, 8), st.integers(1, 160))),
+                fate,
+                draw(st.integers(1, 300)) if fate == "leave" else 0,
             )
         )
+    return out
+
+
+@st.composite
+def adversary_beside_decoders(draw: st.DrawFn) -> list[Arrival]:
+    """Issue 8's adversaries next to a tenant that decodes: 1-4 neighbours (``n*``) arrive together and decode
+    100-160 tokens (2-4 s); while they do, an adversary (``a*``) sends, one at a time (400-600 ms apart, so each of
+    its prefills is a step of its own), requests that fail at prefill, leave 1-200 ms after release (a tiny deadline
+    or a cancel: in the queue or during the prefill), are refused, or are huge prompts with one new token."""
+    out = [
+        Arrival(f"n{j}", 0, 20 * draw(st.integers(0, 25)), draw(st.integers(100, 160)))
+        for j in range(draw(st.integers(1, 4)))
+    ]
+    at_ms = 0
+    for j in range(draw(st.integers(1, 4))):
+        at_ms += draw(st.integers(400, 600))
+        fate = draw(st.sampled_from(["fail", "leave", "leave", "refuse", "ok"]))
+        prompt = 20 * draw(st.integers(30, 150))  # 600-3,000 tokens
+        leave_ms = draw(st.integers(1, 200)) if fate == "leave" else 0
+        out.append(Arrival(f"a{j}", at_ms, prompt, 1 if fate == "ok" else 20, fate, leave_ms))
     return out
 
 

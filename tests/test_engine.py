@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from meter.engine import attributed_until, expected_usage, request_finality, usage_table
 from meter.store import make_engine as make_db
 from meter.store import upgrade
-from meter.timeline import RequestStart
+from meter.timeline import RequestStart, Timeline
 from tests.test_engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
 
 
@@ -155,23 +155,50 @@ def test_open_request_holds_attribution_back_until_it_ends_or_times_out(db: sa.E
     assert rows(db, "SELECT COUNT(*) FROM request_energy WHERE request_id = 'stuck'")[0][0] == 0
 
 
-def test_finality(db: sa.Engine) -> None:
+def test_finality_comes_with_the_seal_and_the_seal_never_moves(db: sa.Engine) -> None:
     gpu = Gpu()
     a = timeline("a", T0 + 2 * S, T0 + 2 * S + 30 * MS, T0 + 3 * S)
     b = timeline("b", T0 + 12 * S, T0 + 12 * S + 30 * MS, T0 + 14 * S)
+    refused = Timeline("refused", "acme", "m", "b1", T0 + 4 * S, T0 + 4 * S, None, T0 + 4 * S + 2 * MS, 0, 0,
+                       status="INVALID_ARGUMENT")  # fmt: skip
     gpu.requests += [a, b]
-    write(db, timelines=[a, b, timeline("c", None, None, T0 + 3 * S, backend=None)],
+    write(db, timelines=[a, b, refused, timeline("c", None, None, T0 + 3 * S, backend=None)],
           samples=samples_for(gpu, "gpu0", T0, T0 + 15 * S), ingested_ns=T0 + 15 * S)  # fmt: skip
     write(db, starts=[RequestStart("d", "acme", "m", "b1", T0 + 13 * S, T0 + 13 * S)], ingested_ns=T0 + 15 * S)
-    with db.connect() as conn:
-        assert request_finality(conn, ["a", "b", "c", "d", "nope"]) == {"a": False, "b": False, "c": True, "d": False}
-    make_engine(db).run_once(now_ns=T0 + 20 * S)
+    ids = ["a", "b", "c", "d", "refused", "nope"]
+    with db.connect() as conn:  # no GPU work: final at 0 J as soon as they ended; the others wait for the engine
+        assert request_finality(conn, ids) == {"a": False, "b": False, "c": True, "d": False, "refused": True}
+    eng = make_engine(db)
+    report = eng.run_once(now_ns=T0 + 20 * S)
     with db.connect() as conn:
         assert attributed_until(conn, "b1") == T0 + 10 * S
-        assert request_finality(conn, ["a", "b"], strict=True) == {"a": True, "b": False}
-    # A late neighbour of `a` arrives: `a`'s own row is older than the epoch, but its share may change.
+        # until (10 s) >= done + lag (0) + settle (2 s): `a` (done 3 s) is sealed, `b` (done 14 s) is not
+        assert request_finality(conn, ids) == {"a": True, "b": False, "c": True, "d": False, "refused": True}
+    assert report.sealed == 2  # a, and the refused one (0 J)
+    seal = rows(db, "SELECT * FROM request_seals WHERE request_id = 'a'")[0]
+    mine = rows(db, "SELECT SUM(prefill_mj), SUM(decode_mj), SUM(idle_time_mj), SUM(idle_tokens_mj) "
+                    "FROM request_energy WHERE request_id = 'a'")[0]  # fmt: skip
+    assert (seal.prefill_mj, seal.decode_mj, seal.idle_time_mj, seal.idle_tokens_mj) == tuple(mine)
+    assert seal.prefill_mj > 0 and seal.decode_mj > 0
+    assert (
+        rows(db, "SELECT prefill_mj + decode_mj + active_ns FROM request_energy WHERE request_id = 'refused'")[0][0]
+        == 0
+    )  # it did no GPU work: no energy and no active time, only its home row
+
+    # A late neighbour of `a` arrives: the epoch is redone, `a` stays as sealed, the difference is booked.
     late = timeline("late", T0 + 2 * S, T0 + 2 * S + 30 * MS, T0 + 4 * S)
     write(db, timelines=[late], ingested_ns=T0 + 21 * S)
+    report = eng.run_once(now_ns=T0 + 22 * S)
+    assert [st for _b, st in report.recomputed] == [T0]
+    assert rows(db, "SELECT * FROM request_seals WHERE request_id = 'a'")[0] == seal
+    again = rows(db, "SELECT SUM(prefill_mj), SUM(decode_mj), SUM(idle_time_mj), SUM(idle_tokens_mj) "
+                     "FROM request_energy WHERE request_id = 'a'")[0]  # fmt: skip
+    assert tuple(again) == tuple(mine)
+    epoch = rows(db, "SELECT * FROM backend_epochs WHERE epoch_start_ns = :s", {"s": T0})[0]
+    late_mj = rows(db, "SELECT SUM(prefill_mj + decode_mj) FROM request_energy WHERE request_id = 'late'")[0][0]
+    assert late_mj > 0 and epoch.adjustment_mj < 0  # `late` got its share; `a` would have paid part of it
+    assert epoch.counter_mj == epoch.prefill_mj + epoch.decode_mj + epoch.idle_mj + epoch.adjustment_mj
+    assert eng.stats.adjustment_mj == epoch.adjustment_mj and eng.stats.adjusted_epochs == 1
     with db.connect() as conn:
-        assert request_finality(conn, ["a"]) == {"a": True}
-        assert request_finality(conn, ["a", "late"], strict=True) == {"a": False, "late": False}
+        assert request_finality(conn, ["a", "late"]) == {"a": True, "late": True}
+        assert usage_table(conn) == expected_usage(conn)

@@ -143,3 +143,60 @@ def test_engine_calibrates_recomputes_and_still_conserves(db: sa.Engine) -> None
         until = attributed_until(conn, "b1")
         assert until is not None
         assert sum(v[0] for v in usage_table(conn).values()) == sum(1 for t in timelines if t.done_ns < until)
+
+
+def test_a_calibration_that_moves_never_changes_a_final_figure(db: sa.Engine) -> None:
+    """Two traffic phases whose counters lag differently (120 ms, then 30 ms): the fit settles, the first phase's
+    requests become final, then the fit moves and the engine redoes its recent epochs. Every figure that was final
+    before is identical after; what the new model would have moved is booked to the epochs' adjustment, and every
+    epoch still balances to the mJ. Requests not final yet take the new model."""
+    traffic = _traffic(80, seed=7)
+    classes = _classes(traffic)
+    timelines = [timeline(f"r{i:03d}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
+    switch = T0 + 40 * S
+
+    def reading(t_ns: int) -> tuple[str, int, int, None]:
+        lag = 120 * MS if t_ns < switch else 30 * MS
+        return ("gpu0", t_ns, int(_energy_mj(classes, t_ns - lag)), None)
+
+    def phase(lo_s: int, hi_s: int) -> None:
+        ts = [T0 + k * 100 * MS + 7 * MS for k in range(lo_s * 10 + 1, hi_s * 10)]
+        done = [t for t in timelines if T0 + lo_s * S <= t.released_ns < T0 + hi_s * S]  # type: ignore[operator]
+        write(db, timelines=done, samples=[reading(t) for t in ts], ingested_ns=T0 + hi_s * S)
+
+    def finals() -> dict[str, tuple[int, ...]]:
+        got = rows(db, "SELECT request_id, prefill_mj, decode_mj, idle_time_mj, idle_tokens_mj FROM request_seals")
+        q = (
+            "SELECT request_id, SUM(prefill_mj), SUM(decode_mj), SUM(idle_time_mj), SUM(idle_tokens_mj) "
+            "FROM request_energy GROUP BY request_id"
+        )
+        sums = {r[0]: tuple(r[1:]) for r in rows(db, q)}
+        out = {r[0]: tuple(r[1:]) for r in got}
+        assert all(sums[k] == v for k, v in out.items())  # the seal is what its rows hold
+        return out
+
+    eng = make_engine(db, epoch_ns=2 * S, lag_ns=50 * MS, calibrate=True, calibration_refresh_ns=2 * S, idle_power=80.0)
+    phase(0, 40)
+    for k in range(4):
+        eng.run_once(now_ns=T0 + (41 + k) * S)
+    model = eng.stats.calibration["b1"]
+    assert model is not None and model.lag_ns == 120 * MS
+    before = finals()
+    assert len(before) > 20
+
+    phase(40, 80)
+    recomputed: list[int] = []
+    for k in range(8):
+        recomputed += [s for _b, s in eng.run_once(now_ns=T0 + (81 + k) * S).recomputed]
+    moved = eng.stats.calibration["b1"]
+    assert moved is not None and moved.lag_ns <= 100 * MS  # the fit moved (towards 30 ms: the pool mixes both)...
+    assert any(s < switch for s in recomputed)  # ...and redid epochs that hold final requests
+    after = finals()
+    assert {k: after[k] for k in before} == before
+    assert len(after) > len(before)
+    adjusted = rows(db, "SELECT COUNT(*), SUM(adjustment_mj) FROM backend_epochs WHERE adjustment_mj <> 0")[0]
+    assert adjusted[0] > 0 and eng.stats.adjustment_mj == adjusted[1] and eng.stats.adjusted_epochs >= adjusted[0]
+    for e in rows(db, "SELECT * FROM backend_epochs"):
+        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj + e.adjustment_mj
+    with db.connect() as conn:
+        assert usage_table(conn) == expected_usage(conn)

@@ -1,4 +1,5 @@
-"""meter.engine over real databases: late rows recompute their epochs, never double count; concurrent engines."""
+"""meter.engine over real databases: late rows recompute their epochs, never double count, never move a final
+figure; concurrent engines."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def db(db_url: str) -> Iterator[sa.Engine]:
 
 
 def _check_books(db: sa.Engine) -> None:
-    """Per epoch counter = attributed + idle = its rows + idle; usage_hourly is what a rebuild gives."""
+    """Per epoch counter = attributed + idle + adjustment, attributed = its rows; seals = their rows; usage_hourly is
+    what a rebuild gives."""
     for e in rows(db, "SELECT * FROM backend_epochs"):
         got = rows(
             db,
@@ -32,7 +34,15 @@ def _check_books(db: sa.Engine) -> None:
             {"b": e.backend, "s": e.epoch_start_ns},
         )[0]
         assert (got[0], got[1]) == (e.prefill_mj, e.decode_mj)
-        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj
+        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj + e.adjustment_mj
+    for seal in rows(db, "SELECT * FROM request_seals"):
+        got = rows(
+            db,
+            "SELECT SUM(prefill_mj), SUM(decode_mj), SUM(idle_time_mj), SUM(idle_tokens_mj) FROM request_energy "
+            "WHERE request_id = :r",
+            {"r": seal.request_id},
+        )[0]
+        assert tuple(got) == (seal.prefill_mj, seal.decode_mj, seal.idle_time_mj, seal.idle_tokens_mj)
     with db.connect() as conn:
         assert usage_table(conn) == expected_usage(conn)
 
@@ -40,6 +50,21 @@ def _check_books(db: sa.Engine) -> None:
 def _energy(db: sa.Engine) -> dict[str, int]:
     q = "SELECT request_id, SUM(prefill_mj + decode_mj) AS e FROM request_energy GROUP BY request_id"
     return {r.request_id: int(r.e) for r in rows(db, q)}
+
+
+def _finals(db: sa.Engine) -> dict[str, tuple[int, ...]]:
+    """Every sealed request's figures, from its seal and from its rows (they must agree)."""
+    q = (
+        "SELECT s.request_id, s.prefill_mj, s.decode_mj, s.idle_time_mj, s.idle_tokens_mj, SUM(e.prefill_mj), "
+        "SUM(e.decode_mj), SUM(e.idle_time_mj), SUM(e.idle_tokens_mj) FROM request_seals s "
+        "JOIN request_energy e ON e.request_id = s.request_id GROUP BY s.request_id, s.prefill_mj, s.decode_mj, "
+        "s.idle_time_mj, s.idle_tokens_mj"
+    )
+    out = {}
+    for r in rows(db, q):
+        assert tuple(r[1:5]) == tuple(r[5:9]), r
+        out[r.request_id] = tuple(r[1:5])
+    return out
 
 
 def _world() -> tuple[Gpu, list, list]:
@@ -57,14 +82,17 @@ def _world() -> tuple[Gpu, list, list]:
     return gpu, on_time, late
 
 
-def test_late_rows_recompute_their_epochs_without_double_counting(db: sa.Engine) -> None:
+def test_late_rows_recompute_their_epochs_without_double_counting_or_moving_a_final_figure(db: sa.Engine) -> None:
     gpu, on_time, late = _world()
     write(db, timelines=on_time, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)
-    eng = make_engine(db)
+    # A fixed idle floor: the only thing a late row changes is who shares the time it overlaps.
+    eng = make_engine(db, idle_power=80.0)
     first = eng.run_once(now_ns=T0 + 33 * S)
     assert [s for _b, s in first.attributed] == [T0, T0 + 10 * S, T0 + 20 * S]
     counters = {r.epoch_start_ns: r.counter_mj for r in rows(db, "SELECT * FROM backend_epochs")}
     before = _energy(db)
+    finals = _finals(db)
+    assert "r4" in finals and "r28" not in finals  # sealed once attributed until done + settle; r28 ends at 28.5 s
     _check_books(db)
 
     # A gateway replica replays its journal: two timelines the meter never saw arrive now.
@@ -75,17 +103,27 @@ def test_late_rows_recompute_their_epochs_without_double_counting(db: sa.Engine)
     after = _energy(db)
     _check_books(db)
     assert {r.epoch_start_ns: r.counter_mj for r in rows(db, "SELECT * FROM backend_epochs")} == counters
+    # Final means final: every figure sealed before the replay is exactly what it was.
+    now_final = _finals(db)
+    assert {k: now_final[k] for k in finals} == finals
     assert after["late-1"] > 0 and after["late-2"] > 0
     assert after["late-2"] == pytest.approx(gpu.request_mj(late[1]), rel=0.02)  # alone in its window
-    assert after["r4"] < before["r4"]  # it shares its window with late-1 now
+    assert after["r4"] == before["r4"]  # sealed: it does not give late-1 its share back...
+    epoch0 = rows(db, "SELECT * FROM backend_epochs WHERE epoch_start_ns = :s", {"s": T0})[0]
+    # ...the epoch books it instead, visibly: r4's fresh share (what it would now get) minus its final one.
+    assert epoch0.adjustment_mj < 0
+    r4_fresh = after["r4"] + epoch0.adjustment_mj
     together = gpu.energy_mj(T0 + 4800 * MS) - gpu.energy_mj(T0 + 4000 * MS)  # the board while either ran
-    assert after["r4"] + after["late-1"] == pytest.approx(together, rel=0.01)
+    assert r4_fresh + after["late-1"] == pytest.approx(together, rel=0.01)
+    assert report.adjustment_mj == epoch0.adjustment_mj == eng.stats.adjustment_mj
+    assert rows(db, "SELECT adjustment_mj FROM backend_epochs WHERE epoch_start_ns = :s", {"s": T0 + 10 * S})[0][0] == 0
     assert after["r25"] == before["r25"]  # epoch [20 s, 30 s) untouched
-    # Each request is counted once, including the late ones.
+    # Each request is counted once, including the late ones, and they are final too once redone.
     with db.connect() as conn:
         table = usage_table(conn)
     assert sum(v[0] for v in table.values()) == len(on_time) + len(late)
     assert sum(v[0] for k, v in table.items() if k[1] == "zeta") == 2
+    assert {"late-1", "late-2"} <= set(now_final)
 
     # Nothing left to do, and an identical replay (the ledger keeps ingested_ns) changes nothing either.
     assert eng.run_once(now_ns=T0 + 45 * S).recomputed == []

@@ -76,6 +76,7 @@ def expected_open(s: RequestStart) -> dict[str, Any]:
         "first_token_ns": None,
         "done_ns": None,
         "prompt_tokens": 0,
+        "prompt_tokens_estimated": False,
         "generated_tokens": 0,
     }
 

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from meter.reports import (
+    BillingSettings,
     GroupBy,
     IdlePolicy,
     InvalidQuery,
-    ReportSettings,
+    ReportOptions,
     RequestFilter,
     UsageReport,
+    add_settings,
     get_backend_energy,
     get_request_energy,
     get_usage,
     list_requests,
+    seed_settings,
 )
 
-from .test_reports_oracle import MS, Epoch, Req, Row, S, insert, open_store
+from .test_reports_oracle import MS, Epoch, Req, Row, S, insert, open_store, seal
 
 # 2023-11-14T00:00:00Z: an hour and a day boundary. Epochs are 1 s: E0 [H-1s, H), E1 [H, H+1s), E2 [H+1s, H+2s).
 H = 1_699_920_000 * S
@@ -49,36 +53,44 @@ def scenario() -> tuple[list[Req], list[Epoch]]:
             status="RESOURCE_EXHAUSTED"),
     ]  # fmt: skip
     epochs = [
-        Epoch(E0, E0 + S, 200, rows=[Row("A", E0, 300, 900, 600 * MS), Row("B", E0, 500, 100, 200 * MS)]),
-        Epoch(E1, E1 + S, 400, rows=[Row("A", E1, 0, 800, 400 * MS), Row("C", E1, 200, 600, 600 * MS)]),
+        Epoch(E0, E0 + S, 200, rows=[Row("A", E0, 300, 900, 600 * MS, idle_time_mj=150, idle_tokens_mj=57),
+                                     Row("B", E0, 500, 100, 200 * MS, idle_time_mj=50, idle_tokens_mj=143)]),
+        Epoch(E1, E1 + S, 400, rows=[Row("A", E1, 0, 800, 400 * MS, idle_time_mj=160, idle_tokens_mj=114),
+                                     Row("C", E1, 200, 600, 600 * MS, idle_time_mj=240, idle_tokens_mj=286)]),
         Epoch(E2, E2 + S, 1000),
-    ]
+    ]  # fmt: skip
     return requests, epochs
 
 
-# Idle shares by hand. TIME: by active time within each epoch.
-TIME_IDLE = {"A": 200 * 600 / 800 + 400 * 400 / 1000, "B": 200 * 200 / 800, "C": 400 * 600 / 1000}
-# TOKENS: A's 40 tokens go 24 to E0 and 16 to E1 (600/400 ms); B's 60 to E0; C's 40 to E1.
-TOKENS_IDLE = {"A": 200 * 24 / 84 + 400 * 16 / 56, "B": 200 * 60 / 84, "C": 400 * 40 / 56}
+# Idle shares as the engine stores them (integers, largest remainder per epoch). TIME: by active time in the epoch.
+TIME_IDLE = {"A": 150 + 160, "B": 50, "C": 240}
+# TOKENS: tokens x the part of the request's own window inside the epoch. E0: A 40 x 600/1000 = 24, B 60 x 200/200
+# = 60 -> 200 x 24/84 = 57.1, 142.9; E1: A 40 x 400/1000 = 16, C 40 x 600/600 = 40 -> 400 x 16/56 = 114.3, 285.7.
+TOKENS_IDLE = {"A": 57 + 114, "B": 143, "C": 286}
+STORED = BillingSettings(IdlePolicy.NONE, grid_g_co2e_per_kwh=500.0, pue=1.5)
 
 
-def settings(policy: IdlePolicy = IdlePolicy.NONE) -> ReportSettings:
-    return ReportSettings(idle_policy=policy, lag_ns=LAG, grid_g_co2e_per_kwh=500.0, pue=1.5)
+def settings(policy: IdlePolicy | None = None) -> ReportOptions:
+    """The reader's options: another idle policy than the stored one (none stored in these tests: the fallback's,
+    NONE), and a fallback with the carbon factors the tests check."""
+    return ReportOptions(idle_policy=policy, fallback=STORED)
 
 
 def test_request_energy_under_each_idle_policy(store: sa.Engine) -> None:
-    insert(store, *scenario())
-    assert math.isclose(sum(TIME_IDLE.values()), 600) and math.isclose(sum(TOKENS_IDLE.values()), 600)
+    requests, epochs = scenario()
+    insert(store, requests, epochs)
+    seal(store, "ABC")
+    assert sum(TIME_IDLE.values()) == sum(TOKENS_IDLE.values()) == 600
     expected = {"A": (300, 1700), "B": (500, 100), "C": (200, 600)}
     for policy, idle in ((IdlePolicy.NONE, {}), (IdlePolicy.TIME, TIME_IDLE), (IdlePolicy.TOKENS, TOKENS_IDLE)):
         with store.connect() as conn:
             for rid, (prefill_mj, decode_mj) in expected.items():
                 r = get_request_energy(conn, rid, settings(policy))
                 assert r is not None and r.final, rid
-                assert (r.prefill_mj, r.decode_mj) == (prefill_mj, decode_mj)
-                assert math.isclose(r.idle_mj, idle.get(rid, 0.0), abs_tol=1e-9)
-                assert math.isclose(r.total_j, (prefill_mj + decode_mj + idle.get(rid, 0.0)) / 1000)
-                assert r.idle_policy is policy
+                assert (r.prefill_mj, r.decode_mj, r.idle_mj) == (prefill_mj, decode_mj, idle.get(rid, 0))
+                assert math.isclose(r.total_j, (prefill_mj + decode_mj + idle.get(rid, 0)) / 1000)
+                assert r.idle_policy is policy and r.idle_policy_asked is (policy is not IdlePolicy.NONE)
+                assert math.isclose(r.co2e_g, r.total_j * 1.5 * 500 / 3.6e6)
             d = get_request_energy(conn, "D", settings(policy))
             assert d is not None and d.final and d.backend is None and d.total_j == 0 and d.queued_ms is None
             assert d.status == "RESOURCE_EXHAUSTED"
@@ -102,6 +114,7 @@ def test_usage_groups_requests_by_received_time_with_their_whole_energy(
     store: sa.Engine, group_by: GroupBy, keys: dict[str, set[str]]
 ) -> None:
     insert(store, *scenario())
+    seal(store, "ABC")
     for policy, idle in ((IdlePolicy.NONE, {}), (IdlePolicy.TIME, TIME_IDLE), (IdlePolicy.TOKENS, TOKENS_IDLE)):
         with store.connect() as conn:
             report = get_usage(conn, settings(policy), end_ns=H + 2 * 3600 * S, group_by=group_by)
@@ -119,15 +132,15 @@ def check_usage(report: UsageReport, keys: dict[str, set[str]], idle: dict[str, 
         assert row.generated_tokens == sum(tokens[m][1] for m in members)
         assert row.prefill_mj == sum(energy[m][0] for m in members)
         assert row.decode_mj == sum(energy[m][1] for m in members)
-        assert math.isclose(row.idle_mj, sum(idle.get(m, 0.0) for m in members), abs_tol=1e-9)
-        assert row.provisional_requests == 0
+        assert row.idle_mj == sum(idle.get(m, 0) for m in members)
+        assert row.provisional_requests == 0 and row.estimated_prompt_requests == 0
     t = report.total
     assert (t.requests, t.prompt_tokens, t.generated_tokens, t.prefill_mj, t.decode_mj) == (4, 85, 60, 1000, 2400)
     total_j = (3400 + sum(idle.values())) / 1000
     assert math.isclose(t.total_j, total_j)
     assert math.isclose(t.j_per_generated_token, total_j / 60)
     assert math.isclose(t.idle_share, sum(idle.values()) / 1000 / total_j)
-    assert math.isclose(report.co2e_g(t), total_j * 1.5 * 500 / 3.6e6)
+    assert math.isclose(t.co2e_g, total_j * 1.5 * 500 / 3.6e6)
     assert math.isclose(t.total_wh, total_j / 3600)
 
 
@@ -153,7 +166,7 @@ def test_backend_energy_conserves_and_reconciles_with_usage(store: sa.Engine) ->
     with store.connect() as conn:
         (b1,) = get_backend_energy(conn, end_ns=H + 3 * S)
         assert (b1.backend, b1.counter_mj, b1.prefill_mj, b1.decode_mj, b1.idle_mj) == ("b1", 5000, 1000, 2400, 1600)
-        assert b1.conservation_error_mj == 0 and b1.attributed_mj == 3400
+        assert b1.conservation_error_mj == 0 and b1.attributed_mj == 3400 and b1.adjustment_mj == 0
         assert (b1.requests, b1.samples, b1.gaps, b1.epochs, b1.attributed_until_ns) == (3, 30, 0, 3, H + 2 * S)
         # Epochs starting in [H, H + 1 s): E1 only; its requests are A and C.
         (e1,) = get_backend_energy(conn, start_ns=H, end_ns=H + S)
@@ -166,7 +179,7 @@ def test_backend_energy_conserves_and_reconciles_with_usage(store: sa.Engine) ->
             usage = get_usage(conn, settings(policy), end_ns=H + 7200 * S)
             assert usage.total.prefill_mj + usage.total.decode_mj == b1.attributed_mj
             unshared_idle = 1000 if policy is not IdlePolicy.NONE else 1600  # E2 has no request
-            assert math.isclose(usage.total.idle_mj + unshared_idle, b1.idle_mj)
+            assert usage.total.idle_mj + unshared_idle == b1.idle_mj
 
 
 def test_backend_energy_shows_a_broken_ledger(store: sa.Engine) -> None:
@@ -179,64 +192,101 @@ def test_backend_energy_shows_a_broken_ledger(store: sa.Engine) -> None:
     assert b1.conservation_error_mj == 600 and b1.requests == 2
 
 
-def test_finality(store: sa.Engine) -> None:
-    """Final needs: ended, attributed past done + lag, and no epoch computed before the row was last written."""
-    until = H + 2 * S
-    requests = [
-        Req("ended", released_ns=H, done_ns=until - LAG, received_ns=H, ingested_ns=H),
-        Req("too-recent", released_ns=H, done_ns=until - LAG + 1, received_ns=H, ingested_ns=H),
-        Req("open", released_ns=H, done_ns=None, status=None, received_ns=H, ingested_ns=H),
-        Req("late", released_ns=H + 100 * MS, done_ns=H + 200 * MS, received_ns=H, ingested_ns=H + 5 * S),
-        # released after the first epoch's end, but within the reach of its boundary reading (H + 1.2 s, work time
-        # H + 1.1 s); and one released after that reach
-        Req("edge", released_ns=H + 1050 * MS, done_ns=H + 1500 * MS, received_ns=H, ingested_ns=H + 5 * S),
-        Req("beyond", released_ns=H + 1100 * MS, done_ns=H + 1500 * MS, received_ns=H, ingested_ns=H + 5 * S),
-        Req("queued", backend=None, done_ns=H, received_ns=H, ingested_ns=H),
-        Req("elsewhere", backend="b2", released_ns=H, done_ns=H + 1, received_ns=H, ingested_ns=H),
-    ]
-    epochs = [
-        Epoch(H, H + S, 0, rows=[Row("ended", H, 1, 1, S)], attributed_at_ns=H + 4 * S, last_reading_ns=H + 1200 * MS),
-        Epoch(H + S, until, 0, rows=[Row("ended", H + S, 1, 1, S)], attributed_at_ns=H + 9 * S),
-    ]
+def test_backend_energy_books_the_adjustment_of_sealed_requests(store: sa.Engine) -> None:
+    requests, epochs = scenario()
+    epochs[1].adjustment_mj = -250  # a recompute would have taken 250 mJ from sealed requests: billed twice
     insert(store, requests, epochs)
-    s = settings()
+    with store.connect() as conn:
+        (b1,) = get_backend_energy(conn, end_ns=H + 3 * S)
+    assert (b1.counter_mj, b1.idle_mj, b1.adjustment_mj, b1.adjusted_epochs) == (4750, 1600, -250, 1)
+    assert b1.conservation_error_mj == 0  # counter = prefill + decode + idle + adjustment
 
-    def final(rid: str) -> bool:
+
+def test_final_means_sealed_or_no_gpu_work_and_a_seal_is_what_reports_show(store: sa.Engine) -> None:
+    requests = [
+        Req("sealed", released_ns=H, first_token_ns=H + 10 * MS, done_ns=H + 500 * MS, received_ns=H),
+        Req("unsealed", released_ns=H, first_token_ns=H + 10 * MS, done_ns=H + 500 * MS, received_ns=H),
+        Req("open", released_ns=H, done_ns=None, status=None, received_ns=H),
+        Req("queued", backend=None, done_ns=H, received_ns=H, status="RESOURCE_EXHAUSTED"),
+        # refused by its backend (TGI validation): released, no first token, no GPU work: final at once
+        Req("refused", released_ns=H, done_ns=H + MS, received_ns=H, status="INVALID_ARGUMENT"),
+        # cancelled during its prefill: it made the GPU work, so it waits for its seal like any other
+        Req("abandoned", released_ns=H, done_ns=H + 50 * MS, received_ns=H, status="CANCELLED"),
+    ]
+    rows = [Row(r.request_id, H, 100, 200, 500 * MS, idle_time_mj=30, idle_tokens_mj=40)
+            for r in requests if r.request_id in ("sealed", "unsealed", "abandoned")]  # fmt: skip
+    insert(store, requests, [Epoch(H, H + S, 100, rows=rows)])
+    seal(store, ["sealed"])
+
+    def report(rid: str) -> tuple[bool, int]:
         with store.connect() as conn:
-            r = get_request_energy(conn, rid, s)
+            r = get_request_energy(conn, rid, settings(IdlePolicy.TIME))
             assert r is not None
-            return r.final
+            return r.final, r.prefill_mj + r.decode_mj + r.idle_mj
 
-    assert {r.request_id: final(r.request_id) for r in requests} == {
-        "ended": True, "too-recent": False, "open": False, "late": False, "edge": False, "beyond": True,
-        "queued": True, "elsewhere": False,
+    assert {r.request_id: report(r.request_id) for r in requests} == {
+        "sealed": (True, 330), "unsealed": (False, 330), "open": (False, 0), "queued": (True, 0),
+        "refused": (True, 0), "abandoned": (False, 330),
     }  # fmt: skip
-    # The first epoch is recomputed after the late rows arrived: now they are final.
+    # Whatever happens to its rows afterwards, a sealed request reads the same; a provisional one follows its rows.
     with store.begin() as conn:
-        conn.execute(sa.text("UPDATE backend_epochs SET attributed_at_ns = :t WHERE epoch_start_ns = :s"),
-                     {"t": H + 6 * S, "s": H})  # fmt: skip
-    assert final("late") and final("edge")
-    # A row rewritten after its epochs were computed (e.g. the full timeline of a long request) is provisional.
-    with store.begin() as conn:
-        conn.execute(sa.text("UPDATE requests SET ingested_ns = :t WHERE request_id = 'ended'"), {"t": H + 7 * S})
-    assert not final("ended")
+        conn.execute(sa.text("UPDATE request_energy SET decode_mj = decode_mj + 1000"))
+    assert report("sealed") == (True, 330) and report("unsealed") == (False, 1330)
     with store.connect() as conn:
-        usage = get_usage(conn, s, end_ns=H + S)
-    assert usage.total.requests == 8 and usage.total.provisional_requests == 4
+        usage = get_usage(conn, settings(), end_ns=H + S)
+    assert usage.total.requests == 6 and usage.total.provisional_requests == 3
 
 
-def test_finality_of_many_requests_at_once_checks_each_against_its_own_epochs(store: sa.Engine) -> None:
-    epochs = [Epoch(H + k * 10 * S, H + (k + 1) * 10 * S, 5, attributed_at_ns=H + 300 * S) for k in range(20)]
-    requests = [
-        Req("old", released_ns=H + 5 * S, done_ns=H + 6 * S, received_ns=H + 5 * S, ingested_ns=H + 400 * S),
-        Req("new", released_ns=H + 150 * S, done_ns=H + 151 * S, received_ns=H + 150 * S, ingested_ns=H),
-    ]
-    insert(store, requests, epochs)
+def test_stored_settings_bill_whoever_reads_and_change_only_from_now_on(store: sa.Engine) -> None:
+    """A bill does not depend on the reader's config: the stored settings apply, by the time each request was
+    received; a change applies from when it is made; a reader asking for another policy is told it did."""
+    now = time.time_ns()
+    early = Req("early", released_ns=now - 10 * S, done_ns=now - 9 * S, received_ns=now - 10 * S, tenant="t")
+    rows = [Row("early", now - 10 * S, 100, 200, S, idle_time_mj=40, idle_tokens_mj=60)]
+    insert(store, [early], [Epoch(now - 10 * S, now, 0, rows=rows)])
+    seal(store, ["early"])
+    time_policy = BillingSettings(IdlePolicy.TIME, grid_g_co2e_per_kwh=300.0, pue=1.1)
+    other = ReportOptions(fallback=BillingSettings(IdlePolicy.TOKENS, grid_g_co2e_per_kwh=900.0, pue=2.0))
+
+    with store.connect() as conn:  # nothing stored yet: each reader's config stands in (and the report says so)
+        assert not get_usage(conn, other, end_ns=now).settings.stored
+    history = seed_settings(store, time_policy, source="config of a gateway")
+    assert history.stored and history.periods[0].idle_policy is IdlePolicy.TIME
+    assert seed_settings(store, other.fallback, source="config of another").periods == history.periods  # type: ignore[arg-type]
     with store.connect() as conn:
-        usage = get_usage(conn, settings(), end_ns=H + 1000 * S)
-        assert (usage.total.requests, usage.total.provisional_requests) == (2, 1)
-        listed = list_requests(conn, RequestFilter(), settings())
-        assert [(r.request_id, r.final) for r in listed.requests] == [("new", True), ("old", False)]
+        a = get_request_energy(conn, "early", ReportOptions(fallback=STORED))
+        b = get_request_energy(conn, "early", other)
+        usage_a = get_usage(conn, ReportOptions(fallback=STORED), end_ns=now)
+        usage_b = get_usage(conn, other, end_ns=now)
+    assert a == b and a is not None and (a.idle_policy, a.idle_mj, a.idle_policy_asked) == (IdlePolicy.TIME, 40, False)
+    assert math.isclose(a.co2e_g, 0.34 * 1.1 * 300 / 3.6e6)
+    assert usage_a == usage_b and usage_a.total.idle_mj == 40 and usage_a.idle_policy_asked is None
+
+    # Asked for another policy: the figure follows, and says so.
+    with store.connect() as conn:
+        asked = get_request_energy(conn, "early", ReportOptions(idle_policy=IdlePolicy.TOKENS))
+        asked_usage = get_usage(conn, ReportOptions(idle_policy=IdlePolicy.TOKENS), end_ns=now)
+    assert asked is not None and (asked.idle_mj, asked.idle_policy, asked.idle_policy_asked) == (
+        60, IdlePolicy.TOKENS, True,
+    )  # fmt: skip
+    assert asked_usage.idle_policy_asked is IdlePolicy.TOKENS and asked_usage.total.idle_mj == 60
+
+    # A change is never retroactive...
+    with pytest.raises(InvalidQuery, match=r"^effective: must not lie in the past"):
+        add_settings(store, BillingSettings(IdlePolicy.NONE), effective_ns=now - S, source="an operator")
+    add_settings(store, BillingSettings(IdlePolicy.NONE, 100.0, 1.0), effective_ns=None, source="an operator")
+    late = Req("late", released_ns=now + 60 * S, done_ns=now + 61 * S, received_ns=now + 60 * S, tenant="t")
+    late_rows = [Row("late", now + 60 * S, 100, 200, S, idle_time_mj=40, idle_tokens_mj=60)]
+    insert(store, [late], [Epoch(now + 60 * S, now + 70 * S, 0, rows=late_rows)])
+    with store.connect() as conn:
+        a2 = get_request_energy(conn, "early", other)
+        l2 = get_request_energy(conn, "late", other)
+        usage = get_usage(conn, other, end_ns=now + 100 * S)
+    assert a2 == a  # ...the request received before it keeps the settings it was billed under
+    assert l2 is not None and (l2.idle_policy, l2.idle_mj) == (IdlePolicy.NONE, 0)
+    assert math.isclose(l2.co2e_g, 0.3 * 1.0 * 100 / 3.6e6)
+    assert [p.idle_policy for p in usage.periods] == [IdlePolicy.TIME, IdlePolicy.NONE]
+    assert usage.total.idle_mj == 40 and math.isclose(usage.total.co2e_g, a.co2e_g + l2.co2e_g)
 
 
 @pytest.mark.parametrize("page_size", [1, 7, 100])

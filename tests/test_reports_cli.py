@@ -1,4 +1,5 @@
-"""``joulegate report usage|requests|backends``: tables and CSV from a small hand-built database."""
+"""``joulegate report usage|requests|backends|settings``: tables and CSV from a small hand-built database; the bill
+it prints depends on the stored settings, not on the config it is run with."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import sqlalchemy as sa
 
 from proxy.cli import main as cli_main
 
-from .test_reports import TIME_IDLE, scenario
-from .test_reports_oracle import insert, open_store
+from .test_reports import TIME_IDLE, TOKENS_IDLE, scenario
+from .test_reports_oracle import insert, open_store, seal
 
 
 @pytest.fixture
 def db(db_url: str) -> Iterator[str]:
     for engine in open_store(db_url):
         insert(engine, *scenario())
+        seal(engine, "ABC")
     yield db_url
 
 
@@ -38,6 +40,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def test_usage_csv_has_every_figure_at_full_precision(db: str, config: str, capsys) -> None:
+    # Nothing stored yet: the config stands in (its idle policy is time)
     code, out, err = run(capsys, "usage", "--db", db, "--config", config, "--start", "2023-11-13", "--csv")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
@@ -50,6 +53,7 @@ def test_usage_csv_has_every_figure_at_full_precision(db: str, config: str, caps
     assert math.isclose(float(a["idle_j"]), idle_j) and math.isclose(float(a["total_j"]), 2.8 + idle_j)
     assert math.isclose(float(a["co2e_g"]), (2.8 + idle_j) * 1.5 * 500 / 3.6e6)
     assert (a["idle_policy"], a["grid_g_co2e_per_kwh"], a["pue"]) == ("time", "500.0", "1.5")
+    assert (a["provisional_requests"], a["estimated_prompt_requests"], a["idle_policy_asked"]) == ("0", "0", "False")
     assert rows[2]["requests"] == "4" and math.isclose(float(rows[2]["total_j"]), 4.0)
 
 
@@ -59,8 +63,8 @@ def test_usage_table_by_hour_names_policy_grid_and_pue(db: str, config: str, cap
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == (
-        "usage by hour, requests received in [2023-11-13T23:00:00Z, 2023-11-14T01:00:00Z) | idle policy: time | "
-        "grid 500 gCO2e/kWh | PUE 1.5"
+        "usage by hour, requests received in [2023-11-13T23:00:00Z, 2023-11-14T01:00:00Z) | idle policy time, "
+        "grid 500 gCO2e/kWh, PUE 1.5 (from this config: none stored in the database yet)"
     )
     assert lines[1].split()[:4] == ["KEY", "REQUESTS", "PROMPT_TOKENS", "GENERATED_TOKENS"]
     assert [line.split()[:2] for line in lines[2:]] == [
@@ -83,7 +87,7 @@ def test_requests_and_backends(db: str, config: str, capsys) -> None:
     code, out, _ = run(capsys, "backends", "--db", db)
     assert code == 0
     lines = out.splitlines()
-    assert lines[2].split() == ["b1", "5.000", "3.400", "1.000", "2.400", "1.600", "0", "3", "30", "0",
+    assert lines[2].split() == ["b1", "5.000", "3.400", "1.000", "2.400", "1.600", "0.000", "0", "3", "30", "0",
                                 "2023-11-14T00:00:02Z"]  # fmt: skip
     assert lines[-1].startswith("conservation check: ok on 1 backend(s)")
 
@@ -110,3 +114,40 @@ def test_bad_arguments(tmp_path: Path, db: str, capsys) -> None:
     empty.touch()
     code, _, err = run(capsys, "requests", "--db", f"sqlite:///{empty}")
     assert code == 1 and "no joulegate schema" in err
+
+
+def test_the_bill_is_the_stored_one_whoever_prints_it(db: str, config: str, tmp_path: Path, capsys) -> None:
+    """Issue 9: two readers with different configs printed different bills. Once settings are stored, every reader
+    prints the same, and a reader that asks for another policy is told so."""
+    other = tmp_path / "other.toml"
+    other.write_text('[meter]\nidle_policy = "none"\n\n[carbon]\ngrid_g_co2e_per_kwh = 50\npue = 1.0\n')
+    code, out, err = run(capsys, "settings", "--db", db, "--config", config, "--set", "--policy", "tokens")
+    assert code == 0, err
+    assert "tokens" in out and "joulegate report settings" in out and "none stored" not in out
+    bills = []
+    for cfg in (config, str(other)):
+        code, out, err = run(capsys, "usage", "--db", db, "--config", cfg, "--start", "2023-11-13", "--csv")
+        assert code == 0, err
+        bills.append(list(csv.DictReader(io.StringIO(out))))
+    assert bills[0] == bills[1]
+    a = bills[0][0]
+    # --set with only --policy keeps the grid and PUE in force (the config's, 500 and 1.5); from the beginning, since
+    # nothing was stored before, and effective now
+    assert math.isclose(float(a["idle_j"]), (TOKENS_IDLE["A"] + TOKENS_IDLE["C"]) / 1000)
+    assert (a["grid_g_co2e_per_kwh"], a["pue"], a["idle_policy_asked"]) == ("500.0", "1.5", "False")
+    code, out, _ = run(capsys, "usage", "--db", db, "--config", str(other), "--idle-policy", "none")
+    assert code == 0 and "idle shares shown under the policy asked for: none (not the bill's)" in out.splitlines()[0]
+    code, out, _ = run(capsys, "requests", "--db", db, "--csv")
+    rows = {r["request_id"]: r for r in csv.DictReader(io.StringIO(out))}
+    assert rows["A"]["idle_policy"] == "tokens" and rows["A"]["final"] == "True"
+
+
+def test_settings_cannot_be_changed_retroactively(db: str, capsys) -> None:
+    code, _, err = run(capsys, "settings", "--db", db, "--set", "--pue", "1.3", "--effective", "2020-01-01")
+    assert code == 2 and "never changed retroactively" in err
+    code, _, err = run(capsys, "settings", "--db", db, "--set")
+    assert code == 2 and "--set: name at least one of" in err
+    code, _, err = run(capsys, "settings", "--db", db, "--set", "--pue", "0.5")
+    assert code == 2 and "pue: must be >= 1" in err
+    code, out, _ = run(capsys, "settings", "--db", db, "--csv")
+    assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 1  # the config's default, not stored

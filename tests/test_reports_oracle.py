@@ -1,14 +1,15 @@
-"""Rows for report tests, and a plain-Python oracle of the idle policies that the SQL must agree with.
+"""Rows for report tests, and property tests that hold the reports to the stored figures on random ledgers.
 
-The helpers here build the metering tables by hand (``requests``, ``request_energy``, ``backend_epochs``: the
-contract between the attribution engine and the reports); other report tests import them. The hypothesis test at
-the bottom holds the SQL idle shares to the oracle on random epochs, on SQLite and PostgreSQL.
+The helpers here build the metering tables by hand (``requests``, ``request_energy``, ``backend_epochs``,
+``request_seals``: the contract between the attribution engine and the reports); other report tests import them.
+The hypothesis tests at the bottom hold every report to the one rule that makes them agree: a request's figures
+are its own stored integers (its seal's once sealed, else the sums of its rows), whatever else is asked for at the
+same time, on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -17,9 +18,18 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meter.reports import IdlePolicy, ReportSettings, fetch_reports
+from meter.reports import (
+    GroupBy,
+    IdlePolicy,
+    ReportOptions,
+    RequestFilter,
+    fetch_reports,
+    get_request_energy,
+    get_usage,
+    list_requests,
+)
 from meter.store import ensure_schema, make_engine
-from meter.store.models import BackendEpoch, Request, RequestEnergy
+from meter.store.models import BackendEpoch, Request, RequestEnergy, RequestSeal
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -43,6 +53,7 @@ class Req:
     traffic_class: str | None = "default"
     api: str | None = "grpc"
     correlation_id: str | None = None
+    prompt_tokens_estimated: bool = False
 
 
 @dataclass
@@ -53,6 +64,8 @@ class Row:
     decode_mj: int
     active_ns: int
     backend: str = "b1"
+    idle_time_mj: int = 0
+    idle_tokens_mj: int = 0
 
 
 @dataclass
@@ -66,6 +79,7 @@ class Epoch:
     attributed_at_ns: int = ATTRIBUTED_AT
     rows: list[Row] = field(default_factory=list)
     last_reading_ns: int | None = None  # default: the epoch's end
+    adjustment_mj: int = 0
 
     def record(self) -> dict[str, object]:
         prefill = sum(r.prefill_mj for r in self.rows)
@@ -76,7 +90,7 @@ class Epoch:
             "epoch_end_ns": self.epoch_end_ns,
             "first_reading_ns": self.epoch_start_ns,
             "last_reading_ns": self.epoch_end_ns if self.last_reading_ns is None else self.last_reading_ns,
-            "counter_mj": prefill + decode + self.idle_mj,
+            "counter_mj": prefill + decode + self.idle_mj + self.adjustment_mj,
             "attributed_mj": prefill + decode,
             "prefill_mj": prefill,
             "decode_mj": decode,
@@ -85,6 +99,7 @@ class Epoch:
             "gaps": self.gaps,
             "active_ns_total": sum(r.active_ns for r in self.rows),
             "attributed_at_ns": self.attributed_at_ns,
+            "adjustment_mj": self.adjustment_mj,
         }
 
 
@@ -104,9 +119,28 @@ def insert(engine: sa.Engine, requests: Iterable[Req] = (), epochs: Iterable[Epo
                 conn.execute(sa.insert(RequestEnergy.__table__), rows)
 
 
+def seal(engine: sa.Engine, ids: Iterable[str], sealed_ns: int = 1) -> None:
+    """Seal requests as the engine does: their figures are the sums of their rows now."""
+    with engine.begin() as conn:
+        for rid in ids:
+            sums = conn.execute(
+                sa.text(
+                    "SELECT COALESCE(SUM(prefill_mj), 0), COALESCE(SUM(decode_mj), 0), COALESCE(SUM(idle_time_mj), "
+                    "0), COALESCE(SUM(idle_tokens_mj), 0) FROM request_energy WHERE request_id = :r"
+                ),
+                {"r": rid},
+            ).one()
+            req = conn.execute(sa.select(Request.__table__).where(Request.__table__.c.request_id == rid)).one()
+            conn.execute(
+                sa.insert(RequestSeal.__table__),
+                {"request_id": rid, "backend": req.backend or "", "done_ns": req.done_ns or 0, "sealed_ns": sealed_ns,
+                 "prefill_mj": sums[0], "decode_mj": sums[1], "idle_time_mj": sums[2], "idle_tokens_mj": sums[3]},
+            )  # fmt: skip
+
+
 def clear(engine: sa.Engine) -> None:
     with engine.begin() as conn:
-        for table in (RequestEnergy.__table__, BackendEpoch.__table__, Request.__table__):
+        for table in (RequestSeal.__table__, RequestEnergy.__table__, BackendEpoch.__table__, Request.__table__):
             conn.execute(sa.delete(table))
 
 
@@ -123,41 +157,17 @@ def store(db_url: str) -> Iterator[sa.Engine]:
     yield from open_store(db_url)
 
 
-# -- the oracle -------------------------------------------------------------------------------------------------
-
-
-def oracle_idle_shares(requests: list[Req], epochs: list[Epoch], policy: IdlePolicy) -> dict[str, float]:
-    """Each request's idle share in mJ, straight from the definitions in meter.reports.energy."""
-    shares: dict[str, float] = defaultdict(float)
-    if policy is IdlePolicy.NONE:
-        return shares
-    tokens = {r.request_id: r.prompt_tokens + r.generated_tokens for r in requests}
-    active_total: dict[str, int] = defaultdict(int)
-    for e in epochs:
-        for row in e.rows:
-            active_total[row.request_id] += row.active_ns
-    for e in epochs:
-        if policy is IdlePolicy.TIME:
-            weights = {row.request_id: float(row.active_ns) for row in e.rows}
-        else:
-            weights = {
-                row.request_id: tokens[row.request_id] * row.active_ns / active_total[row.request_id]
-                for row in e.rows
-                if active_total[row.request_id] > 0
-            }
-        total = sum(weights.values())
-        if total > 0:
-            for rid, w in weights.items():
-                shares[rid] += e.idle_mj * w / total
-    return shares
+# -- the property ----------------------------------------------------------------------------------------------
 
 
 @st.composite
-def random_ledger(draw: st.DrawFn) -> tuple[list[Req], list[Epoch]]:
+def random_ledger(draw: st.DrawFn) -> tuple[list[Req], list[Epoch], list[str]]:
+    """Requests with rows in random epochs (stored idle shares included), some of them sealed."""
     n_requests = draw(st.integers(1, 6))
     requests = [
         Req(
             request_id=f"r{i}",
+            tenant=draw(st.sampled_from(["t0", "t1"])),
             received_ns=i,
             released_ns=i,
             done_ns=10 * S,
@@ -169,37 +179,70 @@ def random_ledger(draw: st.DrawFn) -> tuple[list[Req], list[Epoch]]:
     epochs = []
     for k in range(draw(st.integers(1, 5))):
         members = draw(st.lists(st.sampled_from([r.request_id for r in requests]), unique=True, max_size=n_requests))
+        money = st.integers(0, 5000)
         rows = [
-            Row(rid, k * S, draw(st.integers(0, 5000)), draw(st.integers(0, 5000)), draw(st.integers(0, S)))
+            Row(rid, k * S, draw(money), draw(money), draw(st.integers(0, S)), idle_time_mj=draw(money),
+                idle_tokens_mj=draw(money))
             for rid in members
-        ]
-        for row in rows:
-            row.epoch_start_ns = k * S
+        ]  # fmt: skip
         epochs.append(Epoch(k * S, (k + 1) * S, idle_mj=draw(st.integers(0, 100_000)), rows=rows))
-    return requests, epochs
+    sealed = draw(st.lists(st.sampled_from([r.request_id for r in requests]), unique=True))
+    return requests, epochs, sealed
+
+
+def _stored(epochs: list[Epoch], rid: str) -> tuple[int, int, int, int]:
+    rows = [row for e in epochs for row in e.rows if row.request_id == rid]
+    return (
+        sum(r.prefill_mj for r in rows),
+        sum(r.decode_mj for r in rows),
+        sum(r.idle_time_mj for r in rows),
+        sum(r.idle_tokens_mj for r in rows),
+    )
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ledger=random_ledger(), policy=st.sampled_from(list(IdlePolicy)))
-def test_sql_idle_shares_match_the_oracle_and_conserve(
-    store: sa.Engine, ledger: tuple[list[Req], list[Epoch]], policy: IdlePolicy
+@given(ledger=random_ledger(), policy=st.sampled_from(list(IdlePolicy)), data=st.data())
+def test_every_report_shows_each_request_its_own_stored_figures(
+    store: sa.Engine, ledger: tuple[list[Req], list[Epoch], list[str]], policy: IdlePolicy, data: st.DataObject
 ) -> None:
-    requests, epochs = ledger
+    """GetRequestEnergy, ListRequests (any page size), a fetch of any subset and GetUsage give every request the
+    same figures: its stored integers, never a share recomputed from its neighbours. A sealed request shows its
+    seal even after its rows changed."""
+    requests, epochs, sealed = ledger
     clear(store)
     insert(store, requests, epochs)
+    seal(store, sealed)
+    if sealed:  # rows of a sealed request changed afterwards (the engine never does this): the seal still shows
+        with store.begin() as conn:
+            conn.execute(sa.text("UPDATE request_energy SET prefill_mj = prefill_mj + 7 WHERE request_id = :r"),
+                         {"r": sealed[0]})  # fmt: skip
+    options = ReportOptions(idle_policy=policy)
+    pick = {IdlePolicy.NONE: lambda f: 0, IdlePolicy.TIME: lambda f: f[2], IdlePolicy.TOKENS: lambda f: f[3]}[policy]
+    want = {r.request_id: _stored(epochs, r.request_id) for r in requests}
+    ids = [r.request_id for r in requests]
+    subset = data.draw(st.lists(st.sampled_from(ids), unique=True, min_size=1))
+    page_size = data.draw(st.integers(1, 7))
     with store.connect() as conn:
-        got = fetch_reports(conn, [r.request_id for r in requests], ReportSettings(idle_policy=policy))
-    want = oracle_idle_shares(requests, epochs, policy)
-    for r in requests:
-        assert math.isclose(got[r.request_id].idle_mj, want.get(r.request_id, 0.0), rel_tol=1e-9, abs_tol=1e-6)
-        rows = [row for e in epochs for row in e.rows if row.request_id == r.request_id]
-        assert got[r.request_id].prefill_mj == sum(row.prefill_mj for row in rows)
-        assert got[r.request_id].decode_mj == sum(row.decode_mj for row in rows)
-    # Conservation: every epoch whose rows weigh something gives away exactly its idle energy.
-    if policy is not IdlePolicy.NONE:
-        shared = sum(want.values())
-        assert math.isclose(sum(g.idle_mj for g in got.values()), shared, rel_tol=1e-9, abs_tol=1e-6)
-        if policy is IdlePolicy.TIME:
-            assert math.isclose(
-                shared, sum(e.idle_mj for e in epochs if sum(r.active_ns for r in e.rows) > 0), abs_tol=1e-6
-            )
+        every = fetch_reports(conn, ids, options)
+        some = fetch_reports(conn, subset, options)
+        one = {rid: get_request_energy(conn, rid, options) for rid in ids}
+        listed: dict[str, object] = {}
+        token = ""
+        while True:
+            page = list_requests(conn, RequestFilter(), options, page_size=page_size, page_token=token)
+            listed.update((r.request_id, r) for r in page.requests)
+            token = page.next_page_token
+            if not token:
+                break
+        usage = get_usage(conn, options, end_ns=20 * S, group_by=GroupBy.TENANT)
+    assert set(every) == set(listed) == set(ids)
+    for rid in ids:
+        r = every[rid]
+        assert one[rid] == r == listed[rid]
+        if rid in some:
+            assert some[rid] == r
+        assert (r.prefill_mj, r.decode_mj, r.idle_mj) == (want[rid][0], want[rid][1], pick(want[rid]))
+        assert r.final is (rid in sealed)
+    totals = [sum(every[rid].total_j for rid in ids if every[rid].tenant == row.key) for row in usage.rows]
+    assert all(math.isclose(row.total_j, t, abs_tol=1e-9) for row, t in zip(usage.rows, totals, strict=True))
+    assert usage.total.provisional_requests == len(ids) - len(sealed)

@@ -30,7 +30,8 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from meter.attribution import CounterReading
+from meter.attribution import CounterReading, RequestPhases
+from meter.engine.idle import busy_windows
 
 __all__ = ["ClassTimeline", "LagCalibrator", "PowerModel", "solve_least_squares"]
 
@@ -76,26 +77,54 @@ class ClassTimeline:
         prefix = [0]
         for _, p in firsts:
             prefix.append(prefix[-1] + p)
-        events: list[tuple[int, int, int]] = []  # (t, change of prefilling, change of active)
-        add = events.append
+        phases: list[tuple[int, int | None, int | None, int]] = []  # (released, step start, step end, done)
         for released, first, done, _p in reqs:
             if first is None:
-                if done > released:
-                    add((released, 0, 1))
-                    add((done, 0, -1))
+                phases.append((released, None, None, done))
                 continue
             lo = bisect_left(first_ns, first - tolerance_ns)
             hi = bisect_right(first_ns, first + tolerance_ns)
             est = overhead_ns + round((prefix[hi] - prefix[lo]) * _NS_PER_S / tokens_per_s)
-            step_start = max(released, first - est)
-            if first > step_start:
+            phases.append((released, max(released, first - est), first, done))
+        self._build(phases)
+        self._uncertain: tuple[list[int], list[int]] = ([], [])
+
+    @classmethod
+    def from_phases(cls, phases: Iterable[RequestPhases], uncertain: Iterable[tuple[int, int]] = ()) -> ClassTimeline:
+        """The classes of requests whose phases ``meter.attribution.request_phases`` placed: the very model that
+        ``attribute`` splits energy by. ``uncertain``: windows whose classes the model only guesses (abandoned
+        prefills: when their cut step began is not known); the calibrator leaves the intervals that touch them out,
+        since misplaced classes would bias the fitted powers (towards a smaller prefill/decode ratio)."""
+        out = cls.__new__(cls)
+        out._build([(p.released_ns, p.prefill_start_ns, p.prefill_end_ns, p.done_ns) for p in phases])
+        out._uncertain = busy_windows(uncertain)
+        return out
+
+    def uncertain(self, a_ns: int, b_ns: int) -> bool:
+        """Whether [a, b] touches a window whose classes are guessed."""
+        starts, ends = self._uncertain
+        k = bisect_right(starts, b_ns) - 1
+        return k >= 0 and ends[k] >= a_ns
+
+    def _build(self, phases: Iterable[tuple[int, int | None, int | None, int]]) -> None:
+        """From (released, prefill step start, prefill step end, done); a request without a step is active (it
+        waits) over its whole window; time after its step is active (decode) until it is done."""
+        events: list[tuple[int, int, int]] = []  # (t, change of prefilling, change of active)
+        add = events.append
+        for released, step_start, step_end, done in phases:
+            if step_start is None or step_end is None:
+                if done > released:
+                    add((released, 0, 1))
+                    add((done, 0, -1))
+                continue
+            if step_end > step_start:
                 add((step_start, 1, 0))
-                add((first, -1, 0))
+                add((step_end, -1, 0))
             if step_start > released:  # waiting for its prefill: active
                 add((released, 0, 1))
                 add((step_start, 0, -1))
-            if done > first:
-                add((first, 0, 1))
+            if done > step_end:
+                add((step_end, 0, 1))
                 add((done, 0, -1))
         events.sort()
         times: list[int] = []
@@ -218,12 +247,16 @@ class LagCalibrator:
         ``idle_w``: the idle floor when it is measured directly (``meter.engine.idle``); the fit then solves only for
         the prefill and active powers, which makes it steadier when idle time is scarce."""
         per_lag = []
+        first_lag, last_lag = min(self.lags_ns), max(self.lags_ns)
         for lag in self.lags_ns:
             sums = _Sums.zero()
             xx, xy, time_s = sums.xx, sums.xy, sums.time_s
             for seg in segments:
                 for k in range(len(seg) - 1):
                     a, b = seg[k], seg[k + 1]
+                    # The same intervals for every lag, or the residuals could not be compared across lags.
+                    if timeline.uncertain(a.t_ns - last_lag, b.t_ns - first_lag):
+                        continue
                     p, act, idle = timeline.durations(a.t_ns - lag, b.t_ns - lag)
                     x = (p / _NS_PER_S, act / _NS_PER_S, idle / _NS_PER_S)
                     y = (b.energy_mj - a.energy_mj) / _MJ_PER_J

@@ -31,15 +31,35 @@ An epoch whose request rows include one written less than ``commit_margin_ns`` a
 epochs) or stays on the stale list (recomputes), so a batch of timelines is never split across two attributions.
 
 Requests that never reached a backend carry no energy but are counted in ``usage_hourly`` under backend ``''``,
-through a zero marker row in ``request_energy`` (backend ``''``) written once when the engine first sees them.
+through a zero marker row in ``request_energy`` (backend ``''``) written once when the engine first sees them. A
+request its backend refused (``meter.timeline.did_gpu_work``) takes no part in attribution: no energy, no active
+time, only its home row.
+
+Idle shares. When it writes an epoch, the engine also splits the epoch's idle energy (``counter - attributed``) into
+integer shares per request row, one per idle policy, by largest remainder (``meter.engine.idle.split_idle``): TIME
+by the row's active time, TOKENS by the request's prompt + generated tokens times the part of its own window
+(``done - released``) inside the epoch. Each share depends only on the epoch and the request's own timeline, so
+reports only add stored integers and never disagree.
+
+Finality (``meter.engine.finality``). After each pass the engine *seals* every request of a backend that became
+final: its ``done_ns`` is at least ``seal_margin_ns`` (counter lag + calibration reach + settle time) before the
+end of the backend's attributed epochs, no epoch that may hold its energy is waiting for a recompute, and every such
+epoch was computed after the request's row was last written. The seal (``request_seals``) stores its figures,
+the sums of its rows. From then on a recompute (a late row, a calibration move) writes a sealed request's rows back
+as they were and re-splits only the others and idle; what the fresh attribution would have given the sealed
+requests, less what they hold, is booked to the epoch's ``adjustment_mj``, so that, exactly,
+``counter_mj = prefill_mj + decode_mj + idle_mj + adjustment_mj``. Requests are sealed in (done, id) order from a
+cursor kept in memory (after a restart, from an hour before the latest seal); late rows found by the scan are held
+until their epochs are redone.
 
 Calibration (``calibrate``, on by default; ``meter.engine.calibrate``). The counter lag and the ratio of prefill to
-decode power are fitted per backend by least squares over the counter's own readings; once the fit settles (or
-moves), the backend's recent epochs are recomputed under it. Epoch boundaries and the readings' partition always use
-the configured ``lag_ns``; the fitted lag only places the readings against the timelines inside ``attribute``, so
-each epoch also looks at requests up to ``reach_ns`` before its start. Calibration state lives in memory: after a
-restart it is learned again (and a recompute of an old epoch may use a slightly different model; conservation holds
-either way).
+decode power are fitted per backend by least squares over the counter's own readings (leaving out the intervals
+near abandoned prefills, whose classes are guesses); once the fit settles (or moves), the backend's recent epochs
+are recomputed under it: figures not final yet improve, final ones stay (see Finality). Epoch boundaries and the
+readings' partition always use the configured ``lag_ns``; the fitted lag only places the readings against the
+timelines inside ``attribute``, so each epoch also looks at requests up to ``reach_ns`` before its start.
+Calibration state lives in memory: after a restart it is learned again (a recompute of an old epoch may then use a
+slightly different model: conservation holds either way, and final figures stay).
 
 Idle power. With ``idle_power="auto"`` each epoch measures the idle floor over its own reading intervals that no
 request came near (``meter.engine.idle``), pooled with those of the backend's recent epochs when it has less than
@@ -61,12 +81,12 @@ from typing import Literal
 import sqlalchemy as sa
 import structlog
 
-from meter.attribution import AttributionPolicy, attribute
+from meter.attribution import AttributionPolicy, attribute, request_phases
 from meter.engine import sql
 from meter.engine.calibrate import ClassTimeline, LagCalibrator, PowerModel
-from meter.engine.idle import IdleEstimate, busy_windows, estimate_idle
+from meter.engine.idle import IdleEstimate, busy_windows, estimate_idle, split_idle
 from meter.engine.readings import EpochReadings, Tick, epoch_bounds, epoch_readings, group_ticks
-from meter.engine.usage import HOUR_NS, UsageDeltas, hour_of
+from meter.engine.usage import UsageDeltas, hour_of
 from meter.store.retention import prune_samples
 from meter.timeline import Timeline
 
@@ -82,6 +102,7 @@ _RESTART_LOOKBACK_NS = 60 * _S  # at start, rows written this long before the la
 _MAX_EPOCH_NS = 3600 * _S
 _IDLE_HISTORY_EPOCHS = 60  # idle stretches of this many recent epochs measure the floor when one epoch has too few
 _RECALIBRATE_EPOCHS = 30  # when the calibration first settles or moves, this many recent epochs are recomputed
+_SEAL_LOOKBACK_NS = 3600 * _S  # after a restart, unsealed requests are looked for this far before the latest seal
 
 
 def _merge_by_time(by_device: dict[str, list[sql.Row]], devices: Sequence[str]) -> list[sql.Row]:
@@ -132,6 +153,7 @@ class EngineSettings:
     calibrate: bool = True  # fit the lag and the prefill/active power ratio to the counter (meter.engine.calibrate)
     calibration_lags_ns: tuple[int, ...] = tuple(range(0, 201 * _MS, 10 * _MS))  # NVML: one update, <= ~200 ms
     calibration_refresh_ns: int = 30 * _S  # once calibrated, feed the fit one epoch per this much time
+    seal_batch: int = 10_000  # requests sealed per backend per pass, at most (a first pass over an old database)
 
     def __post_init__(self) -> None:
         if not 0 < self.epoch_ns <= _MAX_EPOCH_NS:
@@ -168,6 +190,12 @@ class EngineSettings:
         return min(self.lag_ns, *self.calibration_lags_ns) if self.calibrate else self.lag_ns
 
     @property
+    def seal_margin_ns(self) -> int:
+        """A request is sealed once its backend is attributed until at least ``done + seal_margin_ns``: past the
+        counter lag and the settle time, and past every epoch whose readings may reach back to it (``reach_ns``)."""
+        return self.lag_ns + self.reach_ns + self.settle_ns
+
+    @property
     def reach_ns(self) -> int:
         """How far before an epoch's start its readings' work time may reach with a calibrated (larger) lag."""
         return max(0, max(self.calibration_lags_ns) - self.lag_ns) if self.calibrate else 0
@@ -181,6 +209,8 @@ class PassReport:
     recomputed: list[tuple[str, int]] = field(default_factory=list)  # (backend, epoch_start_ns), stale before
     unrouted_counted: int = 0
     requests_attributed: int = 0  # request_energy rows written
+    sealed: int = 0  # requests sealed (their figures final)
+    adjustment_mj: int = 0  # energy recomputes booked to their epochs' adjustment instead of sealed requests
     pruned_samples: int = 0
 
 
@@ -190,6 +220,9 @@ class EngineStats:
     epochs_attributed: int
     epochs_recomputed: int
     request_rows_written: int
+    requests_sealed: int
+    adjustment_mj: int  # signed sum booked by recomputes: + the sealed requests would have got more, - less
+    adjusted_epochs: int  # recomputes that booked a non-zero adjustment
     unrouted_counted: int
     errors: int
     last_error: str | None
@@ -211,13 +244,112 @@ class _Backend:
     calibrated_at_ns: int | None = None  # start of the last epoch fed to the calibrator
     recent: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=_RECALIBRATE_EPOCHS))
     timeout_logged_ns: int = 0
+    seal_after: tuple[int, str] | None = None  # every request up to this (done_ns, request_id) was looked at
+    held: set[str] = field(default_factory=set)  # looked at but not sealable yet (a stale epoch, a late row)
+    sealed_done_ns: int | None = None  # the latest done_ns of a request sealed so far (None: nothing sealed)
+
+
+@dataclass(frozen=True, slots=True)
+class _Share:
+    """One request's energy in one epoch as a fresh attribution computes it, and what usage needs of it."""
+
+    prefill_mj: int
+    decode_mj: int
+    active_ns: int
+    idle_time_mj: int
+    idle_tokens_mj: int
+    usage_key: tuple[int, str, str, str]
+    is_home: bool
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Final:
+    request_rows: list[sql.Row]
+    epoch_row: sql.Row
+    usage: UsageDeltas
+    adjustment_mj: int
 
 
 @dataclass(slots=True)
 class _EpochResult:
-    request_rows: list[sql.Row]
-    epoch_row: sql.Row
-    new_usage: UsageDeltas
+    """A fresh attribution of one epoch. ``finish`` turns it into the rows to write, keeping sealed requests' rows
+    as they are (pinned) and booking what the fresh attribution would have moved to or from them to the epoch's
+    ``adjustment_mj``."""
+
+    backend: str
+    start: int
+    end: int
+    readings: EpochReadings
+    attributed_at: int
+    shares: dict[str, _Share]
+    idle_mj: int  # the fresh attribution's idle bucket
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self.shares)
+
+    def finish(self, pinned: Sequence[sql.Row] = (), sealed: set[str] | frozenset[str] = frozenset()) -> _Final:
+        """``pinned``: the epoch's current rows of sealed requests (``sql.pinned_rows``); ``sealed``: ids of sealed
+        requests (those in ``pinned`` and any other), whose fresh shares are dropped.
+
+        Identity, exact to the mJ: ``counter_mj = prefill_mj + decode_mj + idle_mj + adjustment_mj``, where
+        ``adjustment_mj = (fresh energy of sealed requests) - (their pinned energy)``: positive when the recompute
+        would have given sealed requests more than they were billed (that energy is billed to no one), negative
+        when it would have given them less (that much is billed twice: to them and to the requests it now goes to).
+        """
+        name, start, end = self.backend, self.start, self.end
+        rows: list[sql.Row] = []
+        usage = UsageDeltas()
+        prefill_sum = decode_sum = active_sum = 0
+        fresh_sealed = 0
+        for rid, sh in self.shares.items():
+            if rid in sealed:
+                fresh_sealed += sh.prefill_mj + sh.decode_mj
+                continue
+            rows.append(
+                (rid, start, name, sh.prefill_mj, sh.decode_mj, sh.active_ns, sh.idle_time_mj, sh.idle_tokens_mj)
+            )
+            usage.add(
+                sh.usage_key,
+                (int(sh.is_home), sh.prompt_tokens * sh.is_home, sh.generated_tokens * sh.is_home, sh.prefill_mj,
+                 sh.decode_mj, sh.active_ns),
+            )  # fmt: skip
+        pinned_sum = 0
+        for rid, pre, dec, active, idle_t, idle_k, received, tenant, model, done, prompt, generated in pinned:
+            pinned_sum += pre + dec
+            rows.append((rid, start, name, pre, dec, active, idle_t, idle_k))
+            home = done is not None and start <= done < end
+            key = (hour_of(received), tenant, model, name)
+            usage.add(key, (int(home), prompt * home, generated * home, pre, dec, active))
+        for r in rows:
+            prefill_sum += r[3]
+            decode_sum += r[4]
+            active_sum += r[5]
+        readings = self.readings
+        attributed = prefill_sum + decode_sum
+        adjustment = fresh_sealed - pinned_sum
+        if attributed + self.idle_mj + adjustment != readings.counter_mj:
+            raise AssertionError(f"{name} epoch {start}: the books do not balance")
+        epoch_row = (
+            name,
+            start,
+            end,
+            readings.first_reading_ns,
+            readings.last_reading_ns,
+            readings.counter_mj,
+            attributed,
+            prefill_sum,
+            decode_sum,
+            self.idle_mj,
+            readings.samples,
+            readings.gaps,
+            active_sum,
+            self.attributed_at,
+            adjustment,
+        )
+        return _Final(rows, epoch_row, usage, adjustment)
 
 
 class MeteringEngine:
@@ -243,6 +375,10 @@ class MeteringEngine:
         self._epochs = 0
         self._recomputed = 0
         self._rows = 0
+        self._sealed = 0
+        self._adjustment_mj = 0
+        self._adjusted_epochs = 0
+        self._report: PassReport | None = None  # the pass in progress
         self._unrouted = 0
         self._errors = 0
         self._last_error: str | None = None
@@ -274,6 +410,9 @@ class MeteringEngine:
             epochs_attributed=self._epochs,
             epochs_recomputed=self._recomputed,
             request_rows_written=self._rows,
+            requests_sealed=self._sealed,
+            adjustment_mj=self._adjustment_mj,
+            adjusted_epochs=self._adjusted_epochs,
             unrouted_counted=self._unrouted,
             errors=self._errors,
             last_error=self._last_error,
@@ -292,13 +431,14 @@ class MeteringEngine:
         """
         self._pinned_ns = now_ns
         now = self._now()
-        report = PassReport()
+        report = self._report = PassReport()
         try:
             self._load()
             self._scan_ingested(now, report)
             plan = self._plan(now, self._open_requests(now))
             if plan:
                 self._attribute_planned(plan, report)
+            self._seal(now, report)
             self._maybe_prune(now, report)
         except Exception as exc:
             self._errors += 1
@@ -309,6 +449,7 @@ class MeteringEngine:
         finally:
             self._passes += 1
             self._pinned_ns = None
+            self._report = None
         return report
 
     def _now(self) -> int:
@@ -320,6 +461,11 @@ class MeteringEngine:
             return
         with self._db.connect() as conn:
             for b in todo:
+                b.sealed_done_ns = sql.last_sealed_done(conn, b.spec.name)
+                # Requests are sealed in (done_ns, id) order; after a restart look again from a while before the
+                # latest seal, for requests that were held back (a stale epoch) when the last run stopped.
+                b.seal_after = None if b.sealed_done_ns is None else (b.sealed_done_ns - _SEAL_LOOKBACK_NS, "")
+                b.held.clear()
                 last = sql.last_epoch(conn, b.spec.name)
                 if last is None:
                     b.until_ns = b.span_end_ns = None
@@ -434,21 +580,29 @@ class MeteringEngine:
         for row in rows:
             by_backend.setdefault(row[0], []).append(row[1:])
         results: list[tuple[_Backend, int, int, EpochReadings, _EpochResult]] = []
+        maybe_sealed: list[str] = []  # ids that ended before the latest sealed request of their backend
         for name, epochs in ready.items():
             b = self._backends[name]
             for (start, end, readings), mine in zip(epochs, self._split(epochs, by_backend.get(name, [])), strict=True):
                 if any(r[9] > attributed_at for r in mine):
                     break  # a row is still fresh: this epoch and the later ones wait for a later pass
                 results.append((b, start, end, readings, self._compute(b, start, end, readings, mine, attributed_at)))
+                if b.sealed_done_ns is not None:
+                    maybe_sealed += [r[0] for r in mine if r[6] <= b.sealed_done_ns]
         if not results:
             return
+        finals: list[_Final] = []
         try:
             with sql.locked_transaction(self._db, sorted(ready)) as conn:
-                sql.insert_request_energy(conn, [row for r in results for row in r[4].request_rows])
-                sql.insert_backend_epochs(conn, [r[4].epoch_row for r in results])
+                # A new epoch never holds a sealed request (sealing waits until epochs past its reach are attributed);
+                # should settings have changed since, its rows stay pinned all the same.
+                sealed = sql.sealed_among(conn, maybe_sealed) if maybe_sealed else set()
+                finals = [r[4].finish((), sealed) for r in results]
+                sql.insert_request_energy(conn, [row for f in finals for row in f.request_rows])
+                sql.insert_backend_epochs(conn, [f.epoch_row for f in finals])
                 usage = UsageDeltas()
-                for r in results:
-                    for k, v in r[4].new_usage.as_dict().items():
+                for f in finals:
+                    for k, v in f.usage.as_dict().items():
                         usage.add(k, v)
                 sql.add_usage(conn, usage.rows())
         except sa.exc.IntegrityError:
@@ -459,12 +613,13 @@ class MeteringEngine:
                     break
                 report.attributed.append((b.spec.name, start))
             return
-        for b, start, end, readings, result in results:
+        for (b, start, end, readings, _result), final in zip(results, finals, strict=True):
             self._advanced(b, end, readings)
             self._epochs += 1
-            self._rows += len(result.request_rows)
+            self._rows += len(final.request_rows)
+            self._booked(b.spec.name, start, final.adjustment_mj)
             report.attributed.append((b.spec.name, start))
-            report.requests_attributed += len(result.request_rows)
+            report.requests_attributed += len(final.request_rows)
 
     def _readings(self, ticks: list[Tick], start: int, end: int) -> EpochReadings | None:
         s = self.settings
@@ -515,7 +670,9 @@ class MeteringEngine:
             elif backend in bounds and row[2] < bounds[backend]:
                 late.setdefault(backend, []).append(row)
         for backend, cand in late.items():
-            self._backends[backend].stale.update(self._stale_epochs(backend, cand))
+            b = self._backends[backend]
+            b.stale.update(self._stale_epochs(backend, cand))
+            b.held.update(r[0] for r in cand)  # sealed once their epochs are redone, if they are not sealed yet
         self._scan_lo_ns = now - s.scan_margin_ns  # what is found is remembered in `stale` until it is redone
         for name, b in self._backends.items():
             for start in sorted(b.stale):
@@ -593,17 +750,17 @@ class MeteringEngine:
         if any(r[9] > attributed_at for r in rows):
             return None  # a row is still fresh (another may still be committing): a later pass, not a recompute
         result = self._compute(b, start, end, readings, rows, attributed_at, learn=not existing)
-        excluded: set[str] = set()
+        final: _Final | None = None
         for attempt in (0, 1):
             try:
                 with sql.locked_transaction(self._db, name) as conn:
-                    self._write(conn, name, start, end, result, excluded)
+                    final = self._write(conn, name, start, end, result)
                 break
             except sa.exc.IntegrityError:
                 if attempt:
                     raise
                 with self._db.connect() as conn:
-                    excluded = sql.conflicting_request_energy(conn, start, name, [r[0] for r in result.request_rows])
+                    excluded = sql.conflicting_request_energy(conn, start, name, result.request_ids)
                 if not excluded:
                     raise
                 log.error(
@@ -615,14 +772,30 @@ class MeteringEngine:
                 )
                 kept = [r for r in rows if r[0] not in excluded]
                 result = self._compute(b, start, end, readings, kept, attributed_at, learn=False)
+        assert final is not None
         if not existing or end == b.until_ns:  # a recompute never moves "attributed until"; it may move the span
             self._advanced(b, end, readings)
         if existing:
             self._recomputed += 1
         else:
             self._epochs += 1
-        self._rows += len(result.request_rows)
-        return len(result.request_rows)
+        self._booked(name, start, final.adjustment_mj)
+        self._rows += len(final.request_rows)
+        return len(final.request_rows)
+
+    def _booked(self, name: str, start: int, adjustment_mj: int) -> None:
+        if adjustment_mj:
+            self._adjustment_mj += adjustment_mj
+            self._adjusted_epochs += 1
+            if self._report is not None:
+                self._report.adjustment_mj += adjustment_mj
+            log.info(
+                "engine_sealed_requests_adjustment",
+                backend=name,
+                epoch_start_ns=start,
+                adjustment_mj=adjustment_mj,
+                detail="a recompute left sealed requests as they were; the difference is booked to the epoch",
+            )
 
     def _compute(
         self,
@@ -635,26 +808,34 @@ class MeteringEngine:
         *,
         learn: bool = True,
     ) -> _EpochResult:
-        """The epoch's rows, from its readings and request rows. ``learn``: a new epoch may feed the calibration."""
+        """The epoch's fresh attribution, from its readings and request rows (``sql.REQUEST_COLUMNS``). ``learn``: a
+        new epoch may feed the calibration."""
         s = self.settings
         name = b.spec.name
         timelines: list[Timeline] = []
-        for rid, tenant, model, received, released, first, done, prompt, generated, _ingested in rows:
+        for rid, tenant, model, received, released, first, done, prompt, generated, _ingested, status in rows:
             try:
-                timelines.append(Timeline(rid, tenant, model, name, received, released, first, done, prompt, generated))
+                timelines.append(
+                    Timeline(
+                        rid, tenant, model, name, received, released, first, done, prompt, generated,
+                        status=status or "UNKNOWN",
+                    )
+                )  # fmt: skip
             except ValueError as exc:
                 log.error("engine_bad_request_row", backend=name, request_id=rid, error=str(exc))
+        working = [t for t in timelines if t.on_gpu]  # the billing rule: refused requests take no part
+        works = {t.request_id for t in working}
 
-        model = self._calibration(b, start, readings, timelines, learn)
+        model = self._calibration(b, start, readings, working, learn)
         if learn:
             b.recent.append((start, end))
         lag = model.lag_ns if model is not None else s.lag_ns
-        idle_w = self._idle_power(b, readings, timelines, lag)
+        idle_w = self._idle_power(b, readings, working, lag)
         policy = s.policy(idle_w, lag, model.prefill_power_ratio if model is not None else None)
         energy: dict[str, list[int]] = {}
         for segment in readings.segments:
             seg_lo, seg_hi = segment[0].t_ns - lag, segment[-1].t_ns - lag
-            part = [t for t in timelines if t.released_ns < seg_hi and t.done_ns >= seg_lo]  # type: ignore[operator]
+            part = [t for t in working if t.released_ns < seg_hi and t.done_ns >= seg_lo]  # type: ignore[operator]
             if not part:
                 continue
             got = attribute(segment, part, policy)
@@ -666,54 +847,32 @@ class MeteringEngine:
                     acc[0] += pe.prefill_mj
                     acc[1] += pe.decode_mj
 
-        request_rows: list[sql.Row] = []
-        sums: dict[tuple[int, str, str, str], list[int]] = {}  # usage per (hour, tenant, model, backend)
-        prefill_sum = decode_sum = active_sum = 0
-        for rid, tenant, model, received, released, _first, done, prompt, generated, _ingested in rows:
-            active = max(0, min(done, end) - max(released, start))
+        kept: list[tuple[str, int, int, int, bool, tuple[int, str, str, str], int, int, float]] = []
+        attributed = 0
+        for rid, tenant, model_id, received, released, _first, done, prompt, generated, _ingested, _status in rows:
+            on_gpu = rid in works
+            active = max(0, min(done, end) - max(released, start)) if on_gpu else 0
             is_home = start <= done < end
             e = energy.get(rid)
             if e is None and not active and not is_home:
                 continue
             pre, dec = (e[0], e[1]) if e is not None else (0, 0)
-            request_rows.append((rid, start, name, pre, dec, active))
-            prefill_sum += pre
-            decode_sum += dec
-            active_sum += active
-            key = (received - received % HOUR_NS, tenant, model, name)
-            acc = sums.get(key)
-            if acc is None:
-                acc = sums[key] = [0, 0, 0, 0, 0, 0]
-            if is_home:
-                acc[0] += 1
-                acc[1] += prompt
-                acc[2] += generated
-            acc[3] += pre
-            acc[4] += dec
-            acc[5] += active
-        attributed = prefill_sum + decode_sum
-        epoch_row = (
-            name,
-            start,
-            end,
-            readings.first_reading_ns,
-            readings.last_reading_ns,
-            readings.counter_mj,
-            attributed,
-            prefill_sum,
-            decode_sum,
-            readings.counter_mj - attributed,
-            readings.samples,
-            readings.gaps,
-            active_sum,
-            attributed_at,
-        )
+            attributed += pre + dec
+            window = done - released
+            # TOKENS idle weight: the request's tokens, apportioned to this epoch by its own active time in it.
+            token_w = (prompt + generated) * active / window if on_gpu and window > 0 else 0.0
+            kept.append((rid, pre, dec, active, is_home, (hour_of(received), tenant, model_id, name), prompt, generated,
+                         token_w))  # fmt: skip
         if attributed > readings.counter_mj:
             raise AssertionError(f"{name} epoch {start}: attributed {attributed} mJ > counter {readings.counter_mj}")
-        usage = UsageDeltas()
-        for key, values in sums.items():
-            usage.add(key, values)
-        return _EpochResult(request_rows, epoch_row, usage)
+        idle_mj = readings.counter_mj - attributed
+        by_time = split_idle(idle_mj, {k[0]: float(k[3]) for k in kept})
+        by_tokens = split_idle(idle_mj, {k[0]: k[8] for k in kept})
+        shares = {
+            rid: _Share(pre, dec, active, by_time[rid], by_tokens[rid], key, is_home, prompt, generated)
+            for rid, pre, dec, active, is_home, key, prompt, generated, _w in kept
+        }
+        return _EpochResult(name, start, end, readings, attributed_at, shares, idle_mj)
 
     def _calibration(
         self, b: _Backend, start: int, readings: EpochReadings, timelines: list[Timeline], learn: bool
@@ -727,8 +886,8 @@ class MeteringEngine:
         cal = b.calibrator
         due = cal.warming or b.calibrated_at_ns is None or start - b.calibrated_at_ns >= s.calibration_refresh_ns
         if learn and due and timelines and readings.segments:
-            requests = ((t.released_ns, t.first_token_ns, t.done_ns, t.prompt_tokens) for t in timelines)
-            classes = ClassTimeline(requests, s.prefill_tokens_per_s, s.prefill_overhead_ns, s.batch_tolerance_ns)  # type: ignore[arg-type]
+            uncertain = [(t.released_ns, t.done_ns) for t in timelines if t.abandoned_prefill]
+            classes = ClassTimeline.from_phases(request_phases(timelines, s.policy(None), since_ns=start), uncertain)  # type: ignore[arg-type]
             before = cal.model
             cal.add(readings.segments, classes, b.idle_power_w if s.idle_power == "auto" else None)
             b.calibrated_at_ns = start
@@ -770,14 +929,17 @@ class MeteringEngine:
             b.idle_power_w = total.power_w
         return b.idle_power_w
 
-    def _write(
-        self, conn: sa.Connection, name: str, start: int, end: int, result: _EpochResult, excluded: set[str]
-    ) -> None:
-        """Replace the epoch's rows and add the usage change; inside the locked transaction."""
+    def _write(self, conn: sa.Connection, name: str, start: int, end: int, result: _EpochResult) -> _Final:
+        """Replace the epoch's rows (sealed requests' rows stay as they are) and add the usage change; inside the
+        locked transaction, so that no seal can appear between reading the pins and writing."""
         usage = UsageDeltas()
-        for k, v in result.new_usage.as_dict().items():
+        exists = sql.epoch_attributed_at(conn, name, start) is not None
+        pinned = sql.pinned_rows(conn, name, start) if exists else []
+        sealed = {r[0] for r in pinned} | sql.sealed_among(conn, result.request_ids)
+        final = result.finish(pinned, sealed)
+        for k, v in final.usage.as_dict().items():
             usage.add(k, v)
-        if sql.epoch_attributed_at(conn, name, start) is not None:
+        if exists:
             for received, tenant, model, done, prompt, generated, pre, dec, active in sql.old_epoch_contribution(
                 conn, name, start
             ):
@@ -785,12 +947,10 @@ class MeteringEngine:
                 is_home = done is not None and start <= done < end
                 usage.add(key, (int(is_home), prompt * is_home, generated * is_home, pre, dec, active), sign=-1)
             sql.delete_epoch(conn, name, start)
-        rows = result.request_rows
-        if excluded:
-            rows = [r for r in rows if r[0] not in excluded]
-        sql.insert_request_energy(conn, rows)
-        sql.insert_backend_epoch(conn, result.epoch_row)
+        sql.insert_request_energy(conn, final.request_rows)
+        sql.insert_backend_epoch(conn, final.epoch_row)
         sql.add_usage(conn, usage.rows())
+        return final
 
     # -- requests that never reached a backend ---------------------------------------------------------------------
 
@@ -811,12 +971,81 @@ class MeteringEngine:
             markers = []
             for rid in new:
                 _rid, _b, _rel, _done, _ing, tenant, model, received, prompt, generated = by_id[rid]
-                markers.append((rid, epoch_of[rid], "", 0, 0, 0))
+                markers.append((rid, epoch_of[rid], "", 0, 0, 0, 0, 0))
                 usage.add((hour_of(received), tenant, model, ""), (1, prompt, generated, 0, 0, 0))
             sql.insert_request_energy(conn, markers)
             sql.add_usage(conn, usage.rows())
         self._unrouted += len(new)
         return len(new)
+
+    # -- sealing ---------------------------------------------------------------------------------------------------
+
+    def _seal(self, now: int, report: PassReport) -> None:
+        """Seal every request that became final: its backend is attributed until ``done + seal_margin_ns``, no epoch
+        that may hold its energy is stale, and each was computed after the request's row was last written. Its
+        figures (sums of its rows, idle shares included) go to ``request_seals``; from then on a recompute keeps
+        its rows as they are (``_EpochResult.finish``)."""
+        s = self.settings
+        for name, b in self._backends.items():
+            if not b.loaded or b.until_ns is None:
+                continue
+            upto = b.until_ns - s.seal_margin_ns
+            after = b.seal_after or (-(2**62), "")
+            with self._db.connect() as conn:
+                fresh = sql.seal_candidates(conn, name, after, upto, s.seal_batch)
+                held = sql.unsealed_by_id(conn, name, sorted(b.held)) if b.held else []
+            if fresh:
+                b.seal_after = (fresh[-1][2], fresh[-1][0])
+            elif after[0] < upto - 1:
+                b.seal_after = (upto - 1, "")  # none left below the bound: later scans start there
+            b.held = {r[0] for r in held}  # the others were sealed (by another meter) or are gone
+            cands = list({r[0]: r for r in [*held, *fresh] if r[2] < upto}.values())
+            if not cands:
+                continue
+            ok, waiting = self._sealable(b, cands)
+            b.held |= waiting
+            b.held -= ok
+            if not ok:
+                continue
+            with sql.locked_transaction(self._db, name) as conn:
+                sums = sql.energy_sums(conn, sorted(ok))
+                done_of = {r[0]: r[2] for r in cands}
+                seals = [(rid, name, done_of[rid], now, *sums.get(rid, (0, 0, 0, 0))) for rid in sorted(ok)]
+                sql.insert_seals(conn, seals)
+            done_max = max(done_of[rid] for rid in ok)
+            b.sealed_done_ns = done_max if b.sealed_done_ns is None else max(b.sealed_done_ns, done_max)
+            self._sealed += len(ok)
+            report.sealed += len(ok)
+
+    def _sealable(self, b: _Backend, cands: list[sql.Row]) -> tuple[set[str], set[str]]:
+        """Split (request_id, released_ns, done_ns, ingested_ns) rows into those that are final now and those that
+        wait: an epoch that may hold their energy is stale, or was computed before their row arrived."""
+        s = self.settings
+        lo = min(r[1] for r in cands)
+        hi = max(r[2] for r in cands)
+        with self._db.connect() as conn:
+            reach = 2 * s.epoch_ns + s.lag_ns + s.max_interval_ns  # an overlapping epoch starts no earlier
+            epochs = sql.epochs_in(conn, b.spec.name, lo - reach, hi + s.reach_ns)
+        starts = [e[0] for e in epochs]
+        ends = [e[1] for e in epochs]
+        stale_starts = sorted(b.stale)
+        ok: set[str] = set()
+        waiting: set[str] = set()
+        for rid, released, done, ingested in cands:
+            first = max(0, bisect_right(ends, released) - 1)
+            last = bisect_right(starts, done + s.reach_ns)
+            final = True
+            for i in range(first, last):
+                start, end, last_reading, attributed_at = epochs[i]
+                span_end = max(end, (last_reading or end) - s.min_lag_ns)
+                if released < span_end and done >= start - s.reach_ns and attributed_at < ingested:
+                    final = False
+                    break
+            if final and stale_starts:
+                k = bisect_right(stale_starts, done + s.reach_ns)
+                final = not any(b.stale[st] + s.max_interval_ns > released for st in stale_starts[:k])
+            (ok if final else waiting).add(rid)
+        return ok, waiting
 
     # -- retention -------------------------------------------------------------------------------------------------
 

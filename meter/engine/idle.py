@@ -12,6 +12,7 @@ averages out the counter's 100 ms quantisation better than a per-interval median
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from itertools import pairwise
 
 from meter.attribution import CounterReading
 
-__all__ = ["IdleEstimate", "busy_windows", "estimate_idle"]
+__all__ = ["IdleEstimate", "busy_windows", "estimate_idle", "split_idle"]
 
 _MJ_PER_W_NS = 1e-6
 
@@ -68,3 +69,28 @@ def estimate_idle(
             energy += b.energy_mj - a.energy_mj
             duration += b.t_ns - a.t_ns
     return IdleEstimate(energy, duration)
+
+
+def split_idle(idle_mj: int, weights: dict[str, float]) -> dict[str, int]:
+    """``idle_mj`` shared in proportion to ``weights`` as integers that sum to it exactly (largest remainder, ties to
+    the smaller key); every key gets 0 when the weights sum to 0 (the idle then stays unshared). Pure and
+    independent of the order of ``weights``.
+
+    This is how an epoch's idle bucket becomes the requests' stored idle shares (``request_energy.idle_time_mj``,
+    ``idle_tokens_mj``): computed once, from each request's own weight, so that no report ever splits idle again.
+    """
+    total_w = sum(w for w in weights.values() if w > 0)
+    if idle_mj <= 0 or total_w <= 0:
+        return dict.fromkeys(weights, 0)
+    exact = {k: idle_mj * w / total_w if w > 0 else 0.0 for k, w in weights.items()}
+    out = {k: math.floor(v) for k, v in exact.items()}
+    left = idle_mj - sum(out.values())
+    if left > 0:
+        order = sorted((k for k in exact if weights[k] > 0), key=lambda k: (out[k] - exact[k], k))
+        for step in range(left):  # more than one round only if the floats drifted by a whole unit per key
+            out[order[step % len(order)]] += 1
+    elif left < 0:  # floats rounded a share above its exact value: take back from the smallest remainders
+        order = sorted((k for k in exact if out[k] > 0), key=lambda k: (exact[k] - out[k], k))
+        for step in range(-left):
+            out[order[step % len(order)]] -= 1
+    return out

@@ -21,7 +21,17 @@ import sqlalchemy as sa
 
 Row = tuple[Any, ...]
 
-REQUEST_ENERGY_COLUMNS = ("request_id", "epoch_start_ns", "backend", "prefill_mj", "decode_mj", "active_ns")
+REQUEST_ENERGY_COLUMNS = (
+    "request_id",
+    "epoch_start_ns",
+    "backend",
+    "prefill_mj",
+    "decode_mj",
+    "active_ns",
+    "idle_time_mj",
+    "idle_tokens_mj",
+)
+_REQUEST_ENERGY_TYPES = ["varchar", "int8", "varchar", "int8", "int8", "int8", "int8", "int8"]
 BACKEND_EPOCH_COLUMNS = (
     "backend",
     "epoch_start_ns",
@@ -37,6 +47,7 @@ BACKEND_EPOCH_COLUMNS = (
     "gaps",
     "active_ns_total",
     "attributed_at_ns",
+    "adjustment_mj",
 )
 USAGE_KEY = ("hour_start_ns", "tenant", "model_id", "backend")
 USAGE_VALUES = ("requests", "prompt_tokens", "generated_tokens", "prefill_mj", "decode_mj", "active_ns")
@@ -51,6 +62,17 @@ REQUEST_COLUMNS = (
     "prompt_tokens",
     "generated_tokens",
     "ingested_ns",
+    "status",
+)
+SEAL_COLUMNS = (
+    "request_id",
+    "backend",
+    "done_ns",
+    "sealed_ns",
+    "prefill_mj",
+    "decode_mj",
+    "idle_time_mj",
+    "idle_tokens_mj",
 )
 
 
@@ -267,12 +289,105 @@ def insert_request_energy(conn: sa.Connection, rows: Sequence[Row]) -> None:
     if not rows:
         return
     if conn.dialect.name == "postgresql":
-        _copy(
-            conn, "request_energy", REQUEST_ENERGY_COLUMNS, ["varchar", "int8", "varchar", "int8", "int8", "int8"], rows
-        )
+        _copy(conn, "request_energy", REQUEST_ENERGY_COLUMNS, _REQUEST_ENERGY_TYPES, rows)
         return
     cols = REQUEST_ENERGY_COLUMNS
     conn.exec_driver_sql(f"INSERT INTO request_energy ({', '.join(cols)}) VALUES ({marks(len(cols))})", list(rows))
+
+
+# -- seals ---------------------------------------------------------------------------------------------------------
+
+
+def pinned_rows(conn: sa.Connection, backend: str, epoch_start_ns: int) -> list[Row]:
+    """The epoch's request_energy rows of sealed requests, with what usage needs of their request:
+    (request_id, prefill_mj, decode_mj, active_ns, idle_time_mj, idle_tokens_mj, received_ns, tenant, model_id,
+    done_ns, prompt_tokens, generated_tokens)."""
+    return fetch(
+        conn,
+        "SELECT e.request_id, e.prefill_mj, e.decode_mj, e.active_ns, e.idle_time_mj, e.idle_tokens_mj, "
+        "r.received_ns, r.tenant, r.model_id, r.done_ns, r.prompt_tokens, r.generated_tokens "
+        "FROM request_energy e JOIN request_seals s ON s.request_id = e.request_id "
+        "JOIN requests r ON r.request_id = e.request_id WHERE e.backend = ? AND e.epoch_start_ns = ?",
+        (backend, epoch_start_ns),
+    )
+
+
+def sealed_among(conn: sa.Connection, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` are sealed."""
+    out: set[str] = set()
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        q = f"SELECT request_id FROM request_seals WHERE request_id IN ({marks(len(chunk))})"
+        out.update(r[0] for r in fetch(conn, q, chunk))
+    return out
+
+
+def last_sealed_done(conn: sa.Connection, backend: str) -> int | None:
+    """The latest ``done_ns`` of the backend's sealed requests (an index lookup)."""
+    return scalar(conn, "SELECT MAX(done_ns) FROM request_seals WHERE backend = ?", (backend,))
+
+
+def seal_candidates(
+    conn: sa.Connection, backend: str, after: tuple[int, str], done_before_ns: int, limit: int
+) -> list[Row]:
+    """Finished, unsealed requests of ``backend`` with (done_ns, request_id) after ``after`` and done_ns before
+    ``done_before_ns``, in that order: (request_id, released_ns, done_ns, ingested_ns)."""
+    done_after, id_after = after
+    return fetch(
+        conn,
+        "SELECT r.request_id, r.released_ns, r.done_ns, r.ingested_ns FROM requests r "
+        "LEFT JOIN request_seals s ON s.request_id = r.request_id "
+        "WHERE r.backend = ? AND r.done_ns >= ? AND r.done_ns < ? AND (r.done_ns > ? OR r.request_id > ?) "
+        "AND s.request_id IS NULL ORDER BY r.done_ns, r.request_id LIMIT ?",
+        (backend, done_after, done_before_ns, done_after, id_after, limit),
+    )
+
+
+def unsealed_by_id(conn: sa.Connection, backend: str, ids: Sequence[str]) -> list[Row]:
+    """(request_id, released_ns, done_ns, ingested_ns) of those of ``ids`` that are finished requests of ``backend``
+    and not sealed."""
+    out: list[Row] = []
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        out += fetch(
+            conn,
+            "SELECT r.request_id, r.released_ns, r.done_ns, r.ingested_ns FROM requests r "
+            "LEFT JOIN request_seals s ON s.request_id = r.request_id "
+            f"WHERE r.request_id IN ({marks(len(chunk))}) AND r.backend = ? AND r.done_ns IS NOT NULL "
+            "AND s.request_id IS NULL",
+            (*chunk, backend),
+        )
+    return out
+
+
+def energy_sums(conn: sa.Connection, ids: Sequence[str]) -> dict[str, tuple[int, int, int, int]]:
+    """Per request: the sums of its request_energy rows (prefill_mj, decode_mj, idle_time_mj, idle_tokens_mj)."""
+    out: dict[str, tuple[int, int, int, int]] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        for rid, pre, dec, it, itok in fetch(
+            conn,
+            "SELECT request_id, SUM(prefill_mj), SUM(decode_mj), SUM(idle_time_mj), SUM(idle_tokens_mj) "
+            f"FROM request_energy WHERE request_id IN ({marks(len(chunk))}) GROUP BY request_id",
+            chunk,
+        ):
+            out[rid] = (int(pre), int(dec), int(it), int(itok))
+    return out
+
+
+def insert_seals(conn: sa.Connection, rows: Sequence[Row]) -> None:
+    """Insert seals (SEAL_COLUMNS order); one that exists already (another meter sealed it) is left as it is."""
+    if not rows:
+        return
+    cols = SEAL_COLUMNS
+    conn.exec_driver_sql(
+        _q(
+            conn,
+            f"INSERT INTO request_seals ({', '.join(cols)}) VALUES ({marks(len(cols))}) "
+            "ON CONFLICT (request_id) DO NOTHING",
+        ),
+        [tuple(r) for r in rows],
+    )
 
 
 def add_usage(conn: sa.Connection, deltas: Sequence[Row]) -> None:

@@ -5,27 +5,30 @@ service (``proxy.reports_api``) and ``joulegate report`` are thin layers over th
 
 Semantics, shared by every report:
 
-- A request's ``prefill``/``decode`` energy is the sum of its ``request_energy`` rows over all epochs (integer mJ).
-- Idle energy under the idle policy (named on every report): NONE keeps it in the backends' idle buckets (only
-  ``get_backend_energy`` shows it); TIME shares each epoch's idle among that epoch's requests in proportion to
-  their active time; TOKENS in proportion to tokens, a request's prompt + generated tokens being apportioned to
-  its epochs by its active-time share. Epochs without requests keep their idle. Requests carry their share in
-  ``idle``; ``total = prefill + decode + idle`` and ``idle_share = idle / total``. (``meter.reports.energy``)
-- A request is *final* when it never reached a backend (zero energy), or it has ended, its backend is attributed
-  until at least ``done + lag`` (``meter.engine.attributed_until``), and no epoch that may hold its energy was
-  attributed before the request row was last written (the engine's own overlap rule, so such requests turn final at
-  its next pass). Otherwise it is provisional: its figures may still change. Usage rows count provisional requests.
+- A request's ``prefill``/``decode`` energy and its idle shares are the sums of its ``request_energy`` rows over all
+  epochs (integer mJ), or its ``request_seals`` figures once sealed. The engine computed the idle shares, one per
+  policy, from the request's own timeline when it wrote each epoch; reports never split idle themselves, so every
+  report, page and subset shows the same figure for the same request. (``meter.reports.energy``)
+- The settings that change a bill (idle policy, grid intensity, PUE) are those stored in the database
+  (``meter.reports.settings``), in force when the request was *received*; the reader's config only stands in while
+  none are stored. A reader may ask for another idle policy; the report then says so. Idle policies: NONE keeps idle
+  energy in the backends' buckets (only ``get_backend_energy`` shows it); TIME gives each request its share of each
+  epoch's idle in proportion to its active time there; TOKENS in proportion to its prompt + generated tokens times
+  the part of its own window inside the epoch. ``total = prefill + decode + idle``.
+- A request is *final* when its figures can never change again: it was sealed by the engine, or it ended having
+  done no GPU work (0 J). Otherwise it is provisional. Usage rows count provisional requests.
+  (``meter.engine.finality``)
 - Ranges are half-open ``[start, end)`` in wall-clock ns. Usage and request lists select requests by the time the
   gateway *received* them (a request counts once, in full, in the hour/day it arrived); backend energy selects
   epochs by their start (``meter.reports.usage`` says how the two reconcile).
-- CO2e: ``total_j x PUE x grid_g_co2e_per_kwh / 3.6e6``.
+- CO2e: ``total_j x PUE x grid_g_co2e_per_kwh / 3.6e6``, per request, with the settings in force when it arrived.
 
 Cost. Every query is bounded by an index range: a request by its primary key, a list page by ``(tenant,
 received_ns)`` or ``received_ns`` (keyset), usage by ``received_ns`` plus ``request_energy (backend, epoch_start_ns)``
-within the epochs the requests can touch, finality by one ``backend_epochs`` primary-key range per request. Usage
-therefore costs O(requests in the range) and reads raw rows, not ``usage_hourly``: the rollup counts a request only
-once its last epoch is attributed and cannot tell provisional requests or idle shares, so it is not exact for what
-this report promises. On PostgreSQL JIT is switched off for these queries (its compile time dwarfed them).
+within the epochs the requests can touch, seals by their primary key. Usage therefore costs O(requests in the range)
+and reads raw rows, not ``usage_hourly``: the rollup counts a request only once its last epoch is attributed and
+cannot tell provisional requests or idle shares, so it is not exact for what this report promises. On PostgreSQL
+JIT is switched off for these queries (its compile time dwarfed them).
 """
 
 from meter.reports.backends import get_backend_energy
@@ -38,6 +41,14 @@ from meter.reports.requests import (
     get_request_energy,
     list_requests,
 )
+from meter.reports.settings import (
+    BillingSettings,
+    SettingsHistory,
+    add_settings,
+    load_settings,
+    seed_settings,
+    settings_history,
+)
 from meter.reports.types import (
     NO_BACKEND,
     BackendReport,
@@ -45,7 +56,7 @@ from meter.reports.types import (
     IdlePolicy,
     InvalidQuery,
     ReportError,
-    ReportSettings,
+    ReportOptions,
     RequestPage,
     RequestReport,
     UsageReport,
@@ -58,16 +69,19 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "NO_BACKEND",
     "BackendReport",
+    "BillingSettings",
     "GroupBy",
     "IdlePolicy",
     "InvalidQuery",
     "ReportError",
-    "ReportSettings",
+    "ReportOptions",
     "RequestFilter",
     "RequestPage",
     "RequestReport",
+    "SettingsHistory",
     "UsageReport",
     "UsageRow",
+    "add_settings",
     "attributed_until",
     "backend_names",
     "fetch_reports",
@@ -75,5 +89,8 @@ __all__ = [
     "get_request_energy",
     "get_usage",
     "list_requests",
+    "load_settings",
     "rfc3339",
+    "seed_settings",
+    "settings_history",
 ]

@@ -1,5 +1,6 @@
 """Backend energy: per backend, what its counters measured over the epochs that start in ``[start, end)``, what the
-per-request ledger holds for those epochs, and the idle bucket, so that anyone can check conservation.
+per-request ledger holds for those epochs, the idle bucket and the adjustment booked for sealed requests, so that
+anyone can check conservation: ``counter = prefill + decode + idle + adjustment``, to the mJ.
 
 Queries go backend by backend (a loose index scan finds the names), so every one is a range scan of a primary key
 or of ``request_energy (backend, epoch_start_ns)``, never a scan of the whole table.
@@ -32,6 +33,8 @@ def get_backend_energy(conn: sa.Connection, *, end_ns: int, start_ns: int | None
                 sa.func.coalesce(sa.func.sum(BE.c.idle_mj), 0),
                 sa.func.coalesce(sa.func.sum(BE.c.samples), 0),
                 sa.func.coalesce(sa.func.sum(BE.c.gaps), 0),
+                sa.func.coalesce(sa.func.sum(BE.c.adjustment_mj), 0),
+                sa.func.coalesce(sa.func.sum(sa.case((BE.c.adjustment_mj != 0, 1), else_=0)), 0),
             ).where(*epoch_cond)
         ).one()
         if not epochs[0]:
@@ -50,6 +53,8 @@ def get_backend_energy(conn: sa.Connection, *, end_ns: int, start_ns: int | None
                 prefill_mj=int(ledger[0]),
                 decode_mj=int(ledger[1]),
                 idle_mj=int(epochs[2]),
+                adjustment_mj=int(epochs[5]),
+                adjusted_epochs=int(epochs[6]),
                 requests=int(ledger[2]),
                 samples=int(epochs[3]),
                 gaps=int(epochs[4]),

@@ -19,8 +19,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from meter.reports.energy import RQ, attributed_until_all, energy_by_request, provisional_expr, tune_for_reports
-from meter.reports.types import InvalidQuery, ReportSettings, RequestPage, RequestReport
+from meter.reports.energy import RQ, RS, energy_columns, energy_sums, final_expr, tune_for_reports
+from meter.reports.settings import SettingsHistory, settings_history
+from meter.reports.types import IdlePolicy, InvalidQuery, ReportOptions, RequestPage, RequestReport
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -64,7 +65,12 @@ def decode_page_token(token: str, flt: RequestFilter) -> tuple[int, str]:
     return received_ns, request_id
 
 
-def _report(row: Any, settings: ReportSettings) -> RequestReport:
+def _report(row: Any, history: SettingsHistory, asked: IdlePolicy | None) -> RequestReport:
+    settings = history.at(row.received_ns)
+    policy = asked or settings.idle_policy
+    prefill, decode = int(row.prefill_mj), int(row.decode_mj)
+    idle = {IdlePolicy.NONE: 0, IdlePolicy.TIME: int(row.idle_time_mj), IdlePolicy.TOKENS: int(row.idle_tokens_mj)}
+    idle_mj = idle[policy]
     return RequestReport(
         request_id=row.request_id,
         tenant=row.tenant,
@@ -75,46 +81,49 @@ def _report(row: Any, settings: ReportSettings) -> RequestReport:
         correlation_id=row.correlation_id,
         api=row.api,
         prompt_tokens=row.prompt_tokens,
+        prompt_tokens_estimated=bool(row.prompt_tokens_estimated),
         generated_tokens=row.generated_tokens,
         received_ns=row.received_ns,
         released_ns=row.released_ns,
         first_token_ns=row.first_token_ns,
         done_ns=row.done_ns,
-        prefill_mj=int(row.prefill_mj),
-        decode_mj=int(row.decode_mj),
-        idle_mj=float(row.idle_mj),
-        final=not row.provisional,
-        idle_policy=settings.idle_policy,
+        prefill_mj=prefill,
+        decode_mj=decode,
+        idle_mj=idle_mj,
+        final=bool(row.final),
+        idle_policy=policy,
+        idle_policy_asked=asked is not None and asked is not settings.idle_policy,
+        co2e_g=(prefill + decode + idle_mj) * settings.co2e_g_per_mj,
     )
 
 
-def fetch_reports(conn: sa.Connection, ids: Sequence[str], settings: ReportSettings) -> dict[str, RequestReport]:
-    """Reports for the requests ``ids`` (missing ids are absent from the answer)."""
+def fetch_reports(conn: sa.Connection, ids: Sequence[str], options: ReportOptions) -> dict[str, RequestReport]:
+    """Reports for the requests ``ids`` (missing ids are absent from the answer). Each request's figures are read
+    from its own rows (or seal) only, so any set of ids gives the same figures for the same request."""
     if not ids:
         return {}
     tune_for_reports(conn)
+    history = settings_history(conn, options)
     mine = sa.select(RQ).where(RQ.c.request_id.in_(list(ids))).cte("mine")
-    energy = energy_by_request(sa.select(mine.c.request_id), settings.idle_policy)
-    until = attributed_until_all(conn)
-    stmt = sa.select(
-        mine,
-        sa.func.coalesce(energy.c.prefill_mj, 0).label("prefill_mj"),
-        sa.func.coalesce(energy.c.decode_mj, 0).label("decode_mj"),
-        sa.func.coalesce(energy.c.idle_mj, 0.0).label("idle_mj"),
-        provisional_expr(mine, until, settings.lag_ns).label("provisional"),
-    ).outerjoin(energy, energy.c.request_id == mine.c.request_id)
-    return {row.request_id: _report(row, settings) for row in conn.execute(stmt)}
+    sums = energy_sums(sa.select(mine.c.request_id))
+    cols = energy_columns(sums, RS)
+    stmt = (
+        sa.select(mine, *(c.label(name) for name, c in cols.items()), final_expr(mine, RS).label("final"))
+        .outerjoin(sums, sums.c.request_id == mine.c.request_id)
+        .outerjoin(RS, RS.c.request_id == mine.c.request_id)
+    )
+    return {row.request_id: _report(row, history, options.idle_policy) for row in conn.execute(stmt)}
 
 
-def get_request_energy(conn: sa.Connection, request_id: str, settings: ReportSettings) -> RequestReport | None:
+def get_request_energy(conn: sa.Connection, request_id: str, options: ReportOptions) -> RequestReport | None:
     """One request's energy and finality; None if no such request was recorded."""
-    return fetch_reports(conn, [request_id], settings).get(request_id)
+    return fetch_reports(conn, [request_id], options).get(request_id)
 
 
 def list_requests(
     conn: sa.Connection,
     flt: RequestFilter,
-    settings: ReportSettings,
+    options: ReportOptions,
     *,
     page_size: int = 0,
     page_token: str = "",
@@ -150,7 +159,7 @@ def list_requests(
     keys = conn.execute(stmt).all()
     more = len(keys) > size
     keys = keys[:size]
-    reports = fetch_reports(conn, [k.request_id for k in keys], settings)
+    reports = fetch_reports(conn, [k.request_id for k in keys], options)
     page = tuple(reports[k.request_id] for k in keys if k.request_id in reports)
     token = encode_page_token(keys[-1].received_ns, keys[-1].request_id, flt) if more else ""
     return RequestPage(requests=page, next_page_token=token)

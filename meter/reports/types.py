@@ -1,13 +1,18 @@
 """The report's vocabulary: settings, result rows (small frozen dataclasses) and the errors a query can raise.
 
-Energies are carried as integer millijoules where they are sums of ledger rows (exact), and as float millijoules
-where they are idle shares (a proportional split is not an integer); the ``*_j`` properties turn them into joules.
+Energies are carried as integer millijoules, sums of the ledger's rows (idle shares included: the engine stores them
+as integers); the ``*_j`` properties turn them into joules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meter.reports.settings import BillingSettings as BillingSettingsLike
+    from meter.reports.settings import SettingsHistory
 
 MJ_PER_J = 1000.0
 J_PER_KWH = 3.6e6
@@ -51,17 +56,12 @@ class InvalidQuery(ReportError):
 
 
 @dataclass(frozen=True, slots=True)
-class ReportSettings:
-    """What every report needs besides the database: the idle policy, the counter lag (finality) and carbon."""
+class ReportOptions:
+    """What a reader may choose: another idle policy than the stored one (``None``: the stored one, the bill).
+    ``fallback`` bills only while the database holds no settings yet (``meter.reports.settings``)."""
 
-    idle_policy: IdlePolicy = IdlePolicy.NONE
-    lag_ns: int = 100 * NS_PER_MS
-    grid_g_co2e_per_kwh: float = 400.0
-    pue: float = 1.2
-
-    def co2e_g(self, total_j: float) -> float:
-        """Grams CO2e of ``total_j`` joules measured at the GPUs: scaled by PUE to facility energy, then by grid."""
-        return total_j * self.pue * self.grid_g_co2e_per_kwh / J_PER_KWH
+    idle_policy: IdlePolicy | None = None
+    fallback: BillingSettingsLike | None = None
 
 
 class _Joules:
@@ -70,7 +70,7 @@ class _Joules:
     __slots__ = ()
     prefill_mj: int
     decode_mj: int
-    idle_mj: float
+    idle_mj: int
 
     @property
     def prefill_j(self) -> float:
@@ -91,7 +91,9 @@ class _Joules:
 
 @dataclass(frozen=True, slots=True)
 class RequestReport(_Joules):
-    """One request with its energy. ``idle_mj`` is its share under ``idle_policy`` (0 under NONE)."""
+    """One request with its energy. ``idle_mj`` is its stored share under ``idle_policy`` (0 under NONE): the policy
+    in force when it was received, unless the reader asked for another (``idle_policy_asked``). ``final``: the
+    figures never change again (``meter.engine.finality``)."""
 
     request_id: str
     tenant: str
@@ -102,6 +104,7 @@ class RequestReport(_Joules):
     correlation_id: str | None
     api: str | None
     prompt_tokens: int
+    prompt_tokens_estimated: bool
     generated_tokens: int
     received_ns: int
     released_ns: int | None
@@ -109,9 +112,11 @@ class RequestReport(_Joules):
     done_ns: int | None
     prefill_mj: int
     decode_mj: int
-    idle_mj: float
+    idle_mj: int
     final: bool
     idle_policy: IdlePolicy
+    idle_policy_asked: bool  # the reader asked for idle_policy instead of the stored one
+    co2e_g: float  # total x PUE x grid intensity in force when it was received
 
     @property
     def queued_ms(self) -> float | None:
@@ -134,8 +139,10 @@ class UsageRow(_Joules):
     generated_tokens: int
     prefill_mj: int
     decode_mj: int
-    idle_mj: float
+    idle_mj: int
     provisional_requests: int
+    co2e_g: float  # each request's total under the settings in force when it was received
+    estimated_prompt_requests: int  # requests whose prompt_tokens are the gateway's estimate
 
     @property
     def total_wh(self) -> float:
@@ -158,20 +165,26 @@ class UsageReport:
     group_by: GroupBy
     start_ns: int | None  # None: from the beginning of records
     end_ns: int
-    settings: ReportSettings
+    settings: SettingsHistory  # the stored history (or the reader's fallback when none is stored)
+    idle_policy_asked: IdlePolicy | None  # set when the reader asked for another idle policy than the stored one
 
-    def co2e_g(self, row: UsageRow) -> float:
-        return self.settings.co2e_g(row.total_j)
+    @property
+    def periods(self) -> tuple[BillingSettingsLike, ...]:
+        """The settings periods that apply to requests received in the range."""
+        return self.settings.overlapping(self.start_ns, self.end_ns)
 
 
 @dataclass(frozen=True, slots=True)
 class BackendReport:
     """One backend over the epochs that start in the range.
 
-    ``counter_mj``, ``idle_mj``, ``samples`` and ``gaps`` come from the epochs (``backend_epochs``); ``prefill_mj``
-    and ``decode_mj`` are the sums of the per-request ledger (``request_energy``) over the same epochs, so
-    ``conservation_error_mj = counter - (prefill + decode) - idle`` checks that the requests' joules and the idle
-    bucket add up to what the counter measured. It is 0 unless something is wrong.
+    ``counter_mj``, ``idle_mj``, ``adjustment_mj``, ``samples`` and ``gaps`` come from the epochs
+    (``backend_epochs``); ``prefill_mj`` and ``decode_mj`` are the sums of the per-request ledger
+    (``request_energy``) over the same epochs, so ``conservation_error_mj = counter - (prefill + decode) - idle -
+    adjustment`` checks that the requests' joules, the idle bucket and the adjustment booked for sealed requests add
+    up to what the counter measured. It is 0 unless something is wrong. ``adjustment_mj`` is the energy recomputes
+    would have moved to (+) or from (-) requests whose figures were already final (late timelines, calibration
+    changes): + is measured energy billed to no one, - is energy billed twice.
     """
 
     backend: str
@@ -179,6 +192,8 @@ class BackendReport:
     prefill_mj: int
     decode_mj: int
     idle_mj: int
+    adjustment_mj: int
+    adjusted_epochs: int
     requests: int
     samples: int
     gaps: int
@@ -191,4 +206,4 @@ class BackendReport:
 
     @property
     def conservation_error_mj(self) -> int:
-        return self.counter_mj - self.attributed_mj - self.idle_mj
+        return self.counter_mj - self.attributed_mj - self.idle_mj - self.adjustment_mj

@@ -47,6 +47,7 @@ TIMELINE_COLUMNS = (
     "first_token_ns",
     "done_ns",
     "prompt_tokens",
+    "prompt_tokens_estimated",
     "generated_tokens",
 )
 SAMPLE_COLUMNS = ("device", "t_ns", "energy_mj", "error")
@@ -215,6 +216,8 @@ def _wrapped(conn: sa.Connection, err: Exception, statement: str, cursor: Any) -
 
 def _pg_type(table: sa.Table, column: str) -> str:
     t = table.c[column].type
+    if isinstance(t, sa.Boolean):
+        return "bool"
     if isinstance(t, sa.BigInteger):
         return "int8"
     if isinstance(t, sa.Integer):

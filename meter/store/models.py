@@ -128,7 +128,14 @@ class Request(Base):
         sa.BigInteger, comment="when the request ended (last token, error or cancel); NULL: still open on a backend"
     )
     prompt_tokens: Mapped[int] = mapped_column(
-        sa.Integer, comment="prompt length after truncation (TGI's input_length); 0 if unknown or open"
+        sa.Integer,
+        comment="prompt length in tokens after truncation, as the backend counted it (TGI's input_length, or its "
+        "/tokenize asked after the fact); 0 while open and for a request that did no GPU work",
+    )
+    prompt_tokens_estimated: Mapped[bool] = mapped_column(
+        sa.Boolean,
+        server_default=sa.false(),
+        comment="true: the backend could not be asked, prompt_tokens is the gateway's estimate (reports say so)",
     )
     generated_tokens: Mapped[int] = mapped_column(sa.Integer, comment="tokens generated; 0 while open")
     ingested_ns: Mapped[int] = mapped_column(
@@ -161,7 +168,9 @@ class RequestEnergy(Base):
 
     A request's energy is the sum of its rows over all epochs; a request spanning three epochs has three rows.
     Rows of one (backend, epoch) are replaced as a whole whenever that epoch is recomputed, in the same
-    transaction as its ``backend_epochs`` row.
+    transaction as its ``backend_epochs`` row, except the rows of sealed requests (``request_seals``): those are
+    written back exactly as they were. Idle shares are computed by the engine when it writes the epoch, from each
+    request's own timeline, and stored: reports only add them up.
     """
 
     __tablename__ = "request_energy"
@@ -179,15 +188,30 @@ class RequestEnergy(Base):
         sa.BigInteger, comment="energy of the request's decode (first_token_ns to done_ns) within the epoch"
     )
     active_ns: Mapped[int] = mapped_column(
-        sa.BigInteger, comment="time the request was on the backend (released_ns to done_ns) within the epoch"
+        sa.BigInteger,
+        comment="time the request was on the backend (released_ns to done_ns) within the epoch; 0 if it did no GPU "
+        "work",
+    )
+    idle_time_mj: Mapped[int] = mapped_column(
+        sa.BigInteger,
+        server_default=sa.text("0"),
+        comment="its share of the epoch's idle_mj in proportion to active_ns (idle policy 'time')",
+    )
+    idle_tokens_mj: Mapped[int] = mapped_column(
+        sa.BigInteger,
+        server_default=sa.text("0"),
+        comment="its share of the epoch's idle_mj in proportion to its prompt + generated tokens times the part of "
+        "its own window (released_ns to done_ns) inside the epoch (idle policy 'tokens')",
     )
 
 
 class BackendEpoch(Base):
     """One backend's attribution of one epoch (a fixed wall-clock window), recomputed as a whole.
 
-    Conservation: ``counter_mj == attributed_mj + idle_mj`` and ``attributed_mj == prefill_mj + decode_mj`` (the
-    sums of this epoch's ``request_energy`` rows), to the millijoule.
+    Conservation, to the millijoule: ``counter_mj == attributed_mj + idle_mj + adjustment_mj`` and
+    ``attributed_mj == prefill_mj + decode_mj`` (the sums of this epoch's ``request_energy`` rows).
+    ``adjustment_mj`` is 0 unless a recompute (a late row, a calibration change) would have changed the energy of a
+    request that was already sealed: its rows were kept and the difference booked here.
     """
 
     __tablename__ = "backend_epochs"
@@ -218,6 +242,51 @@ class BackendEpoch(Base):
     attributed_at_ns: Mapped[int] = mapped_column(
         sa.BigInteger, comment="when this attribution was computed (compare with requests.ingested_ns)"
     )
+    adjustment_mj: Mapped[int] = mapped_column(
+        sa.BigInteger,
+        server_default=sa.text("0"),
+        comment="counter_mj - attributed_mj - idle_mj: what a recompute would have given sealed requests (+) or "
+        "taken from them (-) but did not (their figures are final); 0 when none was affected",
+    )
+
+
+class RequestSeal(Base):
+    """A request whose energy is final: the engine seals it once its backend is attributed until its end plus the
+    counter lag, the calibration reach and the settle time, with no epoch of it pending a recompute. The figures
+    here are the sums of its ``request_energy`` rows at that moment, which no recompute changes afterwards.
+    """
+
+    __tablename__ = "request_seals"
+    __table_args__ = (sa.Index(None, "backend", "done_ns"),)
+
+    request_id: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="requests.request_id")
+    backend: Mapped[str] = mapped_column(sa.String, comment="its backend (as requests.backend)")
+    done_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="its requests.done_ns (the engine's seal cursor)")
+    sealed_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="when the engine sealed it")
+    prefill_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="final prefill energy")
+    decode_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="final decode energy")
+    idle_time_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="final idle share under the 'time' policy")
+    idle_tokens_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="final idle share under the 'tokens' policy")
+
+
+class BillingSettings(Base):
+    """The settings that change a bill, stored with the data so that every reader prints the same bill.
+
+    Each row applies to the requests *received* from ``effective_ns`` until the next row's ``effective_ns``. Rows
+    are only ever added, effective from when they are added or later (never retroactive); the first is written from
+    the configuration of the first gateway or meter that finds the table empty, effective from the beginning.
+    """
+
+    __tablename__ = "billing_settings"
+
+    effective_ns: Mapped[int] = mapped_column(
+        sa.BigInteger, primary_key=True, comment="applies to requests received at or after this time (ns)"
+    )
+    idle_policy: Mapped[str] = mapped_column(sa.String, comment="how idle energy is shared: none, time or tokens")
+    grid_g_co2e_per_kwh: Mapped[float] = mapped_column(sa.Float, comment="grid carbon intensity, gCO2e per kWh")
+    pue: Mapped[float] = mapped_column(sa.Float, comment="power usage effectiveness: facility energy / GPU energy")
+    recorded_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="when the row was written")
+    source: Mapped[str] = mapped_column(sa.String, comment="who wrote it (a process's config, or an operator)")
 
 
 class UsageHourly(Base):

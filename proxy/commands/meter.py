@@ -104,6 +104,9 @@ async def _serve(config: Config, journal: Path, reports_listen: str | None = Non
 
     db = make_engine(config.db.url)
     await asyncio.to_thread(ensure_schema, db)
+    from proxy.reports_api import seed_billing_settings
+
+    await asyncio.to_thread(seed_billing_settings, config, db, "joulegate meter")
     ledger = Ledger(db, journal)
     ledger.start()
     service: MeterService | None = None

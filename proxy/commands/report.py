@@ -1,13 +1,17 @@
-"""``joulegate report usage|requests|backends``: energy reports read straight from SQL, for operators.
+"""``joulegate report usage|requests|backends|settings``: energy reports read straight from SQL, for operators.
 
 No gateway and no key are needed: whoever can read the database sees every tenant (``--tenant`` narrows it). The
 semantics are those of the gRPC ``EnergyReports`` service (``meter.reports``): usage and requests select requests
-by the time they were received, backends select epochs by their start; ranges are ``[--start, --end)``; the idle
-policy, counter lag and carbon factors come from the config file (``--config``) and the environment.
+by the time they were received, backends select epochs by their start; ranges are ``[--start, --end)``.
 
-Output is a table for people (a header line names the range, idle policy, grid intensity and PUE), or CSV with
-``--csv`` (one header row, full precision, the total as a last row with key ``total``). ``report backends`` exits
-with status 1 if any backend fails the conservation check (counter != attributed + idle).
+The bill does not depend on who prints it: the idle policy, grid intensity and PUE are the ones stored in the
+database (``report settings`` lists them; ``report settings --set ...`` adds a period, effective now or later,
+never earlier). The config file (``--config``) stands in only while the database holds none, and the output says
+so. ``--idle-policy`` shows another policy than the stored one, and the output says that too.
+
+Output is a table for people (a header line names the range and the settings that apply), or CSV with ``--csv``
+(one header row, full precision, the total as a last row with key ``total``). ``report backends`` exits with status
+1 if any backend fails the conservation check (counter != attributed + idle + adjustment).
 """
 
 from __future__ import annotations
@@ -25,16 +29,17 @@ from proxy.config import ConfigError, load_config
 
 USAGE_COLUMNS = (
     "key", "requests", "prompt_tokens", "generated_tokens", "prefill_j", "decode_j", "idle_j", "total_j", "total_wh",
-    "j_per_generated_token", "idle_share", "co2e_g", "provisional_requests",
+    "j_per_generated_token", "idle_share", "co2e_g", "provisional_requests", "estimated_prompt_requests",
 )  # fmt: skip
 REQUEST_COLUMNS = (
     "request_id", "tenant", "model_id", "backend", "status", "received", "prompt_tokens", "generated_tokens",
-    "prefill_j", "decode_j", "idle_j", "total_j", "final",
+    "prefill_j", "decode_j", "idle_j", "total_j", "final", "prompt_tokens_estimated", "idle_policy",
 )  # fmt: skip
 BACKEND_COLUMNS = (
-    "backend", "counter_j", "attributed_j", "prefill_j", "decode_j", "idle_j", "conservation_error_mj", "requests",
-    "samples", "gaps", "attributed_until",
+    "backend", "counter_j", "attributed_j", "prefill_j", "decode_j", "idle_j", "adjustment_j",
+    "conservation_error_mj", "requests", "samples", "gaps", "attributed_until",
 )  # fmt: skip
+SETTINGS_COLUMNS = ("effective", "idle_policy", "grid_g_co2e_per_kwh", "pue", "recorded", "source")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,13 +48,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--start", metavar="ISO", help="range start, e.g. 2024-05-01 or 2024-05-01T12:00:00Z (UTC)")
     common.add_argument("--end", metavar="ISO", help="range end, exclusive (default: now)")
     common.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    asked = argparse.ArgumentParser(add_help=False)
+    asked.add_argument(
+        "--idle-policy",
+        choices=["none", "time", "tokens"],
+        help="show idle shares under this policy instead of the stored one (the output says so)",
+    )
     sub = parser.add_subparsers(dest="report", metavar="REPORT", required=True)
 
-    usage = sub.add_parser("usage", parents=[common], help="energy and tokens of the requests received in the range")
+    usage = sub.add_parser(
+        "usage", parents=[common, asked], help="energy and tokens of the requests received in the range"
+    )
     usage.add_argument("--group-by", choices=["tenant", "model", "backend", "hour", "day"], default="tenant")
     usage.add_argument("--tenant", help="only this tenant")
 
-    requests = sub.add_parser("requests", parents=[common], help="requests with their energy, newest first")
+    requests = sub.add_parser("requests", parents=[common, asked], help="requests with their energy, newest first")
     requests.add_argument("--tenant", help="only this tenant")
     requests.add_argument("--model", help="only this model id")
     requests.add_argument("--backend", help="only this backend")
@@ -57,6 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     requests.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100; 0: all)")
 
     sub.add_parser("backends", parents=[common], help="per backend: counter, attributed and idle energy")
+
+    settings = sub.add_parser(
+        "settings", parents=[common], help="the stored billing settings (idle policy, grid intensity, PUE)"
+    )
+    settings.add_argument(
+        "--set", action="store_true", help="add a period with these settings (the others stay as in force now)"
+    )
+    settings.add_argument("--policy", choices=["none", "time", "tokens"], help="with --set: the idle policy")
+    settings.add_argument("--grid", type=float, metavar="G", help="with --set: grid intensity, gCO2e/kWh")
+    settings.add_argument("--pue", type=float, help="with --set: power usage effectiveness (>= 1)")
+    settings.add_argument("--effective", metavar="ISO", help="with --set: from when (default: now; never in the past)")
 
 
 def parse_time(text: str | None, flag: str) -> int | None:
@@ -100,42 +124,69 @@ def _emit(header: Sequence[str], rows: Sequence[Sequence[Any]], *, as_csv: bool,
     print(_table([h.upper() for h in header], pretty, numeric))
 
 
-def _usage(conn: Any, args: argparse.Namespace, settings: Any, start_ns: int | None, end_ns: int) -> int:
+def _settings_line(periods: Sequence[Any], stored: bool, asked: str | None) -> str:
+    """What bills the rows: the stored settings periods that apply (or the config standing in), and a policy the
+    reader asked for instead."""
+    parts = []
+    for p in periods:
+        since = "" if len(periods) == 1 else f" from {_iso(p.effective_ns)}"
+        parts.append(
+            f"idle policy {p.idle_policy.value}, grid {p.grid_g_co2e_per_kwh:g} gCO2e/kWh, PUE {p.pue:g}{since}"
+        )
+    text = "; ".join(parts) + (" (stored)" if stored else " (from this config: none stored in the database yet)")
+    if asked is not None:
+        text += f" | idle shares shown under the policy asked for: {asked} (not the bill's)"
+    return text
+
+
+def _usage(conn: Any, args: argparse.Namespace, options: Any, start_ns: int | None, end_ns: int) -> int:
     from meter.reports import GroupBy, get_usage
 
     report = get_usage(
-        conn, settings, start_ns=start_ns, end_ns=end_ns, group_by=GroupBy(args.group_by), tenant=args.tenant
+        conn, options, start_ns=start_ns, end_ns=end_ns, group_by=GroupBy(args.group_by), tenant=args.tenant
     )
     rows = [*report.rows, report.total]
     raw = [
         (r.key, r.requests, r.prompt_tokens, r.generated_tokens, r.prefill_j, r.decode_j, r.idle_j, r.total_j,
-         r.total_wh, r.j_per_generated_token, r.idle_share, report.co2e_g(r), r.provisional_requests)
+         r.total_wh, r.j_per_generated_token, r.idle_share, r.co2e_g, r.provisional_requests,
+         r.estimated_prompt_requests)
         for r in rows
     ]  # fmt: skip
     pretty = [
         (r.key, str(r.requests), str(r.prompt_tokens), str(r.generated_tokens), f"{r.prefill_j:.3f}",
          f"{r.decode_j:.3f}", f"{r.idle_j:.3f}", f"{r.total_j:.3f}", f"{r.total_wh:.6f}",
-         f"{r.j_per_generated_token:.4f}", f"{r.idle_share:.1%}", f"{report.co2e_g(r):.4f}",
-         str(r.provisional_requests))
+         f"{r.j_per_generated_token:.4f}", f"{r.idle_share:.1%}", f"{r.co2e_g:.4f}", str(r.provisional_requests),
+         str(r.estimated_prompt_requests))
         for r in rows
     ]  # fmt: skip
-    s = settings
+    asked = report.idle_policy_asked.value if report.idle_policy_asked is not None else None
     title = (
         f"usage by {args.group_by}, requests received in [{_iso(start_ns) if start_ns is not None else 'beginning'}, "
-        f"{_iso(end_ns)}) | idle policy: {s.idle_policy.value} | grid {s.grid_g_co2e_per_kwh:g} gCO2e/kWh | "
-        f"PUE {s.pue:g}"
+        f"{_iso(end_ns)}) | {_settings_line(report.periods, report.settings.stored, asked)}"
     )
     if args.csv:
-        header = (*USAGE_COLUMNS, "idle_policy", "grid_g_co2e_per_kwh", "pue")
-        raw = [(*r, s.idle_policy.value, s.grid_g_co2e_per_kwh, s.pue) for r in raw]
+        # The settings of the period in force at the end of the range (the table's title lists every period).
+        at_end = report.settings.at(end_ns)
+        policy = asked or at_end.idle_policy.value
+        header = (*USAGE_COLUMNS, "idle_policy", "grid_g_co2e_per_kwh", "pue", "settings_periods", "idle_policy_asked")
+        raw = [
+            (*r, policy, at_end.grid_g_co2e_per_kwh, at_end.pue, len(report.periods), asked is not None) for r in raw
+        ]
         _emit(header, raw, as_csv=True, title=title, pretty=pretty, numeric=set())
     else:
-        _emit(USAGE_COLUMNS, raw, as_csv=False, title=title, pretty=pretty, numeric=set(range(1, 13)))
+        _emit(USAGE_COLUMNS, raw, as_csv=False, title=title, pretty=pretty, numeric=set(range(1, 14)))
+        if report.total.provisional_requests:
+            print(f"{report.total.provisional_requests} request(s) provisional: their figures may still change")
+        if report.total.estimated_prompt_requests:
+            print(
+                f"{report.total.estimated_prompt_requests} request(s) with an estimated prompt_tokens "
+                "(the backend could not count them)"
+            )
     return 0
 
 
-def _requests(conn: Any, args: argparse.Namespace, settings: Any, start_ns: int | None, end_ns: int) -> int:
-    from meter.reports import MAX_PAGE_SIZE, RequestFilter, list_requests
+def _requests(conn: Any, args: argparse.Namespace, options: Any, start_ns: int | None, end_ns: int) -> int:
+    from meter.reports import MAX_PAGE_SIZE, RequestFilter, list_requests, settings_history
 
     if args.limit < 0:
         raise ConfigError(f"--limit: must be >= 0, got {args.limit}")
@@ -147,23 +198,28 @@ def _requests(conn: Any, args: argparse.Namespace, settings: Any, start_ns: int 
     token = ""
     while args.limit == 0 or len(found) < args.limit:
         want = MAX_PAGE_SIZE if args.limit == 0 else min(MAX_PAGE_SIZE, args.limit - len(found))
-        page = list_requests(conn, flt, settings, page_size=want, page_token=token)
+        page = list_requests(conn, flt, options, page_size=want, page_token=token)
         found += page.requests
         token = page.next_page_token
         if not token:
             break
     raw = [
         (r.request_id, r.tenant, r.model_id, r.backend or "", r.status or "", _iso(r.received_ns), r.prompt_tokens,
-         r.generated_tokens, r.prefill_j, r.decode_j, r.idle_j, r.total_j, r.final)
+         r.generated_tokens, r.prefill_j, r.decode_j, r.idle_j, r.total_j, r.final, r.prompt_tokens_estimated,
+         r.idle_policy.value)
         for r in found
     ]  # fmt: skip
     pretty = [
-        (*(str(c) for c in r[:8]), *(f"{c:.3f}" for c in r[8:12]), "yes" if r[12] else "no (provisional)") for r in raw
-    ]
+        (*(str(c) for c in r[:6]), f"{r[6]}{' (estimated)' if r[13] else ''}", str(r[7]),
+         *(f"{c:.3f}" for c in r[8:12]), "yes" if r[12] else "no (provisional)", "yes" if r[13] else "no", r[14])
+        for r in raw
+    ]  # fmt: skip
+    history = settings_history(conn, options)
+    asked = options.idle_policy.value if options.idle_policy is not None else None
     title = (
         f"requests received in [{_iso(start_ns) if start_ns is not None else 'beginning'}, {_iso(end_ns)}), "
-        f"newest first ({len(found)} shown{', more exist' if token else ''}) | idle policy: "
-        f"{settings.idle_policy.value}"
+        f"newest first ({len(found)} shown{', more exist' if token else ''}) | "
+        f"{_settings_line(history.overlapping(start_ns, end_ns), history.stored, asked)}"
     )
     _emit(REQUEST_COLUMNS, raw, as_csv=args.csv, title=title, pretty=pretty, numeric={6, 7, 8, 9, 10, 11})
     return 0
@@ -175,23 +231,77 @@ def _backends(conn: Any, args: argparse.Namespace, start_ns: int | None, end_ns:
     backends = get_backend_energy(conn, start_ns=start_ns, end_ns=end_ns)
     raw = [
         (b.backend, b.counter_mj / 1000, b.attributed_mj / 1000, b.prefill_mj / 1000, b.decode_mj / 1000,
-         b.idle_mj / 1000, b.conservation_error_mj, b.requests, b.samples, b.gaps, _iso(b.attributed_until_ns))
+         b.idle_mj / 1000, b.adjustment_mj / 1000, b.conservation_error_mj, b.requests, b.samples, b.gaps,
+         _iso(b.attributed_until_ns))
         for b in backends
     ]  # fmt: skip
-    pretty = [(r[0], *(f"{c:.3f}" for c in r[1:6]), *(str(c) for c in r[6:])) for r in raw]
+    pretty = [(r[0], *(f"{c:.3f}" for c in r[1:7]), *(str(c) for c in r[7:])) for r in raw]
     since = _iso(start_ns) if start_ns is not None else "beginning"
     title = f"backend energy over the epochs starting in [{since}, {_iso(end_ns)})"
-    _emit(BACKEND_COLUMNS, raw, as_csv=args.csv, title=title, pretty=pretty, numeric=set(range(1, 10)))
+    _emit(BACKEND_COLUMNS, raw, as_csv=args.csv, title=title, pretty=pretty, numeric=set(range(1, 11)))
     broken = [b.backend for b in backends if b.conservation_error_mj != 0]
     if broken:
-        print(f"conservation check FAILED (counter != attributed + idle) on: {', '.join(broken)}", file=sys.stderr)
+        print(
+            f"conservation check FAILED (counter != attributed + idle + adjustment) on: {', '.join(broken)}",
+            file=sys.stderr,
+        )
         return 1
     if not args.csv:
-        print(f"conservation check: ok on {len(backends)} backend(s) (counter = attributed + idle, to the mJ)")
+        print(
+            f"conservation check: ok on {len(backends)} backend(s) (counter = attributed + idle + adjustment, "
+            "to the mJ)"
+        )
+        adjusted = [b for b in backends if b.adjustment_mj]
+        for b in adjusted:
+            print(
+                f"{b.backend}: {b.adjusted_epochs} epoch(s) booked {b.adjustment_mj / 1000:+.3f} J that recomputes "
+                "would have moved to (+) or from (-) requests already final"
+            )
+    return 0
+
+
+def _settings(engine: Any, args: argparse.Namespace, fallback: Any) -> int:
+    from meter.reports import BillingSettings, IdlePolicy, add_settings, load_settings
+
+    with engine.connect() as conn:
+        history = load_settings(conn, fallback)
+    if args.set:
+        if args.policy is None and args.grid is None and args.pue is None:
+            raise ConfigError("--set: name at least one of --policy, --grid, --pue")
+        now = history.at(time.time_ns())
+        new = BillingSettings(
+            idle_policy=IdlePolicy(args.policy) if args.policy else now.idle_policy,
+            grid_g_co2e_per_kwh=now.grid_g_co2e_per_kwh if args.grid is None else args.grid,
+            pue=now.pue if args.pue is None else args.pue,
+        )
+        add_settings(
+            engine, new, effective_ns=parse_time(args.effective, "--effective"), source="joulegate report settings"
+        )
+        with engine.connect() as conn:
+            history = load_settings(conn, fallback)
+    elif args.policy or args.grid is not None or args.pue is not None or args.effective:
+        raise ConfigError("--policy, --grid, --pue and --effective go with --set")
+    raw = [
+        (
+            _iso(p.effective_ns),
+            p.idle_policy.value,
+            p.grid_g_co2e_per_kwh,
+            p.pue,
+            _iso(p.recorded_ns) if p.recorded_ns else "-",
+            p.source,
+        )
+        for p in history.periods
+    ]
+    pretty = [tuple(str(c) for c in r) for r in raw]
+    title = "billing settings, each for the requests received from its time on" + (
+        "" if history.stored else " (none stored yet: this config's, until a gateway or meter stores its own)"
+    )
+    _emit(SETTINGS_COLUMNS, raw, as_csv=args.csv, title=title, pretty=pretty, numeric={2, 3})
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    from meter.reports import IdlePolicy, ReportError, ReportOptions
     from meter.store import current, make_engine
     from proxy.logs import logs_to_stderr
     from proxy.reports_api import settings_from_config
@@ -206,21 +316,28 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--end must be after --start")
     url = config.db.url
     check_db_url(url, must_exist=True, origin=url_origin(args))  # a mistyped SQLite path: no empty report
-    settings = settings_from_config(config)
+    fallback = settings_from_config(config)
+    options = ReportOptions(
+        idle_policy=IdlePolicy(args.idle_policy) if getattr(args, "idle_policy", None) else None, fallback=fallback
+    )
     engine = make_engine(url)
     try:
         if current(engine) is None:
             raise CommandError(
                 f"{redact(url)} has no joulegate schema (a wrong database? `joulegate migrate` creates it)"
             )
+        if args.report == "settings":
+            return _settings(engine, args, fallback)
         with engine.connect() as conn:
             if args.report == "usage":
-                return _usage(conn, args, settings, start_ns, end_ns)
+                return _usage(conn, args, options, start_ns, end_ns)
             if args.report == "requests":
-                return _requests(conn, args, settings, start_ns, end_ns)
+                return _requests(conn, args, options, start_ns, end_ns)
             return _backends(conn, args, start_ns, end_ns)
     except (ConfigError, CommandError):
         raise
+    except ReportError as exc:
+        raise ConfigError(exc.message) from None
     except Exception as exc:
         raise db_failure(exc, url) from None
     finally:

@@ -30,6 +30,7 @@ import structlog
 from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meter.timeline import Api
 from proxy.auth import Authenticator, requested_class
 from proxy.errors import Cancelled, GatewayError, MalformedRequest, NotFound, PayloadTooLarge
 from proxy.gateway import Gateway
@@ -53,6 +54,10 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 READ_HEADERS = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class", MODEL_HEADER)
 # An HTTPException's own headers that describe its (text) body: the gateway writes a JSON body of its own.
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
+# Generation calls: an authenticated one the gateway refuses before any job reaches a backend still gets a row
+GENERATION_ROUTES = frozenset(
+    {("POST", r) for r in ("/generate", "/generate_stream", "/", "/v1/chat/completions", "/v1/completions")}
+)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -178,15 +183,21 @@ class HttpFrontDoor:
             return await handler(request)
         except GatewayError as exc:
             log.info("http_request_failed", route=route, status=exc.http_status, error=exc.message)
+            self._record_refused(request, call, route, exc.grpc_code.name)
             return error_response(exc, call.headers())
         except web.HTTPException as exc:
+            if exc.status != 404:
+                self._record_refused(request, call, route, "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL")
             return self._http_exception(request, exc, call)
         except (web.RequestPayloadError, http_exceptions.HttpProcessingError) as exc:  # the body could not be read
+            self._record_refused(request, call, route, "INVALID_ARGUMENT")
             return error_response(MalformedRequest(f"Failed to read the request body: {_why(exc)}"), call.headers())
         except ConnectionError:  # the client went away while we read its body: nobody to answer
+            self._record_refused(request, call, route, "CANCELLED")
             return error_response(Cancelled("the client went away"), call.headers())
         except Exception:
             log.exception("http_request_crashed", route=route)
+            self._record_refused(request, call, route, "INTERNAL")
             return wire.json_response(wire.error_body("internal error", "internal"), status=500, headers=call.headers())
         finally:
             structlog.contextvars.unbind_contextvars("request_id", "correlation_id", "tenant")
@@ -201,6 +212,23 @@ class HttpFrontDoor:
         headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}  # keeps Allow on a 405
         body = wire.error_body(exc.reason, "http")
         return wire.json_response(body, status=exc.status, headers={**headers, **call.headers()})
+
+    def _record_refused(self, request: web.Request, call: Call, route: str, status: str) -> None:
+        """An authenticated generation call refused before any job reached the gateway: a row with its status, so
+        that its ``x-request-id`` answers ``GetRequestEnergy`` at once. Unauthenticated calls get none."""
+        if call.principal is None or call.handed or (request.method, route) not in GENERATION_ROUTES:
+            return
+        call.handed = True
+        self.services.gateway.record_refused(
+            request_id=call.request_id,
+            tenant=call.principal.tenant,
+            model_id=call.model_id or request.headers.get("x-model-id", ""),
+            api=Api.HTTP,
+            status=status,
+            received_ns=call.received_ns,
+            traffic_class=call.traffic_class,
+            correlation_id=call.correlation_id,
+        )
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         """Prometheus text of the gateway's registry (``proxy.metrics.REGISTRY``)."""

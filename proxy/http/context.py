@@ -23,6 +23,8 @@ class Call:
     correlation_id: str | None = None
     principal: Principal | None = None  # None on the public routes
     traffic_class: str = "default"  # as asked for (header or key): a configured class only once ``job`` resolved it
+    model_id: str = ""  # the model the call named, once read (recorded for a refused call)
+    handed: bool = False  # a job of this call went to the gateway, which records it
 
     @property
     def tenant(self) -> str:
@@ -49,6 +51,7 @@ class Call:
         """The gateway's Job for this call; the traffic class resolved to one of ``model_id``'s configured classes
         (InvalidArgument otherwise), so that no other name ever reaches a metric label or a ledger row."""
         traffic_class = gateway.resolve_class(model_id, self.traffic_class)
+        self.handed = True
         return Job(
             request_id=request_id or self.request_id,
             model_id=model_id,

@@ -45,8 +45,9 @@ class OpenAIRoutes:
         app.router.add_post(COMPLETIONS_ROUTE, self.completions)
         app.router.add_get("/v1/models", self.models)
 
-    def _model(self, name: str | None) -> str:
-        return self.s.gateway.resolve_model("" if name in (None, "", "tgi") else name)
+    def _model(self, call: Call, name: str | None) -> str:
+        call.model_id = "" if name in (None, "", "tgi") else str(name)
+        return self.s.gateway.resolve_model(call.model_id)
 
     def _timing(self, call: Call, handed_ns: int, done_ns: int, results: list[StreamResult]) -> Timing:
         released = [r.released_ns for r in results if r.released_ns is not None]
@@ -69,7 +70,7 @@ class OpenAIRoutes:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         call = call_of(request)
         body = parse_chat(await request.read())
-        model_id = self._model(body.model)
+        model_id = self._model(call, body.model)
         max_tokens = check_max_new_tokens(self.s, model_id, body.max_tokens, "max_tokens")
         upstream = {**body.doc, "model": "tgi", "stream": True, "stream_options": {"include_usage": True}}
         job = call.job(
@@ -84,7 +85,8 @@ class OpenAIRoutes:
         result = StreamResult()
         if not body.stream:
             assembler = ChatAssembler()
-            done_ns = await collect(self.s, job, result, assembler.feed)
+            with self.s.gateway.recording([(job, result)]):
+                done_ns = await collect(self.s, job, result, assembler.feed)
             timing = self._timing(call, handed_ns, done_ns, [result])
             headers = timing_headers(timing, compute_type=result.compute_type, inputs_chars=len(body.text))
             return wire.json_response(assembler.completion(model_id), headers={**headers, **call.headers()})
@@ -96,21 +98,22 @@ class OpenAIRoutes:
                 chunk["model"] = model_id
             return wire.sse(chunk)
 
-        return await relay(
-            request,
-            self.s.gateway.stream_batches(job, result),
-            [result],
-            headers=lambda: self._headers(call, [result], len(body.text)),
-            encode=encode,
-            error_event=openai_error_event,
-            trailer=wire.SSE_DONE,
-        )
+        with self.s.gateway.recording([(job, result)]):
+            return await relay(
+                request,
+                self.s.gateway.stream_batches(job, result),
+                [result],
+                headers=lambda: self._headers(call, [result], len(body.text)),
+                encode=encode,
+                error_event=openai_error_event,
+                trailer=wire.SSE_DONE,
+            )
 
     # -- completions -----------------------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         call = call_of(request)
         body = parse_completion(await request.read())
-        model_id = self._model(body.model)
+        model_id = self._model(call, body.model)
         max_tokens = check_max_new_tokens(self.s, model_id, body.max_tokens, "max_tokens")
         n = len(body.prompts)
         info = self.s.gateway.pool(model_id).info or {}
@@ -136,12 +139,13 @@ class OpenAIRoutes:
         chars = sum(len(p) for p in body.prompts)
         if not body.stream:
             parts = [CompletionAssembler() for _ in jobs]
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    for job, result, part in zip(jobs, results, parts, strict=True):
-                        tg.create_task(collect(self.s, job, result, part.feed))
-            except* GatewayError as group:
-                raise group.exceptions[0] from None
+            with self.s.gateway.recording(list(zip(jobs, results, strict=True))):
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        for job, result, part in zip(jobs, results, parts, strict=True):
+                            tg.create_task(collect(self.s, job, result, part.feed))
+                except* GatewayError as group:
+                    raise group.exceptions[0] from None
             timing = self._timing(call, handed_ns, time.time_ns(), results)
             headers = timing_headers(
                 timing, compute_type=next((r.compute_type for r in results if r.compute_type), None), inputs_chars=chars
@@ -159,15 +163,16 @@ class OpenAIRoutes:
             return wire.sse(chunk)
 
         streams: list[Batches] = [self.s.gateway.stream_batches(j, r) for j, r in zip(jobs, results, strict=True)]
-        return await relay(
-            request,
-            streams[0] if n == 1 else merge(streams, tag),
-            results,
-            headers=lambda: self._headers(call, results, chars),
-            encode=encode,
-            error_event=openai_error_event,
-            trailer=wire.SSE_DONE,
-        )
+        with self.s.gateway.recording(list(zip(jobs, results, strict=True))):
+            return await relay(
+                request,
+                streams[0] if n == 1 else merge(streams, tag),
+                results,
+                headers=lambda: self._headers(call, results, chars),
+                encode=encode,
+                error_event=openai_error_event,
+                trailer=wire.SSE_DONE,
+            )
 
     # -- models ----------------------------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.StreamResponse:

@@ -65,7 +65,8 @@ class TgiRoutes:
         app.router.add_get("/ping", self.health)
 
     def _model(self, request: web.Request) -> str:
-        return self.s.gateway.resolve_model(request.headers.get(MODEL_HEADER, ""))
+        call_of(request).model_id = request.headers.get(MODEL_HEADER, "")
+        return self.s.gateway.resolve_model(call_of(request).model_id)
 
     # -- generation --------------------------------------------------------------------------------------------
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -119,7 +120,8 @@ class TgiRoutes:
         handed_ns = time.time_ns()
         result = StreamResult()
         assembler = GenerateAssembler()
-        done_ns = await collect(self.s, job, result, assembler.feed)
+        with self.s.gateway.recording([(job, result)]):
+            done_ns = await collect(self.s, job, result, assembler.feed)
         answer = assembler.response(details=bool(params.get("details")), top_n_tokens=bool(params.get("top_n_tokens")))
         timing = Timing(
             received_ns=call.received_ns,
@@ -142,14 +144,15 @@ class TgiRoutes:
             out = {"x-compute-type": result.compute_type} if result.compute_type else {}
             return {**out, "x-compute-characters": str(len(body.inputs)), **call.headers()}
 
-        return await relay(
-            request,
-            self.s.gateway.stream_batches(job, result),
-            [result],
-            headers=headers,
-            encode=lambda event: wire.sse(client_stream_event(event, details=details)),
-            error_event=tgi_error_event,
-        )
+        with self.s.gateway.recording([(job, result)]):
+            return await relay(
+                request,
+                self.s.gateway.stream_batches(job, result),
+                [result],
+                headers=headers,
+                encode=lambda event: wire.sse(client_stream_event(event, details=details)),
+                error_event=tgi_error_event,
+            )
 
     # -- the rest ----------------------------------------------------------------------------------------------
     async def tokenize(self, request: web.Request) -> web.StreamResponse:

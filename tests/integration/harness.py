@@ -62,10 +62,13 @@ async def running_stack(
     model: dict[str, Any] | None = None,
     db_url: str | None = None,
     http: bool = False,
+    backend_urls: list[str] | None = None,
 ) -> AsyncIterator[Stack]:
+    """``backend_urls``: backends already running elsewhere (a simulator in a process of its own); no in-process
+    simulator is started then."""
     sim_config = sim_config or SimConfig(time_scale=0.05)
-    servers = [SimTGI(sim_config) for _ in range(sims)]
-    urls = [await s.start() for s in servers]
+    servers = [] if backend_urls else [SimTGI(sim_config) for _ in range(sims)]
+    urls = backend_urls or [await s.start() for s in servers]
     db_url = db_url or f"sqlite:///{tmp_path / 'gateway.db'}"
     base = {
         "db": {"url": db_url},

@@ -25,6 +25,7 @@ def _params(max_new_tokens: int = 5, **stopping) -> pb.Parameters:
 
 
 async def _rows(db_url: str, app) -> list:
+    await app.gateway.flush_records()  # timelines still asking their backend for the prompt count
     assert await asyncio.to_thread(app.ledger.flush, 10.0)
     engine = sa.create_engine(db_url)
     try:

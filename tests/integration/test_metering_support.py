@@ -104,8 +104,9 @@ async def wait_attributed(db: sa.Engine, timeout_s: float = 15.0) -> None:
 
 
 def check_books(db: sa.Engine) -> dict[str, int]:
-    """Conservation, exactly: per epoch counter = its requests' energy + idle; consecutive epochs of a backend tile
-    time without overlap. usage_hourly equals its rebuild. Returns the counter energy per backend."""
+    """Conservation, exactly: per epoch counter = its requests' energy + idle + the adjustment booked for sealed
+    requests; consecutive epochs of a backend tile time without overlap; every seal holds the sums of its rows.
+    usage_hourly equals its rebuild. Returns the counter energy per backend."""
     epochs = query(db, "SELECT * FROM backend_epochs WHERE backend <> '' ORDER BY backend, epoch_start_ns")
     sums = {
         (r[0], r[1]): (r[2], r[3])
@@ -120,7 +121,7 @@ def check_books(db: sa.Engine) -> dict[str, int]:
     for e in epochs:
         pre, dec = sums.get((e.backend, e.epoch_start_ns), (0, 0))
         assert (pre, dec) == (e.prefill_mj, e.decode_mj), e
-        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj, e
+        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj + e.adjustment_mj, e
         if e.backend in prev:
             p = prev[e.backend]
             assert p.epoch_end_ns == e.epoch_start_ns
@@ -130,6 +131,15 @@ def check_books(db: sa.Engine) -> dict[str, int]:
                 assert p.last_reading_ns <= e.first_reading_ns
         prev[e.backend] = e
         totals[e.backend] = totals.get(e.backend, 0) + e.counter_mj
+    seals = query(
+        db,
+        "SELECT s.request_id, s.prefill_mj, s.decode_mj, s.idle_time_mj, s.idle_tokens_mj, SUM(e.prefill_mj), "
+        "SUM(e.decode_mj), SUM(e.idle_time_mj), SUM(e.idle_tokens_mj) FROM request_seals s JOIN request_energy e "
+        "ON e.request_id = s.request_id GROUP BY s.request_id, s.prefill_mj, s.decode_mj, s.idle_time_mj, "
+        "s.idle_tokens_mj",
+    )
+    for r in seals:
+        assert tuple(r[1:5]) == tuple(r[5:9]), r
     with db.connect() as conn:
         assert usage_table(conn) == expected_usage(conn)
     return totals

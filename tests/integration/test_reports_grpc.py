@@ -21,7 +21,7 @@ from meter.pb.joulegate.v1 import energy_pb2 as pb
 from meter.pb.joulegate.v1 import energy_pb2_grpc as pb_grpc
 
 from ..test_reports import E1, LAG, TIME_IDLE, H, scenario
-from ..test_reports_oracle import MS, Epoch, Req, S, insert
+from ..test_reports_oracle import MS, Req, S, insert, seal
 from .harness import Stack, running_stack
 
 
@@ -37,6 +37,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     }
     async with running_stack(tmp_path, overrides=overrides) as s:
         insert(s.app.engine, *scenario())
+        seal(s.app.engine, "ABC")
         yield s
 
 
@@ -150,7 +151,7 @@ async def test_undecodable_request_bytes_are_invalid_argument(stack: Stack) -> N
 
 async def test_wait_final_returns_once_final_or_the_provisional_figures_at_the_timeout(stack: Stack) -> None:
     reports = pb_grpc.EnergyReportsStub(stack.channel)
-    # E: tenant-a, ended at H + 2 s on b1, which is attributed only until H + 2 s (< done + lag).
+    # E: tenant-a, ended at H + 2 s on b1; not sealed yet.
     insert(stack.app.engine, [Req("E", received_ns=H + 1500 * MS, released_ns=H + 1500 * MS, done_ns=H + 2 * S,
                                   ingested_ns=H + 2 * S)])  # fmt: skip
     request = pb.GetRequestEnergyRequest(request_id="E", wait_final=True, wait_timeout_ms=400)
@@ -158,12 +159,11 @@ async def test_wait_final_returns_once_final_or_the_provisional_figures_at_the_t
     e = await reports.GetRequestEnergy(request, metadata=md(stack.key))
     assert not e.final and 0.35 < time.perf_counter() - t0 < 2.0
 
-    async def attribute_next_epoch() -> None:
+    async def seal_it() -> None:  # as the engine does once its epochs are attributed past its end
         await asyncio.sleep(0.3)
-        epoch = Epoch(H + 2 * S, H + 3 * S, 100)
-        await asyncio.to_thread(insert, stack.app.engine, (), [epoch])
+        await asyncio.to_thread(seal, stack.app.engine, ["E"])
 
-    writer = asyncio.create_task(attribute_next_epoch())
+    writer = asyncio.create_task(seal_it())
     t0 = time.perf_counter()
     request = pb.GetRequestEnergyRequest(request_id="E", wait_final=True)  # default wait: 30 s
     e = await reports.GetRequestEnergy(request, metadata=md(stack.key))
