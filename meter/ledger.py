@@ -427,7 +427,7 @@ class Ledger:
             self._wake.set()
         if self._closed and not self._late_warned:
             self._late_warned = True
-            log.warning("ledger: records handed in after close are not written")
+            log.warning("ledger_record_after_close")
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -448,7 +448,7 @@ class Ledger:
             self._leftovers = self._journal.open()
         self._pending = bool(self._leftovers)
         if self._pending:
-            log.info("ledger: found a journal from an earlier run; replaying it", path=str(self._journal.path))
+            log.info("ledger_journal_found", path=str(self._journal.path))
         self._thread = threading.Thread(target=self._run, name="joulegate-ledger", daemon=True)
         self._thread.start()
 
@@ -473,14 +473,14 @@ class Ledger:
             return
         deadline = time.monotonic() + timeout_s
         if not self.flush(timeout_s):
-            log.warning("ledger: close could not make every record durable in time", buffered=len(self._buf))
+            log.warning("ledger_close_timed_out", buffered=len(self._buf))
         self._closed = True
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
-                log.warning("ledger: the writer thread is still busy; leaving the journal open")
+                log.warning("ledger_writer_still_busy")
                 return
         stuck = self._inflight is not None and not self._inflight.done()
         self._db.shutdown(wait=not stuck, cancel_futures=True)
@@ -549,7 +549,7 @@ class Ledger:
                 self._wake.wait(self._flush_interval_s)
                 self._wake.clear()
         except BaseException:  # a bug: say so loudly; the hot path keeps journaling, the next start replays
-            log.exception("ledger: writer thread died")
+            log.exception("ledger_writer_died")
             raise
 
     def _take(self) -> tuple[list[object], _Marker | None]:
@@ -579,12 +579,12 @@ class Ledger:
                 kind, payload = item.kind, item.payload
                 self._journal_errors += 1
                 if self._journal_errors == 1 or self._journal_errors % 1000 == 0:
-                    log.error("ledger: cannot write the journal; holding records in memory", count=self._journal_errors)
+                    log.error("ledger_journal_write_failed", count=self._journal_errors)
             elif type(item) is _Refused:
                 self._quarantine([{"k": item.kind, "record": item.what}], item.reason)
                 continue
             else:
-                log.error("ledger: ignoring an object of unknown type", type=type(item).__name__)
+                log.error("ledger_unknown_object", type=type(item).__name__)
                 continue
             if kind == START:
                 if payload[0] not in open_:
@@ -635,7 +635,7 @@ class Ledger:
             try:
                 self._journal.rotate()
             except OSError as exc:
-                log.error("ledger: cannot rotate the journal", error=str(exc))
+                log.error("ledger_journal_rotate_failed", error=str(exc))
                 return
             self._buf.append(marker)
         self._settle()
@@ -652,7 +652,7 @@ class Ledger:
                 try:
                     self._journal.write(b"".join(lines[i : i + _CHECKPOINT_CHUNK]))
                 except OSError as exc:
-                    log.error("ledger: cannot checkpoint the journal; keeping its sealed segments", error=str(exc))
+                    log.error("ledger_journal_checkpoint_failed", error=str(exc))
                     return
         self._journal.remove(sealed)
 
@@ -677,7 +677,7 @@ class Ledger:
         try:
             self._journal.sync_all()
         except OSError as exc:
-            log.error("ledger: cannot fsync the journal", error=str(exc))
+            log.error("ledger_journal_fsync_failed", error=str(exc))
         self._dirty = False
 
     def _settle(self, *, sync: bool | None = None) -> None:
@@ -685,19 +685,19 @@ class Ledger:
         try:
             self._journal.settle(sync=self._pending if sync is None else sync)
         except OSError as exc:
-            log.error("ledger: cannot fsync a sealed journal segment", error=str(exc))
+            log.error("ledger_journal_segment_fsync_failed", error=str(exc))
 
     def _sync_journal(self) -> None:
         try:
             self._journal.sync()
         except OSError as exc:
-            log.error("ledger: cannot fsync the journal", error=str(exc))
+            log.error("ledger_journal_fsync_failed", error=str(exc))
         self._dirty = False
 
     def _note_failure(self, exc: BaseException) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         if self._db_available:
-            log.warning("ledger: database unavailable; journaling", error=self._last_error)
+            log.warning("ledger_database_unavailable", error=self._last_error)
         self._db_available = False
 
     def _recover(self, first_wait_s: float) -> None:
@@ -718,13 +718,13 @@ class Ledger:
         except Exception as exc:  # only when stopping: the journal keeps the records for the next start
             self._note_failure(exc)
             self._sleep_journaling(0)
-            log.warning("ledger: stopping with records in the journal", path=str(self._journal.path))
+            log.warning("ledger_stopped_with_journal", path=str(self._journal.path))
 
     def _before_retry(self, state: tenacity.RetryCallState) -> None:
         if state.outcome is not None and (exc := state.outcome.exception()) is not None:
             self._note_failure(exc)
         log.info(
-            "ledger: database still unavailable",
+            "ledger_database_still_unavailable",
             attempt=state.attempt_number,
             retry_in_s=round(state.upcoming_sleep, 3),
             journaled=self._journaled,
@@ -819,9 +819,7 @@ class Ledger:
         self._pending = False
         self._replayed += replayed
         if not self._db_available or replayed:
-            log.info(
-                "ledger: database available; journal replayed", records=replayed, s=round(time.monotonic() - t0, 3)
-            )
+            log.info("ledger_journal_replayed", records=replayed, s=round(time.monotonic() - t0, 3))
         self._db_available = True
 
     def _read_chunks(self, segments: Sequence[Path]) -> Iterator[_Batch]:
@@ -888,7 +886,7 @@ class Ledger:
         if orphans:
             self._aborted += len(orphans)
             log.warning(
-                "ledger: closed requests an earlier process left in flight",
+                "ledger_aborted_requests_closed",
                 requests=len(orphans),
                 status=ABORTED,
                 ended_ns=last_alive_ns,
@@ -908,7 +906,7 @@ class Ledger:
         if not fresh:
             return
         log.error(
-            "ledger: quarantined records the database can never take",
+            "ledger_records_quarantined",
             error=reason,
             records=len(fresh),
             path=str(self._journal.rejected_path),
@@ -918,7 +916,7 @@ class Ledger:
         try:
             self._journal.reject(fresh)
         except OSError as exc:
-            log.error("ledger: cannot write the quarantine file; the records are in this log only", error=str(exc))
+            log.error("ledger_quarantine_write_failed", error=str(exc))
 
     # -- SQL -------------------------------------------------------------------------------------------------------
 
@@ -930,7 +928,7 @@ class Ledger:
         except Exception as exc:
             if is_outage(exc):
                 raise
-            log.warning("ledger: the database refused a batch; isolating the refused records", error=_first(exc))
+            log.warning("ledger_batch_refused", error=_first(exc))
             self._isolate(batch, exc)
             return
         self._count(batch)
