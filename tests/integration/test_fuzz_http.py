@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meter.store.models import Request as RequestRow
+from proxy.gateway import UNKNOWN_CLASS
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pbg
 from sim.config import SimConfig
@@ -277,22 +278,27 @@ def test_distinct_client_values_cannot_grow_metrics_or_what_is_stored(stack: Sta
         assert post("/generate", {"x-correlation-id": f"corr-{tag}", "x-traffic-class": "default"}) == 200
 
     assert post("/generate", {"x-traffic-class": "batch"}) == 200  # a configured class is a label, as it should be
-    round_of(0)
-    before = _metrics(conn)
-    for i in range(1, n // 5):
-        round_of(i)
     with grpc.insecure_channel(f"127.0.0.1:{stack.app.grpc_port}") as channel:
         stub = pbg.GenerationServiceStub(channel)
         req = pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text="hi")])
-        for i in range(300):
+
+        def grpc_round(i: int) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 stub.Generate(req, metadata=(*stack.auth, ("x-traffic-class", f"grpc-class-{i}")))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        round_of(0)
+        grpc_round(0)
+        before = _metrics(conn)
+        for i in range(1, n // 5):
+            round_of(i)
+        for i in range(1, 300):
+            grpc_round(i)
     after = _metrics(conn)
     conn.close()
 
     assert len(after) < len(before) + 2048, (len(before), len(after))  # histogram counts grow a digit, no series
-    assert _labels(after, "traffic_class") <= CLASSES
+    assert _labels(after, "traffic_class") <= CLASSES | {UNKNOWN_CLASS}
     assert not any("x" * 50 in v for v in _labels(after, "route") | _labels(after, "model"))
     assert stack.app.ledger.flush(10.0)
     engine = sa.create_engine(stack.db_url)
@@ -301,5 +307,5 @@ def test_distinct_client_values_cannot_grow_metrics_or_what_is_stored(stack: Sta
             rows = conn_db.execute(sa.select(RequestRow.traffic_class, RequestRow.correlation_id)).all()
     finally:
         engine.dispose()
-    assert {r.traffic_class for r in rows} <= CLASSES | {None}
+    assert {r.traffic_class for r in rows} <= CLASSES | {UNKNOWN_CLASS, None}  # refused calls: '(unknown)'
     assert all(r.correlation_id is None or len(r.correlation_id) <= 256 for r in rows)

@@ -257,7 +257,7 @@ async def test_kill_9_under_traffic_then_restart_loses_doubles_and_leaves_open_n
         counted = query(db, "SELECT SUM(requests) FROM usage_hourly WHERE backend = :b", {"b": backend})[0][0]
         assert counted == len(rows)  # every request counted once
         text = log.read_text()
-        assert "closed requests an earlier process left in flight" in text
+        assert "ledger_aborted_requests_closed" in text
         print(
             f"\n{dialect}: {len(pre.ok)} ok + {pre.failed} failed before the kill ({open_at_kill} rows open, "
             f"{len(aborted)} closed {ABORTED}), {len(post.ok)} ok after; attribution resumed {resumed_s:.1f} s after "

@@ -19,7 +19,7 @@ from meter.store.keys import create_key
 from proxy.reports_api import MAX_WAITS_PER_TENANT
 
 from ..test_reports import scenario
-from ..test_reports_oracle import insert
+from ..test_reports_oracle import insert, seal
 from .harness import Stack, running_stack
 
 
@@ -31,6 +31,7 @@ def md(key: str) -> tuple[tuple[str, str], ...]:
 async def stack(tmp_path: Path, db_url: str) -> AsyncIterator[Stack]:
     async with running_stack(tmp_path, db_url=db_url) as s:
         insert(s.app.engine, *scenario())
+        seal(s.app.engine, "ABC")  # final, as the engine makes them once attributed past their ends
         yield s
 
 
