@@ -90,6 +90,8 @@ class Replay:
     idle_power_mw: int
     truth_pj: Mapping[str, tuple[int, int]] = field(default_factory=lambda: MappingProxyType({}))  # (prefill, decode)
     last_activity_ns: int = 0  # when the last step ended (start_ns if none ran)
+    prefill_steps: int = 0
+    decode_steps: int = 0
 
     @property
     def busy_pj(self) -> int:
@@ -202,6 +204,8 @@ def replay(
         idle_power_mw=costmodel.idle_power_mw(config),
         truth_pj=MappingProxyType(truth),
         last_activity_ns=last_activity,
+        prefill_steps=core.prefill_steps,
+        decode_steps=core.decode_steps,
     )
 
 
