@@ -53,13 +53,18 @@ class SimConfig:
     prefill_tokens_per_s: float = 20_000.0
     decode_step_ms: float = 10.0
     decode_per_request_ms: float = 0.15
+    # KV-cache reads: a decode step's time grows with the tokens in the batch's cache (prompts + tokens so far).
+    # 0 by default (the model the attribution assumes); sim.costmodel.COST_MODELS["misspecified"] sets it.
+    decode_context_ms_per_1k_tokens: float = 0.0
 
     # --- board power (W) ---
     idle_power_w: float = 80.0
     prefill_power_w: float = 650.0
+    prefill_power_w_per_1k_tokens: float = 0.0  # prefill power rising with the step's prompt tokens
     decode_base_power_w: float = 250.0
     decode_power_per_request_w: float = 4.0
-    max_power_w: float = 650.0  # cap on decode power
+    decode_context_power_w_per_1k_tokens: float = 0.0  # decode power rising with the batch's KV-cache tokens
+    max_power_w: float = 650.0  # cap on prefill and decode power
 
     # --- the energy counter, NVML-like ---
     counter_update_period_ms: int = 100
@@ -104,13 +109,21 @@ class SimConfig:
             raise ValueError(f"`counter_lag_ms` must be within 0..1000, got {self.counter_lag_ms}")
         if self.time_scale < 0:
             raise ValueError(f"`time_scale` must be >= 0, got {self.time_scale}")
-        timing = ("prefill_overhead_ms", "decode_step_ms", "decode_per_request_ms")
+        timing = ("prefill_overhead_ms", "decode_step_ms", "decode_per_request_ms", "decode_context_ms_per_1k_tokens")
         for name in timing:
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
         if self.prefill_tokens_per_s <= 0:
             raise ValueError("`prefill_tokens_per_s` must be > 0")
-        powers = ("idle_power_w", "prefill_power_w", "decode_base_power_w", "decode_power_per_request_w", "max_power_w")
+        powers = (
+            "idle_power_w",
+            "prefill_power_w",
+            "prefill_power_w_per_1k_tokens",
+            "decode_base_power_w",
+            "decode_power_per_request_w",
+            "decode_context_power_w_per_1k_tokens",
+            "max_power_w",
+        )
         for name in powers:
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")

@@ -19,6 +19,11 @@ from sim.config import SimConfig
 from sim.ledger import PJ_PER_MJ, EnergyAccount, EnergyLedger, Phase, TruthSnapshot
 
 
+def context_tokens(accounts: Sequence[EnergyAccount]) -> int:
+    """Tokens in the KV cache of a decode batch: every sequence's prompt and the tokens it generated so far."""
+    return sum(a.prompt_tokens + a.generated_tokens for a in accounts)
+
+
 @dataclass(frozen=True, slots=True)
 class CounterReading:
     """One read of the simulated counter, shaped like ``GET /sim/energy``."""
@@ -50,7 +55,6 @@ class SimGPU:
         self.device = device
         self._lock = threading.Lock()
         self._idle_mw = costmodel.idle_power_mw(config)
-        self._prefill_mw = costmodel.prefill_power_mw(config)
         self._period_ns = config.counter_update_period_ms * costmodel.NS_PER_MS
         self._lag_ns = config.counter_lag_ms * costmodel.NS_PER_MS
         self._ledger = EnergyLedger(
@@ -78,32 +82,31 @@ class SimGPU:
     def prefill(
         self, accounts: Sequence[EnergyAccount], t_ns: int | None = None, weights: Sequence[int] | None = None
     ) -> None:
-        """A prefill step over ``accounts`` starts: ~650 W, shared in proportion to the prompt tokens each has in
-        the step (``weights``; default: their whole prompts)."""
+        """A prefill step over ``accounts`` starts: ~650 W (``sim.costmodel``), shared in proportion to the prompt
+        tokens each has in the step (``weights``; default: their whole prompts)."""
         if not accounts:
             self.idle(t_ns)
             return
         if weights is None:
             weights = [a.prompt_tokens for a in accounts]
+        power = costmodel.prefill_power_mw(self.config, sum(weights))
         with self._lock:
-            self._ledger.set_state(
-                time.time_ns() if t_ns is None else t_ns, Phase.PREFILL, self._prefill_mw, accounts, weights
-            )
+            self._ledger.set_state(time.time_ns() if t_ns is None else t_ns, Phase.PREFILL, power, accounts, weights)
 
     def decode(self, accounts: Sequence[EnergyAccount], t_ns: int | None = None) -> None:
         """A decode step over a batch of ``accounts`` starts (or the batch changed mid-step): shared equally."""
         if not accounts:
             self.idle(t_ns)
             return
-        power = costmodel.decode_power_mw(self.config, len(accounts))
+        power = costmodel.decode_power_mw(self.config, len(accounts), context_tokens(accounts))
         with self._lock:
             self._ledger.set_state(time.time_ns() if t_ns is None else t_ns, Phase.DECODE, power, accounts)
 
     def drop(self, account: EnergyAccount, t_ns: int | None = None) -> bool:
         """``account`` leaves the step in progress now (its client went away): the rest of the step is not its.
 
-        Returns whether it was in the step. A decode step's power follows the smaller batch; a step left empty
-        turns the board idle.
+        Returns whether it was in the step. The step's power follows the smaller batch; a step left empty turns the
+        board idle.
         """
         with self._lock:
             owners = self._ledger.owners
@@ -117,9 +120,12 @@ class SimGPU:
             if not rest:
                 self._ledger.set_state(t, Phase.IDLE, self._idle_mw)
             elif phase is Phase.PREFILL:
-                self._ledger.set_state(t, Phase.PREFILL, self._prefill_mw, rest, [w for _, w in kept])
+                rest_weights = [w for _, w in kept]
+                power = costmodel.prefill_power_mw(self.config, sum(rest_weights))
+                self._ledger.set_state(t, Phase.PREFILL, power, rest, rest_weights)
             else:
-                self._ledger.set_state(t, Phase.DECODE, costmodel.decode_power_mw(self.config, len(rest)), rest)
+                power = costmodel.decode_power_mw(self.config, len(rest), context_tokens(rest))
+                self._ledger.set_state(t, Phase.DECODE, power, rest)
             return True
 
     # --- readings ---
