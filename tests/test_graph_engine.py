@@ -271,7 +271,9 @@ async def test_a_dead_generation_thread_fails_what_it_held(engine: GraphEngine, 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_graph_replays_give_the_eager_tokens() -> None:
-    config = dataclasses.replace(CONFIG, device="cuda", dtype="bf16", max_batch_size=8, max_len=300)
+    config = dataclasses.replace(
+        CONFIG, device="cuda", dtype="bf16", max_batch_size=8, max_len=300, max_batch_tokens=512
+    )
     graphs = GraphEngine(config)
     eager = GraphEngine(dataclasses.replace(config, cuda_graphs=False))
     try:

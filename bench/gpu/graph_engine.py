@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import sys
 import threading
 import time
 from collections import deque
@@ -39,6 +40,7 @@ from bench.gpu.reference_engine import LLAMA3_8B, EngineOutput, ModelShape, Outp
 log = structlog.get_logger(__name__)
 
 MIN_LENGTH_BUCKET = 128
+SWITCH_INTERVAL_S = 0.0005
 
 
 def buckets(limit: int, first: int = 1) -> list[int]:
@@ -120,6 +122,9 @@ class GraphEngine:
             raise ValueError("max_batch_tokens, max_len and max_batch_size must be positive (max_len >= 2)")
         self.config = config
         self._torch = torch
+        # The generation thread waits on the GPU without the GIL once per step and must get it back at once; under
+        # the default 5 ms switch interval the event loop (SSE writes for every stream) can hold it for a whole step.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._cuda = config.device.startswith("cuda")
         if self._cuda:
             torch.cuda.set_device(torch.device(config.device))

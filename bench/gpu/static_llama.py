@@ -81,10 +81,9 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: the mean square in float32, back to the input's dtype, times the weight."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_EPS)
-    return weight * xf.to(x.dtype)
+    """transformers' LlamaRMSNorm (the mean square in float32, back to the input's dtype, times the weight) as torch's
+    own ``rms_norm``, which computes it the same way and is one fused kernel on a GPU."""
+    return F.rms_norm(x, (x.shape[-1],), weight, RMS_EPS)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -224,14 +223,14 @@ class StaticLlama:
 
     # --- the two passes ---
 
-    def _split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hd = self.head_dim
-        q_end, k_end = self.heads * hd, (self.heads + self.kv_heads) * hd
-        n = qkv.shape[0]
-        q = qkv[:, :q_end].view(n, self.heads, hd)
-        k = qkv[:, q_end:k_end].view(n, self.kv_heads, hd)
+    def _qkv(self, x: torch.Tensor, layer: Layer, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k (both rotated, in one pass) and v of tokens ``x`` ``[n, hidden]``: ``[n, heads | kv_heads, hd]``."""
+        hd, n = self.head_dim, x.shape[0]
+        qkv = linear(rms_norm(x, layer.attn_norm), layer.qkv)
+        k_end = (self.heads + self.kv_heads) * hd
+        qk = rope(qkv[:, :k_end].view(n, self.heads + self.kv_heads, hd), cos, sin)
         v = qkv[:, k_end:].view(n, self.kv_heads, hd)
-        return q, k, v
+        return qk[:, : self.heads], qk[:, self.heads :], v
 
     def _mlp(self, x: torch.Tensor, layer: Layer) -> torch.Tensor:
         gate_up = linear(rms_norm(x, layer.mlp_norm), layer.gate_up)
@@ -264,8 +263,7 @@ class StaticLlama:
         hd = self.head_dim
         x = F.embedding(ids, self.embed)
         for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            q, k, v = self._split_qkv(linear(rms_norm(x, layer.attn_norm), layer.qkv))
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            q, k, v = self._qkv(x, layer, cos, sin)
             kc[slot, :, pos] = k
             vc[slot, :, pos] = v
             qp = torch.zeros(g, self.heads, lmax, hd, dtype=self.act, device=dev)
@@ -290,14 +288,13 @@ class StaticLlama:
         hidden = self.heads * self.head_dim
         x = F.embedding(tok, self.embed)
         for layer, kc, vc in zip(self.layers, self.k_cache, self.v_cache, strict=True):
-            q, k, v = self._split_qkv(linear(rms_norm(x, layer.attn_norm), layer.qkv))
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            q, k, v = self._qkv(x, layer, cos, sin)
             kc[rows, :, pos] = k
             vc[rows, :, pos] = v
             keys, values = kc[:batch, :, :length], vc[:batch, :, :length]
-            qg = q.view(batch, self.kv_heads, self.group, self.head_dim)
-            scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale
-            probs = torch.softmax(scores.masked_fill(masked, -math.inf), dim=-1).to(self.act)
+            qg = (q * self.scale).view(batch, self.kv_heads, self.group, self.head_dim)
+            scores = torch.matmul(qg, keys.transpose(-1, -2)).masked_fill(masked, -math.inf)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.act)
             x = x + linear(torch.matmul(probs, values).reshape(batch, hidden), layer.o)
             x = x + self._mlp(x, layer)
         tokens, logprobs = self._pick(x)
