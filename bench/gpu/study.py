@@ -228,32 +228,40 @@ async def _phase(args: argparse.Namespace, plan: Plan, phase: Phase, gw_port: in
             trace = make_trace("poisson", "study", plan.trace_rate_per_s, plan.trace_duration_s, args.seed,
                                TRACE_LENGTHS)  # fmt: skip
             lane = shaping_lane(Scenario(trace, model_id, BACKEND), policies, plan.shaped)
-            records = await run_lane(
-                stub,
-                lane,
-                epoch_ns=epoch_ns,
-                tail_s=4.0,
-                prompt_of=tok.prompt,
-                metadata=md,
-                on_done=lambda r: _print_run(phase.dtype, r.policy.name, r.clients),
-                deadline_ns=deadline_ns,
-                on_skip=lambda s, p: phase.notes.append(f"shaping {p.name}: skipped (budget)"),
-            )
-            assign_windows(records, epoch_ns)
+            try:
+                records = await run_lane(
+                    stub,
+                    lane,
+                    epoch_ns=epoch_ns,
+                    tail_s=4.0,
+                    prompt_of=tok.prompt,
+                    metadata=md,
+                    on_done=lambda r: _print_run(phase.dtype, r.policy.name, r.clients),
+                    deadline_ns=deadline_ns,
+                    on_skip=lambda s, p: phase.notes.append(f"shaping {p.name}: skipped (budget)"),
+                )
+                assign_windows(records, epoch_ns)
+            except Exception as exc:  # the fixed runs above are still measured
+                phase.notes.append(f"shaping failed: {type(exc).__name__}: {exc}")
+                records = []
         if not metered:
             nan_window = WindowEnergy(0, 0, math.nan, math.nan, math.nan, 0, 0, ())
             phase.runs = [fixed_run(phase.dtype, f.label, f.batch, f.mode, f.clients, nan_window) for f in fixed]
             windows = [nan_window for _ in records]
         else:
             until = max([idle_end, *(f.end_ns for f in fixed), *(r.window_end_ns for r in records)])
-            await wait_attributed(reports, md, {BACKEND: until}, timeout_s=180)
+            await wait_attributed(reports, md, {BACKEND: until}, timeout_s=60)
             idle = await read_window(reports, md, backend=BACKEND, model_id="-", start_ns=idle_start, end_ns=idle_end)
             phase.idle_w = idle.counter_j / ((idle_end - idle_start) / NS_PER_S)
             for f in fixed:
-                w = await read_window(reports, md, backend=BACKEND, model_id=model_id, start_ns=f.start_ns,
-                                      end_ns=f.end_ns)  # fmt: skip
+                try:
+                    w = await read_window(reports, md, backend=BACKEND, model_id=model_id, start_ns=f.start_ns,
+                                          end_ns=f.end_ns)  # fmt: skip
+                except (LookupError, grpc.RpcError) as exc:
+                    phase.notes.append(f"{f.label}: no energy ({type(exc).__name__}: {exc})")
+                    continue
                 phase.runs.append(fixed_run(phase.dtype, f.label, f.batch, f.mode, f.clients, w))
-            windows = await measure(reports, md, records) if records else []
+            windows = await measure(reports, md, records, timeout_s=60) if records else []
         phase.shaping = [
             summarize(
                 trace="poisson",
