@@ -105,6 +105,7 @@ class _Counters:
     last_output_ns: int = 0
     prefills: int = 0
     prefill_tokens: int = 0
+    prefill_s: float = 0.0  # wall time of the prefills (each ends by reading its tokens back: synchronised)
     decode_steps: int = 0
     decode_rows: int = 0  # sum over steps of the batch bucket run (rows computed, occupied or not)
     decode_tokens: int = 0  # sum over steps of the requests served
@@ -251,6 +252,7 @@ class GraphEngine:
             "cuda_graphs": len(self._graphs),
             "prefills": c.prefills,
             "prefill_tokens": c.prefill_tokens,
+            "prefill_s": round(c.prefill_s, 6),
             "decode_steps": c.decode_steps,
             "decode_rows": c.decode_rows,
             "decode_tokens": c.decode_tokens,
@@ -346,8 +348,10 @@ class GraphEngine:
         group.sort(key=lambda r: len(r.prompt))
         for r in group:
             r.slot = heapq.heappop(free)
+        t0 = time.perf_counter()
         tokens, logprobs = self.model.prefill([r.prompt for r in group], [r.slot for r in group])
         c = self._counters
+        c.prefill_s += time.perf_counter() - t0
         c.prefills += 1
         c.prefill_tokens += sum(len(r.prompt) for r in group)
         out = []

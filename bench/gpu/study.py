@@ -150,6 +150,7 @@ class Phase:
 
     dtype: str
     idle_w: float | None = None
+    prefill_tokens_per_s: float | None = None  # the engine's, measured before the gateway starts
     runs: list[FixedRun] = field(default_factory=list)
     shaping: list[RunRow] = field(default_factory=list)
     engine_stats: dict[str, Any] = field(default_factory=dict)
@@ -286,6 +287,32 @@ def _get_json(url: str) -> Any:
         return json.loads(resp.read())
 
 
+def _post_json(url: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+def measure_prefill_tokens_per_s(backend_url: str, tok: WordTokenizer, prompt_tokens: int, batch: int = 16) -> float:
+    """The engine's prefill speed, as an operator configures it for the meter (``meter.prefill_tokens_per_s``): one
+    prompt alone, then ``batch`` together, straight to the backend (1 new token each), and the engine's own prefill
+    time from ``/reference/stats``. The meter uses it to tell a prefill step from the wait before it; the default
+    (20,000 tokens/s) would book most of a slow fp32 prefill as the decode of the requests already running."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(salt: int) -> None:
+        _post_json(
+            f"{backend_url}/generate", {"inputs": tok.prompt(prompt_tokens, salt), "parameters": {"max_new_tokens": 1}}
+        )
+
+    before = _get_json(f"{backend_url}/reference/stats")["engine"]
+    one(70_000)
+    with ThreadPoolExecutor(batch) as pool:
+        list(pool.map(one, range(70_001, 70_001 + batch)))
+    after = _get_json(f"{backend_url}/reference/stats")["engine"]
+    return (after["prefill_tokens"] - before["prefill_tokens"]) / (after["prefill_s"] - before["prefill_s"])
+
+
 def _print_run(dtype: str, label: str, clients: list[ClientResult]) -> None:
     errors = [c.error for c in clients if c.error]
     span_s = (max(c.done_ns for c in clients) - min(c.sent_ns for c in clients)) / 1e9 if clients else 0.0
@@ -320,6 +347,13 @@ def run_phase(args: argparse.Namespace, plan: Plan, dtype: str, t0: float, work:
         _wait_http(f"{backend_url}/health", backend, 300)
         print(f"[{time.monotonic() - t0:5.0f} s] {dtype}: backend up ({args.backend})", flush=True)
         admin_key = create_admin_key(db_url)
+        meter: dict[str, Any] = {}
+        if args.backend == "reference":
+            tok = WordTokenizer(args.vocab)
+            phase.prefill_tokens_per_s = measure_prefill_tokens_per_s(backend_url, tok, plan.prompt_tokens)
+            meter["prefill_tokens_per_s"] = round(phase.prefill_tokens_per_s, 1)
+            print(f"[{time.monotonic() - t0:5.0f} s] {dtype}: prefill {phase.prefill_tokens_per_s:.0f} tokens/s "
+                  "(meter.prefill_tokens_per_s)", flush=True)  # fmt: skip
         cfg = gateway_config(
             backends=[GatewayBackend(model_id, backend_url, BACKEND, (0,) if args.meter == "nvml" else ())],
             policies=policies_for(plan),
@@ -328,6 +362,7 @@ def run_phase(args: argparse.Namespace, plan: Plan, dtype: str, t0: float, work:
             grpc_listen=f"127.0.0.1:{gw_port}",
             meter_source=args.meter,
             epoch_s=EPOCH_S,
+            meter=meter,
         )
         (work / f"gateway-{dtype}.toml").write_text(toml_dumps(cfg))
         gw_cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(work / f"gateway-{dtype}.toml")]
@@ -368,6 +403,8 @@ def report(args: argparse.Namespace, plan: Plan, phases: list[Phase], meta: dict
         f"{plan.sequential_requests} requests one after the other; batch B = B released together",
         "- idle floor (model loaded): "
         + ", ".join(f"{p.dtype} {p.idle_w:.1f} W" if p.idle_w is not None else f"{p.dtype} -" for p in phases),
+        "- engine prefill speed (meter.prefill_tokens_per_s): "
+        + ", ".join(f"{p.dtype} {p.prefill_tokens_per_s:.0f} tokens/s" for p in phases if p.prefill_tokens_per_s),
         f"- shaping trace: poisson {plan.trace_rate_per_s:g} req/s for {plan.trace_duration_s:.0f} s, "
         f"{TRACE_LENGTHS.describe()}",
         f"- wall: {meta['wall_s']:.0f} s; " + "; ".join(f"{p.dtype} {p.wall_s:.0f} s" for p in phases),
