@@ -290,3 +290,13 @@ async def test_graph_replays_give_the_eager_tokens() -> None:
     finally:
         graphs.stop()
         eager.stop()
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp8"])
+def test_engine_bench_floor_counts_the_bytes_the_model_holds(dtype: str) -> None:
+    from bench.gpu.engine_bench import _kv_bytes_per_token, _weight_bytes
+
+    m = StaticLlama(TINY, dtype=dtype, device="cpu", slots=1, max_len=16)
+    norms = (2 * len(m.layers) + 1) * TINY.hidden_size * m.final_norm.element_size()  # the floor leaves norms out
+    assert _weight_bytes(TINY, dtype) == m.weight_bytes() - norms
+    assert _kv_bytes_per_token(TINY, dtype) == m.kv_bytes_per_token()
