@@ -5,11 +5,12 @@ Two kinds of test:
 - Pure ones, which always run: the invertible word tokenizer (counts as the simulator's, ids and texts round-trip)
   and ``Live``, which turns the engine's cumulative outputs into TGI's stopping rules.
 - Server ones, which start ``python -m bench.gpu.reference_backend --tiny --device cpu`` as a subprocess: a real
-  random-init Llama (2 layers, hidden 64, vocab 2048) in transformers' continuous-batching manager, on the CPU,
-  driven over HTTP. They need torch, transformers and psutil, which are not joulegate dependencies (transformers 5
-  needs huggingface_hub >= 1, which text-generation 0.7 excludes). They run with the interpreter named by
-  ``JOULEGATE_REFERENCE_PYTHON`` (a venv with torch==2.13.0 CPU, transformers==5.17.0, psutil, aiohttp, structlog),
-  or with this one if it can import them; otherwise they are skipped.
+  random-init Llama (2 layers, hidden 64, vocab 2048) on the CPU, driven over HTTP, once per engine: ``graph``
+  (bench/gpu/graph_engine.py; needs torch) and ``cb`` (transformers' continuous-batching manager; needs torch,
+  transformers and psutil). None of these is a joulegate dependency (transformers 5 needs huggingface_hub >= 1,
+  which text-generation 0.7 excludes). The server runs with the interpreter named by ``JOULEGATE_REFERENCE_PYTHON``
+  (a venv with torch==2.13.0 CPU, transformers==5.17.0, psutil, aiohttp, structlog), or with this one if it can
+  import what the engine needs; otherwise that engine's tests are skipped.
 """
 
 from __future__ import annotations
@@ -142,11 +143,14 @@ async def test_live_errors_and_short_finishes_are_failures() -> None:
 # --- the server on a real (tiny) model ---
 
 
-def _reference_python() -> str | None:
+ENGINE_NEEDS = {"graph": ("torch",), "cb": ("torch", "transformers", "psutil")}
+
+
+def _reference_python(engine: str) -> str | None:
     named = os.environ.get("JOULEGATE_REFERENCE_PYTHON")
     if named:
         return named
-    if all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "psutil")):
+    if all(importlib.util.find_spec(m) is not None for m in ENGINE_NEEDS[engine]):
         return sys.executable
     return None
 
@@ -159,13 +163,15 @@ class RunningServer:
         self.log = log
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
-    python = _reference_python()
+@pytest.fixture(scope="module", params=sorted(ENGINE_NEEDS))
+def server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    engine = request.param
+    python = _reference_python(engine)
     if python is None:
-        pytest.skip("torch, transformers and psutil are not importable (set JOULEGATE_REFERENCE_PYTHON)")
+        pytest.skip(f"{', '.join(ENGINE_NEEDS[engine])} not importable (set JOULEGATE_REFERENCE_PYTHON)")
     port = free_port()
-    cmd = [python, "-m", "bench.gpu.reference_backend", "--tiny", "--device", "cpu", "--port", str(port)]
+    cmd = [python, "-m", "bench.gpu.reference_backend", "--engine", engine, "--tiny", "--device", "cpu"]
+    cmd += ["--port", str(port)]
     cmd += ["--max-concurrent-requests", str(LIMIT), "--max-input-tokens", "256", "--max-total-tokens", str(MAX_TOTAL)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -238,7 +244,9 @@ async def test_info_health_and_tokenize(server: RunningServer, http: aiohttp.Cli
     schemas.check("Info", info)
     assert (info["max_concurrent_requests"], info["max_input_tokens"], info["max_total_tokens"]) == (LIMIT, 256, 512)
     assert info["max_best_of"] == 1 and info["model_pipeline_tag"] == "text-generation"
-    assert server.ready["parameters"] > 0 and server.ready["stats"]["kv_blocks"] > 0
+    assert server.ready["parameters"] > 0
+    cache = server.ready["stats"]["kv_slots" if server.ready["engine"] == "graph" else "kv_blocks"]
+    assert cache > 0
     text = "Energy per token, please 0123456789"
     async with http.post(server.url + "/tokenize", json={"inputs": text}) as r:
         tokens = await r.json()

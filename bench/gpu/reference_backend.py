@@ -1,8 +1,14 @@
-"""A TGI-API HTTP server over transformers' continuous batching with a random-init Llama: a real GPU workload for
-the gateway where the TGI container cannot run (no Docker, no downloads).
+"""A TGI-API HTTP server over a random-init Llama: a real GPU workload for the gateway where the TGI container cannot
+run (no Docker, no downloads).
 
     python -m bench.gpu.reference_backend --port 3000                  # Llama-3-8B-shaped, bf16, on cuda
+    python -m bench.gpu.reference_backend --port 3000 --dtype fp8      # the same with fp8 transformer layers
+    python -m bench.gpu.reference_backend --port 3000 --engine cb      # the fallback: transformers' manager
     python -m bench.gpu.reference_backend --port 3000 --tiny --device cpu   # a tiny model, for tests
+
+Two engines behind one ``Engine`` interface: ``graph`` (the default, ``graph_engine.GraphEngine``: a static KV cache,
+batched prefill and CUDA-graph decode steps, GPU-bound like TGI) and ``cb`` (``reference_engine.CBEngine``:
+transformers' continuous-batching manager, CPU-bound on a GPU, kept as a fallback and for comparison).
 
 Routes, with TGI 3.x's wire format (mirroring ``sim/``, whose format is TGI-exact):
 
@@ -45,6 +51,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from bench.gpu.graph_engine import GraphEngineConfig
 from bench.gpu.reference_engine import Engine, EngineConfig, EngineOutput, ModelShape
 from bench.gpu.reference_tokenizer import WordTokenizer
 from sim import wire
@@ -589,10 +596,11 @@ def _rejection(e: BodyRejection) -> web.Response:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.gpu.reference_backend",
-        description="TGI-API server over transformers continuous batching with a random-init Llama (no downloads).",
+        description="TGI-API server over a random-init Llama (no downloads): CUDA-graph or transformers engine.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument("--engine", choices=("graph", "cb"), default="graph", help="graph (default) | cb (fallback)")
     parser.add_argument("--model-id", default=None, help="what /info reports (default: from the model's shape)")
     parser.add_argument("--max-concurrent-requests", type=int, default=128)
     parser.add_argument("--max-input-tokens", type=int, default=1024)
@@ -600,7 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-stop-sequences", type=int, default=4)
     parser.add_argument("--allow-eos", action="store_true", help="stop at the EOS token (off: exactly max_new_tokens)")
     parser.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 (cpu: fp32)")
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32", "fp8"), default=None, help="default: bf16 (cpu: fp32); fp8: graph"
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny model (2 layers, hidden 64, vocab 2048) for tests")
     shape = ModelShape()
     parser.add_argument("--layers", type=int, default=None, help=f"default {shape.num_hidden_layers}")
@@ -609,17 +619,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, default=None, help=f"default {shape.num_attention_heads}")
     parser.add_argument("--kv-heads", type=int, default=None, help=f"default {shape.num_key_value_heads}")
     parser.add_argument("--vocab", type=int, default=None, help=f"default {shape.vocab_size}")
-    parser.add_argument("--attn", default="sdpa", help="attention implementation (the manager makes it paged|...)")
-    parser.add_argument("--block-size", type=int, default=None, help="KV-cache block in tokens (default 256; tiny 32)")
-    parser.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks (default: 90 %% of free memory)")
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="tokens per forward (prefill budget)")
-    parser.add_argument("--prefix-sharing", action="store_true", help="let repeated prompt prefixes share KV blocks")
-    parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="prompt tokens per prefill (default 8192)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    graph = parser.add_argument_group("graph engine")
+    graph.add_argument("--max-batch-size", type=int, default=64, help="KV-cache slots: requests decoding at once")
+    graph.add_argument("--no-cuda-graphs", action="store_true", help="eager decode steps (for comparison)")
+    cb = parser.add_argument_group("cb engine (transformers' continuous batching)")
+    cb.add_argument("--attn", default="sdpa", help="attention implementation (the manager makes it paged|...)")
+    cb.add_argument("--block-size", type=int, default=None, help="KV-cache block in tokens (default 256; tiny 32)")
+    cb.add_argument("--kv-blocks", type=int, default=None, help="KV-cache blocks (default: 90 %% of free memory)")
+    cb.add_argument("--prefix-sharing", action="store_true", help="let repeated prompt prefixes share KV blocks")
+    cb.add_argument("--no-warmup", action="store_true")
     return parser
 
 
-def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig]:
+def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineConfig | GraphEngineConfig]:
     from bench.gpu.reference_engine import LLAMA3_8B, TINY
 
     base = TINY if args.tiny else LLAMA3_8B
@@ -633,6 +647,33 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
     }
     shape = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    server = ServerConfig(
+        model_id=args.model_id or f"joulegate/{shape.name}-{dtype}",
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_input_tokens=args.max_input_tokens,
+        max_total_tokens=args.max_total_tokens,
+        max_stop_sequences=args.max_stop_sequences,
+        allow_eos=args.allow_eos,
+    )
+    server.validation_config()  # TGI's start-up checks (max_input_tokens < max_total_tokens, ...)
+    engine: EngineConfig | GraphEngineConfig
+    if args.engine == "graph":
+        max_batch_tokens = args.max_batch_tokens or max(8192, args.max_input_tokens)
+        if max_batch_tokens < args.max_input_tokens:
+            raise ValueError(f"--max-batch-tokens {max_batch_tokens} < --max-input-tokens {args.max_input_tokens}")
+        engine = GraphEngineConfig(
+            shape=shape,
+            device=args.device,
+            dtype=dtype,
+            seed=args.seed,
+            max_batch_size=args.max_batch_size,
+            max_len=args.max_total_tokens,
+            max_batch_tokens=max_batch_tokens,
+            cuda_graphs=not args.no_cuda_graphs,
+        )
+        return server, engine
+    if dtype == "fp8":
+        raise ValueError("--dtype fp8 needs --engine graph")
     block_size = args.block_size or (32 if args.tiny else 256)
     num_blocks = args.kv_blocks
     if num_blocks is None and args.device == "cpu":
@@ -653,23 +694,24 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, EngineCon
         prefix_sharing=args.prefix_sharing,
         warmup=not args.no_warmup,
     )
-    server = ServerConfig(
-        model_id=args.model_id or f"joulegate/{shape.name}-{dtype}",
-        max_concurrent_requests=args.max_concurrent_requests,
-        max_input_tokens=args.max_input_tokens,
-        max_total_tokens=args.max_total_tokens,
-        max_stop_sequences=args.max_stop_sequences,
-        allow_eos=args.allow_eos,
-    )
-    server.validation_config()  # TGI's start-up checks (max_input_tokens < max_total_tokens, ...)
     return server, engine
 
 
-async def serve(server_config: ServerConfig, engine_config: EngineConfig, host: str, port: int) -> None:
-    """Build the model, serve until SIGINT or SIGTERM, then stop the engine."""
+def build_engine(config: EngineConfig | GraphEngineConfig) -> Engine:
+    """The engine a config describes (imports torch, and transformers for ``cb``)."""
+    if isinstance(config, GraphEngineConfig):
+        from bench.gpu.graph_engine import GraphEngine
+
+        return GraphEngine(config)
     from bench.gpu.reference_engine import CBEngine
 
-    engine = CBEngine(engine_config)
+    return CBEngine(config)
+
+
+async def serve(server_config: ServerConfig, engine_config: EngineConfig | GraphEngineConfig, host: str,
+                port: int) -> None:  # fmt: skip
+    """Build the model, serve until SIGINT or SIGTERM, then stop the engine."""
+    engine = build_engine(engine_config)
     server = ReferenceServer(server_config, engine, WordTokenizer(engine_config.shape.vocab_size))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -680,9 +722,10 @@ async def serve(server_config: ServerConfig, engine_config: EngineConfig, host: 
         ready = {
             "url": url,
             "model_id": server_config.model_id,
-            "parameters": engine.parameters,
-            "build_s": round(engine.build_s, 2),
-            "start_s": round(engine.start_s, 2),
+            "engine": "graph" if isinstance(engine_config, GraphEngineConfig) else "cb",
+            "parameters": engine.parameters,  # type: ignore[attr-defined]
+            "build_s": round(engine.build_s, 2),  # type: ignore[attr-defined]
+            "start_s": round(engine.start_s, 2),  # type: ignore[attr-defined]
             "stats": engine.stats(),
         }
         print(f"READY {json.dumps(ready)}", flush=True)
