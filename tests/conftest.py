@@ -14,11 +14,16 @@ from hypothesis import settings
 # CI (`.ci/run`) runs the property tests derandomized: the same examples on every run, so a landing is never blocked
 # by a new random draw. Local `make test` explores new examples on every run (and keeps failures in .hypothesis/).
 settings.register_profile("ci", derandomize=True, print_blob=True)
-settings.load_profile(os.environ.get("JOULEGATE_HYPOTHESIS_PROFILE", "default"))
+settings.load_profile(os.environ.get("JG_HYPOTHESIS_PROFILE", "default"))
+
+# A developer's own JOULEGATE_* settings must not reach the gateways and CLIs the tests start (they would change
+# behaviour and add warnings to output the tests read); tests that want one set it themselves.
+for _name in [n for n in os.environ if n.startswith("JOULEGATE_")]:
+    del os.environ[_name]
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-POSTGRES_ADMIN_URL = os.environ.get("JOULEGATE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN_URL = os.environ.get("JG_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 def free_port() -> int:
