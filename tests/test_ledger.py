@@ -31,7 +31,7 @@ from meter.store import make_engine, upgrade
 from meter.store.models import Request as RequestRow
 from meter.store.models import Sample as SampleRow
 from meter.timeline import Api, RequestStart, Timeline
-from tests.conftest import REPO_ROOT, _postgres_database
+from tests.conftest import REPO_ROOT
 from tests.tcp_cut import TcpCut
 
 T0 = 1_700_000_000_000_000_000
@@ -133,16 +133,8 @@ def wait_until(predicate: Any, timeout_s: float = 15.0) -> bool:
 
 
 @pytest.fixture
-def migrated(db_url: str) -> Iterator[tuple[str, sa.Engine]]:
-    upgrade(db_url)
-    engine = make_engine(db_url)
-    yield db_url, engine
-    engine.dispose()
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    yield from _postgres_database()
+def migrated(db_url: str, db: sa.Engine) -> tuple[str, sa.Engine]:
+    return db_url, db
 
 
 @pytest.fixture

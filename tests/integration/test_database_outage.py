@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
-import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
@@ -27,18 +26,10 @@ from proxy.pb.fmaas import generation_pb2_grpc
 from proxy.server import GatewayApp
 from sim.config import SimConfig
 from sim.server import SimTGI
-from tests.conftest import _postgres_database
 from tests.tcp_cut import TcpCut
-
-pytestmark = pytest.mark.postgres
 
 TTL_S = 0.3  # key cache entries expire inside the outage
 RETRY_MAX_S = 5.0  # proxy.auth's default: a revocation applies at most this long after the database is back
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    yield from _postgres_database()
 
 
 @dataclass

@@ -180,18 +180,11 @@ async def wait_closed(db: Any, timeout_s: float) -> None:
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
 async def test_kill_9_under_traffic_then_restart_loses_doubles_and_leaves_open_nothing(
     tmp_path: Path, dialect: str, request: pytest.FixtureRequest
 ) -> None:
-    if dialect == "sqlite":
-        db_url = f"sqlite:///{tmp_path / 'gateway.db'}"
-    else:
-        from tests.conftest import _postgres_database
-
-        gen = _postgres_database()
-        db_url = next(gen)
-        request.addfinalizer(lambda: next(gen, None))
+    db_url = f"sqlite:///{tmp_path / 'gateway.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
     upgrade(db_url)
     db = make_engine(db_url)
     key = create_key(db, "tenant-a").key

@@ -5,10 +5,8 @@ meter recomputes the epochs they touch. Afterwards every request has its energy 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy.engine import make_url
 
 from meter.ledger import Ledger
@@ -17,7 +15,6 @@ from meter.store.keys import create_key
 from proxy.config import MeterConfig
 from proxy.metering import build_meter_service
 from sim.config import SimConfig
-from tests.conftest import _postgres_database
 from tests.tcp_cut import TcpCut
 
 from .harness import running_stack
@@ -30,13 +27,6 @@ from .test_metering_support import (
     sampler_phase_ms,
     wait_attributed,
 )
-
-pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    yield from _postgres_database()
 
 
 async def test_late_timelines_from_a_replica_are_recomputed_not_double_counted(tmp_path: Path, pg_url: str) -> None:

@@ -4,28 +4,18 @@ lost or doubled and the energy still adds up exactly. The outage is a real TCP c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy.engine import make_url
 
 from meter.store.keys import create_key
 from sim.config import SimConfig
-from tests.conftest import _postgres_database
 from tests.tcp_cut import TcpCut
 
 from .harness import running_stack
 from .test_metering_support import check_books, failed_reads, query, run_traffic, wait_attributed
 
-pytestmark = pytest.mark.postgres
-
 METER = {"source": "sim", "epoch_s": 1.0, "settle_s": 0.5, "engine_interval_s": 0.2, "lag_ms": 50}
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    yield from _postgres_database()
 
 
 def through(cut: TcpCut, url: str) -> str:
