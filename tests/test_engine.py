@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from meter.engine import attributed_until, expected_usage, request_finality, usage_table
 from meter.timeline import RequestStart, Timeline
-from tests.test_engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
+from tests.engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
 
 
 def _traffic(gpu: Gpu, n: int, *, start: int, spacing_ns: int, backend: str = "b1") -> list:

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from meter.attribution import CounterReading
 from meter.engine import attributed_until, expected_usage, usage_table
 from meter.engine.calibrate import ClassTimeline, LagCalibrator, solve_least_squares
-from tests.test_engine_helpers import MS, T0, S, make_engine, rows, timeline, write
+from tests.engine_helpers import MS, T0, S, make_engine, rows, timeline, write
 
 IDLE_W, PREFILL_W, ACTIVE_W = 80.0, 620.0, 260.0
 TOKENS_PER_S, OVERHEAD_NS, TOLERANCE_NS = 20_000.0, 5 * MS, 2 * MS

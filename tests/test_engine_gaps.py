@@ -7,7 +7,7 @@ import itertools
 import pytest
 import sqlalchemy as sa
 
-from tests.test_engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
+from tests.engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
 
 
 def _measured(samples: list[tuple], max_interval_ns: int = 5 * S) -> int:

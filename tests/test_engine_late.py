@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from meter.engine import expected_usage, usage_table
-from tests.test_engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
+from tests.engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
 
 
 def _check_books(db: sa.Engine) -> None:

@@ -32,7 +32,7 @@ from sim.ledger import RequestTruth
 from sim.throughput import SimProcess
 
 from .harness import Stack, running_stack
-from .test_metering_support import check_books, failed_reads, query, sampler_phase_ms
+from .metering_support import check_books, failed_reads, query, sampler_phase_ms
 
 # Short epochs and settle so finality comes quickly; the simulator at real speed (an H100's step times), prompts of
 # up to 3,000 tokens as in the issue's report. The counter updates every 20 ms (read every 100 ms, lag <= 20 ms):

@@ -30,7 +30,7 @@ from sim.config import SimConfig
 from sim.server import SimTGI
 from tests.conftest import REPO_ROOT, free_port
 
-from .test_metering_support import check_books, query, wait_attributed
+from .metering_support import check_books, query, wait_attributed
 
 ATTRIBUTION_RESUMES_S = 60.0  # the promise: a backend's attribution resumes within a minute of the restart
 

@@ -16,7 +16,7 @@ from sim.config import SimConfig
 from tests.conftest import REPO_ROOT
 
 from .harness import running_stack
-from .test_metering_support import check_books, failed_reads, query, run_traffic, wait_attributed
+from .metering_support import check_books, failed_reads, query, run_traffic, wait_attributed
 
 
 def _config(tmp_path: Path, db_url: str, sim_url: str, *, source: str = "sim") -> Path:

@@ -18,7 +18,7 @@ from sim.config import SimConfig
 from tests.tcp_cut import TcpCut
 
 from .harness import running_stack
-from .test_metering_support import (
+from .metering_support import (
     accuracy,
     check_books,
     failed_reads,

@@ -13,7 +13,7 @@ from sim.config import SimConfig
 from tests.tcp_cut import TcpCut
 
 from .harness import running_stack
-from .test_metering_support import check_books, failed_reads, query, run_traffic, wait_attributed
+from .metering_support import check_books, failed_reads, query, run_traffic, wait_attributed
 
 METER = {"source": "sim", "epoch_s": 1.0, "settle_s": 0.5, "engine_interval_s": 0.2, "lag_ms": 50}
 

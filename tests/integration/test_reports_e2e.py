@@ -22,7 +22,7 @@ from sim.config import SimConfig
 from tests.conftest import REPO_ROOT, free_port
 
 from .harness import running_stack
-from .test_metering_support import query
+from .metering_support import query
 
 METER = {"source": "sim", "epoch_s": 1.0, "settle_s": 0.5, "engine_interval_s": 0.2, "lag_ms": 50,
          "idle_policy": "time"}  # fmt: skip

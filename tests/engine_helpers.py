@@ -1,6 +1,6 @@
 """A synthetic world for the engine tests: a GPU whose power follows its requests, its counter, and SQL writers.
 
-Not a test module of its own (it holds no tests); the engine tests import from it. Rows go in through the store's
+The engine tests import from it. Rows go in through the store's
 own bulk writer (``meter.store.bulk``), the one the ledger uses, with ``ingested_ns`` chosen by the test.
 """
 

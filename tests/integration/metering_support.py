@@ -1,6 +1,6 @@
 """Helpers for the end-to-end metering tests: traffic from several tenants, waiting for attribution, the books.
 
-Holds no tests itself; ``test_metering_*.py`` import it.
+The ``test_metering_*.py`` tests import it.
 """
 
 from __future__ import annotations
