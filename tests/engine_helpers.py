@@ -1,7 +1,7 @@
 """A synthetic world for the engine tests: a GPU whose power follows its requests, its counter, and SQL writers.
 
-The engine tests import from it. Rows go in through the store's
-own bulk writer (``meter.store.bulk``), the one the ledger uses, with ``ingested_ns`` chosen by the test.
+The engine tests import from it. Rows go in through the store's own bulk writer (``meter.store.bulk``), the one the
+ledger uses, with ``ingested_ns`` chosen by the test.
 """
 
 from __future__ import annotations
