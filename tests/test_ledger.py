@@ -186,7 +186,7 @@ def test_writing_the_same_records_again_changes_nothing(migrated: tuple[str, sa.
         ledger.add_samples(samples)
         assert ledger.flush()
         before = request_rows(engine, with_ingested=True)
-        time.sleep(0.01)
+        time.sleep(0.01)  # the clock moves on: a row written again would show a later ingested_ns
         for t in timelines:  # the same timelines, the starts that preceded them, and the samples again
             ledger.request_finished(t)
             ledger.request_started(start_of(int(t.request_id[1:])))
@@ -246,7 +246,7 @@ def test_a_changed_timeline_updates_the_row_and_its_ingested_ns(
         ledger.request_started(start_of(1))
         assert ledger.flush()
         opened = request_rows(engine, with_ingested=True)["r1"]
-        time.sleep(0.002)
+        time.sleep(0.002)  # the clock moves on between the writes (each stamps ingested_ns)
         ledger.request_finished(timeline_of(1))
         assert ledger.flush()
         done = request_rows(engine, with_ingested=True)["r1"]

@@ -16,6 +16,7 @@ from proxy.config import MeterConfig
 from proxy.metering import build_meter_service
 from sim.config import SimConfig
 from tests.tcp_cut import TcpCut
+from tests.waiting import wait_until_async
 
 from .harness import running_stack
 from .metering_support import (
@@ -60,10 +61,9 @@ async def test_late_timelines_from_a_replica_are_recomputed_not_double_counted(t
                 cut.restore()
                 done = await traffic
                 assert done.failures == 0
-                for _ in range(200):
-                    if not s.app.ledger.stats.journal_pending:
-                        break
-                    await asyncio.sleep(0.1)
+                await wait_until_async(
+                    lambda: not s.app.ledger.stats.journal_pending, 20.0, what="the journal replayed"
+                )
                 assert s.app.ledger.stats.replayed > 0
                 await wait_attributed(db, 20.0)
                 for _ in range(30):  # the pass after the replay recomputes what the late rows touched
