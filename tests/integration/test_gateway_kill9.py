@@ -181,6 +181,7 @@ async def wait_closed(db: Any, timeout_s: float) -> None:
     await wait_until_async(none_open, timeout_s, what="every request row closed", poll_s=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
 async def test_kill_9_under_traffic_then_restart_loses_doubles_and_leaves_open_nothing(
     tmp_path: Path, dialect: str, request: pytest.FixtureRequest

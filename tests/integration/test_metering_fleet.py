@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from sqlalchemy.engine import make_url
 
 from meter.ledger import Ledger
@@ -30,6 +31,7 @@ from .metering_support import (
 )
 
 
+@pytest.mark.slow
 async def test_late_timelines_from_a_replica_are_recomputed_not_double_counted(tmp_path: Path, pg_url: str) -> None:
     parsed = make_url(pg_url)
     with TcpCut(parsed.host or "127.0.0.1", parsed.port or 5432) as cut:
