@@ -77,7 +77,7 @@ def samples_for(
     base_mj: int = 1_000_000,
 ) -> list[tuple[str, int, int | None, str | None]]:
     """Sample rows of one device: a reading at t shows floor(energy up to t - lag) + base."""
-    out = []
+    out: list[tuple[str, int, int | None, str | None]] = []
     t = t_from + offset_ns
     while t <= t_to:
         out.append((device, t, base_mj + math.floor(gpu.energy_mj(t - lag_ns)), None))

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from meter.engine import attributed_until, expected_usage, usage_table
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc
+from sim.ledger import RequestTruth
 from sim.server import SimTGI
 from tests.waiting import wait_until_async
 
@@ -179,7 +180,7 @@ class Accuracy:
 
 def accuracy(db: sa.Engine, sims: Sequence[SimTGI]) -> Accuracy:
     """Attributed energy per request (over all its epochs) against the simulators' truth."""
-    truth = {}
+    truth: dict[str, RequestTruth] = {}
     for sim in sims:
         truth.update(sim.truth().requests)
     got = query(
