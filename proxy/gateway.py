@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import aiohttp
@@ -207,14 +207,16 @@ class Gateway:
         return pool.info
 
     # -- the stream ------------------------------------------------------------------------------------------
-    async def stream(self, job: Job, result: StreamResult | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, job: Job, result: StreamResult | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Yield TGI stream events for ``job`` one by one (see ``stream_batches``)."""
         async with contextlib.aclosing(self.stream_batches(job, result)) as batches:
             async for batch in batches:
                 for event in batch:
                     yield event
 
-    async def stream_batches(self, job: Job, result: StreamResult | None = None) -> AsyncIterator[list[dict[str, Any]]]:
+    async def stream_batches(
+        self, job: Job, result: StreamResult | None = None
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Yield TGI stream events for ``job`` in batches: every event that one network read delivered.
 
         A front door that writes one message per batch sends fewer, larger messages when tokens arrive faster

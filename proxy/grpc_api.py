@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -366,7 +366,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         finally:
             structlog.contextvars.clear_contextvars()
 
-    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncIterator[Any]:
+    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncGenerator[Any, None]:
         """TGIS stream messages: the input token count first, then one message per batch of tokens."""
         r = options.response
         stops = options.tgi_parameters.get("stop", ())
