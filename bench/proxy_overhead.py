@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import statistics
@@ -43,6 +44,7 @@ from proxy.pb.fmaas import generation_pb2_grpc as pbg
 
 PROMPT = "Explain in one paragraph why batching requests saves energy on a GPU serving a language model."
 One = Callable[[], Awaitable[int]]
+LITELLM_KEY = "sk-joulegate-bench"
 
 
 @dataclass
@@ -92,7 +94,9 @@ def tgi_route(http: aiohttp.ClientSession, base: str, new_tokens: int) -> One:
     return one
 
 
-def openai_route(http: aiohttp.ClientSession, base: str, new_tokens: int, model: str) -> One:
+def openai_route(
+    http: aiohttp.ClientSession, base: str, new_tokens: int, model: str, headers: dict[str, str] | None = None
+) -> One:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": PROMPT}],
@@ -102,7 +106,7 @@ def openai_route(http: aiohttp.ClientSession, base: str, new_tokens: int, model:
 
     async def one() -> int:
         n = 0
-        async with http.post(f"{base}/v1/chat/completions", json=body) as resp:
+        async with http.post(f"{base}/v1/chat/completions", json=body, headers=headers) as resp:
             assert resp.status == 200, (resp.status, await resp.text())
             async for line in resp.content:
                 n += line.startswith(b"data:") and not line.startswith(b"data: [DONE]")
@@ -136,9 +140,9 @@ def _wait_port(port: int, timeout_s: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def process(cmd: list[str], port: int, log: Path) -> Iterator[str]:
+def process(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
             _wait_port(port)
             yield f"http://127.0.0.1:{port}"
@@ -178,7 +182,8 @@ async def measure(urls: dict[str, str], grpc_port: int, levels: list[int], round
             "joulegate-grpc": grpc_route(pbg.GenerationServiceStub(channel), new_tokens),
         }
         if "litellm" in urls:
-            routes["litellm-openai"] = openai_route(http, urls["litellm"], new_tokens, "sim")
+            auth = {"authorization": f"Bearer {LITELLM_KEY}"}
+            routes["litellm-openai"] = openai_route(http, urls["litellm"], new_tokens, "sim", auth)
         names = list(routes)
         for one in routes.values():  # warm-up: connections, caches, the first-call paths
             await drive(4, 8, one)
@@ -234,7 +239,8 @@ def stack(workdir: Path, time_scale: str, litellm: str | None) -> Iterator[tuple
         if litellm:
             port = free_port()
             cmd = [litellm, "--model", "openai/sim", "--api_base", f"{sim}/v1", "--port", str(port)]
-            urls["litellm"] = es.enter_context(process(cmd, port, workdir / "litellm.log"))
+            env = {"LITELLM_MASTER_KEY": LITELLM_KEY, "OPENAI_API_KEY": "sk-unused"}  # the sim ignores it
+            urls["litellm"] = es.enter_context(process(cmd, port, workdir / "litellm.log", env))
         yield urls, grpc_port
 
 
