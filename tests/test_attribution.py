@@ -206,6 +206,38 @@ def test_a_request_that_ends_without_a_token_owns_the_prefill_step_it_ended_in()
     assert a.requests["W"].prefill_mj == 667 and a.requests["D"].decode_mj == 1333
 
 
+def test_a_prefill_step_weighs_more_the_more_tokens_it_has():
+    # W is cancelled 50 ms after its release at 250 ms; its step (200 or 2,000 tokens at 2,000 tokens/s) is clipped to
+    # [250, 300], beside D's 50 ms of decode in the reading [200, 300]. With a weight of 1.0 + 0.5 per 1,000 tokens a
+    # 2,000-token step weighs 2 (as the flat ratio of 2 above: 2/3 of 1000 mJ), a 200-token one 1.1 (1.1/2.1).
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0, prefill_tokens_per_s=2_000.0, prefill_power_ratio=1.0,
+                            prefill_ratio_per_1k_tokens=0.5)  # fmt: skip
+    d = tl("D", 200, 200, 400)
+    for prompt, expected in ((2000, 667), (200, 524)):
+        a = attribute(grid([1000] * 5), [tl("W", 250, None, 300, prompt=prompt, status="CANCELLED"), d], pol)
+        assert a.requests["W"].prefill_mj == expected and a.requests["D"].decode_mj == 2000 - expected, prompt
+        check_conserved(a)
+    # Without the slope, the flat ratio alone.
+    flat = attribute(grid([1000] * 5), [tl("W", 250, None, 300, prompt=200, status="CANCELLED"), d],
+                     replace(pol, prefill_ratio_per_1k_tokens=0.0))  # fmt: skip
+    assert flat.requests["W"].prefill_mj == 500
+
+
+@settings(max_examples=150, deadline=None)
+@given(readings(), timelines(), policies(), st.floats(0.01, 3.0))
+def test_a_steeper_prefill_slope_never_gives_decode_or_idle_more(rs, tls, pol, more):
+    """The per-token term only raises the weight of prefill instants: in every interval the decode and idle pieces
+    keep their weight against a heavier prefill, so their energy never rises (within rounding: 3 mJ per request),
+    and the books still balance to the millijoule."""
+    steeper = replace(pol, prefill_ratio_per_1k_tokens=pol.prefill_ratio_per_1k_tokens + more)
+    base, heavy = attribute(rs, tls, pol), attribute(rs, tls, steeper)
+    check_conserved(heavy)
+    decode = sum(p.decode_mj for p in base.requests.values())
+    assert sum(p.decode_mj for p in heavy.requests.values()) <= decode + 3 * len(base.requests)
+    if pol.idle_power_w is None:  # with an idle floor, idle takes its floor first whatever the weights
+        assert heavy.idle_mj <= base.idle_mj + 2
+
+
 def test_a_request_its_backend_refused_owns_nothing_and_yields_to_everyone():
     pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0)
     for status in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE"):
@@ -281,6 +313,9 @@ def test_conflicting_timelines_raise_and_duplicates_are_merged():
         {"prefill_overhead_ns": -1},
         {"prefill_power_ratio": 0.0},
         {"prefill_power_ratio": math.nan},
+        {"prefill_ratio_per_1k_tokens": -0.1},
+        {"prefill_ratio_per_1k_tokens": math.inf},
+        {"prefill_ratio_per_1k_tokens": math.nan},
         {"idle_power_w": -1.0},
         {"batch_tolerance_ns": -1},
     ],
