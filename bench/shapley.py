@@ -110,11 +110,12 @@ def joulegate_bill(rep: Replay, settings: EngineSettings, workdir: Path) -> Bill
         raise RuntimeError("the engine measured no idle floor: the trace needs idle time between scenes")
     model = stats.calibration[BACKEND]
     lag_ns = model.lag_ns if model is not None else settings.lag_ns
-    calibration = (
-        "not settled"
-        if model is None
-        else f"lag {model.lag_ns / NS_PER_MS:.0f} ms, prefill {model.prefill_w:.0f} W, active {model.active_w:.0f} W"
-    )
+    calibration = "not settled"
+    if model is not None:
+        calibration = (
+            f"lag {model.lag_ns / NS_PER_MS:.0f} ms, prefill {model.prefill_ratio_at_no_tokens * model.active_w:.0f} W "
+            f"+ {model.prefill_w_per_1k_tokens:.0f} W per 1k step tokens, active {model.active_w:.0f} W"
+        )
     return Bill(billed, lag_ns, idle_w, calibration)
 
 

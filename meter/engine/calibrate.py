@@ -16,7 +16,8 @@ interval's work-time window [t_i - L, t_(i+1) - L] (prefill steps first, then de
 the precedence ``attribute`` uses) and k_prefill,i is the integral over the interval's prefill time of the step's
 prompt tokens, in thousands (a prefill step's power grows with its tokens: a small step does not fill the GPU). The
 token term is fitted only when the steps' sizes vary enough to tell it from the flat prefill power, and kept only
-when it comes out positive with a positive power at zero tokens; otherwise prefill power is flat (P_tokens = 0). For
+when it comes out positive with a positive power at zero tokens and makes at least 10 % of a mean-size step's power
+(less is what misplaced steps fake under a flat power); otherwise prefill power is flat (P_tokens = 0). For
 each candidate lag L on a grid, least squares gives the powers and a residual; the lag with the smallest residual,
 pooled over recent epochs, wins, and its powers give the ratio (and an idle floor). The fit is refused, and the
 configured values stay, when the pool is too small, a class has too little time to be measured, the residual hardly
@@ -43,6 +44,9 @@ _NS_PER_S = 1e9
 _MJ_PER_J = 1e3
 _DISTINCT = 0.8  # the best lag's residual must be at most this share of the median lag's
 _COLLINEAR = 0.995  # the token term is left out when cos^2 between it and prefill time across intervals is above this
+# ...and when it makes less than this share of a mean-size step's power: a smaller slope is within what misplaced
+# steps fake under a flat power (the simulator's flat 650 W prefill fits up to ~+30 W per 1,000 tokens, ~4 %)
+_MIN_TOKEN_SHARE = 0.1
 _N = 4  # regressors: prefill time, active time, idle time, prefill thousand-token time
 _TOKENS = 3
 
@@ -335,7 +339,7 @@ class LagCalibrator:
                 use = [0, 1]
                 xy = [pooled.xy[i] - idle_w * xx[_N * i + 2] for i in range(_N)]
                 yy = pooled.yy - 2 * idle_w * pooled.xy[2] + idle_w * idle_w * xx[_N * 2 + 2]
-            fit = self._solve(xx, xy, use)
+            fit = self._solve(xx, xy, use, pooled.time_s[_TOKENS] / pooled.time_s[0])
             if fit is None:
                 continue
             powers, rss = fit
@@ -369,10 +373,13 @@ class LagCalibrator:
         )
 
     @staticmethod
-    def _solve(xx: list[float], xy: list[float], use: list[int]) -> tuple[dict[int, float], float] | None:
+    def _solve(
+        xx: list[float], xy: list[float], use: list[int], mean_k_tokens: float
+    ) -> tuple[dict[int, float], float] | None:
         """Powers by regressor, and the explained sum of squares, over the columns ``use``, plus the token term
-        when it can be told from the flat prefill power (the steps' sizes vary) and comes out physical: a positive
-        slope, and a positive power at zero tokens. Without it, prefill power is flat."""
+        when it can be told from the flat prefill power (the steps' sizes vary) and comes out physical and material:
+        a positive slope, a positive power at zero tokens, and at least ``_MIN_TOKEN_SHARE`` of the power of a step
+        of the mean size (``mean_k_tokens`` thousand tokens). Without it, prefill power is flat."""
         p_tok_tt = xx[_N * _TOKENS + _TOKENS]
         cross = xx[_N * 0 + _TOKENS]
         if p_tok_tt > 0 and xx[0] > 0 and cross * cross / (xx[0] * p_tok_tt) < _COLLINEAR:
@@ -380,7 +387,8 @@ class LagCalibrator:
             p = solve_least_squares(xx, xy, with_tokens)
             if p is not None:
                 powers = dict(zip(with_tokens, p, strict=True))
-                if powers[_TOKENS] > 0 and powers[0] > 0:
+                by_tokens_w = powers[_TOKENS] * mean_k_tokens
+                if powers[0] > 0 and by_tokens_w >= _MIN_TOKEN_SHARE * (powers[0] + by_tokens_w):
                     return powers, sum(pi * xy[i] for i, pi in powers.items())
         p = solve_least_squares(xx, xy, use)
         if p is None:
