@@ -20,8 +20,13 @@ it ended:
 
 - *prefill step* ``[max(released, prefill_end - est), prefill_end]``. TGI prefills the requests that joined the
   running batch together, in one step that ends with their first tokens, so
-  ``est = prefill_overhead_ns + (prompt tokens of every request whose prefill_end is within batch_tolerance_ns of
-  this one's) / prefill_tokens_per_s``;
+  ``est = prefill_overhead_ns + (prompt tokens of the requests of its step) / prefill_tokens_per_s``. The requests of
+  one step are those whose prefill_end is within ``batch_tolerance_ns`` of this one's, and, among requests whose
+  prefill_end is a step's end (a first token or a generation failure), chains of them each of which ended less than
+  half its own shortest step (``prefill_overhead_ns + its prompt / prefill_tokens_per_s``) after the previous one:
+  the GPU runs one prefill step at a time, so a request that ended that soon after another cannot have had a step of
+  its own after it; its first token came in late (on a loaded host the gateway reads two first tokens of one step
+  milliseconds apart, past any fixed tolerance, and each alone would get a step far shorter than the one it shared);
 - *wait* ``[released, prefill step start)``: released to TGI, queued there for its prefill;
 - *decode* ``(first_token, done]``; a request without a first token has no decode.
 
@@ -307,12 +312,14 @@ def request_phases(
     for _, p in with_end:
         prefix_tokens.append(prefix_tokens[-1] + p)
     tol_ns = policy.batch_tolerance_ns
+    step_tokens = _step_tokens([tl for tl in live if not tl.abandoned_prefill], ends, policy)
     est: dict[str, int] = {}
     for tl in live:
         end = ends[tl.request_id]
         batch_tokens = (
             prefix_tokens[bisect_right(end_ns, end + tol_ns)] - prefix_tokens[bisect_left(end_ns, end - tol_ns)]
         )
+        batch_tokens = max(batch_tokens, step_tokens.get(tl.request_id, 0))
         est[tl.request_id] = policy.prefill_overhead_ns + round(batch_tokens * _NS_PER_S / policy.prefill_tokens_per_s)
 
     queue_wait_ns = _queue_wait_ns(live, ends, est, since_ns)
@@ -335,6 +342,29 @@ def request_phases(
                 tl.prompt_tokens,
             )
         )
+    return out
+
+
+def _step_tokens(known: list[Timeline], ends: dict[str, int], policy: AttributionPolicy) -> dict[str, int]:
+    """The prompt tokens of the step of each request whose prefill end is a step's end (``known``), grouping into one
+    step every chain of them each of which ended less than half its own shortest step after the previous one (it
+    cannot have had a step of its own) or within the batch tolerance."""
+    order = sorted(known, key=lambda tl: (ends[tl.request_id], tl.request_id))
+    groups: list[list[Timeline]] = []
+    prev_end: int | None = None
+    for tl in order:
+        end = ends[tl.request_id]
+        shortest_ns = policy.prefill_overhead_ns + tl.prompt_tokens * _NS_PER_S / policy.prefill_tokens_per_s
+        if prev_end is not None and (end - prev_end <= policy.batch_tolerance_ns or 2 * (end - prev_end) < shortest_ns):
+            groups[-1].append(tl)
+        else:
+            groups.append([tl])
+        prev_end = end
+    out: dict[str, int] = {}
+    for group in groups:
+        tokens = sum(tl.prompt_tokens for tl in group)
+        for tl in group:
+            out[tl.request_id] = tokens
     return out
 
 

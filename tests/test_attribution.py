@@ -176,16 +176,24 @@ def test_one_prefill_step_for_first_tokens_within_tolerance():
     # C decodes all along (no prefill window). A: released 400, first token 500, 1000 tokens; B: released 400,
     # first token 501, 3000 tokens. 20,000 tokens/s, overhead 5 ms, 1000 mJ per 100 ms.
     # Tolerance 2 ms: one step of 5 + 4000/20 = 205 ms for both, clipped at release: both prefill all of [400, 500],
-    # A gets 1000 * 1000/4000 = 250 there. Tolerance 0: A's step is 55 ms [445, 500], B's 155 ms [400, 501]:
-    # [400, 445] B alone, [445, 500] shared 1:3 -> A gets 550 * 1/4 = 137.5.
+    # A gets 1000 * 1000/4000 = 250 there. Tolerance 0: B's token came 1 ms after A's, far less than half the 155 ms
+    # a step of its own would have taken, and the GPU prefills one step at a time: the same step all the same (its
+    # token was read late; on a loaded host two tokens of one step come in milliseconds apart).
     c = tl("C", 0, 0, 1000)
     a_ = tl("A", 400, 500, 500, prompt=1000)
     b_ = tl("B", 400, 501, 501, prompt=3000)
     base = AttributionPolicy(lag_ns=0, prefill_overhead_ns=5 * MS, prefill_tokens_per_s=20_000.0)
     together = attribute(grid([1000] * 10), [c, a_, b_], base)
-    alone = attribute(grid([1000] * 10), [c, a_, b_], replace(base, batch_tolerance_ns=0))
-    assert together.requests["A"].prefill_mj == 250
-    assert alone.requests["A"].prefill_mj in (137, 138)
+    late = attribute(grid([1000] * 10), [c, a_, b_], replace(base, batch_tolerance_ns=0))
+    assert together.requests["A"].prefill_mj == late.requests["A"].prefill_mj == 250
+    # D (100 tokens) got its token 20 ms after A's: time enough for a 10 ms step of its own (5 + 100/20), so apart.
+    # A's step is 55 ms [445, 500]: in [400, 500] it weighs 2 x 55 against C's 45 ms of decode -> 1000 x 110/155;
+    # D's [510, 520] weighs 2 x 10 against C's 90 ms in [500, 600] -> 1000 x 20/110.
+    apart = attribute(grid([1000] * 10), [c, a_, tl("D", 400, 520, 520, prompt=100)], base)
+    assert (apart.requests["A"].prefill_mj, apart.requests["D"].prefill_mj) == (710, 182)
+    # An abandoned request's end is not a step's end: it joins a step only within the tolerance.
+    cut = attribute(grid([1000] * 10), [c, a_, tl("E", 400, None, 503, prompt=3000, status="CANCELLED")], base)
+    assert cut.requests["A"].prefill_mj != 250
 
 
 def test_a_request_that_ends_without_a_token_owns_the_prefill_step_it_ended_in():
@@ -259,9 +267,13 @@ def test_an_abandoned_prefill_joins_the_step_of_first_tokens_within_the_toleranc
     d = tl("D", 100, 100, 400)
     a = attribute(grid([1000] * 5), [f, tl("G", 100, 301, 400, prompt=1000), d], pol)
     assert a.requests["F"].prefill_mj == 505
-    # G's first token 4 ms later is another step: F's own is 50 ms, [250, 300], and D decodes [200, 250].
-    alone = attribute(grid([1000] * 5), [f, tl("G", 100, 304, 400, prompt=1000), d], pol)
-    assert alone.requests["F"].prefill_mj == 360  # weights in [200, 300]: D 50, F 2 x (4 + 46/2), G 2 x 46/2
+    # G's first token 4 ms later, past the tolerance, is still F's step: a step of its own would have taken 50 ms.
+    # F's step [200, 300], G's [204, 304]: F has [200, 204] alone and half of [204, 300] -> 1000 x 52/100.
+    late = attribute(grid([1000] * 5), [f, tl("G", 100, 304, 400, prompt=1000), d], pol)
+    assert late.requests["F"].prefill_mj == 520
+    # 60 ms later it had time for its own step: F's own is 50 ms, [250, 300], and D decodes [200, 250].
+    alone = attribute(grid([1000] * 5), [f, tl("G", 100, 360, 400, prompt=1000), d], pol)
+    assert alone.requests["F"].prefill_mj == 667  # weights in [200, 300]: D 50, F 2 x 50
 
 
 def test_requests_off_the_gpu_get_nothing():
