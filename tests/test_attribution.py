@@ -23,6 +23,7 @@ from meter.attribution import (
     PhaseEnergy,
     attribute,
     drop_stale_readings,
+    request_phases,
 )
 from meter.timeline import Timeline
 from tests.attribution_strategies import (
@@ -244,6 +245,38 @@ def test_a_steeper_prefill_slope_never_gives_decode_or_idle_more(rs, tls, pol, m
     assert sum(p.decode_mj for p in heavy.requests.values()) <= decode + 3 * len(base.requests)
     if pol.idle_power_w is None:  # with an idle floor, idle takes its floor first whatever the weights
         assert heavy.idle_mj <= base.idle_mj + 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(100, 3000), st.floats(0.0, 0.49)), min_size=1, max_size=6),
+    st.lists(st.tuples(st.integers(1, 3000), st.floats(1.0, 3.0)), min_size=0, max_size=4),
+)
+def test_first_tokens_of_one_step_read_late_still_make_one_step(batch, later):
+    """A batch prefilled in one step, its first tokens read late by less than half the shortest step each would
+    have had alone (jitter from 0 to 0.49 of it, chained): every request's step is the batch's, overhead plus all of
+    its tokens. Requests ending later, each at least a step of its own after the previous one (past the tolerance),
+    get steps of their own prompt only."""
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=5 * MS, prefill_tokens_per_s=20_000.0)
+
+    def shortest_ms(prompt: int) -> float:
+        return 5 + prompt / 20
+
+    tls, end = [], 10_000.0
+    for i, (prompt, jitter) in enumerate(batch):
+        end += jitter * shortest_ms(prompt) if i else 0.0
+        tls.append(tl(f"b{i}", 0, end, end + 50, prompt=prompt))
+    for i, (prompt, gap) in enumerate(later):
+        end += max(2.5, gap * shortest_ms(prompt))  # past the 2 ms tolerance, and a whole step of its own
+        tls.append(tl(f"l{i}", 0, end, end + 50, prompt=prompt))
+    phases = {p.request_id: p for p in request_phases(tls, pol)}
+    step_ns = 5 * MS + round(sum(p for p, _ in batch) * 1e9 / 20_000)
+    for i in range(len(batch)):
+        p = phases[f"b{i}"]
+        assert p.prefill_end_ns - p.prefill_start_ns == step_ns
+    for i, (prompt, _gap) in enumerate(later):
+        p = phases[f"l{i}"]
+        assert p.prefill_end_ns - p.prefill_start_ns == 5 * MS + round(prompt * 1e9 / 20_000)
 
 
 def test_a_request_its_backend_refused_owns_nothing_and_yields_to_everyone():
