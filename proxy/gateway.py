@@ -24,19 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import aiohttp
-import orjson
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from meter.timeline import Api, RequestStart, Timeline, did_gpu_work
-from proxy.backends import BackendPool, BackendUnreachable, Lease
-from proxy.errors import (
+from common.errors import (
     BackendError,
     Cancelled,
     DeadlineExceeded,
@@ -45,20 +41,18 @@ from proxy.errors import (
     NotFound,
     Overloaded,
     Unavailable,
-    from_tgi,
 )
-from proxy.inputs import clip
+from common.inputs import clip
+from meter.timeline import Api, RequestStart, Timeline, did_gpu_work
+from proxy.backends import BackendPool, BackendUnreachable, Lease
 from proxy.job import Job
-from proxy.logs import log_request
 from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
+from proxy.request_log import log_request
 from proxy.shaping import Shaper
 from proxy.sse import SSEDecoder
+from proxy.tgi_wire import OPENAI_ROUTES, SSE_DONE, parse_event, stream_error, token_limit
 
 log = structlog.get_logger(__name__)
-
-# TGI: "`inputs` tokens + `max_new_tokens` must be <= 2048. Given: 2000 `inputs` tokens and 100 `max_new_tokens`"
-_TOKEN_LIMIT_RE = re.compile(r"must be <= (\d+)\. Given: (\d+) `inputs` tokens and (\d+) `max_new_tokens`")
-
 
 UNKNOWN_CLASS = "(unknown)"  # the recorded class of a refused call that named a class no operator configured
 
@@ -78,20 +72,6 @@ _RETRYABLE = (BackendUnreachable, Overloaded, Unavailable)
 DEADLINE_SLACK_S = 0.05
 COUNT_TIMEOUT_S = 10.0  # how long the backend's /tokenize may take after a stream that did not report its count
 MAX_RECORDED_ID_CHARS = 256  # a model id a client named, as it is recorded for a refused call
-
-# TGI's OpenAI-compatible routes stream chat.completion chunks, not /generate_stream events: Job.route picks the reader.
-OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-_SSE_DONE = "[DONE]"  # the OpenAI routes' last event: not JSON, nothing to observe
-# TGI's InferError texts (router/src/infer/mod.rs) -> error_type; the OpenAI routes send only the text, always with 422
-_OPENAI_ERROR_TYPES = (
-    ("Input validation error", "validation"),
-    ("Model is overloaded", "overloaded"),
-    ("Request failed during generation", "generation"),
-    ("Incomplete generation", "incomplete_generation"),
-    ("Failed applying chat template", "validation"),
-    ("Tool error", "validation"),
-    ("Missing template vatiable", "validation"),  # sic, TGI's spelling
-)
 
 
 class StreamResult:
@@ -133,7 +113,7 @@ class Gateway:
         self.ledger = ledger
         self.retries = retries
         self.draining = False
-        self.ready = True  # False while the gateway cannot authenticate yet (its database never answered): proxy.server
+        self.ready = True  # False while the gateway cannot authenticate yet (its database never answered): app.server
         self._drain_cut_at: float | None = None  # loop time after which the drain cuts what is still running
         self._pending: set[asyncio.Task[None]] = set()  # timelines waiting for the backend's prompt count
 
@@ -305,7 +285,7 @@ class Gateway:
     def _observe(event: dict[str, Any], lease: Lease, result: StreamResult) -> dict[str, Any]:
         """Note what a stream event tells the meter; raise the mapped error for an in-stream error event."""
         if "error" in event:
-            raise _stream_error(event, lease.backend.name)
+            raise stream_error(event, lease.backend.name)
         if result.first_token_ns is None:
             result.first_token_ns = time.time_ns()
         if "token" in event:
@@ -325,7 +305,7 @@ class Gateway:
         gives the exact counts.
         """
         if "error" in event:
-            raise _stream_error(event, lease.backend.name)
+            raise stream_error(event, lease.backend.name)
         choices = event.get("choices")
         if choices:
             if result.first_token_ns is None:
@@ -427,7 +407,7 @@ class Gateway:
                 if not first or "error" not in first[0]:
                     return resp, decoder, first
                 resp.close()
-                err = _stream_error(first[0], lease.backend.name)
+                err = stream_error(first[0], lease.backend.name)
             clamped = self._clamp(job, body, err) if clamp_round == 0 and isinstance(err, InvalidArgument) else None
             if clamped is None:
                 raise err
@@ -439,10 +419,10 @@ class Gateway:
         """TGIS semantics: a request too long for the model gets fewer new tokens instead of an error."""
         if not job.clamp_to_token_limit:
             return None
-        m = _TOKEN_LIMIT_RE.search(exc.message)
-        if not m:
+        found = token_limit(exc.message)
+        if found is None:
             return None
-        limit, input_tokens = int(m.group(1)), int(m.group(2))
+        limit, input_tokens = found
         allowed = limit - input_tokens
         if allowed < 1:
             return None
@@ -609,17 +589,17 @@ def _as_final(cause: GatewayError) -> GatewayError:
 async def _first_events(resp: aiohttp.ClientResponse, decoder: SSEDecoder, backend: str) -> list[dict[str, Any]]:
     """Read until at least one complete event (or the end of the stream)."""
     async for chunk in resp.content.iter_any():
-        events = [d for d in decoder.feed(chunk) if d != _SSE_DONE]
+        events = [d for d in decoder.feed(chunk) if d != SSE_DONE]
         if events:
-            return [_parse_event(d, backend) for d in events]
-    return [_parse_event(d, backend) for d in decoder.close() if d != _SSE_DONE]
+            return [parse_event(d, backend) for d in events]
+    return [parse_event(d, backend) for d in decoder.close() if d != SSE_DONE]
 
 
 Observer = Callable[[dict[str, Any], Lease, StreamResult], dict[str, Any]]
 
 
 def _parse_events(datas: Iterable[str], backend: str) -> Iterator[dict[str, Any]]:
-    return (_parse_event(d, backend) for d in datas if d != _SSE_DONE)
+    return (parse_event(d, backend) for d in datas if d != SSE_DONE)
 
 
 def _observe_batch(
@@ -633,23 +613,3 @@ def _observe_batch(
     except GatewayError as exc:
         return batch, exc
     return batch, None
-
-
-def _stream_error(event: dict[str, Any], backend: str) -> GatewayError:
-    """An in-stream error event: TGI's ``{"error", "error_type"}`` or the OpenAI routes' ``{"error": {"message"}}``."""
-    error = event["error"]
-    if isinstance(error, dict):
-        message = str(error.get("message", ""))
-        error_type = next((t for prefix, t in _OPENAI_ERROR_TYPES if message.startswith(prefix)), "unknown")
-        event = {"error": message, "error_type": error_type}
-    return from_tgi(200, event, backend=backend)
-
-
-def _parse_event(data: str, backend: str) -> dict[str, Any]:
-    try:
-        event = orjson.loads(data)  # one per token: orjson is several times faster than json here
-    except orjson.JSONDecodeError as exc:
-        raise BackendError(f"backend {backend} sent an event that is not JSON") from exc
-    if not isinstance(event, dict):
-        raise BackendError(f"backend {backend} sent an event that is not an object")
-    return event

@@ -12,7 +12,7 @@ Batched ``Generate`` calls get one request id per text: the call's id when it ha
 
 Metadata the gateway reads (``authorization``, ``x-api-key``, ``x-correlation-id``, ``x-traffic-class``) must be
 printable ASCII, as gRPC requires of ASCII metadata: anything else is INVALID_ARGUMENT naming the key, before the
-correlation id is echoed or anything is stored (``proxy.inputs``). The traffic class must be one the model has
+correlation id is echoed or anything is stored (``common.inputs``). The traffic class must be one the model has
 configured. An exception that is not a ``GatewayError`` is a bug of ours: INTERNAL with the request id, never
 UNKNOWN with a Python message.
 
@@ -26,84 +26,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 import structlog
-from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
+from common.errors import GatewayError, InvalidArgument
+from common.grpc_calls import abort_with, as_status_error, metadata_dict
+from common.ids import new_request_id, text_request_ids
+from meter.auth import Authenticator, Principal
 from meter.timeline import Api
-from proxy.auth import Authenticator, Principal, requested_class
-from proxy.errors import GatewayError, Internal, InvalidArgument, MalformedRequest
 from proxy.gateway import Gateway, StreamResult
-from proxy.inputs import InputRefused, headers_of_interest
 from proxy.job import Job
 from proxy.params import GenerationOptions, ModelLimits, to_tgi
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pb_grpc
 from proxy.tgis import StopTextHolder, input_token_infos, matched_stop_sequence, stop_reason, token_info
+from proxy.traffic_class import requested_class
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 # The metadata the gateway reads (and may echo or store): printable ASCII only
 READ_METADATA = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class")
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-async def abort_with(context: grpc.aio.ServicerContext, exc: GatewayError, request_id: str | None = None) -> None:
-    """End the call with ``exc``'s status; RESOURCE_EXHAUSTED/UNAVAILABLE carry a retry hint.
-
-    The hint travels twice: as ``google.rpc.RetryInfo`` in the rich status details (what gRPC client libraries
-    read) and as plain ``retry-after-ms`` trailing metadata (what a person with grpcurl reads). ``request_id`` goes
-    into the trailing metadata as ``x-request-id``, for a client that got no initial metadata.
-    """
-    trailing: tuple[tuple[str, str | bytes], ...] = (("x-request-id", request_id),) if request_id else ()
-    if exc.retry_after_s is None:
-        await context.abort(exc.grpc_code, exc.message, trailing_metadata=trailing)
-        return
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
-    detail = status_pb2.Status(code=getattr(code_pb2, exc.grpc_code.name), message=exc.message)
-    detail.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    status = rpc_status.to_status(detail)
-    status = _Status(
-        status.code,
-        status.details,
-        (*status.trailing_metadata, ("retry-after-ms", str(int(exc.retry_after_s * 1000))), *trailing),
-    )
-    await context.abort_with_status(status)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Status(grpc.Status):
-    code: grpc.StatusCode
-    details: str
-    trailing_metadata: tuple[tuple[str, str | bytes], ...]
-
-
-def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    """The metadata the gateway reads, each value checked (INVALID_ARGUMENT naming the key when it is not fit)."""
-    md = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    try:
-        return headers_of_interest(md, READ_METADATA)
-    except InputRefused as exc:
-        raise MalformedRequest(str(exc)) from None
-
-
-def internal_error(method: str, call: CallContext | None) -> Internal:
-    """A bug of ours, logged with its traceback (call it in the ``except`` block), answered as INTERNAL, not UNKNOWN."""
-    log.exception("request_crashed", method=method)
-    return Internal(f"internal error (request id {call.request_id if call is not None else 'unknown'})")
 
 
 class CallContext:
@@ -153,7 +100,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         The ids go out only once the caller is known, so that a call with an ``x-request-id`` in its initial
         metadata always has a row (a caller that gives up before that gets none, like a stranger; a refused one
         finds its id in the trailing metadata)."""
-        md = metadata_dict(context)  # checked before anything is echoed or kept
+        md = metadata_dict(context, READ_METADATA)  # checked before anything is echoed or kept
         correlation_id = md.get("x-correlation-id")
         principal = await self.auth.authenticate(md)
         initial = [("x-request-id", request_id)]
@@ -186,7 +133,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await _settle(call.metadata_sent)
             return result
         except Exception as caught:
-            exc = caught if isinstance(caught, GatewayError) else internal_error("unary", call)
+            exc = as_status_error(caught, "unary", request_id)
             if call is not None:
                 if model_id is not None:
                     self._record_refused(call, model_id, received_ns, exc.grpc_code.name)
@@ -254,7 +201,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             options = self._options(model_id, request.params, adapter)
             traffic_class = self.gateway.resolve_class(model_id, call.traffic_class)
             n = len(request.requests)
-            ids = [call.request_id] if n == 1 else [f"{call.request_id}-{i}" for i in range(n)]
+            ids = text_request_ids(call.request_id, n)
             jobs = [
                 (self._job(call, rid, model_id, r.text, options, received_ns, traffic_class), StreamResult())
                 for rid, r in zip(ids, request.requests, strict=True)
@@ -357,7 +304,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         await _settle(call.metadata_sent)
                     yield message
         except Exception as caught:
-            exc = caught if isinstance(caught, GatewayError) else internal_error("stream", call)
+            exc = as_status_error(caught, "stream", request_id)
             if call is not None:
                 self._record_refused(call, request.model_id, received_ns, exc.grpc_code.name)
                 await _settle(call.metadata_sent)

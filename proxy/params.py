@@ -20,8 +20,8 @@ from typing import Any
 from text_generation import errors as tgi_errors
 from text_generation.types import Parameters as TgiParameters
 
-from proxy.errors import InvalidArgument
-from proxy.inputs import MAX_JSON_DEPTH, InputRefused, check_json, may_hold_surrogates
+from common.errors import InvalidArgument
+from common.inputs import MAX_JSON_DEPTH, InputRefused, check_json, may_hold_surrogates
 from proxy.pb.fmaas import generation_pb2 as pb
 
 DEFAULT_MAX_NEW_TOKENS = 20  # TGIS: "Default (0) is currently 20"

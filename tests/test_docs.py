@@ -20,8 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from proxy.config import BackendConfig, Config, ModelConfig, load_config
-from proxy.shaping.config import ClassConfig, ShapingConfig
+from app.config import BackendConfig, Config, ModelConfig, load_config
+from common.shaping_config import ClassConfig, ShapingConfig
 
 from .conftest import REPO_ROOT
 
@@ -47,7 +47,7 @@ def _readme_demo() -> str:
 def test_the_readme_demo_output_is_what_the_demo_prints(tmp_path: Path) -> None:
     # a process of its own, as `make demo` runs it (the demo sets up logging for its whole process)
     demo = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "demo", "--dir", ".demo", "--seconds", "3"],
+        [sys.executable, "-m", "app.cli", "demo", "--dir", ".demo", "--seconds", "3"],
         cwd=tmp_path,
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,

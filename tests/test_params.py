@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from text_generation.types import Parameters as TgiParameters
 
-from proxy.errors import InvalidArgument
+from common.errors import InvalidArgument
 from proxy.params import DEFAULT_MAX_NEW_TOKENS, ModelLimits, to_tgi
 from proxy.pb.fmaas import generation_pb2 as pb
 

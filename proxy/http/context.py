@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from meter.auth import Authenticator, Principal
 from meter.timeline import Api
-from proxy.auth import Authenticator, Principal
 from proxy.gateway import Gateway
 from proxy.job import Job
 from proxy.params import ModelLimits
@@ -81,10 +80,6 @@ class Services:
 
     def limit(self, model_id: str) -> ModelLimits:
         return self.limits.get(model_id, ModelLimits())
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
 
 
 def call_of(request: web.Request) -> Call:

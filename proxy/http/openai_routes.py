@@ -16,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import GatewayError, InvalidArgument
+from common.errors import GatewayError, InvalidArgument
+from common.ids import text_request_ids
 from proxy.gateway import StreamResult
 from proxy.http import wire
 from proxy.http.assemble import (
@@ -121,7 +122,7 @@ class OpenAIRoutes:
         batch_limit = min(int(info.get("max_client_batch_size") or most), most)
         if n > batch_limit:
             raise InvalidArgument(f"Number of prompts exceeds the maximum allowed batch size of {batch_limit}")
-        ids = [call.request_id] if n == 1 else [f"{call.request_id}-{i}" for i in range(n)]
+        ids = text_request_ids(call.request_id, n)
         jobs = [
             call.job(
                 self.s.gateway,

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import Cancelled, GatewayError
+from common.errors import Cancelled, GatewayError
 from proxy.gateway import StreamResult
 from proxy.http import wire
 from proxy.http.errors import in_stream

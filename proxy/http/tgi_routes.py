@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import InvalidArgument
+from common.errors import InvalidArgument
 from proxy.gateway import StreamResult
 from proxy.http import wire
 from proxy.http.assemble import GenerateAssembler, Timing, client_stream_event, timing_headers

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.shaping.config import ClassConfig, Policy, ShapingConfig
+from common.shaping_config import ClassConfig, Policy, ShapingConfig
 from proxy.shaping.shaper import ArrivalShaper, build_shapers
 
 if TYPE_CHECKING:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from proxy.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
-from proxy.inputs import clip
+from common.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from common.inputs import clip
+from common.shaping_config import DEFAULT_CLASS, ClassConfig, Policy, ShapingConfig
 from proxy.metrics import tenant_label
 from proxy.shaping import metrics as m
-from proxy.shaping.config import DEFAULT_CLASS, ClassConfig, Policy, ShapingConfig
 from proxy.shaping.fairness import FairQueue
 from proxy.shaping.policies import HeldState, RateEstimator, ReleasePolicy, make_policy
 
@@ -216,7 +216,7 @@ class ShapingCore:
             return cq
         if not name or name == DEFAULT_CLASS:
             return self.classes[self.cfg.default_class]
-        origin = getattr(name, "origin", "x-traffic-class")  # proxy.auth.RequestedClass: the header or the key
+        origin = getattr(name, "origin", "x-traffic-class")  # proxy.traffic_class.RequestedClass: the header or the key
         raise InvalidArgument(f"{origin}: unknown class {clip(str(name))!r} (known: {', '.join(self.classes)})")
 
     def admit(self, entry: Entry, now_s: float) -> None:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from proxy.errors import Unavailable
-from proxy.shaping.config import ShapingConfig
+from common.errors import Unavailable
+from common.shaping_config import ShapingConfig
 from proxy.shaping.core import Entry, Outcome, ShapingCore
 
 if TYPE_CHECKING:

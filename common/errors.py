@@ -1,22 +1,38 @@
-"""The gateway's errors: one class per way a request can fail, each knowing its gRPC code and its TGI HTTP answer.
+"""joulegate's errors: one root, ``JoulegateError``, and one class per way a call or a process can fail.
 
-Both front doors (gRPC and HTTP) raise and catch these, so a failure reads the same through either: a client's
-mistake is INVALID_ARGUMENT / 422 naming what was wrong, overload is RESOURCE_EXHAUSTED / 429 with a retry hint,
-and nothing a client can send turns into INTERNAL. Messages are clipped to ``MAX_MESSAGE_CHARS``: an error never
-carries megabytes of a client's input (or of a backend's answer) back.
+- ``GatewayError`` and its subclasses: what a call answers with, each knowing its gRPC code and its TGI HTTP answer.
+  Every front door (the generation service over gRPC and HTTP, the EnergyReports service) raises and catches these,
+  so a failure reads the same through each: a client's mistake is INVALID_ARGUMENT / 422 naming what was wrong,
+  overload is RESOURCE_EXHAUSTED / 429 with a retry hint, and nothing a client can send turns into INTERNAL.
+  Messages are clipped to ``MAX_MESSAGE_CHARS``: an error never carries megabytes of a client's input back.
+- ``ConfigError``: a setting is invalid (the message names the key); a command exits 2.
+- ``ConservationError``: the attributed energy does not add up to the counter's — a bug, never papered over.
+
+Mapping a backend's own error answers onto these lives with the backend's wire format (``proxy.tgi_wire``).
 """
 
 from __future__ import annotations
 
 import grpc
-from text_generation import errors as tgi_errors
 
-from proxy.inputs import clip
+from common.inputs import clip
 
 MAX_MESSAGE_CHARS = 1024
 
 
-class GatewayError(Exception):
+class JoulegateError(Exception):
+    """The root of every error joulegate raises on purpose."""
+
+
+class ConfigError(JoulegateError, ValueError):
+    """The configuration is invalid; the message says which key and why."""
+
+
+class ConservationError(JoulegateError):
+    """Attributed energy plus idle energy differs from what the counter measured: a bug in the attribution."""
+
+
+class GatewayError(JoulegateError):
     """Base class. ``message`` is safe to show to the client."""
 
     grpc_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
@@ -131,40 +147,3 @@ class BackendError(GatewayError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
     http_status = 502
     error_type = "backend"
-
-
-# axum's rejections of a body it cannot read: 400 not JSON, 413 too large, 422 wrong shape (415 cannot be the
-# client's doing: the gateway always sends JSON)
-_BODY_REJECTIONS = frozenset({400, 413, 422})
-
-
-def from_tgi(status: int, body: object, *, backend: str) -> GatewayError:
-    """Map a TGI error answer (HTTP status + ``{"error", "error_type"}`` body, or an in-stream error event).
-
-    Classification goes through the ``text-generation`` package's own ``parse_error`` so the gateway reads TGI's
-    errors exactly as TGI's Python client does. A 4xx whose body is not a TGI error object is axum refusing the
-    request body before TGI saw it (plain text, e.g. ``Failed to deserialize the JSON body into the target type:
-    parameters.top_k: invalid value ...``): the client's mistake, passed on as ``BodyRejected`` with its text.
-    """
-    if not isinstance(body, dict) or "error" not in body:
-        if status in _BODY_REJECTIONS:
-            text = body.strip() if isinstance(body, str) and body.strip() else f"HTTP {status}"
-            return BodyRejected(text, http_status=status)
-        return BackendError(f"backend {backend} answered HTTP {status} without a TGI error body")
-    message = str(body["error"])
-    err = tgi_errors.parse_error(status, {k: str(v) for k, v in body.items()})
-    match err:
-        case tgi_errors.ValidationError() | tgi_errors.BadRequestError():
-            return InvalidArgument(message)
-        case tgi_errors.OverloadedError() | tgi_errors.RateLimitExceededError():
-            return Overloaded(f"backend {backend}: {message}", retry_after_s=1.0)
-        case tgi_errors.GenerationError() | tgi_errors.IncompleteGenerationError():
-            return GenerationFailed(f"backend {backend}: {message}")
-        case tgi_errors.ShardNotReadyError() | tgi_errors.ShardTimeoutError():
-            return Unavailable(f"backend {backend}: {message}")
-        case tgi_errors.NotFoundError():
-            return BackendError(f"backend {backend}: {message}")
-        case _:
-            if status == 503:
-                return Unavailable(f"backend {backend}: {message}")
-            return BackendError(f"backend {backend}: HTTP {status}: {message}")

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.commands.database import CommandError, add_db_arguments, check_db_url, db_failure, redact, url_origin
-from proxy.config import ConfigError, load_config
+from app.commands.database import CommandError, add_db_arguments, check_db_url, db_failure, redact, url_origin
+from app.config import ConfigError, load_config
 
 USAGE_COLUMNS = (
     "key", "requests", "prompt_tokens", "generated_tokens", "prefill_j", "decode_j", "idle_j", "total_j", "total_wh",
@@ -301,10 +301,10 @@ def _settings(engine: Any, args: argparse.Namespace, fallback: Any) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.metering import settings_from_config
+    from common.logs import logs_to_stderr
     from meter.reports import IdlePolicy, ReportError, ReportOptions
     from meter.store import current, make_engine
-    from proxy.logs import logs_to_stderr
-    from proxy.reports_api import settings_from_config
 
     logs_to_stderr()
     overrides: dict[str, Any] = {"db": {"url": args.db}} if args.db else {}
