@@ -106,7 +106,7 @@ class Gateway:
         shapers: Mapping[str, Shaper],
         ledger: TimelineSink,
         *,
-        retries: int = 2,
+        retries: int,
     ) -> None:
         self.pools = dict(pools)
         self._shapers = dict(shapers)  # one per model

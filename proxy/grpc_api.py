@@ -85,7 +85,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         auth: Authenticator,
         limits: dict[str, ModelLimits],
         *,
-        max_batch_requests: int = 64,
+        max_batch_requests: int,
     ) -> None:
         self.gateway = gateway
         self.auth = auth
@@ -161,7 +161,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
 
     def _options(self, model_id: str, params: Any, adapter_id: str | None) -> GenerationOptions:
-        return to_tgi(params, self.limits.get(model_id, ModelLimits()), adapter_id=adapter_id)
+        return to_tgi(params, self.limits[model_id], adapter_id=adapter_id)
 
     def _job(self, call: CallContext, request_id: str, model_id: str, text: str, options: GenerationOptions,
              received_ns: int, traffic_class: str) -> Job:  # fmt: skip
@@ -418,7 +418,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async def work(call: CallContext) -> pb.ModelInfoResponse:
             model_id = self.gateway.resolve_model(request.model_id)
             info = await self.gateway.model_info(model_id)
-            limits = self.limits.get(model_id, ModelLimits())
+            limits = self.limits[model_id]
             max_total = int(info.get("max_total_tokens", 0))
             return pb.ModelInfoResponse(
                 model_kind=pb.ModelInfoResponse.DECODER_ONLY,

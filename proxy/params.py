@@ -39,8 +39,8 @@ _REGEX_META = set(".^$*+?()[]{}|\\/")
 class ModelLimits:
     """What one model accepts; from config and the backends' /info."""
 
-    max_new_tokens: int = 1024  # the most a request may ask for
-    default_include_stop_sequence: bool = True
+    max_new_tokens: int  # the most a request may ask for (``models[].max_new_tokens``)
+    default_include_stop_sequence: bool  # ``models[].include_stop_sequence``
 
 
 @dataclass(frozen=True, slots=True)

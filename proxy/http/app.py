@@ -84,13 +84,13 @@ class HttpFrontDoor:
         self,
         gateway: Gateway,
         auth: Authenticator,
-        limits: Mapping[str, ModelLimits] | None = None,
+        limits: Mapping[str, ModelLimits],
         *,
-        max_batch_requests: int = 64,
+        max_batch_requests: int,
         max_body_bytes: int = MAX_BODY_BYTES,
         head_timeout_s: float = HEAD_TIMEOUT_S,
     ) -> None:
-        self.services = Services(gateway, auth, dict(limits or {}), max_batch_requests)
+        self.services = Services(gateway, auth, dict(limits), max_batch_requests)
         self.max_body_bytes = max_body_bytes
         self.deadlines = HeadDeadlines(head_timeout_s)
         self.port = 0

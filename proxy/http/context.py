@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -75,11 +75,11 @@ class Services:
 
     gateway: Gateway
     auth: Authenticator
-    limits: Mapping[str, ModelLimits] = field(default_factory=dict)
-    max_batch_requests: int = 64
+    limits: Mapping[str, ModelLimits]  # of every model the gateway serves (``Gateway.resolve_model``'s answers)
+    max_batch_requests: int
 
     def limit(self, model_id: str) -> ModelLimits:
-        return self.limits.get(model_id, ModelLimits())
+        return self.limits[model_id]
 
 
 def call_of(request: web.Request) -> Call:
