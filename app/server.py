@@ -108,7 +108,8 @@ class GatewayApp:
 
     async def start(self) -> None:
         cfg = self.config
-        self.gateway.ready = await self._try_database()
+        if await self._try_database():
+            self.gateway.mark_ready()
         self.ledger.start()
         ENERGY_METRICS.attach(
             self.engine,
@@ -173,7 +174,7 @@ class GatewayApp:
         async for attempt in retrying:
             with attempt:
                 await asyncio.to_thread(self._prepare_database)
-        self.gateway.ready = True
+        self.gateway.mark_ready()
         log.info("database_available", health="SERVING" if self.gateway.healthy else "NOT_SERVING (no backend)")
         await self._update_health()
 

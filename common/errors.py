@@ -13,9 +13,12 @@ Mapping a backend's own error answers onto these lives with the backend's wire f
 
 from __future__ import annotations
 
-import grpc
+from typing import TYPE_CHECKING
 
 from common.inputs import clip
+
+if TYPE_CHECKING:
+    import grpc
 
 MAX_MESSAGE_CHARS = 1024
 
@@ -35,7 +38,7 @@ class ConservationError(JoulegateError):
 class GatewayError(JoulegateError):
     """Base class. ``message`` is safe to show to the client."""
 
-    grpc_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    code_name: str = "UNKNOWN"  # the gRPC status code (no gRPC import here: the meter's pure core imports this module)
     http_status: int = 500
     error_type: str = "unknown"  # TGI's `error_type` field in an error body
 
@@ -48,11 +51,17 @@ class GatewayError(JoulegateError):
     def __str__(self) -> str:
         return self.message
 
+    @property
+    def grpc_code(self) -> grpc.StatusCode:
+        import grpc
+
+        return grpc.StatusCode[self.code_name]
+
 
 class InvalidArgument(GatewayError):
     """The request is malformed or its parameters are out of range (TGI's 422 validation errors too)."""
 
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    code_name = "INVALID_ARGUMENT"
     http_status = 422
     error_type = "validation"
 
@@ -80,19 +89,19 @@ class BodyRejected(InvalidArgument):
 
 
 class Unauthenticated(GatewayError):
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    code_name = "UNAUTHENTICATED"
     http_status = 401
     error_type = "authentication"
 
 
 class PermissionDenied(GatewayError):
-    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    code_name = "PERMISSION_DENIED"
     http_status = 403
     error_type = "permission"
 
 
 class NotFound(GatewayError):
-    grpc_code = grpc.StatusCode.NOT_FOUND
+    code_name = "NOT_FOUND"
     http_status = 404
     error_type = "not_found"
 
@@ -100,7 +109,7 @@ class NotFound(GatewayError):
 class Overloaded(GatewayError):
     """Queues are full (the gateway's or every backend's); come back after ``retry_after_s``."""
 
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code_name = "RESOURCE_EXHAUSTED"
     http_status = 429
     error_type = "overloaded"
 
@@ -108,19 +117,19 @@ class Overloaded(GatewayError):
 class Unavailable(GatewayError):
     """No healthy backend, or the gateway is draining."""
 
-    grpc_code = grpc.StatusCode.UNAVAILABLE
+    code_name = "UNAVAILABLE"
     http_status = 503
     error_type = "unavailable"
 
 
 class DeadlineExceeded(GatewayError):
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code_name = "DEADLINE_EXCEEDED"
     http_status = 504
     error_type = "deadline"
 
 
 class Cancelled(GatewayError):
-    grpc_code = grpc.StatusCode.CANCELLED
+    code_name = "CANCELLED"
     http_status = 499
     error_type = "cancelled"
 
@@ -128,7 +137,7 @@ class Cancelled(GatewayError):
 class GenerationFailed(GatewayError):
     """The backend failed while generating (TGI's 424 `generation` / 500 `incomplete_generation`)."""
 
-    grpc_code = grpc.StatusCode.INTERNAL
+    code_name = "INTERNAL"
     http_status = 424
     error_type = "generation"
 
@@ -136,7 +145,7 @@ class GenerationFailed(GatewayError):
 class Internal(GatewayError):
     """A fault of the gateway itself (a bug, a query the database could not run): never a client's mistake."""
 
-    grpc_code = grpc.StatusCode.INTERNAL
+    code_name = "INTERNAL"
     http_status = 500
     error_type = "internal"
 
@@ -144,6 +153,6 @@ class Internal(GatewayError):
 class BackendError(GatewayError):
     """The backend answered something the gateway cannot use (a broken stream, an unexpected status)."""
 
-    grpc_code = grpc.StatusCode.UNAVAILABLE
+    code_name = "UNAVAILABLE"
     http_status = 502
     error_type = "backend"

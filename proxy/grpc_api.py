@@ -38,7 +38,7 @@ from common.grpc_calls import abort_with, as_status_error, metadata_dict
 from common.ids import new_request_id, text_request_ids
 from meter.auth import Authenticator, Principal
 from meter.timeline import Api
-from proxy.gateway import Gateway, StreamResult
+from proxy.gateway import Gateway, GenerationStream
 from proxy.job import Job
 from proxy.params import GenerationOptions, ModelLimits, to_tgi
 from proxy.pb.fmaas import generation_pb2 as pb
@@ -179,6 +179,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             deadline=call.deadline,
             clamp_to_token_limit=True,
             received_ns=received_ns,
+            stop_at=_stop_at(options.time_limit_ms, received_ns),
         )
 
     async def _input_tokens(self, model_id: str, text: str, truncate: int) -> list[dict[str, Any]]:
@@ -202,21 +203,22 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             traffic_class = self.gateway.resolve_class(model_id, call.traffic_class)
             n = len(request.requests)
             ids = text_request_ids(call.request_id, n)
-            jobs = [
-                (self._job(call, rid, model_id, r.text, options, received_ns, traffic_class), StreamResult())
+            streams = [
+                self.gateway.generation(self._job(call, rid, model_id, r.text, options, received_ns, traffic_class))
                 for rid, r in zip(ids, request.requests, strict=True)
             ]
-            with self.gateway.recording(jobs):  # a text whose task was cancelled before it started
+            with self.gateway.recording(streams):  # a text whose task was cancelled before it started
                 try:
                     async with asyncio.TaskGroup() as tg:
-                        tasks = [tg.create_task(self._generate_one(job, result, options)) for job, result in jobs]
+                        tasks = [tg.create_task(self._generate_one(stream, options)) for stream in streams]
                 except* GatewayError as group:
                     raise group.exceptions[0] from None
             return pb.BatchedGenerationResponse(responses=[t.result() for t in tasks])
 
         return await self._guard(context, work, model_id=request.model_id, received_ns=received_ns)
 
-    async def _generate_one(self, job: Job, result: StreamResult, options: GenerationOptions) -> Any:
+    async def _generate_one(self, stream: GenerationStream, options: GenerationOptions) -> Any:
+        job = stream.job
         resp = pb.GenerationResponse()
         r = options.response
         input_task = (
@@ -229,8 +231,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         deltas: list[str] = []  # the text so far, for a call that its time limit ends before TGI's last event
         try:
             async with (
-                contextlib.aclosing(self.gateway.stream(job, result)) as events,
-                _time_limit(options.time_limit_ms, job),
+                contextlib.aclosing(stream.events()) as events,
+                _time_limit(job),
             ):
                 async for event in events:
                     token = event.get("token")
@@ -249,7 +251,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         text = (final.get("generated_text") or "") if final else "".join(deltas)
         if final is not None:
             details = final["details"]
-            resp.stop_reason = stop_reason(details.get("finish_reason"), token_limited=result.token_limited)
+            resp.stop_reason = stop_reason(details.get("finish_reason"), token_limited=stream.token_limited)
             if resp.stop_reason == pb.STOP_SEQUENCE:
                 resp.stop_sequence = matched_stop_sequence(text, options.tgi_parameters.get("stop", ()))
                 if not options.include_stop_sequence and resp.stop_sequence:
@@ -258,13 +260,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 resp.seed = int(details["seed"])
         elif time_limited:
             resp.stop_reason = pb.TIME_LIMIT
-        resp.generated_token_count = result.generated_tokens
+        resp.generated_token_count = stream.generated_tokens
         resp.text = (job.inputs + text) if r.input_text else text
         input_tokens = await input_task if input_task is not None else None
         if input_tokens is not None:
             resp.input_tokens.extend(input_token_infos(input_tokens))
-        if result.prompt_tokens is not None:
-            resp.input_token_count = result.prompt_tokens
+        if stream.prompt_tokens is not None:
+            resp.input_token_count = stream.prompt_tokens
         elif input_tokens is not None:
             resp.input_token_count = len(input_tokens)
         elif time_limited:  # TGI's count comes with its last event, which never came: count as TGIS would have
@@ -322,14 +324,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         count_task = asyncio.create_task(self._input_tokens(job.model_id, job.inputs, truncate))
         _keep_until_done(count_task)
         holder = StopTextHolder(stops) if not options.include_stop_sequence else None
-        result = StreamResult()
+        stream = self.gateway.generation(job)
         sent_first = False
         generated = 0
         deltas: list[str] = []
         try:
             async with (
-                contextlib.aclosing(self.gateway.stream_batches(job, result)) as batches,
-                _time_limit(options.time_limit_ms, job),
+                contextlib.aclosing(stream.batches()) as batches,
+                _time_limit(job),
             ):
                 async for batch in batches:
                     if not sent_first:
@@ -350,7 +352,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         details = event.get("details")
                         if details:
                             reason = details.get("finish_reason")
-                            msg.stop_reason = stop_reason(reason, token_limited=result.token_limited)
+                            msg.stop_reason = stop_reason(reason, token_limited=stream.token_limited)
                             generated = details.get("generated_tokens", generated)
                             if msg.stop_reason == pb.STOP_SEQUENCE:
                                 full = event.get("generated_text") or "".join(deltas)
@@ -444,15 +446,20 @@ def _keep_until_done(task: asyncio.Task[Any]) -> None:
     task.add_done_callback(done)
 
 
-@contextlib.asynccontextmanager
-async def _time_limit(limit_ms: int, job: Job) -> AsyncIterator[None]:
-    """TGIS ``time_limit_millis``, counted from when the gateway received the request."""
+def _stop_at(limit_ms: int, received_ns: int) -> float | None:
+    """The event-loop time at which TGIS's ``time_limit_millis`` ends a call, counted from when the gateway received
+    it; None without a limit."""
     if not limit_ms:
+        return None
+    elapsed_s = (time.time_ns() - received_ns) / 1e9
+    return asyncio.get_running_loop().time() + limit_ms / 1000 - elapsed_s
+
+
+@contextlib.asynccontextmanager
+async def _time_limit(job: Job) -> AsyncIterator[None]:
+    """Stop reading ``job``'s stream at its ``stop_at`` (TimeoutError), when it has one."""
+    if job.stop_at is None:
         yield
         return
-    loop = asyncio.get_running_loop()
-    elapsed_s = (time.time_ns() - job.received_ns) / 1e9
-    stop_at = loop.time() + limit_ms / 1000 - elapsed_s
-    job.stop_at = stop_at
-    async with asyncio.timeout_at(stop_at):
+    async with asyncio.timeout_at(job.stop_at):
         yield

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 if TYPE_CHECKING:
-    from proxy.gateway import StreamResult
+    from proxy.gateway import GenerationStream
     from proxy.job import Job
 
 RequestLog = Literal["all", "errors", "off"]
@@ -31,7 +31,7 @@ def _ms(later_ns: int | None, earlier_ns: int) -> float | None:
     return None if later_ns is None else round((later_ns - earlier_ns) / 1e6, 3)
 
 
-def log_request(job: Job, result: StreamResult, status: str, done_ns: int) -> None:
+def log_request(job: Job, result: GenerationStream, status: str, done_ns: int) -> None:
     """The ``request_finished`` line of one request (see the module docstring): who, what, where, how it ended,
     and its times from arrival: ``queue_ms`` (until handed to the backend), ``ttft_ms``, ``total_ms``."""
     if _request_log == "off" or (_request_log == "errors" and status == "OK"):
