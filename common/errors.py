@@ -15,12 +15,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from common.inputs import clip
-
 if TYPE_CHECKING:
     import grpc
 
 MAX_MESSAGE_CHARS = 1024
+MAX_ECHO_CHARS = 64  # of one client value quoted in an error message
+
+
+def clip(text: str, max_chars: int = MAX_ECHO_CHARS) -> str:
+    """``text`` for an error message: at most ``max_chars`` characters, then how long it really was."""
+    if len(text) <= max_chars:
+        return text
+    return f"{text[:max_chars]}... ({len(text)} characters)"
 
 
 class JoulegateError(Exception):

@@ -203,7 +203,7 @@ class ShapingCore:
         self.tokens = 0
         self.tenant_requests: dict[str, int] = {}
         self.tenant_tokens: dict[str, int] = {}
-        self.draining = False
+        self.open = True  # False once the gateway drains: no request is admitted again
         self.drained_requests = RateEstimator(DRAIN_RATE_TAU_S)
         self.drained_tokens = RateEstimator(DRAIN_RATE_TAU_S)
         self._fallback_retry_s = max(1.0, max(c.max_hold_ms for c in self.cfg.classes.values()) / 1000)
@@ -338,9 +338,17 @@ class ShapingCore:
                 wake_s = cq.wake_at_s if wake_s is None else min(wake_s, cq.wake_at_s)
         return wake_s
 
+    @property
+    def draining(self) -> bool:
+        return not self.open
+
+    def close(self) -> None:
+        """Admit no request from now on (a drain); what is queued stays until ``drain`` releases or fails it."""
+        self.open = False
+
     def drain(self, now_s: float, sink: Sink, deadline_now: float | None = None) -> None:
         """Shutdown: release everything now, place what fits, fail the rest with Unavailable."""
-        self.draining = True
+        self.close()
         for cq in self.by_priority:
             cq.release_all()
         if sink.healthy():

@@ -133,7 +133,7 @@ class ArrivalShaper:
         """Shutdown: release everything queued at once where backends have room; fail the rest (Unavailable)."""
         self._cancel_timer()
         if self._sink is None:
-            self.core.draining = True
+            self.core.close()
             return
         self.core.drain(self._clock(), self._sink, asyncio.get_running_loop().time())
         if self._watcher is not None:
