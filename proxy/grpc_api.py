@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -315,7 +315,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         finally:
             structlog.contextvars.clear_contextvars()
 
-    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncIterator[Any]:
+    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncGenerator[Any]:
         """TGIS stream messages: the input token count first, then one message per batch of tokens."""
         r = options.response
         stops = options.tgi_parameters.get("stop", ())

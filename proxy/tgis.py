@@ -18,7 +18,7 @@ _FINISH_REASONS = {
 }
 
 
-def stop_reason(finish_reason: str | None, *, token_limited: bool = False) -> int:
+def stop_reason(finish_reason: str | None, *, token_limited: bool = False) -> pb.StopReason:
     reason = _FINISH_REASONS.get(finish_reason or "", pb.NOT_FINISHED)
     if reason == pb.MAX_TOKENS and token_limited:
         return pb.TOKEN_LIMIT

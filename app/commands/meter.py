@@ -113,6 +113,8 @@ async def _serve(config: Config, journal: Path, reports_listen: str | None = Non
     reports = None
     try:
         service = await asyncio.to_thread(build_meter_service, config, db, ledger)
+        if service is None:  # only meter.source = "auto" finds nothing to meter, and the daemon never runs on auto
+            raise ConfigError(f"meter source {config.meter.source}: no energy counter to meter on this node")
         service.start()
         if reports_listen:
             from app.metering import settings_from_config

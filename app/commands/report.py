@@ -169,10 +169,10 @@ def _usage(conn: Any, args: argparse.Namespace, options: Any, start_ns: int | No
         at_end = report.settings.at(end_ns)
         policy = asked or at_end.idle_policy.value
         header = (*USAGE_COLUMNS, "idle_policy", "grid_g_co2e_per_kwh", "pue", "settings_periods", "idle_policy_asked")
-        raw = [
+        with_settings = [
             (*r, policy, at_end.grid_g_co2e_per_kwh, at_end.pue, len(report.periods), asked is not None) for r in raw
         ]
-        _emit(header, raw, as_csv=True, title=title, pretty=pretty, numeric=set())
+        _emit(header, with_settings, as_csv=True, title=title, pretty=pretty, numeric=set())
     else:
         _emit(USAGE_COLUMNS, raw, as_csv=False, title=title, pretty=pretty, numeric=set(range(1, 14)))
         if report.total.provisional_requests:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,7 +24,7 @@ from proxy.gateway import GenerationStream
 from proxy.http import wire
 from proxy.http.errors import in_stream
 
-Batches = AsyncIterator[list[dict[str, Any]]]  # GenerationStream.batches: the events of one network read
+Batches = AsyncGenerator[list[dict[str, Any]]]  # GenerationStream.batches: the events of one network read
 
 HEADERS_AFTER_S = 5.0  # commit the 200 + SSE headers if the first event has not come by then
 KEEPALIVE_S = 5.0  # then an SSE comment this often until it comes
@@ -51,7 +51,7 @@ async def relay(
     trailer: bytes = b"",
 ) -> web.StreamResponse:
     """Write ``events`` as SSE, one write per batch; ``headers()`` is called once the first batch (or refusal) is in."""
-    async with contextlib.aclosing(events):  # type: ignore[type-var]
+    async with contextlib.aclosing(events):
         return await _relay(request, events, results, headers, encode, error_event, trailer)
 
 
