@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-from decimal import Decimal
 from typing import Any
 
+from common.tgi_http import SSE_DONE as SSE_DONE
+from common.tgi_http import error_body as error_body
+from common.tgi_http import millis_header as millis_header
+from common.tgi_http import openai_error
+from common.tgi_http import seconds_header as seconds_header
 from sim.tokenizer import VocabEntry
 
-SSE_DONE = b"data:[DONE]\n\n"
 SSE_KEEPALIVE = b":\n\n"
 KEEPALIVE_INTERVAL_S = 15.0
 
@@ -29,13 +32,9 @@ def sse(obj: Any) -> bytes:
     return b"data:" + dumps(obj) + b"\n\n"
 
 
-def error_body(message: str, error_type: str) -> dict[str, str]:
-    return {"error": message, "error_type": error_type}
-
-
 def openai_error_event(message: str) -> bytes:
-    """What TGI streams on the OpenAI routes when generation fails (``InferError::into_openai_event``)."""
-    return sse({"error": {"message": message, "http_status_code": 422}})
+    """What TGI streams on the OpenAI routes when generation fails (``common.tgi_http.openai_error``)."""
+    return sse(openai_error(message))
 
 
 def logprob(value: float) -> float | None:
@@ -65,14 +64,3 @@ def stream_response(
     out["generated_text"] = generated_text
     out["details"] = details
     return out
-
-
-def seconds_header(ns: int) -> str:
-    """A duration in seconds as Rust prints an f64 (shortest round-trip digits, never an exponent)."""
-    text = format(Decimal(repr(ns / 1e9)), "f")
-    return text[:-2] if text.endswith(".0") else text  # Rust prints 1.0_f64 as "1"
-
-
-def millis_header(ns: int) -> str:
-    """A duration in whole milliseconds, as Rust's ``Duration::as_millis`` (truncated)."""
-    return str(max(ns, 0) // 1_000_000)
