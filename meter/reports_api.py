@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -338,7 +338,9 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
             log.exception("report_query_failed")
             raise Internal("the energy database could not run the report query") from None
 
-    async def _call(self, context: grpc.aio.ServicerContext, method: str, work: Callable[[Principal], Any]) -> Any:
+    async def _call(
+        self, context: grpc.aio.ServicerContext, method: str, work: Callable[[Principal], Awaitable[T]]
+    ) -> T:
         started = time.perf_counter()
         try:
             principal = await self.auth.authenticate(metadata_dict(context, READ_METADATA))
@@ -352,7 +354,9 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         return result
 
     # -- GetRequestEnergy ----------------------------------------------------------------------------------------
-    async def GetRequestEnergy(self, request: pb.GetRequestEnergyRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetRequestEnergy(
+        self, request: pb.GetRequestEnergyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RequestEnergy:
         async def work(principal: Principal) -> pb.RequestEnergy:
             if not request.request_id:
                 raise InvalidArgument("request_id: missing")
@@ -406,7 +410,9 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         return report
 
     # -- ListRequests --------------------------------------------------------------------------------------------
-    async def ListRequests(self, request: pb.ListRequestsRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def ListRequests(
+        self, request: pb.ListRequestsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRequestsResponse:
         async def work(principal: Principal) -> pb.ListRequestsResponse:
             flt = RequestFilter(
                 tenant=scoped_tenant(principal, request.tenant),
@@ -430,7 +436,7 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         return await self._call(context, "ListRequests", work)
 
     # -- GetUsage ------------------------------------------------------------------------------------------------
-    async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> pb.GetUsageResponse:
         async def work(principal: Principal) -> pb.GetUsageResponse:
             group_by = GROUP_BY_PB.get(request.group_by)
             if group_by is None:
@@ -448,7 +454,9 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         return await self._call(context, "GetUsage", work)
 
     # -- GetBackendEnergy ----------------------------------------------------------------------------------------
-    async def GetBackendEnergy(self, request: pb.GetBackendEnergyRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetBackendEnergy(
+        self, request: pb.GetBackendEnergyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBackendEnergyResponse:
         async def work(principal: Principal) -> pb.GetBackendEnergyResponse:
             if not principal.admin:
                 raise PermissionDenied(

@@ -40,7 +40,7 @@ from meter.auth import Authenticator, Principal
 from meter.timeline import Api
 from proxy.gateway import Gateway, GenerationStream
 from proxy.job import Job
-from proxy.params import GenerationOptions, ModelLimits, to_tgi
+from proxy.params import GenerationOptions, ModelLimits, ResponseOptions, to_tgi
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pb_grpc
 from proxy.tgis import StopTextHolder, input_token_infos, matched_stop_sequence, stop_reason, token_info
@@ -187,7 +187,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return tokens[-truncate:] if truncate and len(tokens) > truncate else tokens
 
     # -- Generate --------------------------------------------------------------------------------------------
-    async def Generate(self, request: pb.BatchedGenerationRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Generate(
+        self, request: pb.BatchedGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchedGenerationResponse:
         received_ns = time.time_ns()
 
         async def work(call: CallContext) -> pb.BatchedGenerationResponse:
@@ -217,7 +219,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
         return await self._guard(context, work, model_id=request.model_id, received_ns=received_ns)
 
-    async def _generate_one(self, stream: GenerationStream, options: GenerationOptions) -> Any:
+    async def _generate_one(self, stream: GenerationStream, options: GenerationOptions) -> pb.GenerationResponse:
         job = stream.job
         resp = pb.GenerationResponse()
         r = options.response
@@ -283,7 +285,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     # -- GenerateStream --------------------------------------------------------------------------------------
     async def GenerateStream(
         self, request: pb.SingleGenerationRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncIterator[pb.GenerationResponse]:
         received_ns = time.time_ns()
         call: CallContext | None = None
         request_id = new_request_id()
@@ -315,7 +317,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         finally:
             structlog.contextvars.clear_contextvars()
 
-    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncGenerator[Any]:
+    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncGenerator[pb.GenerationResponse]:
         """TGIS stream messages: the input token count first, then one message per batch of tokens."""
         r = options.response
         stops = options.tgi_parameters.get("stop", ())
@@ -375,8 +377,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise
 
     async def _first_message(
-        self, job: Job, r: Any, count_task: asyncio.Task[list[dict[str, Any]]], details: dict[str, Any] | None
-    ) -> Any:
+        self,
+        job: Job,
+        r: ResponseOptions,
+        count_task: asyncio.Task[list[dict[str, Any]]],
+        details: dict[str, Any] | None,
+    ) -> pb.GenerationResponse:
         """TGIS's first stream message: the input token count (and input text/tokens when asked for)."""
         if details is not None and not r.input_tokens:
             # The stream already ended and TGI told us the count. The /tokenize call finishes in the background:
@@ -396,7 +402,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return first
 
     # -- Tokenize and ModelInfo ------------------------------------------------------------------------------
-    async def Tokenize(self, request: pb.BatchedTokenizeRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Tokenize(
+        self, request: pb.BatchedTokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchedTokenizeResponse:
         async def work(call: CallContext) -> pb.BatchedTokenizeResponse:
             model_id = self.gateway.resolve_model(request.model_id)
             if len(request.requests) > self.max_batch_requests:
@@ -416,7 +424,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
         return await self._guard(context, work)
 
-    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         async def work(call: CallContext) -> pb.ModelInfoResponse:
             model_id = self.gateway.resolve_model(request.model_id)
             info = await self.gateway.model_info(model_id)
