@@ -37,8 +37,10 @@ from common.config import LISTEN_HELP, BackendConfig, BackendPoolConfig, Section
 from common.errors import ConfigError
 from common.shaping_config import ShapingConfig
 from meter.config import MeterConfig
+from meter.reports.settings import BillingSettings
 
 ENV_PREFIX = "JOULEGATE_"
+_BILLING = BillingSettings()  # the defaults of what bills: grid intensity, PUE (and the idle policy: meter.config)
 
 
 class ServerConfig(Section):
@@ -85,8 +87,8 @@ class AuthConfig(Section):
 
 
 class CarbonConfig(Section):
-    grid_g_co2e_per_kwh: float = Field(default=400.0, ge=0)
-    pue: float = Field(default=1.2, ge=1.0)
+    grid_g_co2e_per_kwh: float = Field(default=_BILLING.grid_g_co2e_per_kwh, ge=0)
+    pue: float = Field(default=_BILLING.pue, ge=1.0)
 
 
 class Config(Section):

@@ -15,7 +15,10 @@ from pydantic import Field, field_validator
 
 from common.config import LISTEN_HELP, Section, listener
 from meter.engine import EngineSettings
+from meter.reports.settings import BillingSettings
 from meter.reports.types import IdlePolicy
+from meter.sampler import INTERVAL_MS
+from meter.service import ENGINE_INTERVAL_S
 
 _S = 1_000_000_000
 _MS = 1_000_000
@@ -30,11 +33,11 @@ class MeterConfig(Section):
     # auto: NVML when this host's driver exposes the GPUs' energy counters, else no meter (logged); the default, so a
     # single GPU box meters with no configuration
     source: Literal["auto", "nvml", "sim", "none"] = "auto"
-    interval_ms: int = Field(default=100, ge=10, le=10_000)
+    interval_ms: int = Field(default=INTERVAL_MS, ge=10, le=10_000)
     lag_ms: int = Field(
         default=_ENGINE.lag_ns // _MS, ge=0, le=2_000, description="counter lag behind the work it measures"
     )
-    idle_policy: IdlePolicy = IdlePolicy.NONE
+    idle_policy: IdlePolicy = BillingSettings().idle_policy
     sample_retention_days: float = Field(default=(_ENGINE.sample_retention_ns or 0) / _S / _DAY_S, gt=0)
     # the ledger's write-ahead journal (meter.journal: <path>.<n> segments, <path>.rejected, <path>.lock); "": beside
     # a SQLite file given by an absolute path, else $XDG_STATE_HOME/joulegate/journal-<hash of the database>.jsonl
@@ -52,7 +55,9 @@ class MeterConfig(Section):
         gt=0,
         description="an open request older than this no longer holds attribution back",
     )
-    engine_interval_s: float = Field(default=1.0, gt=0, le=60, description="how often the engine runs a pass")
+    engine_interval_s: float = Field(
+        default=ENGINE_INTERVAL_S, gt=0, le=60, description="how often the engine runs a pass"
+    )
     prefill_tokens_per_s: float = Field(
         default=_ENGINE.prefill_tokens_per_s, gt=0, description="to estimate a prefill step's length"
     )
