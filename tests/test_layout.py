@@ -163,3 +163,12 @@ def test_the_meter_daemon_loads_no_request_path_module() -> None:
     assert "meter.reports_api" in loaded and "meter.service" in loaded
     assert [m for m in loaded if m.split(".")[0] in REQUEST_PATH] == []
     assert [m for m in loaded if m.startswith("metric:joulegate_shaping")] == []
+
+
+def test_the_attribution_core_loads_no_io_library() -> None:
+    """``meter.attribution`` is a pure function of samples and timelines: importing it (and the error root it raises
+    from) loads no gRPC, SQL, HTTP or logging library."""
+    loaded = _run("import sys\nimport meter.attribution\nprint('\\n'.join(sorted(sys.modules)))\n").split()
+    assert "meter.attribution" in loaded and "common.errors" in loaded
+    io = ("grpc", "sqlalchemy", "aiohttp", "structlog", "google", "prometheus_client")
+    assert [m for m in loaded if m.split(".")[0] in io] == []
