@@ -26,6 +26,7 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy $$(ls -d app common proxy meter sim 2>/dev/null)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

@@ -85,6 +85,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from types import MappingProxyType
+from typing import cast
 
 from common.errors import ConservationError
 from meter.timeline import Timeline
@@ -340,7 +341,7 @@ def _queue_wait_ns(live: list[Timeline], ends: dict[str, int], est: dict[str, in
     prefill is that prefill's step, shared in the model anyway. 0 without such a wait."""
     # Known steps, and the whole windows of abandoned prefills (their step lies somewhere in them).
     steps = sorted(
-        (tl.released_ns, tl.done_ns)  # type: ignore[misc]
+        (cast(int, tl.released_ns), tl.done_ns)  # an abandoned prefill was released
         if tl.abandoned_prefill
         else (ends[tl.request_id] - est[tl.request_id], ends[tl.request_id])
         for tl in live

@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 import structlog
@@ -91,7 +91,7 @@ _MISSING = {"prompt_tokens_estimated": False}
 ABORTED = "ABORTED"  # the status of a request whose process died while it was in flight
 _CHECKPOINT_CHUNK = 256  # open requests per journal write of a checkpoint
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-_REQUESTS: sa.Table = Request.__table__  # type: ignore[assignment]
+_REQUESTS: sa.Table = Request.__table__
 
 
 class DatabaseStalledError(JoulegateError, TimeoutError):
@@ -211,7 +211,7 @@ def abort_row(start: Row, done_ns: int) -> Row:
 def _lines(kind: str, payload: Row | list[Row]) -> bytes:
     """The journal's lines for a hand-off: ``[kind, *row]`` (``meter.journal``: the segment's header names them)."""
     if kind == SAMPLE:
-        return b"".join(encode([kind, *r]) for r in payload)  # type: ignore[misc]
+        return b"".join(encode([kind, *r]) for r in payload)
     return encode([kind, *payload])
 
 
@@ -249,11 +249,12 @@ class _Batch:
 
     def add(self, kind: str, payload: Row | list[Row]) -> None:
         if kind == TIMELINE:
-            self.starts.pop(payload[0], None)
-            self.timelines[payload[0]] = payload  # type: ignore[assignment]
+            row = cast(Row, payload)
+            self.starts.pop(row[0], None)
+            self.timelines[row[0]] = row
         elif kind == SAMPLE:
             for r in payload:
-                self.samples.setdefault((r[0], r[1]), r)  # type: ignore[index]
+                self.samples.setdefault((r[0], r[1]), r)
         elif kind == ABORT:
             self.add(START, payload[: len(START_COLUMNS)])
             self.aborts.setdefault(payload[0], payload)  # type: ignore[arg-type]
@@ -566,7 +567,7 @@ class Ledger:
             if type(item) is _Marker:
                 return items, item
             items.append(item)
-            rows += len(item[1]) if type(item) is tuple and item[0] == SAMPLE else 1  # type: ignore[index]
+            rows += len(item[1]) if type(item) is tuple and item[0] == SAMPLE else 1
         return items, None
 
     def _absorb(self, items: Iterable[object]) -> _Batch:
@@ -589,7 +590,7 @@ class Ledger:
                 continue
             if kind == START:
                 if payload[0] not in open_:
-                    open_[payload[0]] = payload  # type: ignore[assignment]
+                    open_[payload[0]] = payload
             elif kind != SAMPLE:
                 open_.pop(payload[0], None)
             batch.add(kind, payload)
@@ -600,7 +601,7 @@ class Ledger:
         now, or held in memory."""
         for item in items:
             if type(item) is tuple:
-                self._journaled += len(item[1]) if item[0] == SAMPLE else 1  # type: ignore[index]
+                self._journaled += len(item[1]) if item[0] == SAMPLE else 1
             elif type(item) is _Unjournaled:
                 self._journal_late(item)
         self._dirty = True

@@ -132,7 +132,7 @@ class GenerationStream:
     def ended(self) -> bool:
         return self.state is StreamState.ENDED
 
-    def batches(self) -> AsyncGenerator[list[dict[str, Any]]]:
+    def batches(self) -> AsyncGenerator[list[dict[str, Any]], None]:
         """TGI's stream events in batches: every event that one network read delivered.
 
         A front door that writes one message per batch sends fewer, larger messages when tokens arrive faster than
@@ -143,7 +143,7 @@ class GenerationStream:
         self.state = StreamState.QUEUED
         return self._gateway._run(self)
 
-    async def events(self) -> AsyncGenerator[dict[str, Any]]:
+    async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         """TGI's stream events one by one (see ``batches``)."""
         async with contextlib.aclosing(self.batches()) as batches:
             async for batch in batches:
@@ -260,7 +260,7 @@ class Gateway:
         """The stream of ``job``, not started: read it with ``batches()`` or ``events()`` (once)."""
         return GenerationStream(self, job)
 
-    async def _run(self, stream: GenerationStream) -> AsyncGenerator[list[dict[str, Any]]]:
+    async def _run(self, stream: GenerationStream) -> AsyncGenerator[list[dict[str, Any]], None]:
         """The work behind ``GenerationStream.batches``: shape, lease, open (with retries), relay, record."""
         job = stream.job
         status = "UNKNOWN"

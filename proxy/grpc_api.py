@@ -317,7 +317,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         finally:
             structlog.contextvars.clear_contextvars()
 
-    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncGenerator[pb.GenerationResponse]:
+    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncGenerator[pb.GenerationResponse, None]:
         """TGIS stream messages: the input token count first, then one message per batch of tokens."""
         r = options.response
         stops = options.tgi_parameters.get("stop", ())

@@ -31,13 +31,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 from sim.config import SimConfig
 
 NS_PER_MS = 1_000_000
 NS_PER_S = 1_000_000_000
 
-COST_MODELS: Mapping[str, Mapping[str, float]] = MappingProxyType(
+COST_MODELS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
     {
         "default": MappingProxyType({}),
         "misspecified": MappingProxyType(

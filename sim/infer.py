@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from common.errors import JoulegateError
@@ -129,7 +129,7 @@ class Infer:
         best = max(range(len(results)), key=lambda i: (mean_logprob(results[i]), -i))
         return results[best], results[:best] + results[best + 1 :]
 
-    async def generate_stream(self, request: GenerateRequest, request_id: str) -> AsyncIterator[StreamBatch]:
+    async def generate_stream(self, request: GenerateRequest, request_id: str) -> AsyncGenerator[StreamBatch, None]:
         """Yield tokens as they come; raise ``InferError`` in-stream. Close the iterator to cancel the request."""
         parameters = request.parameters
         if (1 if parameters.best_of is None else parameters.best_of) != 1:

@@ -255,8 +255,8 @@ async def completions(tgi: SimTGI, request: web.Request) -> web.StreamResponse:
 async def _merge(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
     """Interleave several generations' events as they come (one stream needs no machinery)."""
     if len(streams) == 1:
-        async for data in streams[0]:
-            yield data
+        async for chunk in streams[0]:
+            yield chunk
         return
     queue: asyncio.Queue[bytes | None] = asyncio.Queue()
 

@@ -156,7 +156,7 @@ class SimTGI:
     def truth(self, request_id: str | None = None) -> TruthSnapshot:
         return self.gpu.truth(request_id)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> wire.Info:
         """``GET /info``: TGI's ``Info``, fields in TGI's order."""
         c = self.config
         return {

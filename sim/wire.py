@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from common.tgi_http import SSE_DONE as SSE_DONE
 from common.tgi_http import error_body as error_body
@@ -32,6 +32,44 @@ def sse(obj: Any) -> bytes:
     return b"data:" + dumps(obj) + b"\n\n"
 
 
+class Token(TypedDict):
+    """TGI's ``Token``."""
+
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+class StreamResponse(TypedDict):
+    """TGI's ``StreamResponse`` (one ``/generate_stream`` event); ``top_tokens`` is left out when empty."""
+
+    index: int
+    token: Token
+    top_tokens: NotRequired[list[Token]]
+    generated_text: str | None
+    details: dict[str, Any] | None  # StreamDetails, on the last event only
+
+
+class Info(TypedDict):
+    """TGI's ``Info`` (``GET /info``), fields in TGI's order."""
+
+    model_id: str
+    model_sha: str | None
+    model_pipeline_tag: str
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_total_tokens: int
+    validation_workers: int
+    max_client_batch_size: int
+    router: str
+    version: str
+    sha: str | None
+    docker_label: str | None
+
+
 def openai_error_event(message: str) -> bytes:
     """What TGI streams on the OpenAI routes when generation fails (``common.tgi_http.openai_error``)."""
     return sse(openai_error(message))
@@ -41,7 +79,7 @@ def logprob(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def token(entry: VocabEntry) -> dict[str, Any]:
+def token(entry: VocabEntry) -> Token:
     return {"id": entry.id, "text": entry.text, "logprob": entry.logprob, "special": entry.special}
 
 
@@ -56,11 +94,14 @@ def stream_response(
     top: list[VocabEntry],
     generated_text: str | None,
     details: dict[str, Any] | None,
-) -> dict[str, Any]:
+) -> StreamResponse:
     """A ``StreamResponse``: index, token, top_tokens (left out when empty), generated_text, details."""
-    out: dict[str, Any] = {"index": index, "token": token(entry)}
     if top:
-        out["top_tokens"] = [token(t) for t in top]
-    out["generated_text"] = generated_text
-    out["details"] = details
-    return out
+        return {
+            "index": index,
+            "token": token(entry),
+            "top_tokens": [token(t) for t in top],
+            "generated_text": generated_text,
+            "details": details,
+        }
+    return {"index": index, "token": token(entry), "generated_text": generated_text, "details": details}

@@ -1,4 +1,5 @@
-"""Shared fixtures: free loopback ports, the reference files, database URLs (SQLite always, PostgreSQL too)."""
+"""Shared fixtures: free loopback ports, the reference files, database URLs (SQLite always, PostgreSQL too), a
+migrated database; every test that runs against PostgreSQL is marked ``postgres`` here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import settings
 
 # CI (`.ci/run`) runs the property tests derandomized: the same examples on every run, so a landing is never blocked
@@ -46,8 +48,6 @@ def openapi_spec() -> dict:
 
 def _postgres_database() -> Iterator[str]:
     """A fresh, empty database on the local PostgreSQL server, dropped afterwards."""
-    import sqlalchemy as sa
-
     admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     name = f"jg_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
@@ -60,10 +60,38 @@ def _postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A URL of an empty database: a SQLite file, then a fresh PostgreSQL database (never skipped)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'joulegate.db'}"
     else:
         yield from _postgres_database()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL of a fresh, empty PostgreSQL database (for tests of PostgreSQL only)."""
+    yield from _postgres_database()
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[sa.Engine]:
+    """An engine on a migrated, empty database: SQLite, then PostgreSQL."""
+    from meter.store import make_engine, upgrade
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``postgres`` every test that takes a PostgreSQL database: through ``pg_url`` or a ``"postgres"``
+    parameter (``db_url``, ``db`` and any dialect parametrization), so ``-m "not postgres"`` runs without a server."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        uses_pg = "pg_url" in getattr(item, "fixturenames", ()) or any(p == "postgres" for p in params)
+        if uses_pg and item.get_closest_marker("postgres") is None:
+            item.add_marker(pytest.mark.postgres)

@@ -6,7 +6,7 @@ import copy
 import json
 from typing import Any
 
-from referencing import Registry, Resource
+from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from tests.conftest import REFERENCE_DIR
@@ -32,6 +32,4 @@ def as_json_schema(node: Any) -> Any:
 
 def registry() -> Registry:
     """The whole converted document under ``SPEC_URI``, so ``$ref``s into it resolve."""
-    return Registry().with_resource(
-        SPEC_URI, Resource(contents=as_json_schema(copy.deepcopy(SPEC)), specification=DRAFT202012)
-    )
+    return Registry().with_resource(SPEC_URI, DRAFT202012.create_resource(as_json_schema(copy.deepcopy(SPEC))))

@@ -1,7 +1,5 @@
-"""The README and the example configuration say what the code does.
+"""The README and the example configuration say what the code does (tests/test_demo.py runs the README's demo).
 
-- The README's demo output is what ``joulegate demo`` prints: the demo runs (briefly) and its output has the
-  README block's shape, line for line (numbers, ports and paths aside).
 - ``deploy/joulegate.example.toml`` claims every key with its default: every field of every configuration model is
   in it (set, or commented out where the default is "none"), the defaults it shows are the code's, and it names no
   key the code does not read.
@@ -10,12 +8,8 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import tomllib
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -27,42 +21,6 @@ from .conftest import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
 EXAMPLE = REPO_ROOT / "deploy" / "joulegate.example.toml"
-NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
-
-
-# -- the demo --------------------------------------------------------------------------------------------------------
-
-
-def _shape(text: str) -> list[list[str]]:
-    """Each line's words with every number as '#': what stays the same from run to run."""
-    return [NUMBER.sub("#", line).split() for line in text.strip().splitlines()]
-
-
-def _readme_demo() -> str:
-    match = re.search(r"```\n\$ make demo\n(.*?)```", README.read_text(), re.S)
-    assert match, "README has no `$ make demo` block"
-    return match.group(1)
-
-
-def test_the_readme_demo_output_is_what_the_demo_prints(tmp_path: Path) -> None:
-    # a process of its own, as `make demo` runs it (the demo sets up logging for its whole process)
-    demo = subprocess.run(
-        [sys.executable, "-m", "app.cli", "demo", "--dir", ".demo", "--seconds", "3"],
-        cwd=tmp_path,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert demo.returncode == 0, demo.stderr
-    assert _shape(demo.stdout) == _shape(_readme_demo()), f"the demo printed:\n{demo.stdout}"
-
-
-def test_shape_keeps_words_and_drops_numbers() -> None:
-    assert _shape("  acme   57 streams, TTFT p50 15.9 ms, error -0.6 %") == [
-        ["acme", "#", "streams,", "TTFT", "p#", "#", "ms,", "error", "#", "%"]
-    ]
-    assert _shape("a 1 b") != _shape("a 1 c")
 
 
 # -- the example configuration ---------------------------------------------------------------------------------------

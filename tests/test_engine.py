@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from meter.engine import attributed_until, expected_usage, request_finality, usage_table
-from meter.store import make_engine as make_db
-from meter.store import upgrade
 from meter.timeline import RequestStart, Timeline
-from tests.test_engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[sa.Engine]:
-    upgrade(db_url)
-    engine = make_db(db_url)
-    yield engine
-    engine.dispose()
+from tests.engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
 
 
 def _traffic(gpu: Gpu, n: int, *, start: int, spacing_ns: int, backend: str = "b1") -> list:

@@ -4,7 +4,6 @@ engine uses them, recomputes what it attributed before they settled, and still c
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -12,9 +11,7 @@ import sqlalchemy as sa
 from meter.attribution import CounterReading
 from meter.engine import attributed_until, expected_usage, usage_table
 from meter.engine.calibrate import ClassTimeline, LagCalibrator, solve_least_squares
-from meter.store import make_engine as make_db
-from meter.store import upgrade
-from tests.test_engine_helpers import MS, T0, S, make_engine, rows, timeline, write
+from tests.engine_helpers import MS, T0, S, make_engine, rows, timeline, write
 
 IDLE_W, PREFILL_W, ACTIVE_W = 80.0, 620.0, 260.0
 TOKENS_PER_S, OVERHEAD_NS, TOLERANCE_NS = 20_000.0, 5 * MS, 2 * MS
@@ -111,14 +108,6 @@ def test_too_little_data_or_no_prefill_gives_no_model() -> None:
     assert LagCalibrator((0, 10 * MS)).add([_readings(classes, 3, 0)], classes) is None  # 29 intervals
     decode_only = ClassTimeline([(T0, None, T0 + 15 * S, 0)], TOKENS_PER_S, OVERHEAD_NS, TOLERANCE_NS)
     assert LagCalibrator((0, 10 * MS)).add([_readings(decode_only, 20, 0)], decode_only) is None
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[sa.Engine]:
-    upgrade(db_url)
-    engine = make_db(db_url)
-    yield engine
-    engine.dispose()
 
 
 def test_engine_calibrates_recomputes_and_still_conserves(db: sa.Engine) -> None:

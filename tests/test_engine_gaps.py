@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
-from meter.store import make_engine as make_db
-from meter.store import upgrade
-from tests.test_engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[sa.Engine]:
-    upgrade(db_url)
-    engine = make_db(db_url)
-    yield engine
-    engine.dispose()
+from tests.engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
 
 
 def _measured(samples: list[tuple], max_interval_ns: int = 5 * S) -> int:

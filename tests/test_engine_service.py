@@ -3,7 +3,6 @@ real simulator and a real database (SQLite), stopped cleanly."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from meter.sources.sim import SimSource
 from meter.store import make_engine, upgrade
 from sim.config import SimConfig
 from sim.server import SimTGI
+from tests.waiting import wait_until_async
 
 MS = 1_000_000
 
@@ -76,10 +76,8 @@ async def test_service_samples_attributes_and_stops(tmp_path: Path) -> None:
         service = MeterService(db, ledger, source, backends, engine_settings(cfg.meter), engine_interval_s=0.1)
         service.start()
         try:
-            for _ in range(100):  # the service runs on its own threads; look in now and then
-                if service.engine.stats.epochs_attributed >= 2:
-                    break
-                await asyncio.sleep(0.1)
+            # the service runs on its own threads
+            await wait_until_async(lambda: service.engine.stats.epochs_attributed >= 2, 10.0, poll_s=0.05)
             stats = service.stats
             assert stats.running and stats.engine.epochs_attributed >= 2 and stats.engine_failures == 0
             assert stats.sampler.reads > 5 and stats.backends == {"b1": (sim.device,)}

@@ -21,6 +21,7 @@ import pytest
 
 from bench.gpu.graph_engine import GraphEngineConfig, bucket_for, buckets
 from bench.gpu.reference_engine import TINY, EngineOutput
+from tests.waiting import wait_until_async
 
 torch = pytest.importorskip("torch")
 
@@ -179,13 +180,6 @@ async def engine() -> Any:
     e.stop()
 
 
-async def _wait_for(predicate: Any, timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
-
-
 async def test_engine_streams_cumulative_outputs_and_more_requests_than_slots_all_finish(engine: GraphEngine) -> None:
     col = Collector()
     prompts = _prompts([5, 40, 17, 3, 60, 9])
@@ -212,10 +206,10 @@ async def test_engine_streams_cumulative_outputs_and_more_requests_than_slots_al
 async def test_cancel_stops_outputs_and_frees_the_slot(engine: GraphEngine) -> None:
     col = Collector()
     engine.submit("long", _prompts([10])[0], 80, None, col.callback("long"))
-    await _wait_for(lambda: len(col.outputs["long"]) >= 3)
+    await wait_until_async(lambda: len(col.outputs["long"]) >= 3)
     engine.cancel("long")
     seen = len(col.outputs["long"])
-    await _wait_for(lambda: engine.stats()["engine_active"] == 0)
+    await wait_until_async(lambda: engine.stats()["engine_active"] == 0)
     assert engine.stats()["cancelled"] == 1 and engine.stats()["waiting_for_output"] == 0
     # all three slots are free again: three requests run at once, and nothing more reached the cancelled one
     for i in range(3):

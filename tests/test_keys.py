@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,56 +14,48 @@ from meter.store.keys import KEY_RE, parse_key_id
 from meter.store.models import ApiKey, Tenant
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[sa.Engine]:
-    upgrade(db_url)
-    eng = make_engine(db_url)
-    yield eng
-    eng.dispose()
-
-
-def test_created_key_looks_up_to_its_tenant_and_is_stored_only_hashed(engine: sa.Engine) -> None:
-    created = create_key(engine, "acme", default_class="batch", label="ci")
+def test_created_key_looks_up_to_its_tenant_and_is_stored_only_hashed(db: sa.Engine) -> None:
+    created = create_key(db, "acme", default_class="batch", label="ci")
     assert KEY_RE.fullmatch(created.key) and created.key.startswith(f"jg_{created.key_id}_")
-    info = lookup_key(engine, created.key)
+    info = lookup_key(db, created.key)
     assert info is not None
     assert (info.key_id, info.tenant, info.admin, info.default_class) == (created.key_id, "acme", False, "batch")
-    with engine.connect() as conn:
+    with db.connect() as conn:
         stored = conn.execute(sa.select(ApiKey.__table__)).mappings().one()
     assert stored["key_hash"] == hashlib.sha256(created.key.encode()).hexdigest()
     secret = created.key[len(f"jg_{created.key_id}_") :]
     assert all(secret not in str(v) for v in stored.values()), "the secret must not be stored"
 
 
-def test_keys_share_a_tenant_and_admin_flag_is_kept(engine: sa.Engine) -> None:
-    a = create_key(engine, "acme")
-    b = create_key(engine, "acme", admin=True)
-    c = create_key(engine, "globex")
+def test_keys_share_a_tenant_and_admin_flag_is_kept(db: sa.Engine) -> None:
+    a = create_key(db, "acme")
+    b = create_key(db, "acme", admin=True)
+    c = create_key(db, "globex")
     assert len({a.key, b.key, c.key}) == 3 and len({a.key_id, b.key_id, c.key_id}) == 3
-    with engine.connect() as conn:
+    with db.connect() as conn:
         assert sorted(conn.execute(sa.select(Tenant.name)).scalars()) == ["acme", "globex"]
-    infos = [lookup_key(engine, k.key) for k in (a, b, c)]
+    infos = [lookup_key(db, k.key) for k in (a, b, c)]
     assert [(i.tenant, i.admin) for i in infos if i] == [("acme", False), ("acme", True), ("globex", False)]
-    listed = list_keys(engine)
+    listed = list_keys(db)
     assert [k.key_id for k in listed] == [a.key_id, b.key_id, c.key_id]
     assert all(k.active for k in listed)
 
 
-def test_revoked_key_no_longer_looks_up(engine: sa.Engine) -> None:
-    keep = create_key(engine, "acme")
-    gone = create_key(engine, "acme")
-    assert revoke_key(engine, gone.key_id) is True
-    assert revoke_key(engine, gone.key_id) is False  # already revoked
-    assert revoke_key(engine, "000000000000") is False  # unknown
-    assert lookup_key(engine, gone.key) is None
-    assert lookup_key(engine, keep.key) is not None
-    listed = {k.key_id: k for k in list_keys(engine)}
+def test_revoked_key_no_longer_looks_up(db: sa.Engine) -> None:
+    keep = create_key(db, "acme")
+    gone = create_key(db, "acme")
+    assert revoke_key(db, gone.key_id) is True
+    assert revoke_key(db, gone.key_id) is False  # already revoked
+    assert revoke_key(db, "000000000000") is False  # unknown
+    assert lookup_key(db, gone.key) is None
+    assert lookup_key(db, keep.key) is not None
+    listed = {k.key_id: k for k in list_keys(db)}
     assert listed[gone.key_id].revoked_ns is not None and listed[keep.key_id].revoked_ns is None
-    assert [k.key_id for k in list_keys(engine, include_revoked=False)] == [keep.key_id]
+    assert [k.key_id for k in list_keys(db, include_revoked=False)] == [keep.key_id]
 
 
-def test_malformed_and_unknown_keys_are_refused(engine: sa.Engine) -> None:
-    real = create_key(engine, "acme").key
+def test_malformed_and_unknown_keys_are_refused(db: sa.Engine) -> None:
+    real = create_key(db, "acme").key
     key_id = real.split("_")[1]
     secret = real[len(f"jg_{key_id}_") :]
     other_id = "f" * 12 if key_id != "f" * 12 else "e" * 12
@@ -83,16 +74,16 @@ def test_malformed_and_unknown_keys_are_refused(engine: sa.Engine) -> None:
     ]
     for bad in malformed:
         assert parse_key_id(bad) is None, bad
-        assert lookup_key(engine, bad) is None, bad
+        assert lookup_key(db, bad) is None, bad
     for unknown in (f"jg_{other_id}_{secret}", off_by_one):  # well formed, but no such key
         assert parse_key_id(unknown) is not None
-        assert lookup_key(engine, unknown) is None, unknown
-    assert lookup_key(engine, real) is not None
+        assert lookup_key(db, unknown) is None, unknown
+    assert lookup_key(db, real) is not None
 
 
-def test_create_key_rejects_an_empty_tenant(engine: sa.Engine) -> None:
+def test_create_key_rejects_an_empty_tenant(db: sa.Engine) -> None:
     with pytest.raises(ValueError):
-        create_key(engine, "")
+        create_key(db, "")
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], str]:

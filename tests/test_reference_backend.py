@@ -40,6 +40,7 @@ from sim.config import SimConfig
 from sim.validation import GenerateParameters, GenerateRequest, validate
 from tests.conftest import free_port
 from tests.sim.conftest import TgiSchemas
+from tests.waiting import wait_until_async
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VOCAB = 2048
@@ -226,14 +227,13 @@ async def _stats(http: aiohttp.ClientSession, server: RunningServer) -> dict[str
 
 
 async def _wait_idle(http: aiohttp.ClientSession, server: RunningServer) -> dict[str, Any]:
-    deadline = time.monotonic() + 5
-    while True:
+    async def idle() -> dict[str, Any] | None:
         stats = await _stats(http, server)
         engine = stats["engine"]
-        if stats["in_flight"] == 0 and engine["engine_active"] == 0 and engine["waiting_for_output"] == 0:
-            return stats
-        assert time.monotonic() < deadline, f"the engine did not go idle: {stats}"
-        await asyncio.sleep(0.02)
+        quiet = stats["in_flight"] == 0 and engine["engine_active"] == 0 and engine["waiting_for_output"] == 0
+        return stats if quiet else None
+
+    return await wait_until_async(idle, 5.0, what="the engine to go idle")
 
 
 async def test_info_health_and_tokenize(server: RunningServer, http: aiohttp.ClientSession, schemas) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from meter.sampler import Sampler, SamplerStats, _percentile, power_from_readings
 from meter.samples import EnergySource, Sample
+from tests.waiting import wait_until
 
 
 class ScriptedSource:
@@ -209,7 +210,7 @@ def test_stop_is_prompt_even_with_a_long_interval_and_does_not_close_the_source(
     source = ScriptedSource(lambda n: n)
     sampler = Sampler(source, Collector(), interval_ms=10_000)
     sampler.start()
-    time.sleep(0.05)
+    wait_until(lambda: source.calls >= 1, 5.0, what="the first read")  # now it sleeps out its 10 s interval
     assert sampler.running
     t0 = time.monotonic()
     assert sampler.stop(2.0)

@@ -26,6 +26,7 @@ from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pb_grpc
 from sim.config import SimConfig
 from sim.server import SimTGI
+from tests.waiting import wait_until_async
 
 MODEL = "sim-model"
 
@@ -160,8 +161,7 @@ async def test_unknown_class_and_full_queue_answer_with_grpc_codes(tmp_path: Pat
         assert "x-traffic-class: unknown class 'bulk' (known: interactive, batch, slow)" in exc.value.details()
 
         held = [s.generate(f"held {i}", cls="slow", timeout_s=30) for i in range(12)]
-        await asyncio.sleep(0.3)
-        assert s.app.shapers[MODEL].queued == 12
+        await wait_until_async(lambda: s.app.shapers[MODEL].queued == 12, 5.0)
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await s.generate("one too many", cls="slow")
         assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -172,16 +172,14 @@ async def test_unknown_class_and_full_queue_answer_with_grpc_codes(tmp_path: Pat
         assert 0.1 <= retry.retry_delay.ToTimedelta().total_seconds() <= 30
         for call in held:
             call.cancel()
-        await asyncio.sleep(0.2)
-        assert s.app.shapers[MODEL].queued == 0  # cancelled calls left the queue
+        await wait_until_async(lambda: s.app.shapers[MODEL].queued == 0, 5.0, what="cancelled calls to leave the queue")
         assert s.sim.truth().requests == {}
 
 
 async def test_stop_drains_held_requests_to_the_backend(tmp_path: Path) -> None:
     async with stack(tmp_path, SHAPING) as s:
         calls = [s.generate(f"held {i}", cls="slow", timeout_s=30) for i in range(3)]
-        await asyncio.sleep(0.2)
-        assert s.app.shapers[MODEL].queued == 3
+        await wait_until_async(lambda: s.app.shapers[MODEL].queued == 3, 5.0)
         stopping = asyncio.create_task(s.app.stop(5))  # the window is 60 s: only the drain releases them
         replies = await asyncio.wait_for(asyncio.gather(*calls), 5)
         await stopping

@@ -14,6 +14,7 @@ from proxy.backends import Backend, BackendPool, Lease
 from proxy.job import Job
 from proxy.metrics import REGISTRY
 from proxy.shaping import ArrivalShaper, ShapingConfig
+from tests.waiting import wait_until_async
 
 
 def pool_of(model: str, *slots: int) -> BackendPool:
@@ -45,8 +46,8 @@ async def test_passthrough_places_at_once_and_waiters_get_freed_slots_in_order()
     a = await s.acquire(job("s-pass"), pool)
     b = await s.acquire(job("s-pass"), pool)
     waiting = [asyncio.create_task(s.acquire(job("s-pass"), pool)) for _ in range(2)]
-    await asyncio.sleep(0.01)
-    assert s.queued == 2 and not any(t.done() for t in waiting)
+    await wait_until_async(lambda: s.queued == 2, 1.0)
+    assert not any(t.done() for t in waiting)
     a.release()
     first = await asyncio.wait_for(waiting[0], 1)
     assert not waiting[1].done()
@@ -59,17 +60,18 @@ async def test_batch_class_releases_concurrent_requests_together_on_one_backend(
     model = "s-batch"
     pool = pool_of(model, 8, 8)
     s = shaper(model, classes={"default": {"policy": "batch", "max_batch": 8, "hold_ms": 5000}})
-    loop = asyncio.get_running_loop()
-    got: dict[int, float] = {}
+    events: list[tuple[str, int]] = []
 
     async def one(i: int) -> Lease:
-        await asyncio.sleep(0.005 * i)
+        await asyncio.sleep(0.005 * i)  # staggered arrivals
+        events.append(("arrived", i))
         lease = await s.acquire(job(model), pool)
-        got[i] = loop.time()
+        events.append(("leased", i))
         return lease
 
     leases = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), 2)
-    assert max(got.values()) - min(got.values()) < 0.005
+    # Held together: no request got its lease before the last one arrived (whatever the machine's load).
+    assert [kind for kind, _ in events] == ["arrived"] * 8 + ["leased"] * 8, events
     assert len({lease.backend.name for lease in leases}) == 1  # one backend: TGI prefills them together
     assert metric("joulegate_shaping_release_size_requests_count", model=model, traffic_class="default") == 1
     assert metric("joulegate_shaping_release_size_requests_sum", model=model, traffic_class="default") == 8
@@ -91,10 +93,12 @@ async def test_window_releases_at_the_wall_clock_boundary() -> None:
     model = "s-window"
     pool = pool_of(model, 8)
     s = shaper(model, classes={"default": {"policy": "window", "window_ms": 100}})
+    arrived_ms = time.time() * 1000
     await s.acquire(job(model), pool)
-    released = time.time()
-    phase_ms = (released * 1000) % 100
-    assert phase_ms < 8  # just after a multiple of 100 ms since the Unix epoch
+    released_ms = time.time() * 1000
+    boundary_ms = (arrived_ms // 100 + 1) * 100  # the first multiple of 100 ms since the Unix epoch after arrival
+    # Held until that boundary (never released on arrival), and released at it, not at a later one.
+    assert boundary_ms <= released_ms < boundary_ms + 100, (arrived_ms, released_ms)
 
 
 async def test_deadline_while_held_never_takes_a_slot() -> None:
@@ -117,14 +121,13 @@ async def test_cancellation_leaves_the_queue_at_once() -> None:
     pool = pool_of(model, 8)
     s = shaper(model, classes={"default": {"policy": "batch", "max_batch": 2, "hold_ms": 10_000}})
     gone = asyncio.create_task(s.acquire(job(model), pool))
-    await asyncio.sleep(0.01)
-    assert s.queued == 1
+    await wait_until_async(lambda: s.queued == 1, 1.0)
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert s.queued == 0
     stays = asyncio.create_task(s.acquire(job(model), pool))
-    await asyncio.sleep(0.02)
+    await wait_until_async(lambda: s.queued == 1, 1.0)
     assert not stays.done()  # one held, not two: the cancelled request does not complete the batch
     partner = await asyncio.wait_for(s.acquire(job(model), pool), 1)
     assert (await asyncio.wait_for(stays, 1)).backend is partner.backend
@@ -136,7 +139,7 @@ async def test_a_lease_handed_out_as_the_client_leaves_is_given_back() -> None:
     pool = pool_of(model, 8)
     s = shaper(model, classes={"default": {"policy": "batch", "max_batch": 2, "hold_ms": 10_000}})
     first = asyncio.create_task(s.acquire(job(model), pool))
-    await asyncio.sleep(0.01)
+    await wait_until_async(lambda: s.queued == 1, 1.0)
     second = asyncio.create_task(s.acquire(job(model), pool))
     await asyncio.sleep(0)  # `second` runs: the batch is complete and both futures get leases
     assert pool.backends[0].in_flight == 2 and not first.done()
@@ -152,7 +155,7 @@ async def test_released_requests_wait_for_capacity_and_go_as_it_frees() -> None:
     pool = pool_of(model, 2)
     s = shaper(model, classes={"default": {"policy": "batch", "max_batch": 4, "hold_ms": 10_000}})
     tasks = [asyncio.create_task(s.acquire(job(model), pool)) for _ in range(4)]
-    await asyncio.sleep(0.02)
+    await wait_until_async(lambda: sum(t.done() for t in tasks) >= 2, 1.0)
     done = [t for t in tasks if t.done()]
     assert [tasks.index(t) for t in done] == [0, 1]  # never past the backend's free slots, in order
     assert pool.backends[0].in_flight == 2
@@ -180,8 +183,7 @@ async def test_drain_releases_what_fits_and_fails_the_rest() -> None:
     pool = pool_of(model, 3)
     s = shaper(model, classes={"default": {"policy": "batch", "max_batch": 100, "hold_ms": 60_000}})
     tasks = [asyncio.create_task(s.acquire(job(model), pool)) for _ in range(5)]
-    await asyncio.sleep(0.01)
-    assert s.queued == 5
+    await wait_until_async(lambda: s.queued == 5, 1.0)
     await s.drain()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert [isinstance(r, Lease) for r in results] == [True, True, True, False, False]

@@ -78,6 +78,7 @@ def test_the_trace_has_one_request_per_tenant_per_scene() -> None:
     assert make_trace(3, 9.0, seed=1) == trace
 
 
+@pytest.mark.slow
 def test_runs_end_to_end_against_the_simulator(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "bench.gpu.shapley_gpu", "--out", str(tmp_path), "--sim", "--scenes", "2",
            "--repeats", "1", "--budget-s", "240"]  # fmt: skip

@@ -18,6 +18,7 @@ from meter.sources import (
     nvml_device_name,
     nvml_device_names,
 )
+from tests.waiting import wait_until, wait_until_async
 
 
 def _nvml_gpu_count() -> int:
@@ -202,6 +203,8 @@ class _ScriptedEnergyServer:
         self.device = "sim:gpu0"
         self.energy_mj = 1_000
         self.connections = 0
+        self.in_flight = 0  # requests whose handler has not returned yet
+        lock = threading.Lock()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -215,6 +218,15 @@ class _ScriptedEnergyServer:
                 pass
 
             def do_GET(self) -> None:
+                with lock:
+                    server.in_flight += 1
+                try:
+                    self._answer()
+                finally:
+                    with lock:
+                        server.in_flight -= 1
+
+            def _answer(self) -> None:
                 if self.path != "/sim/energy":
                     body, status = b"not found", 404
                 elif server.mode == "slow":
@@ -286,8 +298,8 @@ def test_sim_source_failures_are_gaps_and_it_recovers(
         assert gap.device == "sim:gpu0" and gap.energy_mj is None
         assert gap.error is not None and error in gap.error, gap.error
         energy_server.mode = "ok"
-        if mode == "slow":
-            time.sleep(0.4)  # let the stalled handler finish before the next request
+        if mode == "slow":  # let the stalled handler finish before the next request
+            wait_until(lambda: energy_server.in_flight == 0, 5.0, what="the stalled handler to finish")
         (sample,) = source.read()
         assert sample.device == "sim:gpu0" and sample.energy_mj is not None
     finally:
@@ -397,7 +409,8 @@ async def test_sampler_over_the_simulator_sees_a_request_s_energy() -> None:
         sampler = Sampler(source, samples.extend, interval_ms=100, power_window_ms=500)
         sampler.start()
         try:
-            await asyncio.sleep(0.6)
+            # the power window (500 ms) spans six reads of an idle GPU
+            await wait_until_async(lambda: sampler.stats.reads >= 6, 5.0)
             idle_power_w = sampler.power_w("sim:gpu-b")
             async with aiohttp.ClientSession() as http:
                 body = {"inputs": "hello " * 200, "parameters": {"max_new_tokens": 60}}

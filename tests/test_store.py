@@ -34,19 +34,12 @@ def test_sqlite_engine_runs_wal_normal_with_busy_timeout_and_foreign_keys(tmp_pa
     engine.dispose()
 
 
-def test_postgres_engine_accepts_libpq_style_url() -> None:
-    from tests.conftest import _postgres_database
-
-    gen = _postgres_database()
-    url = next(gen)
-    try:
-        engine = make_engine(url.replace("postgresql+psycopg://", "postgres://"))
-        with engine.connect() as conn:
-            assert conn.dialect.driver == "psycopg"
-            assert conn.exec_driver_sql("SELECT current_setting('application_name')").scalar() == "joulegate"
-        engine.dispose()
-    finally:
-        gen.close()
+def test_postgres_engine_accepts_libpq_style_url(pg_url: str) -> None:
+    engine = make_engine(pg_url.replace("postgresql+psycopg://", "postgres://"))
+    with engine.connect() as conn:
+        assert conn.dialect.driver == "psycopg"
+        assert conn.exec_driver_sql("SELECT current_setting('application_name')").scalar() == "joulegate"
+    engine.dispose()
 
 
 def test_memory_sqlite_is_one_database_across_threads() -> None:

@@ -128,7 +128,10 @@ class GraphEngine:
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._cuda = config.device.startswith("cuda")
         if self._cuda:
-            torch.cuda.set_device(torch.device(config.device))
+            # set_device needs an index: a bare "cuda" means the current device.
+            device = torch.device(config.device)
+            self._cuda_index = torch.cuda.current_device() if device.index is None else device.index
+            torch.cuda.set_device(self._cuda_index)
         t0 = time.perf_counter()
         with torch.inference_mode():
             self.model = StaticLlama(
@@ -296,7 +299,7 @@ class GraphEngine:
         heapq.heapify(free)
         try:
             if self._cuda:
-                torch.cuda.set_device(torch.device(self.config.device))
+                torch.cuda.set_device(self._cuda_index)
             with torch.inference_mode():
                 while True:
                     with self._wake:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import sqlalchemy as sa
 from alembic import context
 
 from meter.store.db import make_engine
@@ -18,7 +19,7 @@ from meter.store.models import metadata
 config = context.config
 
 
-def _configure_and_run(connection) -> None:  # type: ignore[no-untyped-def]
+def _configure_and_run(connection: sa.Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,

@@ -28,6 +28,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine.interfaces import DBAPIModule
 
 from meter.store.models import Request, Sample
 
@@ -200,7 +201,7 @@ class PostgresBulkWriter(BulkWriter):
             conn.execute(self._sample)
 
 
-def _wrapped(conn: sa.Connection, err: Exception, statement: str, cursor: Any) -> sa.exc.DBAPIError:
+def _wrapped(conn: sa.Connection, err: DBAPIModule.Error, statement: str, cursor: Any) -> sa.exc.DBAPIError:
     """A driver error raised outside SQLAlchemy's execution path (COPY), as SQLAlchemy would have raised it:
     the matching ``sa.exc`` class (OperationalError, DataError...), and a dead connection invalidated."""
     dialect = conn.dialect

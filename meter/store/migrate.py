@@ -89,8 +89,8 @@ def _upgrade_postgres(conn: sa.Connection) -> None:
 def _upgrade_sqlite(conn: sa.Connection) -> None:
     dbapi = conn.connection.dbapi_connection
     assert dbapi is not None
-    saved = dbapi.isolation_level  # type: ignore[attr-defined]
-    dbapi.isolation_level = None  # type: ignore[attr-defined]  # we issue BEGIN ourselves
+    saved = dbapi.isolation_level
+    dbapi.isolation_level = None  # we issue BEGIN ourselves
     try:
         conn.exec_driver_sql("BEGIN IMMEDIATE")  # waits (busy timeout) for another upgrader to finish
         try:
@@ -99,7 +99,7 @@ def _upgrade_sqlite(conn: sa.Connection) -> None:
             conn.rollback()
             raise
     finally:
-        dbapi.isolation_level = saved  # type: ignore[attr-defined]
+        dbapi.isolation_level = saved
 
 
 def current(url: str | sa.Engine) -> str | None:

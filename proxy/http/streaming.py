@@ -24,7 +24,7 @@ from proxy.gateway import GenerationStream
 from proxy.http import wire
 from proxy.http.errors import in_stream
 
-Batches = AsyncGenerator[list[dict[str, Any]]]  # GenerationStream.batches: the events of one network read
+Batches = AsyncGenerator[list[dict[str, Any]], None]  # GenerationStream.batches: the events of one network read
 
 HEADERS_AFTER_S = 5.0  # commit the 200 + SSE headers if the first event has not come by then
 KEEPALIVE_S = 5.0  # then an SSE comment this often until it comes

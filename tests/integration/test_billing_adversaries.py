@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import pytest
 import sqlalchemy as sa
 
 from meter.engine import request_finality
@@ -32,7 +33,7 @@ from sim.ledger import RequestTruth
 from sim.throughput import SimProcess
 
 from .harness import Stack, running_stack
-from .test_metering_support import check_books, failed_reads, query, sampler_phase_ms
+from .metering_support import check_books, failed_reads, query, sampler_phase_ms
 
 # Short epochs and settle so finality comes quickly; the simulator at real speed (an H100's step times), prompts of
 # up to 3,000 tokens as in the issue's report. The counter updates every 20 ms (read every 100 ms, lag <= 20 ms):
@@ -153,6 +154,7 @@ def conditions(s: Stack, url: str) -> str:
     return f"failed reads {failed_reads(s.app.engine)}, sampler phase {phase:.1f} ms, calibration: {models or 'none'}"
 
 
+@pytest.mark.slow
 async def test_requests_failing_at_prefill_pay_their_prefill_and_their_neighbour_does_not(tmp_path: Path) -> None:
     async with stack_with_own_sim(tmp_path) as (s, url):
         adversary = create_key(s.app.engine, "tenant-b").key
@@ -198,6 +200,7 @@ async def test_requests_failing_at_prefill_pay_their_prefill_and_their_neighbour
             assert prompt == truth[rid].prompt_tokens, rid
 
 
+@pytest.mark.slow
 async def test_prefills_abandoned_by_deadline_or_cancel_are_paid_by_who_abandoned_them(tmp_path: Path) -> None:
     async with stack_with_own_sim(tmp_path) as (s, url):
         adversary = create_key(s.app.engine, "tenant-b").key

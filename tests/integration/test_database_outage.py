@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
-import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
@@ -27,18 +26,11 @@ from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc
 from sim.config import SimConfig
 from sim.server import SimTGI
-from tests.conftest import _postgres_database
 from tests.tcp_cut import TcpCut
-
-pytestmark = pytest.mark.postgres
+from tests.waiting import wait_until_async
 
 TTL_S = 0.3  # key cache entries expire inside the outage
 RETRY_MAX_S = 5.0  # meter.auth's default: a revocation applies at most this long after the database is back
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    yield from _postgres_database()
 
 
 @dataclass
@@ -137,16 +129,6 @@ async def gateway(tmp_path: Path, pg_url: str, *, cut_before_start: bool) -> Asy
         direct.dispose()
 
 
-async def _until(predicate: Any, timeout_s: float, what: str) -> float:
-    """Poll an async predicate; returns the seconds it took."""
-    t0 = time.monotonic()
-    while not await predicate():
-        if time.monotonic() - t0 > timeout_s:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - t0
-
-
 def _assert_no_address(text: str, gw: Gw) -> None:
     assert str(gw.cut.port) not in text and "127.0.0.1" not in text and "5432" not in text, text
 
@@ -199,7 +181,10 @@ async def test_known_keys_work_through_an_outage_unknown_keys_get_unavailable(tm
                 ok_ids.append(md["id"])  # still served stale: a success like any other
             return code == grpc.StatusCode.UNAUTHENTICATED
 
-        took_s = await _until(revoked_refused, RETRY_MAX_S + TTL_S + 5.0, "the revocation applies once it is back")
+        await wait_until_async(
+            revoked_refused, RETRY_MAX_S + TTL_S + 5.0, what="the revocation to apply once it is back", poll_s=0.05
+        )
+        took_s = time.monotonic() - t_back
         print(f"\nrevocation applied {took_s:.2f} s after the database came back; {during} calls in the outage")
         code, details, md = await gw.generate(gw.keys["seen-only-after"])
         assert code == grpc.StatusCode.OK, details
@@ -208,10 +193,7 @@ async def test_known_keys_work_through_an_outage_unknown_keys_get_unavailable(tm
 
         assert await asyncio.to_thread(gw.app.ledger.flush, 20.0)
 
-        async def replayed() -> bool:
-            return not gw.app.ledger.stats.journal_pending
-
-        await _until(replayed, 20.0, "journal replayed")
+        await wait_until_async(lambda: not gw.app.ledger.stats.journal_pending, 20.0, what="the journal replayed")
         rows = gw.rows()
         assert sorted(ok_ids) == sorted(rows) and len(set(ok_ids)) == len(ok_ids)  # each success once
         assert all(r.done_ns is not None and r.status == "OK" for r in rows.values())
@@ -230,11 +212,13 @@ async def test_serve_starts_while_the_database_is_down_and_serves_once_it_answer
         assert await gw.health() == (health_pb2.HealthCheckResponse.NOT_SERVING, 503)
 
         gw.cut.restore()
+        t_back = time.monotonic()
 
         async def up() -> bool:
             return await gw.health() == (serving, 200)
 
-        took_s = await _until(up, 15.0, "SERVING once the database answers")
+        await wait_until_async(up, 15.0, what="SERVING once the database answers", poll_s=0.05)
+        took_s = time.monotonic() - t_back
         print(f"\nSERVING {took_s:.2f} s after the database came back")
         ok_ids = []
         for name in ("a", "b"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -13,6 +12,7 @@ from meter.pb.joulegate.v1 import energy_pb2_grpc as epbg
 from proxy.energy_metrics import ENERGY
 from proxy.pb.fmaas import generation_pb2 as pb
 from sim.config import SimConfig
+from tests.waiting import wait_until_async
 
 from .harness import running_stack
 
@@ -61,9 +61,9 @@ async def test_metrics_report_energy_per_tenant_model_phase_and_power(tmp_path: 
         assert abs(prefill - row.prefill_j) < 1e-6 and abs(decode - row.decode_j) < 1e-6
 
         backend = s.app.pools["sim-model"].backends[0].name
-        for _ in range(20):  # the sampler needs two readings a second apart for a power figure
-            power = (await _scrape(s.http_url)).get(("joulegate_backend_power_watts", (("backend", backend),)))
-            if power is not None:
-                break
-            await asyncio.sleep(0.2)
-        assert power is not None and 70 <= power <= 700  # the simulated H100: 80 W idle, 650 W prefill
+
+        async def power_w() -> float | None:  # the sampler needs two readings a second apart for a power figure
+            return (await _scrape(s.http_url)).get(("joulegate_backend_power_watts", (("backend", backend),)))
+
+        power = await wait_until_async(power_w, 4.0, what="a power figure on /metrics", poll_s=0.2)
+        assert 70 <= power <= 700  # the simulated H100: 80 W idle, 650 W prefill

@@ -29,8 +29,9 @@ from proxy.pb.fmaas import generation_pb2_grpc
 from sim.config import SimConfig
 from sim.server import SimTGI
 from tests.conftest import REPO_ROOT, free_port
+from tests.waiting import wait_until_async
 
-from .test_metering_support import check_books, query, wait_attributed
+from .metering_support import check_books, query, wait_attributed
 
 ATTRIBUTION_RESUMES_S = 60.0  # the promise: a backend's attribution resumes within a minute of the restart
 
@@ -86,15 +87,15 @@ async def serve(config: Path, log: Path, port: int) -> AsyncIterator[asyncio.sub
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 60
-            while True:
+
+            async def serving() -> bool:
                 assert proc.returncode is None, _tail(log)
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                assert time.monotonic() < deadline, "the gateway did not become SERVING"
-                await asyncio.sleep(0.1)
+                    return reply.status == health_pb2.HealthCheckResponse.SERVING
+                return False
+
+            await wait_until_async(serving, 60.0, what="the gateway to become SERVING", poll_s=0.1)
         yield proc
     finally:
         if proc.returncode is None:
@@ -174,24 +175,18 @@ async def _traffic(port: int, key: str, seconds: float, seed: int, *, until: asy
 
 
 async def wait_closed(db: Any, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while query(db, "SELECT COUNT(*) FROM requests WHERE done_ns IS NULL")[0][0]:
-        assert time.monotonic() < deadline, "rows still open"
-        await asyncio.sleep(0.05)
+    def none_open() -> bool:
+        return query(db, "SELECT COUNT(*) FROM requests WHERE done_ns IS NULL")[0][0] == 0
+
+    await wait_until_async(none_open, timeout_s, what="every request row closed", poll_s=0.05)
 
 
-@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.slow
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
 async def test_kill_9_under_traffic_then_restart_loses_doubles_and_leaves_open_nothing(
     tmp_path: Path, dialect: str, request: pytest.FixtureRequest
 ) -> None:
-    if dialect == "sqlite":
-        db_url = f"sqlite:///{tmp_path / 'gateway.db'}"
-    else:
-        from tests.conftest import _postgres_database
-
-        gen = _postgres_database()
-        db_url = next(gen)
-        request.addfinalizer(lambda: next(gen, None))
+    db_url = f"sqlite:///{tmp_path / 'gateway.db'}" if dialect == "sqlite" else request.getfixturevalue("pg_url")
     upgrade(db_url)
     db = make_engine(db_url)
     key = create_key(db, "tenant-a").key
@@ -226,13 +221,14 @@ async def test_kill_9_under_traffic_then_restart_loses_doubles_and_leaves_open_n
             # The backend's attribution, which open rows hold back, resumes: it passes every request of before the
             # kill, the aborted ones included.
             last_done = query(db, "SELECT MAX(done_ns) FROM requests WHERE received_ns < :k", {"k": killed_ns})[0][0]
-            while True:
+
+            def resumed() -> bool:
                 with db.connect() as conn:
-                    until = attributed_until(conn, backend) or 0
-                if until > last_done:
-                    break
-                assert time.monotonic() - t_restart < ATTRIBUTION_RESUMES_S, (until, last_done)
-                await asyncio.sleep(0.2)
+                    return (attributed_until(conn, backend) or 0) > last_done
+
+            await wait_until_async(
+                resumed, ATTRIBUTION_RESUMES_S - (time.monotonic() - t_restart), what="attribution past the kill"
+            )
             resumed_s = time.monotonic() - t_restart
             post = await _traffic(port, key, 2.0, seed=2)
             assert post.failed == 0 and post.ok, post.errors

@@ -16,6 +16,7 @@ from grpc_status import rpc_status
 from meter.store.models import Request as RequestRow
 from proxy.pb.fmaas import generation_pb2 as pb
 from sim.config import SimConfig
+from tests.waiting import wait_until_async
 
 from .harness import running_stack
 
@@ -187,14 +188,13 @@ async def test_deadline_and_cancellation_reach_the_backend(tmp_path: Path) -> No
                 break
         call.cancel()
         # the simulator must see the disconnect and drop the request from its batch
-        for _ in range(100):
-            if s.sims[0].scheduler.batch_size == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert s.sims[0].scheduler.batch_size == 0
-        await asyncio.sleep(0.1)
-        statuses = sorted(r["status"] for r in await _rows(s.db_url, s.app))
-        assert statuses == ["CANCELLED", "DEADLINE_EXCEEDED"]
+        await wait_until_async(lambda: s.sims[0].scheduler.batch_size == 0, 2.0, what="TGI to drop the request")
+
+        async def both_rows() -> list[str] | None:  # the cancelled call's row is written as its handler unwinds
+            statuses = sorted(r["status"] for r in await _rows(s.db_url, s.app))
+            return statuses if len(statuses) == 2 else None
+
+        assert await wait_until_async(both_rows, 5.0, poll_s=0.05) == ["CANCELLED", "DEADLINE_EXCEEDED"]
 
 
 async def test_time_limit_ends_with_time_limit(tmp_path: Path) -> None:
@@ -260,12 +260,12 @@ async def test_health_reflection_and_drain(tmp_path: Path) -> None:
 
         async with aiohttp.ClientSession() as http:
             await http.post(f"{s.sims[0].url}/sim/health", json={"healthy": False})
-        for _ in range(50):
+
+        async def not_serving() -> bool:
             resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
-            if resp.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                break
-            await asyncio.sleep(0.05)
-        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            return resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await wait_until_async(not_serving, 2.5, what="NOT_SERVING", poll_s=0.05)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await s.stub.Generate(
                 pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text="x")], params=_params(2)),
@@ -282,7 +282,7 @@ async def test_drain_finishes_in_flight_requests(tmp_path: Path) -> None:
                 metadata=s.auth,
             )
         )
-        await asyncio.sleep(0.1)
+        await wait_until_async(lambda: s.sims[0].scheduler.batch_size == 1, 5.0, what="the call on the backend")
         await s.app.stop(5.0)
         resp = await call
         assert resp.responses[0].generated_token_count == 20

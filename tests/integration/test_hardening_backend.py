@@ -10,7 +10,6 @@ whose handler crashed on one request. ``dead`` makes the proxy's /health fail to
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -22,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proxy.pb.fmaas import generation_pb2 as pb
 from sim.config import SimConfig
 from sim.server import SimTGI
+from tests.waiting import wait_until_async
 
 from .harness import Stack, running_stack
 
@@ -142,14 +142,12 @@ async def test_a_broken_stream_from_a_backend_that_is_really_gone_takes_it_out_a
     proxy.dead = True
     assert await _generate(s, "POISON") == grpc.StatusCode.UNAVAILABLE
     pool = s.app.pools["sim-model"]
-    deadline = time.monotonic() + 10
-    while pool.healthy:
-        assert time.monotonic() < deadline, "the probe never took the dead backend out"
-        await asyncio.sleep(0.02)
+    await wait_until_async(lambda: not pool.healthy, 10.0, what="the probe to take the dead backend out")
     assert proxy.health_checks > checks_before
-    status = health_pb2.HealthCheckResponse.SERVING
-    while status != health_pb2.HealthCheckResponse.NOT_SERVING:
-        assert time.monotonic() < deadline, "gRPC health never said NOT_SERVING"
+
+    async def not_serving() -> bool:
         status = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
-        await asyncio.sleep(0.02)
+        return status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    await wait_until_async(not_serving, 10.0, what="gRPC health NOT_SERVING")
     assert await _generate(s, "an honest prompt") == grpc.StatusCode.UNAVAILABLE

@@ -4,7 +4,6 @@ forged page tokens, what PERMISSION_DENIED reveals, and wait_final calls that us
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from meter.pb.joulegate.v1 import energy_pb2_grpc as pb_grpc
 from meter.reports.requests import RequestFilter, encode_page_token
 from meter.reports_api import MAX_WAITS_PER_TENANT
 from meter.store.keys import create_key
+from tests.waiting import wait_until_async
 
 from ..test_reports import scenario
 from ..test_reports_oracle import insert, seal
@@ -123,10 +123,8 @@ async def test_wait_final_is_bounded_per_tenant_and_backs_off(stack: Stack) -> N
         )
         for i in range(MAX_WAITS_PER_TENANT)
     ]
-    deadline = time.monotonic() + 10
-    while counter[0] < MAX_WAITS_PER_TENANT * per_query:  # every wait has made its first query: all hold a slot
-        assert time.monotonic() < deadline, "the waits never started"
-        await asyncio.sleep(0.01)
+    # every wait has made its first query: all hold a slot
+    await wait_until_async(lambda: counter[0] >= MAX_WAITS_PER_TENANT * per_query, 10.0, what="the waits to start")
 
     one_more = reports.GetRequestEnergy(
         pb.GetRequestEnergyRequest(request_id="A", wait_final=True, wait_timeout_ms=1000), metadata=tenant_a

@@ -19,6 +19,7 @@ from text_generation import errors as tgi_errors
 
 from meter.store.models import Request as RequestRow
 from sim.config import SimConfig
+from tests.waiting import wait_until_async
 
 from .harness import Stack, running_stack
 from .threaded import stack_in_thread
@@ -224,7 +225,10 @@ async def test_overload_is_429_with_retry_after_and_overloaded_error(tmp_path: P
         assert len(errors) == 1 and isinstance(errors[0], tgi_errors.OverloadedError), results
         async with aiohttp.ClientSession(headers=_bearer(s.key)) as http:
             long = [asyncio.ensure_future(client.generate("x", max_new_tokens=60)) for _ in range(2)]
-            await asyncio.sleep(0.05)
+            # one on the backend's only slot, one in the gateway's queue (max_queued_requests = 1): it is full
+            await wait_until_async(
+                lambda: s.sims[0].scheduler.batch_size == 1 and s.app.shapers["sim-model"].queued == 1, 5.0
+            )
             async with http.post(f"{s.http_url}/generate_stream", json={"inputs": "y"}) as r:
                 assert r.status == 429  # the gateway's own queue refused it: a status, before any stream
                 assert int(r.headers["Retry-After"]) >= 1 and r.headers["x-request-id"]
@@ -254,13 +258,14 @@ async def test_client_disconnect_cancels_upstream(tmp_path: Path) -> None:
                     await http.post(
                         f"{s.http_url}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 500}}
                     )
-        for _ in range(100):
-            if sim.scheduler.batch_size == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert sim.scheduler.batch_size == 0  # TGI dropped both: the gateway closed its streams
-        await asyncio.sleep(0.1)
-        rows = await _arows(s)
+        # TGI dropped both: the gateway closed its streams
+        await wait_until_async(lambda: sim.scheduler.batch_size == 0, 2.0, what="TGI to drop both requests")
+
+        async def both_rows() -> dict[str, dict] | None:  # written as the gateway's handlers unwind
+            rows = await _arows(s)
+            return rows if len(rows) == 2 else None
+
+        rows = await wait_until_async(both_rows, 5.0, poll_s=0.05)
         assert rows[rid]["status"] == "CANCELLED" and rows[rid]["generated_tokens"] >= 3
         assert sorted(r["status"] for r in rows.values()) == ["CANCELLED", "CANCELLED"]
 
@@ -272,29 +277,26 @@ async def test_drain_health_and_refusals(tmp_path: Path) -> None:
     ):
         if True:
             # the only backend goes unhealthy: /health 503 with TGI's body, generation 503 with Retry-After
-            await http.post(f"{s.sims[0].url}/sim/health", json={"healthy": False})
-            for _ in range(50):
+
+            async def health(status: int) -> bool:
                 async with http.get(f"{s.http_url}/health") as r:
                     if r.status == 503:
                         assert await r.json() == {"error": "unhealthy", "error_type": "healthcheck"}
-                        break
-                await asyncio.sleep(0.05)
-            assert r.status == 503
+                    return r.status == status
+
+            await http.post(f"{s.sims[0].url}/sim/health", json={"healthy": False})
+            await wait_until_async(lambda: health(503), 2.5, what="/health 503", poll_s=0.05)
             async with http.post(f"{s.http_url}/generate", json={"inputs": "x"}) as r:
                 assert r.status == 503 and r.headers["Retry-After"] == "1"
                 assert (await r.json())["error_type"] == "unavailable"
             await http.post(f"{s.sims[0].url}/sim/health", json={"healthy": True})
-            for _ in range(50):
-                async with http.get(f"{s.http_url}/health") as r:
-                    if r.status == 200:
-                        break
-                await asyncio.sleep(0.05)
+            await wait_until_async(lambda: health(200), 2.5, what="/health 200", poll_s=0.05)
 
             # a call in flight when the gateway drains still finishes
             call = asyncio.ensure_future(
                 http.post(f"{s.http_url}/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 20}})
             )
-            await asyncio.sleep(0.1)
+            await wait_until_async(lambda: s.sims[0].scheduler.batch_size == 1, 5.0, what="the call on the backend")
             await s.app.stop(5.0)
             resp = await call
             assert resp.status == 200 and (await resp.json())["generated_text"]

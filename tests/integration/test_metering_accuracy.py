@@ -14,7 +14,7 @@ from proxy.pb.fmaas import generation_pb2 as pb
 from sim.config import SimConfig
 
 from .harness import running_stack
-from .test_metering_support import (
+from .metering_support import (
     accuracy,
     check_books,
     failed_reads,

@@ -14,9 +14,10 @@ import pytest
 from app.cli import main
 from sim.config import SimConfig
 from tests.conftest import REPO_ROOT
+from tests.waiting import wait_until_async
 
 from .harness import running_stack
-from .test_metering_support import check_books, failed_reads, query, run_traffic, wait_attributed
+from .metering_support import check_books, failed_reads, query, run_traffic, wait_attributed
 
 
 def _config(tmp_path: Path, db_url: str, sim_url: str, *, source: str = "sim") -> Path:
@@ -67,11 +68,12 @@ async def test_daemon_attributes_its_node_and_drains_on_sigterm(tmp_path: Path) 
             stderr=asyncio.subprocess.STDOUT,
         )
         try:
-            for _ in range(100):  # the daemon is up once its samples arrive
-                if query(s.app.engine, "SELECT COUNT(*) FROM samples")[0][0] > 3:
-                    break
+
+            def sampling() -> bool:  # the daemon is up once its samples arrive
                 assert proc.returncode is None, "the daemon exited early"
-                await asyncio.sleep(0.1)
+                return query(s.app.engine, "SELECT COUNT(*) FROM samples")[0][0] > 3
+
+            await wait_until_async(sampling, 10.0, what="the daemon's first samples", poll_s=0.1)
             traffic = await run_traffic(s.channel, [s.key], seconds=2.0, clients_per_key=2)
             assert traffic.failures == 0 and traffic.calls > 3
             assert s.app.ledger.flush(10.0)

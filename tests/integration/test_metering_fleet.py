@@ -5,7 +5,6 @@ meter recomputes the epochs they touch. Afterwards every request has its energy 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,11 @@ from meter.ledger import Ledger
 from meter.store import make_engine
 from meter.store.keys import create_key
 from sim.config import SimConfig
-from tests.conftest import _postgres_database
 from tests.tcp_cut import TcpCut
+from tests.waiting import wait_until_async
 
 from .harness import running_stack
-from .test_metering_support import (
+from .metering_support import (
     accuracy,
     check_books,
     failed_reads,
@@ -31,14 +30,8 @@ from .test_metering_support import (
     wait_attributed,
 )
 
-pytestmark = pytest.mark.postgres
 
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    yield from _postgres_database()
-
-
+@pytest.mark.slow
 async def test_late_timelines_from_a_replica_are_recomputed_not_double_counted(tmp_path: Path, pg_url: str) -> None:
     parsed = make_url(pg_url)
     with TcpCut(parsed.host or "127.0.0.1", parsed.port or 5432) as cut:
@@ -70,10 +63,9 @@ async def test_late_timelines_from_a_replica_are_recomputed_not_double_counted(t
                 cut.restore()
                 done = await traffic
                 assert done.failures == 0
-                for _ in range(200):
-                    if not s.app.ledger.stats.journal_pending:
-                        break
-                    await asyncio.sleep(0.1)
+                await wait_until_async(
+                    lambda: not s.app.ledger.stats.journal_pending, 20.0, what="the journal replayed"
+                )
                 assert s.app.ledger.stats.replayed > 0
                 await wait_attributed(db, 20.0)
                 for _ in range(30):  # the pass after the replay recomputes what the late rows touched

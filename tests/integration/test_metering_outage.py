@@ -4,40 +4,23 @@ lost or doubled and the energy still adds up exactly. The outage is a real TCP c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy.engine import make_url
 
 from meter.store.keys import create_key
 from sim.config import SimConfig
-from tests.conftest import _postgres_database
 from tests.tcp_cut import TcpCut
+from tests.waiting import wait_until_async
 
 from .harness import running_stack
-from .test_metering_support import check_books, failed_reads, query, run_traffic, wait_attributed
-
-pytestmark = pytest.mark.postgres
+from .metering_support import check_books, failed_reads, query, run_traffic, wait_attributed
 
 METER = {"source": "sim", "epoch_s": 1.0, "settle_s": 0.5, "engine_interval_s": 0.2, "lag_ms": 50}
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    yield from _postgres_database()
-
-
 def through(cut: TcpCut, url: str) -> str:
     return make_url(url).set(host="127.0.0.1", port=cut.port).render_as_string(hide_password=False)
-
-
-async def _until(predicate, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
-    for _ in range(int(timeout_s / 0.1)):
-        if predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 async def test_database_outage_under_traffic_loses_and_doubles_nothing(tmp_path: Path, pg_url: str) -> None:
@@ -59,7 +42,7 @@ async def test_database_outage_under_traffic_loses_and_doubles_nothing(tmp_path:
             cut.restore()
             done = await traffic
             assert done.failures == 0 and done.calls > 30, done  # the gateway kept serving through it
-            await _until(lambda: not s.app.ledger.stats.journal_pending, 20.0)
+            await wait_until_async(lambda: not s.app.ledger.stats.journal_pending, 20.0, what="the journal replayed")
             assert s.app.ledger.stats.replayed > 0
             await wait_attributed(s.app.engine, 20.0)
 

@@ -20,9 +20,10 @@ from meter.store.keys import create_key
 from proxy.pb.fmaas import generation_pb2 as gen
 from sim.config import SimConfig
 from tests.conftest import REPO_ROOT, free_port
+from tests.waiting import wait_until_async
 
 from .harness import running_stack
-from .test_metering_support import query
+from .metering_support import query
 
 METER = {"source": "sim", "epoch_s": 1.0, "settle_s": 0.5, "engine_interval_s": 0.2, "lag_ms": 50,
          "idle_policy": "time"}  # fmt: skip
@@ -114,13 +115,15 @@ async def test_the_meter_daemon_serves_reports_with_health_and_reflection(tmp_pa
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 health = health_pb2_grpc.HealthStub(channel)
-                for _ in range(150):
+
+                async def answered() -> health_pb2.HealthCheckResponse | None:
                     try:
-                        answer = await health.Check(health_pb2.HealthCheckRequest(service="joulegate.v1.EnergyReports"))
-                        break
+                        return await health.Check(health_pb2.HealthCheckRequest(service="joulegate.v1.EnergyReports"))
                     except grpc.aio.AioRpcError:
                         assert proc.returncode is None, "the daemon exited early"
-                        await asyncio.sleep(0.1)
+                        return None
+
+                answer = await wait_until_async(answered, 15.0, what="the daemon's health service", poll_s=0.1)
                 assert answer.status == health_pb2.HealthCheckResponse.SERVING
                 ask = reflection_pb2.ServerReflectionRequest(list_services="")
                 listed = [a async for a in reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(

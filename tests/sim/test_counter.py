@@ -14,6 +14,7 @@ from meter.sources.sim import SimSource
 from sim.ledger import PJ_PER_MJ
 from sim.server import SimTGI
 from tests.sim.conftest import SimFactory, sse_events
+from tests.waiting import wait_until_async
 
 PERIOD_NS = 100_000_000
 IDLE_MW = 80_000
@@ -98,7 +99,12 @@ async def test_truth_adds_up_under_mixed_traffic(make_sim: SimFactory, http: aio
         stream("s-cut", "leave early", 500, read_events=5),
         stream("s-full", "stream it", 25),
     )
-    await asyncio.sleep(0.05)
+
+    def all_finished() -> bool:  # s-cut's client left: the simulator finishes it once it sees the disconnect
+        requests = sim.truth().requests
+        return len(requests) == 6 and all(r.finish_reason for r in requests.values())
+
+    await wait_until_async(all_finished, 5.0)
     async with http.get(sim.url + "/sim/truth") as r:
         truth = await r.json()
     requests = truth["requests"]

@@ -15,6 +15,7 @@ from sim.server import SimTGI
 from sim.tokenizer import EOS_ID, EOS_TEXT
 from sim.validation import GenerateParameters, GenerateRequest, validate
 from tests.sim.conftest import SimFactory, sse_events
+from tests.waiting import wait_until_async
 
 
 async def _events(response: aiohttp.ClientResponse, n: int) -> list[dict]:
@@ -26,13 +27,6 @@ async def _events(response: aiohttp.ClientResponse, n: int) -> list[dict]:
         if line.startswith(b"data:"):
             out.append(json.loads(line[5:]))
     return out
-
-
-async def _until(predicate, timeout_s: float = 5.0, poll_s: float = 0.002) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(poll_s)
 
 
 def _submit(sim: SimTGI, inputs: str, max_new_tokens: int, request_id: str) -> SimRequest:
@@ -60,7 +54,7 @@ async def test_overload_is_429_at_once_and_in_stream(make_sim: SimFactory, http:
         assert json.loads(event) == {"error": "Model is overloaded", "error_type": "overloaded"}
     for holder in holders:
         holder.close()  # the clients leave: their permits come back
-    await _until(lambda: sim.infer.in_flight == 0)
+    await wait_until_async(lambda: sim.infer.in_flight == 0, 5.0)
     async with http.post(sim.url + "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}) as r:
         assert r.status == 200
     async with http.get(sim.url + "/metrics") as r:
@@ -120,9 +114,9 @@ async def test_disconnect_cancels_at_once_and_stops_energy(make_sim: SimFactory,
     gone = await http.post(sim.url + "/generate_stream", json=long, headers={"x-request-id": "gone"})
     await _events(keep, 2)
     await _events(gone, 3)
-    await _until(lambda: sim.scheduler.batch_size == 2)
+    await wait_until_async(lambda: sim.scheduler.batch_size == 2, 5.0)
     gone.close()
-    await _until(lambda: sim.truth("gone").requests["gone"].finish_reason == "cancelled", timeout_s=1.0)
+    await wait_until_async(lambda: sim.truth("gone").requests["gone"].finish_reason == "cancelled", timeout_s=1.0)
     assert sim.scheduler.batch_size == 1  # it left the running batch
     frozen = sim.truth("gone").requests["gone"]
     before_keep = sim.truth("keep").requests["keep"]
@@ -132,7 +126,7 @@ async def test_disconnect_cancels_at_once_and_stops_energy(make_sim: SimFactory,
     assert after["keep"].generated_tokens > before_keep.generated_tokens
     assert after["keep"].decode_mj > before_keep.decode_mj
     keep.close()
-    await _until(lambda: sim.scheduler.batch_size == 0, timeout_s=1.0)
+    await wait_until_async(lambda: sim.scheduler.batch_size == 0, timeout_s=1.0)
     assert sim.gpu.phase == "idle"
 
     # a non-streamed request is cancelled when its client gives up too
@@ -143,7 +137,9 @@ async def test_disconnect_cancels_at_once_and_stops_energy(make_sim: SimFactory,
         pass
     else:
         raise AssertionError("a 1000-token request cannot finish in 0.2 s at this time scale")
-    await _until(lambda: sim.truth("impatient").requests["impatient"].finish_reason == "cancelled", timeout_s=1.0)
+    await wait_until_async(
+        lambda: sim.truth("impatient").requests["impatient"].finish_reason == "cancelled", timeout_s=1.0
+    )
     assert sim.infer.in_flight == 0
 
 
@@ -174,7 +170,7 @@ async def test_continuous_batching_shares_time_and_energy(make_sim: SimFactory, 
 
 async def test_identical_requests_in_one_batch_cost_the_same(sim: SimTGI) -> None:
     requests = [_submit(sim, "twin prompt", 10, f"twin-{i}") for i in range(4)]  # same tick: one prefill batch
-    await _until(lambda: all(r.done for r in requests))
+    await wait_until_async(lambda: all(r.done for r in requests), 5.0)
     truth = sim.truth().requests
     prefill = {truth[f"twin-{i}"].prefill_mj for i in range(4)}
     decode = {truth[f"twin-{i}"].decode_mj for i in range(4)}
@@ -185,9 +181,11 @@ async def test_identical_requests_in_one_batch_cost_the_same(sim: SimTGI) -> Non
 async def _late_join_wait(sim: SimTGI, late: int) -> int:
     """Decode steps that late arrivals wait before their prefill, while 4 requests decode."""
     running = [_submit(sim, "running batch", 25, f"run-{i}") for i in range(4)]
-    await _until(lambda: all(r.first_token_ns is not None for r in running) and sim.scheduler.decode_steps >= 1)
+    await wait_until_async(
+        lambda: all(r.first_token_ns is not None for r in running) and sim.scheduler.decode_steps >= 1, 5.0
+    )
     newcomers = [_submit(sim, "late", 3, f"late-{i}") for i in range(late)]
-    await _until(lambda: all(r.done for r in running + newcomers))
+    await wait_until_async(lambda: all(r.done for r in running + newcomers), 5.0)
     waits = {r.decode_steps_at_first_token - r.decode_steps_at_queue for r in newcomers}
     assert len(waits) == 1  # they were prefilled together
     return waits.pop()
@@ -212,7 +210,7 @@ async def test_kv_budget_holds_requests_back(make_sim: SimFactory) -> None:
     sim = await make_sim(time_scale=0.02, max_batch_total_tokens=2048)
     requests = [_submit(sim, "kv", 1000, f"kv-{i}") for i in range(3)]
     assert requests[0].valid.input_length == 2
-    await _until(lambda: all(r.done for r in requests), timeout_s=10)
+    await wait_until_async(lambda: all(r.done for r in requests), timeout_s=10)
     first, second, third = requests
     assert first.start_ns == second.start_ns  # one prefill batch
     assert third.start_ns >= min(first.done_ns, second.done_ns)  # admitted only when memory was freed
@@ -232,7 +230,7 @@ async def test_prefill_chunking_splits_long_prompts_and_lets_newcomers_in(make_s
     a = _submit(sim, prompt, 5, "a")
     b = _submit(sim, prompt, 5, "b")
     assert a.valid.input_length == b.valid.input_length == 50
-    await _until(lambda: a.done and b.done)
+    await wait_until_async(lambda: a.done and b.done, 5.0)
     # forward 1: all of a (50) and 14 tokens of b; forward 2: b's other 36 tokens while a decodes its second token
     assert a.decode_steps_at_first_token == 0
     assert b.decode_steps_at_first_token == 1
@@ -255,7 +253,7 @@ async def test_stop_drains_for_the_grace_period_then_cancels(make_sim: SimFactor
 
     short = asyncio.ensure_future(post("short", 15))  # ~0.15 s
     long = asyncio.ensure_future(post("long", 1000))  # ~10 s
-    await _until(lambda: sim.scheduler.batch_size == 2)
+    await wait_until_async(lambda: sim.scheduler.batch_size == 2, 5.0)
     t0 = time.monotonic()
     await sim.stop(grace_s=0.6)
     assert 0.1 < time.monotonic() - t0 < 2.0

@@ -4,11 +4,9 @@ models), records timelines and counter readings as the gateway and the sampler w
 from __future__ import annotations
 
 import ast
-import asyncio
 import dataclasses
 import inspect
 import re
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +18,7 @@ from sim.costmodel import COST_MODELS, with_cost_model
 from sim.replay import Replay, Sampler, TraceRequest, replay
 from sim.validation import GenerateParameters, GenerateRequest, validate
 from tests.sim.conftest import SimFactory
+from tests.waiting import wait_until_async
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -225,10 +224,7 @@ async def test_the_live_simulator_schedules_like_the_replay(make_sim: SimFactory
             sim.config,
         )
         live.append(sim.scheduler.submit(valid, f"r{i}", stream=False))  # one tick: one prefill batch
-    deadline = time.monotonic() + 10
-    while not all(r.done for r in live):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.005)
+    await wait_until_async(lambda: all(r.done for r in live), 10.0)
     trace = [TraceRequest(r.request_id, "t", 0, r.input_length, r.max_new_tokens) for r in live]
     rep = replay(trace, config, start_ns=0)
     assert (sim.scheduler.prefill_steps, sim.scheduler.decode_steps) == (rep.prefill_steps, rep.decode_steps)

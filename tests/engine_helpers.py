@@ -1,7 +1,7 @@
 """A synthetic world for the engine tests: a GPU whose power follows its requests, its counter, and SQL writers.
 
-Not a test module of its own (it holds no tests); the engine tests import from it. Rows go in through the store's
-own bulk writer (``meter.store.bulk``), the one the ledger uses, with ``ingested_ns`` chosen by the test.
+The engine tests import from it. Rows go in through the store's own bulk writer (``meter.store.bulk``), the one the
+ledger uses, with ``ingested_ns`` chosen by the test.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def samples_for(
     base_mj: int = 1_000_000,
 ) -> list[tuple[str, int, int | None, str | None]]:
     """Sample rows of one device: a reading at t shows floor(energy up to t - lag) + base."""
-    out = []
+    out: list[tuple[str, int, int | None, str | None]] = []
     t = t_from + offset_ns
     while t <= t_to:
         out.append((device, t, base_mj + math.floor(gpu.energy_mj(t - lag_ns)), None))

@@ -1,6 +1,6 @@
 """Helpers for the end-to-end metering tests: traffic from several tenants, waiting for attribution, the books.
 
-Holds no tests itself; ``test_metering_*.py`` import it.
+The ``test_metering_*.py`` tests import it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ import sqlalchemy as sa
 from meter.engine import attributed_until, expected_usage, usage_table
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc
+from sim.ledger import RequestTruth
 from sim.server import SimTGI
+from tests.waiting import wait_until_async
 
 
 @dataclass
@@ -89,18 +91,15 @@ def query(db: sa.Engine, sql: str, params: dict | None = None) -> list[sa.Row]:
 
 async def wait_attributed(db: sa.Engine, timeout_s: float = 15.0) -> None:
     """Until every backend's attribution covers the end of its last request."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def covered() -> bool:
         last_done = dict(
             query(db, "SELECT backend, MAX(done_ns) FROM requests WHERE backend IS NOT NULL GROUP BY backend")
         )
         with db.connect() as conn:
-            behind = {b: d for b, d in last_done.items() if (attributed_until(conn, b) or 0) <= d}
-        if not behind:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"attribution did not cover the last requests of {sorted(behind)} in {timeout_s} s")
-        await asyncio.sleep(0.2)
+            return all((attributed_until(conn, b) or 0) > d for b, d in last_done.items())
+
+    await wait_until_async(covered, timeout_s, what="attribution to cover every backend's last request", poll_s=0.2)
 
 
 def check_books(db: sa.Engine) -> dict[str, int]:
@@ -181,7 +180,7 @@ class Accuracy:
 
 def accuracy(db: sa.Engine, sims: Sequence[SimTGI]) -> Accuracy:
     """Attributed energy per request (over all its epochs) against the simulators' truth."""
-    truth = {}
+    truth: dict[str, RequestTruth] = {}
     for sim in sims:
         truth.update(sim.truth().requests)
     got = query(
