@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
 from common.tgi_http import SSE_DONE as SSE_DONE
+from common.tgi_http import Info as Info
+from common.tgi_http import StreamResponse, Token, openai_error
 from common.tgi_http import error_body as error_body
 from common.tgi_http import millis_header as millis_header
-from common.tgi_http import openai_error
 from common.tgi_http import seconds_header as seconds_header
 from sim.tokenizer import VocabEntry
 
@@ -30,44 +31,6 @@ def dumps(obj: Any) -> bytes:
 
 def sse(obj: Any) -> bytes:
     return b"data:" + dumps(obj) + b"\n\n"
-
-
-class Token(TypedDict):
-    """TGI's ``Token``."""
-
-    id: int
-    text: str
-    logprob: float
-    special: bool
-
-
-class StreamResponse(TypedDict):
-    """TGI's ``StreamResponse`` (one ``/generate_stream`` event); ``top_tokens`` is left out when empty."""
-
-    index: int
-    token: Token
-    top_tokens: NotRequired[list[Token]]
-    generated_text: str | None
-    details: dict[str, Any] | None  # StreamDetails, on the last event only
-
-
-class Info(TypedDict):
-    """TGI's ``Info`` (``GET /info``), fields in TGI's order."""
-
-    model_id: str
-    model_sha: str | None
-    model_pipeline_tag: str
-    max_concurrent_requests: int
-    max_best_of: int
-    max_stop_sequences: int
-    max_input_tokens: int
-    max_total_tokens: int
-    validation_workers: int
-    max_client_batch_size: int
-    router: str
-    version: str
-    sha: str | None
-    docker_label: str | None
 
 
 def openai_error_event(message: str) -> bytes:
