@@ -51,7 +51,7 @@ def _wait_grpc(port: int, timeout_s: float = 30.0) -> None:
 def sim_process(*args: str) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "sim-tgi", "--port", str(port), *args],
+        [sys.executable, "-m", "app.cli", "sim-tgi", "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -68,7 +68,7 @@ def sim_process(*args: str) -> Iterator[str]:
 def gateway_process(workdir: Path, backends: list[str], *, env: dict[str, str] | None = None,
                     args: tuple[str, ...] = ()) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:  # fmt: skip
     port = free_port()
-    cmd = [sys.executable, "-m", "proxy.cli", "serve", "--grpc-listen", f"127.0.0.1:{port}", "--http-listen", "off"]
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--grpc-listen", f"127.0.0.1:{port}", "--http-listen", "off"]
     for b in backends:
         cmd += ["--backend", b]
     cmd += ["--db", f"sqlite:///{workdir / 'bench.db'}", *args]

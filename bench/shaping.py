@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the table, CSV and plot go")
     ap.add_argument("--tail-s", type=float, default=None, help="slot kept after the last arrival + longest hold")
     args = ap.parse_args()
-    from proxy.logs import configure_logging
+    from common.logs import configure_logging
 
     configure_logging("warning", "console")
     duration_s = args.duration_s or (12.0 if args.quick else 90.0)

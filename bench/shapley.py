@@ -53,12 +53,11 @@ from bench.shapley_report import (
     text_table,
 )
 from bench.shapley_trace import SHAPES, make_trace
+from meter.config import MeterConfig, engine_settings
 from meter.engine import EngineSettings, MeteredBackend, MeteringEngine
 from meter.ledger import timeline_row
 from meter.store import make_engine, upgrade
 from meter.store.bulk import BulkWriter
-from proxy.config import MeterConfig
-from proxy.metering import engine_settings
 from sim.config import SimConfig
 from sim.costmodel import with_cost_model
 from sim.replay import Replay, Sampler, TraceRequest, replay

@@ -94,6 +94,7 @@ from itertools import accumulate
 from types import MappingProxyType
 from typing import cast
 
+from common.errors import ConservationError
 from meter.timeline import Timeline
 
 __all__ = [
@@ -583,5 +584,5 @@ def _largest_remainder(shares: list[float], total: int, keys: list[str | None]) 
                     need -= 1
                     took = True
             if not took:
-                raise AssertionError("cannot conserve energy: shares exceed the counter")  # unreachable for E >= 0
+                raise ConservationError("cannot conserve energy: shares exceed the counter")  # unreachable for E >= 0
     return floors

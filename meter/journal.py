@@ -46,10 +46,12 @@ from typing import IO, Any
 
 import orjson
 
+from common.errors import JoulegateError
+
 Record = dict[str, Any]
 
 
-class JournalLockedError(RuntimeError):
+class JournalLockedError(JoulegateError, RuntimeError):
     """Another process holds this journal."""
 
 

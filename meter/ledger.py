@@ -68,6 +68,7 @@ import sqlalchemy as sa
 import structlog
 import tenacity
 
+from common.errors import JoulegateError
 from meter.journal import UNREADABLE, BadLine, Journal, Record, encode
 from meter.samples import Sample
 from meter.store.bulk import SAMPLE_COLUMNS, START_COLUMNS, TIMELINE_COLUMNS, BulkWriter
@@ -93,11 +94,11 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _REQUESTS: sa.Table = Request.__table__
 
 
-class DatabaseStalledError(TimeoutError):
+class DatabaseStalledError(JoulegateError, TimeoutError):
     """A write did not return within ``write_timeout_s`` (a hung server, proxy or network): treated as an outage."""
 
 
-class UnstorableValueError(ValueError):
+class UnstorableValueError(JoulegateError, ValueError):
     """A value no database column of the ledger can hold (not None, a 64-bit int or a str): refused at the door."""
 
 

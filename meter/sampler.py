@@ -34,6 +34,7 @@ from meter.samples import EnergySource, Sample
 
 log = structlog.get_logger(__name__)
 
+INTERVAL_MS = 100  # NVML's energy counter advances about every 100 ms on an H100
 _READ_MS_WINDOW = 4096  # read latencies kept for the percentiles (~7 minutes at 10 Hz)
 _LOG_EVERY = 600  # while a failure persists, log it again every this many occurrences (~1 minute at 10 Hz)
 
@@ -84,7 +85,7 @@ class Sampler:
         source: EnergySource,
         sink: Callable[[list[Sample]], None],
         *,
-        interval_ms: int = 100,
+        interval_ms: int = INTERVAL_MS,
         power_window_ms: int = 1000,
         phase_lock: bool = True,
     ) -> None:

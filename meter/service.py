@@ -25,13 +25,14 @@ import sqlalchemy as sa
 import structlog
 
 from meter.engine import EngineSettings, EngineStats, MeteredBackend, MeteringEngine
-from meter.sampler import Sampler, SamplerStats
+from meter.sampler import INTERVAL_MS, Sampler, SamplerStats
 from meter.samples import EnergySource, Sample
 
 log = structlog.get_logger(__name__)
 
 __all__ = ["BackendSpec", "MeterService", "MeterStats", "build_meter_service", "meter_backends"]
 
+ENGINE_INTERVAL_S = 1.0  # how often the engine runs a pass
 _MAX_BACKOFF_S = 5.0  # a failed pass costs one connection attempt; retry soon after the database returns
 _LOG_EVERY_S = 60.0
 
@@ -70,8 +71,8 @@ class MeterService:
         backends: Callable[[], Sequence[MeteredBackend]],
         settings: EngineSettings | None = None,
         *,
-        interval_ms: int = 100,
-        engine_interval_s: float = 1.0,
+        interval_ms: int = INTERVAL_MS,
+        engine_interval_s: float = ENGINE_INTERVAL_S,
         close_source: bool = True,
     ) -> None:
         if engine_interval_s <= 0:
@@ -233,8 +234,8 @@ def build_meter_service(
     sink: SampleSink,
     settings: EngineSettings,
     *,
-    interval_ms: int = 100,
-    engine_interval_s: float = 1.0,
+    interval_ms: int = INTERVAL_MS,
+    engine_interval_s: float = ENGINE_INTERVAL_S,
 ) -> MeterService:
     """A ``MeterService`` over the backends ``specs`` with the ``kind`` of source (not started). Blocking."""
     source, backends = meter_backends(kind, specs)

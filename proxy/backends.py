@@ -26,9 +26,10 @@ from typing import Any
 import aiohttp
 import structlog
 
-from proxy.config import BackendConfig, BackendPoolConfig
-from proxy.errors import BackendError, GatewayError, Unavailable, from_tgi
+from common.config import BackendConfig, BackendPoolConfig
+from common.errors import BackendError, GatewayError
 from proxy.metrics import BACKEND_HEALTHY, BACKEND_IN_FLIGHT
+from proxy.tgi_wire import from_tgi
 
 log = structlog.get_logger(__name__)
 
@@ -301,16 +302,6 @@ class BackendPool:
         backend.in_flight += 1
         backend.outstanding_tokens += tokens
         return Lease(backend=backend, tokens=tokens, pool=self)
-
-    async def acquire(self, tokens: int, *, exclude: frozenset[str] = frozenset()) -> Lease:
-        """Wait for a slot. Raises Unavailable at once when no healthy backend is left to wait for."""
-        while True:
-            lease = self.try_acquire(tokens, exclude=exclude)
-            if lease is not None:
-                return lease
-            if not any(b.healthy and b.name not in exclude for b in self.backends):
-                raise Unavailable(f"no healthy backend for model {self.model_id!r}")
-            await self.capacity_changed()
 
     async def capacity_changed(self) -> None:
         """Wait until a slot is given back or a health check ran."""

@@ -24,19 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from enum import StrEnum
 from typing import Any, Protocol
 
 import aiohttp
-import orjson
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from meter.timeline import Api, RequestStart, Timeline, did_gpu_work
-from proxy.backends import BackendPool, BackendUnreachable, Lease
-from proxy.errors import (
+from common.errors import (
     BackendError,
     Cancelled,
     DeadlineExceeded,
@@ -45,20 +42,18 @@ from proxy.errors import (
     NotFound,
     Overloaded,
     Unavailable,
-    from_tgi,
 )
-from proxy.inputs import clip
+from common.inputs import clip
+from meter.timeline import Api, RequestStart, Timeline, did_gpu_work
+from proxy.backends import BackendPool, BackendUnreachable, Lease
 from proxy.job import Job
-from proxy.logs import log_request
 from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
+from proxy.request_log import log_request
 from proxy.shaping import Shaper
 from proxy.sse import SSEDecoder
+from proxy.tgi_wire import OPENAI_ROUTES, SSE_DONE, parse_event, stream_error, token_limit
 
 log = structlog.get_logger(__name__)
-
-# TGI: "`inputs` tokens + `max_new_tokens` must be <= 2048. Given: 2000 `inputs` tokens and 100 `max_new_tokens`"
-_TOKEN_LIMIT_RE = re.compile(r"must be <= (\d+)\. Given: (\d+) `inputs` tokens and (\d+) `max_new_tokens`")
-
 
 UNKNOWN_CLASS = "(unknown)"  # the recorded class of a refused call that named a class no operator configured
 
@@ -79,44 +74,85 @@ DEADLINE_SLACK_S = 0.05
 COUNT_TIMEOUT_S = 10.0  # how long the backend's /tokenize may take after a stream that did not report its count
 MAX_RECORDED_ID_CHARS = 256  # a model id a client named, as it is recorded for a refused call
 
-# TGI's OpenAI-compatible routes stream chat.completion chunks, not /generate_stream events: Job.route picks the reader.
-OPENAI_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
-_SSE_DONE = "[DONE]"  # the OpenAI routes' last event: not JSON, nothing to observe
-# TGI's InferError texts (router/src/infer/mod.rs) -> error_type; the OpenAI routes send only the text, always with 422
-_OPENAI_ERROR_TYPES = (
-    ("Input validation error", "validation"),
-    ("Model is overloaded", "overloaded"),
-    ("Request failed during generation", "generation"),
-    ("Incomplete generation", "incomplete_generation"),
-    ("Failed applying chat template", "validation"),
-    ("Tool error", "validation"),
-    ("Missing template vatiable", "validation"),  # sic, TGI's spelling
-)
+
+class GatewayState(StrEnum):
+    """The gateway's life: it only moves forward."""
+
+    STARTING = "starting"  # its database has not answered yet: it cannot authenticate, health says NOT_SERVING
+    SERVING = "serving"
+    DRAINING = "draining"  # refuses new requests; what runs finishes within the drain's grace
 
 
-class StreamResult:
-    """What the gateway learnt about a stream; filled in while it runs, read by the front door afterwards."""
+class StreamState(StrEnum):
+    """Where a ``GenerationStream`` is in its life; it only moves forward."""
+
+    CREATED = "created"  # not read yet
+    QUEUED = "queued"  # in the shaping queue, waiting for a backend slot
+    OPENING = "opening"  # released to a backend, whose first event has not come
+    STREAMING = "streaming"  # the first token came (the end of prefill)
+    ENDED = "ended"  # over, ``status`` says how; its timeline is recorded (or on its way to the ledger)
+
+
+class GenerationStream:
+    """One request's generation through the gateway, as a response with a lifecycle (the way httpx's
+    ``client.stream()`` hands back a response): ``Gateway.generation(job)`` makes it, a front door reads it once with
+    ``batches()`` or ``events()``, and it tells, while it runs and after: its ``state``, the backend it runs on, when
+    it was released and when its first token came, its usage (``prompt_tokens``, ``generated_tokens``), whether
+    TGIS's token limit shrank it (``token_limited``), the backend's compute type, and how it ended (``status``, the
+    gRPC code name its client saw). Errors come out of the iteration as ``GatewayError``s."""
 
     __slots__ = (
+        "_gateway",
         "backend",
         "compute_type",
         "first_token_ns",
         "generated_tokens",
+        "job",
         "prompt_tokens",
-        "recorded",
         "released_ns",
+        "state",
+        "status",
         "token_limited",
     )
 
-    def __init__(self) -> None:
-        self.recorded = False  # the stream ended and its timeline is (being) recorded
+    def __init__(self, gateway: Gateway, job: Job) -> None:
+        self._gateway = gateway
+        self.job = job
+        self.state = StreamState.CREATED
+        self.status: str | None = None  # set when it ends
         self.backend: str | None = None
         self.released_ns: int | None = None
         self.first_token_ns: int | None = None
         self.generated_tokens = 0
-        self.prompt_tokens: int | None = None
+        self.prompt_tokens: int | None = None  # the backend's count, once it told it
         self.token_limited = False  # max_new_tokens was shrunk to fit the model (TGIS TOKEN_LIMIT)
         self.compute_type: str | None = None  # the backend's x-compute-type header (TGI's --compute-type)
+
+    @property
+    def ended(self) -> bool:
+        return self.state is StreamState.ENDED
+
+    def batches(self) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """TGI's stream events in batches: every event that one network read delivered.
+
+        A front door that writes one message per batch sends fewer, larger messages when tokens arrive faster than
+        it can forward them, which is where per-message costs would otherwise cap throughput. Raises GatewayError
+        subclasses; the timeline is recorded whatever happens. A stream is read once."""
+        if self.state is not StreamState.CREATED:
+            raise RuntimeError(f"stream of {self.job.request_id} is {self.state.value}: a stream is read once")
+        self.state = StreamState.QUEUED
+        return self._gateway._run(self)
+
+    async def events(self) -> AsyncGenerator[dict[str, Any], None]:
+        """TGI's stream events one by one (see ``batches``)."""
+        async with contextlib.aclosing(self.batches()) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    def _end(self, status: str) -> None:
+        self.state = StreamState.ENDED
+        self.status = status
 
 
 class Gateway:
@@ -126,21 +162,34 @@ class Gateway:
         shapers: Mapping[str, Shaper],
         ledger: TimelineSink,
         *,
-        retries: int = 2,
+        retries: int,
     ) -> None:
         self.pools = dict(pools)
         self._shapers = dict(shapers)  # one per model
         self.ledger = ledger
         self.retries = retries
-        self.draining = False
-        self.ready = True  # False while the gateway cannot authenticate yet (its database never answered): proxy.server
+        self.state = GatewayState.STARTING
         self._drain_cut_at: float | None = None  # loop time after which the drain cuts what is still running
         self._pending: set[asyncio.Task[None]] = set()  # timelines waiting for the backend's prompt count
+
+    def mark_ready(self) -> None:
+        """Serve: the key store answers (``app.server`` calls it once the database did). Never after a drain."""
+        if self.state is GatewayState.STARTING:
+            self.state = GatewayState.SERVING
+
+    @property
+    def ready(self) -> bool:
+        """Past the start: it can authenticate (its database answered once)."""
+        return self.state is not GatewayState.STARTING
+
+    @property
+    def draining(self) -> bool:
+        return self.state is GatewayState.DRAINING
 
     def begin_drain(self, grace_s: float) -> None:
         """Refuse new requests; streams still running ``grace_s`` from now are cut by the server's stop, and record
         UNAVAILABLE, as their clients see. Call before the front doors start their own grace period."""
-        self.draining = True
+        self.state = GatewayState.DRAINING
         self._drain_cut_at = asyncio.get_running_loop().time() + grace_s
 
     async def flush_records(self, timeout_s: float = COUNT_TIMEOUT_S) -> None:
@@ -172,7 +221,7 @@ class Gateway:
 
     @property
     def healthy(self) -> bool:
-        return self.ready and not self.draining and any(p.healthy for p in self.pools.values())
+        return self.state is GatewayState.SERVING and any(p.healthy for p in self.pools.values())
 
     async def tokenize(
         self, model_id: str, text: str, *, options: Mapping[str, Any] | None = None
@@ -207,23 +256,13 @@ class Gateway:
         return pool.info
 
     # -- the stream ------------------------------------------------------------------------------------------
-    async def stream(self, job: Job, result: StreamResult | None = None) -> AsyncGenerator[dict[str, Any], None]:
-        """Yield TGI stream events for ``job`` one by one (see ``stream_batches``)."""
-        async with contextlib.aclosing(self.stream_batches(job, result)) as batches:
-            async for batch in batches:
-                for event in batch:
-                    yield event
+    def generation(self, job: Job) -> GenerationStream:
+        """The stream of ``job``, not started: read it with ``batches()`` or ``events()`` (once)."""
+        return GenerationStream(self, job)
 
-    async def stream_batches(
-        self, job: Job, result: StreamResult | None = None
-    ) -> AsyncGenerator[list[dict[str, Any]], None]:
-        """Yield TGI stream events for ``job`` in batches: every event that one network read delivered.
-
-        A front door that writes one message per batch sends fewer, larger messages when tokens arrive faster
-        than it can forward them, which is where per-message costs would otherwise cap throughput. Raises
-        GatewayError subclasses; records the timeline whatever happens.
-        """
-        result = result if result is not None else StreamResult()
+    async def _run(self, stream: GenerationStream) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """The work behind ``GenerationStream.batches``: shape, lease, open (with retries), relay, record."""
+        job = stream.job
         status = "UNKNOWN"
         lease: Lease | None = None
         resp: aiohttp.ClientResponse | None = None
@@ -232,8 +271,9 @@ class Gateway:
                 raise Unavailable("gateway is shutting down", retry_after_s=1.0)
             pool = self.pool(job.model_id)
             lease = await self._admit(job, pool)
-            result.released_ns = time.time_ns()
-            result.backend = lease.backend.name
+            stream.released_ns = time.time_ns()
+            stream.backend = lease.backend.name
+            stream.state = StreamState.OPENING
             self.ledger.request_started(
                 RequestStart(
                     request_id=job.request_id,
@@ -241,26 +281,26 @@ class Gateway:
                     model_id=job.model_id,
                     backend=lease.backend.name,
                     received_ns=job.received_ns,
-                    released_ns=result.released_ns,
+                    released_ns=stream.released_ns,
                 )
             )
-            lease, resp, decoder, first = await self._open(job, pool, lease, result)
-            result.compute_type = resp.headers.get("x-compute-type")
+            lease, resp, decoder, first = await self._open(job, pool, lease, stream)
+            stream.compute_type = resp.headers.get("x-compute-type")
             backend = lease.backend.name
             observe = self._observe_openai if job.route in OPENAI_ROUTES else self._observe
             # Tokens that arrived in the same read as an error event still reach the client, then the error.
-            batch, error = _observe_batch(observe, first, lease, result)
+            batch, error = _observe_batch(observe, first, lease, stream)
             if batch:
                 yield batch
             if error is None:
                 async for chunk in resp.content.iter_any():
-                    batch, error = _observe_batch(observe, _parse_events(decoder.feed(chunk), backend), lease, result)
+                    batch, error = _observe_batch(observe, _parse_events(decoder.feed(chunk), backend), lease, stream)
                     if batch:
                         yield batch
                     if error is not None:
                         break
             if error is None:
-                batch, error = _observe_batch(observe, _parse_events(decoder.close(), backend), lease, result)
+                batch, error = _observe_batch(observe, _parse_events(decoder.close(), backend), lease, stream)
                 if batch:
                     yield batch
             if error is not None:
@@ -287,7 +327,7 @@ class Gateway:
                 resp.close()  # closes the connection: TGI drops a request whose client went away
             if lease is not None:
                 lease.release()
-            self._finish(job, result, status)
+            self._finish(job, stream, status)
 
     def ended_by_consumer(self, job: Job) -> str:
         """The status of a stream its consumer ended (cancelled or closed): what its client saw."""
@@ -304,40 +344,42 @@ class Gateway:
         return "CANCELLED"
 
     @staticmethod
-    def _observe(event: dict[str, Any], lease: Lease, result: StreamResult) -> dict[str, Any]:
+    def _observe(event: dict[str, Any], lease: Lease, stream: GenerationStream) -> dict[str, Any]:
         """Note what a stream event tells the meter; raise the mapped error for an in-stream error event."""
         if "error" in event:
-            raise _stream_error(event, lease.backend.name)
-        if result.first_token_ns is None:
-            result.first_token_ns = time.time_ns()
+            raise stream_error(event, lease.backend.name)
+        if stream.first_token_ns is None:
+            stream.first_token_ns = time.time_ns()
+            stream.state = StreamState.STREAMING
         if "token" in event:
-            result.generated_tokens += 1
+            stream.generated_tokens += 1
             lease.consume(1)
         details = event.get("details")
         if details:
-            result.prompt_tokens = details.get("input_length")
-            result.generated_tokens = details.get("generated_tokens", result.generated_tokens)
+            stream.prompt_tokens = details.get("input_length")
+            stream.generated_tokens = details.get("generated_tokens", stream.generated_tokens)
         return event
 
     @staticmethod
-    def _observe_openai(event: dict[str, Any], lease: Lease, result: StreamResult) -> dict[str, Any]:
+    def _observe_openai(event: dict[str, Any], lease: Lease, stream: GenerationStream) -> dict[str, Any]:
         """The same for a chat.completion(.chunk) / text_completion chunk: TGI sends one chunk per generated token.
 
         The final ``usage`` (TGI sends it when ``stream_options.include_usage``, and always on /v1/completions)
         gives the exact counts.
         """
         if "error" in event:
-            raise _stream_error(event, lease.backend.name)
+            raise stream_error(event, lease.backend.name)
         choices = event.get("choices")
         if choices:
-            if result.first_token_ns is None:
-                result.first_token_ns = time.time_ns()
-            result.generated_tokens += len(choices)
+            if stream.first_token_ns is None:
+                stream.first_token_ns = time.time_ns()
+                stream.state = StreamState.STREAMING
+            stream.generated_tokens += len(choices)
             lease.consume(len(choices))
         usage = event.get("usage")
         if usage:
-            result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
-            result.generated_tokens = usage.get("completion_tokens", result.generated_tokens)
+            stream.prompt_tokens = usage.get("prompt_tokens", stream.prompt_tokens)
+            stream.generated_tokens = usage.get("completion_tokens", stream.generated_tokens)
         return event
 
     async def _admit(self, job: Job, pool: BackendPool) -> Lease:
@@ -353,7 +395,7 @@ class Gateway:
             raise DeadlineExceeded("deadline exceeded while queued; the request never reached a backend") from None
 
     async def _open(
-        self, job: Job, pool: BackendPool, lease: Lease, result: StreamResult
+        self, job: Job, pool: BackendPool, lease: Lease, stream: GenerationStream
     ) -> tuple[Lease, aiohttp.ClientResponse, SSEDecoder, list[dict[str, Any]]]:
         """Send the request; on a retryable failure before the first byte, move to another backend.
 
@@ -372,9 +414,9 @@ class Gateway:
                     assert last is not None
                     raise _GiveUp(last)
             tried.add(current.backend.name)
-            result.backend = current.backend.name
+            stream.backend = current.backend.name
             try:
-                return await self._send(job, current, result)
+                return await self._send(job, current, stream)
             except _RETRYABLE as exc:
                 last = exc
                 current.release()
@@ -404,7 +446,7 @@ class Gateway:
         return (current, *opened)
 
     async def _send(
-        self, job: Job, lease: Lease, result: StreamResult
+        self, job: Job, lease: Lease, stream: GenerationStream
     ) -> tuple[aiohttp.ClientResponse, SSEDecoder, list[dict[str, Any]]]:
         """Open the stream and read up to its first event.
 
@@ -429,11 +471,11 @@ class Gateway:
                 if not first or "error" not in first[0]:
                     return resp, decoder, first
                 resp.close()
-                err = _stream_error(first[0], lease.backend.name)
+                err = stream_error(first[0], lease.backend.name)
             clamped = self._clamp(job, body, err) if clamp_round == 0 and isinstance(err, InvalidArgument) else None
             if clamped is None:
                 raise err
-            body, result.token_limited = clamped, True
+            body, stream.token_limited = clamped, True
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
@@ -441,10 +483,10 @@ class Gateway:
         """TGIS semantics: a request too long for the model gets fewer new tokens instead of an error."""
         if not job.clamp_to_token_limit:
             return None
-        m = _TOKEN_LIMIT_RE.search(exc.message)
-        if not m:
+        found = token_limit(exc.message)
+        if found is None:
             return None
-        limit, input_tokens = int(m.group(1)), int(m.group(2))
+        limit, input_tokens = found
         allowed = limit - input_tokens
         if allowed < 1:
             return None
@@ -452,24 +494,24 @@ class Gateway:
         params["max_new_tokens"] = allowed
         return {**body, "parameters": params}
 
-    def _finish(self, job: Job, result: StreamResult, status: str) -> None:
+    def _finish(self, job: Job, stream: GenerationStream, status: str) -> None:
         """Record the stream's timeline, after asking the backend for the prompt count if the stream did not tell
         it and the backend worked on the request (a task of its own: the stream has ended already)."""
-        result.recorded = True
-        done_ns = max(time.time_ns(), result.first_token_ns or 0)
-        backend = result.backend if result.released_ns is not None else None
-        if result.prompt_tokens is None and did_gpu_work(backend, result.released_ns, result.first_token_ns, status):
+        stream._end(status)
+        done_ns = max(time.time_ns(), stream.first_token_ns or 0)
+        backend = stream.backend if stream.released_ns is not None else None
+        if stream.prompt_tokens is None and did_gpu_work(backend, stream.released_ns, stream.first_token_ns, status):
             try:
-                task = asyncio.get_running_loop().create_task(self._count_then_record(job, result, status, done_ns))
+                task = asyncio.get_running_loop().create_task(self._count_then_record(job, stream, status, done_ns))
             except RuntimeError:  # no running loop (a generator finalised at shutdown): the estimate, flagged
-                self._record(job, result, status, done_ns, job.prompt_tokens_estimate, estimated=True)
+                self._record(job, stream, status, done_ns, job.prompt_tokens_estimate, estimated=True)
                 return
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
             return
-        self._record(job, result, status, done_ns, result.prompt_tokens or 0, estimated=False)
+        self._record(job, stream, status, done_ns, stream.prompt_tokens or 0, estimated=False)
 
-    async def _count_then_record(self, job: Job, result: StreamResult, status: str, done_ns: int) -> None:
+    async def _count_then_record(self, job: Job, stream: GenerationStream, status: str, done_ns: int) -> None:
         count: int | None = None
         try:
             async with asyncio.timeout(COUNT_TIMEOUT_S):
@@ -478,9 +520,9 @@ class Gateway:
             log.warning("prompt_count_failed", request_id=job.request_id, error=f"{type(exc).__name__}: {exc}")
         finally:  # also when cancelled (shutdown): the timeline is never lost
             if count is None:
-                self._record(job, result, status, done_ns, job.prompt_tokens_estimate, estimated=True)
+                self._record(job, stream, status, done_ns, job.prompt_tokens_estimate, estimated=True)
             else:
-                self._record(job, result, status, done_ns, count, estimated=False)
+                self._record(job, stream, status, done_ns, count, estimated=False)
 
     async def _count_prompt(self, job: Job) -> int:
         """The prompt's length in tokens as the backend computes it (after truncation), for a stream that ended
@@ -531,12 +573,14 @@ class Gateway:
             correlation_id=correlation_id,
             received_ns=received_ns,
         )
-        self._record(job, StreamResult(), status, max(time.time_ns(), received_ns), 0, estimated=False)
+        refused = GenerationStream(self, job)
+        refused._end(status)
+        self._record(job, refused, status, max(time.time_ns(), received_ns), 0, estimated=False)
 
     @contextlib.contextmanager
-    def recording(self, jobs: Iterable[tuple[Job, StreamResult]]) -> Iterator[None]:
-        """Around a front door's handling of ``jobs``: a job whose stream never started (its call failed, or its task
-        was cancelled before it ran) still gets its row, with the status its client saw, and 0 J."""
+    def recording(self, streams: Iterable[GenerationStream]) -> Iterator[None]:
+        """Around a front door's handling of ``streams``: one that never started (its call failed, or its task was
+        cancelled before it ran) still gets its row, with the status its client saw, and 0 J."""
         status: str | None = None
         try:
             yield
@@ -544,17 +588,18 @@ class Gateway:
             status = exc.grpc_code.name
             raise
         finally:
-            for job, result in jobs:
-                if not result.recorded:
-                    result.recorded = True
-                    end = status or self.ended_by_consumer(job)
-                    self._record(job, result, end, max(time.time_ns(), job.received_ns), 0, estimated=False)
+            for stream in streams:
+                if not stream.ended:
+                    end = status or self.ended_by_consumer(stream.job)
+                    stream._end(end)
+                    done_ns = max(time.time_ns(), stream.job.received_ns)
+                    self._record(stream.job, stream, end, done_ns, 0, estimated=False)
 
     def _record(
-        self, job: Job, result: StreamResult, status: str, done_ns: int, prompt_tokens: int, *, estimated: bool
+        self, job: Job, stream: GenerationStream, status: str, done_ns: int, prompt_tokens: int, *, estimated: bool
     ) -> None:
-        released = result.released_ns is not None
-        works = did_gpu_work(result.backend if released else None, result.released_ns, result.first_token_ns, status)
+        released = stream.released_ns is not None
+        works = did_gpu_work(stream.backend if released else None, stream.released_ns, stream.first_token_ns, status)
         prompt_tokens = prompt_tokens if works else 0
         try:
             self.ledger.request_finished(
@@ -562,13 +607,13 @@ class Gateway:
                     request_id=job.request_id,
                     tenant=job.tenant,
                     model_id=job.model_id,
-                    backend=result.backend if released else None,
+                    backend=stream.backend if released else None,
                     received_ns=job.received_ns,
-                    released_ns=result.released_ns,
-                    first_token_ns=result.first_token_ns,
+                    released_ns=stream.released_ns,
+                    first_token_ns=stream.first_token_ns,
                     done_ns=done_ns,
                     prompt_tokens=prompt_tokens,
-                    generated_tokens=result.generated_tokens,
+                    generated_tokens=stream.generated_tokens,
                     status=status,
                     traffic_class=job.traffic_class,
                     api=job.api,
@@ -582,13 +627,13 @@ class Gateway:
         model = job.model_id if job.model_id in self.pools else "(unknown)"  # a refused call may name anything
         REQUESTS.labels(model, job.api.value, job.traffic_class, tenant, status).inc()
         if released:
-            GENERATED_TOKENS.labels(job.model_id, tenant).inc(result.generated_tokens)
+            GENERATED_TOKENS.labels(job.model_id, tenant).inc(stream.generated_tokens)
             PROMPT_TOKENS.labels(job.model_id, tenant).inc(prompt_tokens)
-        if result.first_token_ns is not None:
-            TTFT.labels(job.model_id, job.traffic_class).observe((result.first_token_ns - job.received_ns) / 1e9)
+        if stream.first_token_ns is not None:
+            TTFT.labels(job.model_id, job.traffic_class).observe((stream.first_token_ns - job.received_ns) / 1e9)
             if status == "OK":
                 LATENCY.labels(job.model_id, job.traffic_class).observe((done_ns - job.received_ns) / 1e9)
-        log_request(job, result, status, done_ns)
+        log_request(job, stream, status, done_ns)
 
 
 class _GiveUp(Exception):
@@ -611,47 +656,27 @@ def _as_final(cause: GatewayError) -> GatewayError:
 async def _first_events(resp: aiohttp.ClientResponse, decoder: SSEDecoder, backend: str) -> list[dict[str, Any]]:
     """Read until at least one complete event (or the end of the stream)."""
     async for chunk in resp.content.iter_any():
-        events = [d for d in decoder.feed(chunk) if d != _SSE_DONE]
+        events = [d for d in decoder.feed(chunk) if d != SSE_DONE]
         if events:
-            return [_parse_event(d, backend) for d in events]
-    return [_parse_event(d, backend) for d in decoder.close() if d != _SSE_DONE]
+            return [parse_event(d, backend) for d in events]
+    return [parse_event(d, backend) for d in decoder.close() if d != SSE_DONE]
 
 
-Observer = Callable[[dict[str, Any], Lease, StreamResult], dict[str, Any]]
+Observer = Callable[[dict[str, Any], Lease, GenerationStream], dict[str, Any]]
 
 
 def _parse_events(datas: Iterable[str], backend: str) -> Iterator[dict[str, Any]]:
-    return (_parse_event(d, backend) for d in datas if d != _SSE_DONE)
+    return (parse_event(d, backend) for d in datas if d != SSE_DONE)
 
 
 def _observe_batch(
-    observe: Observer, events: Iterable[dict[str, Any]], lease: Lease, result: StreamResult
+    observe: Observer, events: Iterable[dict[str, Any]], lease: Lease, stream: GenerationStream
 ) -> tuple[list[dict[str, Any]], GatewayError | None]:
     """Observe events up to the first in-stream error: (the events before it, the error or None)."""
     batch: list[dict[str, Any]] = []
     try:
         for event in events:
-            batch.append(observe(event, lease, result))
+            batch.append(observe(event, lease, stream))
     except GatewayError as exc:
         return batch, exc
     return batch, None
-
-
-def _stream_error(event: dict[str, Any], backend: str) -> GatewayError:
-    """An in-stream error event: TGI's ``{"error", "error_type"}`` or the OpenAI routes' ``{"error": {"message"}}``."""
-    error = event["error"]
-    if isinstance(error, dict):
-        message = str(error.get("message", ""))
-        error_type = next((t for prefix, t in _OPENAI_ERROR_TYPES if message.startswith(prefix)), "unknown")
-        event = {"error": message, "error_type": error_type}
-    return from_tgi(200, event, backend=backend)
-
-
-def _parse_event(data: str, backend: str) -> dict[str, Any]:
-    try:
-        event = orjson.loads(data)  # one per token: orjson is several times faster than json here
-    except orjson.JSONDecodeError as exc:
-        raise BackendError(f"backend {backend} sent an event that is not JSON") from exc
-    if not isinstance(event, dict):
-        raise BackendError(f"backend {backend} sent an event that is not an object")
-    return event

@@ -12,7 +12,7 @@ Batched ``Generate`` calls get one request id per text: the call's id when it ha
 
 Metadata the gateway reads (``authorization``, ``x-api-key``, ``x-correlation-id``, ``x-traffic-class``) must be
 printable ASCII, as gRPC requires of ASCII metadata: anything else is INVALID_ARGUMENT naming the key, before the
-correlation id is echoed or anything is stored (``proxy.inputs``). The traffic class must be one the model has
+correlation id is echoed or anything is stored (``common.inputs``). The traffic class must be one the model has
 configured. An exception that is not a ``GatewayError`` is a bug of ours: INTERNAL with the request id, never
 UNKNOWN with a Python message.
 
@@ -26,84 +26,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 import structlog
-from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
+from common.errors import GatewayError, InvalidArgument
+from common.grpc_calls import abort_with, as_status_error, metadata_dict
+from common.ids import new_request_id, text_request_ids
+from meter.auth import Authenticator, Principal
 from meter.timeline import Api
-from proxy.auth import Authenticator, Principal, requested_class
-from proxy.errors import GatewayError, Internal, InvalidArgument, MalformedRequest
-from proxy.gateway import Gateway, StreamResult
-from proxy.inputs import InputRefused, headers_of_interest
+from proxy.gateway import Gateway, GenerationStream
 from proxy.job import Job
-from proxy.params import GenerationOptions, ModelLimits, to_tgi
+from proxy.params import GenerationOptions, ModelLimits, ResponseOptions, to_tgi
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pb_grpc
 from proxy.tgis import StopTextHolder, input_token_infos, matched_stop_sequence, stop_reason, token_info
+from proxy.traffic_class import requested_class
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 # The metadata the gateway reads (and may echo or store): printable ASCII only
 READ_METADATA = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class")
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-async def abort_with(context: grpc.aio.ServicerContext, exc: GatewayError, request_id: str | None = None) -> None:
-    """End the call with ``exc``'s status; RESOURCE_EXHAUSTED/UNAVAILABLE carry a retry hint.
-
-    The hint travels twice: as ``google.rpc.RetryInfo`` in the rich status details (what gRPC client libraries
-    read) and as plain ``retry-after-ms`` trailing metadata (what a person with grpcurl reads). ``request_id`` goes
-    into the trailing metadata as ``x-request-id``, for a client that got no initial metadata.
-    """
-    trailing: tuple[tuple[str, str | bytes], ...] = (("x-request-id", request_id),) if request_id else ()
-    if exc.retry_after_s is None:
-        await context.abort(exc.grpc_code, exc.message, trailing_metadata=trailing)
-        return
-    delay = duration_pb2.Duration()
-    delay.FromNanoseconds(int(exc.retry_after_s * 1e9))
-    detail = status_pb2.Status(code=getattr(code_pb2, exc.grpc_code.name), message=exc.message)
-    detail.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    status = rpc_status.to_status(detail)
-    status = _Status(
-        status.code,
-        status.details,
-        (*status.trailing_metadata, ("retry-after-ms", str(int(exc.retry_after_s * 1000))), *trailing),
-    )
-    await context.abort_with_status(status)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Status(grpc.Status):
-    code: grpc.StatusCode
-    details: str
-    trailing_metadata: tuple[tuple[str, str | bytes], ...]
-
-
-def metadata_dict(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    """The metadata the gateway reads, each value checked (INVALID_ARGUMENT naming the key when it is not fit)."""
-    md = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    try:
-        return headers_of_interest(md, READ_METADATA)
-    except InputRefused as exc:
-        raise MalformedRequest(str(exc)) from None
-
-
-def internal_error(method: str, call: CallContext | None) -> Internal:
-    """A bug of ours, logged with its traceback (call it in the ``except`` block), answered as INTERNAL, not UNKNOWN."""
-    log.exception("request_crashed", method=method)
-    return Internal(f"internal error (request id {call.request_id if call is not None else 'unknown'})")
 
 
 class CallContext:
@@ -138,7 +85,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         auth: Authenticator,
         limits: dict[str, ModelLimits],
         *,
-        max_batch_requests: int = 64,
+        max_batch_requests: int,
     ) -> None:
         self.gateway = gateway
         self.auth = auth
@@ -153,7 +100,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         The ids go out only once the caller is known, so that a call with an ``x-request-id`` in its initial
         metadata always has a row (a caller that gives up before that gets none, like a stranger; a refused one
         finds its id in the trailing metadata)."""
-        md = metadata_dict(context)  # checked before anything is echoed or kept
+        md = metadata_dict(context, READ_METADATA)  # checked before anything is echoed or kept
         correlation_id = md.get("x-correlation-id")
         principal = await self.auth.authenticate(md)
         initial = [("x-request-id", request_id)]
@@ -186,7 +133,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await _settle(call.metadata_sent)
             return result
         except Exception as caught:
-            exc = caught if isinstance(caught, GatewayError) else internal_error("unary", call)
+            exc = as_status_error(caught, "unary", request_id)
             if call is not None:
                 if model_id is not None:
                     self._record_refused(call, model_id, received_ns, exc.grpc_code.name)
@@ -214,7 +161,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
 
     def _options(self, model_id: str, params: Any, adapter_id: str | None) -> GenerationOptions:
-        return to_tgi(params, self.limits.get(model_id, ModelLimits()), adapter_id=adapter_id)
+        return to_tgi(params, self.limits[model_id], adapter_id=adapter_id)
 
     def _job(self, call: CallContext, request_id: str, model_id: str, text: str, options: GenerationOptions,
              received_ns: int, traffic_class: str) -> Job:  # fmt: skip
@@ -232,6 +179,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             deadline=call.deadline,
             clamp_to_token_limit=True,
             received_ns=received_ns,
+            stop_at=_stop_at(options.time_limit_ms, received_ns),
         )
 
     async def _input_tokens(self, model_id: str, text: str, truncate: int) -> list[dict[str, Any]]:
@@ -239,7 +187,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return tokens[-truncate:] if truncate and len(tokens) > truncate else tokens
 
     # -- Generate --------------------------------------------------------------------------------------------
-    async def Generate(self, request: pb.BatchedGenerationRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Generate(
+        self, request: pb.BatchedGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchedGenerationResponse:
         received_ns = time.time_ns()
 
         async def work(call: CallContext) -> pb.BatchedGenerationResponse:
@@ -254,22 +204,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             options = self._options(model_id, request.params, adapter)
             traffic_class = self.gateway.resolve_class(model_id, call.traffic_class)
             n = len(request.requests)
-            ids = [call.request_id] if n == 1 else [f"{call.request_id}-{i}" for i in range(n)]
-            jobs = [
-                (self._job(call, rid, model_id, r.text, options, received_ns, traffic_class), StreamResult())
+            ids = text_request_ids(call.request_id, n)
+            streams = [
+                self.gateway.generation(self._job(call, rid, model_id, r.text, options, received_ns, traffic_class))
                 for rid, r in zip(ids, request.requests, strict=True)
             ]
-            with self.gateway.recording(jobs):  # a text whose task was cancelled before it started
+            with self.gateway.recording(streams):  # a text whose task was cancelled before it started
                 try:
                     async with asyncio.TaskGroup() as tg:
-                        tasks = [tg.create_task(self._generate_one(job, result, options)) for job, result in jobs]
+                        tasks = [tg.create_task(self._generate_one(stream, options)) for stream in streams]
                 except* GatewayError as group:
                     raise group.exceptions[0] from None
             return pb.BatchedGenerationResponse(responses=[t.result() for t in tasks])
 
         return await self._guard(context, work, model_id=request.model_id, received_ns=received_ns)
 
-    async def _generate_one(self, job: Job, result: StreamResult, options: GenerationOptions) -> Any:
+    async def _generate_one(self, stream: GenerationStream, options: GenerationOptions) -> pb.GenerationResponse:
+        job = stream.job
         resp = pb.GenerationResponse()
         r = options.response
         input_task = (
@@ -282,8 +233,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         deltas: list[str] = []  # the text so far, for a call that its time limit ends before TGI's last event
         try:
             async with (
-                contextlib.aclosing(self.gateway.stream(job, result)) as events,
-                _time_limit(options.time_limit_ms, job),
+                contextlib.aclosing(stream.events()) as events,
+                _time_limit(job),
             ):
                 async for event in events:
                     token = event.get("token")
@@ -302,7 +253,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         text = (final.get("generated_text") or "") if final else "".join(deltas)
         if final is not None:
             details = final["details"]
-            resp.stop_reason = stop_reason(details.get("finish_reason"), token_limited=result.token_limited)
+            resp.stop_reason = stop_reason(details.get("finish_reason"), token_limited=stream.token_limited)
             if resp.stop_reason == pb.STOP_SEQUENCE:
                 resp.stop_sequence = matched_stop_sequence(text, options.tgi_parameters.get("stop", ()))
                 if not options.include_stop_sequence and resp.stop_sequence:
@@ -311,13 +262,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 resp.seed = int(details["seed"])
         elif time_limited:
             resp.stop_reason = pb.TIME_LIMIT
-        resp.generated_token_count = result.generated_tokens
+        resp.generated_token_count = stream.generated_tokens
         resp.text = (job.inputs + text) if r.input_text else text
         input_tokens = await input_task if input_task is not None else None
         if input_tokens is not None:
             resp.input_tokens.extend(input_token_infos(input_tokens))
-        if result.prompt_tokens is not None:
-            resp.input_token_count = result.prompt_tokens
+        if stream.prompt_tokens is not None:
+            resp.input_token_count = stream.prompt_tokens
         elif input_tokens is not None:
             resp.input_token_count = len(input_tokens)
         elif time_limited:  # TGI's count comes with its last event, which never came: count as TGIS would have
@@ -334,7 +285,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     # -- GenerateStream --------------------------------------------------------------------------------------
     async def GenerateStream(
         self, request: pb.SingleGenerationRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncIterator[pb.GenerationResponse]:
         received_ns = time.time_ns()
         call: CallContext | None = None
         request_id = new_request_id()
@@ -357,7 +308,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         await _settle(call.metadata_sent)
                     yield message
         except Exception as caught:
-            exc = caught if isinstance(caught, GatewayError) else internal_error("stream", call)
+            exc = as_status_error(caught, "stream", request_id)
             if call is not None:
                 self._record_refused(call, request.model_id, received_ns, exc.grpc_code.name)
                 await _settle(call.metadata_sent)
@@ -366,7 +317,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         finally:
             structlog.contextvars.clear_contextvars()
 
-    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncGenerator[Any, None]:
+    async def _stream(self, job: Job, options: GenerationOptions) -> AsyncGenerator[pb.GenerationResponse, None]:
         """TGIS stream messages: the input token count first, then one message per batch of tokens."""
         r = options.response
         stops = options.tgi_parameters.get("stop", ())
@@ -375,14 +326,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         count_task = asyncio.create_task(self._input_tokens(job.model_id, job.inputs, truncate))
         _keep_until_done(count_task)
         holder = StopTextHolder(stops) if not options.include_stop_sequence else None
-        result = StreamResult()
+        stream = self.gateway.generation(job)
         sent_first = False
         generated = 0
         deltas: list[str] = []
         try:
             async with (
-                contextlib.aclosing(self.gateway.stream_batches(job, result)) as batches,
-                _time_limit(options.time_limit_ms, job),
+                contextlib.aclosing(stream.batches()) as batches,
+                _time_limit(job),
             ):
                 async for batch in batches:
                     if not sent_first:
@@ -403,7 +354,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         details = event.get("details")
                         if details:
                             reason = details.get("finish_reason")
-                            msg.stop_reason = stop_reason(reason, token_limited=result.token_limited)
+                            msg.stop_reason = stop_reason(reason, token_limited=stream.token_limited)
                             generated = details.get("generated_tokens", generated)
                             if msg.stop_reason == pb.STOP_SEQUENCE:
                                 full = event.get("generated_text") or "".join(deltas)
@@ -426,8 +377,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise
 
     async def _first_message(
-        self, job: Job, r: Any, count_task: asyncio.Task[list[dict[str, Any]]], details: dict[str, Any] | None
-    ) -> Any:
+        self,
+        job: Job,
+        r: ResponseOptions,
+        count_task: asyncio.Task[list[dict[str, Any]]],
+        details: dict[str, Any] | None,
+    ) -> pb.GenerationResponse:
         """TGIS's first stream message: the input token count (and input text/tokens when asked for)."""
         if details is not None and not r.input_tokens:
             # The stream already ended and TGI told us the count. The /tokenize call finishes in the background:
@@ -447,7 +402,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return first
 
     # -- Tokenize and ModelInfo ------------------------------------------------------------------------------
-    async def Tokenize(self, request: pb.BatchedTokenizeRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def Tokenize(
+        self, request: pb.BatchedTokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchedTokenizeResponse:
         async def work(call: CallContext) -> pb.BatchedTokenizeResponse:
             model_id = self.gateway.resolve_model(request.model_id)
             if len(request.requests) > self.max_batch_requests:
@@ -467,11 +424,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
         return await self._guard(context, work)
 
-    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         async def work(call: CallContext) -> pb.ModelInfoResponse:
             model_id = self.gateway.resolve_model(request.model_id)
             info = await self.gateway.model_info(model_id)
-            limits = self.limits.get(model_id, ModelLimits())
+            limits = self.limits[model_id]
             max_total = int(info.get("max_total_tokens", 0))
             return pb.ModelInfoResponse(
                 model_kind=pb.ModelInfoResponse.DECODER_ONLY,
@@ -497,15 +454,20 @@ def _keep_until_done(task: asyncio.Task[Any]) -> None:
     task.add_done_callback(done)
 
 
-@contextlib.asynccontextmanager
-async def _time_limit(limit_ms: int, job: Job) -> AsyncIterator[None]:
-    """TGIS ``time_limit_millis``, counted from when the gateway received the request."""
+def _stop_at(limit_ms: int, received_ns: int) -> float | None:
+    """The event-loop time at which TGIS's ``time_limit_millis`` ends a call, counted from when the gateway received
+    it; None without a limit."""
     if not limit_ms:
+        return None
+    elapsed_s = (time.time_ns() - received_ns) / 1e9
+    return asyncio.get_running_loop().time() + limit_ms / 1000 - elapsed_s
+
+
+@contextlib.asynccontextmanager
+async def _time_limit(job: Job) -> AsyncIterator[None]:
+    """Stop reading ``job``'s stream at its ``stop_at`` (TimeoutError), when it has one."""
+    if job.stop_at is None:
         yield
         return
-    loop = asyncio.get_running_loop()
-    elapsed_s = (time.time_ns() - job.received_ns) / 1e9
-    stop_at = loop.time() + limit_ms / 1000 - elapsed_s
-    job.stop_at = stop_at
-    async with asyncio.timeout_at(stop_at):
+    async with asyncio.timeout_at(job.stop_at):
         yield

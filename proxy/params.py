@@ -20,8 +20,8 @@ from typing import Any
 from text_generation import errors as tgi_errors
 from text_generation.types import Parameters as TgiParameters
 
-from proxy.errors import InvalidArgument
-from proxy.inputs import MAX_JSON_DEPTH, InputRefused, check_json, may_hold_surrogates
+from common.errors import InvalidArgument
+from common.inputs import MAX_JSON_DEPTH, InputRefused, check_json, may_hold_surrogates
 from proxy.pb.fmaas import generation_pb2 as pb
 
 DEFAULT_MAX_NEW_TOKENS = 20  # TGIS: "Default (0) is currently 20"
@@ -39,8 +39,8 @@ _REGEX_META = set(".^$*+?()[]{}|\\/")
 class ModelLimits:
     """What one model accepts; from config and the backends' /info."""
 
-    max_new_tokens: int = 1024  # the most a request may ask for
-    default_include_stop_sequence: bool = True
+    max_new_tokens: int  # the most a request may ask for (``models[].max_new_tokens``)
+    default_include_stop_sequence: bool  # ``models[].include_stop_sequence``
 
 
 @dataclass(frozen=True, slots=True)

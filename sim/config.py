@@ -7,7 +7,7 @@ line. Cost and power knobs model one H100 serving a Llama-3-8B-shaped model; the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +127,3 @@ class SimConfig:
         for name in powers:
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
-
-
-def config_field_names() -> tuple[str, ...]:
-    """All knob names, in declaration order (the CLI builds one flag per knob)."""
-    return tuple(f.name for f in fields(SimConfig))

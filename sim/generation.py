@@ -19,6 +19,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
+from common.errors import JoulegateError
 from sim.tokenizer import EOS_INDEX, REGULAR_VOCAB_SIZE, VOCAB, VocabEntry
 
 _MARKER = re.compile(r"\[\[sim:([a-z_]+)=(\d+)\]\]")
@@ -44,7 +45,7 @@ def parse_markers(inputs: str) -> Markers:
     return Markers(**found)
 
 
-class GenerationFailed(Exception):
+class GenerationFailed(JoulegateError):
     """The simulated model failed mid-generation (an ``error_after`` marker was reached)."""
 
 

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from common.errors import JoulegateError
 from sim.config import SimConfig
 from sim.metrics import SimMetrics
 from sim.scheduler import Scheduler, SimRequest
@@ -28,7 +29,7 @@ _STATUS = {
 }
 
 
-class InferError(Exception):
+class InferError(JoulegateError):
     """TGI's ``InferError``: ``message`` is the full text TGI sends (prefix included)."""
 
     def __init__(self, error_type: str, message: str) -> None:

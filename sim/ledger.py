@@ -140,14 +140,6 @@ class EnergyLedger:
     def weights(self) -> tuple[int, ...] | None:
         return self._weights
 
-    @property
-    def last_transition_ns(self) -> int:
-        return self._last_t
-
-    @property
-    def open_accounts(self) -> Sequence[EnergyAccount]:
-        return self._open
-
     def open_account(self, request_id: str, prompt_tokens: int) -> EnergyAccount:
         account = EnergyAccount(request_id=request_id, prompt_tokens=prompt_tokens)
         self._open.append(account)

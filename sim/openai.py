@@ -24,6 +24,7 @@ from aiohttp import web
 from sim import wire
 from sim.generation import top_tokens
 from sim.infer import InferError, StreamBatch
+from sim.responses import json_response, rejection_response
 from sim.tokenizer import VOCAB
 from sim.validation import (
     BodyRejection,
@@ -76,7 +77,6 @@ def _model(tgi: SimTGI, model: str | None) -> str:
 
 
 def _error(e: InferError) -> web.Response:
-    from sim.server import json_response
 
     return json_response(wire.error_body(e.message, e.error_type), status=e.status)
 
@@ -108,7 +108,6 @@ async def _pump(
 
 
 async def completions(tgi: SimTGI, request: web.Request) -> web.StreamResponse:
-    from sim.server import json_response, rejection_response
 
     t_start_ns = time.time_ns()
     try:
@@ -311,7 +310,6 @@ def chat_template(messages: list[Any]) -> str:
 
 
 async def chat_completions(tgi: SimTGI, request: web.Request) -> web.StreamResponse:
-    from sim.server import json_response, rejection_response
 
     t_start_ns = time.time_ns()
     try:

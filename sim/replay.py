@@ -250,7 +250,7 @@ def _timeline(r: TraceRequest, request: BatchRequest, statuses: dict[str, str], 
     if request.cancelled:
         status = statuses.get(r.request_id, "CANCELLED")
     elif request.error is not None:
-        status = "INTERNAL"  # the gateway's status for a generation error (proxy.errors.GenerationFailed)
+        status = "INTERNAL"  # the gateway's status for a generation error (common.errors.GenerationFailed)
     else:
         status = "OK"
     assert request.done_ns is not None, "every request ends in a replay"

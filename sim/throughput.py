@@ -121,7 +121,7 @@ class SimProcess:
 
     def __init__(self, *extra_args: str, port: int | None = None) -> None:
         self.port = port or free_port()
-        self.args = [sys.executable, "-m", "proxy.cli", "sim-tgi", "--port", str(self.port), "--time-scale", "0"]
+        self.args = [sys.executable, "-m", "app.cli", "sim-tgi", "--port", str(self.port), "--time-scale", "0"]
         self.args += list(extra_args)
         self.proc: subprocess.Popen[str] | None = None
         self.output: deque[str] = deque(maxlen=200)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import JoulegateError
 from sim import tokenizer
 from sim.config import SimConfig
 from sim.generation import Markers, SequencePlan, parse_markers, rng_seed_for
@@ -33,7 +34,7 @@ I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 U64_MAX = 2**64 - 1
 
 
-class BodyRejection(Exception):
+class BodyRejection(JoulegateError):
     """The body could not be deserialized (axum's rejection): ``status`` and the plain-text ``message``."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -42,7 +43,7 @@ class BodyRejection(Exception):
         self.message = message
 
 
-class ValidationError(Exception):
+class ValidationError(JoulegateError):
     """TGI's ``ValidationError``: the message without the ``Input validation error: `` prefix."""
 
     def __init__(self, message: str) -> None:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import math
-from decimal import Decimal
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
+from common.tgi_http import SSE_DONE as SSE_DONE
+from common.tgi_http import Info as Info
+from common.tgi_http import StreamResponse, Token, openai_error
+from common.tgi_http import error_body as error_body
+from common.tgi_http import millis_header as millis_header
+from common.tgi_http import seconds_header as seconds_header
 from sim.tokenizer import VocabEntry
 
-SSE_DONE = b"data:[DONE]\n\n"
 SSE_KEEPALIVE = b":\n\n"
 KEEPALIVE_INTERVAL_S = 15.0
 
@@ -29,51 +33,9 @@ def sse(obj: Any) -> bytes:
     return b"data:" + dumps(obj) + b"\n\n"
 
 
-class Token(TypedDict):
-    """TGI's ``Token``."""
-
-    id: int
-    text: str
-    logprob: float
-    special: bool
-
-
-class StreamResponse(TypedDict):
-    """TGI's ``StreamResponse`` (one ``/generate_stream`` event); ``top_tokens`` is left out when empty."""
-
-    index: int
-    token: Token
-    top_tokens: NotRequired[list[Token]]
-    generated_text: str | None
-    details: dict[str, Any] | None  # StreamDetails, on the last event only
-
-
-class Info(TypedDict):
-    """TGI's ``Info`` (``GET /info``), fields in TGI's order."""
-
-    model_id: str
-    model_sha: str | None
-    model_pipeline_tag: str
-    max_concurrent_requests: int
-    max_best_of: int
-    max_stop_sequences: int
-    max_input_tokens: int
-    max_total_tokens: int
-    validation_workers: int
-    max_client_batch_size: int
-    router: str
-    version: str
-    sha: str | None
-    docker_label: str | None
-
-
-def error_body(message: str, error_type: str) -> dict[str, str]:
-    return {"error": message, "error_type": error_type}
-
-
 def openai_error_event(message: str) -> bytes:
-    """What TGI streams on the OpenAI routes when generation fails (``InferError::into_openai_event``)."""
-    return sse({"error": {"message": message, "http_status_code": 422}})
+    """What TGI streams on the OpenAI routes when generation fails (``common.tgi_http.openai_error``)."""
+    return sse(openai_error(message))
 
 
 def logprob(value: float) -> float | None:
@@ -106,14 +68,3 @@ def stream_response(
             "details": details,
         }
     return {"index": index, "token": token(entry), "generated_text": generated_text, "details": details}
-
-
-def seconds_header(ns: int) -> str:
-    """A duration in seconds as Rust prints an f64 (shortest round-trip digits, never an exponent)."""
-    text = format(Decimal(repr(ns / 1e9)), "f")
-    return text[:-2] if text.endswith(".0") else text  # Rust prints 1.0_f64 as "1"
-
-
-def millis_header(ns: int) -> str:
-    """A duration in whole milliseconds, as Rust's ``Duration::as_millis`` (truncated)."""
-    return str(max(ns, 0) // 1_000_000)

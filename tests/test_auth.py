@@ -1,4 +1,4 @@
-"""proxy.auth.Authenticator without a server, over a real SQLite key store: the cache and its TTL, the negative cache,
+"""meter.auth.Authenticator without a server, over a real SQLite key store: the cache and its TTL, the negative cache,
 revocation, one lookup for concurrent requests, and what a failing key store does (stale answers, backoff, 503).
 
 Every lookup goes through ``meter.store.lookup_key`` on a real database; ``Lookups`` only counts them (and can move
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from common.errors import Unauthenticated, Unavailable
+from meter.auth import NEGATIVE_TTL_S, Authenticator, Principal
 from meter.store import create_key, lookup_key, make_engine, revoke_key, upgrade
 from meter.store.keys import KeyInfo
-from proxy.auth import NEGATIVE_TTL_S, Authenticator, Principal
-from proxy.errors import Unauthenticated, Unavailable
 
 TTL_S = 0.3  # short enough to wait out; NEGATIVE_TTL_S (2 s) is longer, so unknown keys are cached for TTL_S
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import main as cli_main
+from app.cli import main as cli_main
 
 from .conftest import REPO_ROOT, free_port
 
@@ -31,7 +31,7 @@ def _nvml_present() -> bool:
 
 def _process(*argv: str, cwd: Path) -> tuple[int, str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *argv],
+        [sys.executable, "-m", "app.cli", *argv],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -148,7 +148,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_an_unexpected_error_is_one_line_and_its_traceback_is_on_request(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import proxy.commands.migrate as migrate
+    import app.commands.migrate as migrate
 
     def broken(_args: object) -> int:
         raise KeyError("boom")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.commands import meter as meter_command
-from proxy.commands import serve as serve_command
-from proxy.config import ENV_SETTINGS, LISTEN_HELP, Config, ConfigError, load_config
+from app.commands import meter as meter_command
+from app.commands import serve as serve_command
+from app.config import ENV_SETTINGS, LISTEN_HELP, Config, ConfigError, load_config
 
 from .conftest import REPO_ROOT
 

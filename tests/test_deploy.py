@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.cli import COMMANDS
-from proxy.config import load_config
+from app.cli import COMMANDS
+from app.config import load_config
 
 from .conftest import REPO_ROOT
 

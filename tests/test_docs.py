@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from proxy.config import BackendConfig, Config, ModelConfig, load_config
-from proxy.shaping.config import ClassConfig, ShapingConfig
+from app.config import BackendConfig, Config, ModelConfig, load_config
+from common.shaping_config import ClassConfig, ShapingConfig
 
 from .conftest import REPO_ROOT
 

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from app.commands.meter import meter_journal_path
+from app.config import ConfigError, load_config
+from app.metering import local_backends
+from meter.config import engine_settings
 from meter.engine import MeteredBackend
 from meter.ledger import Ledger
 from meter.service import BackendSpec, MeterService, meter_backends
 from meter.sources.sim import SimSource
 from meter.store import make_engine, upgrade
-from proxy.commands.meter import meter_journal_path
-from proxy.config import ConfigError, load_config
-from proxy.metering import engine_settings, local_backends
 from sim.config import SimConfig
 from sim.server import SimTGI
 from tests.waiting import wait_until_async

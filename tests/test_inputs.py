@@ -1,4 +1,4 @@
-"""proxy.inputs: header values and JSON documents as the gateway takes them, against a reference written plainly."""
+"""common.inputs: header values and JSON documents as the gateway takes them, against a reference written plainly."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import GatewayError, InvalidArgument
-from proxy.inputs import (
+from common.errors import GatewayError, InvalidArgument
+from common.inputs import (
     MAX_HEADER_CHARS,
     MAX_JSON_DEPTH,
     InputRefused,

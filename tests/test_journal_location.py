@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config
+from app.config import ConfigError, load_config
 
 
 def test_the_default_journal_sits_beside_a_sqlite_database_file(

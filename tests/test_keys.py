@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from app.cli import main as cli_main
 from meter.store import create_key, list_keys, lookup_key, make_engine, revoke_key, upgrade
 from meter.store.keys import KEY_RE, parse_key_id
 from meter.store.models import ApiKey, Tenant
-from proxy.cli import main as cli_main
 
 
 def test_created_key_looks_up_to_its_tenant_and_is_stored_only_hashed(db: sa.Engine) -> None:

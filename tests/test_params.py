@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from text_generation.types import Parameters as TgiParameters
 
-from proxy.errors import InvalidArgument
+from common.errors import InvalidArgument
 from proxy.params import DEFAULT_MAX_NEW_TOKENS, ModelLimits, to_tgi
 from proxy.pb.fmaas import generation_pb2 as pb
 
-LIMITS = ModelLimits(max_new_tokens=512)
+LIMITS = ModelLimits(max_new_tokens=512, default_include_stop_sequence=True)
 
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 1.0, 0.04, 2.0]))
 u32 = st.integers(0, 2**32 - 1)

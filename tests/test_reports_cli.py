@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from proxy.cli import main as cli_main
+from app.cli import main as cli_main
 
 from .test_reports import TIME_IDLE, TOKENS_IDLE, scenario
 from .test_reports_oracle import insert, open_store, seal

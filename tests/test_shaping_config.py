@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config
+from app.config import ConfigError, load_config
 from proxy.shaping import ArrivalShaper, Policy, ShapingConfig
 
 EXAMPLE = """

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from proxy.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from common.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from common.shaping_config import ShapingConfig
 from proxy.metrics import REGISTRY
-from proxy.shaping.config import ShapingConfig
 from proxy.shaping.core import Entry, Outcome, ShapingCore, Stage
 
 

@@ -20,10 +20,10 @@ import sqlalchemy as sa
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from proxy.config import load_config
+from app.config import load_config
+from app.server import GatewayApp
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pb_grpc
-from proxy.server import GatewayApp
 from sim.config import SimConfig
 from sim.server import SimTGI
 from tests.waiting import wait_until_async

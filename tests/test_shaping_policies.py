@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.shaping.config import ClassConfig
+from common.shaping_config import ClassConfig
 from proxy.shaping.fairness import FairQueue
 from proxy.shaping.policies import (
     AdaptivePolicy,

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
+from app.config import BackendConfig, BackendPoolConfig
+from common.errors import InvalidArgument, Unavailable
 from proxy.backends import Backend, BackendPool, Lease
-from proxy.config import BackendConfig, BackendPoolConfig
-from proxy.errors import InvalidArgument, Unavailable
 from proxy.job import Job
 from proxy.metrics import REGISTRY
 from proxy.shaping import ArrivalShaper, ShapingConfig

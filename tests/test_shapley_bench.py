@@ -12,9 +12,8 @@ from bench.shapley import joulegate_bill, run_one
 from bench.shapley_report import TenantRow, floor_share_mj, pooled, result_line, text_table
 from bench.shapley_trace import SHAPES, TENANTS, make_trace
 from meter.attribution import AttributionPolicy, CounterReading
+from meter.config import MeterConfig, engine_settings
 from meter.timeline import Timeline
-from proxy.config import MeterConfig
-from proxy.metering import engine_settings
 from sim.config import SimConfig
 from sim.costmodel import with_cost_model
 from sim.replay import Sampler, replay

@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from app.cli import main as cli_main
 from meter.store import current, ensure_schema, head, make_engine, metadata, normalize_url, prune_samples, upgrade
 from meter.store.models import Request, Sample
-from proxy.cli import main as cli_main
 
 
 def test_normalize_url_maps_libpq_schemes_to_psycopg3() -> None:

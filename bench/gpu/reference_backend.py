@@ -42,7 +42,6 @@ import itertools
 import json
 import math
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from aiohttp import web
 from bench.gpu.graph_engine import GraphEngineConfig
 from bench.gpu.reference_engine import Engine, EngineConfig, EngineOutput, ModelShape
 from bench.gpu.reference_tokenizer import WordTokenizer
+from common.net import bind_tcp, http_url
 from sim import wire
 from sim.config import SimConfig
 from sim.validation import (
@@ -253,17 +253,8 @@ class ReferenceServer:
     # --- life cycle ---
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        url_host = f"[{host}]" if family == socket.AF_INET6 else host
-        self._url = f"http://{url_host}:{sock.getsockname()[1]}"
+        sock = bind_tcp(host, port)
+        self._url = http_url(host, sock)
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/", self._compat_generate)
         app.router.add_post("/generate", self._generate)

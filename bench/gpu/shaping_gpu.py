@@ -100,7 +100,7 @@ def _process(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) 
 def _backend_cmd(args: argparse.Namespace, port: int) -> list[str]:
     py = args.backend_python or sys.executable
     if args.backend == "sim":
-        return [py, "-m", "proxy.cli", "sim-tgi", "--port", str(port), "--counter-lag-ms", "100", "--name", "sim0"]
+        return [py, "-m", "app.cli", "sim-tgi", "--port", str(port), "--counter-lag-ms", "100", "--name", "sim0"]
     cmd = [py, "-m", "bench.gpu.reference_backend", "--port", str(port)]
     if args.tiny:
         cmd += ["--tiny", "--device", "cpu"]
@@ -237,7 +237,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
-    from proxy.logs import configure_logging
+    from common.logs import configure_logging
 
     configure_logging("warning", "console")
     loads = args.loads.split(",")
@@ -275,7 +275,7 @@ def main() -> None:
             epoch_s=EPOCH_S,
         )
         (args.out / "gateway.toml").write_text(toml_dumps(cfg))
-        gw_cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(args.out / "gateway.toml")]
+        gw_cmd = [sys.executable, "-m", "app.cli", "serve", "--config", str(args.out / "gateway.toml")]
         with _process(gw_cmd, args.out / "gateway.log") as gw:
             _wait_grpc(gw_port, 60)
             if gw.poll() is not None:

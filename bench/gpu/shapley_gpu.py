@@ -53,11 +53,10 @@ from bench.shaping_drive import _ns, _ts, epoch_ceil_ns, one_request, sleep_unti
 from bench.shaping_report import PolicySpec
 from bench.shapley_report import TenantRow, floor_share_mj, markdown_table, max_abs, mean_abs, text_table
 from meter.attribution import CounterReading
+from meter.config import MeterConfig, engine_settings
 from meter.pb.joulegate.v1 import energy_pb2 as epb
 from meter.pb.joulegate.v1 import energy_pb2_grpc as epbg
 from meter.timeline import Timeline
-from proxy.config import MeterConfig
-from proxy.metering import engine_settings
 from proxy.pb.fmaas import generation_pb2_grpc as pbg
 from sim.shapley import shapley
 
@@ -297,7 +296,7 @@ def result_line(table: list[TenantRow], spread_pct: float) -> str:
 def _backend_cmd(args: argparse.Namespace, port: int) -> list[str]:
     py = args.backend_python or sys.executable
     if args.sim:
-        return [py, "-m", "proxy.cli", "sim-tgi", "--port", str(port), "--counter-lag-ms", "100", "--name", "sim0"]
+        return [py, "-m", "app.cli", "sim-tgi", "--port", str(port), "--counter-lag-ms", "100", "--name", "sim0"]
     return [py, "-m", "bench.gpu.reference_backend", "--port", str(port)]
 
 
@@ -316,7 +315,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
-    from proxy.logs import configure_logging
+    from common.logs import configure_logging
 
     configure_logging("warning", "console")
     scene_s = args.scene_s if args.scene_s is not None else (1.5 if args.sim else 7.0)
@@ -351,7 +350,7 @@ def main() -> None:
             epoch_s=EPOCH_S,
         )
         (args.out / "gateway.toml").write_text(toml_dumps(cfg))
-        gw_cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(args.out / "gateway.toml")]
+        gw_cmd = [sys.executable, "-m", "app.cli", "serve", "--config", str(args.out / "gateway.toml")]
         with _process(gw_cmd, args.out / "gateway.log") as gw:
             _wait_grpc(gw_port, 60)
             if gw.poll() is not None:

@@ -323,7 +323,7 @@ def _print_run(dtype: str, label: str, clients: list[ClientResult]) -> None:
 def _backend_cmd(args: argparse.Namespace, dtype: str, port: int) -> list[str]:
     py = sys.executable
     if args.backend == "sim":
-        return [py, "-m", "proxy.cli", "sim-tgi", "--port", str(port), "--counter-lag-ms", "100", "--name", "sim0",
+        return [py, "-m", "app.cli", "sim-tgi", "--port", str(port), "--counter-lag-ms", "100", "--name", "sim0",
                 "--max-input-tokens", str(MAX_INPUT_TOKENS), "--max-total-tokens", str(MAX_TOTAL_TOKENS)]  # fmt: skip
     cmd = [py, "-m", "bench.gpu.reference_backend", "--port", str(port), "--dtype", dtype, "--max-batch-size", "64",
            "--max-input-tokens", str(MAX_INPUT_TOKENS), "--max-total-tokens", str(MAX_TOTAL_TOKENS)]  # fmt: skip
@@ -365,7 +365,7 @@ def run_phase(args: argparse.Namespace, plan: Plan, dtype: str, t0: float, work:
             meter=meter,
         )
         (work / f"gateway-{dtype}.toml").write_text(toml_dumps(cfg))
-        gw_cmd = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(work / f"gateway-{dtype}.toml")]
+        gw_cmd = [sys.executable, "-m", "app.cli", "serve", "--config", str(work / f"gateway-{dtype}.toml")]
         with _process(gw_cmd, work / f"gateway-{dtype}.log") as gw:
             _wait_grpc(gw_port, 60)
             if gw.poll() is not None:
@@ -489,7 +489,7 @@ def main() -> None:
     plan = QUICK if args.quick else FULL
     if args.dtypes:
         plan = dataclasses.replace(plan, dtypes=tuple(args.dtypes.split(",")))
-    from proxy.logs import configure_logging
+    from common.logs import configure_logging
 
     configure_logging("warning", "console")
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"study_{os.getpid()}"

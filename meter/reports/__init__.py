@@ -1,7 +1,7 @@
 """Energy reports read from the metering tables: one request, lists of requests, usage, and backend energy.
 
 Queries only (SQLAlchemy Core on a sync ``Connection``), returning small dataclasses; no gRPC here. The gRPC
-service (``proxy.reports_api``) and ``joulegate report`` are thin layers over these functions.
+service (``meter.reports_api``) and ``joulegate report`` are thin layers over these functions.
 
 Semantics, shared by every report:
 

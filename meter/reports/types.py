@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from common.errors import JoulegateError
+
 if TYPE_CHECKING:
     from meter.reports.settings import BillingSettings as BillingSettingsLike
     from meter.reports.settings import SettingsHistory
@@ -39,7 +41,7 @@ class GroupBy(StrEnum):
     DAY = "day"
 
 
-class ReportError(Exception):
+class ReportError(JoulegateError):
     """A report cannot be produced as asked. ``message`` is safe to show to the caller."""
 
     def __init__(self, message: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pynvml
 import structlog
 
+from common.errors import JoulegateError
 from meter.samples import Sample
 
 log = structlog.get_logger(__name__)
@@ -26,7 +27,7 @@ log = structlog.get_logger(__name__)
 DEVICE_PREFIX = "nvml:"
 
 
-class NvmlUnavailableError(RuntimeError):
+class NvmlUnavailableError(JoulegateError, RuntimeError):
     """NVML cannot be used here: no driver, no library, no such GPU, or a GPU without an energy counter."""
 
 

@@ -13,7 +13,7 @@ Handlers are cancelled when their client disconnects (``handler_cancellation``),
 ``stop(grace)`` stops listening, lets calls in flight finish for up to ``grace`` seconds, then cancels the rest.
 
 A client's mistake is a 4xx, whatever it is: a header the gateway reads whose value is not printable ASCII (400,
-naming the header: see ``proxy.inputs``), a wrong method (405), a body over ``max_body_bytes`` once decompressed
+naming the header: see ``common.inputs``), a wrong method (405), a body over ``max_body_bytes`` once decompressed
 (413; compressed bodies are inflated chunk by chunk and stopped at the limit), a body that does not decompress
 (400), a request head that does not arrive within ``head_timeout_s`` (408, ``proxy.http.deadline``). A 500 means a
 bug of the gateway. Metric labels are bounded: route templates, a fixed set of methods, status codes.
@@ -22,7 +22,6 @@ bug of the gateway. Metric labels are bounded: route templates, a fixed set of m
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -30,27 +29,30 @@ import structlog
 from aiohttp import http_exceptions, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.errors import Cancelled, GatewayError, MalformedRequest, NotFound, PayloadTooLarge
+from common.ids import new_request_id
+from common.inputs import InputRefused, clip, headers_of_interest
+from common.net import bind_tcp
+from meter.auth import Authenticator
 from meter.timeline import Api
-from proxy.auth import Authenticator, requested_class
-from proxy.errors import Cancelled, GatewayError, MalformedRequest, NotFound, PayloadTooLarge
 from proxy.gateway import Gateway
 from proxy.http import wire
-from proxy.http.context import CALL_KEY, Call, Services, call_of, new_request_id
+from proxy.http.context import CALL_KEY, Call, Services, call_of
 from proxy.http.deadline import HEAD_TIMEOUT_S, HeadDeadlines
 from proxy.http.errors import error_response
 from proxy.http.metrics import HTTP_DURATION, HTTP_REQUESTS, method_label
 from proxy.http.openai_routes import OpenAIRoutes
 from proxy.http.tgi_routes import MODEL_HEADER, TgiRoutes
-from proxy.inputs import InputRefused, clip, headers_of_interest
 from proxy.metrics import REGISTRY
 from proxy.params import ModelLimits
+from proxy.traffic_class import requested_class
 
 log = structlog.get_logger(__name__)
 
 PUBLIC_ROUTES = frozenset({("GET", "/health"), ("GET", "/"), ("GET", "/ping"), ("GET", "/metrics")})
 # TGI's default --payload-limit is 2 MB; twice that leaves room for a TGI configured higher
 MAX_BODY_BYTES = 4 * 1024 * 1024
-# The headers the gateway reads: each must be printable ASCII (``proxy.inputs``) before anything keeps or echoes it.
+# The headers the gateway reads: each must be printable ASCII (``common.inputs``) before anything keeps or echoes it.
 READ_HEADERS = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class", MODEL_HEADER)
 # An HTTPException's own headers that describe its (text) body: the gateway writes a JSON body of its own.
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
@@ -82,13 +84,13 @@ class HttpFrontDoor:
         self,
         gateway: Gateway,
         auth: Authenticator,
-        limits: Mapping[str, ModelLimits] | None = None,
+        limits: Mapping[str, ModelLimits],
         *,
-        max_batch_requests: int = 64,
+        max_batch_requests: int,
         max_body_bytes: int = MAX_BODY_BYTES,
         head_timeout_s: float = HEAD_TIMEOUT_S,
     ) -> None:
-        self.services = Services(gateway, auth, dict(limits or {}), max_batch_requests)
+        self.services = Services(gateway, auth, dict(limits), max_batch_requests)
         self.max_body_bytes = max_body_bytes
         self.deadlines = HeadDeadlines(head_timeout_s)
         self.port = 0
@@ -108,15 +110,7 @@ class HttpFrontDoor:
     async def start(self, listen: str) -> int:
         """Listen on ``HOST:PORT`` (port 0: any free port); return the bound port."""
         host, port = parse_listen(listen)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
+        sock = bind_tcp(host, port)
         self.port = sock.getsockname()[1]
         runner = web.AppRunner(self.application(), handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
         await runner.setup()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.errors import BackendError
+from common.errors import BackendError
 from proxy.http import wire
 
 _OPENAI_FINISH = {"eos_token": "stop"}  # TGI's FinishReason::format(openai_compliant=true)

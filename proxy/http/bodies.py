@@ -7,7 +7,7 @@ as ``BodyRejected``). Unknown fields are allowed (serde ignores them too). The b
 own dict, not a re-serialised model, so nothing is lost.
 
 What is not JSON to TGI's parser is refused with 400 naming the field even though Python's ``json`` reads it:
-``NaN``/``Infinity``, lone UTF-16 surrogates, nesting past serde's recursion limit (``proxy.inputs.check_json``).
+``NaN``/``Infinity``, lone UTF-16 surrogates, nesting past serde's recursion limit (``common.inputs.check_json``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from proxy.errors import InvalidArgument
+from common.errors import InvalidArgument
+from common.inputs import InputRefused, check_json, clip, may_hold_surrogates
 from proxy.http.errors import MalformedBody
-from proxy.inputs import InputRefused, check_json, clip, may_hold_surrogates
 
 U32 = Annotated[int, Field(ge=0, le=2**32 - 1)]
 U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]

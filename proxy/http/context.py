@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from meter.auth import Authenticator, Principal
 from meter.timeline import Api
-from proxy.auth import Authenticator, Principal
 from proxy.gateway import Gateway
 from proxy.job import Job
 from proxy.params import ModelLimits
@@ -76,15 +75,11 @@ class Services:
 
     gateway: Gateway
     auth: Authenticator
-    limits: Mapping[str, ModelLimits] = field(default_factory=dict)
-    max_batch_requests: int = 64
+    limits: Mapping[str, ModelLimits]  # of every model the gateway serves (``Gateway.resolve_model``'s answers)
+    max_batch_requests: int
 
     def limit(self, model_id: str) -> ModelLimits:
-        return self.limits.get(model_id, ModelLimits())
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
+        return self.limits[model_id]
 
 
 def call_of(request: web.Request) -> Call:

@@ -19,7 +19,7 @@ import re
 
 from aiohttp import web
 
-from proxy.errors import BodyRejected, GatewayError, GenerationFailed, InvalidArgument, MalformedRequest, Overloaded
+from common.errors import BodyRejected, GatewayError, GenerationFailed, InvalidArgument, MalformedRequest, Overloaded
 from proxy.http import wire
 
 _BACKEND_PREFIX = re.compile(r"^backend \S+: ")

@@ -16,8 +16,9 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import GatewayError, InvalidArgument
-from proxy.gateway import StreamResult
+from common.errors import GatewayError, InvalidArgument
+from common.ids import text_request_ids
+from proxy.gateway import GenerationStream
 from proxy.http import wire
 from proxy.http.assemble import (
     ChatAssembler,
@@ -49,7 +50,7 @@ class OpenAIRoutes:
         call.model_id = "" if name in (None, "", "tgi") else str(name)
         return self.s.gateway.resolve_model(call.model_id)
 
-    def _timing(self, call: Call, handed_ns: int, done_ns: int, results: list[StreamResult]) -> Timing:
+    def _timing(self, call: Call, handed_ns: int, done_ns: int, results: list[GenerationStream]) -> Timing:
         released = [r.released_ns for r in results if r.released_ns is not None]
         return Timing(
             received_ns=call.received_ns,
@@ -61,7 +62,7 @@ class OpenAIRoutes:
         )
 
     @staticmethod
-    def _headers(call: Call, results: list[StreamResult], inputs_chars: int) -> dict[str, str]:
+    def _headers(call: Call, results: list[GenerationStream], inputs_chars: int) -> dict[str, str]:
         compute_type = next((r.compute_type for r in results if r.compute_type), None)
         out = {"x-compute-type": compute_type} if compute_type else {}
         return {**out, "x-compute-characters": str(inputs_chars), **call.headers()}
@@ -82,13 +83,13 @@ class OpenAIRoutes:
             max_new_tokens=max_tokens,
         )
         handed_ns = time.time_ns()
-        result = StreamResult()
+        stream = self.s.gateway.generation(job)
         if not body.stream:
             assembler = ChatAssembler()
-            with self.s.gateway.recording([(job, result)]):
-                done_ns = await collect(self.s, job, result, assembler.feed)
-            timing = self._timing(call, handed_ns, done_ns, [result])
-            headers = timing_headers(timing, compute_type=result.compute_type, inputs_chars=len(body.text))
+            with self.s.gateway.recording([stream]):
+                done_ns = await collect(stream, assembler.feed)
+            timing = self._timing(call, handed_ns, done_ns, [stream])
+            headers = timing_headers(timing, compute_type=stream.compute_type, inputs_chars=len(body.text))
             return wire.json_response(assembler.completion(model_id), headers={**headers, **call.headers()})
 
         def encode(chunk: dict[str, Any]) -> bytes:
@@ -98,12 +99,12 @@ class OpenAIRoutes:
                 chunk["model"] = model_id
             return wire.sse(chunk)
 
-        with self.s.gateway.recording([(job, result)]):
+        with self.s.gateway.recording([stream]):
             return await relay(
                 request,
-                self.s.gateway.stream_batches(job, result),
-                [result],
-                headers=lambda: self._headers(call, [result], len(body.text)),
+                stream.batches(),
+                [stream],
+                headers=lambda: self._headers(call, [stream], len(body.text)),
                 encode=encode,
                 error_event=openai_error_event,
                 trailer=wire.SSE_DONE,
@@ -121,7 +122,7 @@ class OpenAIRoutes:
         batch_limit = min(int(info.get("max_client_batch_size") or most), most)
         if n > batch_limit:
             raise InvalidArgument(f"Number of prompts exceeds the maximum allowed batch size of {batch_limit}")
-        ids = [call.request_id] if n == 1 else [f"{call.request_id}-{i}" for i in range(n)]
+        ids = text_request_ids(call.request_id, n)
         jobs = [
             call.job(
                 self.s.gateway,
@@ -135,20 +136,20 @@ class OpenAIRoutes:
             for rid, prompt in zip(ids, body.prompts, strict=True)
         ]
         handed_ns = time.time_ns()
-        results = [StreamResult() for _ in jobs]
+        streams = [self.s.gateway.generation(job) for job in jobs]
         chars = sum(len(p) for p in body.prompts)
         if not body.stream:
             parts = [CompletionAssembler() for _ in jobs]
-            with self.s.gateway.recording(list(zip(jobs, results, strict=True))):
+            with self.s.gateway.recording(streams):
                 try:
                     async with asyncio.TaskGroup() as tg:
-                        for job, result, part in zip(jobs, results, parts, strict=True):
-                            tg.create_task(collect(self.s, job, result, part.feed))
+                        for stream, part in zip(streams, parts, strict=True):
+                            tg.create_task(collect(stream, part.feed))
                 except* GatewayError as group:
                     raise group.exceptions[0] from None
-            timing = self._timing(call, handed_ns, time.time_ns(), results)
+            timing = self._timing(call, handed_ns, time.time_ns(), streams)
             headers = timing_headers(
-                timing, compute_type=next((r.compute_type for r in results if r.compute_type), None), inputs_chars=chars
+                timing, compute_type=next((r.compute_type for r in streams if r.compute_type), None), inputs_chars=chars
             )
             return wire.json_response(completion_response(model_id, parts), headers={**headers, **call.headers()})
 
@@ -162,13 +163,13 @@ class OpenAIRoutes:
                 chunk["model"] = model_id
             return wire.sse(chunk)
 
-        streams: list[Batches] = [self.s.gateway.stream_batches(j, r) for j, r in zip(jobs, results, strict=True)]
-        with self.s.gateway.recording(list(zip(jobs, results, strict=True))):
+        batches: list[Batches] = [stream.batches() for stream in streams]
+        with self.s.gateway.recording(streams):
             return await relay(
                 request,
-                streams[0] if n == 1 else merge(streams, tag),
-                results,
-                headers=lambda: self._headers(call, results, chars),
+                batches[0] if n == 1 else merge(batches, tag),
+                streams,
+                headers=lambda: self._headers(call, streams, chars),
                 encode=encode,
                 error_event=openai_error_event,
                 trailer=wire.SSE_DONE,

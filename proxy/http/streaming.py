@@ -19,12 +19,12 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import Cancelled, GatewayError
-from proxy.gateway import StreamResult
+from common.errors import Cancelled, GatewayError
+from proxy.gateway import GenerationStream
 from proxy.http import wire
 from proxy.http.errors import in_stream
 
-Batches = AsyncGenerator[list[dict[str, Any]], None]  # Gateway.stream_batches: the events of one network read
+Batches = AsyncGenerator[list[dict[str, Any]], None]  # GenerationStream.batches: the events of one network read
 
 HEADERS_AFTER_S = 5.0  # commit the 200 + SSE headers if the first event has not come by then
 KEEPALIVE_S = 5.0  # then an SSE comment this often until it comes
@@ -43,7 +43,7 @@ async def abandon(events: Batches) -> None:
 async def relay(
     request: web.Request,
     events: Batches,
-    results: list[StreamResult],
+    results: list[GenerationStream],
     *,
     headers: Callable[[], dict[str, str]],
     encode: Callable[[dict[str, Any]], bytes],
@@ -58,7 +58,7 @@ async def relay(
 async def _relay(
     request: web.Request,
     events: Batches,
-    results: list[StreamResult],
+    results: list[GenerationStream],
     headers: Callable[[], dict[str, str]],
     encode: Callable[[dict[str, Any]], bytes],
     error_event: Callable[[GatewayError], bytes],

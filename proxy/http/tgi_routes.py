@@ -19,8 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import InvalidArgument
-from proxy.gateway import StreamResult
+from common.errors import InvalidArgument
+from proxy.gateway import GenerationStream
 from proxy.http import wire
 from proxy.http.assemble import GenerateAssembler, Timing, client_stream_event, timing_headers
 from proxy.http.bodies import GenerateBody, parse_generate
@@ -33,9 +33,9 @@ MODEL_HEADER = "x-model-id"
 UPSTREAM_ROUTE = "/generate_stream"
 
 
-async def collect(services: Services, job: Job, result: StreamResult, feed: Callable[[dict[str, Any]], None]) -> int:
-    """Run ``job`` to its end, feeding every event; return when it ended (ns)."""
-    async with contextlib.aclosing(services.gateway.stream_batches(job, result)) as batches:
+async def collect(stream: GenerationStream, feed: Callable[[dict[str, Any]], None]) -> int:
+    """Read ``stream`` to its end, feeding every event; return when it ended (ns)."""
+    async with contextlib.aclosing(stream.batches()) as batches:
         async for batch in batches:
             for event in batch:
                 feed(event)
@@ -118,37 +118,37 @@ class TgiRoutes:
             )
         job = self._job(call, model_id, body, compat)
         handed_ns = time.time_ns()
-        result = StreamResult()
+        stream = self.s.gateway.generation(job)
         assembler = GenerateAssembler()
-        with self.s.gateway.recording([(job, result)]):
-            done_ns = await collect(self.s, job, result, assembler.feed)
+        with self.s.gateway.recording([stream]):
+            done_ns = await collect(stream, assembler.feed)
         answer = assembler.response(details=bool(params.get("details")), top_n_tokens=bool(params.get("top_n_tokens")))
         timing = Timing(
             received_ns=call.received_ns,
             handed_ns=handed_ns,
-            released_ns=result.released_ns,
+            released_ns=stream.released_ns,
             done_ns=done_ns,
-            prompt_tokens=result.prompt_tokens or 0,
-            generated_tokens=result.generated_tokens,
+            prompt_tokens=stream.prompt_tokens or 0,
+            generated_tokens=stream.generated_tokens,
         )
-        headers = timing_headers(timing, compute_type=result.compute_type, inputs_chars=len(body.inputs))
+        headers = timing_headers(timing, compute_type=stream.compute_type, inputs_chars=len(body.inputs))
         return wire.json_response([answer] if compat else answer, headers={**headers, **call.headers()})
 
     async def _stream(self, request: web.Request, body: GenerateBody, *, compat: bool) -> web.StreamResponse:
         call = call_of(request)
         job = self._job(call, self._model(request), body, compat)
-        result = StreamResult()
+        stream = self.s.gateway.generation(job)
         details = bool(body.parameters.get("details"))
 
         def headers() -> dict[str, str]:
-            out = {"x-compute-type": result.compute_type} if result.compute_type else {}
+            out = {"x-compute-type": stream.compute_type} if stream.compute_type else {}
             return {**out, "x-compute-characters": str(len(body.inputs)), **call.headers()}
 
-        with self.s.gateway.recording([(job, result)]):
+        with self.s.gateway.recording([stream]):
             return await relay(
                 request,
-                self.s.gateway.stream_batches(job, result),
-                [result],
+                stream.batches(),
+                [stream],
                 headers=headers,
                 encode=lambda event: wire.sse(client_stream_event(event, details=details)),
                 error_event=tgi_error_event,

@@ -8,13 +8,17 @@ floats (serde writes ``1e-5`` where orjson writes ``0.00001``; both parse to the
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-SSE_DONE = b"data:[DONE]\n\n"
+from common.tgi_http import SSE_DONE as SSE_DONE
+from common.tgi_http import error_body as error_body
+from common.tgi_http import millis_header as millis_header
+from common.tgi_http import openai_error
+from common.tgi_http import seconds_header as seconds_header
+
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -30,21 +34,6 @@ def sse(obj: Any) -> bytes:
     return b"data:" + dumps(obj) + b"\n\n"
 
 
-def error_body(message: str, error_type: str) -> dict[str, str]:
-    return {"error": message, "error_type": error_type}
-
-
 def openai_error_event(message: str) -> bytes:
-    """TGI's ``InferError::into_openai_event``: the OpenAI routes' in-stream error, always ``http_status_code`` 422."""
-    return sse({"error": {"message": message, "http_status_code": 422}})
-
-
-def seconds_header(ns: int) -> str:
-    """A duration in seconds as Rust prints an f64 (shortest round-trip digits, no exponent, ``1`` for 1.0)."""
-    text = format(Decimal(repr(max(ns, 0) / 1e9)), "f")
-    return text[:-2] if text.endswith(".0") else text
-
-
-def millis_header(ns: int) -> str:
-    """A duration in whole milliseconds, truncated as Rust's ``Duration::as_millis``."""
-    return str(max(ns, 0) // 1_000_000)
+    """The OpenAI routes' in-stream error event (``common.tgi_http.openai_error``)."""
+    return sse(openai_error(message))

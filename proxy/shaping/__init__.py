@@ -7,16 +7,16 @@ healthy backend, shutting down) or ``InvalidArgument`` (unknown traffic class) i
 awaiting task takes the job out of the queue at once. ``drain()`` at shutdown releases what backends have room
 for and fails the rest.
 
-Layout: ``config`` (the ``[models.shaping]`` section), ``policies`` (pure release decisions), ``fairness``
-(weighted fair queueing between tenants), ``core`` (classes, admission, release and placement as plain state),
-``shaper`` (the asyncio layer: futures, timer, capacity watcher), ``metrics``.
+Layout: ``policies`` (pure release decisions), ``fairness`` (weighted fair queueing between tenants), ``core``
+(classes, admission, release and placement as plain state), ``shaper`` (the asyncio layer: futures, timer, capacity
+watcher), ``metrics``; the ``[models.shaping]`` section is ``common.shaping_config`` (the meter daemon validates it).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from proxy.shaping.config import ClassConfig, Policy, ShapingConfig
+from common.shaping_config import ClassConfig, Policy, ShapingConfig
 from proxy.shaping.shaper import ArrivalShaper, build_shapers
 
 if TYPE_CHECKING:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from proxy.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
-from proxy.inputs import clip
+from common.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+from common.inputs import clip
+from common.shaping_config import DEFAULT_CLASS, ClassConfig, Policy, ShapingConfig
 from proxy.metrics import tenant_label
 from proxy.shaping import metrics as m
-from proxy.shaping.config import DEFAULT_CLASS, ClassConfig, Policy, ShapingConfig
 from proxy.shaping.fairness import FairQueue
 from proxy.shaping.policies import HeldState, RateEstimator, ReleasePolicy, make_policy
 
@@ -203,7 +203,7 @@ class ShapingCore:
         self.tokens = 0
         self.tenant_requests: dict[str, int] = {}
         self.tenant_tokens: dict[str, int] = {}
-        self.draining = False
+        self.open = True  # False once the gateway drains: no request is admitted again
         self.drained_requests = RateEstimator(DRAIN_RATE_TAU_S)
         self.drained_tokens = RateEstimator(DRAIN_RATE_TAU_S)
         self._fallback_retry_s = max(1.0, max(c.max_hold_ms for c in self.cfg.classes.values()) / 1000)
@@ -216,7 +216,7 @@ class ShapingCore:
             return cq
         if not name or name == DEFAULT_CLASS:
             return self.classes[self.cfg.default_class]
-        origin = getattr(name, "origin", "x-traffic-class")  # proxy.auth.RequestedClass: the header or the key
+        origin = getattr(name, "origin", "x-traffic-class")  # proxy.traffic_class.RequestedClass: the header or the key
         raise InvalidArgument(f"{origin}: unknown class {clip(str(name))!r} (known: {', '.join(self.classes)})")
 
     def admit(self, entry: Entry, now_s: float) -> None:
@@ -338,9 +338,17 @@ class ShapingCore:
                 wake_s = cq.wake_at_s if wake_s is None else min(wake_s, cq.wake_at_s)
         return wake_s
 
+    @property
+    def draining(self) -> bool:
+        return not self.open
+
+    def close(self) -> None:
+        """Admit no request from now on (a drain); what is queued stays until ``drain`` releases or fails it."""
+        self.open = False
+
     def drain(self, now_s: float, sink: Sink, deadline_now: float | None = None) -> None:
         """Shutdown: release everything now, place what fits, fail the rest with Unavailable."""
-        self.draining = True
+        self.close()
         for cq in self.by_priority:
             cq.release_all()
         if sink.healthy():

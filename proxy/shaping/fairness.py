@@ -14,7 +14,7 @@ nodes are dead.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -47,14 +47,6 @@ class FairQueue(Generic[T]):
 
     def __contains__(self, item: T) -> bool:
         return item in self._nodes
-
-    def __iter__(self) -> Iterator[T]:
-        """Live items in pick order (a sorted copy: for inspection and tests, not the hot path)."""
-        return iter([n.item for _t, _s, n in sorted(self._by_tag) if n.live])
-
-    @property
-    def virtual_time(self) -> float:
-        return self._virtual
 
     def push(self, item: T, *, tenant: str, cost: float, weight: float, arrived_s: float) -> float:
         """Add ``item``; returns its finish tag."""
@@ -102,9 +94,6 @@ class FairQueue(Generic[T]):
         """Arrival time of the longest-waiting item."""
         self._skip_dead(self._by_age)
         return self._by_age[0][0] if self._by_age else None
-
-    def tenant_tag(self, tenant: str) -> float:
-        return self._last_tag.get(tenant, 0.0)
 
     # -- internals -------------------------------------------------------------------------------------------
     @staticmethod

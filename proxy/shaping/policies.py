@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.shaping.config import ClassConfig, Policy
+from common.shaping_config import ClassConfig, Policy
 
 CLOCK_EPS_S = 1e-6
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from proxy.errors import Unavailable
-from proxy.shaping.config import ShapingConfig
+from common.errors import Unavailable
+from common.shaping_config import ShapingConfig
 from proxy.shaping.core import Entry, Outcome, ShapingCore
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ class ArrivalShaper:
         """Shutdown: release everything queued at once where backends have room; fail the rest (Unavailable)."""
         self._cancel_timer()
         if self._sink is None:
-            self.core.draining = True
+            self.core.close()
             return
         self.core.drain(self._clock(), self._sink, asyncio.get_running_loop().time())
         if self._watcher is not None:

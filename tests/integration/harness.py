@@ -10,11 +10,11 @@ from typing import Any
 
 import grpc
 
+from app.config import load_config
+from app.server import GatewayApp
 from meter.store.keys import create_key
 from meter.store.migrate import ensure_schema
-from proxy.config import load_config
 from proxy.pb.fmaas import generation_pb2_grpc
-from proxy.server import GatewayApp
 from sim.config import SimConfig
 from sim.server import SimTGI
 

@@ -19,18 +19,18 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
+from app.config import load_config
+from app.server import GatewayApp
 from meter.store import create_key, make_engine, revoke_key, upgrade
-from proxy.config import load_config
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc
-from proxy.server import GatewayApp
 from sim.config import SimConfig
 from sim.server import SimTGI
 from tests.tcp_cut import TcpCut
 from tests.waiting import wait_until_async
 
 TTL_S = 0.3  # key cache entries expire inside the outage
-RETRY_MAX_S = 5.0  # proxy.auth's default: a revocation applies at most this long after the database is back
+RETRY_MAX_S = 5.0  # meter.auth's default: a revocation applies at most this long after the database is back
 
 
 @dataclass

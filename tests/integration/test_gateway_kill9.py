@@ -78,7 +78,7 @@ async def serve(config: Path, log: Path, port: int) -> AsyncIterator[asyncio.sub
     with log.open("ab") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            *("-m", "proxy.cli", "serve", "--config", str(config)),
+            *("-m", "app.cli", "serve", "--config", str(config)),
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             stdout=out,

@@ -1,6 +1,6 @@
 """The gRPC front door against a client's mistakes: raw HTTP/2 metadata, parameters TGI cannot read, echoes, and
 TGIS's time-limit semantics. Each test failed before the fix it names (see the findings in the module docstrings of
-``proxy.inputs`` and ``proxy.grpc_api``).
+``common.inputs`` and ``proxy.grpc_api``).
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from common.inputs import MAX_JSON_DEPTH
 from meter.store.models import Request as RequestRow
 from proxy.http.app import MAX_BODY_BYTES
-from proxy.inputs import MAX_JSON_DEPTH
 from proxy.pb.fmaas import generation_pb2 as pb
 from sim.config import SimConfig
 

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from meter.pb.joulegate.v1 import energy_pb2 as pb
 from meter.pb.joulegate.v1 import energy_pb2_grpc as pb_grpc
 from meter.reports.requests import RequestFilter, encode_page_token
+from meter.reports_api import MAX_WAITS_PER_TENANT
 from meter.store.keys import create_key
-from proxy.reports_api import MAX_WAITS_PER_TENANT
 from tests.waiting import wait_until_async
 
 from ..test_reports import scenario

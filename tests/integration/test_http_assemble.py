@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.errors import BackendError, GenerationFailed, InvalidArgument, NotFound, Overloaded, Unavailable
+from common.errors import BackendError, GenerationFailed, InvalidArgument, NotFound, Overloaded, Unavailable
 from proxy.http import wire
 from proxy.http.assemble import (
     ChatAssembler,

@@ -20,8 +20,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2 as wire
 
-from proxy.config import load_config
-from proxy.reports_api import start_reports_server
+from app.config import load_config
+from app.metering import authenticator, settings_from_config
+from meter.reports_api import start_reports_server
 
 from .harness import running_stack
 
@@ -106,7 +107,9 @@ async def _reports_server(tmp_path: Path) -> AsyncIterator[grpc.aio.Channel]:
     config = load_config(environ={}, overrides={"db": {"url": f"sqlite:///{tmp_path / 'jg.db'}"}})
     engine = make_engine(config.db.url)
     ensure_schema(engine)
-    server = await start_reports_server(config, engine, "127.0.0.1:0")
+    server = await start_reports_server(
+        engine, authenticator(config, engine), settings_from_config(config), "127.0.0.1:0"
+    )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield channel

@@ -13,9 +13,9 @@ import aiohttp
 import grpc
 import pytest
 
+from app.cli import main as cli_main
 from meter.store import create_key, lookup_key, make_engine
 from meter.store.migrate import upgrade
-from proxy.cli import main as cli_main
 from proxy.pb.fmaas import generation_pb2 as pb
 
 from .harness import running_stack

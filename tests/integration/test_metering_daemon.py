@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import main
+from app.cli import main
 from sim.config import SimConfig
 from tests.conftest import REPO_ROOT
 from tests.waiting import wait_until_async
@@ -61,7 +61,7 @@ async def test_daemon_attributes_its_node_and_drains_on_sigterm(tmp_path: Path) 
         config = _config(tmp_path, db_url, s.sims[0].url)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            *("-m", "proxy.cli", "meter", "--config", str(config)),
+            *("-m", "app.cli", "meter", "--config", str(config)),
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             stdout=asyncio.subprocess.PIPE,

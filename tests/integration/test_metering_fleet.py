@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from app.metering import build_meter_service
+from meter.config import MeterConfig
 from meter.ledger import Ledger
 from meter.store import make_engine
 from meter.store.keys import create_key
-from proxy.config import MeterConfig
-from proxy.metering import build_meter_service
 from sim.config import SimConfig
 from tests.tcp_cut import TcpCut
 from tests.waiting import wait_until_async

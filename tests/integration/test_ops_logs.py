@@ -69,7 +69,7 @@ async def gateway(tmp_path: Path, backend_url: str, **env: str) -> AsyncIterator
     engine.dispose()
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "proxy.cli", "serve", "--backend", backend_url, "--model-id", "m"),
+        *(sys.executable, "-m", "app.cli", "serve", "--backend", backend_url, "--model-id", "m"),
         *("--grpc-listen", f"127.0.0.1:{port}", "--http-listen", "off", "--db", db_url, "--meter", "none"),
         env={
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

@@ -106,7 +106,7 @@ async def test_the_meter_daemon_serves_reports_with_health_and_reflection(tmp_pa
         port = free_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            *("-m", "proxy.cli", "meter", "--config", str(config), "--grpc-listen", f"127.0.0.1:{port}"),
+            *("-m", "app.cli", "meter", "--config", str(config), "--grpc-listen", f"127.0.0.1:{port}"),
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             stdout=asyncio.subprocess.PIPE,

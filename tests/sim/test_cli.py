@@ -52,7 +52,7 @@ def test_serves_until_sigterm() -> None:
 
 def test_rejects_an_invalid_config() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "sim-tgi", "--max-input-tokens", "4096"],
+        [sys.executable, "-m", "app.cli", "sim-tgi", "--max-input-tokens", "4096"],
         capture_output=True,
         text=True,
         timeout=30,

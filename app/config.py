@@ -1,4 +1,5 @@
-"""Gateway configuration: one TOML file, then ``JOULEGATE_*`` environment overrides, validated once at start.
+"""joulegate's configuration, assembled: one TOML file, then ``JOULEGATE_*`` environment overrides, validated
+once at start.
 
 Precedence, lowest first: defaults < TOML file < environment < command-line flags. Environment variables name a
 path through the sections with ``__``: ``JOULEGATE_DB__URL``, ``JOULEGATE_SERVER__GRPC_LISTEN``,
@@ -12,8 +13,9 @@ that names no setting is an *error* when it looks like a setting — it has the 
 away from one, and the error names the setting it resembles — and a *warning* otherwise (other tools' variables
 such as ``JOULEGATE_TEST_POSTGRES`` are ignored). ``[[models]]`` are set in the file only.
 
-Listeners (``server.http_listen``, ``meter.grpc_listen``) take ``HOST:PORT``, or ``off`` (or an empty value) to
-turn them off: one rule for the TOML key, its environment variable and its flag (``LISTEN_HELP``).
+The sections live with what reads them (``common.config``: backends and listeners; ``common.shaping_config``;
+``meter.config``: the meter and its engine); the ones only a process's wiring reads are here. Every process reads the
+same file and validates all of it, the meter daemon included, without loading the request path.
 """
 
 from __future__ import annotations
@@ -28,45 +30,20 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, Self, get_args, get_origin
-from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from proxy.shaping.config import ShapingConfig
+from common.config import LISTEN_HELP, BackendConfig, BackendPoolConfig, Section, check_listen, listener
+from common.errors import ConfigError
+from common.shaping_config import ShapingConfig
+from meter.config import MeterConfig
+from meter.reports.settings import BillingSettings
 
 ENV_PREFIX = "JOULEGATE_"
+_BILLING = BillingSettings()  # the defaults of what bills: grid intensity, PUE (and the idle policy: meter.config)
 
 
-class ConfigError(ValueError):
-    """The configuration is invalid; the message says which key and why."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-LISTEN_OFF = "off"
-LISTEN_HELP = "HOST:PORT, or 'off' (or an empty value) to turn it off"
-
-
-def _check_listen(value: str) -> str:
-    _host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    return value
-
-
-def listener(value: str | None) -> str | None:
-    """A listener setting: ``HOST:PORT``, or None when it is turned off (``off``, an empty value, or None)."""
-    if value is None or value.strip().lower() in ("", LISTEN_OFF):
-        return None
-    try:
-        return _check_listen(value.strip())
-    except ValueError:
-        raise ValueError(f"expected {LISTEN_HELP}, got {value!r}") from None
-
-
-class ServerConfig(_Section):
+class ServerConfig(Section):
     grpc_listen: str = "0.0.0.0:8033"
     http_listen: str | None = Field(default="0.0.0.0:8080", description=f"the HTTP API: {LISTEN_HELP}")
     drain_grace_s: float = Field(default=30.0, ge=0)
@@ -83,7 +60,7 @@ class ServerConfig(_Section):
     def _v_grpc(cls, v: str) -> str:
         if listener(v) is None:
             raise ValueError("the gateway's gRPC listener cannot be turned off (it serves health and reports)")
-        return _check_listen(v.strip())
+        return check_listen(v.strip())
 
     @field_validator("http_listen")
     @classmethod
@@ -91,39 +68,7 @@ class ServerConfig(_Section):
         return listener(v)
 
 
-class BackendConfig(_Section):
-    url: str
-    name: str = ""  # default: host:port of the url
-    gpus: tuple[int, ...] = ()  # NVML indices of the GPUs serving it (tensor parallelism: several)
-    node: str = ""  # host whose meter attributes this backend's energy (fleets); "" = any/this one
-
-    @field_validator("url")
-    @classmethod
-    def _v_url(cls, v: str) -> str:
-        parsed = urlparse(v)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"expected an http(s) URL, got {v!r}")
-        return v.rstrip("/")
-
-    @model_validator(mode="after")
-    def _default_name(self) -> Self:
-        if not self.name:
-            object.__setattr__(self, "name", urlparse(self.url).netloc)
-        return self
-
-
-class BackendPoolConfig(_Section):
-    health_interval_s: float = Field(default=2.0, gt=0)
-    connect_timeout_s: float = Field(default=2.0, gt=0)
-    request_timeout_s: float = Field(default=600.0, gt=0, description="upper bound on one generation")
-    retries: int = Field(default=2, ge=0, description="extra attempts on another backend, before the first byte")
-    max_connections: int = Field(default=1024, ge=1, description="per backend")
-    max_concurrent_requests: int | None = Field(
-        default=None, ge=1, description="cap on in-flight requests per backend; default: TGI's /info value"
-    )
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     model_id: str
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     max_new_tokens: int = Field(default=1024, ge=1, description="the most new tokens one request may ask for")
@@ -131,83 +76,22 @@ class ModelConfig(_Section):
     shaping: ShapingConfig = Field(default_factory=ShapingConfig, description="arrival shaping (proxy/shaping)")
 
 
-class IdlePolicy(StrEnum):
-    NONE = "none"
-    TIME = "time"
-    TOKENS = "tokens"
-
-
-class MeterConfig(_Section):
-    """The meter: sampler, ledger journal, and the metering engine (meter/engine) that turns samples and timelines
-    into per-request joules. See meter.engine.core for what each engine knob means."""
-
-    # auto: NVML when this host's driver exposes the GPUs' energy counters, else no meter (logged); the default, so a
-    # single GPU box meters with no configuration
-    source: Literal["auto", "nvml", "sim", "none"] = "auto"
-    interval_ms: int = Field(default=100, ge=10, le=10_000)
-    lag_ms: int = Field(default=100, ge=0, le=2_000, description="counter lag behind the work it measures")
-    idle_policy: IdlePolicy = IdlePolicy.NONE
-    sample_retention_days: float = Field(default=7.0, gt=0)
-    # the ledger's write-ahead journal (meter.journal: <path>.<n> segments, <path>.rejected, <path>.lock); "": beside
-    # a SQLite file given by an absolute path, else $XDG_STATE_HOME/joulegate/journal-<hash of the database>.jsonl
-    journal_path: str = ""
-    node: str = ""  # this host's name, matched against backends' `node` (default: the hostname)
-    # -- the metering engine --
-    epoch_s: float = Field(default=10.0, ge=0.1, le=3600, description="attribution epoch (wall-clock window)")
-    settle_s: float = Field(default=2.0, ge=0, le=600, description="wait past an epoch's end for late timelines")
-    open_request_timeout_s: float = Field(
-        default=600.0, gt=0, description="an open request older than this no longer holds attribution back"
-    )
-    engine_interval_s: float = Field(default=1.0, gt=0, le=60, description="how often the engine runs a pass")
-    prefill_tokens_per_s: float = Field(default=20_000.0, gt=0, description="to estimate a prefill step's length")
-    prefill_overhead_ms: float = Field(default=5.0, ge=0, le=10_000)
-    prefill_power_ratio: float = Field(
-        default=2.5, gt=0, le=100, description="prefill power / decode power (H100: ~650-700 W vs ~250-300 W)"
-    )
-    batch_tolerance_ms: float = Field(default=2.0, ge=0, le=1_000, description="first tokens this close: one prefill")
-    idle_power_w: float | Literal["auto", "time"] = Field(
-        default="auto", description="idle floor: 'auto' (measured), 'time' (split partly idle intervals by time), W"
-    )
-    max_interval_s: float = Field(default=5.0, gt=0, le=3600, description="a longer reading interval is a gap")
-    count_unrouted: bool = Field(default=True, description="count requests that never reached a backend in usage")
-    calibrate: bool = Field(
-        default=True,
-        description="fit the lag and the prefill/decode power ratio to the counter (meter.engine.calibrate)",
-    )
-    grpc_listen: str | None = Field(
-        default="0.0.0.0:8034",
-        description=f"`joulegate meter` only: EnergyReports, health and reflection; {LISTEN_HELP}",
-    )
-
-    @field_validator("grpc_listen")
-    @classmethod
-    def _v_grpc(cls, v: str | None) -> str | None:
-        return listener(v)
-
-    @field_validator("idle_power_w")
-    @classmethod
-    def _v_idle_power(cls, v: float | str) -> float | str:
-        if not isinstance(v, str) and not 0 <= v < 100_000:
-            raise ValueError(f"expected 'auto', 'time' or watts >= 0, got {v!r}")
-        return v
-
-
-class DbConfig(_Section):
+class DbConfig(Section):
     url: str = "sqlite:///joulegate.db"
 
 
-class AuthConfig(_Section):
+class AuthConfig(Section):
     required: bool = True  # False: requests without a key run as `anonymous_tenant`
     anonymous_tenant: str = "anonymous"
     cache_ttl_s: float = Field(default=30.0, ge=0)
 
 
-class CarbonConfig(_Section):
-    grid_g_co2e_per_kwh: float = Field(default=400.0, ge=0)
-    pue: float = Field(default=1.2, ge=1.0)
+class CarbonConfig(Section):
+    grid_g_co2e_per_kwh: float = Field(default=_BILLING.grid_g_co2e_per_kwh, ge=0)
+    pue: float = Field(default=_BILLING.pue, ge=1.0)
 
 
-class Config(_Section):
+class Config(Section):
     server: ServerConfig = ServerConfig()
     db: DbConfig = DbConfig()
     auth: AuthConfig = AuthConfig()

@@ -6,7 +6,7 @@ The daemon samples the energy counters of the backends that run on this node (``
 gateway on the same host), and runs the metering engine for those backends, until SIGTERM or SIGINT; then it drains
 (stops the sampler and the engine, flushes the ledger).
 
-The assembly from configuration lives in ``proxy.metering`` (``joulegate serve --meter ...`` uses it too).
+The assembly from configuration lives in ``app.metering`` (``joulegate serve --meter ...`` uses it too).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from proxy.commands.database import check_db_url, url_origin
-from proxy.config import LISTEN_HELP, Config, ConfigError, load_config
-from proxy.metering import build_meter_service, local_backends, node_name
+from app.commands.database import check_db_url, url_origin
+from app.config import Config, load_config
+from app.metering import authenticator, build_meter_service, local_backends, node_name, seed_billing_settings
+from common.config import LISTEN_HELP
+from common.errors import ConfigError
 
 if TYPE_CHECKING:
     from meter.service import MeterService
@@ -64,8 +66,8 @@ def meter_journal_path(config: Config) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from proxy.commands.serve import start_failure
-    from proxy.logs import configure_logging
+    from app.commands.serve import start_failure
+    from common.logs import configure_logging
 
     config = load_config(args.config, overrides=_overrides(args))
     if config.meter.source == "none":
@@ -91,10 +93,10 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(config: Config, journal: Path, reports_listen: str | None = None) -> int:
     import structlog
 
+    from common.logs import as_fields
     from meter.ledger import Ledger
     from meter.store.db import make_engine
     from meter.store.migrate import ensure_schema
-    from proxy.logs import as_fields
 
     log = structlog.get_logger("joulegate.meter")
     stop = asyncio.Event()
@@ -104,8 +106,6 @@ async def _serve(config: Config, journal: Path, reports_listen: str | None = Non
 
     db = make_engine(config.db.url)
     await asyncio.to_thread(ensure_schema, db)
-    from proxy.reports_api import seed_billing_settings
-
     await asyncio.to_thread(seed_billing_settings, config, db, "joulegate meter")
     ledger = Ledger(db, journal)
     ledger.start()
@@ -113,11 +113,16 @@ async def _serve(config: Config, journal: Path, reports_listen: str | None = Non
     reports = None
     try:
         service = await asyncio.to_thread(build_meter_service, config, db, ledger)
+        if service is None:  # only meter.source = "auto" finds nothing to meter, and the daemon never runs on auto
+            raise ConfigError(f"meter source {config.meter.source}: no energy counter to meter on this node")
         service.start()
         if reports_listen:
-            from proxy.reports_api import start_reports_server
+            from app.metering import settings_from_config
+            from meter.reports_api import start_reports_server
 
-            reports = await start_reports_server(config, db, reports_listen, nudge=service.run_soon)
+            reports = await start_reports_server(
+                db, authenticator(config, db), settings_from_config(config), reports_listen, nudge=service.run_soon
+            )
         log.info("meter_daemon_started", node=node_name(config.meter), backends=service.stats.backends)
         await stop.wait()
         log.info("meter_daemon_draining")

@@ -1,4 +1,5 @@
-"""API keys -> tenants: who is calling, read from ``authorization: Bearer <key>`` or ``x-api-key``.
+"""API keys -> tenants: who is calling, read from ``authorization: Bearer <key>`` or ``x-api-key``; the generation
+front doors (``proxy``) and EnergyReports (``meter.reports_api``) ask alike.
 
 Keys live hashed in SQL (meter.store.keys). A lookup runs on a worker thread and its answer is cached for
 ``cache_ttl_s`` (unknown keys too, briefly), so the request path touches the database about once per key per
@@ -18,7 +19,7 @@ UNKNOWN / 500, and no message names the database:
 Revocation. While the database answers, a revoked key stops working within ``cache_ttl_s``. During an outage a
 cached key keeps the standing it had; a revocation made meanwhile takes effect at the key's first lookup once the
 database answers again, i.e. for requests arriving more than ``retry_max_s`` after it is back (plus one lookup).
-A gateway started during an outage knows no key until the database answers (``proxy.server`` reports NOT_SERVING
+A gateway started during an outage knows no key until the database answers (``app.server`` reports NOT_SERVING
 meanwhile).
 """
 
@@ -33,9 +34,9 @@ from typing import Any
 
 import structlog
 
+from common.errors import PermissionDenied, Unauthenticated, Unavailable
 from meter.store.db import is_outage
 from meter.store.keys import parse_key_id
-from proxy.errors import PermissionDenied, Unauthenticated, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -55,33 +56,6 @@ class Principal:
         if not self.admin and tenant != self.tenant:
             # never name the other tenant: a request id must not tell whose it is
             raise PermissionDenied(f"key {self.key_id} of tenant {self.tenant!r} may read its own tenant's energy only")
-
-
-class RequestedClass(str):
-    """A traffic class name as a request asked for it, with ``origin``: what named it (the ``x-traffic-class``
-    header, or the API key's default class). Shaping resolves the name; if the model has no such class, its error
-    names the origin, so a client is never told it sent a header it did not send."""
-
-    origin: str
-
-    def __new__(cls, name: str, origin: str) -> RequestedClass:
-        out = super().__new__(cls, name)
-        out.origin = origin
-        return out
-
-
-def requested_class(header: str | None, principal: Principal) -> str:
-    """The class a request runs in: its ``x-traffic-class``, else its key's default class, else ``default`` (the
-    model's default class)."""
-    if header:
-        return RequestedClass(header, "x-traffic-class")
-    if principal.default_class:
-        return RequestedClass(
-            principal.default_class,
-            f"default traffic class of API key {principal.key_id} (`joulegate keys create --class`; a request can "
-            "name another with x-traffic-class)",
-        )
-    return "default"
 
 
 def extract_key(headers: Mapping[str, str]) -> str | None:

@@ -8,7 +8,7 @@ A database that does not answer at start does not stop the gateway from starting
 would otherwise be an outage of the gateway): everything starts, health says NOT_SERVING (gRPC health, HTTP
 ``/health`` 503) while a task retries the database with backoff (tenacity), and once it answers (schema ensured)
 health turns SERVING. Meanwhile the ledger journals (``meter.ledger``), and calls get UNAVAILABLE from the
-authenticator, which knows no key yet (``proxy.auth``).
+authenticator, which knows no key yet (``meter.auth``).
 """
 
 from __future__ import annotations
@@ -23,26 +23,24 @@ import grpc
 import structlog
 import tenacity
 
+from app.config import Config
+from app.metering import authenticator, build_meter_service, seed_billing_settings, settings_from_config
+from common.grpc_handlers import add_servicer, bind_grpc
+from common.grpc_introspection import add_introspection
+from common.logs import as_fields
 from meter.ledger import Ledger
+from meter.reports_api import SERVICE as ENERGY_REPORTS
+from meter.reports_api import EnergyReportsServicer
 from meter.service import MeterService
 from meter.store.db import is_outage, make_engine
-from meter.store.keys import lookup_key
 from meter.store.migrate import ensure_schema
-from proxy.auth import Authenticator
 from proxy.backends import Backend, BackendPool, run_health_checks
-from proxy.config import Config
 from proxy.energy_metrics import ENERGY as ENERGY_METRICS
 from proxy.gateway import Gateway
 from proxy.grpc_api import GenerationServicer
-from proxy.grpc_handlers import add_servicer
-from proxy.grpc_introspection import Health, enable_reflection
 from proxy.http import HttpFrontDoor
-from proxy.logs import as_fields
-from proxy.metering import build_meter_service
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
-from proxy.reports_api import SERVICE as ENERGY_REPORTS
-from proxy.reports_api import EnergyReportsServicer, seed_billing_settings, settings_from_config
 from proxy.shaping import build_shapers
 
 log = structlog.get_logger(__name__)
@@ -62,12 +60,7 @@ class GatewayApp:
         self.engine = make_engine(cfg.db.url)
         self.ledger = Ledger(self.engine, cfg.meter.journal_path)
         self.meter: MeterService | None = None  # the in-process meter (sampler + engine), unless meter.source is none
-        self.auth = Authenticator(
-            lambda key: lookup_key(self.engine, key),
-            required=cfg.auth.required,
-            anonymous_tenant=cfg.auth.anonymous_tenant,
-            cache_ttl_s=cfg.auth.cache_ttl_s,
-        )
+        self.auth = authenticator(cfg, self.engine)
         self.pools = {
             m.model_id: BackendPool(m.model_id, [Backend(b, m.model_id, cfg.backend_pool) for b in m.backends])
             for m in cfg.models
@@ -105,9 +98,8 @@ class GatewayApp:
             nudge=lambda: self.meter.run_soon() if self.meter is not None else None,  # wait_final: attribute now
         )
         add_servicer(self.server, ENERGY_REPORTS, reports)
-        self.health = Health(self.server)
         # every served name (reflection lists them; health answers for each and for "")
-        self.service_names = enable_reflection(self.server, [GENERATION_SERVICE, ENERGY_REPORTS.full_name])
+        self.health, self.service_names = add_introspection(self.server, [GENERATION_SERVICE, ENERGY_REPORTS.full_name])
         self.http = (
             HttpFrontDoor(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests)
             if cfg.server.http_listen
@@ -116,7 +108,8 @@ class GatewayApp:
 
     async def start(self) -> None:
         cfg = self.config
-        self.gateway.ready = await self._try_database()
+        if await self._try_database():
+            self.gateway.mark_ready()
         self.ledger.start()
         ENERGY_METRICS.attach(
             self.engine,
@@ -135,9 +128,7 @@ class GatewayApp:
                 run_health_checks(self.pools.values(), cfg.backend_pool.health_interval_s, self._stop_health)
             )
         )
-        self.grpc_port = self.server.add_insecure_port(cfg.server.grpc_listen)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {cfg.server.grpc_listen}")
+        self.grpc_port = bind_grpc(self.server, cfg.server.grpc_listen)
         await self.server.start()
         if self.http is not None and cfg.server.http_listen:
             self.http_port = await self.http.start(cfg.server.http_listen)
@@ -183,7 +174,7 @@ class GatewayApp:
         async for attempt in retrying:
             with attempt:
                 await asyncio.to_thread(self._prepare_database)
-        self.gateway.ready = True
+        self.gateway.mark_ready()
         log.info("database_available", health="SERVING" if self.gateway.healthy else "NOT_SERVING (no backend)")
         await self._update_health()
 

@@ -20,13 +20,13 @@ from importlib.metadata import version as package_version
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("proxy.commands.serve", "run the gateway (gRPC + HTTP), with an in-process meter unless --meter none"),
-    "meter": ("proxy.commands.meter", "run the metering daemon alone (sampler, attribution, reports)"),
-    "keys": ("proxy.commands.keys", "create, list and revoke API keys"),
-    "migrate": ("proxy.commands.migrate", "create or upgrade the database schema (Alembic)"),
-    "report": ("proxy.commands.report", "print energy reports: usage, requests, backends"),
+    "serve": ("app.commands.serve", "run the gateway (gRPC + HTTP), with an in-process meter unless --meter none"),
+    "meter": ("app.commands.meter", "run the metering daemon alone (sampler, attribution, reports)"),
+    "keys": ("app.commands.keys", "create, list and revoke API keys"),
+    "migrate": ("app.commands.migrate", "create or upgrade the database schema (Alembic)"),
+    "report": ("app.commands.report", "print energy reports: usage, requests, backends"),
     "sim-tgi": ("sim.cli", "run a simulated TGI server with a simulated GPU energy counter"),
-    "demo": ("proxy.commands.demo", "the whole stack on simulated GPUs: traffic from two tenants, then their energy"),
+    "demo": ("app.commands.demo", "the whole stack on simulated GPUs: traffic from two tenants, then their energy"),
 }
 
 
@@ -56,8 +56,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from proxy.commands.database import CommandError
-    from proxy.config import ConfigError
+    from app.commands.database import CommandError
+    from app.config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     show_traceback = bool(argv) and argv[0] == "--traceback"

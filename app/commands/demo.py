@@ -43,17 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from proxy.logs import configure_logging
+    from common.logs import configure_logging
 
     configure_logging("warning", "console")
     return asyncio.run(_demo(Path(args.dir), args.seconds, random.Random(args.seed)))
 
 
 async def _demo(workdir: Path, seconds: float, rng: random.Random) -> int:
+    from app.config import load_config
+    from app.server import GatewayApp
     from meter.store.keys import create_key
     from meter.store.migrate import ensure_schema
-    from proxy.config import load_config
-    from proxy.server import GatewayApp
     from sim.config import SimConfig
     from sim.server import SimTGI
 

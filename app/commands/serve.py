@@ -1,6 +1,6 @@
 """``joulegate serve``: the gateway process (gRPC on 8033, HTTP on 8080), with an in-process meter if asked.
 
-What can stop it at start ends as one line (``proxy.cli``): a bad setting, a database it cannot use, an energy
+What can stop it at start ends as one line (``app.cli``): a bad setting, a database it cannot use, an energy
 source that is not there (``--meter nvml`` without a GPU), a port it cannot listen on.
 """
 
@@ -11,8 +11,10 @@ import asyncio
 import errno
 from typing import Any
 
-from proxy.commands.database import CommandError, check_db_url, db_failure, url_origin
-from proxy.config import LISTEN_HELP, ConfigError, load_config
+from app.commands.database import CommandError, check_db_url, db_failure, url_origin
+from app.config import load_config
+from common.config import LISTEN_HELP
+from common.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,14 +58,16 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from proxy.logs import configure_logging
+    from common.logs import configure_logging
+    from proxy.request_log import set_request_log
 
     config = load_config(args.config, overrides=overrides_from_args(args))
     if not config.models:
         raise ConfigError("no backends: give --backend URL or [[models]] in the config file")
     check_db_url(config.db.url, must_exist=False, origin=url_origin(args))  # the gateway creates a new SQLite file
-    configure_logging(config.server.log_level, config.server.log_format, request_log=config.server.request_log)
-    from proxy.server import GatewayApp
+    configure_logging(config.server.log_level, config.server.log_format)
+    set_request_log(config.server.request_log)
+    from app.server import GatewayApp
 
     async def main() -> None:
         # built inside the running loop: grpc.aio objects bind to the loop that creates them
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 def start_failure(exc: BaseException, db_url: str, meter: str) -> CommandError | ConfigError | None:
     """One line for what stopped a gateway or meter daemon (the energy source, the database, a port); None for an
-    error nobody anticipated (a bug: ``proxy.cli`` reports it, with its traceback on request)."""
+    error nobody anticipated (a bug: ``app.cli`` reports it, with its traceback on request)."""
     import sqlalchemy as sa
 
     from meter.sources.nvml import NvmlUnavailableError

@@ -91,3 +91,10 @@ class Health:
     async def shutdown(self) -> None:
         """Every name NOT_SERVING, for good (a drain)."""
         await self.servicer.enter_graceful_shutdown()
+
+
+def add_introspection(server: grpc.aio.Server, services: Iterable[str]) -> tuple[Health, tuple[str, ...]]:
+    """Health and reflection (both versions) on ``server`` for ``services``: the health service, and every service
+    name reflection lists (each gets a health status of its own)."""
+    health_service = Health(server)
+    return health_service, enable_reflection(server, services)

@@ -82,3 +82,12 @@ def add_servicer(server: grpc.aio.Server, service: descriptor.ServiceDescriptor,
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def bind_grpc(server: grpc.aio.Server, address: str) -> int:
+    """Bind ``server`` to ``address`` (HOST:PORT; port 0 picks one) without TLS; the bound port. OSError when it
+    cannot listen there (grpcio says so only by answering port 0)."""
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port

@@ -21,29 +21,23 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from common.errors import JoulegateError, clip
+
 MAX_HEADER_CHARS = 256  # ids and names; an API key or a correlation id fits easily
 MAX_JSON_DEPTH = 127  # serde_json refuses the 128th nested array/object ("recursion limit exceeded")
-MAX_ECHO_CHARS = 64  # of one client value quoted in an error message
 
 # A JSON string escape that may encode a UTF-16 surrogate; only bodies that contain one need the string walk.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-class InputRefused(ValueError):
+class InputRefused(JoulegateError, ValueError):
     """A value the gateway will not take; ``where`` names it (a header, a JSON path), ``reason`` says why."""
 
     def __init__(self, where: str, reason: str) -> None:
         super().__init__(f"{where}: {reason}" if where else reason)
         self.where = where
         self.reason = reason
-
-
-def clip(text: str, max_chars: int = MAX_ECHO_CHARS) -> str:
-    """``text`` for an error message: at most ``max_chars`` characters, then how long it really was."""
-    if len(text) <= max_chars:
-        return text
-    return f"{text[:max_chars]}... ({len(text)} characters)"
 
 
 def printable_ascii(text: str) -> bool:

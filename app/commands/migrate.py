@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from proxy.commands.database import add_db_arguments, db_failure, open_database, redact
+from app.commands.database import add_db_arguments, db_failure, open_database, redact
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from common.logs import logs_to_stderr
     from meter.store.migrate import current, upgrade
-    from proxy.logs import logs_to_stderr
 
     logs_to_stderr()
     url, engine = open_database(args, must_exist=False)

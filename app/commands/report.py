@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.commands.database import CommandError, add_db_arguments, check_db_url, db_failure, redact, url_origin
-from proxy.config import ConfigError, load_config
+from app.commands.database import CommandError, add_db_arguments, check_db_url, db_failure, redact, url_origin
+from app.config import ConfigError, load_config
 
 USAGE_COLUMNS = (
     "key", "requests", "prompt_tokens", "generated_tokens", "prefill_j", "decode_j", "idle_j", "total_j", "total_wh",
@@ -169,10 +169,10 @@ def _usage(conn: Any, args: argparse.Namespace, options: Any, start_ns: int | No
         at_end = report.settings.at(end_ns)
         policy = asked or at_end.idle_policy.value
         header = (*USAGE_COLUMNS, "idle_policy", "grid_g_co2e_per_kwh", "pue", "settings_periods", "idle_policy_asked")
-        raw = [
+        with_settings = [
             (*r, policy, at_end.grid_g_co2e_per_kwh, at_end.pue, len(report.periods), asked is not None) for r in raw
         ]
-        _emit(header, raw, as_csv=True, title=title, pretty=pretty, numeric=set())
+        _emit(header, with_settings, as_csv=True, title=title, pretty=pretty, numeric=set())
     else:
         _emit(USAGE_COLUMNS, raw, as_csv=False, title=title, pretty=pretty, numeric=set(range(1, 14)))
         if report.total.provisional_requests:
@@ -301,10 +301,10 @@ def _settings(engine: Any, args: argparse.Namespace, fallback: Any) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.metering import settings_from_config
+    from common.logs import logs_to_stderr
     from meter.reports import IdlePolicy, ReportError, ReportOptions
     from meter.store import current, make_engine
-    from proxy.logs import logs_to_stderr
-    from proxy.reports_api import settings_from_config
 
     logs_to_stderr()
     overrides: dict[str, Any] = {"db": {"url": args.db}} if args.db else {}

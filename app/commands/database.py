@@ -19,12 +19,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
-from proxy.config import load_config
+from app.config import load_config
+from common.errors import JoulegateError
 
 SUPPORTED = "sqlite:///PATH or postgresql://USER@HOST[:PORT]/DATABASE"
 
 
-class CommandError(Exception):
+class CommandError(JoulegateError):
     """A command cannot go on. The message says what was wrong and what to do; ``exit_code`` is 2 for a bad
     argument or setting and 1 for a failure met while running."""
 

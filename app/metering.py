@@ -1,6 +1,7 @@
-"""The meter of this node, assembled from the configuration: engine settings, the node's backends, the service.
+"""The meter of this node, assembled from the configuration: the node's backends, the service, the billing settings.
 
-Used by ``joulegate serve --meter nvml|sim`` (in the gateway process) and by the ``joulegate meter`` daemon.
+Used by ``joulegate serve --meter nvml|sim`` (in the gateway process), by the ``joulegate meter`` daemon and by
+``joulegate report``.
 """
 
 from __future__ import annotations
@@ -10,40 +11,18 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from proxy.config import Config, ConfigError, MeterConfig
+from app.config import Config
+from common.errors import ConfigError
+from meter.config import MeterConfig, engine_settings
+from meter.reports import BillingSettings, seed_settings
 
 log = structlog.get_logger(__name__)
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
-    from meter.engine import EngineSettings
+    from meter.auth import Authenticator
     from meter.service import BackendSpec, MeterService, SampleSink
-
-_S = 1_000_000_000
-_MS = 1_000_000
-
-
-def engine_settings(meter: MeterConfig) -> EngineSettings:
-    """The engine's settings from the ``[meter]`` section."""
-    from meter.engine import EngineSettings
-
-    return EngineSettings(
-        epoch_ns=round(meter.epoch_s * _S),
-        settle_ns=round(meter.settle_s * _S),
-        lag_ns=meter.lag_ms * _MS,
-        open_request_timeout_ns=round(meter.open_request_timeout_s * _S),
-        prefill_tokens_per_s=meter.prefill_tokens_per_s,
-        prefill_overhead_ns=round(meter.prefill_overhead_ms * _MS),
-        prefill_power_ratio=meter.prefill_power_ratio,
-        batch_tolerance_ns=round(meter.batch_tolerance_ms * _MS),
-        idle_power=meter.idle_power_w,
-        tick_gap_ns=min(40 * _MS, meter.interval_ms * _MS // 2),
-        max_interval_ns=max(round(meter.max_interval_s * _S), 2 * meter.interval_ms * _MS),
-        sample_retention_ns=round(meter.sample_retention_days * 86_400 * _S),
-        count_unrouted=meter.count_unrouted,
-        calibrate=meter.calibrate,
-    )
 
 
 def node_name(meter: MeterConfig) -> str:
@@ -84,3 +63,30 @@ def build_meter_service(config: Config, db: sa.Engine, ledger: SampleSink) -> Me
         interval_ms=config.meter.interval_ms,
         engine_interval_s=config.meter.engine_interval_s,
     )
+
+
+def authenticator(config: Config, db: sa.Engine) -> Authenticator:
+    """The API-key authenticator of a process, its keys looked up in ``db`` (the gateway's and the reports')."""
+    from meter.auth import Authenticator
+    from meter.store.keys import lookup_key
+
+    return Authenticator(
+        lambda key: lookup_key(db, key),
+        required=config.auth.required,
+        anonymous_tenant=config.auth.anonymous_tenant,
+        cache_ttl_s=config.auth.cache_ttl_s,
+    )
+
+
+def settings_from_config(config: Config) -> BillingSettings:
+    """The billing settings of ``config``: they seed an empty database and stand in while none are stored."""
+    return BillingSettings(
+        idle_policy=config.meter.idle_policy,
+        grid_g_co2e_per_kwh=config.carbon.grid_g_co2e_per_kwh,
+        pue=config.carbon.pue,
+    )
+
+
+def seed_billing_settings(config: Config, engine: sa.Engine, process: str) -> None:
+    """Store ``config``'s billing settings if the database holds none yet (blocking: run it on a thread)."""
+    seed_settings(engine, settings_from_config(config), source=f"config of {process}")

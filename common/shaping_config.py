@@ -5,7 +5,8 @@ Validated once at start like the rest of the config, so a mistake fails with its
 are left out get the policy's defaults (below) during validation, so the validated config shows the values in use;
 a parameter that the chosen policy does not read is an error rather than silently ignored.
 
-This module imports nothing from the rest of the proxy: ``proxy.config`` imports it.
+It imports nothing of joulegate's: the request path (``proxy.shaping``) reads it, ``app.config`` assembles it into the
+whole file, and the meter daemon validates it without loading the request path.
 """
 
 from __future__ import annotations

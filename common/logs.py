@@ -7,9 +7,7 @@ Conventions every log line here follows: the event is a snake_case name (``backe
 reports is in fields, never in a formatted string or a Python repr (``as_fields`` turns a stats dataclass into a
 mapping), so that a log pipeline can filter and aggregate on them.
 
-One line per finished request (``request_finished``, at INFO): ``server.request_log`` chooses ``all`` (default),
-``errors`` (only requests that did not end OK) or ``off``. It is not sampled: the operator who has to explain one
-tenant's bill needs that tenant's every request, and a line costs microseconds next to a generation.
+The request path's one line per finished request is ``proxy.request_log``'s.
 """
 
 from __future__ import annotations
@@ -19,24 +17,14 @@ import enum
 import logging
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import structlog
 
-if TYPE_CHECKING:
-    from proxy.gateway import StreamResult
-    from proxy.job import Job
-
-RequestLog = Literal["all", "errors", "off"]
-
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-_request_log: RequestLog = "all"
-_request_logger = structlog.get_logger("joulegate.requests")
 
 
-def configure_logging(level: str = "info", fmt: str = "json", *, request_log: RequestLog = "all") -> None:
-    global _request_log
-    _request_log = request_log
+def configure_logging(level: str = "info", fmt: str = "json") -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
@@ -68,33 +56,6 @@ def as_fields(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     return value
-
-
-def _ms(later_ns: int | None, earlier_ns: int) -> float | None:
-    return None if later_ns is None else round((later_ns - earlier_ns) / 1e6, 3)
-
-
-def log_request(job: Job, result: StreamResult, status: str, done_ns: int) -> None:
-    """The ``request_finished`` line of one request (see the module docstring): who, what, where, how it ended,
-    and its times from arrival: ``queue_ms`` (until handed to the backend), ``ttft_ms``, ``total_ms``."""
-    if _request_log == "off" or (_request_log == "errors" and status == "OK"):
-        return
-    _request_logger.info(
-        "request_finished",
-        request_id=job.request_id,
-        correlation_id=job.correlation_id,
-        tenant=job.tenant,
-        model=job.model_id,
-        backend=result.backend if result.released_ns is not None else None,
-        api=job.api.value,
-        traffic_class=job.traffic_class,
-        status=status,
-        prompt_tokens=result.prompt_tokens,
-        generated_tokens=result.generated_tokens,
-        queue_ms=_ms(result.released_ns, job.received_ns),
-        ttft_ms=_ms(result.first_token_ns, job.received_ns),
-        total_ms=_ms(done_ns, job.received_ns),
-    )
 
 
 class _CurrentStderr:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,6 +44,12 @@ import sqlalchemy as sa
 import structlog
 from google.protobuf import timestamp_pb2
 
+from common.errors import Internal, InvalidArgument, NotFound, Overloaded, PermissionDenied, Unavailable
+from common.grpc_calls import abort_with, as_status_error, metadata_dict
+from common.grpc_handlers import add_servicer, bind_grpc
+from common.grpc_introspection import Health, add_introspection
+from common.inputs import clip
+from meter.auth import Authenticator, Principal
 from meter.pb.joulegate.v1 import energy_pb2 as pb
 from meter.pb.joulegate.v1 import energy_pb2_grpc as pb_grpc
 from meter.reports import (
@@ -61,18 +67,15 @@ from meter.reports import (
     get_request_energy,
     get_usage,
     list_requests,
-    seed_settings,
 )
 from meter.reports.requests import decode_page_token
-from proxy.auth import Authenticator, Principal
-from proxy.config import Config
-from proxy.errors import GatewayError, Internal, InvalidArgument, NotFound, Overloaded, PermissionDenied, Unavailable
-from proxy.grpc_api import abort_with, internal_error, metadata_dict
-from proxy.inputs import clip
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
+# The metadata this service reads: the key (and the ids a client sends with every call, checked as the generation
+# service checks them)
+READ_METADATA = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class")
 SERVICE = pb.DESCRIPTOR.services_by_name["EnergyReports"]
 SERVICE_NAME = SERVICE.full_name
 DEFAULT_WAIT_MS = 30_000
@@ -97,20 +100,6 @@ GROUP_BY_PB = {
     pb.GetUsageRequest.HOUR: GroupBy.HOUR,
     pb.GetUsageRequest.DAY: GroupBy.DAY,
 }
-
-
-def settings_from_config(config: Config) -> BillingSettings:
-    """The billing settings of ``config``: they seed an empty database and stand in while none are stored."""
-    return BillingSettings(
-        idle_policy=IdlePolicy(config.meter.idle_policy.value),
-        grid_g_co2e_per_kwh=config.carbon.grid_g_co2e_per_kwh,
-        pue=config.carbon.pue,
-    )
-
-
-def seed_billing_settings(config: Config, engine: sa.Engine, process: str) -> None:
-    """Store ``config``'s billing settings if the database holds none yet (blocking: run it on a thread)."""
-    seed_settings(engine, settings_from_config(config), source=f"config of {process}")
 
 
 def asked_policy(message: Any) -> IdlePolicy | None:
@@ -349,13 +338,15 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
             log.exception("report_query_failed")
             raise Internal("the energy database could not run the report query") from None
 
-    async def _call(self, context: grpc.aio.ServicerContext, method: str, work: Callable[[Principal], Any]) -> Any:
+    async def _call(
+        self, context: grpc.aio.ServicerContext, method: str, work: Callable[[Principal], Awaitable[T]]
+    ) -> T:
         started = time.perf_counter()
         try:
-            principal = await self.auth.authenticate(metadata_dict(context))
+            principal = await self.auth.authenticate(metadata_dict(context, READ_METADATA))
             result = await work(principal)
         except Exception as caught:
-            exc = caught if isinstance(caught, GatewayError) else internal_error(method, None)
+            exc = as_status_error(caught, method, None)
             log.info("report_failed", method=method, code=exc.grpc_code.name, error=exc.message)
             await abort_with(context, exc)
             raise AssertionError("unreachable") from None  # abort raises
@@ -363,7 +354,9 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         return result
 
     # -- GetRequestEnergy ----------------------------------------------------------------------------------------
-    async def GetRequestEnergy(self, request: pb.GetRequestEnergyRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetRequestEnergy(
+        self, request: pb.GetRequestEnergyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RequestEnergy:
         async def work(principal: Principal) -> pb.RequestEnergy:
             if not request.request_id:
                 raise InvalidArgument("request_id: missing")
@@ -417,7 +410,9 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         return report
 
     # -- ListRequests --------------------------------------------------------------------------------------------
-    async def ListRequests(self, request: pb.ListRequestsRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def ListRequests(
+        self, request: pb.ListRequestsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRequestsResponse:
         async def work(principal: Principal) -> pb.ListRequestsResponse:
             flt = RequestFilter(
                 tenant=scoped_tenant(principal, request.tenant),
@@ -441,7 +436,7 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         return await self._call(context, "ListRequests", work)
 
     # -- GetUsage ------------------------------------------------------------------------------------------------
-    async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> pb.GetUsageResponse:
         async def work(principal: Principal) -> pb.GetUsageResponse:
             group_by = GROUP_BY_PB.get(request.group_by)
             if group_by is None:
@@ -459,7 +454,9 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         return await self._call(context, "GetUsage", work)
 
     # -- GetBackendEnergy ----------------------------------------------------------------------------------------
-    async def GetBackendEnergy(self, request: pb.GetBackendEnergyRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetBackendEnergy(
+        self, request: pb.GetBackendEnergyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetBackendEnergyResponse:
         async def work(principal: Principal) -> pb.GetBackendEnergyResponse:
             if not principal.admin:
                 raise PermissionDenied(
@@ -486,7 +483,7 @@ class ReportsServer:
     """EnergyReports with health and reflection on a port of its own, for the meter daemon."""
 
     server: grpc.aio.Server
-    health: Any  # proxy.grpc_introspection.Health
+    health: Health
     port: int
 
     async def stop(self, grace_s: float) -> None:
@@ -495,27 +492,19 @@ class ReportsServer:
 
 
 async def start_reports_server(
-    config: Config, engine: sa.Engine, listen: str, *, nudge: Callable[[], None] | None = None
+    engine: sa.Engine,
+    auth: Authenticator,
+    fallback: BillingSettings,
+    listen: str,
+    *,
+    nudge: Callable[[], None] | None = None,
 ) -> ReportsServer:
-    """Serve EnergyReports (keys checked against ``engine``'s ``api_keys``), the health service (SERVING) and
-    reflection on ``listen`` (HOST:PORT; port 0 picks one)."""
-    from meter.store.keys import lookup_key
-    from proxy.grpc_handlers import add_servicer
-    from proxy.grpc_introspection import Health, enable_reflection
-
-    auth = Authenticator(
-        lambda key: lookup_key(engine, key),
-        required=config.auth.required,
-        anonymous_tenant=config.auth.anonymous_tenant,
-        cache_ttl_s=config.auth.cache_ttl_s,
-    )
+    """Serve EnergyReports (keys checked by ``auth``; ``fallback``: the billing settings while the database holds
+    none), the health service (SERVING) and reflection on ``listen`` (HOST:PORT; port 0 picks one)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    add_servicer(server, SERVICE, EnergyReportsServicer(engine, auth, settings_from_config(config), nudge=nudge))
-    health = Health(server)
-    names = enable_reflection(server, [SERVICE_NAME])
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}")
+    add_servicer(server, SERVICE, EnergyReportsServicer(engine, auth, fallback, nudge=nudge))
+    health, names = add_introspection(server, [SERVICE_NAME])
+    port = bind_grpc(server, listen)
     await server.start()
     await health.set(("", *names), serving=True)
     log.info("reports_server_started", listen=listen, port=port)

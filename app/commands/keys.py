@@ -17,8 +17,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.commands.database import CommandError, add_db_arguments, check_db_url, db_failure, url_origin
-from proxy.config import Config, load_config
+from app.commands.database import CommandError, add_db_arguments, check_db_url, db_failure, url_origin
+from app.config import Config, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +70,8 @@ def check_class(config: Config, name: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from common.logs import logs_to_stderr
     from meter.store import create_key, ensure_schema, list_keys, make_engine, revoke_key
-    from proxy.logs import logs_to_stderr
 
     logs_to_stderr()
     overrides: dict[str, Any] = {"db": {"url": args.db}} if args.db else {}
