@@ -105,9 +105,9 @@ _RECALIBRATE_EPOCHS = 30  # when the calibration first settles or moves, this ma
 _SEAL_LOOKBACK_NS = 3600 * _S  # after a restart, unsealed requests are looked for this far before the latest seal
 
 
-def _merge_by_time(by_device: dict[str, list[sql.Row]], devices: Sequence[str]) -> list[sql.Row]:
+def _merge_by_time(by_device: dict[str, list[sql.SampleRow]], devices: Sequence[str]) -> list[sql.SampleRow]:
     """The samples of several devices (each already sorted by time) in one list sorted by (time, device)."""
-    return sorted((x for d in devices for x in by_device.get(d, ())), key=lambda x: (x[1], x[0]))
+    return sorted((x for d in devices for x in by_device.get(d, ())), key=lambda x: (x.t_ns, x.device))
 
 
 class _CannotRecomputeError(Exception):
@@ -266,8 +266,8 @@ class _Share:
 
 @dataclass(frozen=True, slots=True)
 class _Final:
-    request_rows: list[sql.Row]
-    epoch_row: sql.Row
+    request_rows: list[sql.RequestEnergyRow]
+    epoch_row: sql.BackendEpochRow
     usage: UsageDeltas
     adjustment_mj: int
 
@@ -290,7 +290,7 @@ class _EpochResult:
     def request_ids(self) -> list[str]:
         return list(self.shares)
 
-    def finish(self, pinned: Sequence[sql.Row] = (), sealed: set[str] | frozenset[str] = frozenset()) -> _Final:
+    def finish(self, pinned: Sequence[sql.PinnedRow] = (), sealed: set[str] | frozenset[str] = frozenset()) -> _Final:
         """``pinned``: the epoch's current rows of sealed requests (``sql.pinned_rows``); ``sealed``: ids of sealed
         requests (those in ``pinned`` and any other), whose fresh shares are dropped.
 
@@ -300,7 +300,7 @@ class _EpochResult:
         when it would have given them less (that much is billed twice: to them and to the requests it now goes to).
         """
         name, start, end = self.backend, self.start, self.end
-        rows: list[sql.Row] = []
+        rows: list[sql.RequestEnergyRow] = []
         usage = UsageDeltas()
         prefill_sum = decode_sum = active_sum = 0
         fresh_sealed = 0
@@ -309,7 +309,9 @@ class _EpochResult:
                 fresh_sealed += sh.prefill_mj + sh.decode_mj
                 continue
             rows.append(
-                (rid, start, name, sh.prefill_mj, sh.decode_mj, sh.active_ns, sh.idle_time_mj, sh.idle_tokens_mj)
+                sql.RequestEnergyRow(
+                    rid, start, name, sh.prefill_mj, sh.decode_mj, sh.active_ns, sh.idle_time_mj, sh.idle_tokens_mj
+                )
             )
             usage.add(
                 sh.usage_key,
@@ -317,37 +319,44 @@ class _EpochResult:
                  sh.decode_mj, sh.active_ns),
             )  # fmt: skip
         pinned_sum = 0
-        for rid, pre, dec, active, idle_t, idle_k, received, tenant, model, done, prompt, generated in pinned:
-            pinned_sum += pre + dec
-            rows.append((rid, start, name, pre, dec, active, idle_t, idle_k))
-            home = done is not None and start <= done < end
-            key = (hour_of(received), tenant, model, name)
-            usage.add(key, (int(home), prompt * home, generated * home, pre, dec, active))
+        for p in pinned:
+            pinned_sum += p.prefill_mj + p.decode_mj
+            rows.append(
+                sql.RequestEnergyRow(
+                    p.request_id, start, name, p.prefill_mj, p.decode_mj, p.active_ns, p.idle_time_mj, p.idle_tokens_mj
+                )
+            )
+            home = p.done_ns is not None and start <= p.done_ns < end
+            key = (hour_of(p.received_ns), p.tenant, p.model_id, name)
+            usage.add(
+                key,
+                (int(home), p.prompt_tokens * home, p.generated_tokens * home, p.prefill_mj, p.decode_mj, p.active_ns),
+            )
         for r in rows:
-            prefill_sum += r[3]
-            decode_sum += r[4]
-            active_sum += r[5]
+            prefill_sum += r.prefill_mj
+            decode_sum += r.decode_mj
+            active_sum += r.active_ns
         readings = self.readings
         attributed = prefill_sum + decode_sum
         adjustment = fresh_sealed - pinned_sum
         if attributed + self.idle_mj + adjustment != readings.counter_mj:
             raise AssertionError(f"{name} epoch {start}: the books do not balance")
-        epoch_row = (
-            name,
-            start,
-            end,
-            readings.first_reading_ns,
-            readings.last_reading_ns,
-            readings.counter_mj,
-            attributed,
-            prefill_sum,
-            decode_sum,
-            self.idle_mj,
-            readings.samples,
-            readings.gaps,
-            active_sum,
-            self.attributed_at,
-            adjustment,
+        epoch_row = sql.BackendEpochRow(
+            backend=name,
+            epoch_start_ns=start,
+            epoch_end_ns=end,
+            first_reading_ns=readings.first_reading_ns,
+            last_reading_ns=readings.last_reading_ns,
+            counter_mj=readings.counter_mj,
+            attributed_mj=attributed,
+            prefill_mj=prefill_sum,
+            decode_mj=decode_sum,
+            idle_mj=self.idle_mj,
+            samples=readings.samples,
+            gaps=readings.gaps,
+            active_ns_total=active_sum,
+            attributed_at_ns=self.attributed_at,
+            adjustment_mj=adjustment,
         )
         return _Final(rows, epoch_row, usage, adjustment)
 
@@ -470,10 +479,10 @@ class MeteringEngine:
                 if last is None:
                     b.until_ns = b.span_end_ns = None
                 else:
-                    _start, end, last_reading, attributed_at = last
+                    end = last.epoch_end_ns
                     b.until_ns = end
-                    b.span_end_ns = max(end, (last_reading or end) - self.settings.min_lag_ns)
-                    lo = attributed_at - _RESTART_LOOKBACK_NS  # a row the last run found but did not redo
+                    b.span_end_ns = max(end, (last.last_reading_ns or end) - self.settings.min_lag_ns)
+                    lo = last.attributed_at_ns - _RESTART_LOOKBACK_NS  # a row the last run found but did not redo
                     if self._scan_lo_ns is None or lo < self._scan_lo_ns:
                         self._scan_lo_ns = lo
                 b.loaded = True
@@ -489,11 +498,11 @@ class MeteringEngine:
             rows = sql.open_requests(conn, list(self._backends), cutoff)
         out: dict[str, int] = {}
         stuck: dict[str, int] = {}
-        for backend, earliest, timed_out in rows:
-            if earliest is not None:
-                out[backend] = int(earliest)
-            if timed_out:
-                stuck[backend] = int(timed_out)
+        for r in rows:
+            if r.earliest_released_ns is not None:
+                out[r.backend] = int(r.earliest_released_ns)
+            if r.timed_out:
+                stuck[r.backend] = int(r.timed_out)
         for backend, n in stuck.items():
             b = self._backends[backend]
             if now - b.timeout_logged_ns >= 60 * _S:
@@ -552,9 +561,9 @@ class MeteringEngine:
             samples = sql.samples_between(
                 conn, devices, min(starts) + s.lag_ns - _LOOKBEHIND_NS, max(ends) + s.lag_ns + _LOOKAHEAD_NS
             )
-            by_device: dict[str, list[sql.Row]] = {}
+            by_device: dict[str, list[sql.SampleRow]] = {}
             for x in samples:
-                by_device.setdefault(x[0], []).append(x)
+                by_device.setdefault(x.device, []).append(x)
             ready: dict[str, list[tuple[int, int, EpochReadings]]] = {}
             for name, epochs in plan.items():
                 b = self._backends[name]
@@ -576,19 +585,19 @@ class MeteringEngine:
             rows = sql.requests_of(
                 conn, list(ready), lo - s.reach_ns, max(end for _s, end, _r in flat), hi, lo - s.open_request_timeout_ns
             )
-        by_backend: dict[str, list[sql.Row]] = {}
+        by_backend: dict[str, list[sql.RequestRow]] = {}
         for row in rows:
-            by_backend.setdefault(row[0], []).append(row[1:])
+            by_backend.setdefault(row.backend, []).append(row)
         results: list[tuple[_Backend, int, int, EpochReadings, _EpochResult]] = []
         maybe_sealed: list[str] = []  # ids that ended before the latest sealed request of their backend
         for name, epochs in ready.items():
             b = self._backends[name]
             for (start, end, readings), mine in zip(epochs, self._split(epochs, by_backend.get(name, [])), strict=True):
-                if any(r[9] > attributed_at for r in mine):
+                if any(r.ingested_ns > attributed_at for r in mine):
                     break  # a row is still fresh: this epoch and the later ones wait for a later pass
                 results.append((b, start, end, readings, self._compute(b, start, end, readings, mine, attributed_at)))
                 if b.sealed_done_ns is not None:
-                    maybe_sealed += [r[0] for r in mine if r[6] <= b.sealed_done_ns]
+                    maybe_sealed += [r.request_id for r in mine if r.done_ns <= b.sealed_done_ns]
         if not results:
             return
         finals: list[_Final] = []
@@ -625,15 +634,17 @@ class MeteringEngine:
         s = self.settings
         return epoch_readings(ticks, start, end, s.lag_ns, s.max_interval_ns, drop_stale=s.drop_stale_readings)
 
-    def _split(self, epochs: list[tuple[int, int, EpochReadings]], rows: list[sql.Row]) -> list[list[sql.Row]]:
+    def _split(
+        self, epochs: list[tuple[int, int, EpochReadings]], rows: list[sql.RequestRow]
+    ) -> list[list[sql.RequestRow]]:
         """The request rows each of a backend's consecutive epochs needs (as ``sql.epoch_requests`` selects them)."""
         s = self.settings
         reach = s.reach_ns
         starts = [e[0] for e in epochs]
         his = [max(end, r.boundary_ns - s.min_lag_ns) for _s, end, r in epochs]  # non-decreasing
-        out: list[list[sql.Row]] = [[] for _ in epochs]
+        out: list[list[sql.RequestRow]] = [[] for _ in epochs]
         for row in rows:
-            released, done = row[4], row[6]
+            released, done = row.released_ns, row.done_ns
             k_lo = bisect_right(his, released)  # the first epoch whose readings reach past the release
             k_hi = bisect_right(starts, done + reach)  # past the last epoch whose readings start before done
             for k in range(k_lo, k_hi):  # they overlap; the release bound only skips over-long requests
@@ -661,18 +672,18 @@ class MeteringEngine:
         released_before = max(bounds.values()) if bounds else None
         with self._db.connect() as conn:
             rows = sql.ingested_since(conn, lo, list(bounds), released_before, s.count_unrouted)
-        unrouted: list[sql.Row] = []
-        late: dict[str, list[sql.Row]] = {}
+        unrouted: list[sql.IngestedRow] = []
+        late: dict[str, list[sql.IngestedRow]] = {}
         for row in rows:
-            backend = row[1]
+            backend = row.backend
             if backend is None:
                 unrouted.append(row)
-            elif backend in bounds and row[2] < bounds[backend]:
+            elif backend in bounds and row.released_ns is not None and row.released_ns < bounds[backend]:
                 late.setdefault(backend, []).append(row)
         for backend, cand in late.items():
             b = self._backends[backend]
             b.stale.update(self._stale_epochs(backend, cand))
-            b.held.update(r[0] for r in cand)  # sealed once their epochs are redone, if they are not sealed yet
+            b.held.update(r.request_id for r in cand)  # sealed once their epochs are redone, if they are not sealed yet
         self._scan_lo_ns = now - s.scan_margin_ns  # what is found is remembered in `stale` until it is redone
         for name, b in self._backends.items():
             for start in sorted(b.stale):
@@ -690,29 +701,30 @@ class MeteringEngine:
         if unrouted:
             report.unrouted_counted += self._count_unrouted(unrouted)
 
-    def _stale_epochs(self, backend: str, rows: list[sql.Row]) -> dict[int, int]:
+    def _stale_epochs(self, backend: str, rows: list[sql.IngestedRow]) -> dict[int, int]:
         """The attributed epochs (start -> end) of ``backend`` that one of ``rows`` overlaps and is newer than."""
         s = self.settings
-        min_released = min(r[2] for r in rows)
-        max_done = max(r[3] for r in rows)
+        min_released = min(r.released_ns for r in rows if r.released_ns is not None)
+        max_done = max(r.done_ns for r in rows if r.done_ns is not None)
         with self._db.connect() as conn:
             reach = 2 * s.epoch_ns + s.lag_ns + s.max_interval_ns  # an overlapping epoch starts no earlier
             epochs = sql.epochs_in(conn, backend, min_released - reach, max_done)
         if not epochs:
             return {}
-        starts = [e[0] for e in epochs]
-        ends = [e[1] for e in epochs]
+        starts = [e.epoch_start_ns for e in epochs]
+        ends = [e.epoch_end_ns for e in epochs]
         stale: dict[int, int] = {}
         for r in rows:
-            released, done, ingested = r[2], r[3], r[4]
+            released, done, ingested = r.released_ns, r.done_ns, r.ingested_ns
+            assert released is not None and done is not None  # ingested_since: finished rows of a backend
             # The epochs whose span can hold [released, done]: from the one before the epoch holding `released` (its
             # readings may reach past its end) to the last one starting at or before `done`.
             first = max(0, bisect_right(ends, released) - 1)
             for i in range(first, bisect_right(starts, done)):
-                start, end, last_reading, attributed_at = epochs[i]
-                span_end = max(end, (last_reading or end) - s.min_lag_ns)
-                if released < span_end and done >= start and ingested > attributed_at:
-                    stale[start] = end
+                e = epochs[i]
+                span_end = max(e.epoch_end_ns, (e.last_reading_ns or e.epoch_end_ns) - s.min_lag_ns)
+                if released < span_end and done >= e.epoch_start_ns and ingested > e.attributed_at_ns:
+                    stale[e.epoch_start_ns] = e.epoch_end_ns
         if stale:
             log.info("engine_late_rows", backend=backend, rows=len(rows), stale_epochs=len(stale))
         return stale
@@ -747,7 +759,7 @@ class MeteringEngine:
                 return None
             hi = max(end, readings.boundary_ns - s.min_lag_ns)
             rows = sql.epoch_requests(conn, name, start - s.reach_ns, end, hi, start - s.open_request_timeout_ns)
-        if any(r[9] > attributed_at for r in rows):
+        if any(r.ingested_ns > attributed_at for r in rows):
             return None  # a row is still fresh (another may still be committing): a later pass, not a recompute
         result = self._compute(b, start, end, readings, rows, attributed_at, learn=not existing)
         final: _Final | None = None
@@ -770,7 +782,7 @@ class MeteringEngine:
                     requests=sorted(excluded)[:10],
                     detail="their energy in this epoch goes to idle",
                 )
-                kept = [r for r in rows if r[0] not in excluded]
+                kept = [r for r in rows if r.request_id not in excluded]
                 result = self._compute(b, start, end, readings, kept, attributed_at, learn=False)
         assert final is not None
         if not existing or end == b.until_ns:  # a recompute never moves "attributed until"; it may move the span
@@ -803,26 +815,26 @@ class MeteringEngine:
         start: int,
         end: int,
         readings: EpochReadings,
-        rows: list[sql.Row],
+        rows: list[sql.RequestRow],
         attributed_at: int,
         *,
         learn: bool = True,
     ) -> _EpochResult:
-        """The epoch's fresh attribution, from its readings and request rows (``sql.REQUEST_COLUMNS``). ``learn``: a
+        """The epoch's fresh attribution, from its readings and request rows. ``learn``: a
         new epoch may feed the calibration."""
         s = self.settings
         name = b.spec.name
         timelines: list[Timeline] = []
-        for rid, tenant, model, received, released, first, done, prompt, generated, _ingested, status in rows:
+        for r in rows:
             try:
                 timelines.append(
                     Timeline(
-                        rid, tenant, model, name, received, released, first, done, prompt, generated,
-                        status=status or "UNKNOWN",
+                        r.request_id, r.tenant, r.model_id, name, r.received_ns, r.released_ns, r.first_token_ns,
+                        r.done_ns, r.prompt_tokens, r.generated_tokens, status=r.status or "UNKNOWN",
                     )
                 )  # fmt: skip
             except ValueError as exc:
-                log.error("engine_bad_request_row", backend=name, request_id=rid, error=str(exc))
+                log.error("engine_bad_request_row", backend=name, request_id=r.request_id, error=str(exc))
         working = [t for t in timelines if t.on_gpu]  # the billing rule: refused requests take no part
         works = {t.request_id for t in working}
 
@@ -849,7 +861,10 @@ class MeteringEngine:
 
         kept: list[tuple[str, int, int, int, bool, tuple[int, str, str, str], int, int, float]] = []
         attributed = 0
-        for rid, tenant, model_id, received, released, _first, done, prompt, generated, _ingested, _status in rows:
+        for r in rows:
+            rid, released, done, prompt, generated = (
+                r.request_id, r.released_ns, r.done_ns, r.prompt_tokens, r.generated_tokens
+            )  # fmt: skip
             on_gpu = rid in works
             active = max(0, min(done, end) - max(released, start)) if on_gpu else 0
             is_home = start <= done < end
@@ -861,8 +876,8 @@ class MeteringEngine:
             window = done - released
             # TOKENS idle weight: the request's tokens, apportioned to this epoch by its own active time in it.
             token_w = (prompt + generated) * active / window if on_gpu and window > 0 else 0.0
-            kept.append((rid, pre, dec, active, is_home, (hour_of(received), tenant, model_id, name), prompt, generated,
-                         token_w))  # fmt: skip
+            kept.append((rid, pre, dec, active, is_home, (hour_of(r.received_ns), r.tenant, r.model_id, name), prompt,
+                         generated, token_w))  # fmt: skip
         if attributed > readings.counter_mj:
             raise AssertionError(f"{name} epoch {start}: attributed {attributed} mJ > counter {readings.counter_mj}")
         idle_mj = readings.counter_mj - attributed
@@ -935,17 +950,20 @@ class MeteringEngine:
         usage = UsageDeltas()
         exists = sql.epoch_attributed_at(conn, name, start) is not None
         pinned = sql.pinned_rows(conn, name, start) if exists else []
-        sealed = {r[0] for r in pinned} | sql.sealed_among(conn, result.request_ids)
+        sealed = {r.request_id for r in pinned} | sql.sealed_among(conn, result.request_ids)
         final = result.finish(pinned, sealed)
         for k, v in final.usage.as_dict().items():
             usage.add(k, v)
         if exists:
-            for received, tenant, model, done, prompt, generated, pre, dec, active in sql.old_epoch_contribution(
-                conn, name, start
-            ):
-                key = (hour_of(received), tenant, model, name)
-                is_home = done is not None and start <= done < end
-                usage.add(key, (int(is_home), prompt * is_home, generated * is_home, pre, dec, active), sign=-1)
+            for c in sql.old_epoch_contribution(conn, name, start):
+                key = (hour_of(c.received_ns), c.tenant, c.model_id, name)
+                home = c.done_ns is not None and start <= c.done_ns < end
+                usage.add(
+                    key,
+                    (int(home), c.prompt_tokens * home, c.generated_tokens * home, c.prefill_mj, c.decode_mj,
+                     c.active_ns),
+                    sign=-1,
+                )  # fmt: skip
             sql.delete_epoch(conn, name, start)
         sql.insert_request_energy(conn, final.request_rows)
         sql.insert_backend_epoch(conn, final.epoch_row)
@@ -954,25 +972,28 @@ class MeteringEngine:
 
     # -- requests that never reached a backend ---------------------------------------------------------------------
 
-    def _count_unrouted(self, rows: list[sql.Row]) -> int:
+    def _count_unrouted(self, rows: list[sql.IngestedRow]) -> int:
         """Write a zero marker row (backend '') for each new one and count it in usage_hourly, exactly once."""
         s = self.settings
-        by_id = {r[0]: r for r in rows if r[3] is not None}
-        if not by_id:
+        epoch_of = {r.request_id: epoch_bounds(r.done_ns, s.epoch_ns)[0] for r in rows if r.done_ns is not None}
+        if not epoch_of:
             return 0
-        epoch_of = {rid: epoch_bounds(r[3], s.epoch_ns)[0] for rid, r in by_id.items()}
+        by_id = {r.request_id: r for r in rows}
         lo, hi = min(epoch_of.values()), max(epoch_of.values())
         with sql.locked_transaction(self._db, "") as conn:
             seen = sql.unrouted_markers(conn, lo, hi)
-            new = [rid for rid in by_id if rid not in seen]
+            new = [rid for rid in epoch_of if rid not in seen]
             if not new:
                 return 0
             usage = UsageDeltas()
             markers = []
             for rid in new:
-                _rid, _b, _rel, _done, _ing, tenant, model, received, prompt, generated = by_id[rid]
-                markers.append((rid, epoch_of[rid], "", 0, 0, 0, 0, 0))
-                usage.add((hour_of(received), tenant, model, ""), (1, prompt, generated, 0, 0, 0))
+                r = by_id[rid]
+                markers.append(sql.RequestEnergyRow(rid, epoch_of[rid], "", 0, 0, 0, 0, 0))
+                usage.add(
+                    (hour_of(r.received_ns), r.tenant, r.model_id, ""),
+                    (1, r.prompt_tokens, r.generated_tokens, 0, 0, 0),
+                )
             sql.insert_request_energy(conn, markers)
             sql.add_usage(conn, usage.rows())
         self._unrouted += len(new)
@@ -995,11 +1016,11 @@ class MeteringEngine:
                 fresh = sql.seal_candidates(conn, name, after, upto, s.seal_batch)
                 held = sql.unsealed_by_id(conn, name, sorted(b.held)) if b.held else []
             if fresh:
-                b.seal_after = (fresh[-1][2], fresh[-1][0])
+                b.seal_after = (fresh[-1].done_ns, fresh[-1].request_id)
             elif after[0] < upto - 1:
                 b.seal_after = (upto - 1, "")  # none left below the bound: later scans start there
-            b.held = {r[0] for r in held}  # the others were sealed (by another meter) or are gone
-            cands = list({r[0]: r for r in [*held, *fresh] if r[2] < upto}.values())
+            b.held = {r.request_id for r in held}  # the others were sealed (by another meter) or are gone
+            cands = list({r.request_id: r for r in [*held, *fresh] if r.done_ns < upto}.values())
             if not cands:
                 continue
             ok, waiting = self._sealable(b, cands)
@@ -1009,25 +1030,25 @@ class MeteringEngine:
                 continue
             with sql.locked_transaction(self._db, name) as conn:
                 sums = sql.energy_sums(conn, sorted(ok))
-                done_of = {r[0]: r[2] for r in cands}
-                seals = [(rid, name, done_of[rid], now, *sums.get(rid, (0, 0, 0, 0))) for rid in sorted(ok)]
+                done_of = {r.request_id: r.done_ns for r in cands}
+                seals = [sql.SealRow(rid, name, done_of[rid], now, *sums.get(rid, (0, 0, 0, 0))) for rid in sorted(ok)]
                 sql.insert_seals(conn, seals)
             done_max = max(done_of[rid] for rid in ok)
             b.sealed_done_ns = done_max if b.sealed_done_ns is None else max(b.sealed_done_ns, done_max)
             self._sealed += len(ok)
             report.sealed += len(ok)
 
-    def _sealable(self, b: _Backend, cands: list[sql.Row]) -> tuple[set[str], set[str]]:
-        """Split (request_id, released_ns, done_ns, ingested_ns) rows into those that are final now and those that
-        wait: an epoch that may hold their energy is stale, or was computed before their row arrived."""
+    def _sealable(self, b: _Backend, cands: list[sql.SealCandidate]) -> tuple[set[str], set[str]]:
+        """Split candidates into those that are final now and those that wait: an epoch that may hold their energy
+        is stale, or was computed before their row arrived."""
         s = self.settings
-        lo = min(r[1] for r in cands)
-        hi = max(r[2] for r in cands)
+        lo = min(r.released_ns for r in cands)
+        hi = max(r.done_ns for r in cands)
         with self._db.connect() as conn:
             reach = 2 * s.epoch_ns + s.lag_ns + s.max_interval_ns  # an overlapping epoch starts no earlier
             epochs = sql.epochs_in(conn, b.spec.name, lo - reach, hi + s.reach_ns)
-        starts = [e[0] for e in epochs]
-        ends = [e[1] for e in epochs]
+        starts = [e.epoch_start_ns for e in epochs]
+        ends = [e.epoch_end_ns for e in epochs]
         stale_starts = sorted(b.stale)
         ok: set[str] = set()
         waiting: set[str] = set()
@@ -1036,9 +1057,9 @@ class MeteringEngine:
             last = bisect_right(starts, done + s.reach_ns)
             final = True
             for i in range(first, last):
-                start, end, last_reading, attributed_at = epochs[i]
-                span_end = max(end, (last_reading or end) - s.min_lag_ns)
-                if released < span_end and done >= start - s.reach_ns and attributed_at < ingested:
+                e = epochs[i]
+                span_end = max(e.epoch_end_ns, (e.last_reading_ns or e.epoch_end_ns) - s.min_lag_ns)
+                if released < span_end and done >= e.epoch_start_ns - s.reach_ns and e.attributed_at_ns < ingested:
                     final = False
                     break
             if final and stale_starts:

@@ -18,11 +18,10 @@ compare; ``rebuild_usage`` repairs).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import sqlalchemy as sa
 
-from meter.engine.sql import USAGE_KEY, USAGE_VALUES, Row, add_usage, fetch
+from meter.engine.sql import USAGE_KEY, USAGE_VALUES, UsageDeltaRow, add_usage, fetch
 
 __all__ = ["HOUR_NS", "UsageDeltas", "expected_usage", "hour_of", "rebuild_usage", "usage_table"]
 
@@ -49,9 +48,9 @@ class UsageDeltas:
         for i, v in enumerate(values):
             acc[i] += sign * v
 
-    def rows(self) -> list[Row]:
-        """Non-zero deltas in ``add_usage``'s row layout, in a stable order (no deadlocks between writers)."""
-        return [(*k, *v) for k, v in sorted(self._sums.items()) if any(v)]
+    def rows(self) -> list[UsageDeltaRow]:
+        """Non-zero deltas, in a stable order (no deadlocks between writers)."""
+        return [UsageDeltaRow(*k, *v) for k, v in sorted(self._sums.items()) if any(v)]
 
     def as_dict(self) -> dict[UsageKey, tuple[int, ...]]:
         return {k: tuple(v) for k, v in self._sums.items() if any(v)}
@@ -90,6 +89,6 @@ def rebuild_usage(engine: sa.Engine) -> int:
     with engine.begin() as conn:
         expected = expected_usage(conn)
         conn.exec_driver_sql("DELETE FROM usage_hourly")
-        rows: list[Any] = [(*k, *v) for k, v in sorted(expected.items())]
+        rows = [UsageDeltaRow(*k, *v) for k, v in sorted(expected.items())]
         add_usage(conn, rows)
     return len(rows)
