@@ -48,6 +48,10 @@ class UsageDeltas:
         for i, v in enumerate(values):
             acc[i] += sign * v
 
+    def merge(self, other: UsageDeltas) -> None:
+        for k, v in other._sums.items():
+            self.add(k, v)
+
     def rows(self) -> list[UsageDeltaRow]:
         """Non-zero deltas, in a stable order (no deadlocks between writers)."""
         return [UsageDeltaRow(*k, *v) for k, v in sorted(self._sums.items()) if any(v)]
