@@ -95,6 +95,7 @@ from meter.engine.planner import due_epochs, split_rows
 from meter.engine.readings import EpochReadings, Tick, epoch_bounds, epoch_readings, group_ticks
 from meter.engine.recompute import overlap_reach_ns, span_end_ns, stale_epochs
 from meter.engine.retention import prune_cutoff_ns
+from meter.engine.rollup import Rollup
 from meter.engine.sealing import sealable
 from meter.engine.settings import LOOKAHEAD_NS, LOOKBEHIND_NS, EngineSettings, MeteredBackend
 from meter.engine.writer import replace_epoch, write_new_epochs, write_seals, write_unrouted
@@ -129,6 +130,8 @@ class PassReport:
     sealed: int = 0  # requests sealed (their figures final)
     adjustment_mj: int = 0  # energy recomputes booked to their epochs' adjustment instead of sealed requests
     pruned_samples: int = 0
+    rolled_hours: int = 0  # hours rolled up into usage_final_hourly
+    reopened_hours: int = 0  # rolled hours that late rows reopened
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +201,8 @@ class MeteringEngine:
         self.set_backends(backends)
         self._scan_lo_ns: int | None = None
         self._last_prune_ns = 0
+        self._rollup = Rollup()
+        self._last_rollup_ns: int | None = None
         self._passes = 0
         self._epochs = 0
         self._recomputed = 0
@@ -269,6 +274,7 @@ class MeteringEngine:
             if plan:
                 self._attribute_planned(plan, now, report)
             self._seal(now, report)
+            self._maybe_roll_up(now, report)
             self._maybe_prune(now, report)
         except Exception as exc:
             self._errors += 1
@@ -623,6 +629,16 @@ class MeteringEngine:
             b.sealed_done_ns = done_max if b.sealed_done_ns is None else max(b.sealed_done_ns, done_max)
             self._sealed += len(ok)
             report.sealed += len(ok)
+
+    # -- rollup ----------------------------------------------------------------------------------------------------
+
+    def _maybe_roll_up(self, now: int, report: PassReport) -> None:
+        s = self.settings
+        if self._last_rollup_ns is not None and now - self._last_rollup_ns < s.rollup_interval_ns:
+            return
+        self._last_rollup_ns = now
+        done = self._rollup.run(self._db, now, now - s.scan_margin_ns)
+        report.rolled_hours, report.reopened_hours = done.rolled_hours, done.reopened_hours
 
     # -- retention -------------------------------------------------------------------------------------------------
 
