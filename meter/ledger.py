@@ -69,6 +69,7 @@ import structlog
 import tenacity
 
 from meter.journal import UNREADABLE, BadLine, Journal, Record, encode
+from meter.lifecycle import Lifecycle
 from meter.samples import Sample
 from meter.store.bulk import SAMPLE_COLUMNS, START_COLUMNS, TIMELINE_COLUMNS, BulkWriter
 from meter.store.db import is_outage, make_engine
@@ -371,7 +372,7 @@ class Ledger:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._closed = False
+        self._state = Lifecycle.NEW
         self._late_warned = False
 
         # writer thread only
@@ -425,7 +426,7 @@ class Ledger:
             self._buf.append(item)
         if len(self._buf) >= self._batch_size or type(item) is _Unjournaled:
             self._wake.set()
-        if self._closed and not self._late_warned:
+        if self._state is Lifecycle.CLOSED and not self._late_warned:
             self._late_warned = True
             log.warning("ledger_record_after_close")
 
@@ -442,7 +443,7 @@ class Ledger:
     def start(self) -> None:
         """Open (and lock) the journal and start the writer thread, which first closes and replays what an earlier
         process left in it."""
-        if self._thread is not None:
+        if self._state is not Lifecycle.NEW:
             return
         with self._lock:
             self._leftovers = self._journal.open()
@@ -450,6 +451,7 @@ class Ledger:
         if self._pending:
             log.info("ledger_journal_found", path=str(self._journal.path))
         self._thread = threading.Thread(target=self._run, name="joulegate-ledger", daemon=True)
+        self._state = Lifecycle.RUNNING
         self._thread.start()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
@@ -469,12 +471,12 @@ class Ledger:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush, stop the writer and close the journal. Records the database did not take stay in the journal."""
-        if self._closed:
+        if self._state is Lifecycle.CLOSED:
             return
         deadline = time.monotonic() + timeout_s
         if not self.flush(timeout_s):
             log.warning("ledger_close_timed_out", buffered=len(self._buf))
-        self._closed = True
+        self._state = Lifecycle.CLOSED
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:

@@ -11,7 +11,7 @@ from meter.engine.core import EngineStats, MeteringEngine, PassReport
 from meter.engine.finality import attributed_until, request_finality
 from meter.engine.readings import EpochReadings, Tick, epoch_bounds, epoch_readings, group_ticks
 from meter.engine.settings import EngineSettings, MeteredBackend
-from meter.engine.usage import HOUR_NS, expected_usage, hour_of, rebuild_usage, usage_table
+from meter.engine.usage import HOUR_NS, expected_usage, hour_of, usage_table
 
 __all__ = [
     "HOUR_NS",
@@ -29,7 +29,6 @@ __all__ = [
     "expected_usage",
     "group_ticks",
     "hour_of",
-    "rebuild_usage",
     "request_finality",
     "usage_table",
 ]

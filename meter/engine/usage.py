@@ -12,7 +12,7 @@ rows contribute. That is exact given the rule that decides what a row contribute
 
 Since a finished request's tenant, model, times and tokens never change, the old contribution read back inside the
 transaction is exactly what was added before. ``expected_usage`` recomputes the whole table by the same rule (tests
-compare; ``rebuild_usage`` repairs).
+compare).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from collections.abc import Iterable
 
 import sqlalchemy as sa
 
-from meter.engine.sql import USAGE_KEY, USAGE_VALUES, UsageDeltaRow, add_usage, fetch
+from meter.engine.sql import USAGE_KEY, USAGE_VALUES, UsageDeltaRow, fetch
 
-__all__ = ["HOUR_NS", "UsageDeltas", "expected_usage", "hour_of", "rebuild_usage", "usage_table"]
+__all__ = ["HOUR_NS", "UsageDeltas", "expected_usage", "hour_of", "usage_table"]
 
 HOUR_NS = 3_600_000_000_000
 UsageKey = tuple[int, str, str, str]  # (hour_start_ns, tenant, model_id, backend)
@@ -86,13 +86,3 @@ def usage_table(conn: sa.Connection) -> dict[UsageKey, tuple[int, ...]]:
         if any(values):
             out[(int(r[0]), r[1], r[2], r[3])] = values
     return out
-
-
-def rebuild_usage(engine: sa.Engine) -> int:
-    """Replace ``usage_hourly`` with ``expected_usage`` (a repair tool; the engine never needs it). Returns rows."""
-    with engine.begin() as conn:
-        expected = expected_usage(conn)
-        conn.exec_driver_sql("DELETE FROM usage_hourly")
-        rows = [UsageDeltaRow(*k, *v) for k, v in sorted(expected.items())]
-        add_usage(conn, rows)
-    return len(rows)
