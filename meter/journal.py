@@ -63,7 +63,7 @@ class BadLine:
     reason: str
 
 
-def encode(record: Record) -> bytes:
+def encode(record: Record | list[Any]) -> bytes:
     """One journal line (with its newline). Raises on a value JSON cannot hold (a lone surrogate, a huge int)."""
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 

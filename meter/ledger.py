@@ -62,7 +62,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 import structlog
@@ -211,7 +211,7 @@ def abort_row(start: Row, done_ns: int) -> Row:
 def _lines(kind: str, payload: Row | list[Row]) -> bytes:
     """The journal's lines for a hand-off: ``[kind, *row]`` (``meter.journal``: the segment's header names them)."""
     if kind == SAMPLE:
-        return b"".join(encode([kind, *r]) for r in payload)  # type: ignore[misc]
+        return b"".join(encode([kind, *r]) for r in cast("list[Row]", payload))
     return encode([kind, *payload])
 
 
@@ -248,17 +248,20 @@ class _Batch:
         return cls({}, {}, {}, {})
 
     def add(self, kind: str, payload: Row | list[Row]) -> None:
+        if kind == SAMPLE:
+            for r in cast("list[Row]", payload):
+                self.samples.setdefault((r[0], r[1]), r)
+            return
+        row = cast("Row", payload)
+        request_id: str = row[0]
         if kind == TIMELINE:
-            self.starts.pop(payload[0], None)
-            self.timelines[payload[0]] = payload  # type: ignore[assignment]
-        elif kind == SAMPLE:
-            for r in payload:
-                self.samples.setdefault((r[0], r[1]), r)  # type: ignore[index]
+            self.starts.pop(request_id, None)
+            self.timelines[request_id] = row
         elif kind == ABORT:
-            self.add(START, payload[: len(START_COLUMNS)])
-            self.aborts.setdefault(payload[0], payload)  # type: ignore[arg-type]
-        elif payload[0] not in self.timelines:
-            self.starts.setdefault(payload[0], payload)  # type: ignore[arg-type]
+            self.add(START, row[: len(START_COLUMNS)])
+            self.aborts.setdefault(request_id, row)
+        elif request_id not in self.timelines:
+            self.starts.setdefault(request_id, row)
 
     def _parts(self) -> tuple[tuple[str, dict[Any, Row]], ...]:
         return ((START, self.starts), (TIMELINE, self.timelines), (SAMPLE, self.samples), (ABORT, self.aborts))

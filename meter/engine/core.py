@@ -371,12 +371,12 @@ class MeteringEngine:
             for x in samples:
                 by_device.setdefault(x.device, []).append(x)
             ready: dict[str, list[tuple[int, int, EpochReadings]]] = {}
-            for name, epochs in plan.items():
+            for name, planned in plan.items():
                 b = self._backends[name]
-                devices = b.spec.devices
-                mine = by_device.get(devices[0], []) if len(devices) == 1 else _merge_by_time(by_device, devices)
-                ticks = group_ticks(mine, devices, s.tick_gap_ns)
-                for start, end in epochs:
+                own = b.spec.devices
+                samples_of = by_device.get(own[0], []) if len(own) == 1 else _merge_by_time(by_device, own)
+                ticks = group_ticks(samples_of, own, s.tick_gap_ns)
+                for start, end in planned:
                     readings = self._readings(ticks, start, end)
                     if readings is None:  # the sampler paused past the window read: read up to its next sample
                         readings = self._readings(self._ticks(conn, b.spec.devices, start, end), start, end)

@@ -27,18 +27,18 @@ import structlog
 from meter.engine import sql
 from meter.engine.finality import final_expr
 from meter.engine.usage import HOUR_NS, hour_of
-from meter.store.models import Request, RequestSeal, UsageFinalHourly, UsageRollupHour, UsageRollupState
+from meter.store.models import Request, RequestSeal, UsageFinalHourly, UsageRollupHour, UsageRollupState, table_of
 
 log = structlog.get_logger(__name__)
 
 __all__ = ["ROLLUP_LOCK", "Rollup", "RollupReport"]
 
 ROLLUP_LOCK = "usage_rollup"  # the engine's lock name (``sql.locked_transaction``) for changes to the rollup
-_RQ = Request.__table__
-_RS = RequestSeal.__table__
-_UF = UsageFinalHourly.__table__
-_UH = UsageRollupHour.__table__
-_US = UsageRollupState.__table__
+_RQ = table_of(Request)
+_RS = table_of(RequestSeal)
+_UF = table_of(UsageFinalHourly)
+_UH = table_of(UsageRollupHour)
+_US = table_of(UsageRollupState)
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from meter.engine import attributed_until
 from meter.reports.settings import BillingSettings, SettingsHistory
 from meter.reports.types import IdlePolicy
-from meter.store.models import BackendEpoch, Request, RequestEnergy, RequestSeal
+from meter.store.models import BackendEpoch, Request, RequestEnergy, RequestSeal, table_of
 
 # How far past its end an epoch's readings may reach: the boundary reading is taken at least the counter lag (<= 2 s)
 # plus up to one reading interval (the engine splits longer ones off as gaps: 5 s by default) after the epoch's end.
@@ -32,10 +32,10 @@ READING_OVERHANG_NS = 60_000_000_000
 # The engine's longest epoch (meter.engine: epochs are at most an hour).
 MAX_EPOCH_NS = 3_600_000_000_000
 
-RQ = Request.__table__
-RE = RequestEnergy.__table__
-BE = BackendEpoch.__table__
-RS = RequestSeal.__table__
+RQ = table_of(Request)
+RE = table_of(RequestEnergy)
+BE = table_of(BackendEpoch)
+RS = table_of(RequestSeal)
 
 
 def tune_for_reports(conn: sa.Connection) -> None:

@@ -24,6 +24,7 @@ import structlog
 
 from meter.reports.types import J_PER_KWH, MJ_PER_J, IdlePolicy, InvalidQuery, ReportOptions
 from meter.store.models import BillingSettings as BillingSettingsRow
+from meter.store.models import table_of
 from meter.store.upsert import dialect_insert
 
 log = structlog.get_logger(__name__)
@@ -37,7 +38,7 @@ __all__ = [
     "settings_history",
 ]
 
-BS = BillingSettingsRow.__table__
+BS = table_of(BillingSettingsRow)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,12 +50,12 @@ from meter.reports.types import (
     UsageReport,
     UsageRow,
 )
-from meter.store.models import UsageFinalHourly, UsageRollupHour, UsageRollupState
+from meter.store.models import UsageFinalHourly, UsageRollupHour, UsageRollupState, table_of
 
 OPEN_END_NS = 2**62  # stands for "not ended yet" when bounding the epochs of the requests
-UF = UsageFinalHourly.__table__
-UH = UsageRollupHour.__table__
-US = UsageRollupState.__table__
+UF = table_of(UsageFinalHourly)
+UH = table_of(UsageRollupHour)
+US = table_of(UsageRollupState)
 _ATTEMPTS = 3  # reads of the rollup that the engine changed under the reader are redone this many times at most
 Range = tuple[int | None, int]  # [lo, hi) in received_ns; lo None: from the beginning
 

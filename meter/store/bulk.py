@@ -29,7 +29,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from meter.store.models import Request, Sample
+from meter.store.models import Request, Sample, table_of
 
 # Row layouts (tuple orders). ``ingested_ns`` is not part of a row: the writer adds it.
 START_COLUMNS = ("request_id", "tenant", "model_id", "backend", "received_ns", "released_ns")
@@ -54,8 +54,8 @@ SAMPLE_COLUMNS = ("device", "t_ns", "energy_mj", "error")
 
 Row = tuple[Any, ...]
 
-_REQUESTS = Request.__table__
-_SAMPLES = Sample.__table__
+_REQUESTS = table_of(Request)
+_SAMPLES = table_of(Sample)
 _COMPARED = TIMELINE_COLUMNS[1:]  # a timeline changes a row iff one of these differs
 
 
@@ -200,7 +200,7 @@ class PostgresBulkWriter(BulkWriter):
             conn.execute(self._sample)
 
 
-def _wrapped(conn: sa.Connection, err: Exception, statement: str, cursor: Any) -> sa.exc.DBAPIError:
+def _wrapped(conn: sa.Connection, err: Any, statement: str, cursor: Any) -> sa.exc.DBAPIError:
     """A driver error raised outside SQLAlchemy's execution path (COPY), as SQLAlchemy would have raised it:
     the matching ``sa.exc`` class (OperationalError, DataError...), and a dead connection invalidated."""
     dialect = conn.dialect

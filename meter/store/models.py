@@ -32,6 +32,13 @@ class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 
+def table_of(model: type[Base]) -> sa.Table:
+    """A model's table, typed as the ``Table`` it is (``__table__`` is typed as any ``FromClause``)."""
+    table = model.__table__
+    assert isinstance(table, sa.Table)
+    return table
+
+
 class Tenant(Base):
     """A billing party. Requests, keys and reports are scoped to one tenant.
 
