@@ -83,6 +83,14 @@ Row = tuple[Any, ...]  # one database row, in meter.store.bulk's column order
 # Record kinds, as stored in the journal under "k". A heartbeat carries only "t_ns".
 START, TIMELINE, SAMPLE, ABORT, HEARTBEAT = "s", "t", "m", "a", "h"
 ABORT_COLUMNS = (*START_COLUMNS, "done_ns")
+# Rows are plain tuples in their kind's column order (the cheapest thing to build on the hot path); the few fields
+# the ledger itself reads are found by name here.
+_ID = 0  # request_id, first in every request row
+assert START_COLUMNS[_ID] == TIMELINE_COLUMNS[_ID] == ABORT_COLUMNS[_ID] == "request_id"
+_START_RECEIVED = START_COLUMNS.index("received_ns")
+_START_RELEASED = START_COLUMNS.index("released_ns")
+_ABORT_DONE = ABORT_COLUMNS.index("done_ns")
+_SAMPLE_KEY = (SAMPLE_COLUMNS.index("device"), SAMPLE_COLUMNS.index("t_ns"))
 _COLUMNS = {START: START_COLUMNS, TIMELINE: TIMELINE_COLUMNS, SAMPLE: SAMPLE_COLUMNS, ABORT: ABORT_COLUMNS}
 _TIME_COLUMNS = ("received_ns", "released_ns", "first_token_ns", "done_ns", "t_ns")  # a sign of life, in any record
 # Values for columns a journal record written by an older version does not have.
@@ -204,7 +212,9 @@ def abort_row(start: Row, done_ns: int) -> Row:
     its release). Written as the start (INSERT, DO NOTHING) and then ``UPDATE ... SET status = 'ABORTED', done_ns
     WHERE done_ns IS NULL``: it closes an open row and never touches a finished one, whatever the order in which
     records reach the database. Tokens stay 0 and class and API NULL: the start does not know them."""
-    released = start[5] if start[5] is not None else start[4]
+    released = start[_START_RELEASED]
+    if released is None:
+        released = start[_START_RECEIVED]
     return (*start, max(done_ns, released))
 
 
@@ -249,11 +259,12 @@ class _Batch:
 
     def add(self, kind: str, payload: Row | list[Row]) -> None:
         if kind == SAMPLE:
+            device, t_ns = _SAMPLE_KEY
             for r in cast("list[Row]", payload):
-                self.samples.setdefault((r[0], r[1]), r)
+                self.samples.setdefault((r[device], r[t_ns]), r)
             return
         row = cast("Row", payload)
-        request_id: str = row[0]
+        request_id: str = row[_ID]
         if kind == TIMELINE:
             self.starts.pop(request_id, None)
             self.timelines[request_id] = row
@@ -592,10 +603,9 @@ class Ledger:
                 log.error("ledger_unknown_object", type=type(item).__name__)
                 continue
             if kind == START:
-                if payload[0] not in open_:
-                    open_[payload[0]] = payload  # type: ignore[assignment]
+                open_.setdefault(payload[_ID], cast("Row", payload))
             elif kind != SAMPLE:
-                open_.pop(payload[0], None)
+                open_.pop(payload[_ID], None)
             batch.add(kind, payload)
         return batch
 
@@ -992,7 +1002,9 @@ class Ledger:
                 now_ns,
             )
             if batch.aborts:
-                conn.execute(_ABORT, [{"rid": r[0], "done": r[-1], "now": now_ns} for r in batch.aborts.values()])
+                conn.execute(
+                    _ABORT, [{"rid": r[_ID], "done": r[_ABORT_DONE], "now": now_ns} for r in batch.aborts.values()]
+                )
 
 
 def _probe(engine: sa.Engine) -> None:
