@@ -70,6 +70,7 @@ import tenacity
 
 from common.errors import JoulegateError
 from meter.journal import UNREADABLE, BadLine, Journal, Record, encode
+from meter.lifecycle import Lifecycle
 from meter.samples import Sample
 from meter.store.bulk import SAMPLE_COLUMNS, START_COLUMNS, TIMELINE_COLUMNS, BulkWriter
 from meter.store.db import is_outage, make_engine
@@ -83,6 +84,14 @@ Row = tuple[Any, ...]  # one database row, in meter.store.bulk's column order
 # Record kinds, as stored in the journal under "k". A heartbeat carries only "t_ns".
 START, TIMELINE, SAMPLE, ABORT, HEARTBEAT = "s", "t", "m", "a", "h"
 ABORT_COLUMNS = (*START_COLUMNS, "done_ns")
+# Rows are plain tuples in their kind's column order (the cheapest thing to build on the hot path); the few fields
+# the ledger itself reads are found by name here.
+_ID = 0  # request_id, first in every request row
+assert START_COLUMNS[_ID] == TIMELINE_COLUMNS[_ID] == ABORT_COLUMNS[_ID] == "request_id"
+_START_RECEIVED = START_COLUMNS.index("received_ns")
+_START_RELEASED = START_COLUMNS.index("released_ns")
+_ABORT_DONE = ABORT_COLUMNS.index("done_ns")
+_SAMPLE_KEY = (SAMPLE_COLUMNS.index("device"), SAMPLE_COLUMNS.index("t_ns"))
 _COLUMNS = {START: START_COLUMNS, TIMELINE: TIMELINE_COLUMNS, SAMPLE: SAMPLE_COLUMNS, ABORT: ABORT_COLUMNS}
 _TIME_COLUMNS = ("received_ns", "released_ns", "first_token_ns", "done_ns", "t_ns")  # a sign of life, in any record
 # Values for columns a journal record written by an older version does not have.
@@ -204,14 +213,16 @@ def abort_row(start: Row, done_ns: int) -> Row:
     its release). Written as the start (INSERT, DO NOTHING) and then ``UPDATE ... SET status = 'ABORTED', done_ns
     WHERE done_ns IS NULL``: it closes an open row and never touches a finished one, whatever the order in which
     records reach the database. Tokens stay 0 and class and API NULL: the start does not know them."""
-    released = start[5] if start[5] is not None else start[4]
+    released = start[_START_RELEASED]
+    if released is None:
+        released = start[_START_RECEIVED]
     return (*start, max(done_ns, released))
 
 
 def _lines(kind: str, payload: Row | list[Row]) -> bytes:
     """The journal's lines for a hand-off: ``[kind, *row]`` (``meter.journal``: the segment's header names them)."""
     if kind == SAMPLE:
-        return b"".join(encode([kind, *r]) for r in payload)
+        return b"".join(encode([kind, *r]) for r in cast("list[Row]", payload))
     return encode([kind, *payload])
 
 
@@ -248,18 +259,21 @@ class _Batch:
         return cls({}, {}, {}, {})
 
     def add(self, kind: str, payload: Row | list[Row]) -> None:
+        if kind == SAMPLE:
+            device, t_ns = _SAMPLE_KEY
+            for r in cast("list[Row]", payload):
+                self.samples.setdefault((r[device], r[t_ns]), r)
+            return
+        row = cast("Row", payload)
+        request_id: str = row[_ID]
         if kind == TIMELINE:
-            row = cast(Row, payload)
-            self.starts.pop(row[0], None)
-            self.timelines[row[0]] = row
-        elif kind == SAMPLE:
-            for r in payload:
-                self.samples.setdefault((r[0], r[1]), r)
+            self.starts.pop(request_id, None)
+            self.timelines[request_id] = row
         elif kind == ABORT:
-            self.add(START, payload[: len(START_COLUMNS)])
-            self.aborts.setdefault(payload[0], payload)  # type: ignore[arg-type]
-        elif payload[0] not in self.timelines:
-            self.starts.setdefault(payload[0], payload)  # type: ignore[arg-type]
+            self.add(START, row[: len(START_COLUMNS)])
+            self.aborts.setdefault(request_id, row)
+        elif request_id not in self.timelines:
+            self.starts.setdefault(request_id, row)
 
     def _parts(self) -> tuple[tuple[str, dict[Any, Row]], ...]:
         return ((START, self.starts), (TIMELINE, self.timelines), (SAMPLE, self.samples), (ABORT, self.aborts))
@@ -373,7 +387,7 @@ class Ledger:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._closed = False
+        self._state = Lifecycle.NEW
         self._late_warned = False
 
         # writer thread only
@@ -427,7 +441,7 @@ class Ledger:
             self._buf.append(item)
         if len(self._buf) >= self._batch_size or type(item) is _Unjournaled:
             self._wake.set()
-        if self._closed and not self._late_warned:
+        if self._state is Lifecycle.CLOSED and not self._late_warned:
             self._late_warned = True
             log.warning("ledger_record_after_close")
 
@@ -444,7 +458,7 @@ class Ledger:
     def start(self) -> None:
         """Open (and lock) the journal and start the writer thread, which first closes and replays what an earlier
         process left in it."""
-        if self._thread is not None:
+        if self._state is not Lifecycle.NEW:
             return
         with self._lock:
             self._leftovers = self._journal.open()
@@ -452,6 +466,7 @@ class Ledger:
         if self._pending:
             log.info("ledger_journal_found", path=str(self._journal.path))
         self._thread = threading.Thread(target=self._run, name="joulegate-ledger", daemon=True)
+        self._state = Lifecycle.RUNNING
         self._thread.start()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
@@ -471,12 +486,12 @@ class Ledger:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush, stop the writer and close the journal. Records the database did not take stay in the journal."""
-        if self._closed:
+        if self._state is Lifecycle.CLOSED:
             return
         deadline = time.monotonic() + timeout_s
         if not self.flush(timeout_s):
             log.warning("ledger_close_timed_out", buffered=len(self._buf))
-        self._closed = True
+        self._state = Lifecycle.CLOSED
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
@@ -589,10 +604,9 @@ class Ledger:
                 log.error("ledger_unknown_object", type=type(item).__name__)
                 continue
             if kind == START:
-                if payload[0] not in open_:
-                    open_[payload[0]] = payload
+                open_.setdefault(payload[_ID], cast("Row", payload))
             elif kind != SAMPLE:
-                open_.pop(payload[0], None)
+                open_.pop(payload[_ID], None)
             batch.add(kind, payload)
         return batch
 
@@ -989,7 +1003,9 @@ class Ledger:
                 now_ns,
             )
             if batch.aborts:
-                conn.execute(_ABORT, [{"rid": r[0], "done": r[-1], "now": now_ns} for r in batch.aborts.values()])
+                conn.execute(
+                    _ABORT, [{"rid": r[_ID], "done": r[_ABORT_DONE], "now": now_ns} for r in batch.aborts.values()]
+                )
 
 
 def _probe(engine: sa.Engine) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from meter.lifecycle import Lifecycle
 from meter.samples import EnergySource, Sample
 
 log = structlog.get_logger(__name__)
@@ -101,6 +102,7 @@ class Sampler:
         self._valid_in_tick = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._state = Lifecycle.NEW
         self._lock = threading.Lock()  # guards everything below, read by other threads
         self._reads = 0
         self._failed_reads = 0
@@ -120,26 +122,32 @@ class Sampler:
 
     def start(self) -> None:
         """Start the thread; the first read happens at once."""
-        if self._thread is not None:
-            raise RuntimeError("Sampler.start() called twice")
+        if self._state is not Lifecycle.NEW:
+            raise RuntimeError(f"Sampler.start() on a sampler that is {self._state.value}")
         self._started_ns = time.monotonic_ns()
         self._thread = threading.Thread(target=self._run, name="joulegate-sampler", daemon=True)
+        self._state = Lifecycle.RUNNING
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """Ask the thread to stop and wait up to ``timeout_s``; True when it has ended. Does not close the source."""
         self._stop.set()
-        if self._thread is None:
+        thread, self._state = self._thread, Lifecycle.CLOSED
+        if thread is None:
             return True
-        self._thread.join(timeout_s)
-        stopped = not self._thread.is_alive()
+        thread.join(timeout_s)
+        stopped = not thread.is_alive()
         if not stopped:
             log.warning("sampler_stop_timeout", timeout_s=timeout_s)
         return stopped
 
     @property
+    def state(self) -> Lifecycle:
+        return self._state
+
+    @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._state is Lifecycle.RUNNING and self._thread is not None and self._thread.is_alive()
 
     # ---- readouts --------------------------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 import structlog
 
 from meter.engine import EngineSettings, EngineStats, MeteredBackend, MeteringEngine
+from meter.lifecycle import Lifecycle
 from meter.sampler import INTERVAL_MS, Sampler, SamplerStats
 from meter.samples import EnergySource, Sample
 
@@ -86,6 +87,7 @@ class MeterService:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._state = Lifecycle.NEW
         self._pass_s: float | None = None
         self._failures = 0
         self._last_logged = 0.0
@@ -93,16 +95,18 @@ class MeterService:
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("MeterService.start() called twice")
+        if self._state is not Lifecycle.NEW:
+            raise RuntimeError(f"MeterService.start() on a service that is {self._state.value}")
         self.sampler.start()
         self._thread = threading.Thread(target=self._run, name="joulegate-engine", daemon=True)
+        self._state = Lifecycle.RUNNING
         self._thread.start()
         log.info("meter_started", backends={b.name: b.devices for b in self.engine.backends})
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the sampler (its last samples are already with the ledger) and the engine loop; close the source."""
         deadline = time.monotonic() + timeout_s
+        self._state = Lifecycle.CLOSED
         self.sampler.stop(max(0.1, timeout_s / 2))
         self._stop.set()
         self._wake.set()
@@ -119,8 +123,12 @@ class MeterService:
         self._wake.set()
 
     @property
+    def state(self) -> Lifecycle:
+        return self._state
+
+    @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._state is Lifecycle.RUNNING and self._thread is not None and self._thread.is_alive()
 
     # -- readouts --------------------------------------------------------------------------------------------------
 

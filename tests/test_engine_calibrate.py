@@ -174,7 +174,7 @@ def test_engine_calibrates_recomputes_and_still_conserves(db: sa.Engine) -> None
 
     eng = make_engine(db, epoch_ns=2 * S, lag_ns=50 * MS, calibrate=True)
     first = eng.run_once(now_ns=T0 + 50 * S)
-    model = eng._backends["b1"].calibrator.model  # type: ignore[union-attr]
+    model = eng.stats.calibration["b1"]
     assert model is not None and model.lag_ns == 120 * MS
     second = eng.run_once(now_ns=T0 + 51 * S)  # the epochs attributed before the model settled are redone
     assert first.attributed and second.recomputed and not second.attributed
@@ -240,6 +240,36 @@ def test_a_calibration_that_moves_never_changes_a_final_figure(db: sa.Engine) ->
     assert len(after) > len(before)
     adjusted = rows(db, "SELECT COUNT(*), SUM(adjustment_mj) FROM backend_epochs WHERE adjustment_mj <> 0")[0]
     assert adjusted[0] > 0 and eng.stats.adjustment_mj == adjusted[1] and eng.stats.adjusted_epochs >= adjusted[0]
+    for e in rows(db, "SELECT * FROM backend_epochs"):
+        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj + e.adjustment_mj
+    with db.connect() as conn:
+        assert usage_table(conn) == expected_usage(conn)
+
+
+def test_a_batch_another_meter_wrote_first_feeds_the_calibration_once(db: sa.Engine) -> None:
+    """Two meters claim one backend. The second plans the epochs the first has just written: its batch write fails
+    (IntegrityError) and it redoes them one by one. What it learned from the failed batch must not count: each epoch
+    feeds its calibration once, so both meters end with the same pool. Two epochs of 2 s hold fewer intervals than a
+    fit needs (the calibration is still warming, so every epoch is due to feed it): counted twice, they would fit."""
+    seconds = 5
+    traffic = _traffic(seconds, seed=11)
+    classes = _classes(traffic)
+    timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
+    samples = [("gpu0", r.t_ns, r.energy_mj, None) for r in _readings(classes, seconds, 120 * MS)]
+    write(db, timelines=timelines, samples=samples, ingested_ns=T0 + seconds * S)
+    knobs = {"epoch_ns": 2 * S, "lag_ns": 50 * MS, "calibrate": True}
+    first, second = make_engine(db, **knobs), make_engine(db, **knobs)
+
+    assert second.run_once(now_ns=T0).attributed == []  # loads its state: nothing attributed, nothing due yet
+    done = first.run_once(now_ns=T0 + 10 * S).attributed
+    assert len(done) == 2
+    redone = second.run_once(now_ns=T0 + 10 * S).attributed  # the batch conflicts; epoch by epoch instead
+    assert redone == done
+
+    assert first.stats.calibration["b1"] is None  # too few intervals yet...
+    assert second.stats.calibration["b1"] is None  # ...for the second meter too: it did not count them twice
+    assert second.stats.calibration_intervals == first.stats.calibration_intervals
+    assert 0 < first.stats.calibration_intervals["b1"] < 50
     for e in rows(db, "SELECT * FROM backend_epochs"):
         assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj + e.adjustment_mj
     with db.connect() as conn:

@@ -7,10 +7,11 @@ rollup from scratch by the engine's own rule.
 """
 
 from meter.engine.calibrate import PowerModel
-from meter.engine.core import EngineSettings, EngineStats, MeteredBackend, MeteringEngine, PassReport
+from meter.engine.core import EngineStats, MeteringEngine, PassReport
 from meter.engine.finality import attributed_until, request_finality
 from meter.engine.readings import EpochReadings, Tick, epoch_bounds, epoch_readings, group_ticks
-from meter.engine.usage import HOUR_NS, expected_usage, hour_of, rebuild_usage, usage_table
+from meter.engine.settings import EngineSettings, MeteredBackend
+from meter.engine.usage import HOUR_NS, expected_usage, hour_of, usage_table
 
 __all__ = [
     "HOUR_NS",
@@ -28,7 +29,6 @@ __all__ = [
     "expected_usage",
     "group_ticks",
     "hour_of",
-    "rebuild_usage",
     "request_finality",
     "usage_table",
 ]

@@ -30,6 +30,7 @@ interval. The engine feeds an epoch in only while the pool is small, then once e
 
 from __future__ import annotations
 
+import copy
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -278,6 +279,12 @@ class LagCalibrator:
         self._min_intervals = min_intervals
         self._min_class_s = min_class_s
         self.model: PowerModel | None = None
+
+    def copy(self) -> LagCalibrator:
+        """An independent copy (the pooled epochs are never changed once added, so they are shared)."""
+        twin = copy.copy(self)
+        twin._epochs = deque(self._epochs, maxlen=self._epochs.maxlen)
+        return twin
 
     @property
     def intervals(self) -> int:

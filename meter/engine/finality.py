@@ -19,9 +19,9 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 
 from meter.engine.sql import fetch, marks, scalar
-from meter.timeline import did_gpu_work
+from meter.timeline import REFUSED_STATUSES, did_gpu_work
 
-__all__ = ["attributed_until", "request_finality"]
+__all__ = ["attributed_until", "final_expr", "gpu_work_expr", "request_finality"]
 
 
 def attributed_until(conn: sa.Connection, backend: str) -> int | None:
@@ -48,3 +48,18 @@ def request_finality(conn: sa.Connection, request_ids: Iterable[str]) -> dict[st
         ):
             out[rid] = sealed is not None or (done is not None and not did_gpu_work(backend, released, first, status))
     return out
+
+
+def gpu_work_expr(r: sa.FromClause) -> sa.ColumnElement[bool]:
+    """``meter.timeline.did_gpu_work`` for the ``requests`` row ``r``: released to a backend, and it got a first token
+    or ended with a status that is not a refusal (or has not ended yet)."""
+    return sa.and_(
+        r.c.released_ns.is_not(None),
+        r.c.backend.is_not(None),
+        sa.or_(r.c.first_token_ns.is_not(None), r.c.status.is_(None), r.c.status.not_in(sorted(REFUSED_STATUSES))),
+    )
+
+
+def final_expr(r: sa.FromClause, seal: sa.FromClause) -> sa.ColumnElement[bool]:
+    """Whether the request row ``r`` (outer-joined to its ``request_seals`` row ``seal``) is final."""
+    return sa.or_(seal.c.request_id.is_not(None), sa.and_(r.c.done_ns.is_not(None), sa.not_(gpu_work_expr(r))))

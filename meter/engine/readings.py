@@ -78,7 +78,7 @@ def group_ticks(samples: Sequence[RawSample], devices: Sequence[str], gap_ns: in
     ticks: list[Tick] = []
     if n == 1:  # the common case: one GPU per backend, one sample per tick
         (only,) = devices
-        last_t = None
+        last_t: int | None = None
         for device, t_ns, energy in samples:
             if device != only or (last_t is not None and t_ns <= last_t):
                 continue
@@ -89,7 +89,7 @@ def group_ticks(samples: Sequence[RawSample], devices: Sequence[str], gap_ns: in
     current: list[int | None] = []
     seen: set[int] = set()
     bad = False
-    last_t: int | None = None
+    last_t = None
 
     def close() -> None:
         if not seen or last_t is None:

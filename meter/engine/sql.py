@@ -14,66 +14,168 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 
 Row = tuple[Any, ...]
+T = TypeVar("T")
 
-REQUEST_ENERGY_COLUMNS = (
-    "request_id",
-    "epoch_start_ns",
-    "backend",
-    "prefill_mj",
-    "decode_mj",
-    "active_ns",
-    "idle_time_mj",
-    "idle_tokens_mj",
-)
+# -- rows: what the engine reads and writes, by name (NamedTuples: still plain tuples for COPY and executemany) ----
+
+
+class SampleRow(NamedTuple):
+    device: str
+    t_ns: int
+    energy_mj: int | None  # None: a failed read
+
+
+class RequestRow(NamedTuple):
+    """A finished request as attribution needs it."""
+
+    request_id: str
+    backend: str
+    tenant: str
+    model_id: str
+    received_ns: int
+    released_ns: int
+    first_token_ns: int | None
+    done_ns: int
+    prompt_tokens: int
+    generated_tokens: int
+    ingested_ns: int
+    status: str | None
+
+
+class IngestedRow(NamedTuple):
+    """A row written since the last pass: late for an attributed epoch, or a request that never reached a backend."""
+
+    request_id: str
+    backend: str | None
+    released_ns: int | None
+    done_ns: int | None
+    ingested_ns: int
+    tenant: str
+    model_id: str
+    received_ns: int
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class OpenRequests(NamedTuple):
+    backend: str
+    earliest_released_ns: int | None  # the earliest release of an open request not timed out yet
+    timed_out: int | None  # how many were released before the timeout's cutoff
+
+
+class EpochMark(NamedTuple):
+    """Where an attributed epoch stands: its bounds, its last reading and when it was attributed."""
+
+    epoch_start_ns: int
+    epoch_end_ns: int
+    last_reading_ns: int | None
+    attributed_at_ns: int
+
+
+class UsageContribution(NamedTuple):
+    """What one stored ``request_energy`` row adds to ``usage_hourly``, with its request's fields."""
+
+    received_ns: int
+    tenant: str
+    model_id: str
+    done_ns: int | None
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_mj: int
+    decode_mj: int
+    active_ns: int
+
+
+class PinnedRow(NamedTuple):
+    """A sealed request's stored ``request_energy`` row in one epoch, with what usage needs of its request."""
+
+    request_id: str
+    prefill_mj: int
+    decode_mj: int
+    active_ns: int
+    idle_time_mj: int
+    idle_tokens_mj: int
+    received_ns: int
+    tenant: str
+    model_id: str
+    done_ns: int | None
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class SealCandidate(NamedTuple):
+    request_id: str
+    released_ns: int
+    done_ns: int
+    ingested_ns: int
+
+
+class RequestEnergyRow(NamedTuple):
+    request_id: str
+    epoch_start_ns: int
+    backend: str
+    prefill_mj: int
+    decode_mj: int
+    active_ns: int
+    idle_time_mj: int
+    idle_tokens_mj: int
+
+
+class BackendEpochRow(NamedTuple):
+    backend: str
+    epoch_start_ns: int
+    epoch_end_ns: int
+    first_reading_ns: int | None
+    last_reading_ns: int | None
+    counter_mj: int
+    attributed_mj: int
+    prefill_mj: int
+    decode_mj: int
+    idle_mj: int
+    samples: int
+    gaps: int
+    active_ns_total: int
+    attributed_at_ns: int
+    adjustment_mj: int
+
+
+class SealRow(NamedTuple):
+    request_id: str
+    backend: str
+    done_ns: int
+    sealed_ns: int
+    prefill_mj: int
+    decode_mj: int
+    idle_time_mj: int
+    idle_tokens_mj: int
+
+
+class UsageDeltaRow(NamedTuple):
+    hour_start_ns: int
+    tenant: str
+    model_id: str
+    backend: str
+    requests: int
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_mj: int
+    decode_mj: int
+    active_ns: int
+
+
+REQUEST_ENERGY_COLUMNS = RequestEnergyRow._fields
 _REQUEST_ENERGY_TYPES = ["varchar", "int8", "varchar", "int8", "int8", "int8", "int8", "int8"]
-BACKEND_EPOCH_COLUMNS = (
-    "backend",
-    "epoch_start_ns",
-    "epoch_end_ns",
-    "first_reading_ns",
-    "last_reading_ns",
-    "counter_mj",
-    "attributed_mj",
-    "prefill_mj",
-    "decode_mj",
-    "idle_mj",
-    "samples",
-    "gaps",
-    "active_ns_total",
-    "attributed_at_ns",
-    "adjustment_mj",
-)
-USAGE_KEY = ("hour_start_ns", "tenant", "model_id", "backend")
-USAGE_VALUES = ("requests", "prompt_tokens", "generated_tokens", "prefill_mj", "decode_mj", "active_ns")
-REQUEST_COLUMNS = (
-    "request_id",
-    "tenant",
-    "model_id",
-    "received_ns",
-    "released_ns",
-    "first_token_ns",
-    "done_ns",
-    "prompt_tokens",
-    "generated_tokens",
-    "ingested_ns",
-    "status",
-)
-SEAL_COLUMNS = (
-    "request_id",
-    "backend",
-    "done_ns",
-    "sealed_ns",
-    "prefill_mj",
-    "decode_mj",
-    "idle_time_mj",
-    "idle_tokens_mj",
-)
+BACKEND_EPOCH_COLUMNS = BackendEpochRow._fields
+USAGE_KEY = UsageDeltaRow._fields[:4]
+USAGE_VALUES = UsageDeltaRow._fields[4:]
+REQUEST_COLUMNS = RequestRow._fields
+SEAL_COLUMNS = SealRow._fields
 
 
 def _q(conn: sa.Connection, sql: str) -> str:
@@ -89,6 +191,11 @@ def fetch(conn: sa.Connection, sql: str, params: Sequence[Any] = ()) -> list[Row
     return conn.exec_driver_sql(_q(conn, sql), tuple(params)).fetchall()  # type: ignore[return-value]
 
 
+def fetch_as(conn: sa.Connection, make: Callable[[Iterable[Any]], T], sql: str, params: Sequence[Any] = ()) -> list[T]:
+    """``fetch``, each row made into a named row (``make`` is a NamedTuple's ``_make``)."""
+    return list(map(make, conn.exec_driver_sql(_q(conn, sql), tuple(params))))
+
+
 def scalar(conn: sa.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
     return conn.exec_driver_sql(_q(conn, sql), tuple(params)).scalar()
 
@@ -96,10 +203,11 @@ def scalar(conn: sa.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
 # -- samples -------------------------------------------------------------------------------------------------------
 
 
-def samples_between(conn: sa.Connection, devices: Sequence[str], lo_ns: int, hi_ns: int) -> list[Row]:
-    """(device, t_ns, energy_mj) of ``devices`` with lo <= t <= hi, by time."""
-    return fetch(
+def samples_between(conn: sa.Connection, devices: Sequence[str], lo_ns: int, hi_ns: int) -> list[SampleRow]:
+    """The samples of ``devices`` with lo <= t <= hi, by time."""
+    return fetch_as(
         conn,
+        SampleRow._make,
         f"SELECT device, t_ns, energy_mj FROM samples WHERE device IN ({marks(len(devices))}) "
         "AND t_ns >= ? AND t_ns <= ? ORDER BY t_ns, device",
         (*devices, lo_ns, hi_ns),
@@ -119,7 +227,7 @@ def last_samples(conn: sa.Connection, devices: Sequence[str]) -> list[int | None
     if not devices:
         return []
     cols = ", ".join("(SELECT MAX(t_ns) FROM samples WHERE device = ?)" for _ in devices)
-    return list(fetch(conn, f"SELECT {cols}", devices)[0])
+    return list(conn.exec_driver_sql(_q(conn, f"SELECT {cols}"), tuple(devices)).one())
 
 
 # -- requests ------------------------------------------------------------------------------------------------------
@@ -127,15 +235,16 @@ def last_samples(conn: sa.Connection, devices: Sequence[str]) -> list[int | None
 
 def epoch_requests(
     conn: sa.Connection, backend: str, lo_ns: int, end_ns: int, hi_ns: int, released_since_ns: int
-) -> list[Row]:
-    """Finished request rows of ``backend`` (REQUEST_COLUMNS order) that an epoch ending at ``end_ns`` whose readings'
+) -> list[RequestRow]:
+    """Finished request rows of ``backend`` that an epoch ending at ``end_ns`` whose readings'
     work time may span [lo, hi) needs: those whose [released, done] overlaps [lo, hi), and those that ended in it.
 
     ``released_since_ns`` bounds the scan: a request released earlier than that (longer than the open-request
     timeout) is only looked for in the epoch where it ended.
     """
-    return fetch(
+    return fetch_as(
         conn,
+        RequestRow._make,
         f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests WHERE backend = ? AND done_ns >= ? "
         "AND ((released_ns < ? AND released_ns >= ?) OR done_ns < ?)",
         (backend, lo_ns, hi_ns, released_since_ns, end_ns),
@@ -144,23 +253,25 @@ def epoch_requests(
 
 def requests_of(
     conn: sa.Connection, backends: Sequence[str], lo_ns: int, end_ns: int, hi_ns: int, released_since_ns: int
-) -> list[Row]:
-    """``epoch_requests`` for several backends and a run of epochs at once: (backend, *REQUEST_COLUMNS) rows."""
-    return fetch(
+) -> list[RequestRow]:
+    """``epoch_requests`` for several backends and a run of epochs at once."""
+    return fetch_as(
         conn,
-        f"SELECT backend, {', '.join(REQUEST_COLUMNS)} FROM requests WHERE backend IN ({marks(len(backends))}) "
+        RequestRow._make,
+        f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests WHERE backend IN ({marks(len(backends))}) "
         "AND done_ns >= ? AND ((released_ns < ? AND released_ns >= ?) OR done_ns < ?)",
         (*backends, lo_ns, hi_ns, released_since_ns, end_ns),
     )
 
 
-def open_requests(conn: sa.Connection, backends: Sequence[str], cutoff_ns: int) -> list[Row]:
-    """Per backend with open requests (done_ns NULL): (backend, earliest release at or after ``cutoff_ns``, how many
-    were released before it). Aggregated in the database: there may be thousands in flight."""
+def open_requests(conn: sa.Connection, backends: Sequence[str], cutoff_ns: int) -> list[OpenRequests]:
+    """Per backend with open requests (done_ns NULL): the earliest release at or after ``cutoff_ns``, and how many
+    were released before it. Aggregated in the database: there may be thousands in flight."""
     if not backends:
         return []
-    return fetch(
+    return fetch_as(
         conn,
+        OpenRequests._make,
         "SELECT backend, MIN(CASE WHEN released_ns >= ? THEN released_ns END), "
         "SUM(CASE WHEN released_ns < ? THEN 1 ELSE 0 END) FROM requests "
         f"WHERE backend IN ({marks(len(backends))}) AND done_ns IS NULL GROUP BY backend",
@@ -170,9 +281,8 @@ def open_requests(conn: sa.Connection, backends: Sequence[str], cutoff_ns: int) 
 
 def ingested_since(
     conn: sa.Connection, lo_ns: int, backends: Sequence[str], released_before_ns: int | None, unrouted: bool
-) -> list[Row]:
-    """(request_id, backend, released_ns, done_ns, ingested_ns, tenant, model_id, received_ns, prompt_tokens,
-    generated_tokens) of rows written after ``lo_ns`` that may need the engine: finished rows of ``backends``
+) -> list[IngestedRow]:
+    """Rows written after ``lo_ns`` that may need the engine: finished rows of ``backends``
     released before ``released_before_ns`` (late for an attributed epoch, maybe), and rows that never reached a
     backend (``unrouted``)."""
     conds = []
@@ -184,10 +294,10 @@ def ingested_since(
         params += [*backends, released_before_ns]
     if not conds:
         return []
-    return fetch(
+    return fetch_as(
         conn,
-        "SELECT request_id, backend, released_ns, done_ns, ingested_ns, tenant, model_id, received_ns, prompt_tokens, "
-        f"generated_tokens FROM requests WHERE ingested_ns > ? AND ({' OR '.join(conds)})",
+        IngestedRow._make,
+        f"SELECT {', '.join(IngestedRow._fields)} FROM requests WHERE ingested_ns > ? AND ({' OR '.join(conds)})",
         params,
     )
 
@@ -195,10 +305,11 @@ def ingested_since(
 # -- epochs --------------------------------------------------------------------------------------------------------
 
 
-def last_epoch(conn: sa.Connection, backend: str) -> Row | None:
-    """(epoch_start_ns, epoch_end_ns, last_reading_ns, attributed_at_ns) of the backend's newest epoch."""
-    rows = fetch(
+def last_epoch(conn: sa.Connection, backend: str) -> EpochMark | None:
+    """The backend's newest epoch."""
+    rows = fetch_as(
         conn,
+        EpochMark._make,
         "SELECT epoch_start_ns, epoch_end_ns, last_reading_ns, attributed_at_ns FROM backend_epochs "
         "WHERE backend = ? ORDER BY epoch_start_ns DESC LIMIT 1",
         (backend,),
@@ -206,10 +317,11 @@ def last_epoch(conn: sa.Connection, backend: str) -> Row | None:
     return rows[0] if rows else None
 
 
-def epochs_in(conn: sa.Connection, backend: str, start_lo_ns: int, start_hi_ns: int) -> list[Row]:
-    """(epoch_start_ns, epoch_end_ns, last_reading_ns, attributed_at_ns) with start in [lo, hi], by start."""
-    return fetch(
+def epochs_in(conn: sa.Connection, backend: str, start_lo_ns: int, start_hi_ns: int) -> list[EpochMark]:
+    """The backend's epochs with start in [lo, hi], by start."""
+    return fetch_as(
         conn,
+        EpochMark._make,
         "SELECT epoch_start_ns, epoch_end_ns, last_reading_ns, attributed_at_ns FROM backend_epochs "
         "WHERE backend = ? AND epoch_start_ns >= ? AND epoch_start_ns <= ? ORDER BY epoch_start_ns",
         (backend, start_lo_ns, start_hi_ns),
@@ -224,11 +336,11 @@ def epoch_attributed_at(conn: sa.Connection, backend: str, epoch_start_ns: int) 
     )
 
 
-def old_epoch_contribution(conn: sa.Connection, backend: str, epoch_start_ns: int) -> list[Row]:
-    """What an epoch's current request_energy rows add to usage: (received_ns, tenant, model_id, done_ns,
-    prompt_tokens, generated_tokens, prefill_mj, decode_mj, active_ns) per row, joined to its request."""
-    return fetch(
+def old_epoch_contribution(conn: sa.Connection, backend: str, epoch_start_ns: int) -> list[UsageContribution]:
+    """What an epoch's current request_energy rows add to usage, per row, joined to its request."""
+    return fetch_as(
         conn,
+        UsageContribution._make,
         "SELECT r.received_ns, r.tenant, r.model_id, r.done_ns, r.prompt_tokens, r.generated_tokens, "
         "e.prefill_mj, e.decode_mj, e.active_ns FROM request_energy e JOIN requests r ON r.request_id = e.request_id "
         "WHERE e.backend = ? AND e.epoch_start_ns = ?",
@@ -242,19 +354,19 @@ def delete_epoch(conn: sa.Connection, backend: str, epoch_start_ns: int) -> None
     conn.exec_driver_sql(_q(conn, "DELETE FROM backend_epochs WHERE backend = ? AND epoch_start_ns = ?"), params)
 
 
-def insert_backend_epoch(conn: sa.Connection, row: Row) -> None:
+def insert_backend_epoch(conn: sa.Connection, row: BackendEpochRow) -> None:
     insert_backend_epochs(conn, [row])
 
 
-def insert_backend_epochs(conn: sa.Connection, rows: Sequence[Row]) -> None:
+def insert_backend_epochs(conn: sa.Connection, rows: Sequence[BackendEpochRow]) -> None:
     if not rows:
         return
     cols = BACKEND_EPOCH_COLUMNS
     sql = _q(conn, f"INSERT INTO backend_epochs ({', '.join(cols)}) VALUES ({marks(len(cols))})")
     if len(rows) == 1:
-        conn.exec_driver_sql(sql, tuple(rows[0]))
+        conn.exec_driver_sql(sql, rows[0])
     else:
-        conn.exec_driver_sql(sql, [tuple(r) for r in rows])
+        conn.exec_driver_sql(sql, list(rows))
 
 
 def conflicting_request_energy(conn: sa.Connection, epoch_start_ns: int, backend: str, ids: Sequence[str]) -> set[str]:
@@ -285,7 +397,7 @@ def unrouted_markers(conn: sa.Connection, epoch_lo_ns: int, epoch_hi_ns: int) ->
     }
 
 
-def insert_request_energy(conn: sa.Connection, rows: Sequence[Row]) -> None:
+def insert_request_energy(conn: sa.Connection, rows: Sequence[RequestEnergyRow]) -> None:
     if not rows:
         return
     if conn.dialect.name == "postgresql":
@@ -298,12 +410,11 @@ def insert_request_energy(conn: sa.Connection, rows: Sequence[Row]) -> None:
 # -- seals ---------------------------------------------------------------------------------------------------------
 
 
-def pinned_rows(conn: sa.Connection, backend: str, epoch_start_ns: int) -> list[Row]:
-    """The epoch's request_energy rows of sealed requests, with what usage needs of their request:
-    (request_id, prefill_mj, decode_mj, active_ns, idle_time_mj, idle_tokens_mj, received_ns, tenant, model_id,
-    done_ns, prompt_tokens, generated_tokens)."""
-    return fetch(
+def pinned_rows(conn: sa.Connection, backend: str, epoch_start_ns: int) -> list[PinnedRow]:
+    """The epoch's request_energy rows of sealed requests, with what usage needs of their request."""
+    return fetch_as(
         conn,
+        PinnedRow._make,
         "SELECT e.request_id, e.prefill_mj, e.decode_mj, e.active_ns, e.idle_time_mj, e.idle_tokens_mj, "
         "r.received_ns, r.tenant, r.model_id, r.done_ns, r.prompt_tokens, r.generated_tokens "
         "FROM request_energy e JOIN request_seals s ON s.request_id = e.request_id "
@@ -329,12 +440,13 @@ def last_sealed_done(conn: sa.Connection, backend: str) -> int | None:
 
 def seal_candidates(
     conn: sa.Connection, backend: str, after: tuple[int, str], done_before_ns: int, limit: int
-) -> list[Row]:
+) -> list[SealCandidate]:
     """Finished, unsealed requests of ``backend`` with (done_ns, request_id) after ``after`` and done_ns before
-    ``done_before_ns``, in that order: (request_id, released_ns, done_ns, ingested_ns)."""
+    ``done_before_ns``, in that order."""
     done_after, id_after = after
-    return fetch(
+    return fetch_as(
         conn,
+        SealCandidate._make,
         "SELECT r.request_id, r.released_ns, r.done_ns, r.ingested_ns FROM requests r "
         "LEFT JOIN request_seals s ON s.request_id = r.request_id "
         "WHERE r.backend = ? AND r.done_ns >= ? AND r.done_ns < ? AND (r.done_ns > ? OR r.request_id > ?) "
@@ -343,14 +455,14 @@ def seal_candidates(
     )
 
 
-def unsealed_by_id(conn: sa.Connection, backend: str, ids: Sequence[str]) -> list[Row]:
-    """(request_id, released_ns, done_ns, ingested_ns) of those of ``ids`` that are finished requests of ``backend``
-    and not sealed."""
-    out: list[Row] = []
+def unsealed_by_id(conn: sa.Connection, backend: str, ids: Sequence[str]) -> list[SealCandidate]:
+    """Those of ``ids`` that are finished requests of ``backend`` and not sealed."""
+    out: list[SealCandidate] = []
     for i in range(0, len(ids), 500):
         chunk = ids[i : i + 500]
-        out += fetch(
+        out += fetch_as(
             conn,
+            SealCandidate._make,
             "SELECT r.request_id, r.released_ns, r.done_ns, r.ingested_ns FROM requests r "
             "LEFT JOIN request_seals s ON s.request_id = r.request_id "
             f"WHERE r.request_id IN ({marks(len(chunk))}) AND r.backend = ? AND r.done_ns IS NOT NULL "
@@ -375,7 +487,7 @@ def energy_sums(conn: sa.Connection, ids: Sequence[str]) -> dict[str, tuple[int,
     return out
 
 
-def insert_seals(conn: sa.Connection, rows: Sequence[Row]) -> None:
+def insert_seals(conn: sa.Connection, rows: Sequence[SealRow]) -> None:
     """Insert seals (SEAL_COLUMNS order); one that exists already (another meter sealed it) is left as it is."""
     if not rows:
         return
@@ -386,13 +498,12 @@ def insert_seals(conn: sa.Connection, rows: Sequence[Row]) -> None:
             f"INSERT INTO request_seals ({', '.join(cols)}) VALUES ({marks(len(cols))}) "
             "ON CONFLICT (request_id) DO NOTHING",
         ),
-        [tuple(r) for r in rows],
+        list(rows),
     )
 
 
-def add_usage(conn: sa.Connection, deltas: Sequence[Row]) -> None:
-    """Add (hour_start_ns, tenant, model_id, backend, requests, prompt_tokens, generated_tokens, prefill_mj,
-    decode_mj, active_ns) deltas to usage_hourly (insert or add)."""
+def add_usage(conn: sa.Connection, deltas: Sequence[UsageDeltaRow]) -> None:
+    """Add deltas to usage_hourly (insert or add)."""
     if not deltas:
         return
     cols = (*USAGE_KEY, *USAGE_VALUES)
@@ -404,13 +515,15 @@ def add_usage(conn: sa.Connection, deltas: Sequence[Row]) -> None:
     conn.exec_driver_sql(_q(conn, sql), list(deltas))
 
 
-def _copy(conn: sa.Connection, table: str, cols: Sequence[str], types: list[str], rows: Sequence[Row]) -> None:
+def _copy(
+    conn: sa.Connection, table: str, cols: Sequence[str], types: list[str], rows: Sequence[tuple[Any, ...]]
+) -> None:
     dbapi_conn = conn.connection.dbapi_connection
     assert dbapi_conn is not None
     cursor = dbapi_conn.cursor()
     statement = f"COPY {table} ({', '.join(cols)}) FROM STDIN (FORMAT BINARY)"
     try:
-        with cursor.copy(statement) as copy:  # type: ignore[attr-defined]
+        with cursor.copy(statement) as copy:
             copy.set_types(types)
             write_row = copy.write_row
             for r in rows:
@@ -447,8 +560,8 @@ def locked_transaction(engine: sa.Engine, names: str | Sequence[str]) -> Iterato
         if conn.dialect.name == "sqlite":
             dbapi = conn.connection.dbapi_connection
             assert dbapi is not None
-            saved = dbapi.isolation_level  # type: ignore[attr-defined]
-            dbapi.isolation_level = None  # type: ignore[attr-defined]  # we issue BEGIN ourselves
+            saved = dbapi.isolation_level
+            dbapi.isolation_level = None  # we issue BEGIN ourselves
             try:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 try:
@@ -460,7 +573,7 @@ def locked_transaction(engine: sa.Engine, names: str | Sequence[str]) -> Iterato
                 conn.exec_driver_sql("COMMIT")
                 conn.commit()  # clears SQLAlchemy's own transaction state; nothing left to commit in SQLite
             finally:
-                dbapi.isolation_level = saved  # type: ignore[attr-defined]
+                dbapi.isolation_level = saved
         else:
             with conn.begin():
                 if len(keys) == 1:

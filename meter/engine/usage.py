@@ -12,19 +12,18 @@ rows contribute. That is exact given the rule that decides what a row contribute
 
 Since a finished request's tenant, model, times and tokens never change, the old contribution read back inside the
 transaction is exactly what was added before. ``expected_usage`` recomputes the whole table by the same rule (tests
-compare; ``rebuild_usage`` repairs).
+compare).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import sqlalchemy as sa
 
-from meter.engine.sql import USAGE_KEY, USAGE_VALUES, Row, add_usage, fetch
+from meter.engine.sql import USAGE_KEY, USAGE_VALUES, UsageDeltaRow, fetch
 
-__all__ = ["HOUR_NS", "UsageDeltas", "expected_usage", "hour_of", "rebuild_usage", "usage_table"]
+__all__ = ["HOUR_NS", "UsageDeltas", "expected_usage", "hour_of", "usage_table"]
 
 HOUR_NS = 3_600_000_000_000
 UsageKey = tuple[int, str, str, str]  # (hour_start_ns, tenant, model_id, backend)
@@ -49,9 +48,13 @@ class UsageDeltas:
         for i, v in enumerate(values):
             acc[i] += sign * v
 
-    def rows(self) -> list[Row]:
-        """Non-zero deltas in ``add_usage``'s row layout, in a stable order (no deadlocks between writers)."""
-        return [(*k, *v) for k, v in sorted(self._sums.items()) if any(v)]
+    def merge(self, other: UsageDeltas) -> None:
+        for k, v in other._sums.items():
+            self.add(k, v)
+
+    def rows(self) -> list[UsageDeltaRow]:
+        """Non-zero deltas, in a stable order (no deadlocks between writers)."""
+        return [UsageDeltaRow(*k, *v) for k, v in sorted(self._sums.items()) if any(v)]
 
     def as_dict(self) -> dict[UsageKey, tuple[int, ...]]:
         return {k: tuple(v) for k, v in self._sums.items() if any(v)}
@@ -83,13 +86,3 @@ def usage_table(conn: sa.Connection) -> dict[UsageKey, tuple[int, ...]]:
         if any(values):
             out[(int(r[0]), r[1], r[2], r[3])] = values
     return out
-
-
-def rebuild_usage(engine: sa.Engine) -> int:
-    """Replace ``usage_hourly`` with ``expected_usage`` (a repair tool; the engine never needs it). Returns rows."""
-    with engine.begin() as conn:
-        expected = expected_usage(conn)
-        conn.exec_driver_sql("DELETE FROM usage_hourly")
-        rows: list[Any] = [(*k, *v) for k, v in sorted(expected.items())]
-        add_usage(conn, rows)
-    return len(rows)

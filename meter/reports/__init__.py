@@ -25,10 +25,11 @@ Semantics, shared by every report:
 
 Cost. Every query is bounded by an index range: a request by its primary key, a list page by ``(tenant,
 received_ns)`` or ``received_ns`` (keyset), usage by ``received_ns`` plus ``request_energy (backend, epoch_start_ns)``
-within the epochs the requests can touch, seals by their primary key. Usage therefore costs O(requests in the range)
-and reads raw rows, not ``usage_hourly``: the rollup counts a request only once its last epoch is attributed and
-cannot tell provisional requests or idle shares, so it is not exact for what this report promises. On PostgreSQL
-JIT is switched off for these queries (its compile time dwarfed them).
+within the epochs the requests can touch, seals by their primary key. Usage reads whole hours whose requests are all
+final from the engine's rollup of final figures (``usage_final_hourly``, ``meter.engine.rollup``) and raw rows only
+for the rest (the range's edges, hours still provisional or just reached by a late row), with the same integers as
+from raw rows alone; a month of a fleet costs ~720 rollup hours per group plus an hour or two of raw rows
+(``bench/reports.py``). On PostgreSQL JIT is switched off for these queries (its compile time dwarfed them).
 """
 
 from meter.reports.backends import get_backend_energy

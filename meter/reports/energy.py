@@ -10,8 +10,8 @@ request's own timeline when it wrote each epoch; a report only picks the column 
 (``meter.reports.settings``) and adds up. No report ever splits idle among neighbours, so every reader, any subset
 of requests, and any page of a list gets the same figure for the same request.
 
-Finality (``final_expr``): sealed, or ended without having done GPU work (``gpu_work_expr``, the billing rule of
-``meter.timeline.did_gpu_work`` in SQL). See ``meter.engine.finality``.
+Finality (``meter.engine.finality.final_expr``): sealed, or ended without having done GPU work (the billing rule of
+``meter.timeline.did_gpu_work`` in SQL).
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import sqlalchemy as sa
 from meter.engine import attributed_until
 from meter.reports.settings import BillingSettings, SettingsHistory
 from meter.reports.types import IdlePolicy
-from meter.store.models import BackendEpoch, Request, RequestEnergy, RequestSeal
-from meter.timeline import REFUSED_STATUSES
+from meter.store.models import BackendEpoch, Request, RequestEnergy, RequestSeal, table_of
 
 # How far past its end an epoch's readings may reach: the boundary reading is taken at least the counter lag (<= 2 s)
 # plus up to one reading interval (the engine splits longer ones off as gaps: 5 s by default) after the epoch's end.
@@ -33,10 +32,10 @@ READING_OVERHANG_NS = 60_000_000_000
 # The engine's longest epoch (meter.engine: epochs are at most an hour).
 MAX_EPOCH_NS = 3_600_000_000_000
 
-RQ = Request.__table__
-RE = RequestEnergy.__table__
-BE = BackendEpoch.__table__
-RS = RequestSeal.__table__
+RQ = table_of(Request)
+RE = table_of(RequestEnergy)
+BE = table_of(BackendEpoch)
+RS = table_of(RequestSeal)
 
 
 def tune_for_reports(conn: sa.Connection) -> None:
@@ -68,21 +67,6 @@ def attributed_until_all(conn: sa.Connection) -> dict[str, int]:
         if until is not None:
             out[name] = until
     return out
-
-
-def gpu_work_expr(r: sa.FromClause) -> sa.ColumnElement[bool]:
-    """``meter.timeline.did_gpu_work`` for the ``requests`` row ``r``: released to a backend, and it got a first token
-    or ended with a status that is not a refusal (or has not ended yet)."""
-    return sa.and_(
-        r.c.released_ns.is_not(None),
-        r.c.backend.is_not(None),
-        sa.or_(r.c.first_token_ns.is_not(None), r.c.status.is_(None), r.c.status.not_in(sorted(REFUSED_STATUSES))),
-    )
-
-
-def final_expr(r: sa.FromClause, seal: sa.FromClause) -> sa.ColumnElement[bool]:
-    """Whether the request row ``r`` (outer-joined to its ``request_seals`` row ``seal``) is final."""
-    return sa.or_(seal.c.request_id.is_not(None), sa.and_(r.c.done_ns.is_not(None), sa.not_(gpu_work_expr(r))))
 
 
 def energy_sums(

@@ -19,7 +19,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from meter.reports.energy import RQ, RS, energy_columns, energy_sums, final_expr, tune_for_reports
+from meter.engine.finality import final_expr
+from meter.reports.energy import RQ, RS, energy_columns, energy_sums, tune_for_reports
 from meter.reports.settings import SettingsHistory, settings_history
 from meter.reports.types import IdlePolicy, InvalidQuery, ReportOptions, RequestPage, RequestReport
 

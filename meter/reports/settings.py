@@ -24,6 +24,7 @@ import structlog
 
 from meter.reports.types import J_PER_KWH, MJ_PER_J, IdlePolicy, InvalidQuery, ReportOptions
 from meter.store.models import BillingSettings as BillingSettingsRow
+from meter.store.models import table_of
 from meter.store.upsert import dialect_insert
 
 log = structlog.get_logger(__name__)
@@ -37,7 +38,7 @@ __all__ = [
     "settings_history",
 ]
 
-BS = BillingSettingsRow.__table__
+BS = table_of(BillingSettingsRow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +158,12 @@ def seed_settings(engine: sa.Engine, config: BillingSettings, source: str) -> Se
     if not current.same_terms(config):
         log.warning(
             "billing_settings_differ_from_config",
-            stored=f"idle_policy={current.idle_policy.value} grid={current.grid_g_co2e_per_kwh:g} pue={current.pue:g}",
-            config=f"idle_policy={config.idle_policy.value} grid={config.grid_g_co2e_per_kwh:g} pue={config.pue:g}",
+            stored_idle_policy=current.idle_policy.value,
+            stored_grid_g_co2e_per_kwh=current.grid_g_co2e_per_kwh,
+            stored_pue=current.pue,
+            config_idle_policy=config.idle_policy.value,
+            config_grid_g_co2e_per_kwh=config.grid_g_co2e_per_kwh,
+            config_pue=config.pue,
             detail="bills use the stored settings; change them with `joulegate report settings --set`",
         )
     return history

@@ -8,14 +8,24 @@ straddles, e.g. the whole history, the two reconcile exactly: the usage total's 
 backends' ``prefill + decode``; under TIME or TOKENS, the usage total's ``idle`` is what the requests carry of the
 backends' ``idle`` (the rest stayed unshared: epochs with no request on the GPU, or a recompute that kept sealed
 requests' shares as they were).
+
+Where the numbers come from. Whole hours that the engine rolled up (``meter.engine.rollup``: every request of the
+hour final, so its sums never change) are read from ``usage_final_hourly``; everything else from raw rows: the
+partial hours at the edges of the range, hours still holding a provisional request, hours a late row reached since
+the engine last looked (``usage_rollup_state.checked_ns``), and hours in which a billing setting changed. Both give
+the same integers (a test compares them); ``co2e_g`` is a float sum and may differ in its last bits. A report over a
+month therefore reads ~720 rollup hours per (tenant, model, backend) plus the raw rows of the last hour or two.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 
+from meter.engine.finality import final_expr
 from meter.reports.energy import (
     MAX_EPOCH_NS,
     READING_OVERHANG_NS,
@@ -25,11 +35,10 @@ from meter.reports.energy import (
     by_settings,
     energy_columns,
     energy_sums,
-    final_expr,
     idle_column,
     tune_for_reports,
 )
-from meter.reports.settings import settings_history
+from meter.reports.settings import SettingsHistory, settings_history
 from meter.reports.types import (
     NO_BACKEND,
     NS_PER_DAY,
@@ -41,8 +50,14 @@ from meter.reports.types import (
     UsageReport,
     UsageRow,
 )
+from meter.store.models import UsageFinalHourly, UsageRollupHour, UsageRollupState, table_of
 
 OPEN_END_NS = 2**62  # stands for "not ended yet" when bounding the epochs of the requests
+UF = table_of(UsageFinalHourly)
+UH = table_of(UsageRollupHour)
+US = table_of(UsageRollupState)
+_ATTEMPTS = 3  # reads of the rollup that the engine changed under the reader are redone this many times at most
+Range = tuple[int | None, int]  # [lo, hi) in received_ns; lo None: from the beginning
 
 
 def rfc3339(ns: int) -> str:
@@ -80,18 +95,157 @@ def get_usage(
     start_ns: int | None = None,
     group_by: GroupBy = GroupBy.TENANT,
     tenant: str | None = None,
+    rollups: bool = True,
 ) -> UsageReport:
     """Requests received in ``[start_ns, end_ns)`` (optionally of one tenant), grouped; rows sorted by key.
 
     Each request brings its own stored figures (``meter.reports.energy``) under the settings in force when it was
     received (or the idle policy the reader asked for), so the groups add up to the total and to the requests.
+    ``rollups``: read rolled-up hours from ``usage_final_hourly`` (False: raw rows only, the reference).
     """
     check_range(start_ns, end_ns)
     tune_for_reports(conn)
     history = settings_history(conn, options)
-    conditions = [RQ.c.received_ns < end_ns]
-    if start_ns is not None:
-        conditions.append(RQ.c.received_ns >= start_ns)
+    sums: dict[Any, list[Any]] | None = None
+    for _attempt in range(_ATTEMPTS if rollups else 0):
+        plan = _rollup_plan(conn, start_ns, end_ns, history)
+        if plan is None:
+            break  # nothing rolled up yet
+        got: dict[Any, list[Any]] = {}
+        _add_raw(conn, got, plan.raw, group_by, tenant, history, options.idle_policy)
+        _add_rollup(conn, got, plan.rolled, group_by, tenant, history, options.idle_policy)
+        if _version(conn) == plan.version:  # the engine changed no rollup while we read
+            sums = got
+            break
+    if sums is None:
+        sums = {}
+        _add_raw(conn, sums, [(start_ns, end_ns)], group_by, tenant, history, options.idle_policy)
+    rows = tuple(
+        UsageRow(
+            key=rfc3339(int(k)) if group_by in (GroupBy.HOUR, GroupBy.DAY) else str(k),
+            requests=int(n),
+            prompt_tokens=int(prompt),
+            generated_tokens=int(generated),
+            prefill_mj=int(prefill),
+            decode_mj=int(decode),
+            idle_mj=int(idle_mj),
+            provisional_requests=int(provisional),
+            co2e_g=float(co2e),
+            estimated_prompt_requests=int(estimated),
+        )
+        for k, (n, prompt, generated, prefill, decode, idle_mj, provisional, co2e, estimated) in sorted(sums.items())
+    )
+    total = UsageRow(
+        key="total",
+        requests=sum(r.requests for r in rows),
+        prompt_tokens=sum(r.prompt_tokens for r in rows),
+        generated_tokens=sum(r.generated_tokens for r in rows),
+        prefill_mj=sum(r.prefill_mj for r in rows),
+        decode_mj=sum(r.decode_mj for r in rows),
+        idle_mj=sum(r.idle_mj for r in rows),
+        provisional_requests=sum(r.provisional_requests for r in rows),
+        co2e_g=sum(r.co2e_g for r in rows),
+        estimated_prompt_requests=sum(r.estimated_prompt_requests for r in rows),
+    )
+    asked = options.idle_policy
+    stored_asked = (
+        asked
+        if asked is not None and any(p.idle_policy is not asked for p in history.overlapping(start_ns, end_ns))
+        else None
+    )
+    return UsageReport(
+        rows=rows,
+        total=total,
+        group_by=group_by,
+        start_ns=start_ns,
+        end_ns=end_ns,
+        settings=history,
+        idle_policy_asked=stored_asked,
+    )
+
+
+# -- which hours come from the rollup ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    version: int  # usage_rollup_state.version when the plan was made
+    rolled: list[tuple[int, int]]  # [lo, hi) ranges of whole rolled hours, read from usage_final_hourly
+    raw: list[Range]  # the rest of the range, read from raw rows
+
+
+def _version(conn: sa.Connection) -> int | None:
+    return conn.execute(sa.select(US.c.version).where(US.c.id == 1)).scalar()
+
+
+def _rollup_plan(conn: sa.Connection, start_ns: int | None, end_ns: int, history: SettingsHistory) -> _Plan | None:
+    """Split ``[start_ns, end_ns)`` into whole rolled hours that a report may read from the rollup, and the rest;
+    None when nothing was ever rolled."""
+    state = conn.execute(sa.select(US.c.checked_ns, US.c.version).where(US.c.id == 1)).one_or_none()
+    if state is None:
+        return None
+    checked_ns, version = state
+    first = None if start_ns is None else -(-start_ns // NS_PER_HOUR) * NS_PER_HOUR  # the first whole hour
+    last = end_ns - end_ns % NS_PER_HOUR  # whole hours end here
+    q = sa.select(UH.c.hour_start_ns).where(UH.c.hour_start_ns < last)
+    if first is not None:
+        q = q.where(UH.c.hour_start_ns >= first)
+    hours = set(conn.execute(q).scalars())
+    if hours:
+        lo, hi = min(hours), max(hours) + NS_PER_HOUR
+        hour = RQ.c.received_ns - RQ.c.received_ns % NS_PER_HOUR
+        late = sa.select(hour).distinct().where(RQ.c.ingested_ns > checked_ns, RQ.c.received_ns >= lo)
+        hours -= set(conn.execute(late.where(RQ.c.received_ns < hi)).scalars())  # reopened soon: raw rows now
+        hours -= {
+            p.effective_ns - p.effective_ns % NS_PER_HOUR for p in history.periods if p.effective_ns % NS_PER_HOUR
+        }
+    rolled: list[tuple[int, int]] = []
+    for h in sorted(hours):
+        if rolled and rolled[-1][1] == h:
+            rolled[-1] = (rolled[-1][0], h + NS_PER_HOUR)
+        else:
+            rolled.append((h, h + NS_PER_HOUR))
+    raw: list[Range] = []
+    lo_ns: int | None = start_ns
+    for a, b in rolled:
+        if lo_ns is None or lo_ns < a:
+            raw.append((lo_ns, a))
+        lo_ns = b
+    if lo_ns is None or lo_ns < end_ns:
+        raw.append((lo_ns, end_ns))
+    return _Plan(int(version), rolled, raw)
+
+
+def _in_ranges(col: sa.ColumnElement[int], ranges: list[Range] | list[tuple[int, int]]) -> sa.ColumnElement[bool]:
+    return sa.or_(*(sa.and_(col >= lo, col < hi) if lo is not None else col < hi for lo, hi in ranges))
+
+
+def _accumulate(sums: dict[Any, list[Any]], rows: Any) -> None:
+    for k, *values in rows:
+        acc = sums.get(k)
+        if acc is None:
+            sums[k] = [v or 0 for v in values]
+        else:
+            for i, v in enumerate(values):
+                acc[i] += v or 0
+
+
+# -- raw rows ------------------------------------------------------------------------------------------------------
+
+
+def _add_raw(
+    conn: sa.Connection,
+    sums: dict[Any, list[Any]],
+    ranges: list[Range],
+    group_by: GroupBy,
+    tenant: str | None,
+    history: SettingsHistory,
+    asked: IdlePolicy | None,
+) -> None:
+    """Add the groups of the requests received in ``ranges``, each with its own stored figures."""
+    if not ranges:
+        return
+    conditions = [_in_ranges(RQ.c.received_ns, ranges)]
     if tenant:
         conditions.append(RQ.c.tenant == tenant)
     sel = (
@@ -118,14 +272,16 @@ def get_usage(
     # boundary reading) earlier. The last one starts no later than the requests' latest end.
     bounds = sa.select(sa.func.max(sa.func.coalesce(RQ.c.done_ns, OPEN_END_NS))).where(*conditions)
     latest_end = conn.execute(bounds).scalar_one_or_none()
+    if latest_end is None:
+        return  # no request in the ranges
+    start_ns = ranges[0][0]
     since_ns = None if start_ns is None else start_ns - MAX_EPOCH_NS - READING_OVERHANG_NS
-    sums = energy_sums(
+    energy = energy_sums(
         sa.select(sel.c.request_id),
         rows_since=None if since_ns is None else (backends, since_ns),
-        rows_until=None if latest_end is None else sa.literal(latest_end),
+        rows_until=sa.literal(latest_end),
     )
-    cols = energy_columns(sums, RS)
-    asked = options.idle_policy
+    cols = energy_columns(energy, RS)
 
     def idle_of(policy: IdlePolicy) -> sa.ColumnElement[int]:
         return idle_column(policy, cols["idle_time_mj"], cols["idle_tokens_mj"])
@@ -148,64 +304,81 @@ def get_usage(
             sa.case((final_expr(sel, RS), 0), else_=1).label("provisional"),
             sa.case((sel.c.prompt_tokens_estimated, 1), else_=0).label("estimated"),
         )
-        .outerjoin(sums, sums.c.request_id == sel.c.request_id)
+        .outerjoin(energy, energy.c.request_id == sel.c.request_id)
         .outerjoin(RS, RS.c.request_id == sel.c.request_id)
         .subquery("per")
     )
+    stmt = sa.select(
+        per.c.k,
+        sa.func.count(),
+        sa.func.sum(per.c.prompt_tokens),
+        sa.func.sum(per.c.generated_tokens),
+        sa.func.sum(per.c.prefill_mj),
+        sa.func.sum(per.c.decode_mj),
+        sa.func.sum(per.c.idle_mj),
+        sa.func.sum(per.c.provisional),
+        sa.func.sum(per.c.co2e_g),
+        sa.func.sum(per.c.estimated),
+    ).group_by(per.c.k)
+    _accumulate(sums, conn.execute(stmt))
+
+
+# -- rolled-up hours -----------------------------------------------------------------------------------------------
+
+
+def _rollup_key(group_by: GroupBy) -> sa.ColumnElement[object]:
+    match group_by:
+        case GroupBy.TENANT:
+            return UF.c.tenant
+        case GroupBy.MODEL:
+            return UF.c.model_id
+        case GroupBy.BACKEND:
+            return sa.case((UF.c.backend == "", NO_BACKEND), else_=UF.c.backend)
+        case GroupBy.HOUR:
+            return UF.c.hour_start_ns
+        case GroupBy.DAY:
+            return UF.c.hour_start_ns - UF.c.hour_start_ns % NS_PER_DAY
+    raise InvalidQuery("group_by", f"unknown grouping {group_by!r}")
+
+
+def _add_rollup(
+    conn: sa.Connection,
+    sums: dict[Any, list[Any]],
+    ranges: list[tuple[int, int]],
+    group_by: GroupBy,
+    tenant: str | None,
+    history: SettingsHistory,
+    asked: IdlePolicy | None,
+) -> None:
+    """Add the groups of the rolled-up hours in ``ranges`` (no billing setting changes inside any of them, so the
+    settings of an hour's start are those of each of its requests)."""
+    if not ranges:
+        return
+
+    def idle_of(policy: IdlePolicy) -> sa.ColumnElement[int]:
+        return idle_column(policy, UF.c.idle_time_mj, UF.c.idle_tokens_mj)
+
+    hour = UF.c.hour_start_ns
+    idle = idle_of(asked) if asked is not None else by_settings(hour, history, lambda p: idle_of(p.idle_policy))
+    factor = by_settings(hour, history, lambda p: sa.literal(p.co2e_g_per_mj, sa.Float))
+    k = _rollup_key(group_by).label("k")
+    conditions = [_in_ranges(hour, ranges)]
+    if tenant:
+        conditions.append(UF.c.tenant == tenant)
     stmt = (
         sa.select(
-            per.c.k,
-            sa.func.count(),
-            sa.func.sum(per.c.prompt_tokens),
-            sa.func.sum(per.c.generated_tokens),
-            sa.func.sum(per.c.prefill_mj),
-            sa.func.sum(per.c.decode_mj),
-            sa.func.sum(per.c.idle_mj),
-            sa.func.sum(per.c.provisional),
-            sa.func.sum(per.c.co2e_g),
-            sa.func.sum(per.c.estimated),
+            k,
+            sa.func.sum(UF.c.requests),
+            sa.func.sum(UF.c.prompt_tokens),
+            sa.func.sum(UF.c.generated_tokens),
+            sa.func.sum(UF.c.prefill_mj),
+            sa.func.sum(UF.c.decode_mj),
+            sa.func.sum(idle),
+            sa.literal(0, sa.BigInteger),
+            sa.func.sum(sa.cast(UF.c.prefill_mj + UF.c.decode_mj + idle, sa.Float) * factor),
+            sa.func.sum(UF.c.estimated_prompt_requests),
         )
-        .group_by(per.c.k)
-        .order_by(per.c.k)
+        .where(*conditions)
+        .group_by(k)
     )
-    rows = tuple(
-        UsageRow(
-            key=rfc3339(int(k)) if group_by in (GroupBy.HOUR, GroupBy.DAY) else str(k),
-            requests=int(n),
-            prompt_tokens=int(prompt or 0),
-            generated_tokens=int(generated or 0),
-            prefill_mj=int(prefill or 0),
-            decode_mj=int(decode or 0),
-            idle_mj=int(idle_mj or 0),
-            provisional_requests=int(provisional or 0),
-            co2e_g=float(co2e or 0.0),
-            estimated_prompt_requests=int(estimated or 0),
-        )
-        for k, n, prompt, generated, prefill, decode, idle_mj, provisional, co2e, estimated in conn.execute(stmt)
-    )
-    total = UsageRow(
-        key="total",
-        requests=sum(r.requests for r in rows),
-        prompt_tokens=sum(r.prompt_tokens for r in rows),
-        generated_tokens=sum(r.generated_tokens for r in rows),
-        prefill_mj=sum(r.prefill_mj for r in rows),
-        decode_mj=sum(r.decode_mj for r in rows),
-        idle_mj=sum(r.idle_mj for r in rows),
-        provisional_requests=sum(r.provisional_requests for r in rows),
-        co2e_g=sum(r.co2e_g for r in rows),
-        estimated_prompt_requests=sum(r.estimated_prompt_requests for r in rows),
-    )
-    stored_asked = (
-        asked
-        if asked is not None and any(p.idle_policy is not asked for p in history.overlapping(start_ns, end_ns))
-        else None
-    )
-    return UsageReport(
-        rows=rows,
-        total=total,
-        group_by=group_by,
-        start_ns=start_ns,
-        end_ns=end_ns,
-        settings=history,
-        idle_policy_asked=stored_asked,
-    )
+    _accumulate(sums, conn.execute(stmt))

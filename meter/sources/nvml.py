@@ -20,6 +20,7 @@ import pynvml
 import structlog
 
 from common.errors import JoulegateError
+from meter.lifecycle import Lifecycle
 from meter.samples import Sample
 
 log = structlog.get_logger(__name__)
@@ -95,7 +96,7 @@ class NvmlSource:
 
     def __init__(self, gpu_indices: Sequence[int] | None = None) -> None:
         _init()
-        self._closed = False
+        self._state = Lifecycle.RUNNING
         try:
             opened = _handles(gpu_indices)
             self._indices = [i for i, _ in opened]
@@ -145,9 +146,9 @@ class NvmlSource:
 
     def close(self) -> None:
         """Shut NVML down (once; later calls do nothing)."""
-        if self._closed:
+        if self._state is Lifecycle.CLOSED:
             return
-        self._closed = True
+        self._state = Lifecycle.CLOSED
         try:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError as e:

@@ -15,7 +15,10 @@ from meter.store.models import (
     RequestEnergy,
     Sample,
     Tenant,
+    UsageFinalHourly,
     UsageHourly,
+    UsageRollupHour,
+    UsageRollupState,
     metadata,
 )
 from meter.store.retention import prune_samples
@@ -31,7 +34,10 @@ __all__ = [
     "RequestEnergy",
     "Sample",
     "Tenant",
+    "UsageFinalHourly",
     "UsageHourly",
+    "UsageRollupHour",
+    "UsageRollupState",
     "create_key",
     "current",
     "ensure_schema",

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine.interfaces import DBAPIModule
 
-from meter.store.models import Request, Sample
+from meter.store.models import Request, Sample, table_of
 
 # Row layouts (tuple orders). ``ingested_ns`` is not part of a row: the writer adds it.
 START_COLUMNS = ("request_id", "tenant", "model_id", "backend", "received_ns", "released_ns")
@@ -55,8 +55,8 @@ SAMPLE_COLUMNS = ("device", "t_ns", "energy_mj", "error")
 
 Row = tuple[Any, ...]
 
-_REQUESTS = Request.__table__
-_SAMPLES = Sample.__table__
+_REQUESTS = table_of(Request)
+_SAMPLES = table_of(Sample)
 _COMPARED = TIMELINE_COLUMNS[1:]  # a timeline changes a row iff one of these differs
 
 

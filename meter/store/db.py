@@ -139,7 +139,3 @@ def make_engine(url: str | URL, **kw: Any) -> sa.Engine:
     if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
-
-
-def dialect_name(engine: sa.Engine | sa.Connection) -> str:
-    return engine.dialect.name

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from meter.store.models import ApiKey, Tenant
+from meter.store.models import ApiKey, Tenant, table_of
 from meter.store.upsert import dialect_insert
 
 KEY_PREFIX = "jg"
@@ -80,7 +80,7 @@ def parse_key_id(key: str) -> str | None:
 
 
 def _tenant_id(conn: sa.Connection, tenant: str, now_ns: int) -> int:
-    table = Tenant.__table__
+    table = table_of(Tenant)
     conn.execute(
         dialect_insert(conn)(table)
         .values(name=tenant, created_ns=now_ns)
@@ -107,7 +107,7 @@ def create_key(
             with engine.begin() as conn:
                 tenant_id = _tenant_id(conn, tenant, now_ns)
                 conn.execute(
-                    sa.insert(ApiKey.__table__).values(
+                    sa.insert(table_of(ApiKey)).values(
                         key_id=key_id,
                         key_hash=hash_key(key),
                         tenant_id=tenant_id,
@@ -129,7 +129,7 @@ def lookup_key(engine: sa.Engine, key: str) -> KeyInfo | None:
     key_id = parse_key_id(key)
     if key_id is None:
         return None
-    keys, tenants = ApiKey.__table__, Tenant.__table__
+    keys, tenants = table_of(ApiKey), table_of(Tenant)
     with engine.connect() as conn:
         row = conn.execute(
             sa.select(keys.c.key_id, tenants.c.name, keys.c.admin, keys.c.default_class)
@@ -143,7 +143,7 @@ def lookup_key(engine: sa.Engine, key: str) -> KeyInfo | None:
 
 def list_keys(engine: sa.Engine, *, include_revoked: bool = True) -> list[KeyRecord]:
     """Every key (oldest first), without secrets."""
-    keys, tenants = ApiKey.__table__, Tenant.__table__
+    keys, tenants = table_of(ApiKey), table_of(Tenant)
     query = (
         sa.select(
             keys.c.key_id,
@@ -176,7 +176,7 @@ def list_keys(engine: sa.Engine, *, include_revoked: bool = True) -> list[KeyRec
 
 def revoke_key(engine: sa.Engine, key_id: str) -> bool:
     """Revoke the key ``key_id``. True if it was valid and is now revoked; False if unknown or already revoked."""
-    keys = ApiKey.__table__
+    keys = table_of(ApiKey)
     with engine.begin() as conn:
         result = conn.execute(
             sa.update(keys)

@@ -35,6 +35,13 @@ class Base(DeclarativeBase):
     __table__: ClassVar[sa.Table]  # every model here maps one table (the default type is any FromClause)
 
 
+def table_of(model: type[Base]) -> sa.Table:
+    """A model's table, typed as the ``Table`` it is (``__table__`` is typed as any ``FromClause``)."""
+    table = model.__table__
+    assert isinstance(table, sa.Table)
+    return table
+
+
 class Tenant(Base):
     """A billing party. Requests, keys and reports are scoped to one tenant.
 
@@ -314,6 +321,56 @@ class UsageHourly(Base):
     prefill_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of the requests' prefill energy")
     decode_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of the requests' decode energy")
     active_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of the requests' time on a backend")
+
+
+class UsageFinalHourly(Base):
+    """Hourly rollup of *final* figures per (tenant, model, backend) (``meter.engine.rollup``): written once for an
+    hour every request of which is final (``usage_rollup_hours`` says which hours), so its totals never change;
+    usage reports read it for whole hours and raw rows for the rest."""
+
+    __tablename__ = "usage_final_hourly"
+
+    hour_start_ns: Mapped[int] = mapped_column(
+        sa.BigInteger, primary_key=True, comment="start of the UTC hour the requests were received in"
+    )
+    tenant: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="tenant name")
+    model_id: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="model id")
+    backend: Mapped[str] = mapped_column(
+        sa.String, primary_key=True, comment="backend name; '' for requests that never reached one"
+    )
+    requests: Mapped[int] = mapped_column(sa.BigInteger, comment="requests received in the hour")
+    prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of prompt_tokens")
+    generated_tokens: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of generated_tokens")
+    estimated_prompt_requests: Mapped[int] = mapped_column(
+        sa.BigInteger, comment="requests whose prompt count is an estimate"
+    )
+    prefill_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of the requests' final prefill energy")
+    decode_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of the requests' final decode energy")
+    idle_time_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of their idle shares under 'time'")
+    idle_tokens_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="sum of their idle shares under 'tokens'")
+
+
+class UsageRollupHour(Base):
+    """An hour rolled into ``usage_final_hourly`` (also when it held no request)."""
+
+    __tablename__ = "usage_rollup_hours"
+
+    hour_start_ns: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, comment="start of the UTC hour")
+    rolled_at_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="rows ingested up to this time are in it")
+    requests: Mapped[int] = mapped_column(sa.BigInteger, comment="requests rolled up")
+
+
+class UsageRollupState(Base):
+    """One row: how far request rows were checked for late arrivals into rolled hours, and a version that every
+    change to the rollup bumps (readers retry when it moved under them)."""
+
+    __tablename__ = "usage_rollup_state"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False, comment="always 1")
+    checked_ns: Mapped[int] = mapped_column(
+        sa.BigInteger, comment="rows ingested after this may fall in a rolled hour: those hours read raw rows"
+    )
+    version: Mapped[int] = mapped_column(sa.BigInteger, comment="bumped by every change to the rollup")
 
 
 metadata = Base.metadata

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from meter.store.models import Sample
+from meter.store.models import Sample, table_of
 
 
 def prune_samples(engine: sa.Engine, older_than_ns: int, *, chunk_rows: int = 50_000) -> int:
@@ -13,7 +13,7 @@ def prune_samples(engine: sa.Engine, older_than_ns: int, *, chunk_rows: int = 50
     Deletes in chunks of at most ``chunk_rows`` (one transaction each), so a first prune after weeks does not hold
     a write lock on SQLite, or bloat one PostgreSQL transaction, for long.
     """
-    table = Sample.__table__
+    table = table_of(Sample)
     total = 0
     while True:
         with engine.begin() as conn:

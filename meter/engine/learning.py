@@ -1,0 +1,168 @@
+"""What the engine learns about a backend from the epochs it attributes: the calibrated power model and the idle floor.
+
+Kept in memory, per backend (``Learning``). The engine never changes a backend's ``Learning`` before an epoch's
+write has committed: a batch of new epochs is computed with a private copy (``copy``) that each epoch feeds in turn
+(``learn``: later epochs of the batch use what the earlier ones taught), and the backend adopts that copy once the
+batch committed. A write that fails leaves the backend's learning as it was, so an epoch that is redone (another
+meter wrote it first) feeds the calibration once, never twice. Recomputes do not learn (``policy``): they use what
+is known, plus the epoch's own idle stretches.
+
+Calibration (``meter.engine.calibrate``): the counter lag and the prefill/active power ratio, fitted by least
+squares over the counter's own readings (leaving out the intervals near abandoned prefills, whose classes are
+guesses); fed every epoch while warming, then one epoch per ``calibration_refresh_ns``. When the fit settles or
+moves, the recent epochs computed under the old model are to be redone (``learn`` returns them).
+
+Idle floor (``idle_power="auto"``, ``meter.engine.idle``): measured over the epoch's reading intervals that no
+request came near, pooled with the backend's recent epochs when the epoch has less than ``min_idle_ns`` of them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from meter.attribution import AttributionPolicy, request_phases
+from meter.engine.calibrate import ClassTimeline, LagCalibrator, PowerModel
+from meter.engine.idle import IdleEstimate, busy_windows, estimate_idle
+from meter.engine.readings import EpochReadings
+from meter.engine.settings import EngineSettings
+from meter.timeline import Timeline
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["Learning"]
+
+_MS = 1_000_000
+IDLE_HISTORY_EPOCHS = 60  # idle stretches of this many recent epochs measure the floor when one epoch has too few
+RECALIBRATE_EPOCHS = 30  # when the calibration first settles or moves, this many recent epochs are recomputed
+
+
+@dataclass(slots=True)
+class Learning:
+    """One backend's learned state."""
+
+    idle_power_w: float | None = None  # the idle floor in use (auto), once measured
+    idle_history: deque[IdleEstimate] = field(default_factory=lambda: deque(maxlen=IDLE_HISTORY_EPOCHS))
+    calibrator: LagCalibrator | None = None
+    calibrated_at_ns: int | None = None  # start of the last epoch fed to the calibrator
+    recent: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=RECALIBRATE_EPOCHS))
+
+    @property
+    def model(self) -> PowerModel | None:
+        return self.calibrator.model if self.calibrator is not None else None
+
+    def copy(self) -> Learning:
+        """A private copy to learn into; the original is untouched until the caller adopts the copy."""
+        return Learning(
+            self.idle_power_w,
+            deque(self.idle_history, maxlen=IDLE_HISTORY_EPOCHS),
+            self.calibrator.copy() if self.calibrator is not None else None,
+            self.calibrated_at_ns,
+            deque(self.recent, maxlen=RECALIBRATE_EPOCHS),
+        )
+
+    def policy(self, s: EngineSettings, readings: EpochReadings, working: Sequence[Timeline]) -> AttributionPolicy:
+        """The policy for an epoch that is not learned from (a recompute): the current model, and the idle floor
+        the epoch's own idle stretches would give with the recent history. Changes nothing."""
+        model = self.model if s.calibrate else None
+        lag = model.lag_ns if model is not None else s.lag_ns
+        idle_w = self._idle_floor(s, readings, working, lag, list(self.idle_history))[0]
+        return _policy(s, idle_w, lag, model)
+
+    def learn(
+        self,
+        s: EngineSettings,
+        backend: str,
+        start: int,
+        end: int,
+        readings: EpochReadings,
+        working: Sequence[Timeline],
+    ) -> tuple[AttributionPolicy, dict[int, int]]:
+        """Learn from a new epoch [start, end) and return the policy to attribute it with, and the recent epochs
+        (start -> end) to redo because the calibration settled or moved. Mutates this object: call it on a copy."""
+        redo: dict[int, int] = {}
+        model = self._calibrate(s, backend, start, readings, working, redo) if s.calibrate else None
+        self.recent.append((start, end))
+        lag = model.lag_ns if model is not None else s.lag_ns
+        idle_w, history = self._idle_floor(s, readings, working, lag, self.idle_history)
+        if s.idle_power == "auto":
+            self.idle_history = deque(history, maxlen=IDLE_HISTORY_EPOCHS)
+            self.idle_power_w = idle_w
+        return _policy(s, idle_w, lag, model), redo
+
+    def _calibrate(
+        self,
+        s: EngineSettings,
+        backend: str,
+        start: int,
+        readings: EpochReadings,
+        working: Sequence[Timeline],
+        redo: dict[int, int],
+    ) -> PowerModel | None:
+        """Feeds the calibrator this epoch while it is young, then now and then; returns the model."""
+        if self.calibrator is None:
+            self.calibrator = LagCalibrator(s.calibration_lags_ns)
+        cal = self.calibrator
+        due = cal.warming or self.calibrated_at_ns is None or start - self.calibrated_at_ns >= s.calibration_refresh_ns
+        if due and working and readings.segments:
+            uncertain = [(t.released_ns, t.done_ns) for t in working if t.abandoned_prefill]
+            phases = request_phases(list(working), s.policy(None), since_ns=start)
+            classes = ClassTimeline.from_phases(phases, uncertain)  # type: ignore[arg-type]
+            before = cal.model
+            cal.add(readings.segments, classes, self.idle_power_w if s.idle_power == "auto" else None)
+            self.calibrated_at_ns = start
+            m = cal.model
+            if m is not None and (
+                before is None
+                or abs(before.lag_ns - m.lag_ns) >= 20 * _MS
+                or abs(before.prefill_power_ratio / m.prefill_power_ratio - 1) > 0.1
+            ):
+                # The model settled or moved: the epochs attributed under the old one are redone (exactly, as any
+                # recompute), so that a backend's recent history shares one model.
+                redo.update((e_start, e_end) for e_start, e_end in self.recent if e_start < start)
+                log.info(
+                    "engine_calibrated",
+                    backend=backend,
+                    lag_ms=m.lag_ns / _MS,
+                    prefill_w=round(m.prefill_w, 1),
+                    active_w=round(m.active_w, 1),
+                    idle_w=None if m.idle_w is None else round(m.idle_w, 1),
+                    intervals=m.intervals,
+                    recomputing=len(redo),
+                )
+        return cal.model
+
+    def _idle_floor(
+        self,
+        s: EngineSettings,
+        readings: EpochReadings,
+        working: Sequence[Timeline],
+        lag: int,
+        history: Sequence[IdleEstimate],
+    ) -> tuple[float | None, list[IdleEstimate]]:
+        """The idle floor for an epoch, and the history with its own idle stretches added. Pure."""
+        if not isinstance(s.idle_power, str):
+            return float(s.idle_power), list(history)
+        if s.idle_power == "time":
+            return None, list(history)
+        busy = busy_windows((t.released_ns, t.done_ns) for t in working)  # type: ignore[misc]
+        est = estimate_idle(readings.segments, busy, lag, s.idle_margin_ns)
+        pooled = [] if est.duration_ns >= s.min_idle_ns else list(history)  # enough idle time in this epoch alone
+        if est.duration_ns > 0:
+            pooled.append(est)
+        pooled = pooled[-IDLE_HISTORY_EPOCHS:]
+        total = IdleEstimate(sum(e.energy_mj for e in pooled), sum(e.duration_ns for e in pooled))
+        if total.duration_ns >= s.min_idle_ns and total.power_w is not None:
+            return total.power_w, pooled
+        return self.idle_power_w, pooled
+
+
+def _policy(s: EngineSettings, idle_w: float | None, lag: int, model: PowerModel | None) -> AttributionPolicy:
+    """The attribution policy of a calibrated model (prefill power at no tokens and per 1,000 step tokens), or the
+    configured one."""
+    if model is None:
+        return s.policy(idle_w, lag)
+    return s.policy(idle_w, lag, model.prefill_ratio_at_no_tokens, model.prefill_ratio_per_1k_tokens)
