@@ -1,35 +1,50 @@
-"""What the gateway adds: the same streaming workload straight to the simulated TGI and through joulegate.
+"""What the gateway adds, against the floor: the same streaming workload straight to the simulated TGI, through a
+relay with no logic (``bench/relay.py``, the least a Python gateway adds), through joulegate's HTTP routes (TGI's
+``/generate_stream`` and OpenAI's ``/v1/chat/completions``) and gRPC (``GenerateStream``), and — when given — through
+the LiteLLM proxy, all interleaved in one run.
 
-The simulator runs with ``--time-scale 0`` (every step instantaneous), so what remains is transport and the
-gateway's own work. At each concurrency level the same requests go (1) straight to the simulator over HTTP
-(``/generate_stream``, SSE) and (2) through the gateway over gRPC (``GenerateStream``), one after the other in the
-same run. The simulator, the gateway and this load generator are three processes on the same machine.
+Two simulator modes: time scale 0 (every step instantaneous: what remains is transport and the gateways' own work)
+and paced (``--time-scale 0.05``: tokens arrive spread out, every token its own read). At each concurrency level
+every route runs ``--rounds`` times in rotating order; a route's figures are medians over rounds, and its *added*
+latency is its p50/p99 minus the direct route's in the same round (TGI routes against direct ``/generate_stream``,
+OpenAI routes against direct ``/v1/chat/completions``, gRPC against direct ``/generate_stream``).
 
-Prints a table per level, then ``RESULT added_p50_ms=… added_p99_ms=… proxy_tokens_per_s=… direct_tokens_per_s=…``:
-added latency per request at a single stream (what one client feels), and the best streamed tokens/s over all
-levels (what one gateway process can carry).
+Ends with ``RESULT added_p50_ms=… added_p99_ms=… floor_added_p50_ms=… p50_ratio_to_floor=… p99_c16_ms=…
+proxy_tokens_per_s=… tokens_ratio_to_floor=… grpc_added_p50_ms=…``: ``added_*`` is joulegate's worst HTTP route at
+one stream (time scale 0), the floor is the relay's, ``p99_c16_ms`` joulegate's worst HTTP route's added p99 at 16
+streams, tokens/s the best over levels of joulegate's worst HTTP route against the relay's.
 
-    python -m bench.proxy_overhead [--quick]
+    python -m bench.proxy_overhead [--quick] [--litellm /path/to/venv/bin/litellm]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import shutil
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import grpc
 
-from bench._procs import gateway_process, sim_process
+from bench._procs import free_port, gateway_process, sim_process
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pbg
 
 PROMPT = "Explain in one paragraph why batching requests saves energy on a GPU serving a language model."
+One = Callable[[], Awaitable[int]]
+LITELLM_KEY = "sk-joulegate-bench"
 
 
 @dataclass
@@ -47,7 +62,7 @@ class Run:
         return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def _drive(concurrency: int, requests: int, one) -> Run:
+async def drive(concurrency: int, requests: int, one: One) -> Run:
     lat: list[float] = []
     tokens = 0
     todo = iter(range(requests))
@@ -65,81 +80,202 @@ async def _drive(concurrency: int, requests: int, one) -> Run:
     return Run(lat, tokens, time.perf_counter() - t0)
 
 
-async def direct(url: str, concurrency: int, requests: int, new_tokens: int) -> Run:
+def tgi_route(http: aiohttp.ClientSession, base: str, new_tokens: int) -> One:
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": new_tokens, "details": True}}
-    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=0)) as http:
 
-        async def one() -> int:
-            n = 0
-            async with http.post("/generate_stream", json=body) as resp:
-                async for line in resp.content:
-                    if line.startswith(b"data:"):
-                        n += 1
-            return n
+    async def one() -> int:
+        n = 0
+        async with http.post(f"{base}/generate_stream", json=body) as resp:
+            assert resp.status == 200, resp.status
+            async for line in resp.content:
+                n += line.startswith(b"data:")
+        return n
 
-        await _drive(min(concurrency, 8), min(requests, 16), one)  # warm-up
-        return await _drive(concurrency, requests, one)
+    return one
 
 
-async def proxied(port: int, concurrency: int, requests: int, new_tokens: int) -> Run:
+def openai_route(
+    http: aiohttp.ClientSession, base: str, new_tokens: int, model: str, headers: dict[str, str] | None = None
+) -> One:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": new_tokens,
+        "stream": True,
+    }
+
+    async def one() -> int:
+        n = 0
+        async with http.post(f"{base}/v1/chat/completions", json=body, headers=headers) as resp:
+            assert resp.status == 200, (resp.status, await resp.text())
+            async for line in resp.content:
+                n += line.startswith(b"data:") and not line.startswith(b"data: [DONE]")
+        return n
+
+    return one
+
+
+def grpc_route(stub: pbg.GenerationServiceStub, new_tokens: int) -> One:
     req = pb.SingleGenerationRequest(
         request=pb.GenerationRequest(text=PROMPT),
         params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=new_tokens)),
     )
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub = pbg.GenerationServiceStub(ch)
 
-        async def one() -> int:
-            n = 0
-            async for msg in stub.GenerateStream(req):
-                n = msg.generated_token_count  # cumulative: one message may carry several tokens
-            return n
+    async def one() -> int:
+        n = 0
+        async for msg in stub.GenerateStream(req):
+            n = msg.generated_token_count  # cumulative: one message may carry several tokens
+        return n
 
-        await _drive(min(concurrency, 8), min(requests, 16), one)  # warm-up
-        return await _drive(concurrency, requests, one)
+    return one
+
+
+def _wait_port(port: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        try:
+            _wait_port(port)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+# route name -> the direct route its added latency is measured against
+BASELINE = {
+    "relay-tgi": "direct-tgi",
+    "joulegate-tgi": "direct-tgi",
+    "relay-openai": "direct-openai",
+    "joulegate-openai": "direct-openai",
+    "joulegate-grpc": "direct-tgi",
+    "litellm-openai": "direct-openai",
+}
+JOULEGATE_HTTP = ("joulegate-tgi", "joulegate-openai")
+
+
+async def measure(urls: dict[str, str], grpc_port: int, levels: list[int], rounds: int, quick: bool,
+                  new_tokens: int) -> dict[int, dict[str, dict[str, float]]]:  # fmt: skip
+    """level -> route -> {p50, p99, tps, added_p50, added_p99} (medians over rounds)."""
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with (
+        aiohttp.ClientSession(connector=connector) as http,
+        grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+    ):
+        routes: dict[str, One] = {
+            "direct-tgi": tgi_route(http, urls["sim"], new_tokens),
+            "relay-tgi": tgi_route(http, urls["relay"], new_tokens),
+            "joulegate-tgi": tgi_route(http, urls["joulegate"], new_tokens),
+            "direct-openai": openai_route(http, urls["sim"], new_tokens, "tgi"),
+            "relay-openai": openai_route(http, urls["relay"], new_tokens, "tgi"),
+            "joulegate-openai": openai_route(http, urls["joulegate"], new_tokens, "tgi"),
+            "joulegate-grpc": grpc_route(pbg.GenerationServiceStub(channel), new_tokens),
+        }
+        if "litellm" in urls:
+            auth = {"authorization": f"Bearer {LITELLM_KEY}"}
+            routes["litellm-openai"] = openai_route(http, urls["litellm"], new_tokens, "sim", auth)
+        names = list(routes)
+        for one in routes.values():  # warm-up: connections, caches, the first-call paths
+            await drive(4, 8, one)
+        for c in levels:
+            n = max(60 if quick else 200, 3 * c)
+            per: dict[str, list[Run]] = defaultdict(list)
+            for r in range(rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    per[name].append(await drive(c, n, routes[name]))
+            row: dict[str, dict[str, float]] = {}
+            for name, runs in per.items():
+                fig = {
+                    "p50": statistics.median(x.pct(0.5) for x in runs),
+                    "p99": statistics.median(x.pct(0.99) for x in runs),
+                    "tps": statistics.median(x.tokens_per_s for x in runs),
+                }
+                if name in BASELINE:
+                    base = per[BASELINE[name]]
+                    fig["added_p50"] = statistics.median(
+                        x.pct(0.5) - b.pct(0.5) for x, b in zip(runs, base, strict=True)
+                    )
+                    fig["added_p99"] = statistics.median(
+                        x.pct(0.99) - b.pct(0.99) for x, b in zip(runs, base, strict=True)
+                    )
+                row[name] = fig
+            out[c] = row
+            print(f"--- {c} stream(s), {n} requests a run, {rounds} rounds (medians)", flush=True)
+            for name, fig in row.items():
+                added = (
+                    f"added p50 {fig['added_p50']:6.2f} p99 {fig['added_p99']:7.2f} ms" if "added_p50" in fig else ""
+                )
+                print(f"  {name:17s} p50 {fig['p50']:7.2f} p99 {fig['p99']:7.2f} ms {fig['tps']:9.0f} tok/s  {added}")
+    return out
+
+
+@contextlib.contextmanager
+def stack(workdir: Path, time_scale: str, litellm: str | None) -> Iterator[tuple[dict[str, str], int]]:
+    with contextlib.ExitStack() as es:
+        sim = es.enter_context(sim_process("--time-scale", time_scale, "--max-concurrent-requests", "1024"))
+        relay_port = free_port()
+        relay_cmd = [sys.executable, "-m", "bench.relay", "--port", str(relay_port), "--upstream", sim]
+        relay = es.enter_context(process(relay_cmd, relay_port, workdir / "relay.log"))
+        http_port = free_port()
+        grpc_port, _ = es.enter_context(
+            gateway_process(
+                workdir,
+                [sim],
+                env={"JOULEGATE_BACKEND_POOL__MAX_CONCURRENT_REQUESTS": "1024"},
+                args=("--http-listen", f"127.0.0.1:{http_port}"),
+            )
+        )
+        urls = {"sim": sim, "relay": relay, "joulegate": f"http://127.0.0.1:{http_port}"}
+        if litellm:
+            port = free_port()
+            cmd = [litellm, "--model", "openai/sim", "--api_base", f"{sim}/v1", "--port", str(port)]
+            env = {"LITELLM_MASTER_KEY": LITELLM_KEY, "OPENAI_API_KEY": "sk-unused"}  # the sim ignores it
+            urls["litellm"] = es.enter_context(process(cmd, port, workdir / "litellm.log", env))
+        yield urls, grpc_port
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer requests per level (under a minute)")
-    ap.add_argument("--levels", default="1,4,16,64,256")
+    ap.add_argument("--quick", action="store_true", help="fewer levels and requests (a few minutes)")
+    ap.add_argument("--levels", default=None, help="concurrency levels (default 1,16,64,256; --quick 1,16,64)")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--paced-time-scale", default="0.05", help="the paced mode's simulator time scale")
+    ap.add_argument("--litellm", default=shutil.which("litellm"), help="the LiteLLM proxy's executable (optional)")
     args = ap.parse_args()
-    levels = [int(x) for x in args.levels.split(",")]
-    per_level = 120 if args.quick else 600
+    levels = [int(x) for x in (args.levels or ("1,16,64" if args.quick else "1,16,64,256")).split(",")]
+    if not args.litellm:
+        print("LiteLLM: not installed (its row is skipped; pass --litellm PATH to a venv's `litellm`)")
 
-    rows = []
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        sim_process("--time-scale", "0", "--max-concurrent-requests", "1024") as url,
-        gateway_process(Path(tmp), [url], env={"JOULEGATE_BACKEND_POOL__MAX_CONCURRENT_REQUESTS": "1024"}) as (
-            port,
-            _proc,
-        ),
-    ):
-        for c in levels:
-            n = max(per_level, 2 * c)
-            d = asyncio.run(direct(url, c, n, args.new_tokens))
-            p = asyncio.run(proxied(port, c, n, args.new_tokens))
-            rows.append((c, d, p))
-            print(
-                f"streams={c:4d}  direct p50={d.pct(0.5):7.2f} ms p99={d.pct(0.99):7.2f} ms {d.tokens_per_s:9.0f} tok/s"
-                f" | gateway p50={p.pct(0.5):7.2f} ms p99={p.pct(0.99):7.2f} ms {p.tokens_per_s:9.0f} tok/s"
-                f" | added p50={p.pct(0.5) - d.pct(0.5):6.2f} ms p99={p.pct(0.99) - d.pct(0.99):6.2f} ms"
-                f" | throughput ratio {p.tokens_per_s / d.tokens_per_s:5.2f}",
-                flush=True,
-            )
-    single = next(r for r in rows if r[0] == min(levels))
-    added_p50 = single[2].pct(0.5) - single[1].pct(0.5)
-    added_p99 = single[2].pct(0.99) - single[1].pct(0.99)
-    proxy_tps = max(r[2].tokens_per_s for r in rows)
-    direct_tps = max(r[1].tokens_per_s for r in rows)
+    results = {}
+    for mode, scale in (("time scale 0", "0"), ("paced", args.paced_time_scale)):
+        print(f"=== {mode}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp, stack(Path(tmp), scale, args.litellm) as (urls, grpc_port):
+            mode_levels = levels if scale == "0" else [c for c in levels if c <= 64]
+            results[mode] = asyncio.run(measure(urls, grpc_port, mode_levels, args.rounds, args.quick, args.new_tokens))
+
+    fast = results["time scale 0"]
+    one, c16 = fast[min(levels)], fast.get(16, fast[min(levels)])
+    added_p50 = max(one[r]["added_p50"] for r in JOULEGATE_HTTP)
+    added_p99 = max(one[r]["added_p99"] for r in JOULEGATE_HTTP)
+    floor_p50 = max(one[r]["added_p50"] for r in ("relay-tgi", "relay-openai"))
+    p99_c16 = max(c16[r]["added_p99"] for r in JOULEGATE_HTTP)
+    proxy_tps = min(max(row[r]["tps"] for row in fast.values()) for r in JOULEGATE_HTTP)
+    floor_tps = max(row["relay-tgi"]["tps"] for row in fast.values())
     print(
-        f"median added latency over all levels: {statistics.median(r[2].pct(0.5) - r[1].pct(0.5) for r in rows):.2f} ms"
-    )
-    print(
-        f"RESULT added_p50_ms={added_p50:.2f} added_p99_ms={added_p99:.2f} "
-        f"proxy_tokens_per_s={proxy_tps:.0f} direct_tokens_per_s={direct_tps:.0f}"
+        f"RESULT added_p50_ms={added_p50:.2f} added_p99_ms={added_p99:.2f} floor_added_p50_ms={floor_p50:.2f} "
+        f"p50_ratio_to_floor={added_p50 / floor_p50:.2f} p99_c16_ms={p99_c16:.2f} proxy_tokens_per_s={proxy_tps:.0f} "
+        f"tokens_ratio_to_floor={proxy_tps / floor_tps:.2f} grpc_added_p50_ms={one['joulegate-grpc']['added_p50']:.2f}"
     )
 
 

@@ -17,7 +17,8 @@ generations, bursts, tiny requests) in scenes of up to 9 requests, the GPU idle 
 the check is not circular. What joulegate bills: the full trace's replay (timelines as the gateway records them, the
 counter as a 10 Hz sampler reads it: 100 ms updates, 50 ms lag, up to 3 ms of jitter) goes through the real metering
 engine (``meter.engine``, SQLite, 10 s epochs) with the settings ``joulegate serve`` derives from its default
-``[meter]`` section: calibrated lag and prefill/decode ratio, idle floor measured (``idle_power_w = "auto"``).
+``[meter]`` section: calibrated lag and prefill power (per step, and per 1,000 step tokens where the counter shows
+one), idle floor measured (``idle_power_w = "auto"``).
 
 Per tenant it prints the above-idle game (Shapley vs the bill less its floor share, ``bench.shapley_report``), the
 busy game (Shapley vs the bill) and the tenant game (tenants as players), pooled over seeds, for both power models,
@@ -109,11 +110,12 @@ def joulegate_bill(rep: Replay, settings: EngineSettings, workdir: Path) -> Bill
         raise RuntimeError("the engine measured no idle floor: the trace needs idle time between scenes")
     model = stats.calibration[BACKEND]
     lag_ns = model.lag_ns if model is not None else settings.lag_ns
-    calibration = (
-        "not settled"
-        if model is None
-        else f"lag {model.lag_ns / NS_PER_MS:.0f} ms, prefill {model.prefill_w:.0f} W, active {model.active_w:.0f} W"
-    )
+    calibration = "not settled"
+    if model is not None:
+        calibration = (
+            f"lag {model.lag_ns / NS_PER_MS:.0f} ms, prefill {model.prefill_ratio_at_no_tokens * model.active_w:.0f} W "
+            f"+ {model.prefill_w_per_1k_tokens:.0f} W per 1k step tokens, active {model.active_w:.0f} W"
+        )
     return Bill(billed, lag_ns, idle_w, calibration)
 
 

@@ -20,8 +20,13 @@ it ended:
 
 - *prefill step* ``[max(released, prefill_end - est), prefill_end]``. TGI prefills the requests that joined the
   running batch together, in one step that ends with their first tokens, so
-  ``est = prefill_overhead_ns + (prompt tokens of every request whose prefill_end is within batch_tolerance_ns of
-  this one's) / prefill_tokens_per_s``;
+  ``est = prefill_overhead_ns + (prompt tokens of the requests of its step) / prefill_tokens_per_s``. The requests of
+  one step are those whose prefill_end is within ``batch_tolerance_ns`` of this one's, and, among requests whose
+  prefill_end is a step's end (a first token or a generation failure), chains of them each of which ended less than
+  half its own shortest step (``prefill_overhead_ns + its prompt / prefill_tokens_per_s``) after the previous one:
+  the GPU runs one prefill step at a time, so a request that ended that soon after another cannot have had a step of
+  its own after it; its first token came in late (on a loaded host the gateway reads two first tokens of one step
+  milliseconds apart, past any fixed tolerance, and each alone would get a step far shorter than the one it shared);
 - *wait* ``[released, prefill step start)``: released to TGI, queued there for its prefill;
 - *decode* ``(first_token, done]``; a request without a first token has no decode.
 
@@ -46,12 +51,14 @@ Who owns an instant. At every instant the energy goes to exactly one class, by p
    step, so that a longer prompt, which turns some of that wait into prefill step, never costs its request less;
 4. else idle.
 
-Within one reading interval. Power is taken as uniform over the interval except that a prefill instant weighs
-``prefill_power_ratio`` times an instant of any other class: ``E_i`` is split over the interval's pieces in proportion
-to ``duration x (prefill_power_ratio if prefill else 1)``. If ``idle_power_w`` is set, the idle pieces first get
-``min(E_i, idle_power_w x idle duration)`` and the rest goes to the active pieces by the same weights (all of it to
-idle if the interval has no active piece). The ratio matters only in an interval holding prefill together with other
-classes; intervals that hold a single class need no power model at all.
+Within one reading interval. Power is taken as uniform over the interval except that a prefill instant weighs ``w =
+prefill_power_ratio + prefill_ratio_per_1k_tokens x (prompt tokens in the step) / 1000`` times an instant of any
+other class (a compute-bound step draws more the more tokens it has to fill the GPU with: a 20-token prefill draws
+far less than a 2,000-token one; ``meter.engine.calibrate`` fits both terms from the counter): ``E_i`` is split over
+the interval's pieces in proportion to ``duration x (w if prefill else 1)``. If ``idle_power_w`` is set, the idle
+pieces first get ``min(E_i, idle_power_w x idle duration)`` and the rest goes to the active pieces by the same
+weights (all of it to idle if the interval has no active piece). The ratio matters only in an interval holding
+prefill together with other classes; intervals that hold a single class need no power model at all.
 
 Integers. Each request's share is a float sum over intervals; the floats are turned into integer millijoules by a
 largest-remainder split of ``counter_mj`` over (each request's total, idle), ties broken by request id, then each
@@ -129,6 +136,8 @@ class AttributionPolicy:
     prefill_tokens_per_s: float = 20_000.0  # to estimate how long a prefill step took (it ends at the first token)
     prefill_overhead_ns: int = 5_000_000
     prefill_power_ratio: float = 2.0  # prefill draws this many times decode power; splits an interval holding both
+    # ...plus this much per 1,000 prompt tokens in the step: a small prefill does not fill the GPU and draws less
+    prefill_ratio_per_1k_tokens: float = 0.0
     idle_power_w: float | None = None  # power when nothing runs; None: split partly idle intervals by time
     batch_tolerance_ns: int = 2_000_000  # first tokens this close together came out of one prefill step
 
@@ -141,6 +150,10 @@ class AttributionPolicy:
             raise ValueError(f"prefill_overhead_ns must be >= 0, got {self.prefill_overhead_ns}")
         if not self.prefill_power_ratio > 0 or math.isinf(self.prefill_power_ratio):
             raise ValueError(f"prefill_power_ratio must be positive and finite, got {self.prefill_power_ratio}")
+        if not self.prefill_ratio_per_1k_tokens >= 0 or math.isinf(self.prefill_ratio_per_1k_tokens):
+            raise ValueError(
+                f"prefill_ratio_per_1k_tokens must be >= 0 and finite, got {self.prefill_ratio_per_1k_tokens}"
+            )
         if self.idle_power_w is not None and (not self.idle_power_w >= 0 or math.isinf(self.idle_power_w)):
             raise ValueError(f"idle_power_w must be None or >= 0 and finite, got {self.idle_power_w}")
         if self.batch_tolerance_ns < 0:
@@ -301,12 +314,14 @@ def request_phases(
     for _, p in with_end:
         prefix_tokens.append(prefix_tokens[-1] + p)
     tol_ns = policy.batch_tolerance_ns
+    step_tokens = _step_tokens([tl for tl in live if not tl.abandoned_prefill], ends, policy)
     est: dict[str, int] = {}
     for tl in live:
         end = ends[tl.request_id]
         batch_tokens = (
             prefix_tokens[bisect_right(end_ns, end + tol_ns)] - prefix_tokens[bisect_left(end_ns, end - tol_ns)]
         )
+        batch_tokens = max(batch_tokens, step_tokens.get(tl.request_id, 0))
         est[tl.request_id] = policy.prefill_overhead_ns + round(batch_tokens * _NS_PER_S / policy.prefill_tokens_per_s)
 
     queue_wait_ns = _queue_wait_ns(live, ends, est, since_ns)
@@ -329,6 +344,29 @@ def request_phases(
                 tl.prompt_tokens,
             )
         )
+    return out
+
+
+def _step_tokens(known: list[Timeline], ends: dict[str, int], policy: AttributionPolicy) -> dict[str, int]:
+    """The prompt tokens of the step of each request whose prefill end is a step's end (``known``), grouping into one
+    step every chain of them each of which ended less than half its own shortest step after the previous one (it
+    cannot have had a step of its own) or within the batch tolerance."""
+    order = sorted(known, key=lambda tl: (ends[tl.request_id], tl.request_id))
+    groups: list[list[Timeline]] = []
+    prev_end: int | None = None
+    for tl in order:
+        end = ends[tl.request_id]
+        shortest_ns = policy.prefill_overhead_ns + tl.prompt_tokens * _NS_PER_S / policy.prefill_tokens_per_s
+        if prev_end is not None and (end - prev_end <= policy.batch_tolerance_ns or 2 * (end - prev_end) < shortest_ns):
+            groups[-1].append(tl)
+        else:
+            groups.append([tl])
+        prev_end = end
+    out: dict[str, int] = {}
+    for group in groups:
+        tokens = sum(tl.prompt_tokens for tl in group)
+        for tl in group:
+            out[tl.request_id] = tokens
     return out
 
 
@@ -424,12 +462,14 @@ def _float_shares(
     # Pass 1: the elementary segments inside the span (class, divisor, duration, interval), and per interval the
     # weighted active duration and the idle duration.
     ratio = policy.prefill_power_ratio
+    ratio_per_token = policy.prefill_ratio_per_1k_tokens / 1000
     n_intervals = len(bounds_ns) - 1
     active_w = [0.0] * n_intervals
     idle_ns = [0] * n_intervals
     seg_first: list[int] = []  # index into times where the segment starts
     seg_class: list[int] = []
     seg_div: list[int] = []
+    seg_weight: list[float] = []  # power weight of the segment's instants (against 1 for decode or wait)
     seg_interval: list[int] = []
     waiting = prefill_tokens = prefilling = decoding = waiting_tokens = 0
     interval = -1
@@ -446,9 +486,11 @@ def _float_shares(
         if interval + 1 < n_intervals and t0 >= bounds_ns[interval + 1]:
             interval += 1  # every reading time is in `times`, so intervals advance one at a time
         dur_ns = times[k + 1] - t0
+        weight = 1.0
         if prefilling:
             cls, div = (_PREFILL_TOKENS, prefill_tokens) if prefill_tokens else (_PREFILL_EQUAL, prefilling)
-            active_w[interval] += ratio * dur_ns
+            weight = ratio + ratio_per_token * prefill_tokens
+            active_w[interval] += weight * dur_ns
         elif decoding:
             cls, div = _DECODE, decoding
             active_w[interval] += dur_ns
@@ -461,6 +503,7 @@ def _float_shares(
         seg_first.append(k)
         seg_class.append(cls)
         seg_div.append(div)
+        seg_weight.append(weight)
         seg_interval.append(interval)
 
     # Energy per unit weight, per interval, for active and idle pieces.
@@ -482,14 +525,12 @@ def _float_shares(
     # prefill per token, prefill per request, decode, wait per token, wait per request
     inc = [[0.0] * n_times for _ in range(5)]
     idle_total = 0.0
-    for k, cls, div, i in zip(seg_first, seg_class, seg_div, seg_interval, strict=True):
+    for k, cls, div, weight, i in zip(seg_first, seg_class, seg_div, seg_weight, seg_interval, strict=True):
         dur_ns = times[k + 1] - times[k]
         if cls == _IDLE:
             idle_total += rho_idle[i] * dur_ns
-        elif cls <= _PREFILL_EQUAL:
-            inc[cls][k + 1] = rho_active[i] * ratio * dur_ns / div
         else:
-            inc[cls][k + 1] = rho_active[i] * dur_ns / div
+            inc[cls][k + 1] = rho_active[i] * weight * dur_ns / div
     c_tok, c_eq, c_dec, c_wait_tok, c_wait_eq = (list(accumulate(x)) for x in inc)
 
     index = {t: k for k, t in enumerate(times)}

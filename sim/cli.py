@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import signal
 import types
 import typing
@@ -79,6 +80,11 @@ async def serve(config: SimConfig, host: str, port: int, shutdown_grace_s: float
 
     sim = SimTGI(config)
     url = await sim.start(host, port)
+    # The event loop is the simulated GPU's clock: a full collection over the objects the imports and the start made
+    # stalls it for milliseconds on a loaded host, stretching whatever step is running (and the truth with it) while
+    # the gateway's timestamps move on. Frozen, those objects are never scanned again; garbage made later still is.
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -92,6 +92,7 @@ def policies(draw: st.DrawFn) -> AttributionPolicy:
         prefill_tokens_per_s=draw(st.floats(500.0, 100_000.0)),
         prefill_overhead_ns=draw(st.integers(0, 20_000)) * US,
         prefill_power_ratio=draw(st.floats(0.25, 5.0)),
+        prefill_ratio_per_1k_tokens=draw(st.one_of(st.just(0.0), st.floats(0.0, 2.0))),
         idle_power_w=draw(st.one_of(st.none(), st.floats(0.0, 300.0))),
         batch_tolerance_ns=draw(st.integers(0, 5_000)) * US,
     )

@@ -23,6 +23,7 @@ from meter.attribution import (
     PhaseEnergy,
     attribute,
     drop_stale_readings,
+    request_phases,
 )
 from meter.timeline import Timeline
 from tests.attribution_strategies import (
@@ -176,16 +177,24 @@ def test_one_prefill_step_for_first_tokens_within_tolerance():
     # C decodes all along (no prefill window). A: released 400, first token 500, 1000 tokens; B: released 400,
     # first token 501, 3000 tokens. 20,000 tokens/s, overhead 5 ms, 1000 mJ per 100 ms.
     # Tolerance 2 ms: one step of 5 + 4000/20 = 205 ms for both, clipped at release: both prefill all of [400, 500],
-    # A gets 1000 * 1000/4000 = 250 there. Tolerance 0: A's step is 55 ms [445, 500], B's 155 ms [400, 501]:
-    # [400, 445] B alone, [445, 500] shared 1:3 -> A gets 550 * 1/4 = 137.5.
+    # A gets 1000 * 1000/4000 = 250 there. Tolerance 0: B's token came 1 ms after A's, far less than half the 155 ms
+    # a step of its own would have taken, and the GPU prefills one step at a time: the same step all the same (its
+    # token was read late; on a loaded host two tokens of one step come in milliseconds apart).
     c = tl("C", 0, 0, 1000)
     a_ = tl("A", 400, 500, 500, prompt=1000)
     b_ = tl("B", 400, 501, 501, prompt=3000)
     base = AttributionPolicy(lag_ns=0, prefill_overhead_ns=5 * MS, prefill_tokens_per_s=20_000.0)
     together = attribute(grid([1000] * 10), [c, a_, b_], base)
-    alone = attribute(grid([1000] * 10), [c, a_, b_], replace(base, batch_tolerance_ns=0))
-    assert together.requests["A"].prefill_mj == 250
-    assert alone.requests["A"].prefill_mj in (137, 138)
+    late = attribute(grid([1000] * 10), [c, a_, b_], replace(base, batch_tolerance_ns=0))
+    assert together.requests["A"].prefill_mj == late.requests["A"].prefill_mj == 250
+    # D (100 tokens) got its token 20 ms after A's: time enough for a 10 ms step of its own (5 + 100/20), so apart.
+    # A's step is 55 ms [445, 500]: in [400, 500] it weighs 2 x 55 against C's 45 ms of decode -> 1000 x 110/155;
+    # D's [510, 520] weighs 2 x 10 against C's 90 ms in [500, 600] -> 1000 x 20/110.
+    apart = attribute(grid([1000] * 10), [c, a_, tl("D", 400, 520, 520, prompt=100)], base)
+    assert (apart.requests["A"].prefill_mj, apart.requests["D"].prefill_mj) == (710, 182)
+    # An abandoned request's end is not a step's end: it joins a step only within the tolerance.
+    cut = attribute(grid([1000] * 10), [c, a_, tl("E", 400, None, 503, prompt=3000, status="CANCELLED")], base)
+    assert cut.requests["A"].prefill_mj != 250
 
 
 def test_a_request_that_ends_without_a_token_owns_the_prefill_step_it_ended_in():
@@ -204,6 +213,70 @@ def test_a_request_that_ends_without_a_token_owns_the_prefill_step_it_ended_in()
     a = attribute(grid([1000] * 5), [tl("W", 250, None, 300, prompt=2000, status="CANCELLED"), tl("D", 200, 200, 400)],
                   pol)  # fmt: skip
     assert a.requests["W"].prefill_mj == 667 and a.requests["D"].decode_mj == 1333
+
+
+def test_a_prefill_step_weighs_more_the_more_tokens_it_has():
+    # W is cancelled 50 ms after its release at 250 ms; its step (200 or 2,000 tokens at 2,000 tokens/s) is clipped to
+    # [250, 300], beside D's 50 ms of decode in the reading [200, 300]. With a weight of 1.0 + 0.5 per 1,000 tokens a
+    # 2,000-token step weighs 2 (as the flat ratio of 2 above: 2/3 of 1000 mJ), a 200-token one 1.1 (1.1/2.1).
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0, prefill_tokens_per_s=2_000.0, prefill_power_ratio=1.0,
+                            prefill_ratio_per_1k_tokens=0.5)  # fmt: skip
+    d = tl("D", 200, 200, 400)
+    for prompt, expected in ((2000, 667), (200, 524)):
+        a = attribute(grid([1000] * 5), [tl("W", 250, None, 300, prompt=prompt, status="CANCELLED"), d], pol)
+        assert a.requests["W"].prefill_mj == expected and a.requests["D"].decode_mj == 2000 - expected, prompt
+        check_conserved(a)
+    # Without the slope, the flat ratio alone.
+    flat = attribute(grid([1000] * 5), [tl("W", 250, None, 300, prompt=200, status="CANCELLED"), d],
+                     replace(pol, prefill_ratio_per_1k_tokens=0.0))  # fmt: skip
+    assert flat.requests["W"].prefill_mj == 500
+
+
+@settings(max_examples=150, deadline=None)
+@given(readings(), timelines(), policies(), st.floats(0.01, 3.0))
+def test_a_steeper_prefill_slope_never_gives_decode_or_idle_more(rs, tls, pol, more):
+    """The per-token term only raises the weight of prefill instants: in every interval the decode and idle pieces
+    keep their weight against a heavier prefill, so their energy never rises (within rounding: 3 mJ per request),
+    and the books still balance to the millijoule."""
+    steeper = replace(pol, prefill_ratio_per_1k_tokens=pol.prefill_ratio_per_1k_tokens + more)
+    base, heavy = attribute(rs, tls, pol), attribute(rs, tls, steeper)
+    check_conserved(heavy)
+    decode = sum(p.decode_mj for p in base.requests.values())
+    assert sum(p.decode_mj for p in heavy.requests.values()) <= decode + 3 * len(base.requests)
+    if pol.idle_power_w is None:  # with an idle floor, idle takes its floor first whatever the weights
+        assert heavy.idle_mj <= base.idle_mj + 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(100, 3000), st.floats(0.0, 0.49)), min_size=1, max_size=6),
+    st.lists(st.tuples(st.integers(1, 3000), st.floats(1.0, 3.0)), min_size=0, max_size=4),
+)
+def test_first_tokens_of_one_step_read_late_still_make_one_step(batch, later):
+    """A batch prefilled in one step, its first tokens read late by less than half the shortest step each would
+    have had alone (jitter from 0 to 0.49 of it, chained): every request's step is the batch's, overhead plus all of
+    its tokens. Requests ending later, each at least a step of its own after the previous one (past the tolerance),
+    get steps of their own prompt only."""
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=5 * MS, prefill_tokens_per_s=20_000.0)
+
+    def shortest_ms(prompt: int) -> float:
+        return 5 + prompt / 20
+
+    tls, end = [], 10_000.0
+    for i, (prompt, jitter) in enumerate(batch):
+        end += jitter * shortest_ms(prompt) if i else 0.0
+        tls.append(tl(f"b{i}", 0, end, end + 50, prompt=prompt))
+    for i, (prompt, gap) in enumerate(later):
+        end += max(2.5, gap * shortest_ms(prompt))  # past the 2 ms tolerance, and a whole step of its own
+        tls.append(tl(f"l{i}", 0, end, end + 50, prompt=prompt))
+    phases = {p.request_id: p for p in request_phases(tls, pol)}
+    step_ns = 5 * MS + round(sum(p for p, _ in batch) * 1e9 / 20_000)
+    for i in range(len(batch)):
+        p = phases[f"b{i}"]
+        assert p.prefill_end_ns - p.prefill_start_ns == step_ns
+    for i, (prompt, _gap) in enumerate(later):
+        p = phases[f"l{i}"]
+        assert p.prefill_end_ns - p.prefill_start_ns == 5 * MS + round(prompt * 1e9 / 20_000)
 
 
 def test_a_request_its_backend_refused_owns_nothing_and_yields_to_everyone():
@@ -227,9 +300,13 @@ def test_an_abandoned_prefill_joins_the_step_of_first_tokens_within_the_toleranc
     d = tl("D", 100, 100, 400)
     a = attribute(grid([1000] * 5), [f, tl("G", 100, 301, 400, prompt=1000), d], pol)
     assert a.requests["F"].prefill_mj == 505
-    # G's first token 4 ms later is another step: F's own is 50 ms, [250, 300], and D decodes [200, 250].
-    alone = attribute(grid([1000] * 5), [f, tl("G", 100, 304, 400, prompt=1000), d], pol)
-    assert alone.requests["F"].prefill_mj == 360  # weights in [200, 300]: D 50, F 2 x (4 + 46/2), G 2 x 46/2
+    # G's first token 4 ms later, past the tolerance, is still F's step: a step of its own would have taken 50 ms.
+    # F's step [200, 300], G's [204, 304]: F has [200, 204] alone and half of [204, 300] -> 1000 x 52/100.
+    late = attribute(grid([1000] * 5), [f, tl("G", 100, 304, 400, prompt=1000), d], pol)
+    assert late.requests["F"].prefill_mj == 520
+    # 60 ms later it had time for its own step: F's own is 50 ms, [250, 300], and D decodes [200, 250].
+    alone = attribute(grid([1000] * 5), [f, tl("G", 100, 360, 400, prompt=1000), d], pol)
+    assert alone.requests["F"].prefill_mj == 667  # weights in [200, 300]: D 50, F 2 x 50
 
 
 def test_requests_off_the_gpu_get_nothing():
@@ -281,6 +358,9 @@ def test_conflicting_timelines_raise_and_duplicates_are_merged():
         {"prefill_overhead_ns": -1},
         {"prefill_power_ratio": 0.0},
         {"prefill_power_ratio": math.nan},
+        {"prefill_ratio_per_1k_tokens": -0.1},
+        {"prefill_ratio_per_1k_tokens": math.inf},
+        {"prefill_ratio_per_1k_tokens": math.nan},
         {"idle_power_w": -1.0},
         {"batch_tolerance_ns": -1},
     ],

@@ -92,6 +92,61 @@ def test_the_lag_and_the_powers_come_back(lag_ms: int) -> None:
     assert again is not None and again.lag_ns == lag_ms * MS and again.prefill_w == pytest.approx(PREFILL_W, rel=0.02)
 
 
+def test_class_timeline_integrates_the_prompt_tokens_of_the_steps_running() -> None:
+    # A (100 tokens) prefills 90-100 ms; B (300 tokens) and C (100 tokens) share one step of 400 tokens, 205-230 ms.
+    classes = ClassTimeline(
+        [(40 * MS, 100 * MS, 300 * MS, 100), (150 * MS, 230 * MS, 400 * MS, 300), (150 * MS, 230 * MS, 400 * MS, 100)],
+        TOKENS_PER_S, OVERHEAD_NS, 0,
+    )  # fmt: skip
+    assert classes.prefill_token_ns(0, 100 * MS) == 100 * 10 * MS
+    assert classes.prefill_token_ns(95 * MS, 210 * MS) == 100 * 5 * MS + 400 * 5 * MS
+    assert classes.prefill_token_ns(0, 500 * MS) == 100 * 10 * MS + 400 * 25 * MS
+    assert classes.prefill_token_ns(300 * MS, 500 * MS) == 0
+
+
+PREFILL_AT_NO_TOKENS_W, PREFILL_W_PER_1K = 350.0, 100.0
+
+
+def _token_energy_mj(classes: ClassTimeline, t_ns: int) -> float:
+    """A board whose prefill power rises with the step's tokens: 350 W + 100 W per 1,000 tokens."""
+    prefill, active, idle = classes.durations(T0, t_ns)
+    k_tokens_ns = classes.prefill_token_ns(T0, t_ns) / 1000
+    return (PREFILL_AT_NO_TOKENS_W * prefill + PREFILL_W_PER_1K * k_tokens_ns + ACTIVE_W * active
+            + IDLE_W * idle) * 1e-6  # fmt: skip
+
+
+@pytest.mark.parametrize("idle_w", [None, IDLE_W])
+def test_prefill_power_rising_with_the_steps_tokens_comes_back(idle_w: float | None) -> None:
+    classes = _classes(_traffic(30, seed=9))
+    readings = [CounterReading(t, int(_token_energy_mj(classes, t - 60 * MS)))
+                for t in range(T0 + 107 * MS, T0 + 30 * S, 100 * MS)]  # fmt: skip
+    model = LagCalibrator(tuple(range(0, 201 * MS, 10 * MS))).add([readings], classes, idle_w)
+    assert model is not None and model.lag_ns == 60 * MS
+    assert model.prefill_w_per_1k_tokens == pytest.approx(PREFILL_W_PER_1K, rel=0.03)
+    assert model.prefill_ratio_at_no_tokens == pytest.approx(PREFILL_AT_NO_TOKENS_W / ACTIVE_W, rel=0.03)
+    assert model.prefill_ratio_per_1k_tokens == pytest.approx(PREFILL_W_PER_1K / ACTIVE_W, rel=0.03)
+    # prefill_w is a step of the mean size, so the flat ratio stays a fair summary for whoever uses only it.
+    assert model.prefill_w == pytest.approx(
+        PREFILL_AT_NO_TOKENS_W + PREFILL_W_PER_1K * model.prefill_mean_tokens / 1000
+    )
+    assert 500 < model.prefill_mean_tokens < 2500
+
+
+def test_flat_prefill_power_gets_no_token_term() -> None:
+    """Under a flat prefill power the token term is left out (what it fits is immaterial, or not positive), and with
+    a counter that updates every 100 ms (which misplaces steps) too; steps all of one size leave it out (it cannot be
+    told from the flat power)."""
+    classes = _classes(_traffic(20))
+    for readings in (_readings(classes, 20, 70 * MS), _readings(classes, 20, 40 * MS, 100 * MS)):
+        model = LagCalibrator(tuple(range(0, 301 * MS, 10 * MS))).add([readings], classes)
+        assert model is not None and model.prefill_w_per_1k_tokens == 0.0
+    firsts = {r: (r, f, d, 400) for r, f, d, _p in reversed(_traffic(20, seed=4))}  # one 400-token request a step
+    one_size = _classes(list(firsts.values()))
+    model = LagCalibrator(tuple(range(0, 301 * MS, 10 * MS))).add([_readings(one_size, 20, 70 * MS)], one_size)
+    assert model is not None and model.prefill_w_per_1k_tokens == 0.0 and model.prefill_mean_tokens == 0.0
+    assert model.prefill_ratio_at_no_tokens == model.prefill_power_ratio
+
+
 def test_a_counter_that_updates_every_100_ms_is_read_with_its_phase_as_lag() -> None:
     traffic = _traffic(30, seed=5)
     classes = _classes(traffic)

@@ -11,13 +11,18 @@ Why. Two assumptions of ``attribute`` decide most of its per-request error (test
   prefill).
 
 How. Over reading intervals i with energy E_i, the model says E_i = P_idle t_idle,i + P_prefill t_prefill,i +
-P_active t_active,i, where the t are the time each activity class held the GPU inside the interval's work-time window
-[t_i - L, t_(i+1) - L] (prefill steps first, then decode or waiting requests, else idle: the precedence ``attribute``
-uses). For each candidate lag L on a grid, least squares gives the powers and a residual; the lag with the smallest
-residual, pooled over recent epochs, wins, and its powers give the ratio (and an idle floor). The fit is refused,
-and the configured values stay, when the pool is too small, a class has too little time to be measured, the residual
-hardly depends on the lag (nothing to tell lags apart by), or the powers come out implausible (not positive, ratio
-outside 0.5..10).
+P_tokens k_prefill,i + P_active t_active,i, where the t are the time each activity class held the GPU inside the
+interval's work-time window [t_i - L, t_(i+1) - L] (prefill steps first, then decode or waiting requests, else idle:
+the precedence ``attribute`` uses) and k_prefill,i is the integral over the interval's prefill time of the step's
+prompt tokens, in thousands (a prefill step's power grows with its tokens: a small step does not fill the GPU). The
+token term is fitted only when the steps' sizes vary enough to tell it from the flat prefill power, and kept only
+when it comes out positive with a positive power at zero tokens and makes at least 10 % of a mean-size step's power
+(less is what misplaced steps fake under a flat power); otherwise prefill power is flat (P_tokens = 0). For
+each candidate lag L on a grid, least squares gives the powers and a residual; the lag with the smallest residual,
+pooled over recent epochs, wins, and its powers give the ratio (and an idle floor). The fit is refused, and the
+configured values stay, when the pool is too small, a class has too little time to be measured, the residual hardly
+depends on the lag (nothing to tell lags apart by), or the powers come out implausible (not positive, ratio outside
+0.5..10).
 
 Cost: building a class timeline is one sort of the epoch's request boundaries; each lag costs 4 bisections per
 interval. The engine feeds an epoch in only while the pool is small, then once every ``refresh_ns`` of epochs.
@@ -38,6 +43,15 @@ __all__ = ["ClassTimeline", "LagCalibrator", "PowerModel", "solve_least_squares"
 _NS_PER_S = 1e9
 _MJ_PER_J = 1e3
 _DISTINCT = 0.8  # the best lag's residual must be at most this share of the median lag's
+_COLLINEAR = 0.995  # the token term is left out when cos^2 between it and prefill time across intervals is above this
+# ...and when it makes less than this share of a mean-size step's power: a smaller slope is within what misplaced
+# steps fake under a flat power (the simulator's flat 650 W prefill fits up to ~+30 W per 1,000 tokens, ~4 %)
+_MIN_TOKEN_SHARE = 0.1
+_N = 4  # regressors: prefill time, active time, idle time, prefill thousand-token time
+_TOKENS = 3
+
+# (released, prefill step start, prefill step end, done, prompt tokens); no step: start and end None
+_Phases = tuple[int, int | None, int | None, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +64,26 @@ class PowerModel:
     idle_w: float | None  # None when too little idle time was seen
     intervals: int  # reading intervals the fit used
     residual_w: float  # root-mean-square misfit, as average power over an interval
+    # Prefill power rises by this much per 1,000 prompt tokens in the step; ``prefill_w`` is the power of a step of
+    # ``prefill_mean_tokens`` (the steps' mean size, weighted by their time): the flat model's prefill power.
+    prefill_w_per_1k_tokens: float = 0.0
+    prefill_mean_tokens: float = 0.0
 
     @property
     def prefill_power_ratio(self) -> float:
+        """Prefill power against active power for a step of the mean size: the ratio of a flat prefill model."""
         return self.prefill_w / self.active_w
+
+    @property
+    def prefill_ratio_per_1k_tokens(self) -> float:
+        """How much the ratio rises per 1,000 prompt tokens in the step (``AttributionPolicy``'s)."""
+        return self.prefill_w_per_1k_tokens / self.active_w
+
+    @property
+    def prefill_ratio_at_no_tokens(self) -> float:
+        """The ratio of an (empty) step of 0 tokens: ``AttributionPolicy.prefill_power_ratio`` when the per-token
+        term is used too (``prefill_ratio_at_no_tokens + prefill_ratio_per_1k_tokens x tokens / 1000``)."""
+        return (self.prefill_w - self.prefill_w_per_1k_tokens * self.prefill_mean_tokens / 1000) / self.active_w
 
 
 class ClassTimeline:
@@ -61,7 +91,8 @@ class ClassTimeline:
 
     ``requests`` are (released_ns, first_token_ns or None, done_ns, prompt_tokens). The prefill step of a request ends
     at its first token and lasts ``overhead + tokens / tokens_per_s`` for the prompt tokens of every request whose
-    first token came within ``tolerance_ns`` of it (one batched step), but never starts before its release.
+    first token came within ``tolerance_ns`` of it (one batched step), but never starts before its release. Besides
+    the classes' durations it integrates the prompt tokens of the steps running (``prefill_token_ns``).
     """
 
     def __init__(
@@ -77,15 +108,15 @@ class ClassTimeline:
         prefix = [0]
         for _, p in firsts:
             prefix.append(prefix[-1] + p)
-        phases: list[tuple[int, int | None, int | None, int]] = []  # (released, step start, step end, done)
-        for released, first, done, _p in reqs:
+        phases: list[_Phases] = []
+        for released, first, done, p in reqs:
             if first is None:
-                phases.append((released, None, None, done))
+                phases.append((released, None, None, done, p))
                 continue
             lo = bisect_left(first_ns, first - tolerance_ns)
             hi = bisect_right(first_ns, first + tolerance_ns)
             est = overhead_ns + round((prefix[hi] - prefix[lo]) * _NS_PER_S / tokens_per_s)
-            phases.append((released, max(released, first - est), first, done))
+            phases.append((released, max(released, first - est), first, done, p))
         self._build(phases)
         self._uncertain: tuple[list[int], list[int]] = ([], [])
 
@@ -96,7 +127,7 @@ class ClassTimeline:
         prefills: when their cut step began is not known); the calibrator leaves the intervals that touch them out,
         since misplaced classes would bias the fitted powers (towards a smaller prefill/decode ratio)."""
         out = cls.__new__(cls)
-        out._build([(p.released_ns, p.prefill_start_ns, p.prefill_end_ns, p.done_ns) for p in phases])
+        out._build([(p.released_ns, p.prefill_start_ns, p.prefill_end_ns, p.done_ns, p.prompt_tokens) for p in phases])
         out._uncertain = busy_windows(uncertain)
         return out
 
@@ -106,75 +137,91 @@ class ClassTimeline:
         k = bisect_right(starts, b_ns) - 1
         return k >= 0 and ends[k] >= a_ns
 
-    def _build(self, phases: Iterable[tuple[int, int | None, int | None, int]]) -> None:
-        """From (released, prefill step start, prefill step end, done); a request without a step is active (it
-        waits) over its whole window; time after its step is active (decode) until it is done."""
-        events: list[tuple[int, int, int]] = []  # (t, change of prefilling, change of active)
+    def _build(self, phases: Iterable[_Phases]) -> None:
+        """From (released, prefill step start, prefill step end, done, prompt tokens); a request without a step is
+        active (it waits) over its whole window; time after its step is active (decode) until it is done."""
+        events: list[tuple[int, int, int, int]] = []  # (t, change of prefilling, of active, of prefill tokens)
         add = events.append
-        for released, step_start, step_end, done in phases:
+        for released, step_start, step_end, done, tokens in phases:
             if step_start is None or step_end is None:
                 if done > released:
-                    add((released, 0, 1))
-                    add((done, 0, -1))
+                    add((released, 0, 1, 0))
+                    add((done, 0, -1, 0))
                 continue
             if step_end > step_start:
-                add((step_start, 1, 0))
-                add((step_end, -1, 0))
+                add((step_start, 1, 0, tokens))
+                add((step_end, -1, 0, -tokens))
             if step_start > released:  # waiting for its prefill: active
-                add((released, 0, 1))
-                add((step_start, 0, -1))
+                add((released, 0, 1, 0))
+                add((step_start, 0, -1, 0))
             if done > step_end:
-                add((step_end, 0, 1))
-                add((done, 0, -1))
+                add((step_end, 0, 1, 0))
+                add((done, 0, -1, 0))
         events.sort()
         times: list[int] = []
         classes: list[int] = []  # class of the piece starting at times[k]: 0 prefill, 1 active, 2 idle
+        step_tokens: list[int] = []  # prompt tokens of the prefill steps running in the piece
         cum_prefill: list[int] = []
         cum_active: list[int] = []
-        prefilling = active = 0
-        cum_p = cum_a = 0
-        for t, dp, da in events:
+        cum_tokens: list[int] = []  # token x ns
+        prefilling = active = tokens = 0
+        cum_p = cum_a = cum_t = 0
+        for t, dp, da, dt_ in events:
             if times and t == times[-1]:
                 prefilling += dp
                 active += da
+                tokens += dt_
                 classes[-1] = 0 if prefilling else 1 if active else 2
+                step_tokens[-1] = tokens
                 continue
             if times:
                 dt = t - times[-1]
                 if classes[-1] == 0:
                     cum_p += dt
+                    cum_t += step_tokens[-1] * dt
                 elif classes[-1] == 1:
                     cum_a += dt
             prefilling += dp
             active += da
+            tokens += dt_
             times.append(t)
             classes.append(0 if prefilling else 1 if active else 2)
+            step_tokens.append(tokens)
             cum_prefill.append(cum_p)
             cum_active.append(cum_a)
+            cum_tokens.append(cum_t)
         self._times = times
         self._cls = classes
+        self._step_tokens = step_tokens
         self._cum_prefill = cum_prefill
         self._cum_active = cum_active
+        self._cum_tokens = cum_tokens
 
-    def _cum(self, t: int) -> tuple[int, int]:
+    def _cum(self, t: int) -> tuple[int, int, int]:
         k = bisect_right(self._times, t) - 1
         if k < 0:
-            return 0, 0
+            return 0, 0, 0
         dt = t - self._times[k]
-        c = self._cls[k]
-        return self._cum_prefill[k] + (dt if c == 0 else 0), self._cum_active[k] + (dt if c == 1 else 0)
+        if self._cls[k] == 0:
+            return self._cum_prefill[k] + dt, self._cum_active[k], self._cum_tokens[k] + self._step_tokens[k] * dt
+        return self._cum_prefill[k], self._cum_active[k] + (dt if self._cls[k] == 1 else 0), self._cum_tokens[k]
 
     def durations(self, a_ns: int, b_ns: int) -> tuple[int, int, int]:
         """(prefill, active, idle) ns inside [a, b]."""
-        pa, aa = self._cum(a_ns)
-        pb, ab = self._cum(b_ns)
+        pa, aa, _ta = self._cum(a_ns)
+        pb, ab, _tb = self._cum(b_ns)
         prefill, active = pb - pa, ab - aa
         return prefill, active, (b_ns - a_ns) - prefill - active
+
+    def prefill_token_ns(self, a_ns: int, b_ns: int) -> int:
+        """The integral over [a, b] of the prompt tokens of the prefill steps running (token x ns)."""
+        return self._cum(b_ns)[2] - self._cum(a_ns)[2]
 
 
 @dataclass(slots=True)
 class _Sums:
-    """Normal equations of one lag: X'X (3x3), X'y, y'y, the count, and the total time of each class (s)."""
+    """Normal equations of one lag: X'X (4x4), X'y, y'y, the count, and the sum of each regressor (the total time
+    of each class in s; for the token term, thousand-token s)."""
 
     xx: list[float]
     xy: list[float]
@@ -184,12 +231,12 @@ class _Sums:
 
     @classmethod
     def zero(cls) -> _Sums:
-        return cls([0.0] * 9, [0.0] * 3, [0.0] * 3)
+        return cls([0.0] * _N * _N, [0.0] * _N, [0.0] * _N)
 
     def add(self, other: _Sums) -> None:
-        for i in range(9):
+        for i in range(_N * _N):
             self.xx[i] += other.xx[i]
-        for i in range(3):
+        for i in range(_N):
             self.xy[i] += other.xy[i]
             self.time_s[i] += other.time_s[i]
         self.yy += other.yy
@@ -197,9 +244,11 @@ class _Sums:
 
 
 def solve_least_squares(xx: Sequence[float], xy: Sequence[float], use: Sequence[int]) -> list[float] | None:
-    """Solve the normal equations restricted to the columns ``use`` (Gaussian elimination with pivoting)."""
+    """Solve the normal equations (``xx`` row-major, n x n for n = ``len(xy)``) restricted to the columns ``use``
+    (Gaussian elimination with pivoting)."""
     m = len(use)
-    a = [[xx[3 * i + j] for j in use] + [xy[i]] for i in use]
+    n = len(xy)
+    a = [[xx[n * i + j] for j in use] + [xy[i]] for i in use]
     for col in range(m):
         pivot = max(range(col, m), key=lambda r: abs(a[r][col]))
         if abs(a[pivot][col]) < 1e-12:
@@ -258,13 +307,14 @@ class LagCalibrator:
                     if timeline.uncertain(a.t_ns - last_lag, b.t_ns - first_lag):
                         continue
                     p, act, idle = timeline.durations(a.t_ns - lag, b.t_ns - lag)
-                    x = (p / _NS_PER_S, act / _NS_PER_S, idle / _NS_PER_S)
+                    k_tok = timeline.prefill_token_ns(a.t_ns - lag, b.t_ns - lag) / 1000
+                    x = (p / _NS_PER_S, act / _NS_PER_S, idle / _NS_PER_S, k_tok / _NS_PER_S)
                     y = (b.energy_mj - a.energy_mj) / _MJ_PER_J
-                    for i in range(3):
+                    for i in range(_N):
                         time_s[i] += x[i]
                         xy[i] += x[i] * y
-                        for j in range(3):
-                            xx[3 * i + j] += x[i] * x[j]
+                        for j in range(_N):
+                            xx[_N * i + j] += x[i] * x[j]
                     sums.yy += y * y
                     sums.n += 1
             per_lag.append(sums)
@@ -275,7 +325,7 @@ class LagCalibrator:
     def _fit(self, idle_w: float | None) -> PowerModel | None:
         if self.intervals < self._min_intervals:
             return None
-        best: tuple[float, int, list[float], list[int], _Sums] | None = None
+        best: tuple[float, int, dict[int, float], _Sums] | None = None
         residuals: list[float] = []
         for k, lag in enumerate(self.lags_ns):
             pooled = _Sums.zero()
@@ -284,32 +334,33 @@ class LagCalibrator:
             use = [i for i in range(3) if pooled.time_s[i] >= self._min_class_s[i]]  # classes seen long enough
             if 0 not in use or 1 not in use:
                 return None  # prefill and active work must both be seen to fit their ratio
-            xy, yy = pooled.xy, pooled.yy
-            if idle_w is not None:  # fit y - idle_w * t_idle on the two active classes
+            xx, xy, yy = pooled.xx, pooled.xy, pooled.yy
+            if idle_w is not None:  # fit y - idle_w * t_idle on the active classes
                 use = [0, 1]
-                xx = pooled.xx
-                xy = [pooled.xy[i] - idle_w * xx[3 * i + 2] for i in range(3)]
-                yy = pooled.yy - 2 * idle_w * pooled.xy[2] + idle_w * idle_w * xx[8]
-            p = solve_least_squares(pooled.xx, xy, use)
-            if p is None:
+                xy = [pooled.xy[i] - idle_w * xx[_N * i + 2] for i in range(_N)]
+                yy = pooled.yy - 2 * idle_w * pooled.xy[2] + idle_w * idle_w * xx[_N * 2 + 2]
+            fit = self._solve(xx, xy, use, pooled.time_s[_TOKENS] / pooled.time_s[0])
+            if fit is None:
                 continue
-            rss = yy - sum(pi * xy[i] for pi, i in zip(p, use, strict=True))
-            residuals.append(rss)
-            if best is None or rss < best[0]:
-                best = (rss, lag, p, use, pooled)
+            powers, rss = fit
+            residuals.append(yy - rss)
+            if best is None or yy - rss < best[0]:
+                best = (yy - rss, lag, powers, pooled)
         if best is None:
             return None
-        rss, lag, p, use, pooled = best
+        rss, lag, powers, pooled = best
         if len(residuals) > 2 and rss > _DISTINCT * sorted(residuals)[len(residuals) // 2]:
             return None  # the residual hardly depends on the lag (e.g. a flat power draw): the lag is not identifiable
-        powers = dict(zip(use, p, strict=True))
-        prefill_w, active_w = powers[0], powers[1]
+        # The prefill power of a step of the mean size (time-weighted), and its rise per 1,000 tokens.
+        per_1k_w = powers.get(_TOKENS, 0.0)
+        mean_tokens = 1000 * pooled.time_s[_TOKENS] / pooled.time_s[0]
+        prefill_w, active_w = powers[0] + per_1k_w * mean_tokens / 1000, powers[1]
         idle_w = idle_w if idle_w is not None else powers.get(2)
         if not (prefill_w > 0 and active_w > 0 and 0.5 <= prefill_w / active_w <= 10):
             return None
         if idle_w is not None and not 0 < idle_w < active_w:
             idle_w = None
-        mean_interval_s = sum(pooled.time_s) / pooled.n
+        mean_interval_s = sum(pooled.time_s[:3]) / pooled.n
         return PowerModel(
             lag_ns=lag,
             prefill_w=prefill_w,
@@ -317,4 +368,30 @@ class LagCalibrator:
             idle_w=idle_w,
             intervals=pooled.n,
             residual_w=(max(rss, 0.0) / pooled.n) ** 0.5 / mean_interval_s,
+            prefill_w_per_1k_tokens=per_1k_w,
+            prefill_mean_tokens=mean_tokens if per_1k_w else 0.0,
         )
+
+    @staticmethod
+    def _solve(
+        xx: list[float], xy: list[float], use: list[int], mean_k_tokens: float
+    ) -> tuple[dict[int, float], float] | None:
+        """Powers by regressor, and the explained sum of squares, over the columns ``use``, plus the token term
+        when it can be told from the flat prefill power (the steps' sizes vary) and comes out physical and material:
+        a positive slope, a positive power at zero tokens, and at least ``_MIN_TOKEN_SHARE`` of the power of a step
+        of the mean size (``mean_k_tokens`` thousand tokens). Without it, prefill power is flat."""
+        p_tok_tt = xx[_N * _TOKENS + _TOKENS]
+        cross = xx[_N * 0 + _TOKENS]
+        if p_tok_tt > 0 and xx[0] > 0 and cross * cross / (xx[0] * p_tok_tt) < _COLLINEAR:
+            with_tokens = [*use, _TOKENS]
+            p = solve_least_squares(xx, xy, with_tokens)
+            if p is not None:
+                powers = dict(zip(with_tokens, p, strict=True))
+                by_tokens_w = powers[_TOKENS] * mean_k_tokens
+                if powers[0] > 0 and by_tokens_w >= _MIN_TOKEN_SHARE * (powers[0] + by_tokens_w):
+                    return powers, sum(pi * xy[i] for i, pi in powers.items())
+        p = solve_least_squares(xx, xy, use)
+        if p is None:
+            return None
+        powers = dict(zip(use, p, strict=True))
+        return powers, sum(pi * xy[i] for i, pi in powers.items())

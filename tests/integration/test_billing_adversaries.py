@@ -148,7 +148,10 @@ def conditions(s: Stack, url: str) -> str:
     updates, and the calibrated model."""
     stats = s.app.meter.stats.engine  # type: ignore[union-attr]
     models = ", ".join(
-        f"lag {m.lag_ns / 1e6:.0f} ms ratio {m.prefill_power_ratio:.2f}" for m in stats.calibration.values() if m
+        f"lag {m.lag_ns / 1e6:.0f} ms ratio {m.prefill_power_ratio:.2f} ({m.prefill_ratio_at_no_tokens:.2f} + "
+        f"{m.prefill_ratio_per_1k_tokens:.2f} per 1k step tokens)"
+        for m in stats.calibration.values()
+        if m
     )
     phase = sampler_phase_ms(s.app.engine, f"sim:{url}")
     return f"failed reads {failed_reads(s.app.engine)}, sampler phase {phase:.1f} ms, calibration: {models or 'none'}"
