@@ -22,7 +22,7 @@ class Job:
     api: Api = Api.GRPC
     correlation_id: str | None = None
     deadline: float | None = None  # event-loop time (loop.time()) after which the client no longer waits
-    stop_at: float | None = None  # event-loop time at which the front door stops reading (TGIS time limit)
+    stop_at: float | None = None  # loop time at which the front door stops reading (TGIS time limit), set at creation
     clamp_to_token_limit: bool = False  # TGIS: shrink max_new_tokens to fit the model instead of failing
     received_ns: int = field(default_factory=time.time_ns)
 
