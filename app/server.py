@@ -28,6 +28,7 @@ from app.metering import authenticator, build_meter_service, seed_billing_settin
 from common.grpc_handlers import add_servicer, bind_grpc
 from common.grpc_introspection import add_introspection
 from common.logs import as_fields
+from common.tls import ReloadingContext, grpc_server_credentials
 from meter.ledger import Ledger
 from meter.reports_api import SERVICE as ENERGY_REPORTS
 from meter.reports_api import EnergyReportsServicer
@@ -128,10 +129,14 @@ class GatewayApp:
                 run_health_checks(self.pools.values(), cfg.backend_pool.health_interval_s, self._stop_health)
             )
         )
-        self.grpc_port = bind_grpc(self.server, cfg.server.grpc_listen)
+        tls = cfg.tls.files()
+        self.grpc_port = bind_grpc(self.server, cfg.server.grpc_listen, grpc_server_credentials(tls) if tls else None)
         await self.server.start()
         if self.http is not None and cfg.server.http_listen:
-            self.http_port = await self.http.start(cfg.server.http_listen)
+            ssl_context = ReloadingContext(tls) if tls else None
+            self.http_port = await self.http.start(cfg.server.http_listen, ssl_context)
+            if ssl_context is not None:
+                self._tasks.append(asyncio.create_task(_reload_tls(ssl_context, cfg.tls.reload_interval_s)))
         if not self.gateway.ready:
             self._tasks.append(asyncio.create_task(self._await_database()))
         log.info(
@@ -140,6 +145,7 @@ class GatewayApp:
             grpc_port=self.grpc_port,
             http=cfg.server.http_listen,
             http_port=self.http_port,
+            tls="mutual" if tls and tls.client_ca_path else bool(tls),
             models={m: [b.url for b in p.backends] for m, p in self.pools.items()},
             healthy={m: p.healthy for m, p in self.pools.items()},
         )
@@ -220,3 +226,11 @@ class GatewayApp:
 
 def _first_line(exc: BaseException | None) -> str:
     return (str(exc).splitlines() or [""])[0][:300]
+
+
+async def _reload_tls(context: ReloadingContext, interval_s: float) -> None:
+    """Rotated certificate files reach the HTTP listener within ``interval_s`` (gRPC sees them at its next
+    handshake)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await asyncio.to_thread(context.maybe_reload)

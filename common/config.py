@@ -10,10 +10,14 @@ and its flag (``LISTEN_HELP``).
 
 from __future__ import annotations
 
-from typing import Self
+from pathlib import Path
+from typing import TYPE_CHECKING, Self
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from common.tls import TlsFiles
 
 
 class Section(BaseModel):
@@ -72,3 +76,36 @@ class BackendPoolConfig(Section):
     max_concurrent_requests: int | None = Field(
         default=None, ge=1, description="cap on in-flight requests per backend; default: TGI's /info value"
     )
+
+
+class TlsConfig(Section):
+    """``[tls]``: serve the gateway's gRPC and HTTP listeners and the meter's report port over TLS (common.tls)."""
+
+    cert_path: str | None = Field(default=None, description="PEM certificate chain; with key_path: TLS on")
+    key_path: str | None = Field(default=None, description="PEM private key of cert_path")
+    client_ca_cert_path: str | None = Field(
+        default=None, description="PEM CA bundle: clients must present a certificate it signed (mutual TLS)"
+    )
+    reload_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="how often the HTTP listener looks for new files (gRPC: every handshake)",
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.cert_path is None) != (self.key_path is None):
+            raise ValueError("cert_path and key_path go together: give both or neither")
+        if self.client_ca_cert_path is not None and self.cert_path is None:
+            raise ValueError("client_ca_cert_path needs cert_path and key_path (mutual TLS is TLS first)")
+        return self
+
+    def files(self) -> TlsFiles | None:
+        """The files, or None when TLS is off."""
+        from common.tls import TlsFiles
+
+        if self.cert_path is None or self.key_path is None:
+            return None
+        ca = Path(self.client_ca_cert_path) if self.client_ca_cert_path else None
+        return TlsFiles(Path(self.cert_path), Path(self.key_path), ca)

@@ -84,10 +84,13 @@ def add_servicer(server: grpc.aio.Server, service: descriptor.ServiceDescriptor,
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def bind_grpc(server: grpc.aio.Server, address: str) -> int:
-    """Bind ``server`` to ``address`` (HOST:PORT; port 0 picks one) without TLS; the bound port. OSError when it
-    cannot listen there (grpcio says so only by answering port 0)."""
-    port = server.add_insecure_port(address)
+def bind_grpc(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind ``server`` to ``address`` (HOST:PORT; port 0 picks one), over TLS when ``credentials`` are given
+    (common.tls); the bound port. OSError when it cannot listen there (grpcio says so only by answering port 0)."""
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return port

@@ -49,6 +49,7 @@ from common.grpc_calls import abort_with, as_status_error, metadata_dict
 from common.grpc_handlers import add_servicer, bind_grpc
 from common.grpc_introspection import Health, add_introspection
 from common.inputs import clip
+from common.tls import TlsFiles, grpc_server_credentials
 from meter.auth import Authenticator, Principal
 from meter.pb.joulegate.v1 import energy_pb2 as pb
 from meter.pb.joulegate.v1 import energy_pb2_grpc as pb_grpc
@@ -498,14 +499,15 @@ async def start_reports_server(
     listen: str,
     *,
     nudge: Callable[[], None] | None = None,
+    tls: TlsFiles | None = None,
 ) -> ReportsServer:
     """Serve EnergyReports (keys checked by ``auth``; ``fallback``: the billing settings while the database holds
     none), the health service (SERVING) and reflection on ``listen`` (HOST:PORT; port 0 picks one)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     add_servicer(server, SERVICE, EnergyReportsServicer(engine, auth, fallback, nudge=nudge))
     health, names = add_introspection(server, [SERVICE_NAME])
-    port = bind_grpc(server, listen)
+    port = bind_grpc(server, listen, grpc_server_credentials(tls) if tls else None)
     await server.start()
     await health.set(("", *names), serving=True)
-    log.info("reports_server_started", listen=listen, port=port)
+    log.info("reports_server_started", listen=listen, port=port, tls=tls is not None)
     return ReportsServer(server=server, health=health, port=port)

@@ -76,6 +76,9 @@ SERVE = ("serve", "--backend", "http://127.0.0.1:9", "--grpc-listen", "127.0.0.1
             marks=pytest.mark.skipif(_nvml_present(), reason="this host has NVML"),
         ),
         (("meter", "--source", "sim", "--config", "meter.toml", "--db", "unreachable"), 1, "cannot use the database"),
+        ((*SERVE, "--meter", "none", "--tls-cert-path", "c.pem"), 2, "cert_path and key_path go together"),
+        ((*SERVE, "--meter", "none", "--tls-cert-path", "no.pem", "--tls-key-path", "no.key"), 2, "no.pem is not a"),
+        ((*SERVE, "--meter", "none", "--tls-cert-path", "meter.toml", "--tls-key-path", "meter.toml"), 2, "TLS:"),
         (("meter", "--source", "sim", "--config", "meter.toml", "--db", "mysql://u@db/jg"), 2, "is not supported"),
     ],
 )

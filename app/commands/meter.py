@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.commands.database import check_db_url, url_origin
+from app.commands.tls_flags import add_tls_arguments, tls_overrides
 from app.config import Config, load_config
 from app.metering import authenticator, build_meter_service, local_backends, node_name, seed_billing_settings
 from common.config import LISTEN_HELP
@@ -40,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"joulegate.v1.EnergyReports, health and reflection: {LISTEN_HELP} (default: meter.grpc_listen, "
         "0.0.0.0:8034)",
     )
+    add_tls_arguments(parser)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,7 +59,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["meter"] = meter
     if getattr(args, "log_format", None):
         out["server"] = {"log_format": args.log_format}
-    return out
+    return {**out, **tls_overrides(args)}
 
 
 def meter_journal_path(config: Config) -> Path:
@@ -121,7 +123,12 @@ async def _serve(config: Config, journal: Path, reports_listen: str | None = Non
             from meter.reports_api import start_reports_server
 
             reports = await start_reports_server(
-                db, authenticator(config, db), settings_from_config(config), reports_listen, nudge=service.run_soon
+                db,
+                authenticator(config, db),
+                settings_from_config(config),
+                reports_listen,
+                nudge=service.run_soon,
+                tls=config.tls.files(),
             )
         log.info("meter_daemon_started", node=node_name(config.meter), backends=service.stats.backends)
         await stop.wait()

@@ -12,6 +12,7 @@ import errno
 from typing import Any
 
 from app.commands.database import CommandError, check_db_url, db_failure, url_origin
+from app.commands.tls_flags import add_tls_arguments, tls_overrides
 from app.config import load_config
 from common.config import LISTEN_HELP
 from common.errors import ConfigError
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--meter", choices=["auto", "nvml", "sim", "none"], help="energy source of the in-process meter (default auto)"
     )
     parser.add_argument("--log-format", choices=["json", "console"])
+    add_tls_arguments(parser)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,7 +56,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         out["models"] = [{"model_id": args.model_id or "default", "backends": [{"url": u} for u in args.backend]}]
     elif args.model_id:
         raise ConfigError("--model-id needs at least one --backend URL")
-    return out
+    return {**out, **tls_overrides(args)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from common.errors import Cancelled, GatewayError, MalformedRequest, NotFound, P
 from common.ids import new_request_id
 from common.inputs import InputRefused, clip, headers_of_interest
 from common.net import bind_tcp
+from common.tls import ReloadingContext
 from meter.auth import Authenticator
 from meter.timeline import Api
 from proxy.gateway import Gateway
@@ -107,8 +108,8 @@ class HttpFrontDoor:
         app.router.add_get("/metrics", self._metrics)
         return app
 
-    async def start(self, listen: str) -> int:
-        """Listen on ``HOST:PORT`` (port 0: any free port); return the bound port."""
+    async def start(self, listen: str, tls: ReloadingContext | None = None) -> int:
+        """Listen on ``HOST:PORT`` (port 0: any free port), over TLS when ``tls`` is given; the bound port."""
         host, port = parse_listen(listen)
         sock = bind_tcp(host, port)
         self.port = sock.getsockname()[1]
@@ -116,9 +117,10 @@ class HttpFrontDoor:
         await runner.setup()
         assert runner.server is not None
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self.deadlines.factory(runner.server), sock=sock)
+        ssl_context = tls.context if tls is not None else None
+        self._server = await loop.create_server(self.deadlines.factory(runner.server), sock=sock, ssl=ssl_context)
         self._runner = runner
-        log.info("http_started", listen=listen, port=self.port)
+        log.info("http_started", listen=listen, port=self.port, tls=tls is not None)
         return self.port
 
     async def stop(self, grace_s: float) -> None:
