@@ -41,7 +41,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def test_usage_csv_has_every_figure_at_full_precision(db: str, config: str, capsys) -> None:
     # Nothing stored yet: the config stands in (its idle policy is time)
-    code, out, err = run(capsys, "usage", "--db", db, "--config", config, "--start", "2023-11-13", "--csv")
+    code, out, err = run(capsys, "usage", "--db", db, "--config", config, "--start", "2023-11-13", "--format", "csv")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["key"] for r in rows] == ["tenant-a", "tenant-b", "total"]
@@ -74,7 +74,7 @@ def test_usage_table_by_hour_names_policy_grid_and_pue(db: str, config: str, cap
 
 
 def test_requests_and_backends(db: str, config: str, capsys) -> None:
-    code, out, _ = run(capsys, "requests", "--db", db, "--config", config, "--tenant", "tenant-a", "--csv")
+    code, out, _ = run(capsys, "requests", "--db", db, "--config", config, "--tenant", "tenant-a", "--format", "csv")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["request_id"], r["final"]) for r in rows] == [("C", "True"), ("A", "True")]
@@ -97,7 +97,7 @@ def test_backends_exit_1_when_conservation_fails(db: str, capsys) -> None:
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE backend_epochs SET counter_mj = counter_mj + 7"))
     engine.dispose()
-    code, out, err = run(capsys, "backends", "--db", db, "--csv")
+    code, out, err = run(capsys, "backends", "--db", db, "--format", "csv")
     assert code == 1 and "conservation check FAILED" in err and "on: b1" in err
     (row,) = csv.DictReader(io.StringIO(out))
     assert row["conservation_error_mj"] == "21"  # 7 mJ in each of 3 epochs
@@ -126,7 +126,7 @@ def test_the_bill_is_the_stored_one_whoever_prints_it(db: str, config: str, tmp_
     assert "tokens" in out and "joulegate report settings" in out and "none stored" not in out
     bills = []
     for cfg in (config, str(other)):
-        code, out, err = run(capsys, "usage", "--db", db, "--config", cfg, "--start", "2023-11-13", "--csv")
+        code, out, err = run(capsys, "usage", "--db", db, "--config", cfg, "--start", "2023-11-13", "--format", "csv")
         assert code == 0, err
         bills.append(list(csv.DictReader(io.StringIO(out))))
     assert bills[0] == bills[1]
@@ -137,7 +137,7 @@ def test_the_bill_is_the_stored_one_whoever_prints_it(db: str, config: str, tmp_
     assert (a["grid_g_co2e_per_kwh"], a["pue"], a["idle_policy_asked"]) == ("500.0", "1.5", "False")
     code, out, _ = run(capsys, "usage", "--db", db, "--config", str(other), "--idle-policy", "none")
     assert code == 0 and "idle shares shown under the policy asked for: none (not the bill's)" in out.splitlines()[0]
-    code, out, _ = run(capsys, "requests", "--db", db, "--csv")
+    code, out, _ = run(capsys, "requests", "--db", db, "--format", "csv")
     rows = {r["request_id"]: r for r in csv.DictReader(io.StringIO(out))}
     assert rows["A"]["idle_policy"] == "tokens" and rows["A"]["final"] == "True"
 
@@ -149,5 +149,41 @@ def test_settings_cannot_be_changed_retroactively(db: str, capsys) -> None:
     assert code == 2 and "--set: name at least one of" in err
     code, _, err = run(capsys, "settings", "--db", db, "--set", "--pue", "0.5")
     assert code == 2 and "pue: must be >= 1" in err
-    code, out, _ = run(capsys, "settings", "--db", db, "--csv")
+    code, out, _ = run(capsys, "settings", "--db", db, "--format", "csv")
     assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 1  # the config's default, not stored
+
+
+@pytest.mark.parametrize("report", ["usage", "requests", "backends", "settings"])
+def test_json_and_parquet_carry_the_csv_rows(db: str, config: str, capsys, tmp_path: Path, report: str) -> None:
+    """The machine formats say the same thing: every column and row of the CSV, typed (no lossy strings)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    args = (report, "--db", db, "--config", config) + (
+        ("--start", "2023-11-13", "--end", "2023-11-15") if report != "settings" else ()
+    )
+    code, out, err = run(capsys, *args, "--format", "csv")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    code, out, err = run(capsys, *args, "--format", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["columns"] == list(rows[0]) and len(doc["rows"]) == len(rows)
+    parquet = tmp_path / "out.parquet"
+    code, _, err = run(capsys, *args, "--format", "parquet", "--output", str(parquet))
+    assert code == 0, err
+    table = pq.read_table(parquet)
+    assert table.column_names == doc["columns"] and table.to_pylist() == doc["rows"]
+    assert table.schema.metadata[b"joulegate.title"].decode() == doc["title"]
+    for as_text, typed in zip(rows, doc["rows"], strict=True):
+        for key, value in typed.items():
+            if isinstance(value, float):
+                assert math.isclose(float(as_text[key]), value), key
+            elif value is not None and not isinstance(value, bool):
+                assert as_text[key] == str(value), key
+
+
+def test_parquet_needs_a_file(db: str, capsys) -> None:
+    code, _, err = run(capsys, "usage", "--db", db, "--format", "parquet")
+    assert code == 2 and "--output PATH" in err

@@ -9,20 +9,24 @@ database (``report settings`` lists them; ``report settings --set ...`` adds a p
 never earlier). The config file (``--config``) stands in only while the database holds none, and the output says
 so. ``--idle-policy`` shows another policy than the stored one, and the output says that too.
 
-Output is a table for people (a header line names the range and the settings that apply), or CSV with ``--csv``
-(one header row, full precision, the total as a last row with key ``total``). ``report backends`` exits with status
-1 if any backend fails the conservation check (counter != attributed + idle + adjustment).
+Output is a table for people (a header line names the range and the settings that apply), or for billing
+pipelines ``--format csv`` (one header row), ``json`` (title, columns, one object per row) or ``parquet`` (a file,
+``--output``), all at full precision with the total as a last row with key ``total``. ``report backends`` exits
+with status 1 if any backend fails the conservation check (counter != attributed + idle + adjustment).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import json
+import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from app.commands.database import CommandError, add_db_arguments, check_db_url, db_failure, redact, url_origin
 from app.config import ConfigError, load_config
@@ -39,6 +43,7 @@ BACKEND_COLUMNS = (
     "backend", "counter_j", "attributed_j", "prefill_j", "decode_j", "idle_j", "adjustment_j",
     "conservation_error_mj", "requests", "samples", "gaps", "attributed_until",
 )  # fmt: skip
+FORMATS = ("table", "csv", "json", "parquet")
 SETTINGS_COLUMNS = ("effective", "idle_policy", "grid_g_co2e_per_kwh", "pue", "recorded", "source")
 
 
@@ -47,7 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_db_arguments(common)
     common.add_argument("--start", metavar="ISO", help="range start, e.g. 2024-05-01 or 2024-05-01T12:00:00Z (UTC)")
     common.add_argument("--end", metavar="ISO", help="range end, exclusive (default: now)")
-    common.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    common.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        help="table (people), csv, json or parquet (billing pipelines: full precision, one row per line/record)",
+    )
+    common.add_argument("--output", metavar="PATH", help="write there instead of stdout (parquet needs a file)")
     asked = argparse.ArgumentParser(add_help=False)
     asked.add_argument(
         "--idle-policy",
@@ -113,15 +124,43 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: set[in
     return "\n".join(lines)
 
 
-def _emit(header: Sequence[str], rows: Sequence[Sequence[Any]], *, as_csv: bool, title: str,
+def _emit(header: Sequence[str], rows: Sequence[Sequence[Any]], *, args: argparse.Namespace, title: str,
           pretty: Sequence[Sequence[str]], numeric: set[int]) -> None:  # fmt: skip
-    if as_csv:
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
+    """The rows in the format asked for: a table with its title line for people; CSV (one header row), JSON (the
+    title, the columns and one object per row; NaN as null) or Parquet (one record per row, the title in the
+    file's metadata) at full precision for machines."""
+    fmt: str = args.format
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist([dict(zip(header, r, strict=True)) for r in rows])
+        pq.write_table(table.replace_schema_metadata({"joulegate.title": title}), args.output)
         return
-    print(title)
-    print(_table([h.upper() for h in header], pretty, numeric))
+    with _out(args.output) as out:
+        if fmt == "csv":
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(header)
+            writer.writerows(rows)
+        elif fmt == "json":
+            records = [{h: _json_value(v) for h, v in zip(header, r, strict=True)} for r in rows]
+            json.dump({"title": title, "columns": list(header), "rows": records}, out, allow_nan=False)
+            out.write("\n")
+        else:
+            out.write(f"{title}\n{_table([h.upper() for h in header], pretty, numeric)}\n")
+
+
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+@contextlib.contextmanager
+def _out(path: str | None) -> Iterator[TextIO]:
+    if path is None:
+        yield sys.stdout
+        return
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        yield f
 
 
 def _settings_line(periods: Sequence[Any], stored: bool, asked: str | None) -> str:
@@ -164,7 +203,7 @@ def _usage(conn: Any, args: argparse.Namespace, options: Any, start_ns: int | No
         f"usage by {args.group_by}, requests received in [{_iso(start_ns) if start_ns is not None else 'beginning'}, "
         f"{_iso(end_ns)}) | {_settings_line(report.periods, report.settings.stored, asked)}"
     )
-    if args.csv:
+    if args.format != "table":
         # The settings of the period in force at the end of the range (the table's title lists every period).
         at_end = report.settings.at(end_ns)
         policy = asked or at_end.idle_policy.value
@@ -172,9 +211,9 @@ def _usage(conn: Any, args: argparse.Namespace, options: Any, start_ns: int | No
         with_settings = [
             (*r, policy, at_end.grid_g_co2e_per_kwh, at_end.pue, len(report.periods), asked is not None) for r in raw
         ]
-        _emit(header, with_settings, as_csv=True, title=title, pretty=pretty, numeric=set())
+        _emit(header, with_settings, args=args, title=title, pretty=pretty, numeric=set())
     else:
-        _emit(USAGE_COLUMNS, raw, as_csv=False, title=title, pretty=pretty, numeric=set(range(1, 14)))
+        _emit(USAGE_COLUMNS, raw, args=args, title=title, pretty=pretty, numeric=set(range(1, 14)))
         if report.total.provisional_requests:
             print(f"{report.total.provisional_requests} request(s) provisional: their figures may still change")
         if report.total.estimated_prompt_requests:
@@ -221,7 +260,7 @@ def _requests(conn: Any, args: argparse.Namespace, options: Any, start_ns: int |
         f"newest first ({len(found)} shown{', more exist' if token else ''}) | "
         f"{_settings_line(history.overlapping(start_ns, end_ns), history.stored, asked)}"
     )
-    _emit(REQUEST_COLUMNS, raw, as_csv=args.csv, title=title, pretty=pretty, numeric={6, 7, 8, 9, 10, 11})
+    _emit(REQUEST_COLUMNS, raw, args=args, title=title, pretty=pretty, numeric={6, 7, 8, 9, 10, 11})
     return 0
 
 
@@ -238,7 +277,7 @@ def _backends(conn: Any, args: argparse.Namespace, start_ns: int | None, end_ns:
     pretty = [(r[0], *(f"{c:.3f}" for c in r[1:7]), *(str(c) for c in r[7:])) for r in raw]
     since = _iso(start_ns) if start_ns is not None else "beginning"
     title = f"backend energy over the epochs starting in [{since}, {_iso(end_ns)})"
-    _emit(BACKEND_COLUMNS, raw, as_csv=args.csv, title=title, pretty=pretty, numeric=set(range(1, 11)))
+    _emit(BACKEND_COLUMNS, raw, args=args, title=title, pretty=pretty, numeric=set(range(1, 11)))
     broken = [b.backend for b in backends if b.conservation_error_mj != 0]
     if broken:
         print(
@@ -246,7 +285,7 @@ def _backends(conn: Any, args: argparse.Namespace, start_ns: int | None, end_ns:
             file=sys.stderr,
         )
         return 1
-    if not args.csv:
+    if args.format == "table":
         print(
             f"conservation check: ok on {len(backends)} backend(s) (counter = attributed + idle + adjustment, "
             "to the mJ)"
@@ -296,7 +335,7 @@ def _settings(engine: Any, args: argparse.Namespace, fallback: Any) -> int:
     title = "billing settings, each for the requests received from its time on" + (
         "" if history.stored else " (none stored yet: this config's, until a gateway or meter stores its own)"
     )
-    _emit(SETTINGS_COLUMNS, raw, as_csv=args.csv, title=title, pretty=pretty, numeric={2, 3})
+    _emit(SETTINGS_COLUMNS, raw, args=args, title=title, pretty=pretty, numeric={2, 3})
     return 0
 
 
@@ -307,6 +346,8 @@ def run(args: argparse.Namespace) -> int:
     from meter.store import current, make_engine
 
     logs_to_stderr()
+    if args.format == "parquet" and not args.output:
+        raise ConfigError("--format parquet writes a file: give --output PATH")
     overrides: dict[str, Any] = {"db": {"url": args.db}} if args.db else {}
     config = load_config(args.config, overrides=overrides)
     start_ns = parse_time(args.start, "--start")
