@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("app.commands.keys", "create, list and revoke API keys"),
     "migrate": ("app.commands.migrate", "create or upgrade the database schema (Alembic)"),
     "report": ("app.commands.report", "print energy reports: usage, requests, backends"),
+    "export": ("app.commands.export", "send final per-request energy as CloudEvents to a billing pipeline"),
     "sim-tgi": ("sim.cli", "run a simulated TGI server with a simulated GPU energy counter"),
     "demo": ("app.commands.demo", "the whole stack on simulated GPUs: traffic from two tenants, then their energy"),
 }
