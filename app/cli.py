@@ -22,7 +22,11 @@ from importlib.metadata import version as package_version
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("app.commands.serve", "run the gateway (gRPC + HTTP), with an in-process meter unless --meter none"),
     "meter": ("app.commands.meter", "run the metering daemon alone (sampler, attribution, reports)"),
-    "keys": ("app.commands.keys", "create, list and revoke API keys"),
+    "keys": ("app.commands.keys", "create, list, rotate and revoke API keys"),
+    "audit": (
+        "app.commands.audit",
+        "who created, rotated or revoked keys, changed billing settings, read as admin",
+    ),
     "migrate": ("app.commands.migrate", "create or upgrade the database schema (Alembic)"),
     "report": ("app.commands.report", "print energy reports: usage, requests, backends"),
     "export": ("app.commands.export", "send final per-request energy as CloudEvents to a billing pipeline"),

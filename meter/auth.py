@@ -36,7 +36,7 @@ import structlog
 
 from common.errors import PermissionDenied, Unauthenticated, Unavailable
 from meter.store.db import is_outage
-from meter.store.keys import parse_key_id
+from meter.store.keys import ALL_SCOPES, parse_key_id
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +50,14 @@ class Principal:
     admin: bool = False
     default_class: str | None = None
     key_id: str | None = None
+    scopes: frozenset[str] = ALL_SCOPES
+    expires_ns: int | None = None
+
+    def require_scope(self, scope: str) -> None:
+        """The key may make this kind of call (``generate``: the generation APIs; ``reports``: energy reports)."""
+        if scope not in self.scopes:
+            granted = ", ".join(sorted(self.scopes))
+            raise PermissionDenied(f"key {self.key_id} may not call the {scope} APIs (its scopes: {granted})")
 
     def require_tenant_access(self, tenant: str) -> None:
         """A tenant key sees its own tenant only; an admin key sees all."""
@@ -145,7 +153,7 @@ class Authenticator:
         """The key store did not answer: the last answer if it granted access, else come back later."""
         if entry is not None and entry.principal is not None:
             self.stale_served += 1
-            return entry.principal
+            return _granted(entry.principal)
         retry_s = max(1.0, self._retry_at - time.monotonic())
         raise Unavailable(
             "cannot check the API key now: the key store is unreachable; retry shortly", retry_after_s=retry_s
@@ -175,7 +183,14 @@ class Authenticator:
         principal = (
             None
             if info is None
-            else Principal(tenant=info.tenant, admin=info.admin, default_class=info.default_class, key_id=info.key_id)
+            else Principal(
+                tenant=info.tenant,
+                admin=info.admin,
+                default_class=info.default_class,
+                key_id=info.key_id,
+                scopes=getattr(info, "scopes", ALL_SCOPES),
+                expires_ns=getattr(info, "expires_ns", None),
+            )
         )
         ttl = self.cache_ttl_s if principal is not None else min(self.cache_ttl_s, NEGATIVE_TTL_S)
         if len(self._cache) >= MAX_ENTRIES:
@@ -206,4 +221,7 @@ class Authenticator:
 def _granted(principal: Principal | None) -> Principal:
     if principal is None:
         raise Unauthenticated("invalid or revoked API key")
+    if principal.expires_ns is not None and time.time_ns() >= principal.expires_ns:
+        # the cached (or stale) answer outlived the key: expiry is checked on every call, not once per lookup
+        raise Unauthenticated(f"API key {principal.key_id} has expired")
     return principal

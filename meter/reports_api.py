@@ -70,6 +70,7 @@ from meter.reports import (
     list_requests,
 )
 from meter.reports.requests import decode_page_token
+from meter.store import audit
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -345,6 +346,9 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
         started = time.perf_counter()
         try:
             principal = await self.auth.authenticate(metadata_dict(context, READ_METADATA))
+            principal.require_scope("reports")
+            if principal.admin:  # an admin reads every tenant's energy: on the record, before the answer
+                await asyncio.to_thread(self._audit_read, principal, method, context)
             result = await work(principal)
         except Exception as caught:
             exc = as_status_error(caught, method, None)
@@ -353,6 +357,10 @@ class EnergyReportsServicer(pb_grpc.EnergyReportsServicer):
             raise AssertionError("unreachable") from None  # abort raises
         log.debug("report", method=method, tenant=principal.tenant, ms=round((time.perf_counter() - started) * 1e3, 1))
         return result
+
+    def _audit_read(self, principal: Principal, method: str, context: grpc.aio.ServicerContext) -> None:
+        with self.engine.begin() as conn:
+            audit.record(conn, f"key:{principal.key_id}", "report.read", method, peer=context.peer())
 
     # -- GetRequestEnergy ----------------------------------------------------------------------------------------
     async def GetRequestEnergy(

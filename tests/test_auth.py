@@ -147,3 +147,41 @@ async def test_a_failing_key_store_serves_known_keys_stale_backs_off_and_refuses
     await asyncio.sleep(0.45)  # past retry_max_s
     assert (await auth.authenticate(bearer(never_seen))).tenant == "globex"
     assert auth.key_store_available and store.calls == calls + 1
+
+
+async def test_a_cached_key_stops_working_at_its_expiry_not_at_the_cache_ttl(store: Lookups) -> None:
+    import time
+
+    created = create_key(store.engine, "acme", expires_ns=time.time_ns() + 300_000_000)
+    auth = Authenticator(store, cache_ttl_s=60.0)
+    assert (await auth.authenticate(bearer(created.key))).tenant == "acme"
+    await asyncio.sleep(0.35)  # the scenario: the key's lifetime runs out while its answer is cached for a minute
+    with pytest.raises(Unauthenticated, match="has expired"):
+        await auth.authenticate(bearer(created.key))
+    assert store.calls == 1  # refused from the cache, without a lookup
+    # the same during an outage: a stale answer never outlives the key
+    brief = create_key(store.engine, "acme", expires_ns=time.time_ns() + 400_000_000)
+    short = Authenticator(store, cache_ttl_s=0.1)
+    assert (await short.authenticate(bearer(brief.key))).tenant == "acme"
+    store.break_store()
+    await asyncio.sleep(0.15)  # the entry is past its TTL: the next answer is stale
+    assert (await short.authenticate(bearer(brief.key))).tenant == "acme" and short.stale_served == 1
+    await asyncio.sleep(0.3)  # and now past the key's expiry
+    with pytest.raises(Unauthenticated, match="has expired"):
+        await short.authenticate(bearer(brief.key))
+    store.restore_store()
+
+
+async def test_scopes_decide_which_calls_a_key_may_make(store: Lookups) -> None:
+    from common.errors import PermissionDenied
+
+    gen = create_key(store.engine, "acme", scopes=frozenset({"generate"}))
+    rep = create_key(store.engine, "acme", scopes=frozenset({"reports"}))
+    auth = Authenticator(store, cache_ttl_s=TTL_S)
+    g, r = await auth.authenticate(bearer(gen.key)), await auth.authenticate(bearer(rep.key))
+    g.require_scope("generate")
+    r.require_scope("reports")
+    with pytest.raises(PermissionDenied, match=r"may not call the reports APIs \(its scopes: generate\)"):
+        g.require_scope("reports")
+    with pytest.raises(PermissionDenied, match="may not call the generate APIs"):
+        r.require_scope("generate")

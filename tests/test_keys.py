@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def test_keys_share_a_tenant_and_admin_flag_is_kept(db: sa.Engine) -> None:
     assert [(i.tenant, i.admin) for i in infos if i] == [("acme", False), ("acme", True), ("globex", False)]
     listed = list_keys(db)
     assert [k.key_id for k in listed] == [a.key_id, b.key_id, c.key_id]
-    assert all(k.active for k in listed)
+    assert all(k.active_at(time.time_ns()) for k in listed)
 
 
 def test_revoked_key_no_longer_looks_up(db: sa.Engine) -> None:
@@ -118,8 +119,9 @@ def test_keys_command_on_a_fresh_sqlite_file(
     assert info is not None and (info.tenant, info.admin, info.default_class) == ("acme", True, "batch")
 
     rc, out, _ = _run(capsys, "keys", "list", "--db", url)
-    assert rc == 0 and out[0].split() == ["KEY_ID", "TENANT", "ADMIN", "CLASS", "LABEL", "CREATED", "REVOKED"]
-    assert out[1].split()[:5] == [info.key_id, "acme", "yes", "batch", "ops"] and out[1].split()[-1] == "-"
+    assert rc == 0 and out[0].split()[:7] == ["KEY_ID", "TENANT", "ADMIN", "SCOPES", "CLASS", "LABEL", "CREATED"]
+    row = out[1].split()
+    assert row[:6] == [info.key_id, "acme", "yes", "generate,reports", "batch", "ops"] and row[-1] == "-"
     assert key not in "\n".join(out)
 
     rc, out, _ = _run(capsys, "keys", "revoke", info.key_id, "--db", url)
@@ -127,7 +129,7 @@ def test_keys_command_on_a_fresh_sqlite_file(
     rc, _, err = _run(capsys, "keys", "revoke", info.key_id, "--db", url)
     assert rc == 1 and info.key_id in err
     rc, out, _ = _run(capsys, "keys", "list", "--active", "--db", url)
-    assert rc == 0 and out == ["KEY_ID  TENANT  ADMIN  CLASS  LABEL  CREATED  REVOKED"]
+    assert rc == 0 and len(out) == 1 and out[0].startswith("KEY_ID  TENANT")
     engine.dispose()
 
 
@@ -151,3 +153,116 @@ def test_keys_command_reads_the_database_from_config_and_env(
 def test_keys_command_reports_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, _, err = _run(capsys, "keys", "list", "--config", str(tmp_path / "missing.toml"))
     assert rc == 2 and "missing.toml" in err
+
+
+# -- expiry, scopes, last use, rotation, audit ------------------------------------------------------------------------
+
+
+def test_an_expired_key_looks_up_as_nothing(db: sa.Engine) -> None:
+    soon = create_key(db, "acme", expires_ns=time.time_ns() + 200_000_000)
+    later = create_key(db, "acme", expires_ns=time.time_ns() + 3600 * 10**9)
+    assert lookup_key(db, soon.key) is not None
+    time.sleep(0.25)  # the scenario: the key's lifetime runs out
+    assert lookup_key(db, soon.key) is None
+    info = lookup_key(db, later.key)
+    assert info is not None and info.expires_ns is not None
+
+
+def test_scopes_are_kept_and_checked(db: sa.Engine) -> None:
+    gen = create_key(db, "acme", scopes=frozenset({"generate"}))
+    info = lookup_key(db, gen.key)
+    assert info is not None and info.scopes == frozenset({"generate"})
+    with pytest.raises(ValueError, match="subset of generate, reports"):
+        create_key(db, "acme", scopes=frozenset({"admin"}))
+    with pytest.raises(ValueError):
+        create_key(db, "acme", scopes=frozenset())
+
+
+def test_last_use_is_recorded_at_lookup_at_most_once_a_minute(db: sa.Engine) -> None:
+    created = create_key(db, "acme")
+    assert list_keys(db)[0].last_used_ns is None
+    before = time.time_ns()
+    lookup_key(db, created.key)
+    first = list_keys(db)[0].last_used_ns
+    assert first is not None and first >= before
+    lookup_key(db, created.key)
+    assert list_keys(db)[0].last_used_ns == first  # within the minute: no write per lookup
+
+
+def test_rotation_issues_a_twin_and_the_old_key_works_for_the_grace_period(db: sa.Engine) -> None:
+    from meter.store.keys import rotate_key
+
+    old = create_key(db, "acme", admin=True, default_class="batch", label="ci", scopes=frozenset({"reports"}))
+    new = rotate_key(db, old.key_id, grace_ns=300_000_000, actor="cli:ops@host")
+    assert new is not None and new.key_id != old.key_id and new.tenant == "acme"
+    old_info, new_info = lookup_key(db, old.key), lookup_key(db, new.key)
+    assert old_info is not None and new_info is not None
+    assert (new_info.admin, new_info.default_class, new_info.scopes) == (True, "batch", frozenset({"reports"}))
+    assert new_info.expires_ns is None and old_info.expires_ns is not None
+    records = {k.key_id: k for k in list_keys(db)}
+    assert records[new.key_id].rotated_from == old.key_id and records[new.key_id].label == "ci"
+    time.sleep(0.35)  # the scenario: the grace period runs out
+    assert lookup_key(db, old.key) is None and lookup_key(db, new.key) is not None
+    assert rotate_key(db, old.key_id, grace_ns=0) is None  # an expired key cannot be rotated again
+    # a second rotation never extends an earlier expiry
+    third = rotate_key(db, new.key_id, grace_ns=10**12)
+    fourth = rotate_key(db, new.key_id, grace_ns=10**15)
+    assert third is not None and fourth is not None
+    assert {k.key_id: k for k in list_keys(db)}[new.key_id].expires_ns < time.time_ns() + 10**12 + 10**9
+
+
+def test_key_changes_and_settings_changes_are_audited_with_their_actor(db: sa.Engine) -> None:
+    from meter.reports import BillingSettings, IdlePolicy, add_settings
+    from meter.store.audit import list_events
+    from meter.store.keys import rotate_key
+
+    a = create_key(db, "acme", actor="cli:alice@box")
+    rotated = rotate_key(db, a.key_id, grace_ns=10**9, actor="cli:bob@box")
+    assert rotated is not None
+    assert revoke_key(db, rotated.key_id, actor="cli:carol@box")
+    assert not revoke_key(db, rotated.key_id, actor="cli:carol@box")  # nothing revoked: nothing recorded
+    add_settings(db, BillingSettings(IdlePolicy.TIME, 300.0, 1.2), effective_ns=None, source="test", actor="cli:dan")
+    events = list_events(db)
+    assert [(e.action, e.target, e.actor) for e in events] == [
+        ("key.create", a.key_id, "cli:alice@box"),
+        ("key.rotate", rotated.key_id, "cli:bob@box"),
+        ("key.revoke", rotated.key_id, "cli:carol@box"),
+        ("settings.set", "billing_settings", "cli:dan"),
+    ]
+    assert events[1].detail["rotated_from"] == a.key_id and events[0].detail["tenant"] == "acme"
+    assert events[3].detail["grid_g_co2e_per_kwh"] == 300.0
+    assert [e.action for e in list_events(db, action="key.")] == ["key.create", "key.rotate", "key.revoke"]
+    assert secret_free(events, a.key)
+
+
+def secret_free(events, key: str) -> bool:
+    secret = key.rsplit("_", 1)[-1]
+    return all(secret not in repr(e) for e in events)
+
+
+def test_keys_command_creates_rotates_and_lists_with_expiry_and_scopes(tmp_path: Path, capsys) -> None:
+    db_url = f"sqlite:///{tmp_path / 'k.db'}"
+    assert cli_main(["migrate", "--db", db_url]) == 0
+    capsys.readouterr()
+    assert cli_main(["keys", "create", "--db", db_url, "--tenant", "acme", "--expires-in", "30d", "--scope",
+                     "generate"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    key_id = out.split()[2]
+    assert ", expires 20" in out
+    assert cli_main(["keys", "rotate", "--db", db_url, key_id, "--grace", "1h"]) == 0
+    out = capsys.readouterr().out
+    assert f"replacing {key_id}" in out
+    new_id = out.split()[2]
+    assert cli_main(["keys", "list", "--db", db_url]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split() == ["KEY_ID", "TENANT", "ADMIN", "SCOPES", "CLASS", "LABEL", "CREATED", "EXPIRES",
+                                  "REVOKED", "LAST_USED", "REPLACES"]  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in listing[1:]}
+    assert rows[new_id][3] == "generate" and rows[new_id][-1] == key_id and rows[key_id][7] != "-"
+    assert cli_main(["keys", "create", "--db", db_url, "--tenant", "acme", "--expires-in", "soon"]) == 2
+    assert "expected a whole number and a unit" in capsys.readouterr().err
+    assert cli_main(["audit", "--db", db_url, "--action", "key.", "--json"]) == 0
+    import json
+
+    actions = [json.loads(line)["action"] for line in capsys.readouterr().out.splitlines()]
+    assert actions == ["key.create", "key.rotate"]

@@ -301,6 +301,7 @@ def _backends(conn: Any, args: argparse.Namespace, start_ns: int | None, end_ns:
 
 def _settings(engine: Any, args: argparse.Namespace, fallback: Any) -> int:
     from meter.reports import BillingSettings, IdlePolicy, add_settings, load_settings
+    from meter.store.audit import cli_actor
 
     with engine.connect() as conn:
         history = load_settings(conn, fallback)
@@ -314,7 +315,11 @@ def _settings(engine: Any, args: argparse.Namespace, fallback: Any) -> int:
             pue=now.pue if args.pue is None else args.pue,
         )
         add_settings(
-            engine, new, effective_ns=parse_time(args.effective, "--effective"), source="joulegate report settings"
+            engine,
+            new,
+            effective_ns=parse_time(args.effective, "--effective"),
+            source="joulegate report settings",
+            actor=cli_actor(),
         )
         with engine.connect() as conn:
             history = load_settings(conn, fallback)

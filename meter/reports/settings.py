@@ -23,6 +23,7 @@ import sqlalchemy as sa
 import structlog
 
 from meter.reports.types import J_PER_KWH, MJ_PER_J, IdlePolicy, InvalidQuery, ReportOptions
+from meter.store import audit
 from meter.store.models import BillingSettings as BillingSettingsRow
 from meter.store.models import table_of
 from meter.store.upsert import dialect_insert
@@ -169,9 +170,12 @@ def seed_settings(engine: sa.Engine, config: BillingSettings, source: str) -> Se
     return history
 
 
-def add_settings(engine: sa.Engine, new: BillingSettings, *, effective_ns: int | None, source: str) -> BillingSettings:
+def add_settings(
+    engine: sa.Engine, new: BillingSettings, *, effective_ns: int | None, source: str, actor: str | None = None
+) -> BillingSettings:
     """Add a period effective from ``effective_ns`` (None: now), which must not lie in the past: a change never
-    touches requests already received. Returns the row written."""
+    touches requests already received; recorded in the audit log as done by ``actor`` (default: the process,
+    ``process:<source>``). Returns the row written."""
     now = time.time_ns()
     effective = now if effective_ns is None else effective_ns
     if effective < now:
@@ -203,6 +207,16 @@ def add_settings(engine: sa.Engine, new: BillingSettings, *, effective_ns: int |
                 recorded_ns=now,
                 source=source,
             )
+        )
+        audit.record(
+            conn,
+            actor or f"process:{source}",
+            "settings.set",
+            "billing_settings",
+            idle_policy=row.idle_policy.value,
+            grid_g_co2e_per_kwh=row.grid_g_co2e_per_kwh,
+            pue=row.pue,
+            effective_ns=effective,
         )
     log.info("billing_settings_added", effective_ns=effective, source=source, settings=str(row))
     return row

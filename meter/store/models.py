@@ -86,6 +86,38 @@ class ApiKey(Base):
     revoked_ns: Mapped[int | None] = mapped_column(
         sa.BigInteger, comment="when the key was revoked (ns); NULL while it is valid"
     )
+    expires_ns: Mapped[int | None] = mapped_column(
+        sa.BigInteger, comment="when the key stops working (ns); NULL: never (rotation sets it on the old key)"
+    )
+    scopes: Mapped[str] = mapped_column(
+        sa.String,
+        server_default="generate,reports",
+        comment="what it may call, comma-separated: generate (the generation APIs), reports (its tenant's energy)",
+    )
+    last_used_ns: Mapped[int | None] = mapped_column(
+        sa.BigInteger, comment="last time a gateway or meter looked it up (ns; to within a minute); NULL: never"
+    )
+    rotated_from: Mapped[str | None] = mapped_column(
+        sa.String, comment="key_id of the key this one replaced (keys rotate); NULL for a key created afresh"
+    )
+
+
+class AuditEvent(Base):
+    """Who did what to keys and billing settings, and which admin reads ran: appended, never changed."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (sa.Index(None, "at_ns"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, comment="surrogate key, in order of recording")
+    at_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="when (ns since the epoch)")
+    actor: Mapped[str] = mapped_column(
+        sa.String, comment="who: key:<key_id> (an API call), cli:<user>@<host> (a command on a database)"
+    )
+    action: Mapped[str] = mapped_column(
+        sa.String, comment="key.create, key.revoke, key.rotate, settings.set, report.read"
+    )
+    target: Mapped[str] = mapped_column(sa.String, comment="what: a key_id, a tenant, a report method")
+    detail: Mapped[str] = mapped_column(sa.Text, comment="JSON object with the facts of the action")
 
 
 class Request(Base):

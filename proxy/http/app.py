@@ -174,6 +174,7 @@ class HttpFrontDoor:
             structlog.contextvars.bind_contextvars(correlation_id=call.correlation_id)
             if route != "unmatched" and (request.method, route) not in PUBLIC_ROUTES:
                 call.principal = await self.services.auth.authenticate(headers)
+                call.principal.require_scope("generate")
                 call.traffic_class = requested_class(headers.get("x-traffic-class"), call.principal)
                 structlog.contextvars.bind_contextvars(tenant=call.principal.tenant)
             return await handler(request)
