@@ -33,7 +33,16 @@ from typing import Any, Literal, Self, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from common.config import LISTEN_HELP, BackendConfig, BackendPoolConfig, Section, TlsConfig, check_listen, listener
+from common.config import (
+    LISTEN_HELP,
+    BackendConfig,
+    BackendPoolConfig,
+    RateLimitConfig,
+    Section,
+    TlsConfig,
+    check_listen,
+    listener,
+)
 from common.errors import ConfigError
 from common.shaping_config import ShapingConfig
 from meter.config import MeterConfig
@@ -99,6 +108,7 @@ class Config(Section):
     meter: MeterConfig = MeterConfig()
     carbon: CarbonConfig = CarbonConfig()
     tls: TlsConfig = TlsConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
     models: tuple[ModelConfig, ...] = ()
 
     @model_validator(mode="after")

@@ -42,6 +42,7 @@ from proxy.grpc_api import GenerationServicer
 from proxy.http import HttpFrontDoor
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
+from proxy.rate_limits import RateLimiter
 from proxy.shaping import build_shapers
 
 log = structlog.get_logger(__name__)
@@ -78,6 +79,7 @@ class GatewayApp:
             self.shapers,
             self.ledger,
             retries=cfg.backend_pool.retries,
+            rate_limiter=RateLimiter(cfg.rate_limits, self.engine) if cfg.rate_limits.enabled else None,
         )
         self._stop_health = asyncio.Event()
         self.server = grpc.aio.server(

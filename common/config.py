@@ -78,6 +78,37 @@ class BackendPoolConfig(Section):
     )
 
 
+class TenantRateLimits(Section):
+    requests_per_minute: int | None = Field(default=None, ge=1, description="requests admitted per UTC minute")
+    tokens_per_minute: int | None = Field(
+        default=None, ge=1, description="prompt + max new tokens admitted per UTC minute (the prompt as estimated)"
+    )
+
+
+class RateLimitConfig(Section):
+    """``[rate_limits]``: per tenant, enforced before the queue across every gateway on one database
+    (``proxy.rate_limits``). The defaults apply to every tenant; ``[rate_limits.tenants.NAME]`` overrides them."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1, description="per tenant; none: no limit")
+    tokens_per_minute: int | None = Field(default=None, ge=1, description="per tenant; none: no limit")
+    tenants: dict[str, TenantRateLimits] = Field(default_factory=dict)
+
+    def for_tenant(self, tenant: str) -> TenantRateLimits:
+        own = self.tenants.get(tenant)
+        return TenantRateLimits(
+            requests_per_minute=own.requests_per_minute
+            if own and own.requests_per_minute
+            else self.requests_per_minute,
+            tokens_per_minute=own.tokens_per_minute if own and own.tokens_per_minute else self.tokens_per_minute,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return any(x is not None for x in (self.requests_per_minute, self.tokens_per_minute)) or any(
+            t.requests_per_minute or t.tokens_per_minute for t in self.tenants.values()
+        )
+
+
 class TlsConfig(Section):
     """``[tls]``: serve the gateway's gRPC and HTTP listeners and the meter's report port over TLS (common.tls)."""
 

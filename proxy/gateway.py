@@ -48,6 +48,7 @@ from meter.timeline import Api, RequestStart, Timeline, did_gpu_work
 from proxy.backends import BackendPool, BackendUnreachable, Lease
 from proxy.job import Job
 from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
+from proxy.rate_limits import RateLimiter
 from proxy.request_log import log_request
 from proxy.shaping import Shaper
 from proxy.sse import SSEDecoder
@@ -163,8 +164,10 @@ class Gateway:
         ledger: TimelineSink,
         *,
         retries: int,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.pools = dict(pools)
+        self.rate_limiter = rate_limiter
         self._shapers = dict(shapers)  # one per model
         self.ledger = ledger
         self.retries = retries
@@ -386,6 +389,8 @@ class Gateway:
         shaper = self._shapers[pool.model_id]
         if not pool.healthy:
             raise Unavailable(f"no healthy backend for model {pool.model_id!r}", retry_after_s=1.0)
+        if self.rate_limiter is not None:  # before the queue: a limited tenant never holds a place in it
+            await self.rate_limiter.admit(job.tenant, job.token_estimate)
         if job.deadline is None:
             return await shaper.acquire(job, pool)
         try:

@@ -41,7 +41,13 @@ def _sample_value(path: tuple[str, ...]) -> str:
     section, key = path
     value = getattr(getattr(Config(), section), key)
     if value is None:
-        return {"max_concurrent_requests": "7", "http_listen": "off", "grpc_listen": "off"}[key]
+        return {
+            "max_concurrent_requests": "7",
+            "http_listen": "off",
+            "grpc_listen": "off",
+            "requests_per_minute": "60",
+            "tokens_per_minute": "1000",
+        }[key]
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, str):

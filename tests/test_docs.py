@@ -51,7 +51,11 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "models.shaping": ShapingConfig,
     "models.shaping.classes.*": ClassConfig,
 }
-SUBTABLES = {"models": {"backends", "shaping"}, "models.shaping": {"classes", "tenant_weights"}}
+SUBTABLES = {
+    "models": {"backends", "shaping"},
+    "models.shaping": {"classes", "tenant_weights"},
+    "rate_limits": {"tenants"},
+}
 
 
 def test_the_example_config_has_every_key() -> None:

@@ -102,6 +102,16 @@ class ApiKey(Base):
     )
 
 
+class RateWindow(Base):
+    """How much of a tenant's per-minute limit the gateways have leased (``proxy.rate_limits``)."""
+
+    __tablename__ = "rate_windows"
+
+    scope: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="<tenant>/requests or <tenant>/tokens")
+    window_start_ns: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True, comment="start of the UTC minute")
+    used: Mapped[int] = mapped_column(sa.BigInteger, comment="leased to gateways so far in the window (<= the limit)")
+
+
 class AuditEvent(Base):
     """Who did what to keys and billing settings, and which admin reads ran: appended, never changed."""
 
