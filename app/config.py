@@ -38,6 +38,7 @@ from common.config import (
     BackendConfig,
     BackendPoolConfig,
     RateLimitConfig,
+    RoutingConfig,
     Section,
     TlsConfig,
     check_listen,
@@ -109,6 +110,7 @@ class Config(Section):
     carbon: CarbonConfig = CarbonConfig()
     tls: TlsConfig = TlsConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
+    routing: RoutingConfig = RoutingConfig()
     models: tuple[ModelConfig, ...] = ()
 
     @model_validator(mode="after")

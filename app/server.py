@@ -64,7 +64,9 @@ class GatewayApp:
         self.meter: MeterService | None = None  # the in-process meter (sampler + engine), unless meter.source is none
         self.auth = authenticator(cfg, self.engine)
         self.pools = {
-            m.model_id: BackendPool(m.model_id, [Backend(b, m.model_id, cfg.backend_pool) for b in m.backends])
+            m.model_id: BackendPool(
+                m.model_id, [Backend(b, m.model_id, cfg.backend_pool) for b in m.backends], cfg.routing
+            )
             for m in cfg.models
         }
         self.limits = {

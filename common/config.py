@@ -11,7 +11,7 @@ and its flag (``LISTEN_HELP``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -75,6 +75,19 @@ class BackendPoolConfig(Section):
     max_connections: int = Field(default=1024, ge=1, description="per backend")
     max_concurrent_requests: int | None = Field(
         default=None, ge=1, description="cap on in-flight requests per backend; default: TGI's /info value"
+    )
+
+
+class RoutingConfig(Section):
+    """``[routing]``: which backend of a model takes a request (``common.placement``; README: Energy-aware
+    orchestration)."""
+
+    policy: Literal["spread", "pack"] = Field(
+        default="spread",
+        description="spread: fewest outstanding tokens; pack: fill one backend to pack_target before the next",
+    )
+    pack_target: int = Field(
+        default=8, ge=1, description="pack: requests in flight on a backend before the next one is opened"
     )
 
 

@@ -2,8 +2,9 @@
 
 A backend never gets more requests in flight than its ``max_concurrent_requests`` (TGI answers 429 at once past
 it): callers take a ``Lease`` from the pool before they send anything and give it back when the stream ends. Among
-healthy backends with a free slot, the pool picks the one with the fewest outstanding tokens (prompt plus tokens
-still to generate), the best cheap proxy for how long its queue is.
+healthy backends with a free slot, the pool picks by the ``[routing]`` policy (``common.placement``): ``spread``, the
+one with the fewest outstanding tokens (prompt plus tokens still to generate), the best cheap proxy for how long its
+queue is; or ``pack``, the busiest below a target of requests in flight, so that at low load the others go quiet.
 
 Who takes a backend out of service. Only connection-level evidence does: a connection that cannot be opened
 (refused, unreachable, connect timeout) or a failed ``/health`` check. One stream that breaks, one pooled connection
@@ -26,7 +27,8 @@ from typing import Any
 import aiohttp
 import structlog
 
-from common.config import BackendConfig, BackendPoolConfig
+from common import placement
+from common.config import BackendConfig, BackendPoolConfig, RoutingConfig
 from common.errors import BackendError, GatewayError
 from proxy.metrics import BACKEND_HEALTHY, BACKEND_IN_FLIGHT
 from proxy.tgi_wire import from_tgi
@@ -242,9 +244,10 @@ class Lease:
 class BackendPool:
     """The backends that serve one model."""
 
-    def __init__(self, model_id: str, backends: Iterable[Backend]) -> None:
+    def __init__(self, model_id: str, backends: Iterable[Backend], routing: RoutingConfig | None = None) -> None:
         self.model_id = model_id
         self.backends = list(backends)
+        self.routing = routing or RoutingConfig()
         self._waiters: list[asyncio.Future[None]] = []
         self._health_listeners: list[Callable[[], Awaitable[None] | None]] = []
         self._notifying: set[asyncio.Task[None]] = set()
@@ -270,17 +273,24 @@ class BackendPool:
     def on_health_change(self, listener: Callable[[], Awaitable[None] | None]) -> None:
         self._health_listeners.append(listener)
 
+    def _loads(self, exclude: frozenset[str]) -> list[placement.Load]:
+        return [
+            placement.Load(
+                in_flight=b.in_flight,
+                outstanding_tokens=b.outstanding_tokens,
+                free_slots=b.free_slots,
+                available=b.healthy and b.name not in exclude,
+            )
+            for b in self.backends
+        ]
+
     def _pick(self, need: int, exclude: frozenset[str]) -> Backend | None:
-        best: Backend | None = None
-        for b in self.backends:
-            if not b.healthy or b.name in exclude or b.free_slots < need:
-                continue
-            if best is None or b.outstanding_tokens < best.outstanding_tokens:
-                best = b
-        return best
+        """The backend the routing policy chooses (``common.placement``), or None when none has room."""
+        i = placement.choose(self.routing.policy, self._loads(exclude), pack_target=self.routing.pack_target, need=need)
+        return None if i is None else self.backends[i]
 
     def try_acquire(self, tokens: int, *, exclude: frozenset[str] = frozenset()) -> Lease | None:
-        """A slot on the least-loaded healthy backend with room, or None."""
+        """A slot on the healthy backend with room that the routing policy chooses, or None."""
         backend = self._pick(1, exclude)
         if backend is None:
             return None
@@ -295,7 +305,12 @@ class BackendPool:
         candidates = [b for b in self.backends if b.healthy and b.name not in exclude and b.free_slots > 0]
         if not candidates:
             return []
-        backend = max(candidates, key=lambda b: (b.free_slots, -b.outstanding_tokens))
+        if self.routing.policy == "pack":  # the batch joins the busiest backend below its target, as one request would
+            picked = self._pick(1, exclude)
+            assert picked is not None
+            backend = picked
+        else:
+            backend = max(candidates, key=lambda b: (b.free_slots, -b.outstanding_tokens))
         return [self._lease(backend, t) for t in token_counts[: backend.free_slots]]
 
     def _lease(self, backend: Backend, tokens: int) -> Lease:

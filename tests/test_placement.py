@@ -1,0 +1,112 @@
+"""Placement policies (common.placement): spread and pack as pure functions, and the pool that applies them."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from common.config import BackendConfig, BackendPoolConfig, RoutingConfig
+from common.placement import Load, choose
+from proxy.backends import Backend, BackendPool
+
+loads_st = st.lists(
+    st.builds(
+        Load,
+        in_flight=st.integers(0, 20),
+        outstanding_tokens=st.integers(0, 5000),
+        free_slots=st.integers(0, 4),
+        available=st.booleans(),
+    ),
+    max_size=6,
+)
+
+
+@given(loads=loads_st, policy=st.sampled_from(["spread", "pack"]), target=st.integers(1, 10), need=st.integers(1, 3))
+def test_never_an_unavailable_or_full_backend(loads: list[Load], policy: str, target: int, need: int) -> None:
+    i = choose(policy, loads, pack_target=target, need=need)  # type: ignore[arg-type]
+    fits = [b.available and b.free_slots >= need for b in loads]
+    if i is None:
+        assert not any(fits)
+    else:
+        assert fits[i]
+
+
+@given(loads=loads_st, target=st.integers(1, 10))
+def test_pack_fills_the_busiest_below_target_else_spreads(loads: list[Load], target: int) -> None:
+    i = choose("pack", loads, pack_target=target)
+    ok = [j for j, b in enumerate(loads) if b.available and b.free_slots >= 1]
+    if not ok:
+        assert i is None
+        return
+    assert i is not None
+    below = [j for j in ok if loads[j].in_flight < target]
+    if below:
+        assert loads[i].in_flight == max(loads[j].in_flight for j in below)
+        assert i == min(j for j in below if loads[j].in_flight == loads[i].in_flight)  # ties: first in order
+    else:
+        assert loads[i].outstanding_tokens == min(loads[j].outstanding_tokens for j in ok)
+
+
+@given(loads=loads_st)
+def test_spread_takes_the_fewest_outstanding_tokens(loads: list[Load]) -> None:
+    i = choose("spread", loads)
+    ok = [j for j, b in enumerate(loads) if b.available and b.free_slots >= 1]
+    assert (i is None) == (not ok)
+    if i is not None:
+        assert loads[i].outstanding_tokens == min(loads[j].outstanding_tokens for j in ok)
+
+
+def test_pack_at_low_load_keeps_to_one_backend_and_spread_does_not() -> None:
+    def place(policy: str, n: int) -> list[int]:
+        state = [Load(0, 0, 4) for _ in range(3)]
+        out = []
+        for _ in range(n):
+            i = choose(policy, state, pack_target=2)  # type: ignore[arg-type]
+            assert i is not None
+            out.append(i)
+            b = state[i]
+            state[i] = Load(b.in_flight + 1, b.outstanding_tokens + 100, b.free_slots - 1)
+        return out
+
+    assert place("pack", 2) == [0, 0]
+    assert place("pack", 5) == [0, 0, 1, 1, 2]
+    assert place("spread", 3) == [0, 1, 2]
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="pack_target"):
+        choose("pack", [Load(0, 0, 1)], pack_target=0)
+    with pytest.raises(ValueError, match="unknown placement policy"):
+        choose("random", [Load(0, 0, 1)])  # type: ignore[arg-type]
+
+
+def _pool(policy: str, n: int = 3) -> BackendPool:
+    pool_cfg = BackendPoolConfig(max_concurrent_requests=4)
+    backends = [
+        Backend(BackendConfig(url=f"http://127.0.0.1:{9100 + i}", name=f"pl-{policy}-{i}"), "m", pool_cfg)
+        for i in range(n)
+    ]
+    for b in backends:
+        b.healthy = True  # as a passed /health check leaves it
+    return BackendPool("m", backends, RoutingConfig(policy=policy, pack_target=2))  # type: ignore[arg-type]
+
+
+async def test_the_pool_packs_then_opens_the_next_backend() -> None:
+    pool = _pool("pack")
+    leases = [pool.try_acquire(100) for _ in range(3)]
+    assert [lease.backend.name for lease in leases if lease] == ["pl-pack-0", "pl-pack-0", "pl-pack-1"]
+    assert leases[0] is not None
+    leases[0].release()  # backend 0 is below its target again: it takes the next one
+    nxt = pool.try_acquire(100)
+    assert nxt is not None and nxt.backend.name == "pl-pack-0"
+    batch = pool.try_acquire_batch([10, 10])  # a released batch joins the busiest below target (backend 1)
+    assert {lease.backend.name for lease in batch} == {"pl-pack-1"}
+    again = pool.try_acquire(100, exclude=frozenset({"pl-pack-0", "pl-pack-1"}))
+    assert again is not None and again.backend.name == "pl-pack-2"
+
+
+async def test_the_pool_spreads_by_default() -> None:
+    pool = _pool("spread")
+    names = [lease.backend.name for lease in (pool.try_acquire(100) for _ in range(3)) if lease]
+    assert sorted(names) == ["pl-spread-0", "pl-spread-1", "pl-spread-2"]
