@@ -1,0 +1,293 @@
+"""What recorded traffic would have cost under other policies: the ledger's requests replayed on simulated backends.
+
+``load`` reads one window of a ledger (SQLite or PostgreSQL): every request that reached a backend (its arrival at
+the gateway, its release to a backend, prompt and generated tokens, traffic class, backend, first token) and the
+backends' measured energy (``backend_epochs``: counter, idle). ``evaluate`` replays those requests through
+``sim.fleet`` (TGI's continuous batching and the simulated H100's power, ``sim/costmodel.py``) under each
+``Scenario``: placement (``spread``/``pack``, the gateway's own ``common.placement``), window shaping for some classes,
+parking of the backends a policy left unused. ``table`` prints them beside the recorded baseline.
+
+What is compared. Every scenario runs over the same window as the recorded epochs, on as many backends as the
+ledger shows (or ``--backends``), so the idle floors compare:
+- ``J``: the fleet's energy over the window; ``J/token``: per generated token; ``idle J``: drawn while no step ran;
+- ``above-floor J/req``: energy less the fleet's idle floor over the window (idle power x window x backends), per
+  request: what the work itself cost, which placement and shaping change; the floor is what parking changes;
+- ``TTFT``: from arrival at the gateway (holding included) to the first token;
+- ``GPUs``: the most backends holding requests at one instant (what the load needed);
+- ``as recorded`` replays the recorded release times on spread placement: how close the simulator's cost model
+  comes to the measured energy on this traffic (on the demo's simulated GPUs, within a few per cent).
+The recorded row's above-floor uses the cost model's idle power (the ledger does not store a floor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import sqlalchemy as sa
+
+from common.placement import Policy
+from meter.store.models import BackendEpoch, Request
+from sim import costmodel
+from sim.config import SimConfig
+from sim.fleet import FleetRequest, FleetResult, hold_windows, serve
+
+PJ_PER_J = 10**12
+NS_PER_MS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """One window of a ledger."""
+
+    start_ns: int  # absolute (ns since the epoch): the first epoch's start
+    end_ns: int  # the last epoch's end
+    backends: tuple[str, ...]
+    requests: tuple[FleetRequest, ...]  # offsets from start_ns; release_ns as recorded
+    ttft_ns: tuple[int, ...]  # recorded first token - received, for the requests that had one
+    generated_tokens: int
+    counter_mj: int  # measured over the epochs
+    idle_mj: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    placement: Policy = "spread"
+    pack_target: int = 8
+    hold_ms: float = 0.0  # window shaping for hold_classes (0: released at arrival)
+    hold_classes: frozenset[str] | None = None  # None: every class
+    park: bool = False  # backends that took nothing are scaled in (their idle floor is not paid)
+    as_recorded: bool = False  # released when the gateway released them, not at arrival
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the comparison."""
+
+    name: str
+    requests: int
+    energy_j: float
+    j_per_token: float
+    idle_j: float
+    above_floor_j_per_req: float
+    ttft_p50_ms: float | None
+    ttft_p95_ms: float | None
+    gpus: int
+    parked: int = 0
+
+
+def load(engine: sa.Engine, start_ns: int | None, end_ns: int | None, model: str | None = None) -> Recorded:
+    """The finished requests received in [start_ns, end_ns) (of ``model``) that reached a backend, and the epochs of
+    their backends that overlap the span from the first arrival to the last end. ValueError when there are none."""
+    q = sa.select(
+        Request.request_id,
+        Request.backend,
+        Request.traffic_class,
+        Request.received_ns,
+        Request.released_ns,
+        Request.first_token_ns,
+        Request.done_ns,
+        Request.prompt_tokens,
+        Request.generated_tokens,
+    ).where(Request.done_ns.is_not(None), Request.backend.is_not(None), Request.prompt_tokens > 0)
+    if start_ns is not None:
+        q = q.where(Request.received_ns >= start_ns)
+    if end_ns is not None:
+        q = q.where(Request.received_ns < end_ns)
+    if model is not None:
+        q = q.where(Request.model_id == model)
+    with engine.connect() as conn:
+        rows = conn.execute(q.order_by(Request.received_ns, Request.request_id)).all()
+        if not rows:
+            raise ValueError("no finished request reached a backend in that range")
+        backends = tuple(sorted({r.backend for r in rows}))
+        first = min(r.received_ns for r in rows)
+        last = max(r.done_ns for r in rows)
+        epochs = conn.execute(
+            sa.select(
+                BackendEpoch.epoch_start_ns, BackendEpoch.epoch_end_ns, BackendEpoch.counter_mj, BackendEpoch.idle_mj
+            ).where(
+                BackendEpoch.backend.in_(backends),
+                BackendEpoch.epoch_start_ns < last,
+                BackendEpoch.epoch_end_ns > first,
+            )
+        ).all()
+    w_start = min([first, *(e.epoch_start_ns for e in epochs)])
+    w_end = max([last, *(e.epoch_end_ns for e in epochs)])
+    requests = tuple(
+        FleetRequest(
+            request_id=r.request_id,
+            arrival_ns=r.received_ns - w_start,
+            prompt_tokens=r.prompt_tokens,
+            new_tokens=max(1, r.generated_tokens),
+            traffic_class=r.traffic_class or "",
+            release_ns=(r.released_ns - w_start) if r.released_ns is not None else None,
+        )
+        for r in rows
+    )
+    return Recorded(
+        start_ns=w_start,
+        end_ns=w_end,
+        backends=backends,
+        requests=requests,
+        ttft_ns=tuple(r.first_token_ns - r.received_ns for r in rows if r.first_token_ns is not None),
+        generated_tokens=sum(r.generated_tokens for r in rows),
+        counter_mj=sum(e.counter_mj for e in epochs),
+        idle_mj=sum(e.idle_mj for e in epochs),
+    )
+
+
+def sim_config(recorded: Recorded, cost_model: str = "default") -> SimConfig:
+    """The simulator's config for this traffic: the cost model's knobs, limits wide enough for every request."""
+    longest_prompt = max(r.prompt_tokens for r in recorded.requests)
+    longest = max(r.prompt_tokens + r.new_tokens for r in recorded.requests)
+    base = SimConfig()
+    max_input = max(base.max_input_tokens, longest_prompt)
+    max_total = max(base.max_total_tokens, longest + 1, max_input + 1)
+    config = replace(
+        base,
+        max_input_tokens=max_input,
+        max_total_tokens=max_total,
+        max_batch_prefill_tokens=max(base.max_batch_prefill_tokens, max_input),
+        max_batch_total_tokens=max(base.max_batch_total_tokens, max_total),
+    )
+    return costmodel.with_cost_model(config, cost_model)
+
+
+def default_scenarios(
+    pack_target: int, hold_ms: Sequence[float], hold_classes: frozenset[str] | None
+) -> list[Scenario]:
+    out = [
+        Scenario("as recorded", as_recorded=True),
+        Scenario("spread"),
+        Scenario(f"pack {pack_target}", placement="pack", pack_target=pack_target),
+        Scenario(f"pack {pack_target} + park", placement="pack", pack_target=pack_target, park=True),
+    ]
+    which = "all" if hold_classes is None else ",".join(sorted(hold_classes))
+    for ms in hold_ms:
+        out.append(Scenario(f"spread, hold {which} {ms:g} ms", hold_ms=ms, hold_classes=hold_classes))
+        out.append(
+            Scenario(
+                f"pack {pack_target} + park, hold {which} {ms:g} ms",
+                placement="pack",
+                pack_target=pack_target,
+                hold_ms=ms,
+                hold_classes=hold_classes,
+                park=True,
+            )
+        )
+    return out
+
+
+def run_scenario(recorded: Recorded, scenario: Scenario, config: SimConfig, backends: int) -> FleetResult:
+    if scenario.as_recorded:
+        trace: Sequence[FleetRequest] = recorded.requests
+    else:
+        trace = hold_windows(recorded.requests, round(scenario.hold_ms * NS_PER_MS), scenario.hold_classes)
+    return serve(
+        trace,
+        config,
+        backends=backends,
+        policy=scenario.placement,
+        pack_target=scenario.pack_target,
+        end_ns=recorded.end_ns - recorded.start_ns,
+    )
+
+
+def percentile(values: Sequence[int], q: float) -> float | None:
+    """Nearest-rank percentile (ms) of ns values; None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, -(-len(ordered) * q // 100) - 1))
+    return ordered[int(k)] / NS_PER_MS
+
+
+def recorded_row(recorded: Recorded, config: SimConfig) -> Row:
+    n = len(recorded.requests)
+    energy_j = recorded.counter_mj / 1000
+    floor_j = costmodel.idle_power_mw(config) * (recorded.end_ns - recorded.start_ns) * len(recorded.backends)
+    return Row(
+        name="recorded (measured)",
+        requests=n,
+        energy_j=energy_j,
+        j_per_token=energy_j / max(1, recorded.generated_tokens),
+        idle_j=recorded.idle_mj / 1000,
+        above_floor_j_per_req=(energy_j - floor_j / PJ_PER_J) / n,
+        ttft_p50_ms=percentile(recorded.ttft_ns, 50),
+        ttft_p95_ms=percentile(recorded.ttft_ns, 95),
+        gpus=len(recorded.backends),
+    )
+
+
+def scenario_row(name: str, result: FleetResult, park: bool) -> Row:
+    n = len(result.served)
+    energy = result.bill_pj(park=park)
+    idle = result.idle_pj - (sum(b.idle_pj for b in result.backends if b.requests == 0) if park else 0)
+    ttft = [s.ttft_ns for s in result.served]
+    return Row(
+        name=name,
+        requests=n,
+        energy_j=energy / PJ_PER_J,
+        j_per_token=energy / PJ_PER_J / max(1, result.generated_tokens),
+        idle_j=idle / PJ_PER_J,
+        above_floor_j_per_req=result.above_floor_pj / PJ_PER_J / max(1, n),
+        ttft_p50_ms=percentile(ttft, 50),
+        ttft_p95_ms=percentile(ttft, 95),
+        gpus=result.peak_backends_busy,
+        parked=result.parked if park else 0,
+    )
+
+
+def evaluate(
+    recorded: Recorded, scenarios: Sequence[Scenario], *, backends: int | None = None, cost_model: str = "default"
+) -> list[Row]:
+    """The recorded row, then one per scenario."""
+    config = sim_config(recorded, cost_model)
+    n = backends or len(recorded.backends)
+    rows = [recorded_row(recorded, config)]
+    for s in scenarios:
+        rows.append(scenario_row(s.name, run_scenario(recorded, s, config, n), s.park))
+    return rows
+
+
+def table(rows: Sequence[Row]) -> str:
+    head = (
+        f"{'policy':<34} {'requests':>8} {'J':>10} {'J/token':>8} {'idle J':>9} {'above-floor J/req':>17} "
+        f"{'TTFT p50 ms':>11} {'TTFT p95 ms':>11} {'GPUs':>5} {'parked':>6}"
+    )
+    lines = [head]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    for r in rows:
+        lines.append(
+            f"{r.name:<34} {r.requests:>8} {r.energy_j:>10.1f} {r.j_per_token:>8.3f} {r.idle_j:>9.1f} "
+            f"{r.above_floor_j_per_req:>17.2f} {ms(r.ttft_p50_ms):>11} {ms(r.ttft_p95_ms):>11} {r.gpus:>5} "
+            f"{r.parked:>6}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: str, title: str) -> None:
+    """Bars of above-floor J/request and of the bill (J), TTFT p95 as points: one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in rows]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 0.45 * len(rows) + 2), sharey=True)
+    ax1.barh(names, [r.energy_j for r in rows], color="tab:gray")
+    ax1.set_xlabel("energy over the window, J")
+    ax2.barh(names, [r.above_floor_j_per_req for r in rows], color="tab:green")
+    ax2.set_xlabel("above-floor J per request")
+    ax3.barh(names, [r.ttft_p95_ms or 0 for r in rows], color="tab:blue")
+    ax3.set_xlabel("TTFT p95, ms")
+    ax1.invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
