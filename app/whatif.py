@@ -54,7 +54,7 @@ class Recorded:
 class Scenario:
     name: str
     placement: Policy = "spread"
-    pack_target: int = 8
+    pack_target: int = 7
     hold_ms: float = 0.0  # window shaping for hold_classes (0: released at arrival)
     hold_classes: frozenset[str] | None = None  # None: every class
     park: bool = False  # backends that took nothing are scaled in (their idle floor is not paid)

@@ -87,7 +87,7 @@ class RoutingConfig(Section):
         description="spread: fewest outstanding tokens; pack: fill one backend to pack_target before the next",
     )
     pack_target: int = Field(
-        default=8, ge=1, description="pack: requests in flight on a backend before the next one is opened"
+        default=7, ge=1, description="pack: requests in flight on a backend before the next one is opened"
     )
 
 

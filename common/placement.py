@@ -37,7 +37,7 @@ class Load:
     available: bool = True  # healthy and not excluded (a retry's tried backends, a drained one)
 
 
-def choose(policy: Policy, loads: Sequence[Load], *, pack_target: int = 8, need: int = 1) -> int | None:
+def choose(policy: Policy, loads: Sequence[Load], *, pack_target: int = 7, need: int = 1) -> int | None:
     """The index into ``loads`` of the backend to use, or None when none is available with ``need`` free slots."""
     if pack_target < 1:
         raise ValueError(f"pack_target must be >= 1, got {pack_target}")

@@ -131,7 +131,7 @@ def serve(
     *,
     backends: int,
     policy: placement.Policy = "spread",
-    pack_target: int = 8,
+    pack_target: int = 7,
     start_ns: int = 0,
     end_ns: int | None = None,
     tail_ns: int = NS_PER_S,

@@ -133,10 +133,10 @@ def test_whatif_on_the_demo_ledger(demo_db: str, capsys: pytest.CaptureFixture[s
         "recorded (measured)",
         "as recorded",
         "spread",
-        "pack 8",
-        "pack 8 + park",
+        "pack 7",
+        "pack 7 + park",
         "spread, hold batch 250 ms",
-        "pack 8 + park, hold batch 250 ms",
+        "pack 7 + park, hold batch 250 ms",
     ], out
     recorded, as_recorded = rows["recorded (measured)"], rows["as recorded"]
     assert recorded[0] == as_recorded[0] > 0  # the same requests

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--end", metavar="ISO", help="requests received before (default: the last)")
     parser.add_argument("--model", help="only this model id")
     parser.add_argument("--backends", type=int, help="simulated backends (default: as many as the ledger shows)")
-    parser.add_argument("--pack-target", type=int, default=8, help="pack: requests in flight per backend (default 8)")
+    parser.add_argument("--pack-target", type=int, default=7, help="pack: requests in flight per backend (default 7)")
     parser.add_argument(
         "--hold-ms", type=float, action="append", default=None, help="a window-shaping hold to try (repeatable)"
     )
