@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -46,8 +47,8 @@ class Recorded:
     requests: tuple[FleetRequest, ...]  # offsets from start_ns; release_ns as recorded
     ttft_ns: tuple[int, ...]  # recorded first token - received, for the requests that had one
     generated_tokens: int
-    counter_mj: int  # measured over the epochs
-    idle_mj: int
+    counter_mj: int | None  # measured over the epochs; None when the meter's epochs do not cover every request
+    idle_mj: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +68,10 @@ class Row:
 
     name: str
     requests: int
-    energy_j: float
-    j_per_token: float
-    idle_j: float
-    above_floor_j_per_req: float
+    energy_j: float | None  # None: not measured (the recorded row, when the meter's epochs miss some requests)
+    j_per_token: float | None
+    idle_j: float | None
+    above_floor_j_per_req: float | None
     ttft_p50_ms: float | None
     ttft_p95_ms: float | None
     gpus: int
@@ -106,15 +107,28 @@ def load(engine: sa.Engine, start_ns: int | None, end_ns: int | None, model: str
         last = max(r.done_ns for r in rows)
         epochs = conn.execute(
             sa.select(
-                BackendEpoch.epoch_start_ns, BackendEpoch.epoch_end_ns, BackendEpoch.counter_mj, BackendEpoch.idle_mj
+                BackendEpoch.backend,
+                BackendEpoch.epoch_start_ns,
+                BackendEpoch.epoch_end_ns,
+                BackendEpoch.counter_mj,
+                BackendEpoch.idle_mj,
             ).where(
                 BackendEpoch.backend.in_(backends),
                 BackendEpoch.epoch_start_ns < last,
                 BackendEpoch.epoch_end_ns > first,
             )
         ).all()
-    w_start = min([first, *(e.epoch_start_ns for e in epochs)])
-    w_end = max([last, *(e.epoch_end_ns for e in epochs)])
+        by_backend: dict[str, list[Any]] = {}
+        for e in epochs:
+            by_backend.setdefault(e.backend, []).append(e)
+    # the span every backend's meter covers (one backend's last epochs may not be attributed yet)
+    if set(by_backend) == set(backends):
+        w_start = min(first, max(min(e.epoch_start_ns for e in es) for es in by_backend.values()))
+        w_end = min(max(e.epoch_end_ns for e in es) for es in by_backend.values())
+        covered = [e for e in epochs if e.epoch_end_ns <= w_end]
+    else:  # a backend without a metered epoch: no measured baseline
+        w_start, w_end, covered = first, last, []
+    measured = bool(covered) and w_end >= last
     requests = tuple(
         FleetRequest(
             request_id=r.request_id,
@@ -133,8 +147,8 @@ def load(engine: sa.Engine, start_ns: int | None, end_ns: int | None, model: str
         requests=requests,
         ttft_ns=tuple(r.first_token_ns - r.received_ns for r in rows if r.first_token_ns is not None),
         generated_tokens=sum(r.generated_tokens for r in rows),
-        counter_mj=sum(e.counter_mj for e in epochs),
-        idle_mj=sum(e.idle_mj for e in epochs),
+        counter_mj=sum(e.counter_mj for e in covered) if measured else None,
+        idle_mj=sum(e.idle_mj for e in covered) if measured else None,
     )
 
 
@@ -192,6 +206,7 @@ def run_scenario(recorded: Recorded, scenario: Scenario, config: SimConfig, back
         policy=scenario.placement,
         pack_target=scenario.pack_target,
         end_ns=recorded.end_ns - recorded.start_ns,
+        tail_ns=0,  # the recorded window is the window: its epochs cover the requests' ends
     )
 
 
@@ -206,17 +221,21 @@ def percentile(values: Sequence[int], q: float) -> float | None:
 
 def recorded_row(recorded: Recorded, config: SimConfig) -> Row:
     n = len(recorded.requests)
+    p50, p95 = percentile(recorded.ttft_ns, 50), percentile(recorded.ttft_ns, 95)
+    name = "recorded (measured)"
+    if recorded.counter_mj is None or recorded.idle_mj is None:
+        return Row(name, n, None, None, None, None, p50, p95, gpus=len(recorded.backends))
     energy_j = recorded.counter_mj / 1000
-    floor_j = costmodel.idle_power_mw(config) * (recorded.end_ns - recorded.start_ns) * len(recorded.backends)
+    floor_pj = costmodel.idle_power_mw(config) * (recorded.end_ns - recorded.start_ns) * len(recorded.backends)
     return Row(
-        name="recorded (measured)",
+        name=name,
         requests=n,
         energy_j=energy_j,
         j_per_token=energy_j / max(1, recorded.generated_tokens),
         idle_j=recorded.idle_mj / 1000,
-        above_floor_j_per_req=(energy_j - floor_j / PJ_PER_J) / n,
-        ttft_p50_ms=percentile(recorded.ttft_ns, 50),
-        ttft_p95_ms=percentile(recorded.ttft_ns, 95),
+        above_floor_j_per_req=(energy_j - floor_pj / PJ_PER_J) / n,
+        ttft_p50_ms=p50,
+        ttft_p95_ms=p95,
         gpus=len(recorded.backends),
     )
 
@@ -259,14 +278,14 @@ def table(rows: Sequence[Row]) -> str:
     )
     lines = [head]
 
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
+    def num(v: float | None, digits: int) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
 
     for r in rows:
         lines.append(
-            f"{r.name:<34} {r.requests:>8} {r.energy_j:>10.1f} {r.j_per_token:>8.3f} {r.idle_j:>9.1f} "
-            f"{r.above_floor_j_per_req:>17.2f} {ms(r.ttft_p50_ms):>11} {ms(r.ttft_p95_ms):>11} {r.gpus:>5} "
-            f"{r.parked:>6}"
+            f"{r.name:<34} {r.requests:>8} {num(r.energy_j, 1):>10} {num(r.j_per_token, 3):>8} "
+            f"{num(r.idle_j, 1):>9} {num(r.above_floor_j_per_req, 2):>17} {num(r.ttft_p50_ms, 1):>11} "
+            f"{num(r.ttft_p95_ms, 1):>11} {r.gpus:>5} {r.parked:>6}"
         )
     return "\n".join(lines)
 
@@ -280,9 +299,9 @@ def plot(rows: Sequence[Row], path: str, title: str) -> None:
 
     names = [r.name for r in rows]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 0.45 * len(rows) + 2), sharey=True)
-    ax1.barh(names, [r.energy_j for r in rows], color="tab:gray")
+    ax1.barh(names, [r.energy_j or 0 for r in rows], color="tab:gray")
     ax1.set_xlabel("energy over the window, J")
-    ax2.barh(names, [r.above_floor_j_per_req for r in rows], color="tab:green")
+    ax2.barh(names, [r.above_floor_j_per_req or 0 for r in rows], color="tab:green")
     ax2.set_xlabel("above-floor J per request")
     ax3.barh(names, [r.ttft_p95_ms or 0 for r in rows], color="tab:blue")
     ax3.set_xlabel("TTFT p95, ms")

@@ -177,3 +177,22 @@ def test_whatif_on_a_postgresql_ledger_says_what_it_says_on_sqlite(
     on_postgres = _whatif(capsys, "--db", pg_url, "--pack-target", "4", "--backends", "3")
     assert "pack 4 + park" in on_postgres and "replayed on 3 simulated backends" in on_postgres
     assert on_postgres == on_sqlite
+
+
+def test_without_a_backends_epochs_there_is_no_measured_baseline(
+    demo_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from meter.store.models import BackendEpoch
+
+    copy = f"sqlite:///{tmp_path / 'copy.db'}"
+    _copy_ledger(demo_db, copy)
+    engine = sa.create_engine(copy)
+    with engine.begin() as conn:
+        conn.execute(sa.delete(BackendEpoch).where(BackendEpoch.backend == "tgi-1"))
+    engine.dispose()
+    capsys.readouterr()
+    out = _whatif(capsys, "--db", copy)
+    recorded = next(line for line in out.splitlines() if line.startswith("recorded (measured)"))
+    assert recorded.split()[3:7] == ["-", "-", "-", "-"], out  # J, J/token, idle J, above-floor J/req
+    assert "no measured baseline" in out
+    assert _rows(out)["spread"][1] > 0

@@ -65,13 +65,15 @@ def run(args: argparse.Namespace) -> int:
         f"(cost model {args.cost_model})"
     )
     print(whatif.table(rows))
+    if recorded.counter_mj is None:
+        print("  (no measured baseline: the meter's epochs do not cover every request of the range yet)")
     base = rows[2]  # spread, released at arrival
     for r in rows[3:]:
-        if base.above_floor_j_per_req > 0 and base.ttft_p95_ms:
+        if base.above_floor_j_per_req and base.energy_j and base.ttft_p95_ms:
             print(
-                f"  {r.name}: above-floor J/req x{r.above_floor_j_per_req / base.above_floor_j_per_req:.2f}, "
-                f"bill x{r.energy_j / base.energy_j:.2f}, TTFT p95 x{(r.ttft_p95_ms or 0) / base.ttft_p95_ms:.2f} "
-                "vs spread"
+                f"  {r.name}: above-floor J/req x{(r.above_floor_j_per_req or 0) / base.above_floor_j_per_req:.2f}, "
+                f"bill x{(r.energy_j or 0) / base.energy_j:.2f}, "
+                f"TTFT p95 x{(r.ttft_p95_ms or 0) / base.ttft_p95_ms:.2f} vs spread"
             )
     if args.plot:
         whatif.plot(rows, args.plot, f"whatif: {len(recorded.requests)} requests, {n_backends} backends")
