@@ -97,13 +97,22 @@ def fleet_trace(trace: Trace) -> list[FleetRequest]:
     ]
 
 
+POLICIES = ("spread", "pack", "pack-spill")  # pack-spill: pack with [routing] pack_spill_on_prefill
+
+
+def _routing(policy: str) -> tuple[str, bool]:
+    return ("pack", True) if policy == "pack-spill" else (policy, False)
+
+
 def virtual(trace: Trace, policy: str, backends: int, pack_target: int, window_s: float) -> Outcome:
+    placement, spill = _routing(policy)
     res: FleetResult = serve(
         fleet_trace(trace),
         SimConfig(),
         backends=backends,
-        policy=policy,  # type: ignore[arg-type]
+        policy=placement,  # type: ignore[arg-type]
         pack_target=pack_target,
+        spill_on_prefill=spill,
         end_ns=round(window_s * NS_PER_S),
     )
     ttft = [s.ttft_ns / 1e6 for s in res.served]
@@ -130,7 +139,11 @@ def _config(urls: Sequence[str], policy: str, pack_target: int, db_url: str, jou
         "server": {"grpc_listen": "127.0.0.1:0", "http_listen": "", "drain_grace_s": 5.0, "log_level": "warning"},
         "db": {"url": db_url},
         "auth": {"required": True},
-        "routing": {"policy": policy, "pack_target": pack_target},
+        "routing": {
+            "policy": _routing(policy)[0],
+            "pack_target": pack_target,
+            "pack_spill_on_prefill": _routing(policy)[1],
+        },
         "meter": {
             "source": "sim",
             "journal_path": journal,
@@ -208,13 +221,13 @@ def live(trace: Trace, policy: str, backends: int, pack_target: int, window_s: f
 
 def table(rows: Sequence[Outcome]) -> str:
     out = [
-        f"{'policy':<8} {'GPUs':>4} {'req/s':>6} {'requests':>8} {'bill J/req':>10} {'above-floor J/req':>17} "
+        f"{'policy':<10} {'GPUs':>4} {'req/s':>6} {'requests':>8} {'bill J/req':>10} {'above-floor J/req':>17} "
         f"{'parked J/req':>12} {'TTFT p50':>8} {'TTFT p95':>8} {'used':>4}"
     ]
     for r in rows:
         parked = "-" if r.parked_bill_j is None else f"{r.parked_bill_j / max(1, r.requests):.1f}"
         out.append(
-            f"{r.policy:<8} {r.backends:>4} {r.rate_per_s:>6.2f} {r.requests:>8} {r.bill_j_per_req:>10.1f} "
+            f"{r.policy:<10} {r.backends:>4} {r.rate_per_s:>6.2f} {r.requests:>8} {r.bill_j_per_req:>10.1f} "
             f"{r.above_floor_j_per_req:>17.1f} {parked:>12} {r.ttft_p50_ms:>8.1f} {r.ttft_p95_ms:>8.1f} "
             f"{r.used_backends:>4}"
         )
@@ -237,7 +250,14 @@ def plot(sweep: Sequence[Outcome], live_rows: Sequence[Outcome], path: Path, tit
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    styles = {("spread", 2): "C0-o", ("pack", 2): "C1-o", ("spread", 4): "C0--s", ("pack", 4): "C1--s"}
+    styles = {
+        ("spread", 2): "C0-o",
+        ("pack", 2): "C1-o",
+        ("pack-spill", 2): "C2-o",
+        ("spread", 4): "C0--s",
+        ("pack", 4): "C1--s",
+        ("pack-spill", 4): "C2--s",
+    }
     for (policy, n), style in styles.items():
         rows = sorted((r for r in sweep if r.policy == policy and r.backends == n), key=lambda r: r.rate_per_s)
         if not rows:
@@ -246,7 +266,7 @@ def plot(sweep: Sequence[Outcome], live_rows: Sequence[Outcome], path: Path, tit
         ax1.plot(xs, [r.above_floor_j_per_req for r in rows], style, label=f"{policy}, {n} GPUs (virtual)")
         ax2.plot(xs, [r.ttft_p95_ms for r in rows], style, label=f"{policy}, {n} GPUs (virtual)")
     for r in live_rows:
-        color = "C0" if r.policy == "spread" else "C1"
+        color = {"spread": "C0", "pack": "C1"}.get(r.policy, "C2")
         ax1.plot([r.rate_per_s], [r.above_floor_j_per_req], "*", ms=16, color=color, label=f"{r.policy} live")
         ax2.plot([r.rate_per_s], [r.ttft_p95_ms], "*", ms=16, color=color, label=f"{r.policy} live")
     for ax, label in ((ax1, "above-floor J per request"), (ax2, "TTFT p95, ms")):
@@ -285,20 +305,20 @@ def main() -> None:
     for n in (2, 4):
         for rate in SWEEP_RATES:
             tr = make_trace("poisson", "sweep", rate, sweep_duration, args.seed, lengths)
-            for policy in ("spread", "pack"):
+            for policy in POLICIES:
                 sweep.append(virtual(tr, policy, n, args.pack_target, sweep_duration + args.tail_s))
     print("virtual clock (sim.fleet), Poisson, prompts 200-800, 64-256 new tokens, "
           f"{sweep_duration:.0f} s traces, pack target {args.pack_target}:")  # fmt: skip
     print(table(sweep))
 
     trace = make_trace("poisson", "low", args.rate, duration_s, args.seed, lengths)
-    predicted = [virtual(trace, p, args.backends, args.pack_target, window_s) for p in ("spread", "pack")]
+    predicted = [virtual(trace, p, args.backends, args.pack_target, window_s) for p in POLICIES]
     print(f"\nthe live trace on the virtual clock ({len(trace.arrivals)} requests, {args.rate:g} req/s, "
           f"{args.backends} backends):")  # fmt: skip
     print(table(predicted))
     live_rows: list[Outcome] = []
     if not args.no_live:
-        for policy in ("spread", "pack"):
+        for policy in POLICIES:
             print(f"live: {policy} on {args.backends} simulated backends ...", flush=True)
             live_rows.append(live(trace, policy, args.backends, args.pack_target, window_s))
         print("\nlive, through joulegate serve and its meter:")
@@ -310,9 +330,11 @@ def main() -> None:
     pv = predicted
     parked_ratio = (pv[1].parked_bill_j or math.nan) / pv[0].bill_j
     source = "live" if live_rows else "virtual"
+    s_ratio, s_ttft, _ = ratios(measured[0], measured[2])
     result = (
         f"RESULT pack_above_floor_j_per_req_ratio={a_ratio:.3f} ttft_p95_ratio={t_ratio:.3f} "
         f"bill_ratio={bill_ratio:.3f} parked_bill_ratio={parked_ratio:.3f} "
+        f"spill_above_floor_j_per_req_ratio={s_ratio:.3f} spill_ttft_p95_ratio={s_ttft:.3f} "
         f"backends={args.backends} rate_per_s={args.rate:g} source={source}"
     )
     args.out.mkdir(parents=True, exist_ok=True)

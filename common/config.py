@@ -89,6 +89,10 @@ class RoutingConfig(Section):
     pack_target: int = Field(
         default=7, ge=1, description="pack: requests in flight on a backend before the next one is opened"
     )
+    pack_spill_on_prefill: bool = Field(
+        default=False,
+        description="pack: pass over a backend whose latest request awaits its first token (TTFT over parking)",
+    )
 
 
 class TenantRateLimits(Section):

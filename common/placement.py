@@ -10,7 +10,8 @@ gateway does.
   below the target, the *busiest* (most in flight; ties to the first in configuration order), so that at low load
   the same few GPUs take every request and the others sit at their idle floor (and could be parked). When every
   backend is at or past the target, the least loaded by outstanding tokens, as ``spread``. Never past a backend's
-  free slots.
+  free slots. With ``spill_on_prefill``, a backend whose latest request is still waiting for its first token is
+  passed over while another below the target is not (trades some of the saving for TTFT; see ``choose``).
 
 Why pack can save energy: a decode step reads all the weights whatever the batch (memory-bound), so a GPU decoding
 a batch of two draws barely more than one decoding a batch of one (the simulator: 250 W + 4 W per sequence, steps
@@ -35,10 +36,17 @@ class Load:
     outstanding_tokens: int  # prompt plus tokens still to generate, over those requests
     free_slots: int  # how many more it may take now (0: full)
     available: bool = True  # healthy and not excluded (a retry's tried backends, a drained one)
+    starting: int = 0  # of in_flight, those whose first token has not come back (their prefill is pending)
 
 
-def choose(policy: Policy, loads: Sequence[Load], *, pack_target: int = 7, need: int = 1) -> int | None:
-    """The index into ``loads`` of the backend to use, or None when none is available with ``need`` free slots."""
+def choose(
+    policy: Policy, loads: Sequence[Load], *, pack_target: int = 7, need: int = 1, spill_on_prefill: bool = False
+) -> int | None:
+    """The index into ``loads`` of the backend to use, or None when none is available with ``need`` free slots.
+
+    ``spill_on_prefill`` (pack): pass over a backend whose last request still waits for its first token when another
+    below the target has none: a request queued behind another's prefill waits for it (the TTFT tail), at the cost
+    of waking a second backend more often (less to park)."""
     if pack_target < 1:
         raise ValueError(f"pack_target must be >= 1, got {pack_target}")
     candidates = [i for i, b in enumerate(loads) if b.available and b.free_slots >= need]
@@ -47,8 +55,8 @@ def choose(policy: Policy, loads: Sequence[Load], *, pack_target: int = 7, need:
     if policy == "pack":
         below = [i for i in candidates if loads[i].in_flight < pack_target]
         if below:
-            # the busiest below its target; ties to the first in order (min over -in_flight keeps the first)
-            return min(below, key=lambda i: -loads[i].in_flight)
+            # the busiest below its target; ties to the first in order (min keeps the first)
+            return min(below, key=lambda i: (spill_on_prefill and loads[i].starting > 0, -loads[i].in_flight))
     elif policy != "spread":
         raise ValueError(f"unknown placement policy {policy!r}; known: {', '.join(POLICIES)}")
     return min(candidates, key=lambda i: loads[i].outstanding_tokens)

@@ -60,6 +60,7 @@ class Backend:
         self.info: dict[str, Any] | None = None
         self.in_flight = 0
         self.outstanding_tokens = 0
+        self.starting = 0  # leases whose first token has not come back (their prefill is pending)
         self.last_error: str | None = None
         self.on_health_change: Callable[[], None] | None = None  # set by the pool: a probe changed ``healthy``
         self._probe: asyncio.Task[None] | None = None
@@ -228,14 +229,23 @@ class Lease:
     tokens: int
     pool: BackendPool
     released: bool = field(default=False)
+    started: bool = field(default=False)  # a token came back
 
     def release(self) -> None:
         if not self.released:
             self.released = True
+            self._start()
             self.pool._give_back(self)
+
+    def _start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.backend.starting -= 1
 
     def consume(self, tokens: int) -> None:
         """Tokens that came back no longer count as outstanding."""
+        if tokens > 0:
+            self._start()
         tokens = min(tokens, self.tokens)
         self.tokens -= tokens
         self.backend.outstanding_tokens -= tokens
@@ -280,13 +290,21 @@ class BackendPool:
                 outstanding_tokens=b.outstanding_tokens,
                 free_slots=b.free_slots,
                 available=b.healthy and b.name not in exclude,
+                starting=b.starting,
             )
             for b in self.backends
         ]
 
     def _pick(self, need: int, exclude: frozenset[str]) -> Backend | None:
         """The backend the routing policy chooses (``common.placement``), or None when none has room."""
-        i = placement.choose(self.routing.policy, self._loads(exclude), pack_target=self.routing.pack_target, need=need)
+        r = self.routing
+        i = placement.choose(
+            r.policy,
+            self._loads(exclude),
+            pack_target=r.pack_target,
+            need=need,
+            spill_on_prefill=r.pack_spill_on_prefill,
+        )
         return None if i is None else self.backends[i]
 
     def try_acquire(self, tokens: int, *, exclude: frozenset[str] = frozenset()) -> Lease | None:
@@ -316,6 +334,7 @@ class BackendPool:
     def _lease(self, backend: Backend, tokens: int) -> Lease:
         backend.in_flight += 1
         backend.outstanding_tokens += tokens
+        backend.starting += 1
         return Lease(backend=backend, tokens=tokens, pool=self)
 
     async def capacity_changed(self) -> None:

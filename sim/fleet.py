@@ -122,7 +122,8 @@ class _Backend:
 
     def load(self, max_concurrent: int) -> placement.Load:
         outstanding = sum(total - len(r.tokens) for r, total in self.on)
-        return placement.Load(len(self.on), outstanding, max(0, max_concurrent - len(self.on)))
+        starting = sum(1 for r, _ in self.on if r.first_token_ns is None)
+        return placement.Load(len(self.on), outstanding, max(0, max_concurrent - len(self.on)), starting=starting)
 
 
 def serve(
@@ -132,6 +133,7 @@ def serve(
     backends: int,
     policy: placement.Policy = "spread",
     pack_target: int = 7,
+    spill_on_prefill: bool = False,
     start_ns: int = 0,
     end_ns: int | None = None,
     tail_ns: int = NS_PER_S,
@@ -161,7 +163,8 @@ def serve(
         nonlocal peak
         while waiting:
             r = waiting[0]
-            k = placement.choose(policy, [b.load(limit) for b in fleet], pack_target=pack_target)
+            loads = [b.load(limit) for b in fleet]
+            k = placement.choose(policy, loads, pack_target=pack_target, spill_on_prefill=spill_on_prefill)
             if k is None:
                 return
             waiting.pop(0)

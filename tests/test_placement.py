@@ -17,14 +17,23 @@ loads_st = st.lists(
         outstanding_tokens=st.integers(0, 5000),
         free_slots=st.integers(0, 4),
         available=st.booleans(),
+        starting=st.integers(0, 2),
     ),
     max_size=6,
 )
 
 
-@given(loads=loads_st, policy=st.sampled_from(["spread", "pack"]), target=st.integers(1, 10), need=st.integers(1, 3))
-def test_never_an_unavailable_or_full_backend(loads: list[Load], policy: str, target: int, need: int) -> None:
-    i = choose(policy, loads, pack_target=target, need=need)  # type: ignore[arg-type]
+@given(
+    loads=loads_st,
+    policy=st.sampled_from(["spread", "pack"]),
+    target=st.integers(1, 10),
+    need=st.integers(1, 3),
+    spill=st.booleans(),
+)
+def test_never_an_unavailable_or_full_backend(
+    loads: list[Load], policy: str, target: int, need: int, spill: bool
+) -> None:
+    i = choose(policy, loads, pack_target=target, need=need, spill_on_prefill=spill)  # type: ignore[arg-type]
     fits = [b.available and b.free_slots >= need for b in loads]
     if i is None:
         assert not any(fits)
@@ -46,6 +55,21 @@ def test_pack_fills_the_busiest_below_target_else_spreads(loads: list[Load], tar
         assert i == min(j for j in below if loads[j].in_flight == loads[i].in_flight)  # ties: first in order
     else:
         assert loads[i].outstanding_tokens == min(loads[j].outstanding_tokens for j in ok)
+
+
+@given(loads=loads_st, target=st.integers(1, 10))
+def test_pack_spilling_passes_over_a_pending_prefill_only_when_another_backend_has_none(
+    loads: list[Load], target: int
+) -> None:
+    i = choose("pack", loads, pack_target=target, spill_on_prefill=True)
+    below = [j for j, b in enumerate(loads) if b.available and b.free_slots >= 1 and b.in_flight < target]
+    if not below:
+        assert i == choose("pack", loads, pack_target=target)  # at the target everywhere: as without spilling
+        return
+    assert i in below
+    quiet = [j for j in below if loads[j].starting == 0]
+    pool = quiet or below
+    assert i in pool and loads[i].in_flight == max(loads[j].in_flight for j in pool)
 
 
 @given(loads=loads_st)
@@ -81,7 +105,7 @@ def test_bad_arguments_are_refused() -> None:
         choose("random", [Load(0, 0, 1)])  # type: ignore[arg-type]
 
 
-def _pool(policy: str, n: int = 3) -> BackendPool:
+def _pool(policy: str, n: int = 3, spill: bool = False) -> BackendPool:
     pool_cfg = BackendPoolConfig(max_concurrent_requests=4)
     backends = [
         Backend(BackendConfig(url=f"http://127.0.0.1:{9100 + i}", name=f"pl-{policy}-{i}"), "m", pool_cfg)
@@ -89,7 +113,8 @@ def _pool(policy: str, n: int = 3) -> BackendPool:
     ]
     for b in backends:
         b.healthy = True  # as a passed /health check leaves it
-    return BackendPool("m", backends, RoutingConfig(policy=policy, pack_target=2))  # type: ignore[arg-type]
+    routing = RoutingConfig(policy=policy, pack_target=2, pack_spill_on_prefill=spill)  # type: ignore[arg-type]
+    return BackendPool("m", backends, routing)
 
 
 async def test_the_pool_packs_then_opens_the_next_backend() -> None:
@@ -110,3 +135,20 @@ async def test_the_pool_spreads_by_default() -> None:
     pool = _pool("spread")
     names = [lease.backend.name for lease in (pool.try_acquire(100) for _ in range(3)) if lease]
     assert sorted(names) == ["pl-spread-0", "pl-spread-1", "pl-spread-2"]
+
+
+async def test_the_pool_counts_pending_prefills_and_spills_past_them() -> None:
+    pool = _pool("pack", spill=True)
+    first = pool.try_acquire(100)
+    assert first is not None and first.backend.name == "pl-pack-0" and first.backend.starting == 1
+    second = pool.try_acquire(100)  # backend 0 still waits for its first token: the next takes a quiet backend
+    assert second is not None and second.backend.name == "pl-pack-1"
+    first.consume(1)  # a token came back: backend 0 is quiet again
+    assert first.backend.starting == 0
+    third = pool.try_acquire(100)
+    assert third is not None and third.backend.name == "pl-pack-0"
+    third.release()  # given back before any token: no longer pending
+    second.consume(0)
+    assert third.backend.starting == 0 and second.backend.starting == 1
+    second.release()
+    assert second.backend.starting == 0
