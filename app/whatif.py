@@ -45,7 +45,7 @@ class Recorded:
     end_ns: int  # the last epoch's end
     backends: tuple[str, ...]
     requests: tuple[FleetRequest, ...]  # offsets from start_ns; release_ns as recorded
-    ttft_ns: tuple[int, ...]  # recorded first token - received, for the requests that had one
+    ttft_ns: tuple[int | None, ...]  # per request (as ``requests``): recorded first token - received, if any
     generated_tokens: int
     counter_mj: int | None  # measured over the epochs; None when the meter's epochs do not cover every request
     idle_mj: int | None
@@ -58,6 +58,7 @@ class Scenario:
     pack_target: int = 7
     hold_ms: float = 0.0  # window shaping for hold_classes (0: released at arrival)
     hold_classes: frozenset[str] | None = None  # None: every class
+    spill_on_prefill: bool = False  # pack: [routing] pack_spill_on_prefill
     park: bool = False  # backends that took nothing are scaled in (their idle floor is not paid)
     as_recorded: bool = False  # released when the gateway released them, not at arrival
 
@@ -145,7 +146,7 @@ def load(engine: sa.Engine, start_ns: int | None, end_ns: int | None, model: str
         end_ns=w_end,
         backends=backends,
         requests=requests,
-        ttft_ns=tuple(r.first_token_ns - r.received_ns for r in rows if r.first_token_ns is not None),
+        ttft_ns=tuple(r.first_token_ns - r.received_ns if r.first_token_ns is not None else None for r in rows),
         generated_tokens=sum(r.generated_tokens for r in rows),
         counter_mj=sum(e.counter_mj for e in covered) if measured else None,
         idle_mj=sum(e.idle_mj for e in covered) if measured else None,
@@ -177,6 +178,9 @@ def default_scenarios(
         Scenario("spread"),
         Scenario(f"pack {pack_target}", placement="pack", pack_target=pack_target),
         Scenario(f"pack {pack_target} + park", placement="pack", pack_target=pack_target, park=True),
+        Scenario(
+            f"pack {pack_target}, spill on prefill", placement="pack", pack_target=pack_target, spill_on_prefill=True
+        ),
     ]
     which = "all" if hold_classes is None else ",".join(sorted(hold_classes))
     for ms in hold_ms:
@@ -205,6 +209,7 @@ def run_scenario(recorded: Recorded, scenario: Scenario, config: SimConfig, back
         backends=backends,
         policy=scenario.placement,
         pack_target=scenario.pack_target,
+        spill_on_prefill=scenario.spill_on_prefill,
         end_ns=recorded.end_ns - recorded.start_ns,
         tail_ns=0,  # the recorded window is the window: its epochs cover the requests' ends
     )
@@ -219,9 +224,14 @@ def percentile(values: Sequence[int], q: float) -> float | None:
     return ordered[int(k)] / NS_PER_MS
 
 
-def recorded_row(recorded: Recorded, config: SimConfig) -> Row:
+def recorded_row(recorded: Recorded, config: SimConfig, ttft_class: str | None = None) -> Row:
     n = len(recorded.requests)
-    p50, p95 = percentile(recorded.ttft_ns, 50), percentile(recorded.ttft_ns, 95)
+    ttft = [
+        t
+        for r, t in zip(recorded.requests, recorded.ttft_ns, strict=True)
+        if t is not None and (ttft_class is None or r.traffic_class == ttft_class)
+    ]
+    p50, p95 = percentile(ttft, 50), percentile(ttft, 95)
     name = "recorded (measured)"
     if recorded.counter_mj is None or recorded.idle_mj is None:
         return Row(name, n, None, None, None, None, p50, p95, gpus=len(recorded.backends))
@@ -240,11 +250,13 @@ def recorded_row(recorded: Recorded, config: SimConfig) -> Row:
     )
 
 
-def scenario_row(name: str, result: FleetResult, park: bool) -> Row:
+def scenario_row(
+    name: str, result: FleetResult, park: bool, classes: dict[str, str] | None = None, ttft_class: str | None = None
+) -> Row:
     n = len(result.served)
     energy = result.bill_pj(park=park)
     idle = result.idle_pj - (sum(b.idle_pj for b in result.backends if b.requests == 0) if park else 0)
-    ttft = [s.ttft_ns for s in result.served]
+    ttft = [s.ttft_ns for s in result.served if ttft_class is None or (classes or {}).get(s.request_id) == ttft_class]
     return Row(
         name=name,
         requests=n,
@@ -260,14 +272,21 @@ def scenario_row(name: str, result: FleetResult, park: bool) -> Row:
 
 
 def evaluate(
-    recorded: Recorded, scenarios: Sequence[Scenario], *, backends: int | None = None, cost_model: str = "default"
+    recorded: Recorded,
+    scenarios: Sequence[Scenario],
+    *,
+    backends: int | None = None,
+    cost_model: str = "default",
+    ttft_class: str | None = None,
 ) -> list[Row]:
-    """The recorded row, then one per scenario."""
+    """The recorded row, then one per scenario. ``ttft_class``: TTFT of that class's requests only (energy is the
+    whole fleet's)."""
     config = sim_config(recorded, cost_model)
     n = backends or len(recorded.backends)
-    rows = [recorded_row(recorded, config)]
+    classes = {r.request_id: r.traffic_class for r in recorded.requests}
+    rows = [recorded_row(recorded, config, ttft_class)]
     for s in scenarios:
-        rows.append(scenario_row(s.name, run_scenario(recorded, s, config, n), s.park))
+        rows.append(scenario_row(s.name, run_scenario(recorded, s, config, n), s.park, classes, ttft_class))
     return rows
 
 

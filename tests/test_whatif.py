@@ -135,6 +135,7 @@ def test_whatif_on_the_demo_ledger(demo_db: str, capsys: pytest.CaptureFixture[s
         "spread",
         "pack 7",
         "pack 7 + park",
+        "pack 7, spill on prefill",
         "spread, hold batch 250 ms",
         "pack 7 + park, hold batch 250 ms",
     ], out

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hold-class", action="append", default=None, help="class the hold applies to (repeatable; default: batch)"
     )
+    parser.add_argument("--ttft-class", metavar="CLASS", help="TTFT columns of this traffic class only")
     parser.add_argument("--cost-model", choices=sorted(COST_MODELS), default="default", help="sim/costmodel.py")
     parser.add_argument("--plot", metavar="PNG", help="draw the comparison there")
 
@@ -56,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     scenarios = whatif.default_scenarios(args.pack_target, holds, classes)
-    rows = whatif.evaluate(recorded, scenarios, backends=args.backends, cost_model=args.cost_model)
+    rows = whatif.evaluate(
+        recorded, scenarios, backends=args.backends, cost_model=args.cost_model, ttft_class=args.ttft_class
+    )
     n_backends = args.backends or len(recorded.backends)
     span_s = (recorded.end_ns - recorded.start_ns) / 1e9
     print(
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         f"backends ({', '.join(recorded.backends)}), replayed on {n_backends} simulated backends "
         f"(cost model {args.cost_model})"
     )
+    if args.ttft_class:
+        print(f"TTFT of class {args.ttft_class!r} only; energy of the whole fleet")
     print(whatif.table(rows))
     if recorded.counter_mj is None:
         print("  (no measured baseline: the meter's epochs do not cover every request of the range yet)")
