@@ -93,6 +93,11 @@ class RoutingConfig(Section):
         default=False,
         description="pack: pass over a backend whose latest request awaits its first token (TTFT over parking)",
     )
+    scale_in_after_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="joulegate_backends_needed falls only after the load stayed lower this long (hysteresis)",
+    )
 
 
 class TenantRateLimits(Section):

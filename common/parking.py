@@ -9,7 +9,6 @@ records (time, in flight) at every change and asks at any time.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
 
@@ -24,29 +23,35 @@ def backends_needed(in_flight: int, pack_target: int, backends: int) -> int:
 
 
 class PeakHold:
-    """The highest value of a step function (set by ``record``) over the last ``hold_s``."""
+    """The highest value of a step function (set by ``record``) over the last ``hold_s``, in O(1) amortized time and
+    memory bounded by the number of distinct values (a gateway records at every lease and release).
+
+    Kept as steps ``(since, value)`` with strictly decreasing values: a new value pops every step at the back whose
+    value is not higher and takes over the earliest popped step's start. That is exact for every window that ends at
+    or after the new record (all queries do: time does not go back): a window that reaches into a popped step also
+    reaches the new value's own time, or starts after it."""
 
     def __init__(self, hold_s: float) -> None:
         if hold_s < 0:
             raise ValueError(f"hold_s must be >= 0, got {hold_s}")
         self.hold_s = hold_s
-        self._times: deque[float] = deque()
-        self._values: deque[int] = deque()
+        self._steps: deque[tuple[float, int]] = deque()
+        self._last_t = float("-inf")
 
     def record(self, t: float, value: int) -> None:
         """The function is ``value`` from ``t`` on (times must not go back)."""
-        if self._times and t < self._times[-1]:
+        if t < self._last_t:
             raise ValueError("times must not go back")
-        self._times.append(t)
-        self._values.append(value)
+        self._last_t = t
+        since = t
+        while self._steps and self._steps[-1][1] <= value:
+            since = self._steps.pop()[0]
+        self._steps.append((since, value))
 
     def peak(self, now: float) -> int:
-        """max over [now - hold_s, now] (0 before the first record). Forgets what can no longer matter."""
+        """max over [now - hold_s, now] (0 before the first record); ``now`` at or after the last record."""
         start = now - self.hold_s
-        # the value in force at the window's start is the last one recorded at or before it: keep it, drop the older
-        while len(self._times) >= 2 and self._times[1] <= start:
-            self._times.popleft()
-            self._values.popleft()
-        end = bisect.bisect_right(self._times, now)
-        values = [v for i, v in enumerate(self._values) if i < end]
-        return max(values, default=0)
+        # a step that ended before the window (the next one began at or before its start) can no longer matter
+        while len(self._steps) >= 2 and self._steps[1][0] <= start:
+            self._steps.popleft()
+        return self._steps[0][1] if self._steps else 0

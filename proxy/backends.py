@@ -27,10 +27,10 @@ from typing import Any
 import aiohttp
 import structlog
 
-from common import placement
+from common import parking, placement
 from common.config import BackendConfig, BackendPoolConfig, RoutingConfig
 from common.errors import BackendError, GatewayError
-from proxy.metrics import BACKEND_HEALTHY, BACKEND_IN_FLIGHT
+from proxy.metrics import BACKEND_HEALTHY, BACKEND_IN_FLIGHT, BACKENDS_NEEDED
 from proxy.tgi_wire import from_tgi
 
 log = structlog.get_logger(__name__)
@@ -258,6 +258,8 @@ class BackendPool:
         self.model_id = model_id
         self.backends = list(backends)
         self.routing = routing or RoutingConfig()
+        self._in_flight_peak = parking.PeakHold(self.routing.scale_in_after_s)
+        BACKENDS_NEEDED.labels(model_id).set_function(lambda: self.backends_needed)
         self._waiters: list[asyncio.Future[None]] = []
         self._health_listeners: list[Callable[[], Awaitable[None] | None]] = []
         self._notifying: set[asyncio.Task[None]] = set()
@@ -279,6 +281,16 @@ class BackendPool:
             if b.info:
                 return b.info
         return None
+
+    @property
+    def backends_needed(self) -> int:
+        """How many backends the load needs packed at the target (peak over ``scale_in_after_s``): the parking
+        signal an autoscaler acts on (``common.parking``)."""
+        peak = self._in_flight_peak.peak(time.monotonic())
+        return parking.backends_needed(peak, self.routing.pack_target, len(self.backends))
+
+    def _record_load(self) -> None:
+        self._in_flight_peak.record(time.monotonic(), sum(b.in_flight for b in self.backends))
 
     def on_health_change(self, listener: Callable[[], Awaitable[None] | None]) -> None:
         self._health_listeners.append(listener)
@@ -335,6 +347,7 @@ class BackendPool:
         backend.in_flight += 1
         backend.outstanding_tokens += tokens
         backend.starting += 1
+        self._record_load()
         return Lease(backend=backend, tokens=tokens, pool=self)
 
     async def capacity_changed(self) -> None:
@@ -351,6 +364,7 @@ class BackendPool:
         lease.backend.in_flight -= 1
         lease.backend.outstanding_tokens -= lease.tokens
         lease.tokens = 0
+        self._record_load()
         self._wake()
 
     def _wake(self) -> None:

@@ -63,3 +63,9 @@ BACKEND_IN_FLIGHT = Gauge(
 BACKEND_HEALTHY = Gauge(
     "joulegate_backend_healthy", "1 while the backend answers /health, else 0.", ["backend"], registry=REGISTRY
 )
+BACKENDS_NEEDED = Gauge(
+    "joulegate_backends_needed",
+    "Backends the model's load needs packed at [routing] pack_target (peak over scale_in_after_s): the parking signal.",
+    ["model"],
+    registry=REGISTRY,
+)

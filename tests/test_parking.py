@@ -28,25 +28,29 @@ def test_backends_needed_edges() -> None:
         backends_needed(1, 0, 2)
 
 
-steps_st = st.lists(st.tuples(st.floats(0, 50), st.integers(0, 40)), max_size=30).map(
-    lambda xs: sorted(xs, key=lambda x: x[0])
+ops_st = st.lists(
+    st.tuples(st.floats(0, 5), st.one_of(st.integers(0, 40), st.none())),  # (time step, value to record or a probe)
+    max_size=40,
 )
 
 
-@given(steps=steps_st, hold=st.floats(0, 20), probes=st.lists(st.floats(0, 80), max_size=10))
+@given(ops=ops_st, hold=st.floats(0, 20))
 def test_peak_hold_is_the_max_of_the_step_function_over_the_window(
-    steps: list[tuple[float, int]], hold: float, probes: list[float]
+    ops: list[tuple[float, int | None]], hold: float
 ) -> None:
+    """Records and probes interleaved in time order (as leases, releases and scrapes come), against brute force."""
     ph = PeakHold(hold)
-    for t, v in steps:
-        ph.record(t, v)
-    for now in sorted(probes):  # asked in time order, as a scrape does
-        expected = 0
+    steps: list[tuple[float, int]] = []
+    now = 0.0
+    for dt, value in ops:
+        now += dt
+        if value is not None:
+            ph.record(now, value)
+            steps.append((now, value))
+            continue
         in_force = [v for t, v in steps if t <= now - hold]
-        if in_force:
-            expected = in_force[-1]
         inside = [v for t, v in steps if now - hold < t <= now]
-        expected = max([expected, *inside])
+        expected = max([*in_force[-1:], *inside], default=0)
         assert ph.peak(now) == expected
 
 

@@ -105,7 +105,7 @@ def test_bad_arguments_are_refused() -> None:
         choose("random", [Load(0, 0, 1)])  # type: ignore[arg-type]
 
 
-def _pool(policy: str, n: int = 3, spill: bool = False) -> BackendPool:
+def _pool(policy: str, n: int = 3, spill: bool = False, hold_s: float = 300.0, model: str = "m") -> BackendPool:
     pool_cfg = BackendPoolConfig(max_concurrent_requests=4)
     backends = [
         Backend(BackendConfig(url=f"http://127.0.0.1:{9100 + i}", name=f"pl-{policy}-{i}"), "m", pool_cfg)
@@ -113,8 +113,13 @@ def _pool(policy: str, n: int = 3, spill: bool = False) -> BackendPool:
     ]
     for b in backends:
         b.healthy = True  # as a passed /health check leaves it
-    routing = RoutingConfig(policy=policy, pack_target=2, pack_spill_on_prefill=spill)  # type: ignore[arg-type]
-    return BackendPool("m", backends, routing)
+    routing = RoutingConfig(
+        policy=policy,  # type: ignore[arg-type]
+        pack_target=2,
+        pack_spill_on_prefill=spill,
+        scale_in_after_s=hold_s,
+    )
+    return BackendPool(model, backends, routing)
 
 
 async def test_the_pool_packs_then_opens_the_next_backend() -> None:
@@ -152,3 +157,22 @@ async def test_the_pool_counts_pending_prefills_and_spills_past_them() -> None:
     assert third.backend.starting == 0 and second.backend.starting == 1
     second.release()
     assert second.backend.starting == 0
+
+
+@pytest.mark.parametrize("hold_s", [0.0, 300.0])
+async def test_the_parking_signal_rises_with_the_load_and_falls_after_the_hold(hold_s: float) -> None:
+    from proxy.metrics import REGISTRY
+
+    model = f"park-{hold_s:g}"
+    pool = _pool("spread", hold_s=hold_s, model=model)
+
+    def scraped() -> float | None:
+        return REGISTRY.get_sample_value("joulegate_backends_needed", {"model": model})
+
+    assert pool.backends_needed == 1 and scraped() == 1.0  # idle: one backend keeps the model served
+    leases = [pool.try_acquire(10) for _ in range(5)]
+    assert pool.backends_needed == 3 and scraped() == 3.0  # 5 in flight at 2 per backend
+    for lease in leases:
+        assert lease is not None
+        lease.release()
+    assert pool.backends_needed == (1 if hold_s == 0 else 3)  # the peak is held for scale_in_after_s
