@@ -21,7 +21,7 @@ The recorded row's above-floor uses the cost model's idle power (the ledger does
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -130,7 +130,7 @@ def load(engine: sa.Engine, start_ns: int | None, end_ns: int | None, model: str
     else:  # a backend without a metered epoch: no measured baseline
         w_start, w_end, covered = first, last, []
     measured = bool(covered) and w_end >= last
-    requests = tuple(
+    requests = snap_releases(
         FleetRequest(
             request_id=r.request_id,
             arrival_ns=r.received_ns - w_start,
@@ -151,6 +151,38 @@ def load(engine: sa.Engine, start_ns: int | None, end_ns: int | None, model: str
         counter_mj=sum(e.counter_mj for e in covered) if measured else None,
         idle_mj=sum(e.idle_mj for e in covered) if measured else None,
     )
+
+
+HELD_NS = 5 * NS_PER_MS  # a request released this long after its arrival was held by the shaper
+TOGETHER_NS = 5 * NS_PER_MS  # held requests of one class released this close to the previous one left together
+
+
+def snap_releases(requests: Iterable[FleetRequest]) -> tuple[FleetRequest, ...]:
+    """The recorded releases with every batch the shaper released together on one instant (its first release).
+
+    The gateway stamps each request of a released batch as it hands it on (a fraction of a millisecond apart), and
+    sends the batch to one backend; the fleet replay knows a batch by one release instant. Held requests (released
+    ``HELD_NS`` or more after arrival) of a class released within ``TOGETHER_NS`` of the previous one join its batch.
+    Pure; order as given."""
+    out = list(requests)
+    held = sorted(
+        (i for i, r in enumerate(out) if r.release_ns is not None and r.release_ns - r.arrival_ns >= HELD_NS),
+        key=lambda i: (out[i].traffic_class, out[i].released_ns),
+    )
+    first: FleetRequest | None = None
+    prev: FleetRequest | None = None
+    for i in held:
+        r = out[i]
+        if (
+            prev is None
+            or first is None
+            or r.traffic_class != prev.traffic_class
+            or r.released_ns - prev.released_ns > TOGETHER_NS
+        ):
+            first = r
+        prev = r
+        out[i] = replace(r, release_ns=first.released_ns)
+    return tuple(out)
 
 
 def sim_config(recorded: Recorded, cost_model: str = "default") -> SimConfig:

@@ -60,3 +60,17 @@ def choose(
     elif policy != "spread":
         raise ValueError(f"unknown placement policy {policy!r}; known: {', '.join(POLICIES)}")
     return min(candidates, key=lambda i: loads[i].outstanding_tokens)
+
+
+def choose_batch(
+    policy: Policy, loads: Sequence[Load], *, pack_target: int = 7, spill_on_prefill: bool = False
+) -> int | None:
+    """The backend for a batch the shaper released together (all of it goes to ONE backend, so TGI prefills it
+    together, as many as fit its free slots): under ``spread`` the one with the most free slots (ties: fewest
+    outstanding tokens, then the first), under ``pack`` the one a single request would get. None: none has room."""
+    if policy == "pack":
+        return choose(policy, loads, pack_target=pack_target, spill_on_prefill=spill_on_prefill)
+    candidates = [i for i, b in enumerate(loads) if b.available and b.free_slots > 0]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda i: (-loads[i].free_slots, loads[i].outstanding_tokens))

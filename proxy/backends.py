@@ -329,18 +329,17 @@ class BackendPool:
     def try_acquire_batch(self, token_counts: list[int], *, exclude: frozenset[str] = frozenset()) -> list[Lease]:
         """Slots for a released batch, all on ONE backend (so TGI prefills them together).
 
-        Takes the healthy backend with the most free slots; returns as many leases as it has room for (possibly
-        fewer than asked, possibly none). The caller keeps the rest queued.
+        Takes the backend ``common.placement.choose_batch`` picks (spread: the most free slots; pack: the one a single
+        request would get); returns as many leases as it has room for (possibly fewer than asked, possibly none). The
+        caller keeps the rest queued.
         """
-        candidates = [b for b in self.backends if b.healthy and b.name not in exclude and b.free_slots > 0]
-        if not candidates:
+        r = self.routing
+        i = placement.choose_batch(
+            r.policy, self._loads(exclude), pack_target=r.pack_target, spill_on_prefill=r.pack_spill_on_prefill
+        )
+        if i is None:
             return []
-        if self.routing.policy == "pack":  # the batch joins the busiest backend below its target, as one request would
-            picked = self._pick(1, exclude)
-            assert picked is not None
-            backend = picked
-        else:
-            backend = max(candidates, key=lambda b: (b.free_slots, -b.outstanding_tokens))
+        backend = self.backends[i]
         return [self._lease(backend, t) for t in token_counts[: backend.free_slots]]
 
     def _lease(self, backend: Backend, tokens: int) -> Lease:

@@ -3,7 +3,9 @@
 ``sim.replay`` serves a trace on one backend; this serves it on ``backends`` of them, each its own
 ``sim.batching.BatchingCore`` (TGI's continuous batching) and ``sim.gpu.SimGPU`` (power, exact integral), with the
 gateway's placement (``common.placement.choose``, the very function ``proxy.backends.BackendPool`` calls) deciding
-which backend takes each request at the instant it is released to the fleet. A request that finds every backend
+which backend takes each request at the instant it is released to the fleet; requests that shaping released
+together (held, same class, same release instant) go to one backend, as the gateway sends a released batch
+(``choose_batch``). A request that finds every backend
 full waits in a FIFO at the gateway until a slot frees. No sleeping: a few thousand requests take a second of CPU.
 
 Every backend is measured over the same window (the first arrival's power-on to ``tail_ns`` after the last step on
@@ -162,20 +164,24 @@ def serve(
     def place(now: int) -> None:
         nonlocal peak
         while waiting:
-            r = waiting[0]
+            group = _released_together(waiting)
             loads = [b.load(limit) for b in fleet]
-            k = placement.choose(policy, loads, pack_target=pack_target, spill_on_prefill=spill_on_prefill)
+            if len(group) > 1:  # the gateway puts a released batch on one backend (BackendPool.try_acquire_batch)
+                k = placement.choose_batch(policy, loads, pack_target=pack_target, spill_on_prefill=spill_on_prefill)
+            else:
+                k = placement.choose(policy, loads, pack_target=pack_target, spill_on_prefill=spill_on_prefill)
             if k is None:
                 return
-            waiting.pop(0)
             b = fleet[k]
-            tr = TraceRequest(r.request_id, r.traffic_class, 0, r.prompt_tokens, r.new_tokens)
-            request = _request(tr, b.gpu, now)
-            b.core.submit(request)
-            b.on.append((request, r.prompt_tokens + r.new_tokens))
-            b.taken += 1
-            placed[r.request_id] = (k, request)
-            released[r.request_id] = now - start_ns
+            for r in group[: loads[k].free_slots]:
+                waiting.pop(0)
+                tr = TraceRequest(r.request_id, r.traffic_class, 0, r.prompt_tokens, r.new_tokens)
+                request = _request(tr, b.gpu, now)
+                b.core.submit(request)
+                b.on.append((request, r.prompt_tokens + r.new_tokens))
+                b.taken += 1
+                placed[r.request_id] = (k, request)
+                released[r.request_id] = now - start_ns
             peak = max(peak, sum(1 for x in fleet if x.on))
         for b in fleet:
             if b.step is None:
@@ -233,6 +239,20 @@ def serve(
         served=tuple(served),
         peak_backends_busy=peak,
     )
+
+
+def _released_together(waiting: Sequence[FleetRequest]) -> list[FleetRequest]:
+    """The head of the queue and the requests behind it that shaping released with it: a held request (released
+    after its arrival) and those of its class released at the same instant."""
+    head = waiting[0]
+    if head.release_ns is None or head.release_ns <= head.arrival_ns:
+        return [head]
+    group = [head]
+    for r in waiting[1:]:
+        if r.release_ns != head.release_ns or r.traffic_class != head.traffic_class or r.release_ns <= r.arrival_ns:
+            break
+        group.append(r)
+    return group
 
 
 def hold_windows(

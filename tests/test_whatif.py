@@ -90,6 +90,25 @@ def test_one_backend_places_the_same_under_every_policy() -> None:
     assert a == b
 
 
+def test_a_released_batch_goes_to_one_backend_and_recorded_batches_are_recognised() -> None:
+    from app.whatif import snap_releases
+
+    ms = 1_000_000
+    held = [FleetRequest(f"b{i}", i * ms, 300, 50, "batch", 500 * ms + i * ms // 4) for i in range(4)]
+    lone = FleetRequest("i0", 499 * ms, 300, 50, "interactive", 499 * ms + ms // 10)  # not held: stays alone
+    late = FleetRequest("b9", 600 * ms, 300, 50, "batch", 900 * ms)  # held, released later: a batch of its own
+    snapped = {r.request_id: r for r in snap_releases([*held, lone, late])}
+    assert {snapped[f"b{i}"].release_ns for i in range(4)} == {500 * ms}
+    assert snapped["i0"] == lone and snapped["b9"] == late
+    busy = FleetRequest("x", 0, 200, 350, "interactive")  # backend 0: ~500 tokens outstanding at 500 ms
+    res = serve([busy, *snapped.values()], SimConfig(), backends=2, policy="spread")
+    on = {s.request_id: s.backend for s in res.served}
+    assert len({on[f"b{i}"] for i in range(4)}) == 1  # one backend, prefilled together
+    # spread one by one would have split them over the two backends
+    apart = serve([busy, *held], SimConfig(), backends=2, policy="spread")
+    assert len({s.backend for s in apart.served if s.request_id.startswith("b")}) == 2
+
+
 # -- the command on a recorded ledger ---------------------------------------------------------------------------------
 
 
@@ -142,7 +161,7 @@ def test_whatif_on_the_demo_ledger(demo_db: str, capsys: pytest.CaptureFixture[s
     recorded, as_recorded = rows["recorded (measured)"], rows["as recorded"]
     assert recorded[0] == as_recorded[0] > 0  # the same requests
     # the demo's GPUs are this simulator: replaying what the gateway did comes close to what the meter measured
-    assert abs(as_recorded[1] - recorded[1]) / recorded[1] < 0.15, out
+    assert abs(as_recorded[1] - recorded[1]) / recorded[1] < 0.10, out
     for name, r in rows.items():
         assert r[1] > 0 and r[2] > 0, name  # J, J/token
         assert r[-2] in (1, 2), name  # GPUs needed: of the demo's two
