@@ -61,6 +61,7 @@ class Backend:
         self.in_flight = 0
         self.outstanding_tokens = 0
         self.starting = 0  # leases whose first token has not come back (their prefill is pending)
+        self.draining = False  # an operator asked that no new request go here (scale-in); in-flight ones finish
         self.last_error: str | None = None
         self.on_health_change: Callable[[], None] | None = None  # set by the pool: a probe changed ``healthy``
         self._probe: asyncio.Task[None] | None = None
@@ -289,6 +290,18 @@ class BackendPool:
         peak = self._in_flight_peak.peak(time.monotonic())
         return parking.backends_needed(peak, self.routing.pack_target, len(self.backends))
 
+    def drain(self, name: str, on: bool = True) -> Backend:
+        """Stop placing new requests on backend ``name`` (``on``), or place on it again; requests in flight finish.
+        KeyError for a backend this pool does not have."""
+        backend = next((b for b in self.backends if b.name == name), None)
+        if backend is None:
+            raise KeyError(name)
+        if backend.draining != on:
+            backend.draining = on
+            log.info("backend_drain" if on else "backend_undrain", backend=name, model=self.model_id)
+            self._wake()  # a waiter may now have (or lack) room
+        return backend
+
     def _record_load(self) -> None:
         self._in_flight_peak.record(time.monotonic(), sum(b.in_flight for b in self.backends))
 
@@ -301,7 +314,7 @@ class BackendPool:
                 in_flight=b.in_flight,
                 outstanding_tokens=b.outstanding_tokens,
                 free_slots=b.free_slots,
-                available=b.healthy and b.name not in exclude,
+                available=b.healthy and not b.draining and b.name not in exclude,
                 starting=b.starting,
             )
             for b in self.backends

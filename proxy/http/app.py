@@ -38,6 +38,7 @@ from meter.auth import Authenticator
 from meter.timeline import Api
 from proxy.gateway import Gateway
 from proxy.http import wire
+from proxy.http.admin_routes import AdminRoutes
 from proxy.http.context import CALL_KEY, Call, Services, call_of
 from proxy.http.deadline import HEAD_TIMEOUT_S, HeadDeadlines
 from proxy.http.errors import error_response
@@ -106,6 +107,7 @@ class HttpFrontDoor:
         TgiRoutes(self.services).add_to(app)
         OpenAIRoutes(self.services).add_to(app)
         app.router.add_get("/metrics", self._metrics)
+        AdminRoutes(self.services).add_to(app)
         return app
 
     async def start(self, listen: str, tls: ReloadingContext | None = None) -> int:
