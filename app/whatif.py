@@ -13,7 +13,9 @@ ledger shows (or ``--backends``), so the idle floors compare:
 - ``above-floor J/req``: energy less the fleet's idle floor over the window (idle power x window x backends), per
   request: what the work itself cost, which placement and shaping change; the floor is what parking changes;
 - ``TTFT``: from arrival at the gateway (holding included) to the first token;
-- ``GPUs``: the most backends holding requests at one instant (what the load needed);
+- ``GPUs``: the most backends holding requests at one instant (what the load needed); ``parked``: backends the
+  '+ park' scenarios scaled in at least once (``ParkModel``: idle past ``park_after_s``, ``wake_j`` per wake; the
+  bill and idle J are net of it);
 - ``as recorded`` replays the recorded release times on spread placement: how close the simulator's cost model
   comes to the measured energy on this traffic (on the demo's simulated GPUs, within a few per cent).
 The recorded row's above-floor uses the cost model's idle power (the ledger does not store a floor).
@@ -31,7 +33,7 @@ from common.placement import Policy
 from meter.store.models import BackendEpoch, Request
 from sim import costmodel
 from sim.config import SimConfig
-from sim.fleet import FleetRequest, FleetResult, hold_windows, serve
+from sim.fleet import FleetRequest, FleetResult, hold_windows, parking, serve
 
 PJ_PER_J = 10**12
 NS_PER_MS = 1_000_000
@@ -59,8 +61,18 @@ class Scenario:
     hold_ms: float = 0.0  # window shaping for hold_classes (0: released at arrival)
     hold_classes: frozenset[str] | None = None  # None: every class
     spill_on_prefill: bool = False  # pack: [routing] pack_spill_on_prefill
-    park: bool = False  # backends that took nothing are scaled in (their idle floor is not paid)
+    park: bool = False  # backends idle past ParkModel.park_after_s are scaled in (sim.fleet.parking)
     as_recorded: bool = False  # released when the gateway released them, not at arrival
+
+
+@dataclass(frozen=True, slots=True)
+class ParkModel:
+    """What the '+ park' scenarios assume: a backend without work for ``park_after_s`` is scaled in (the parking
+    signal's default hold), and each wake costs ``wake_j`` (default: 60 s at 200 W, loading an 8B model's weights
+    and warming up). The TTFT of a wake is not modelled."""
+
+    park_after_s: float = 300.0
+    wake_j: float = 12_000.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,11 +295,19 @@ def recorded_row(recorded: Recorded, config: SimConfig, ttft_class: str | None =
 
 
 def scenario_row(
-    name: str, result: FleetResult, park: bool, classes: dict[str, str] | None = None, ttft_class: str | None = None
+    name: str,
+    result: FleetResult,
+    park: ParkModel | None,
+    classes: dict[str, str] | None = None,
+    ttft_class: str | None = None,
 ) -> Row:
     n = len(result.served)
-    energy = result.bill_pj(park=park)
-    idle = result.idle_pj - (sum(b.idle_pj for b in result.backends if b.requests == 0) if park else 0)
+    energy, idle, parked = result.energy_pj, result.idle_pj, 0
+    if park is not None:
+        p = parking(result, park_after_ns=round(park.park_after_s * 1e9), wake_pj=round(park.wake_j * PJ_PER_J))
+        energy -= p.saving_pj
+        idle -= p.saving_pj
+        parked = p.parked_backends
     ttft = [s.ttft_ns for s in result.served if ttft_class is None or (classes or {}).get(s.request_id) == ttft_class]
     return Row(
         name=name,
@@ -299,7 +319,7 @@ def scenario_row(
         ttft_p50_ms=percentile(ttft, 50),
         ttft_p95_ms=percentile(ttft, 95),
         gpus=result.peak_backends_busy,
-        parked=result.parked if park else 0,
+        parked=parked,
     )
 
 
@@ -310,6 +330,7 @@ def evaluate(
     backends: int | None = None,
     cost_model: str = "default",
     ttft_class: str | None = None,
+    park: ParkModel = ParkModel(),
 ) -> list[Row]:
     """The recorded row, then one per scenario. ``ttft_class``: TTFT of that class's requests only (energy is the
     whole fleet's)."""
@@ -318,7 +339,8 @@ def evaluate(
     classes = {r.request_id: r.traffic_class for r in recorded.requests}
     rows = [recorded_row(recorded, config, ttft_class)]
     for s in scenarios:
-        rows.append(scenario_row(s.name, run_scenario(recorded, s, config, n), s.park, classes, ttft_class))
+        result = run_scenario(recorded, s, config, n)
+        rows.append(scenario_row(s.name, result, park if s.park else None, classes, ttft_class))
     return rows
 
 

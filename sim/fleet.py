@@ -274,3 +274,36 @@ def hold_windows(
             close = closes[r.traffic_class] = r.arrival_ns + window_ns
         out.append(FleetRequest(r.request_id, r.arrival_ns, r.prompt_tokens, r.new_tokens, r.traffic_class, close))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Parking:
+    saving_pj: int  # idle floor not paid while parked, less the wakes (negative: parking lost)
+    parked_backends: int  # backends parked at least once
+    wakes: int
+
+
+def parking(result: FleetResult, *, park_after_ns: int, wake_pj: int) -> Parking:
+    """What parking would have saved over the window: every backend idle (no request placed on it) for longer than
+    ``park_after_ns`` is parked for the rest of that idle spell, so its idle floor is not paid, and pays ``wake_pj``
+    (the cold start you assume: loading the weights, warming up) when work comes back before the window ends.
+    Negative when the wakes cost more than the parked time saved. The TTFT of the request that wakes a parked backend
+    (its cold start) is not modelled: an autoscaler must wake ahead of the load. Pure."""
+    if park_after_ns < 0 or wake_pj < 0:
+        raise ValueError("park_after_ns and wake_pj must be >= 0")
+    saving = wakes = parked = 0
+    for k in range(len(result.backends)):
+        spans = sorted((s.released_ns, s.done_ns) for s in result.served if s.backend == k)
+        busy_until = 0
+        gaps: list[tuple[int, bool]] = []  # (length, ends with a wake)
+        for start, end in spans:
+            if start > busy_until:
+                gaps.append((start - busy_until, True))
+            busy_until = max(busy_until, end)
+        gaps.append((max(0, result.window_ns - busy_until), False))
+        spells = [(length, wake) for length, wake in gaps if length > park_after_ns]
+        parked += bool(spells)
+        for length, wake in spells:
+            saving += (length - park_after_ns) * result.idle_power_mw - (wake_pj if wake else 0)
+            wakes += wake
+    return Parking(saving, parked, wakes)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from app.cli import main
 from sim.config import SimConfig
-from sim.fleet import FleetRequest, hold_windows, serve
+from sim.fleet import FleetRequest, hold_windows, parking, serve
 
 from .conftest import REPO_ROOT
 
@@ -81,6 +81,24 @@ def test_the_fleet_conserves_energy_and_pack_keeps_to_the_fewest_backends() -> N
     assert len({s.backend for s in spread.served}) == 3
     # the same work on one GPU instead of three: the shared decode steps cost less above the floor
     assert pack.above_floor_pj < 0.8 * spread.above_floor_pj
+
+
+def test_parking_saves_the_idle_floor_of_long_idle_spells_less_the_wakes() -> None:
+    s = 1_000_000_000
+    # one backend: busy 0-1 s and 100-101 s, window 200 s; the other never used
+    trace = [FleetRequest("a", 0, 200, 90), FleetRequest("b", 100 * s, 200, 90)]
+    res = serve(trace, SimConfig(), backends=2, policy="pack", end_ns=200 * s)
+    assert {x.backend for x in res.served} == {0} and res.window_ns == 200 * s
+    idle_w = res.idle_power_mw / 1000
+    (a, b) = sorted(res.served, key=lambda x: x.arrival_ns)
+    gap, tail = b.released_ns - a.done_ns, res.window_ns - b.done_ns
+    park = 30 * s
+    expected_j = idle_w * ((gap - park) + (tail - park) + (res.window_ns - park)) / s - 500  # one wake, 500 J
+    got = parking(res, park_after_ns=park, wake_pj=500 * 10**12)
+    assert abs(got.saving_pj / 1e12 - expected_j) < 1e-6 and got.parked_backends == 2 and got.wakes == 1
+    assert parking(res, park_after_ns=300 * s, wake_pj=0).saving_pj == 0  # nothing idles that long
+    # a wake that costs more than the spell it ends saves: parking loses
+    assert parking(res, park_after_ns=98 * s, wake_pj=10**6 * 10**12).saving_pj < 0
 
 
 def test_one_backend_places_the_same_under_every_policy() -> None:
@@ -166,6 +184,9 @@ def test_whatif_on_the_demo_ledger(demo_db: str, capsys: pytest.CaptureFixture[s
         assert r[1] > 0 and r[2] > 0, name  # J, J/token
         assert r[-2] in (1, 2), name  # GPUs needed: of the demo's two
     assert png.stat().st_size > 10_000
+    assert rows["pack 7 + park"] == rows["pack 7"]  # parked after 300 s idle: nothing idles that long in the demo
+    quick = _rows(_whatif(capsys, "--db", demo_db, "--park-after-s", "0.5", "--wake-j", "0"))
+    assert quick["pack 7 + park"][1] < quick["pack 7"][1] and quick["pack 7 + park"][-1] >= 1  # J, parked
     # the command refuses what it cannot answer, in one line
     assert main(["whatif", "--db", demo_db, "--start", "2000-01-01", "--end", "2000-01-02"]) == 1
     assert "no finished request" in capsys.readouterr().err

@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hold-class", action="append", default=None, help="class the hold applies to (repeatable; default: batch)"
     )
+    parser.add_argument(
+        "--park-after-s", type=float, default=300.0, help="+ park: a backend idle this long is scaled in (300)"
+    )
+    parser.add_argument(
+        "--wake-j", type=float, default=12_000.0, help="+ park: the energy of one cold start (12000: 60 s at 200 W)"
+    )
     parser.add_argument("--ttft-class", metavar="CLASS", help="TTFT columns of this traffic class only")
     parser.add_argument("--cost-model", choices=sorted(COST_MODELS), default="default", help="sim/costmodel.py")
     parser.add_argument("--plot", metavar="PNG", help="draw the comparison there")
@@ -47,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     holds = args.hold_ms if args.hold_ms is not None else [500.0]
     if any(h < 0 for h in holds):
         raise ConfigError("--hold-ms must be >= 0")
+    if args.park_after_s < 0 or args.wake_j < 0:
+        raise ConfigError("--park-after-s and --wake-j must be >= 0")
     classes = frozenset(args.hold_class or ["batch"])
     url, engine = open_database(args, must_exist=True)
     try:
@@ -58,7 +66,12 @@ def run(args: argparse.Namespace) -> int:
         engine.dispose()
     scenarios = whatif.default_scenarios(args.pack_target, holds, classes)
     rows = whatif.evaluate(
-        recorded, scenarios, backends=args.backends, cost_model=args.cost_model, ttft_class=args.ttft_class
+        recorded,
+        scenarios,
+        backends=args.backends,
+        cost_model=args.cost_model,
+        ttft_class=args.ttft_class,
+        park=whatif.ParkModel(args.park_after_s, args.wake_j),
     )
     n_backends = args.backends or len(recorded.backends)
     span_s = (recorded.end_ns - recorded.start_ns) / 1e9
