@@ -1,6 +1,6 @@
 """Where requests go: spread vs pack placement on several simulated backends, live and on a virtual clock.
 
-    python -m bench.orchestration --quick   # 30 s live trace per policy + the virtual-clock sweep (~2 minutes)
+    python -m bench.orchestration --quick   # 20 s live trace per policy + a 120 s virtual-clock sweep (< 2 minutes)
     python -m bench.orchestration           # 90 s live traces
 
 Live. For each policy, ``--backends`` (2) fresh simulated TGI servers (``sim/`` defaults, time_scale 1, counter lag
@@ -11,9 +11,9 @@ the trace's start to ``--tail-s`` after its last arrival), summed over the fleet
 fleet's idle floor over the window (80 W x window x backends): the work's own energy, what placement can change.
 TTFT at the client.
 
-Virtual clock. The same traces (and loads from 0.25 to 8 req/s, 2 and 4 backends) through ``sim.fleet``: the same
-batching core and power model, the gateway's own placement function, no network and no CPU noise; it also prices
-parking (the idle floor of the backends pack left unused).
+Virtual clock. The same trace, and Poisson and bursty (on/off) loads from 0.25 to 8 req/s on 2 and 4 backends,
+through ``sim.fleet``: the same batching core and power model, the gateway's own placement function, no network and
+no CPU noise; it also prices parking (the idle floor of the backends pack left unused all window).
 
 Ends with ``RESULT pack_above_floor_j_per_req_ratio=... ttft_p95_ratio=... parked_bill_ratio=...`` for the live low
 load run (parked_bill_ratio from the virtual clock: pack's bill with the unused backends scaled in over spread's).
@@ -48,7 +48,7 @@ from bench.shaping_drive import (
     sleep_until_ns,
     wait_attributed,
 )
-from bench.shaping_trace import Lengths, Trace, make_trace
+from bench.shaping_trace import TRACE_KINDS, Lengths, Trace, make_trace
 from meter.pb.joulegate.v1 import energy_pb2_grpc as epbg
 from proxy.pb.fmaas import generation_pb2_grpc as pbg
 from sim import costmodel
@@ -77,6 +77,7 @@ class Outcome:
     ttft_p95_ms: float
     used_backends: int
     parked_bill_j: float | None = None  # virtual clock only
+    kind: str = "poisson"  # the trace's arrivals: poisson or bursty (on/off)
 
     @property
     def above_floor_j_per_req(self) -> float:
@@ -128,6 +129,7 @@ def virtual(trace: Trace, policy: str, backends: int, pack_target: int, window_s
         ttft_p95_ms=percentile(ttft, 0.95),
         used_backends=len({s.backend for s in res.served}),
         parked_bill_j=res.bill_pj(park=True) / 1e12,
+        kind=trace.kind,
     )
 
 
@@ -221,15 +223,15 @@ def live(trace: Trace, policy: str, backends: int, pack_target: int, window_s: f
 
 def table(rows: Sequence[Outcome]) -> str:
     out = [
-        f"{'policy':<10} {'GPUs':>4} {'req/s':>6} {'requests':>8} {'bill J/req':>10} {'above-floor J/req':>17} "
-        f"{'parked J/req':>12} {'TTFT p50':>8} {'TTFT p95':>8} {'used':>4}"
+        f"{'trace':<8} {'policy':<10} {'GPUs':>4} {'req/s':>6} {'requests':>8} {'bill J/req':>10} "
+        f"{'above-floor J/req':>17} {'parked J/req':>12} {'TTFT p50':>8} {'TTFT p95':>8} {'used':>4}"
     ]
     for r in rows:
         parked = "-" if r.parked_bill_j is None else f"{r.parked_bill_j / max(1, r.requests):.1f}"
         out.append(
-            f"{r.policy:<10} {r.backends:>4} {r.rate_per_s:>6.2f} {r.requests:>8} {r.bill_j_per_req:>10.1f} "
-            f"{r.above_floor_j_per_req:>17.1f} {parked:>12} {r.ttft_p50_ms:>8.1f} {r.ttft_p95_ms:>8.1f} "
-            f"{r.used_backends:>4}"
+            f"{r.kind:<8} {r.policy:<10} {r.backends:>4} {r.rate_per_s:>6.2f} {r.requests:>8} "
+            f"{r.bill_j_per_req:>10.1f} {r.above_floor_j_per_req:>17.1f} {parked:>12} {r.ttft_p50_ms:>8.1f} "
+            f"{r.ttft_p95_ms:>8.1f} {r.used_backends:>4}"
         )
     return "\n".join(out)
 
@@ -259,7 +261,10 @@ def plot(sweep: Sequence[Outcome], live_rows: Sequence[Outcome], path: Path, tit
         ("pack-spill", 4): "C2--s",
     }
     for (policy, n), style in styles.items():
-        rows = sorted((r for r in sweep if r.policy == policy and r.backends == n), key=lambda r: r.rate_per_s)
+        rows = sorted(
+            (r for r in sweep if r.policy == policy and r.backends == n and r.kind == "poisson"),
+            key=lambda r: r.rate_per_s,
+        )
         if not rows:
             continue
         xs = [r.rate_per_s for r in rows]
@@ -271,6 +276,8 @@ def plot(sweep: Sequence[Outcome], live_rows: Sequence[Outcome], path: Path, tit
         ax2.plot([r.rate_per_s], [r.ttft_p95_ms], "*", ms=16, color=color, label=f"{r.policy} live")
     for ax, label in ((ax1, "above-floor J per request"), (ax2, "TTFT p95, ms")):
         ax.set_xscale("log")
+        ax.set_xticks(list(SWEEP_RATES), [f"{r:g}" for r in SWEEP_RATES])
+        ax.minorticks_off()
         ax.set_xlabel("arrival rate, req/s (Poisson)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
@@ -297,17 +304,18 @@ def main() -> None:
 
     configure_logging("warning", "console")
     t0 = time.monotonic()
-    duration_s = args.duration_s or (30.0 if args.quick else 90.0)
+    duration_s = args.duration_s or (20.0 if args.quick else 90.0)
     lengths = Lengths()
     window_s = duration_s + args.tail_s
-    sweep_duration = max(duration_s, 300.0)
+    sweep_duration = 120.0 if args.quick else max(duration_s, 300.0)
     sweep: list[Outcome] = []
-    for n in (2, 4):
-        for rate in SWEEP_RATES:
-            tr = make_trace("poisson", "sweep", rate, sweep_duration, args.seed, lengths)
-            for policy in POLICIES:
-                sweep.append(virtual(tr, policy, n, args.pack_target, sweep_duration + args.tail_s))
-    print("virtual clock (sim.fleet), Poisson, prompts 200-800, 64-256 new tokens, "
+    for kind in TRACE_KINDS:
+        for n in (2, 4):
+            for rate in SWEEP_RATES:
+                tr = make_trace(kind, "sweep", rate, sweep_duration, args.seed, lengths)
+                for policy in POLICIES:
+                    sweep.append(virtual(tr, policy, n, args.pack_target, sweep_duration + args.tail_s))
+    print("virtual clock (sim.fleet), Poisson and bursty (on 2 s / off 6 s), prompts 200-800, 64-256 new tokens, "
           f"{sweep_duration:.0f} s traces, pack target {args.pack_target}:")  # fmt: skip
     print(table(sweep))
 
@@ -360,7 +368,7 @@ def main() -> None:
         table(predicted),
         "```",
         "",
-        f"Sweep on the virtual clock ({sweep_duration:.0f} s Poisson traces):",
+        f"Sweep on the virtual clock ({sweep_duration:.0f} s traces, Poisson and bursty on/off):",
         "",
         "```",
         table(sweep),
