@@ -29,7 +29,7 @@ from enum import StrEnum
 import structlog
 from prometheus_client import Counter, Gauge
 
-from common.config import BudgetConfig
+from common.config import BudgetConfig, TenantBudget
 from common.errors import Overloaded
 from proxy.metrics import REGISTRY, tenant_label
 
@@ -117,18 +117,36 @@ class Budgets:
         self.failing = False  # the last read failed (the database is away): the figures are the last known ones
         self.reads = 0
         self._labelled: set[str] = set()
+        self._limits: dict[str, TenantBudget] = {}  # for_tenant's answers (the config is frozen)
+        self._period = (0, 0)  # the last period computed: most checks fall in it
+
+    def limits(self, tenant: str) -> TenantBudget:
+        """``tenant``'s budgets: its own keys, else the defaults."""
+        found = self._limits.get(tenant)
+        if found is None:
+            if len(self._limits) > 10_000:  # tenants come from keys, but stay bounded whatever happens
+                self._limits.clear()
+            found = self._limits[tenant] = self.config.for_tenant(tenant)
+        return found
+
+    def period(self, now_ns: int) -> tuple[int, int]:
+        """``[start, end)`` of the budget period holding ``now_ns``."""
+        start, end = self._period
+        if not start <= now_ns < end:
+            start, end = self._period = period_bounds(self.config.period, now_ns)
+        return start, end
 
     # -- the figures ---------------------------------------------------------------------------------------------
     def used_wh(self, tenant: str, now_ns: int | None = None) -> float:
         """The energy ``tenant`` used in the current period, as last read (0 in a period not read yet)."""
-        start, _ = period_bounds(self.config.period, self._clock_ns() if now_ns is None else now_ns)
+        start, _ = self.period(self._clock_ns() if now_ns is None else now_ns)
         usage = self.usage
         if usage is None or usage.period_start_ns != start:
             return 0.0
         return usage.used_mj.get(tenant, 0) / 1000.0 / J_PER_WH
 
     def verdict(self, tenant: str, now_ns: int | None = None) -> Verdict:
-        limits = self.config.for_tenant(tenant)
+        limits = self.limits(tenant)
         if limits.soft_wh is None and limits.hard_wh is None:
             return Verdict.WITHIN
         used = self.used_wh(tenant, now_ns)
@@ -151,11 +169,11 @@ class Budgets:
         verdict = self.verdict(tenant, now_ns)
         if verdict is Verdict.WITHIN:
             return None
-        limits = self.config.for_tenant(tenant)
+        limits = self.limits(tenant)
         if verdict is Verdict.SOFT:
             OVER_SOFT.labels(tenant_label(tenant)).inc()
             return limits.over_soft_class
-        start, end = period_bounds(self.config.period, now_ns)
+        start, end = self.period(now_ns)
         retry_s = max(1.0, (end - now_ns) / NS)
         REFUSED.labels(tenant_label(tenant)).inc()
         raise BudgetExhausted(
@@ -170,7 +188,7 @@ class Budgets:
         """Read every tenant's usage in the current period (blocking: run it on a thread). False when the read
         failed: the last figures stay."""
         now_ns = self._clock_ns()
-        start, end = period_bounds(self.config.period, now_ns)
+        start, end = self.period(now_ns)
         try:
             used = dict(self._read_usage(start, end))
         except Exception as exc:  # the database is away (or the read failed): keep the last known figures
@@ -195,7 +213,7 @@ class Budgets:
         """The gauges: every tenant with a budget that used energy this period or has budgets of its own (and those
         shown before, back to 0 in a new period)."""
         for tenant in set(used_mj) | set(self.config.tenants) | self._labelled:
-            limits = self.config.for_tenant(tenant)
+            limits = self.limits(tenant)
             if limits.soft_wh is None and limits.hard_wh is None:
                 continue
             label = tenant_label(tenant)
