@@ -123,7 +123,8 @@ class GatewayApp:
         if await self._try_database():
             self.gateway.mark_ready()
         if self.budgets is not None:  # read once before serving, so a restart does not forget who is over budget
-            await asyncio.to_thread(self.budgets.refresh)
+            if self.gateway.ready:  # (a database away at start is read again every refresh_s, like any outage)
+                await asyncio.to_thread(self.budgets.refresh)
             self._tasks.append(asyncio.create_task(self.budgets.run()))
         self.ledger.start()
         ENERGY_METRICS.attach(
