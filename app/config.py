@@ -37,6 +37,7 @@ from common.config import (
     LISTEN_HELP,
     BackendConfig,
     BackendPoolConfig,
+    BudgetConfig,
     RateLimitConfig,
     RoutingConfig,
     Section,
@@ -111,6 +112,7 @@ class Config(Section):
     tls: TlsConfig = TlsConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
     routing: RoutingConfig = RoutingConfig()
+    budgets: BudgetConfig = BudgetConfig()
     models: tuple[ModelConfig, ...] = ()
 
     @model_validator(mode="after")
@@ -125,6 +127,17 @@ class Config(Section):
                 if b.name in seen_backends:
                     raise ValueError(f"backend name {b.name!r} appears twice (backends are named by host:port)")
                 seen_backends.add(b.name)
+        return self
+
+    @model_validator(mode="after")
+    def _budget_classes_exist(self) -> Self:
+        for name in sorted(self.budgets.classes):
+            for m in self.models:
+                if name not in m.shaping.classes:
+                    raise ValueError(
+                        f"budgets: over_soft_class {name!r} is not a traffic class of model {m.model_id!r} "
+                        f"(its classes: {', '.join(m.shaping.classes)})"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ Used by ``joulegate serve --meter nvml|sim`` (in the gateway process), by the ``
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -90,3 +91,19 @@ def settings_from_config(config: Config) -> BillingSettings:
 def seed_billing_settings(config: Config, engine: sa.Engine, process: str) -> None:
     """Store ``config``'s billing settings if the database holds none yet (blocking: run it on a thread)."""
     seed_settings(engine, settings_from_config(config), source=f"config of {process}")
+
+
+def budget_usage_reader(config: Config, engine: sa.Engine) -> Callable[[int, int], dict[str, int]]:
+    """What ``proxy.budgets`` reads every ``[budgets] refresh_s``: per tenant, the total attributed energy (mJ: prefill
+    + decode + idle share under the stored billing settings, final and provisional) of the requests received in
+    ``[start_ns, end_ns)``, as ``GetUsage`` grouped by TENANT reports it. Blocking."""
+    from meter.reports import GroupBy, ReportOptions, get_usage
+
+    options = ReportOptions(fallback=settings_from_config(config))
+
+    def read(start_ns: int, end_ns: int) -> dict[str, int]:
+        with engine.connect() as conn:
+            report = get_usage(conn, options, start_ns=start_ns, end_ns=end_ns, group_by=GroupBy.TENANT)
+        return {row.key: row.prefill_mj + row.decode_mj + row.idle_mj for row in report.rows}
+
+    return read

@@ -11,7 +11,7 @@ and its flag (``LISTEN_HELP``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -129,6 +129,61 @@ class RateLimitConfig(Section):
         return any(x is not None for x in (self.requests_per_minute, self.tokens_per_minute)) or any(
             t.requests_per_minute or t.tokens_per_minute for t in self.tenants.values()
         )
+
+
+class TenantBudget(Section):
+    soft_wh: float | None = Field(
+        default=None, ge=0, description="over it: served, moved to over_soft_class, x-joulegate-budget header"
+    )
+    hard_wh: float | None = Field(default=None, ge=0, description="over it: refused until the period ends")
+    over_soft_class: str | None = Field(
+        default=None, description="traffic class of a tenant over its soft budget (a class of every model)"
+    )
+
+
+class BudgetConfig(Section):
+    """``[budgets]``: energy per tenant per UTC calendar period, from the ledger's attributed energy, checked before
+    the rate limits and the queue (``proxy.budgets``). The defaults apply to every tenant;
+    ``[budgets.tenants.NAME]`` overrides them key by key."""
+
+    period: Literal["month", "day"] = Field(default="month", description="UTC calendar month or day")
+    soft_wh: float | None = Field(default=None, ge=0, description="per tenant; none: no soft budget")
+    hard_wh: float | None = Field(default=None, ge=0, description="per tenant; none: no hard budget")
+    over_soft_class: str | None = Field(
+        default=None, description="class a tenant over its soft budget is moved to; none: it keeps its class"
+    )
+    refresh_s: float = Field(
+        default=10.0, gt=0, le=3600, description="how often each gateway reads the tenants' usage from the database"
+    )
+    tenants: dict[str, TenantBudget] = Field(default_factory=dict)
+
+    def for_tenant(self, tenant: str) -> TenantBudget:
+        own = self.tenants.get(tenant)
+
+        def pick(key: str) -> Any:
+            value = getattr(own, key) if own is not None else None
+            return value if value is not None else getattr(self, key)
+
+        return TenantBudget(soft_wh=pick("soft_wh"), hard_wh=pick("hard_wh"), over_soft_class=pick("over_soft_class"))
+
+    @property
+    def enabled(self) -> bool:
+        limits = [(self.soft_wh, self.hard_wh), *((t.soft_wh, t.hard_wh) for t in self.tenants.values())]
+        return any(x is not None for pair in limits for x in pair)
+
+    @property
+    def classes(self) -> set[str]:
+        """Every over_soft_class named (each must be a class of every model)."""
+        return {c for c in (self.over_soft_class, *(t.over_soft_class for t in self.tenants.values())) if c}
+
+    @model_validator(mode="after")
+    def _soft_below_hard(self) -> Self:
+        pairs = [("the defaults", self.soft_wh, self.hard_wh)]
+        pairs += [(f"tenants.{n}", b.soft_wh, b.hard_wh) for n, b in ((n, self.for_tenant(n)) for n in self.tenants)]
+        for who, soft, hard in pairs:
+            if soft is not None and hard is not None and soft > hard:
+                raise ValueError(f"soft_wh ({soft}) is above hard_wh ({hard}) for {who}")
+        return self
 
 
 class TlsConfig(Section):

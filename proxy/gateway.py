@@ -46,6 +46,7 @@ from common.errors import (
 from common.inputs import clip
 from meter.timeline import Api, RequestStart, Timeline, did_gpu_work
 from proxy.backends import BackendPool, BackendUnreachable, Lease
+from proxy.budgets import Budgets
 from proxy.job import Job
 from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
 from proxy.rate_limits import RateLimiter
@@ -165,9 +166,11 @@ class Gateway:
         *,
         retries: int,
         rate_limiter: RateLimiter | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.pools = dict(pools)
         self.rate_limiter = rate_limiter
+        self.budgets = budgets
         self._shapers = dict(shapers)  # one per model
         self.ledger = ledger
         self.retries = retries
@@ -221,6 +224,10 @@ class Gateway:
         metric label or a ledger row (a client could otherwise grow both without bound).
         """
         return self._shapers[self.resolve_model(model_id)].resolve_class(name)
+
+    def budget_note(self, tenant: str) -> str | None:
+        """The ``x-joulegate-budget`` value for ``tenant``'s calls (``soft-exceeded``, ``hard-exceeded``), or None."""
+        return self.budgets.note(tenant) if self.budgets is not None else None
 
     @property
     def healthy(self) -> bool:
@@ -389,6 +396,8 @@ class Gateway:
         shaper = self._shapers[pool.model_id]
         if not pool.healthy:
             raise Unavailable(f"no healthy backend for model {pool.model_id!r}", retry_after_s=1.0)
+        if self.budgets is not None:  # before the rate limiter: a tenant out of energy takes none of its minute
+            job.traffic_class = self.budgets.admit(job.tenant) or job.traffic_class
         if self.rate_limiter is not None:  # before the queue: a limited tenant never holds a place in it
             await self.rate_limiter.admit(job.tenant, job.token_estimate)
         if job.deadline is None:

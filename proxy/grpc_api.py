@@ -38,6 +38,7 @@ from common.grpc_calls import abort_with, as_status_error, metadata_dict
 from common.ids import new_request_id, text_request_ids
 from meter.auth import Authenticator, Principal
 from meter.timeline import Api
+from proxy.budgets import HEADER as BUDGET_HEADER
 from proxy.gateway import Gateway, GenerationStream
 from proxy.job import Job
 from proxy.params import GenerationOptions, ModelLimits, ResponseOptions, to_tgi
@@ -107,6 +108,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         initial = [("x-request-id", request_id)]
         if correlation_id:
             initial.append(("x-correlation-id", correlation_id))
+        if budget := self.gateway.budget_note(principal.tenant):
+            initial.append((BUDGET_HEADER, budget))
         sending = asyncio.ensure_future(context.send_initial_metadata(initial))
         remaining = context.time_remaining()
         deadline = asyncio.get_running_loop().time() + remaining if remaining is not None else None

@@ -47,6 +47,9 @@ def _sample_value(path: tuple[str, ...]) -> str:
             "grpc_listen": "off",
             "requests_per_minute": "60",
             "tokens_per_minute": "1000",
+            "soft_wh": "10",
+            "hard_wh": "20.5",
+            "over_soft_class": "batch",
         }[key]
     if isinstance(value, bool):
         return str(value).lower()

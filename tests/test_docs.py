@@ -55,6 +55,7 @@ SUBTABLES = {
     "models": {"backends", "shaping"},
     "models.shaping": {"classes", "tenant_weights"},
     "rate_limits": {"tenants"},
+    "budgets": {"tenants"},
 }
 
 

@@ -192,12 +192,13 @@ async def _print_energy(reports: epbg.EnergyReportsStub, admin: str, stats: dict
             f" {row.co2e_g:7.2f}"
         )
     backends = await reports.GetBackendEnergy(epb.GetBackendEnergyRequest(), metadata=md)
-    print("\nconservation per backend: what the energy counter measured = attributed to requests + idle")
+    print("\nconservation per backend: what the energy counter measured = attributed to requests + idle + adjustment")
     ok = True
     for b in backends.backends:
         print(
             f"  {b.backend:8s} counter {b.counter_j:9.1f} J = attributed {b.attributed_j:9.1f} J + idle"
-            f" {b.idle_j:8.1f} J   error {b.conservation_error_mj} mJ   ({b.samples} samples, {b.gaps} gaps)"
+            f" {b.idle_j:8.1f} J + adjustment {b.adjustment_mj / 1000:6.1f} J   error {b.conservation_error_mj} mJ"
+            f"   ({b.samples} samples, {b.gaps} gaps)"
         )
         ok = ok and b.conservation_error_mj == 0
     # the simulator knows the true energy of its own work: compare per tenant

@@ -56,7 +56,8 @@ class EngineSettings:
     calibrate: bool = True  # fit the lag and the prefill/active power ratio to the counter (meter.engine.calibrate)
     calibration_lags_ns: tuple[int, ...] = tuple(range(0, 201 * _MS, 10 * _MS))  # NVML: one update, <= ~200 ms
     calibration_refresh_ns: int = 30 * _S  # once calibrated, feed the fit one epoch per this much time
-    rollup_interval_ns: int = 10 * _S  # how often hours that became final are rolled up (meter.engine.rollup)
+    rollup_interval_ns: int = 60 * _S  # how often hours that became final are rolled up (meter.engine.rollup); an
+    # hour becomes final once, so a minute costs reports nothing (they read raw rows for hours not yet rolled up)
     seal_batch: int = 10_000  # requests sealed per backend per pass, at most (a first pass over an old database)
 
     def __post_init__(self) -> None:

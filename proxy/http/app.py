@@ -178,6 +178,7 @@ class HttpFrontDoor:
                 call.principal = await self.services.auth.authenticate(headers)
                 call.principal.require_scope("generate")
                 call.traffic_class = requested_class(headers.get("x-traffic-class"), call.principal)
+                call.budget = self.services.gateway.budget_note(call.principal.tenant)
                 structlog.contextvars.bind_contextvars(tenant=call.principal.tenant)
             return await handler(request)
         except GatewayError as exc:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from meter.auth import Authenticator, Principal
 from meter.timeline import Api
+from proxy.budgets import HEADER as BUDGET_HEADER
 from proxy.gateway import Gateway
 from proxy.job import Job
 from proxy.params import ModelLimits
@@ -24,6 +25,7 @@ class Call:
     traffic_class: str = "default"  # as asked for (header or key): a configured class only once ``job`` resolved it
     model_id: str = ""  # the model the call named, once read (recorded for a refused call)
     handed: bool = False  # a job of this call went to the gateway, which records it
+    budget: str | None = None  # x-joulegate-budget: the tenant's energy budget state when the call was authenticated
 
     @property
     def tenant(self) -> str:
@@ -34,6 +36,8 @@ class Call:
         out = {"x-request-id": self.request_id}
         if self.correlation_id:
             out["x-correlation-id"] = self.correlation_id
+        if self.budget:
+            out[BUDGET_HEADER] = self.budget
         return out
 
     def job(
