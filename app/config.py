@@ -40,6 +40,7 @@ from common.config import (
     RateLimitConfig,
     Section,
     TlsConfig,
+    TracingConfig,
     check_listen,
     listener,
 )
@@ -109,6 +110,7 @@ class Config(Section):
     carbon: CarbonConfig = CarbonConfig()
     tls: TlsConfig = TlsConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
+    tracing: TracingConfig = TracingConfig()
     models: tuple[ModelConfig, ...] = ()
 
     @model_validator(mode="after")

@@ -47,6 +47,7 @@ def _sample_value(path: tuple[str, ...]) -> str:
             "grpc_listen": "off",
             "requests_per_minute": "60",
             "tokens_per_minute": "1000",
+            "endpoint": "http://otel-collector:4317",
         }[key]
     if isinstance(value, bool):
         return str(value).lower()

@@ -24,6 +24,7 @@ class Call:
     traffic_class: str = "default"  # as asked for (header or key): a configured class only once ``job`` resolved it
     model_id: str = ""  # the model the call named, once read (recorded for a refused call)
     handed: bool = False  # a job of this call went to the gateway, which records it
+    span: Any = None  # the call's span (proxy.tracing), when tracing is on
 
     @property
     def tenant(self) -> str:
@@ -63,6 +64,7 @@ class Call:
             api=Api.HTTP,
             correlation_id=self.correlation_id,
             received_ns=self.received_ns,
+            trace=self.span,
         )
 
 
