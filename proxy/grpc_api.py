@@ -106,8 +106,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         finds its id in the trailing metadata)."""
         md = metadata_dict(context, READ_METADATA)  # checked before anything is echoed or kept
         correlation_id = md.get("x-correlation-id")
-        principal = await self.auth.authenticate(md)
-        principal.require_scope("generate")
+        with self.gateway.tracing.auth(span):
+            principal = await self.auth.authenticate(md)
+            principal.require_scope("generate")
         initial = [("x-request-id", request_id)]
         if correlation_id:
             initial.append(("x-correlation-id", correlation_id))

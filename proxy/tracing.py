@@ -4,11 +4,14 @@ The spans of one call::
 
     fmaas.GenerationService/Generate   (or "POST /generate", ...: the front door, kind SERVER; the client's W3C
       │                                  traceparent is its parent)
+      ├─ joulegate.auth                the API key's look-up and scope check
       └─ joulegate.generation          one per request id (a batched call has one per text): tenant, request id,
            │                           model, traffic class, backend, prompt and generated tokens, status
            ├─ joulegate.queue          the wait in the shaping queue (and the rate limit) until a backend slot
            └─ joulegate.backend        the backend call, from sending it to the end of its stream (kind CLIENT; an
                                        event at the first token); its traceparent goes to TGI, which continues it
+
+The generation span ends when the request's timeline is handed to the ledger (event ``timeline_recorded``).
 
 Energy is not on the spans: it is final only seconds after the request ended (``meter.engine.finality``), long after
 its spans were exported. ``joulegate.request_id`` is the join: the same id keys the request's energy rows
@@ -92,6 +95,10 @@ class Tracing:
 
     # -- the front doors -------------------------------------------------------------------------------------------
 
+    def auth(self, call_span: Span | None) -> contextlib.AbstractContextManager[None]:
+        """Around the authentication of a call (``joulegate.auth``, under its front-door span)."""
+        return phase(self.tracer, call_span, "joulegate.auth")
+
     def server_span(self, name: str, carrier: Iterable[tuple[str, Any]] | Mapping[str, Any]) -> Span | None:
         """The span of one call at a front door, continuing the trace of the client's ``traceparent`` (gRPC
         metadata pairs or HTTP headers)."""
@@ -167,20 +174,27 @@ def end(
 
 
 @contextlib.contextmanager
-def queued(trace: RequestTrace | None) -> Iterator[None]:
-    """Around the wait for a backend slot (shaping queue, rate limit)."""
-    if trace is None:
+def phase(tracer: Tracer | None, parent: Span | None, name: str) -> Iterator[None]:
+    """A child span of ``parent`` around a step; an exception ends it with the gRPC code it maps to."""
+    if tracer is None or parent is None:
         yield
         return
     from opentelemetry import trace as otel
 
-    span = trace.tracer.start_span("joulegate.queue", context=otel.set_span_in_context(trace.generation))
+    span = tracer.start_span(name, context=otel.set_span_in_context(parent))
     try:
         yield
     except BaseException as exc:
         end(span, status=getattr(getattr(exc, "grpc_code", None), "name", None) or "CANCELLED", error=exc)
         raise
     end(span)
+
+
+def queued(trace: RequestTrace | None) -> contextlib.AbstractContextManager[None]:
+    """Around the wait for a backend slot (shaping queue, rate limit)."""
+    if trace is None:
+        return contextlib.nullcontext()
+    return phase(trace.tracer, trace.generation, "joulegate.queue")
 
 
 def backend_call(trace: RequestTrace | None) -> dict[str, str]:
@@ -225,6 +239,7 @@ def recorded(
     if trace.backend is not None:  # never opened a stream (refused while opening): close it too
         end(trace.backend, status=status)
         trace.backend = None
+    trace.generation.add_event("timeline_recorded")  # handed to the ledger; its energy is final only later
     end(
         trace.generation,
         status=status,

@@ -177,8 +177,9 @@ class HttpFrontDoor:
             call.correlation_id = headers.get("x-correlation-id")
             structlog.contextvars.bind_contextvars(correlation_id=call.correlation_id)
             if route != "unmatched" and (request.method, route) not in PUBLIC_ROUTES:
-                call.principal = await self.services.auth.authenticate(headers)
-                call.principal.require_scope("generate")
+                with self.services.gateway.tracing.auth(call.span):
+                    call.principal = await self.services.auth.authenticate(headers)
+                    call.principal.require_scope("generate")
                 call.traffic_class = requested_class(headers.get("x-traffic-class"), call.principal)
                 structlog.contextvars.bind_contextvars(tenant=call.principal.tenant)
             return await handler(request)

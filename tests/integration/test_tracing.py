@@ -112,6 +112,7 @@ def check_request(found: dict[str, list[ReadableSpan]], server: ReadableSpan, re
     assert queue.end_time <= backend.start_time  # released, then sent
     assert backend.kind is SpanKind.CLIENT
     assert [e.name for e in backend.events] == ["first_token"]
+    assert [e.name for e in gen.events] == ["timeline_recorded"]
     assert backend.attributes["gen_ai.usage.output_tokens"] == attrs["gen_ai.usage.output_tokens"]
     # what TGI got: the same trace, with the backend span as its parent
     trace_id = format(server.context.trace_id, "032x")
@@ -145,7 +146,7 @@ async def test_grpc_spans_continue_the_clients_trace_down_to_the_backend(tmp_pat
             )
             await unary
             batch_id = dict(await unary.initial_metadata())["x-request-id"]
-        await wait_spans(spans, 2 * 4 + 3)
+        await wait_spans(spans, 2 * 5 + 3)
         found = by_name(spans)
 
         (server,) = found[GENERATE_STREAM_METHOD]
@@ -155,6 +156,8 @@ async def test_grpc_spans_continue_the_clients_trace_down_to_the_backend(tmp_pat
         assert server.attributes["joulegate.request_id"] == stream_id
         assert server.attributes["joulegate.tenant"] == "acme"
         assert server.status.status_code is not StatusCode.ERROR
+        (auth,) = [a for a in found["joulegate.auth"] if a.parent and a.parent.span_id == server.context.span_id]
+        assert auth.status.status_code is not StatusCode.ERROR
         check_request(found, server, stream_id, sim)
         (gen,) = [g for g in found["joulegate.generation"] if g.attributes["joulegate.request_id"] == stream_id]
         assert gen.attributes["joulegate.traffic_class"] == "bulk"
@@ -175,7 +178,7 @@ async def test_http_spans_and_a_refused_call(tmp_path: Path) -> None:
                 assert resp.status == 200
                 await resp.read()
                 request_id = resp.headers["x-request-id"]
-            await wait_spans(spans, 4)
+            await wait_spans(spans, 5)
             found = by_name(spans)
             (server,) = found["POST /generate_stream"]
             assert server.kind is SpanKind.SERVER
@@ -187,9 +190,10 @@ async def test_http_spans_and_a_refused_call(tmp_path: Path) -> None:
             spans.clear()
             async with http.post(f"{base}/generate", json=body, headers={"authorization": "Bearer nope"}) as resp:
                 assert resp.status == 401
-            await wait_spans(spans, 1)
-            (refused,) = spans.get_finished_spans()
-            assert refused.name == "POST /generate"
+            await wait_spans(spans, 2)
+            refused, auth = by_name(spans)["POST /generate"][0], by_name(spans)["joulegate.auth"][0]
+            assert auth.parent is not None and auth.parent.span_id == refused.context.span_id
+            assert auth.attributes["joulegate.status"] == "UNAUTHENTICATED"
             assert refused.status.status_code is StatusCode.ERROR
             assert refused.attributes["joulegate.status"] == "UNAUTHENTICATED"
 
@@ -206,7 +210,7 @@ async def test_sampling_follows_the_clients_flag_and_tracing_is_off_by_default(t
             await unsampled
             dropped = dict(await unsampled.initial_metadata())["x-request-id"]
             await stub.Generate(request, metadata=(auth, ("traceparent", TRACEPARENT)))  # the client sampled it
-        await wait_spans(spans, 4)
+        await wait_spans(spans, 5)
         assert {format(s.context.trace_id, "032x") for s in spans.get_finished_spans()} == {TRACE_ID}
         # the unsampled trace still reaches the backend, flagged not sampled
         assert not int(sim.traceparents[dropped].rsplit("-", 1)[1], 16) & 1
