@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,8 @@ from tests.tcp_cut import TcpCut
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("JG_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 NODES = ("node-a", "node-b")
+GENERATION_SERVICE = "fmaas.GenerationService"
+REPORTS_SERVICE = "joulegate.v1.EnergyReports"
 MODEL = "sim-model"
 
 
@@ -125,8 +128,9 @@ class Proc:
     """One joulegate process (``serve`` or ``meter``) that can be killed and started again with the same arguments
     (so the same journal); its stderr goes to a log file that every start appends to."""
 
-    def __init__(self, name: str, args: list[str], port: int, log: Path, env: dict[str, str]) -> None:
+    def __init__(self, name: str, args: list[str], port: int, log: Path, env: dict[str, str], service: str) -> None:
         self.name, self.args, self.port, self.log, self.env = name, args, port, log, env
+        self.service = service  # the gRPC service whose health says it serves (not another process on the port)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -148,12 +152,18 @@ class Proc:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=1.0)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{self.name} is not SERVING after {timeout_s} s")
                 await asyncio.sleep(0.1)
+
+    def died(self) -> str | None:
+        """Why the process is not running, if it is not."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return f"{self.name} exited {self.proc.returncode}: {self.log.read_text()[-1500:]}"
 
     async def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -216,6 +226,9 @@ class Clients:
     key: str
     ok: list[str] = field(default_factory=list)
     failed: int = 0
+    codes: Counter[str] = field(default_factory=Counter)  # of the failed calls
+    failed_at: list[float] = field(default_factory=list)  # when (monotonic)
+    samples: dict[tuple[int, str], str] = field(default_factory=dict)  # (replica, code): the first failure's details
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self, per_replica: int, seed: int) -> None:
@@ -259,8 +272,11 @@ class Clients:
                     await unary
                     rid = dict(await unary.initial_metadata())["x-request-id"]
                     ids = [rid] if n == 1 else [f"{rid}-{k}" for k in range(n)]
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as exc:
                 self.failed += 1
+                self.codes[exc.code().name] += 1
+                self.samples.setdefault((at, exc.code().name), f"{exc.details()}"[:160])
+                self.failed_at.append(time.monotonic())
                 at = (at + 1) % len(stubs)  # that replica may be gone: the next call goes to another
                 await asyncio.sleep(0.05)
                 continue
@@ -296,6 +312,17 @@ def not_final(db: sa.Engine) -> int:
     query = sa.select(sa.func.count()).select_from(r.outerjoin(s, s.c.request_id == r.c.request_id))
     with db.connect() as conn:
         return int(conn.execute(query.where(sa.not_(final_expr(r, s)))).scalar_one())
+
+
+def stuck(db: sa.Engine) -> str:
+    """The requests not final yet and how far their backends are attributed (for the error that says so)."""
+    rows = _q(
+        db,
+        "SELECT r.request_id, r.backend, r.status, r.received_ns, r.released_ns, r.first_token_ns, r.done_ns "
+        "FROM requests r LEFT JOIN request_seals s ON s.request_id = r.request_id WHERE s.request_id IS NULL "
+        "AND r.backend IS NOT NULL AND r.released_ns IS NOT NULL ORDER BY r.received_ns LIMIT 10",
+    )
+    return f"{[tuple(r) for r in rows]}; attributed until {attributed_until(db)}; now {time.time_ns()}"
 
 
 def conservation_error_mj(db: sa.Engine) -> dict[str, int]:
@@ -336,6 +363,8 @@ class Outcome:
     meters: int
     calls_ok: int
     calls_failed: int
+    failed_codes: dict[str, int]
+    failed_during_cut: int  # calls that failed while the database was cut off
     rows_missing: int
     rows_doubled: int
     conservation_error_mj: int
@@ -387,7 +416,7 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
             port = free_port()
             env = {"JOULEGATE_METER__JOURNAL_PATH": str(workdir / f"gw{i}" / "journal.jsonl")}
             args = ["serve", "--config", str(config), "--meter", "none", "--grpc-listen", f"127.0.0.1:{port}"]
-            gateways.append(Proc(f"gateway {i}", args, port, workdir / f"gw{i}.log", env))
+            gateways.append(Proc(f"gateway {i}", args, port, workdir / f"gw{i}.log", env, GENERATION_SERVICE))
         meters = []
         for i, node in enumerate(NODES):
             port = free_port()
@@ -402,7 +431,7 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
                 "--journal",
                 str(workdir / f"meter{i}" / "journal.jsonl"),
             ]
-            meters.append(Proc(f"meter {node}", args, port, workdir / f"meter{i}.log", {}))
+            meters.append(Proc(f"meter {node}", args, port, workdir / f"meter{i}.log", {}, REPORTS_SERVICE))
         procs = [*gateways, *meters]
         for p in procs:
             p.start()
@@ -444,9 +473,9 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
         log(f"  {time.monotonic() - t0:5.1f} s  meter {NODES[0]} back")
         await at(plan.db_cut[0])
         await asyncio.to_thread(cut.cut)
-        struck = time.monotonic() - t0
-        log(f"  {time.monotonic() - t0:5.1f} s  PostgreSQL cut off from every joulegate process")
-        await asyncio.sleep(max(0.0, t0 + struck + plan.db_cut[1] - plan.db_cut[0] - time.monotonic()))
+        t_cut = time.monotonic()
+        log(f"  {t_cut - t0:5.1f} s  PostgreSQL cut off from every joulegate process")
+        await asyncio.sleep(max(0.0, t_cut + plan.db_cut[1] - plan.db_cut[0] - time.monotonic()))
         await asyncio.to_thread(cut.restore)
         repaired_ns = time.time_ns()
         t_repaired = time.monotonic()
@@ -463,6 +492,8 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
         await at(max(plan.traffic_s, t_repaired - t0 + plan.after_s))
         clients.stop.set()
         await traffic
+        if dead := [why for p in procs if (why := p.died())]:  # e.g. a restart that could not bind its port
+            raise RuntimeError(f"a process of the fleet is not running: {dead}")
         log(f"  {time.monotonic() - t0:5.1f} s  traffic stopped: {len(clients.ok)} calls ok, {clients.failed} failed")
         catchup_s = await asyncio.wait_for(catchup, 120)
         log(f"  attribution caught up {catchup_s:.1f} s after the last repair")
@@ -470,7 +501,7 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
         deadline = time.monotonic() + 120
         while (left := await asyncio.to_thread(not_final, db)) > 0:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{left} requests still not final 120 s after the traffic")
+                raise TimeoutError(f"{left} requests still not final 120 s after the traffic: {stuck(db)}")
             await asyncio.sleep(0.3)
         log(f"  {time.monotonic() - t0:5.1f} s  every request final")
 
@@ -482,6 +513,8 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
             meters=len(meters),
             calls_ok=len(clients.ok),
             calls_failed=clients.failed,
+            failed_codes=dict(clients.codes),
+            failed_during_cut=sum(1 for t in clients.failed_at if t_cut <= t <= t_repaired),
             rows_missing=await asyncio.to_thread(missing, db, clients.ok),
             rows_doubled=await asyncio.to_thread(doubled, db, clients.ok),
             conservation_error_mj=sum(errors.values()),
@@ -521,8 +554,9 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         out = asyncio.run(run_fleet(workdir, plan, replicas=args.replicas, backends=args.backends))
     print(
-        f"{out.calls_failed} calls failed (the faults); finals read mid-run: {out.finals_checked}; conservation per "
-        f"backend (mJ): {out.per_backend_mj}"
+        f"{out.calls_failed} calls failed (the faults: {out.failed_codes}; {out.failed_during_cut} while the "
+        f"database was cut off); finals read mid-run: "
+        f"{out.finals_checked}; conservation per backend (mJ): {out.per_backend_mj}"
     )
     print(out.result_line())
 
