@@ -139,11 +139,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         call: CallContext | None = None
         request_id = new_request_id()
         span = self.gateway.tracing.server_span(method, context.invocation_metadata() or ()) if method else None
-        status = "OK"
+        status = "CANCELLED"  # unless it ends otherwise: a call cancelled while it ran
         try:
             call = await self._begin(context, request_id, span)
             result = await work(call)
             await _settle(call.metadata_sent)
+            status = "OK"
             return result
         except Exception as caught:
             exc = as_status_error(caught, "unary", request_id)
@@ -309,7 +310,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         call: CallContext | None = None
         request_id = new_request_id()
         span = self.gateway.tracing.server_span(GENERATE_STREAM_METHOD, context.invocation_metadata() or ())
-        status = "OK"
+        status = "CANCELLED"  # unless it ends otherwise: a stream closed by its client's leaving
         try:
             call = await self._begin(context, request_id, span)
             model_id = self.gateway.resolve_model(request.model_id)
@@ -328,6 +329,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         first = False
                         await _settle(call.metadata_sent)
                     yield message
+            status = "OK"
         except Exception as caught:
             exc = as_status_error(caught, "stream", request_id)
             status = exc.grpc_code.name

@@ -168,7 +168,7 @@ class HttpFrontDoor:
         structlog.contextvars.bind_contextvars(request_id=call.request_id)
         if (request.method, route) in GENERATION_ROUTES:  # traced (when tracing is on), under the client's trace
             call.span = self.services.gateway.tracing.server_span(f"{request.method} {route}", request.headers)
-        status = "OK"
+        status = "CANCELLED"  # unless it ends otherwise: the handler cancelled (its client went away)
         try:
             try:
                 headers = headers_of_interest(request.headers, READ_HEADERS)
@@ -182,7 +182,9 @@ class HttpFrontDoor:
                     call.principal.require_scope("generate")
                 call.traffic_class = requested_class(headers.get("x-traffic-class"), call.principal)
                 structlog.contextvars.bind_contextvars(tenant=call.principal.tenant)
-            return await handler(request)
+            response = await handler(request)
+            status = "OK" if response.status < 400 else f"HTTP_{response.status}"
+            return response
         except GatewayError as exc:
             status = exc.grpc_code.name
             log.info("http_request_failed", route=route, status=exc.http_status, error=exc.message)

@@ -239,3 +239,29 @@ def test_an_endpoint_turns_tracing_on_over_otlp() -> None:
 def test_bad_tracing_settings_are_refused(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name.lower()):
         load_config(environ={f"JOULEGATE_TRACING__{name}": value})
+
+
+async def test_a_stream_its_client_cancels_ends_its_spans_cancelled(tmp_path: Path) -> None:
+    async with traced_gateway(tmp_path) as (app, _sim, spans, key):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            call = pbg.GenerationServiceStub(channel).GenerateStream(
+                pb.SingleGenerationRequest(
+                    request=pb.GenerationRequest(text="long"),
+                    params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=1000)),
+                ),
+                metadata=(("authorization", f"Bearer {key}"),),
+            )
+            async for message in call:
+                if message.generated_token_count >= 2:
+                    break
+            call.cancel()
+            await wait_until_async(lambda: GENERATE_STREAM_METHOD in by_name(spans), 10.0, what="the call's span")
+        await wait_spans(spans, 5)
+        found = by_name(spans)
+        (server,) = found[GENERATE_STREAM_METHOD]
+        (gen,) = found["joulegate.generation"]
+        (backend,) = found["joulegate.backend"]
+        for span in (server, gen, backend):
+            assert span.attributes["joulegate.status"] == "CANCELLED", span.name
+            assert span.status.status_code is StatusCode.ERROR
+        assert 2 <= gen.attributes["gen_ai.usage.output_tokens"] < 1000
