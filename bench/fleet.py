@@ -5,7 +5,8 @@ its node's backends), all on ONE PostgreSQL database (a fresh one per run); clie
 
 Faults, under traffic, one after the other:
 
-- ``kill -9`` of a replica, then its restart (same journal: the restart closes its open rows ``ABORTED``);
+- ``kill -9`` of a replica, then its restart (same journal: the restart closes its open rows ``ABORTED``; a new
+  port, as a restarted pod gets a new address: the clients follow it);
 - ``SIGTERM`` of another replica (it drains), then its restart;
 - ``kill -9`` of a meter daemon, then its restart (same journal);
 - a TCP cut between every joulegate process and PostgreSQL (a real forwarder, ``tests/tcp_cut.py``: open connections
@@ -42,6 +43,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,14 +128,20 @@ def _config(path: Path, db_url: str, backends: list[str]) -> None:
 
 class Proc:
     """One joulegate process (``serve`` or ``meter``) that can be killed and started again with the same arguments
-    (so the same journal); its stderr goes to a log file that every start appends to."""
+    (so the same journal) but a new port, as a restarted pod gets a new address behind its Service (the old port,
+    free for a moment on a shared machine, may be taken by then); its stderr goes to a log file that every start
+    appends to."""
 
     def __init__(self, name: str, args: list[str], port: int, log: Path, env: dict[str, str], service: str) -> None:
         self.name, self.args, self.port, self.log, self.env = name, args, port, log, env
         self.service = service  # the gRPC service whose health says it serves (not another process on the port)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, *, new_port: bool = False) -> None:
+        if new_port:
+            old = f"127.0.0.1:{self.port}"
+            self.port = free_port()
+            self.args = [f"127.0.0.1:{self.port}" if a == old else a for a in self.args]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "app.cli", *self.args],
@@ -222,7 +230,7 @@ def _start_sims(workdir: Path, ports: list[int], time_scale: float) -> subproces
 
 @dataclass
 class Clients:
-    ports: list[int]
+    replicas: list[Proc]  # called round-robin, on their current ports
     key: str
     ok: list[str] = field(default_factory=list)
     failed: int = 0
@@ -232,17 +240,23 @@ class Clients:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self, per_replica: int, seed: int) -> None:
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in self.ports]
+        channels: dict[int, grpc.aio.Channel] = {}
+
+        def stub(at: int) -> pbg.GenerationServiceStub:
+            port = self.replicas[at].port
+            if port not in channels:
+                channels[port] = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            return pbg.GenerationServiceStub(channels[port])
+
         try:
-            stubs = [pbg.GenerationServiceStub(c) for c in channels]
-            n = per_replica * len(stubs)
-            await asyncio.gather(*(self._client(stubs, i, random.Random(seed + i)) for i in range(n)))
+            n = per_replica * len(self.replicas)
+            await asyncio.gather(*(self._client(stub, i, random.Random(seed + i)) for i in range(n)))
         finally:
-            for c in channels:
+            for c in channels.values():
                 await c.close()
 
-    async def _client(self, stubs: list[pbg.GenerationServiceStub], i: int, rnd: random.Random) -> None:
-        at = i % len(stubs)
+    async def _client(self, stub: Callable[[int], pbg.GenerationServiceStub], i: int, rnd: random.Random) -> None:
+        at = i % len(self.replicas)
         while not self.stop.is_set():
             cls = "sync" if rnd.random() < 0.3 else "interactive"
             md = (("authorization", f"Bearer {self.key}"), ("x-traffic-class", cls))
@@ -250,7 +264,7 @@ class Clients:
             text = "w " * rnd.randint(10, 300)
             try:
                 if rnd.random() < 0.5:
-                    call = stubs[at].GenerateStream(
+                    call = stub(at).GenerateStream(
                         pb.SingleGenerationRequest(
                             model_id=MODEL, request=pb.GenerationRequest(text=text), params=params
                         ),
@@ -262,7 +276,7 @@ class Clients:
                     ids = [dict(await call.initial_metadata())["x-request-id"]]
                 else:
                     n = rnd.randint(1, 2)
-                    unary = stubs[at].Generate(
+                    unary = stub(at).Generate(
                         pb.BatchedGenerationRequest(
                             model_id=MODEL, requests=[pb.GenerationRequest(text=text)] * n, params=params
                         ),
@@ -277,11 +291,11 @@ class Clients:
                 self.codes[exc.code().name] += 1
                 self.samples.setdefault((at, exc.code().name), f"{exc.details()}"[:160])
                 self.failed_at.append(time.monotonic())
-                at = (at + 1) % len(stubs)  # that replica may be gone: the next call goes to another
+                at = (at + 1) % len(self.replicas)  # that replica may be gone: the next call goes to another
                 await asyncio.sleep(0.05)
                 continue
             self.ok.extend(ids)  # only now has the client seen it succeed
-            at = (at + 1) % len(stubs)
+            at = (at + 1) % len(self.replicas)
             await asyncio.sleep(rnd.uniform(0, 0.1))
 
 
@@ -438,7 +452,7 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
         await asyncio.gather(*(p.serving() for p in procs))
         log(f"fleet: {replicas} gateways, {len(meters)} meters, {backends} simulated backends, PostgreSQL {name}")
 
-        clients = Clients([g.port for g in gateways], key)
+        clients = Clients(gateways, key)
         traffic = asyncio.create_task(clients.run(plan.clients_per_replica, seed=11))
         t0 = time.monotonic()
         seen_final: dict[str, tuple[int, ...]] = {}
@@ -452,7 +466,7 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
         struck = time.monotonic() - t0
         log(f"  {time.monotonic() - t0:5.1f} s  kill -9 gateway 0")
         await at(struck + plan.kill_replica[1] - plan.kill_replica[0])
-        gateways[0].start()
+        gateways[0].start(new_port=True)
         await gateways[0].serving()
         log(f"  {time.monotonic() - t0:5.1f} s  gateway 0 back")
         await at(plan.term_replica[0])
@@ -460,7 +474,7 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
         struck = time.monotonic() - t0
         log(f"  {time.monotonic() - t0:5.1f} s  SIGTERM gateway 1 (drained)")
         await at(struck + plan.term_replica[1] - plan.term_replica[0])
-        gateways[1].start()
+        gateways[1].start(new_port=True)
         await gateways[1].serving()
         log(f"  {time.monotonic() - t0:5.1f} s  gateway 1 back")
         await at(plan.kill_meter[0])
@@ -468,7 +482,7 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
         struck = time.monotonic() - t0
         log(f"  {time.monotonic() - t0:5.1f} s  kill -9 meter {NODES[0]}")
         await at(struck + plan.kill_meter[1] - plan.kill_meter[0])
-        meters[0].start()
+        meters[0].start(new_port=True)
         await meters[0].serving()
         log(f"  {time.monotonic() - t0:5.1f} s  meter {NODES[0]} back")
         await at(plan.db_cut[0])
