@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from proxy.job import Job
 
 TRACE_HEADERS = ("traceparent", "tracestate")
+EXPORT_TIMEOUT_S = 5  # OTLP export, then spans are dropped (and logged by the SDK)
 
 
 class RequestTrace:
@@ -81,7 +82,9 @@ class Tracing:
         else:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=cfg.endpoint)))
+            # a collector that does not answer holds each export (and the gateway's stop) for at most EXPORT_TIMEOUT_S
+            exporter = OTLPSpanExporter(endpoint=cfg.endpoint, timeout=EXPORT_TIMEOUT_S)
+            provider.add_span_processor(BatchSpanProcessor(exporter))
         return cls(provider.get_tracer("joulegate"), provider)
 
     @property
