@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -265,3 +266,55 @@ async def test_a_stream_its_client_cancels_ends_its_spans_cancelled(tmp_path: Pa
             assert span.attributes["joulegate.status"] == "CANCELLED", span.name
             assert span.status.status_code is StatusCode.ERROR
         assert 2 <= gen.attributes["gen_ai.usage.output_tokens"] < 1000
+
+
+class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver on loopback: what an OpenTelemetry collector gets."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    async def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.aio.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def test_spans_reach_an_otlp_collector_at_the_configured_endpoint(tmp_path: Path) -> None:
+    collector = _Collector()
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        tracing = {"endpoint": f"http://127.0.0.1:{port}", "service_name": "joulegate-test"}
+        async with traced_gateway(tmp_path, tracing, exporter=False) as (app, _sim, _spans, key):
+            assert app.tracing.enabled
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+                unary = pbg.GenerationServiceStub(channel).Generate(
+                    pb.BatchedGenerationRequest(
+                        requests=[pb.GenerationRequest(text="hi")],
+                        params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=2)),
+                    ),
+                    metadata=(("authorization", f"Bearer {key}"), ("traceparent", TRACEPARENT)),
+                )
+                await unary
+                request_id = dict(await unary.initial_metadata())["x-request-id"]
+        # the gateway's stop flushed its batch
+        spans = [
+            (resource.resource, span)
+            for r in collector.requests
+            for resource in r.resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+        ]
+        names = {s.name for _, s in spans}
+        assert {GENERATE_METHOD, "joulegate.generation", "joulegate.queue", "joulegate.backend"} <= names
+        assert all(s.trace_id.hex() == TRACE_ID for _, s in spans)
+        services = {a.value.string_value for res, _ in spans for a in res.attributes if a.key == "service.name"}
+        assert services == {"joulegate-test"}
+        (gen,) = [s for _, s in spans if s.name == "joulegate.generation"]
+        assert {a.key: a.value.string_value for a in gen.attributes}["joulegate.request_id"] == request_id
+    finally:
+        await server.stop(None)
