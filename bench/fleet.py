@@ -22,8 +22,8 @@ saw:
 - ``finals_moved``: requests whose final (sealed) figures, read during the run, differ at the end;
 - ``catchup_s``: from the repair of the last fault until every backend's attribution covered that instant.
 
-    python -m bench.fleet            # ~2 min: 20 s database cut, 60 s of traffic
-    python -m bench.fleet --quick    # ~40 s: 4 s cut, 22 s of traffic (tests/integration/test_fleet.py)
+    python -m bench.fleet            # ~70 s: 20 s database cut, 60 s of traffic
+    python -m bench.fleet --quick    # ~35 s: 4 s cut, 22 s of traffic (tests/integration/test_fleet.py)
 
 Ends with ``RESULT replicas=3 meters=2 calls_ok=... rows_missing=0 rows_doubled=0 conservation_error_mj=0
 finals_moved=0 catchup_s=...``.
