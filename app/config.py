@@ -42,6 +42,7 @@ from common.config import (
     RoutingConfig,
     Section,
     TlsConfig,
+    TracingConfig,
     check_listen,
     listener,
 )
@@ -113,6 +114,7 @@ class Config(Section):
     rate_limits: RateLimitConfig = RateLimitConfig()
     routing: RoutingConfig = RoutingConfig()
     budgets: BudgetConfig = BudgetConfig()
+    tracing: TracingConfig = TracingConfig()
     models: tuple[ModelConfig, ...] = ()
 
     @model_validator(mode="after")

@@ -52,6 +52,7 @@ from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
 from proxy.rate_limits import RateLimiter
 from proxy.shaping import build_shapers
+from proxy.tracing import Tracing
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +65,7 @@ class GatewayApp:
     grpc_port: int = 0  # the bound port, once started
     http_port: int = 0  # the bound HTTP port, once started (0: HTTP disabled)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    span_exporter: Any = None  # an OpenTelemetry SpanExporter to trace to instead of [tracing] endpoint (tests)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -93,6 +95,8 @@ class GatewayApp:
             rate_limiter=RateLimiter(cfg.rate_limits, self.engine) if cfg.rate_limits.enabled else None,
             budgets=self.budgets,
         )
+        self.tracing = Tracing.from_config(cfg.tracing, self.span_exporter)
+        self.gateway.tracing = self.tracing
         self._stop_health = asyncio.Event()
         self.server = grpc.aio.server(
             options=[
@@ -229,6 +233,7 @@ class GatewayApp:
         await asyncio.to_thread(self.ledger.close)
         ENERGY_METRICS.detach(self.engine)
         self.engine.dispose()
+        await asyncio.to_thread(self.tracing.shutdown)  # the spans still batched go out
         log.info("gateway_stopped", ledger=as_fields(self.ledger.stats))
 
     async def run_until_signalled(self) -> None:

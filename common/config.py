@@ -217,3 +217,27 @@ class TlsConfig(Section):
             return None
         ca = Path(self.client_ca_cert_path) if self.client_ca_cert_path else None
         return TlsFiles(Path(self.cert_path), Path(self.key_path), ca)
+
+
+class TracingConfig(Section):
+    """``[tracing]``: OpenTelemetry spans of the request path (``proxy.tracing``), sent over OTLP/gRPC. Off unless
+    ``endpoint`` is set."""
+
+    endpoint: str | None = Field(
+        default=None, description="OTLP/gRPC collector, e.g. http://otel-collector:4317; none: tracing off"
+    )
+    sample_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="share of new traces kept; a client's sampled flag is followed"
+    )
+    service_name: str = Field(default="joulegate", min_length=1, description="the resource's service.name")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _v_endpoint(cls, v: str | None) -> str | None:
+        if v and urlparse(v).scheme not in ("http", "https"):
+            raise ValueError(f"{v!r}: an http:// (plaintext) or https:// URL of an OTLP/gRPC collector")
+        return v or None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,17 +191,21 @@ class Backend:
             self.suspect(reason)
         return BackendUnreachable(f"backend {self.name} unreachable: {type(exc).__name__}")
 
-    async def open_stream(self, path: str, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
+    async def open_stream(
+        self, path: str, body: dict[str, Any], request_id: str, headers: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
         """POST ``body`` to a streaming route and return the response once its status is 200.
 
         Raises ``BackendUnreachable`` when nothing came back (retryable), or the mapped TGI error for an error
-        answer (422 -> InvalidArgument, 429 -> Overloaded, ...).
+        answer (422 -> InvalidArgument, 429 -> Overloaded, ...). ``headers``: more headers (the trace's).
         """
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self._pool_cfg.connect_timeout_s, sock_read=self._pool_cfg.request_timeout_s
         )
         try:
-            resp = await self.session.post(path, json=body, headers={"x-request-id": request_id}, timeout=timeout)
+            resp = await self.session.post(
+                path, json=body, headers={**(headers or {}), "x-request-id": request_id}, timeout=timeout
+            )
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise self._connect_failed(exc) from exc
         if resp.status == 200:

@@ -54,6 +54,7 @@ from proxy.request_log import log_request
 from proxy.shaping import Shaper
 from proxy.sse import SSEDecoder
 from proxy.tgi_wire import OPENAI_ROUTES, SSE_DONE, parse_event, stream_error, token_limit
+from proxy.tracing import RequestTrace, Tracing, backend_call, queued, recorded, stream_ended
 
 log = structlog.get_logger(__name__)
 
@@ -115,6 +116,7 @@ class GenerationStream:
         "state",
         "status",
         "token_limited",
+        "trace",
     )
 
     def __init__(self, gateway: Gateway, job: Job) -> None:
@@ -129,6 +131,7 @@ class GenerationStream:
         self.prompt_tokens: int | None = None  # the backend's count, once it told it
         self.token_limited = False  # max_new_tokens was shrunk to fit the model (TGIS TOKEN_LIMIT)
         self.compute_type: str | None = None  # the backend's x-compute-type header (TGI's --compute-type)
+        self.trace: RequestTrace | None = None  # its spans, when tracing is on
 
     @property
     def ended(self) -> bool:
@@ -177,6 +180,7 @@ class Gateway:
         self.state = GatewayState.STARTING
         self._drain_cut_at: float | None = None  # loop time after which the drain cuts what is still running
         self._pending: set[asyncio.Task[None]] = set()  # timelines waiting for the backend's prompt count
+        self.tracing = Tracing.off()  # app.server sets the configured one
 
     def mark_ready(self) -> None:
         """Serve: the key store answers (``app.server`` calls it once the database did). Never after a drain."""
@@ -280,7 +284,9 @@ class Gateway:
             if self.draining:
                 raise Unavailable("gateway is shutting down", retry_after_s=1.0)
             pool = self.pool(job.model_id)
-            lease = await self._admit(job, pool)
+            stream.trace = self.tracing.request(job)
+            with queued(stream.trace):
+                lease = await self._admit(job, pool)
             stream.released_ns = time.time_ns()
             stream.backend = lease.backend.name
             stream.state = StreamState.OPENING
@@ -472,7 +478,8 @@ class Gateway:
         body = job.body
         for clamp_round in (0, 1):
             try:
-                resp = await lease.backend.open_stream(job.route, body, job.request_id)
+                headers = backend_call(stream.trace)
+                resp = await lease.backend.open_stream(job.route, body, job.request_id, headers)
             except InvalidArgument as exc:
                 err: GatewayError = exc
             else:
@@ -512,6 +519,7 @@ class Gateway:
         """Record the stream's timeline, after asking the backend for the prompt count if the stream did not tell
         it and the backend worked on the request (a task of its own: the stream has ended already)."""
         stream._end(status)
+        stream_ended(stream.trace, status, stream.backend, stream.first_token_ns, stream.generated_tokens)
         done_ns = max(time.time_ns(), stream.first_token_ns or 0)
         backend = stream.backend if stream.released_ns is not None else None
         if stream.prompt_tokens is None and did_gpu_work(backend, stream.released_ns, stream.first_token_ns, status):
@@ -648,6 +656,7 @@ class Gateway:
             if status == "OK":
                 LATENCY.labels(job.model_id, job.traffic_class).observe((done_ns - job.received_ns) / 1e9)
         log_request(job, stream, status, done_ns)
+        recorded(stream.trace, status, stream.backend if released else None, prompt_tokens, stream.generated_tokens)
 
 
 class _GiveUp(Exception):

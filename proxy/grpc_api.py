@@ -38,6 +38,7 @@ from common.grpc_calls import abort_with, as_status_error, metadata_dict
 from common.ids import new_request_id, text_request_ids
 from meter.auth import Authenticator, Principal
 from meter.timeline import Api
+from proxy import tracing
 from proxy.budgets import HEADER as BUDGET_HEADER
 from proxy.gateway import Gateway, GenerationStream
 from proxy.job import Job
@@ -52,13 +53,15 @@ T = TypeVar("T")
 
 # The metadata the gateway reads (and may echo or store): printable ASCII only
 READ_METADATA = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class")
+GENERATE_METHOD = "fmaas.GenerationService/Generate"  # span names: the gRPC method, as OpenTelemetry names them
+GENERATE_STREAM_METHOD = "fmaas.GenerationService/GenerateStream"
 
 
 class CallContext:
     """What every call needs: who is calling, its ids and deadline."""
 
     __slots__ = (
-        "correlation_id", "deadline", "handed", "metadata_sent", "principal", "request_id", "traffic_class",
+        "correlation_id", "deadline", "handed", "metadata_sent", "principal", "request_id", "span", "traffic_class",
     )  # fmt: skip
 
     def __init__(self, principal: Principal, request_id: str, correlation_id: str | None, traffic_class: str,
@@ -70,6 +73,7 @@ class CallContext:
         self.traffic_class = traffic_class
         self.deadline = deadline
         self.metadata_sent = metadata_sent  # the initial metadata, on its way while the call's work starts
+        self.span: Any = None  # the call's span (proxy.tracing), when tracing is on
 
 
 async def _settle(sending: asyncio.Future[None] | None) -> None:
@@ -94,7 +98,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.max_batch_requests = max_batch_requests
 
     # -- plumbing --------------------------------------------------------------------------------------------
-    async def _begin(self, context: grpc.aio.ServicerContext, request_id: str) -> CallContext:
+    async def _begin(self, context: grpc.aio.ServicerContext, request_id: str, span: Any = None) -> CallContext:
         """Authentication, then initial metadata with the call's ids (sent in the background: the caller awaits
         ``metadata_sent`` before answering), deadline, traffic class.
 
@@ -103,8 +107,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         finds its id in the trailing metadata)."""
         md = metadata_dict(context, READ_METADATA)  # checked before anything is echoed or kept
         correlation_id = md.get("x-correlation-id")
-        principal = await self.auth.authenticate(md)
-        principal.require_scope("generate")
+        with self.gateway.tracing.auth(span):
+            principal = await self.auth.authenticate(md)
+            principal.require_scope("generate")
         initial = [("x-request-id", request_id)]
         if correlation_id:
             initial.append(("x-correlation-id", correlation_id))
@@ -117,7 +122,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         structlog.contextvars.bind_contextvars(
             request_id=request_id, tenant=principal.tenant, correlation_id=correlation_id
         )
-        return CallContext(principal, request_id, correlation_id, traffic_class, deadline, sending)
+        tracing.set_call(span, request_id=request_id, tenant=principal.tenant, traffic_class=traffic_class)
+        call = CallContext(principal, request_id, correlation_id, traffic_class, deadline, sending)
+        call.span = span
+        return call
 
     async def _guard(
         self,
@@ -126,18 +134,24 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         *,
         model_id: str | None = None,
         received_ns: int = 0,
+        method: str | None = None,
     ) -> T:
         """Run a unary call's work; map a GatewayError to its status. The response waits for the metadata.
-        ``model_id``: a generation call, recorded when it is refused before any job reaches the gateway."""
+        ``model_id``: a generation call, recorded when it is refused before any job reaches the gateway; ``method``:
+        traced under this name (when tracing is on)."""
         call: CallContext | None = None
         request_id = new_request_id()
+        span = self.gateway.tracing.server_span(method, context.invocation_metadata() or ()) if method else None
+        status = "CANCELLED"  # unless it ends otherwise: a call cancelled while it ran
         try:
-            call = await self._begin(context, request_id)
+            call = await self._begin(context, request_id, span)
             result = await work(call)
             await _settle(call.metadata_sent)
+            status = "OK"
             return result
         except Exception as caught:
             exc = as_status_error(caught, "unary", request_id)
+            status = exc.grpc_code.name
             if call is not None:
                 if model_id is not None:
                     self._record_refused(call, model_id, received_ns, exc.grpc_code.name)
@@ -146,6 +160,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await abort_with(context, exc, request_id)
             raise AssertionError("unreachable") from None  # abort raises
         finally:
+            tracing.set_call(span, request_id=request_id)
+            tracing.end(span, status=status)
             structlog.contextvars.clear_contextvars()
 
     def _record_refused(self, call: CallContext, model_id: str, received_ns: int, status: str) -> None:
@@ -184,6 +200,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             clamp_to_token_limit=True,
             received_ns=received_ns,
             stop_at=_stop_at(options.time_limit_ms, received_ns),
+            trace=call.span,
         )
 
     async def _input_tokens(self, model_id: str, text: str, truncate: int) -> list[dict[str, Any]]:
@@ -221,7 +238,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     raise group.exceptions[0] from None
             return pb.BatchedGenerationResponse(responses=[t.result() for t in tasks])
 
-        return await self._guard(context, work, model_id=request.model_id, received_ns=received_ns)
+        return await self._guard(
+            context, work, model_id=request.model_id, received_ns=received_ns, method=GENERATE_METHOD
+        )
 
     async def _generate_one(self, stream: GenerationStream, options: GenerationOptions) -> pb.GenerationResponse:
         job = stream.job
@@ -293,8 +312,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         received_ns = time.time_ns()
         call: CallContext | None = None
         request_id = new_request_id()
+        span = self.gateway.tracing.server_span(GENERATE_STREAM_METHOD, context.invocation_metadata() or ())
+        status = "CANCELLED"  # unless it ends otherwise: a stream closed by its client's leaving
         try:
-            call = await self._begin(context, request_id)
+            call = await self._begin(context, request_id, span)
             model_id = self.gateway.resolve_model(request.model_id)
             if not request.HasField("request"):
                 raise InvalidArgument("request: missing")
@@ -311,14 +332,18 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         first = False
                         await _settle(call.metadata_sent)
                     yield message
+            status = "OK"
         except Exception as caught:
             exc = as_status_error(caught, "stream", request_id)
+            status = exc.grpc_code.name
             if call is not None:
                 self._record_refused(call, request.model_id, received_ns, exc.grpc_code.name)
                 await _settle(call.metadata_sent)
             log.info("request_failed", code=exc.grpc_code.name, error=exc.message)
             await abort_with(context, exc, request_id)
         finally:
+            tracing.set_call(span, request_id=request_id)
+            tracing.end(span, status=status)
             structlog.contextvars.clear_contextvars()
 
     async def _stream(self, job: Job, options: GenerationOptions) -> AsyncGenerator[pb.GenerationResponse, None]:

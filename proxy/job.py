@@ -25,6 +25,7 @@ class Job:
     stop_at: float | None = None  # loop time at which the front door stops reading (TGIS time limit), set at creation
     clamp_to_token_limit: bool = False  # TGIS: shrink max_new_tokens to fit the model instead of failing
     received_ns: int = field(default_factory=time.time_ns)
+    trace: Any = None  # the front door's span (proxy.tracing), when tracing is on
 
     @property
     def prompt_tokens_estimate(self) -> int:

@@ -66,6 +66,8 @@ class SimTGI:
         self._site: web.SockSite | None = None
         self._url: str | None = None
         self._ids = itertools.count(1)
+        # The W3C traceparent each request came with, by request id (TGI continues the caller's trace from it).
+        self.traceparents: dict[str, str] = {}
         self._ticker: asyncio.Task[None] | None = None
 
     # --- life cycle ---
@@ -211,7 +213,10 @@ class SimTGI:
         return await openai.chat_completions(self, request)
 
     def request_id(self, request: web.Request) -> str:
-        return request.headers.get(REQUEST_ID_HEADER) or f"sim-{next(self._ids)}"
+        request_id = request.headers.get(REQUEST_ID_HEADER) or f"sim-{next(self._ids)}"
+        if traceparent := request.headers.get("traceparent"):
+            self.traceparents[request_id] = traceparent
+        return request_id
 
     async def read_body(self, request: web.Request) -> Any:
         """The JSON body, or ``BodyRejection`` as axum's ``Json`` extractor would reject it."""

@@ -50,6 +50,7 @@ def _sample_value(path: tuple[str, ...]) -> str:
             "soft_wh": "10",
             "hard_wh": "20.5",
             "over_soft_class": "batch",
+            "endpoint": "http://otel-collector:4317",
         }[key]
     if isinstance(value, bool):
         return str(value).lower()

@@ -496,7 +496,7 @@ class MeteringEngine:
         min_released = min(r.released_ns for r in rows if r.released_ns is not None)
         max_done = max(r.done_ns for r in rows if r.done_ns is not None)
         with self._db.connect() as conn:
-            epochs = sql.epochs_in(conn, backend, min_released - overlap_reach_ns(s), max_done)
+            epochs = sql.epochs_in(conn, backend, min_released - overlap_reach_ns(s), max_done + s.reach_ns)
         stale = stale_epochs(s, epochs, rows)
         if stale:
             log.info("engine_late_rows", backend=backend, rows=len(rows), stale_epochs=len(stale))

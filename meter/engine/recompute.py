@@ -36,9 +36,13 @@ def stale_epochs(s: EngineSettings, epochs: Sequence[sql.EpochMark], rows: Seque
         if released is None or done is None:
             continue
         # The epochs whose span can hold [released, done]: from the one before the epoch holding `released` (its
-        # readings may reach past its end) to the last one starting at or before `done`.
+        # readings may reach past its end) to the last one starting at or before `done + reach_ns` (an epoch looks
+        # at requests that ended up to `reach_ns` before its start: a calibrated lag moves its readings earlier).
+        # The same epochs that sealing waits for (``meter.engine.sealing``): one left out would hold the row's
+        # seal back forever.
         first = max(0, bisect_right(ends, released) - 1)
-        for e in epochs[first : bisect_right(starts, done)]:
-            if released < span_end_ns(s, e) and done >= e.epoch_start_ns and ingested > e.attributed_at_ns:
+        for e in epochs[first : bisect_right(starts, done + s.reach_ns)]:
+            late = ingested > e.attributed_at_ns
+            if released < span_end_ns(s, e) and done >= e.epoch_start_ns - s.reach_ns and late:
                 stale[e.epoch_start_ns] = e.epoch_end_ns
     return stale

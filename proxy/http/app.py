@@ -36,6 +36,7 @@ from common.net import bind_tcp
 from common.tls import ReloadingContext
 from meter.auth import Authenticator
 from meter.timeline import Api
+from proxy import tracing
 from proxy.gateway import Gateway
 from proxy.http import wire
 from proxy.http.admin_routes import AdminRoutes
@@ -167,6 +168,9 @@ class HttpFrontDoor:
 
     async def _guarded(self, request: web.Request, handler: Handler, call: Call, route: str) -> web.StreamResponse:
         structlog.contextvars.bind_contextvars(request_id=call.request_id)
+        if (request.method, route) in GENERATION_ROUTES:  # traced (when tracing is on), under the client's trace
+            call.span = self.services.gateway.tracing.server_span(f"{request.method} {route}", request.headers)
+        status = "CANCELLED"  # unless it ends otherwise: the handler cancelled (its client went away)
         try:
             try:
                 headers = headers_of_interest(request.headers, READ_HEADERS)
@@ -175,31 +179,42 @@ class HttpFrontDoor:
             call.correlation_id = headers.get("x-correlation-id")
             structlog.contextvars.bind_contextvars(correlation_id=call.correlation_id)
             if route != "unmatched" and (request.method, route) not in PUBLIC_ROUTES:
-                call.principal = await self.services.auth.authenticate(headers)
-                call.principal.require_scope("generate")
+                with self.services.gateway.tracing.auth(call.span):
+                    call.principal = await self.services.auth.authenticate(headers)
+                    call.principal.require_scope("generate")
                 call.traffic_class = requested_class(headers.get("x-traffic-class"), call.principal)
                 call.budget = self.services.gateway.budget_note(call.principal.tenant)
                 structlog.contextvars.bind_contextvars(tenant=call.principal.tenant)
-            return await handler(request)
+            response = await handler(request)
+            status = "OK" if response.status < 400 else f"HTTP_{response.status}"
+            return response
         except GatewayError as exc:
+            status = exc.grpc_code.name
             log.info("http_request_failed", route=route, status=exc.http_status, error=exc.message)
             self._record_refused(request, call, route, exc.grpc_code.name)
             return error_response(exc, call.headers())
         except web.HTTPException as exc:
+            status = "NOT_FOUND" if exc.status == 404 else "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL"
             if exc.status != 404:
                 self._record_refused(request, call, route, "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL")
             return self._http_exception(request, exc, call)
         except (web.RequestPayloadError, http_exceptions.HttpProcessingError) as exc:  # the body could not be read
+            status = "INVALID_ARGUMENT"
             self._record_refused(request, call, route, "INVALID_ARGUMENT")
             return error_response(MalformedRequest(f"Failed to read the request body: {_why(exc)}"), call.headers())
         except ConnectionError:  # the client went away while we read its body: nobody to answer
+            status = "CANCELLED"
             self._record_refused(request, call, route, "CANCELLED")
             return error_response(Cancelled("the client went away"), call.headers())
         except Exception:
+            status = "INTERNAL"
             log.exception("http_request_crashed", route=route)
             self._record_refused(request, call, route, "INTERNAL")
             return wire.json_response(wire.error_body("internal error", "internal"), status=500, headers=call.headers())
         finally:
+            if call.span is not None:
+                tracing.set_call(call.span, request_id=call.request_id, tenant=call.tenant)
+                tracing.end(call.span, status=status)
             structlog.contextvars.unbind_contextvars("request_id", "correlation_id", "tenant")
 
     def _http_exception(self, request: web.Request, exc: web.HTTPException, call: Call) -> web.StreamResponse:

@@ -26,6 +26,7 @@ class Call:
     model_id: str = ""  # the model the call named, once read (recorded for a refused call)
     handed: bool = False  # a job of this call went to the gateway, which records it
     budget: str | None = None  # x-joulegate-budget: the tenant's energy budget state when the call was authenticated
+    span: Any = None  # the call's span (proxy.tracing), when tracing is on
 
     @property
     def tenant(self) -> str:
@@ -67,6 +68,7 @@ class Call:
             api=Api.HTTP,
             correlation_id=self.correlation_id,
             received_ns=self.received_ns,
+            trace=self.span,
         )
 
 
