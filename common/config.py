@@ -11,7 +11,7 @@ and its flag (``LISTEN_HELP``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -51,6 +51,7 @@ class BackendConfig(Section):
     name: str = ""  # default: host:port of the url
     gpus: tuple[int, ...] = ()  # NVML indices of the GPUs serving it (tensor parallelism: several)
     node: str = ""  # host whose meter attributes this backend's energy (fleets); "" = any/this one
+    engine: Literal["auto", "tgi", "vllm", "sglang"] = "auto"  # auto: found by probing the backend
 
     @field_validator("url")
     @classmethod
