@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "migrate": ("app.commands.migrate", "create or upgrade the database schema (Alembic)"),
     "report": ("app.commands.report", "print energy reports: usage, requests, backends"),
     "export": ("app.commands.export", "send final per-request energy as CloudEvents to a billing pipeline"),
+    "sim": ("sim.cli", "run a simulated engine server (--engine tgi|vllm|sglang) with a simulated GPU energy counter"),
     "sim-tgi": ("sim.cli", "run a simulated TGI server with a simulated GPU energy counter"),
     "demo": ("app.commands.demo", "the whole stack on simulated GPUs: traffic from two tenants, then their energy"),
 }

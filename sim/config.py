@@ -14,6 +14,9 @@ from dataclasses import dataclass
 class SimConfig:
     """Configuration of one simulated TGI server and its GPU."""
 
+    # --- which engine's HTTP API it serves: tgi, vllm or sglang (sim.engines); the engine and GPU under it are one ---
+    engine: str = "tgi"
+
     # --- what /info reports ---
     model_id: str = "meta-llama/Llama-3.1-8B-Instruct"
     version: str = "3.3.6-dev0"  # the TGI version of tests/reference/tgi_openapi.json
@@ -75,6 +78,8 @@ class SimConfig:
     add_bos_token: bool = True  # Llama-3's tokenizer prepends <|begin_of_text|> on /generate (not on chat)
 
     def __post_init__(self) -> None:
+        if self.engine not in ("tgi", "vllm", "sglang"):
+            raise ValueError(f"`engine` must be one of tgi, vllm, sglang, got {self.engine!r}")
         positive_ints = (
             "max_concurrent_requests",
             "max_input_tokens",
