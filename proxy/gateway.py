@@ -47,6 +47,7 @@ from common.inputs import clip
 from meter.timeline import Api, RequestStart, Timeline, did_gpu_work
 from proxy.backends import Backend, BackendPool, BackendUnreachable, Lease
 from proxy.engines import Engine, EventReader
+from proxy.engines.base import CACHED_TOKENS
 from proxy.job import Job
 from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
 from proxy.rate_limits import RateLimiter
@@ -107,6 +108,7 @@ class GenerationStream:
     __slots__ = (
         "_gateway",
         "backend",
+        "cached_tokens",
         "compute_type",
         "first_token_ns",
         "generated_tokens",
@@ -128,6 +130,7 @@ class GenerationStream:
         self.first_token_ns: int | None = None
         self.generated_tokens = 0
         self.prompt_tokens: int | None = None  # the backend's count, once it told it
+        self.cached_tokens: int | None = None  # of those, found in the engine's prefix cache (vLLM, SGLang report it)
         self.token_limited = False  # max_new_tokens was shrunk to fit the model (TGIS TOKEN_LIMIT)
         self.compute_type: str | None = None  # the backend's x-compute-type header (TGI's --compute-type)
 
@@ -359,6 +362,7 @@ class Gateway:
         details = event.get("details")
         if details:
             stream.prompt_tokens = details.get("input_length")
+            stream.cached_tokens = event.pop(CACHED_TOKENS, None)
             stream.generated_tokens = details.get("generated_tokens", stream.generated_tokens)
         return event
 
@@ -381,6 +385,9 @@ class Gateway:
         usage = event.get("usage")
         if usage:
             stream.prompt_tokens = usage.get("prompt_tokens", stream.prompt_tokens)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if isinstance(cached, int):
+                stream.cached_tokens = cached
             stream.generated_tokens = usage.get("completion_tokens", stream.generated_tokens)
         return event
 
@@ -625,6 +632,7 @@ class Gateway:
                     api=job.api,
                     correlation_id=job.correlation_id,
                     prompt_tokens_estimated=estimated and works,
+                    cached_tokens=min(stream.cached_tokens or 0, prompt_tokens) if works and not estimated else 0,
                 )
             )
         except Exception:  # the meter must never break the request path

@@ -49,6 +49,9 @@ class SimConfig:
     # included); the router then ignores waiting_served_ratio and max_waiting_tokens and lets every forward take in
     # waiting requests up to the prefill budget. Off by default here, so that those two knobs model the classic rule.
     prefill_chunking: bool = False
+    # Automatic prefix caching (sim.prefix_cache): None is the engine's default, on for vllm and sglang, off for tgi.
+    prefix_caching: bool | None = None
+    prefix_block_tokens: int = 16  # vLLM's default block size; SGLang's radix cache matches single tokens (1)
 
     # --- step timing (ms); every duration is multiplied by time_scale; 0 makes every step instantaneous ---
     time_scale: float = 1.0
@@ -92,6 +95,7 @@ class SimConfig:
             "validation_workers",
             "max_client_batch_size",
             "max_best_of",
+            "prefix_block_tokens",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:

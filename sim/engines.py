@@ -17,9 +17,14 @@
   the same OpenAI routes (``matched_stop`` where vLLM says ``stop_reason``), ``GET /metrics`` (``sglang:*``). Errors
   are ``{"error": {"message"}}`` (400), in the stream too.
 
+Both have the engines' automatic prefix cache (``sim.prefix_cache``; ``--no-prefix-caching`` turns it off): the hit
+is reported as ``usage.prompt_tokens_details.cached_tokens`` (vLLM sends it only when started with
+``--enable-prompt-tokens-details``; the simulator always does) and as ``meta_info.cached_tokens`` (SGLang), and the
+prefill step computes, and the truth charges, only the rest of the prompt.
+
 Simplifications, said here once: the chat template is the TGI simulator's (messages joined by newlines); the
 sampling parameters the engine has and TGI lacks (``min_p``, ``stop_token_ids``, guided decoding) are accepted and
-do not change the simulated text; there is no prefix cache (``cached_tokens`` is always 0); ``n`` must be 1.
+do not change the simulated text; ``n`` must be 1.
 """
 
 from __future__ import annotations
@@ -413,7 +418,7 @@ class EngineRoutes:
                     "finish_reason": finish,
                     "prompt_tokens": sim.valid.input_length,
                     "completion_tokens": len(ids),
-                    "cached_tokens": 0,
+                    "cached_tokens": sim.cached_tokens,
                     "e2e_latency": time.monotonic() - started,
                 },
             }
@@ -505,9 +510,12 @@ class EngineRoutes:
         key = self.dialect.matched_key()
         state = {"generated": 0}
 
-        def usage(sim: SimRequest) -> dict[str, int]:
+        def usage(sim: SimRequest) -> dict[str, Any]:
             p, c = sim.valid.input_length, len(sim.tokens) if sim.done else state["generated"]
-            return {"prompt_tokens": p, "total_tokens": p + c, "completion_tokens": c}
+            out: dict[str, Any] = {"prompt_tokens": p, "total_tokens": p + c, "completion_tokens": c}
+            if self.tgi.config.prefix_caching:  # vLLM: with --enable-prompt-tokens-details; SGLang: always
+                out["prompt_tokens_details"] = {"cached_tokens": sim.cached_tokens}
+            return out
 
         def finish(sim: SimRequest) -> tuple[str, str | int | None]:
             if sim.finish_reason == "length":

@@ -59,6 +59,8 @@ class SimTGI:
         config = config or SimConfig()
         if config.engine != "tgi":  # vLLM and SGLang have one limit, the context length: prompts may use all of it
             config = dataclasses.replace(config, max_input_tokens=config.max_total_tokens - 1)
+        if config.prefix_caching is None:
+            config = dataclasses.replace(config, prefix_caching=config.engine != "tgi")
         self.config = config
         self.metrics = SimMetrics(self.config.max_batch_total_tokens)
         self.healthy = True

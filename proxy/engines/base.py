@@ -19,6 +19,9 @@ from typing import Any, ClassVar, Protocol
 
 from common.errors import GatewayError
 
+# the key of a reader's last event that carries the engine's prefix-cache hit (the gateway takes it out before any
+# front door sees the event)
+CACHED_TOKENS = "_cached_tokens"
 SSE_DONE = "[DONE]"  # the OpenAI routes' (and SGLang's /generate) last event: not JSON, nothing to observe
 
 Event = dict[str, Any]

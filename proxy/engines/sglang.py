@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from common.errors import BackendError, GatewayError, InvalidArgument
-from proxy.engines.base import SSE_DONE, BackendLike, Engine, Event, EventReader, served_model
+from proxy.engines.base import CACHED_TOKENS, SSE_DONE, BackendLike, Engine, Event, EventReader, served_model
 from proxy.engines.openai_compat import (
     OPENAI_ROUTES,
     OpenAIPassthrough,
@@ -138,6 +138,8 @@ class GenerateToTgi(EventReader):
                     "seed": self._seed,
                     "input_length": int(meta.get("prompt_tokens") or 0),
                 }
+                if self.cached_tokens is not None:
+                    event[CACHED_TOKENS] = self.cached_tokens
             out.append(event)
         return out
 

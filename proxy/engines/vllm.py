@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from common.errors import BackendError, GatewayError, InvalidArgument
-from proxy.engines.base import SSE_DONE, BackendLike, Engine, Event, EventReader, served_model
+from proxy.engines.base import CACHED_TOKENS, SSE_DONE, BackendLike, Engine, Event, EventReader, served_model
 from proxy.engines.openai_compat import (
     COMPLETIONS_ROUTE,
     OPENAI_ROUTES,
@@ -82,6 +82,7 @@ class CompletionsToTgi(EventReader):
 
     __slots__ = (
         "_backend",
+        "_cached",
         "_completion",
         "_finish",
         "_full",
@@ -105,11 +106,15 @@ class CompletionsToTgi(EventReader):
         self._finish: str | None = None
         self._prompt: int | None = None
         self._completion: int | None = None
+        self._cached: int | None = None
 
     def _usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
             self._prompt = usage.get("prompt_tokens", self._prompt)
             self._completion = usage.get("completion_tokens", self._completion)
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                self._cached = details["cached_tokens"]
 
     def feed(self, datas: Iterable[str]) -> list[Event]:
         out: list[Event] = []
@@ -165,6 +170,8 @@ class CompletionsToTgi(EventReader):
             "seed": self._seed,
             "input_length": self._prompt if self._prompt is not None else 0,
         }
+        if self._cached is not None:
+            held[CACHED_TOKENS] = self._cached
         return [held]
 
 
