@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -30,12 +31,16 @@ PROMPT = "Why is the sky blue? " * 8
 
 
 @contextlib.asynccontextmanager
-async def engines_stack(tmp_path: Path, engines: list[str], *, time_scale: float = 0.2) -> AsyncIterator[Stack]:
+async def engines_stack(
+    tmp_path: Path, engines: list[str], *, time_scale: float = 0.2, model: dict[str, Any] | None = None
+) -> AsyncIterator[Stack]:
     """Simulators of ``engines`` (one each), the gateway in front with only their URLs: it finds what they are."""
     sims = [SimTGI(SimConfig(engine=e, time_scale=time_scale)) for e in engines]
     urls = [await s.start() for s in sims]
     try:
-        async with running_stack(tmp_path, backend_urls=urls, http=True, overrides={"meter": METER}) as stack:
+        async with running_stack(
+            tmp_path, backend_urls=urls, http=True, overrides={"meter": METER}, model=model
+        ) as stack:
             stack.sims.extend(sims)
             yield stack
     finally:
@@ -210,3 +215,40 @@ async def test_a_tenant_reusing_a_cached_prefix_pays_only_for_computed_prefill(t
         assert prefill[ids[1]] < 0.3 * prefill[ids[0]], prefill
         for rid in ids:  # and what it is billed is what it cost
             assert abs(prefill[rid] - truth[rid].prefill_mj) < 0.15 * truth[rid].prefill_mj + 200, (rid, prefill, truth)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+async def test_in_one_prefill_step_the_cached_prompt_pays_less(tmp_path: Path, engine: str) -> None:
+    """Two tenants' prompts of the same length prefilled in one step (the shaper releases them together): one's prefix
+    was cached, the other's not. Each pays its own share of the step, weighed by the tokens it made the GPU compute,
+    not an equal half."""
+    together = {"shaping": {"classes": {"default": {"policy": "batch", "max_batch": 2, "hold_ms": 5000}}}}
+    async with engines_stack(tmp_path, [engine], time_scale=1.0, model=together) as s:
+        from meter.store.keys import create_key
+
+        key_b = create_key(s.app.engine, "tenant-b").key
+        shared = "You are a careful assistant. " * 100
+        other = "Answer in French, and briefly. " * 100
+        params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=2))
+
+        def call(text: str, key: str) -> grpc.aio.UnaryUnaryCall:
+            return s.stub.Generate(
+                pb.BatchedGenerationRequest(model_id=MODEL, requests=[pb.GenerationRequest(text=text)], params=params),
+                metadata=(("authorization", f"Bearer {key}"),),
+            )
+
+        # warm the cache with tenant a's system prompt (two calls: the batch policy releases pairs)
+        await asyncio.gather(call(shared + "warm?", s.key), call("w " * 5, key_b))
+        cached_call, fresh_call = call(shared + "now?", s.key), call(other + "now?", key_b)
+        await asyncio.gather(cached_call, fresh_call)
+        cached_id, fresh_id = await _request_id(cached_call), await _request_id(fresh_call)
+        assert s.app.ledger.flush(10.0)
+        await wait_attributed(s.app.engine)
+        db = s.app.engine
+        rows = dict(query(db, "SELECT request_id, cached_tokens FROM requests"))
+        assert rows[fresh_id] == 0 and rows[cached_id] > 0.9 * tokenizer.count_tokens(shared)
+        truth = s.sims[0].truth()
+        assert truth.requests[cached_id].prefill_mj < 0.2 * truth.requests[fresh_id].prefill_mj  # one step, shared
+        prefill = dict(query(db, "SELECT request_id, SUM(prefill_mj) FROM request_energy GROUP BY 1"))
+        assert prefill[cached_id] < 0.25 * prefill[fresh_id], prefill
+        check_books(db)
