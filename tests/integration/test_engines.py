@@ -21,6 +21,7 @@ from proxy.pb.fmaas import generation_pb2 as pb
 from sim import tokenizer
 from sim.config import SimConfig
 from sim.server import SimTGI
+from tests.waiting import wait_until_async
 
 from .harness import Stack, running_stack
 from .metering_support import check_books, query, wait_attributed
@@ -252,3 +253,59 @@ async def test_in_one_prefill_step_the_cached_prompt_pays_less(tmp_path: Path, e
         prefill = dict(query(db, "SELECT request_id, SUM(prefill_mj) FROM request_energy GROUP BY 1"))
         assert prefill[cached_id] < 0.25 * prefill[fresh_id], prefill
         check_books(db)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+async def test_openai_routes_through_the_engines_own(tmp_path: Path, engine: str) -> None:
+    import openai
+
+    async with engines_stack(tmp_path, [engine], time_scale=0.0) as s:
+        async with openai.AsyncOpenAI(base_url=f"{s.http_url}/v1", api_key=s.key, max_retries=0) as client:
+            messages = [{"role": "user", "content": "Why is the sky blue?"}]
+            done = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0)
+            assert done.model == MODEL and done.choices[0].finish_reason == "length"
+            assert done.usage is not None and done.usage.completion_tokens == 5 and done.choices[0].message.content
+            chunks = [
+                c
+                async for c in await client.chat.completions.create(
+                    model="tgi", messages=messages, max_tokens=5, temperature=0, stream=True
+                )
+            ]
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == done.choices[0].message.content
+            assert all(c.usage is None for c in chunks)  # the usage the gateway asked for, not the client
+            text = await client.completions.create(model=MODEL, prompt=["Once upon", "a time"], max_tokens=4)
+            assert [c.index for c in text.choices] == [0, 1] and text.usage is not None
+            assert text.usage.completion_tokens == 8
+            with pytest.raises(openai.UnprocessableEntityError) as err:  # the engine's context-length refusal
+                await client.completions.create(model=MODEL, prompt="w " * 1500, max_tokens=1000)
+            assert "context length" in err.value.response.text
+        assert s.app.ledger.flush(10.0)
+        rows = query(s.app.engine, "SELECT status, prompt_tokens, generated_tokens FROM requests ORDER BY 3")
+        assert [(r[0], r[2]) for r in rows if r[0] == "OK"] == [("OK", 4), ("OK", 4), ("OK", 5), ("OK", 5)]
+        assert all(r[1] > 0 for r in rows if r[0] == "OK")
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+async def test_a_cancelled_stream_leaves_the_engine_and_is_recorded(tmp_path: Path, engine: str) -> None:
+    async with engines_stack(tmp_path, [engine], time_scale=1.0) as s:
+        params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=500))
+        call = s.stub.GenerateStream(
+            pb.SingleGenerationRequest(model_id=MODEL, request=pb.GenerationRequest(text="cancel me"), params=params),
+            metadata=s.auth,
+        )
+        got = 0
+        async for _ in call:
+            got += 1
+            if got == 3:
+                break
+        call.cancel()
+        await wait_until_async(lambda: s.sims[0].scheduler.batch_size == 0, 5.0, what="the engine to drop it")
+
+        async def status() -> str | None:
+            s.app.ledger.flush(1.0)
+            rows = query(s.app.engine, "SELECT status, generated_tokens, prompt_tokens FROM requests")
+            return rows[0][0] if rows else None
+
+        assert await wait_until_async(status, 10.0, poll_s=0.05) == "CANCELLED"
+        (row,) = query(s.app.engine, "SELECT status, generated_tokens, prompt_tokens FROM requests")
+        assert 0 < row[1] < 500 and row[2] == tokenizer.count_tokens("cancel me")  # the engine's own count
