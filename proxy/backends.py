@@ -149,7 +149,7 @@ class Backend:
                         served_model=self.info.get("model_id"),
                         configured=self._configured_engine is not None,
                     )
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, RuntimeError) as exc:  # RuntimeError: session closed
             ok = False
             self.last_error = f"{type(exc).__name__}: {exc}"
         self._set_health(ok, self.last_error)
