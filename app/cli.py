@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "app.commands.whatif",
         "replay recorded traffic on simulated backends under other placement and shaping policies",
     ),
+    "sim": ("sim.cli", "run a simulated engine server (--engine tgi|vllm|sglang) with a simulated GPU energy counter"),
     "sim-tgi": ("sim.cli", "run a simulated TGI server with a simulated GPU energy counter"),
     "demo": ("app.commands.demo", "the whole stack on simulated GPUs: traffic from two tenants, then their energy"),
 }

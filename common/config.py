@@ -51,6 +51,7 @@ class BackendConfig(Section):
     name: str = ""  # default: host:port of the url
     gpus: tuple[int, ...] = ()  # NVML indices of the GPUs serving it (tensor parallelism: several)
     node: str = ""  # host whose meter attributes this backend's energy (fleets); "" = any/this one
+    engine: Literal["auto", "tgi", "vllm", "sglang"] = "auto"  # auto: found by probing the backend
 
     @field_validator("url")
     @classmethod

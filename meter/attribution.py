@@ -199,7 +199,7 @@ class RequestPhases:
     prefill_start_ns: int  # end of the wait, start of the prefill step
     prefill_end_ns: int  # end of the prefill step: the first token, or the end of a request that got none
     decodes: bool  # it got a first token: (prefill_end, done] is decode
-    prompt_tokens: int
+    prompt_tokens: int  # the tokens its prefill computed (``Timeline.computed_tokens``): what its share is weighed by
 
 
 def attribute(
@@ -308,7 +308,7 @@ def request_phases(
         end = tl.prefill_end_ns
         assert end is not None  # on_gpu
         ends[tl.request_id] = end
-    with_end = sorted((ends[tl.request_id], tl.prompt_tokens) for tl in live)
+    with_end = sorted((ends[tl.request_id], tl.computed_tokens) for tl in live)
     end_ns = [f for f, _ in with_end]
     prefix_tokens = [0]
     for _, p in with_end:
@@ -341,7 +341,7 @@ def request_phases(
                 max(earliest, end - est[tl.request_id]),
                 end,
                 decodes,
-                tl.prompt_tokens,
+                tl.computed_tokens,
             )
         )
     return out
@@ -356,7 +356,7 @@ def _step_tokens(known: list[Timeline], ends: dict[str, int], policy: Attributio
     prev_end: int | None = None
     for tl in order:
         end = ends[tl.request_id]
-        shortest_ns = policy.prefill_overhead_ns + tl.prompt_tokens * _NS_PER_S / policy.prefill_tokens_per_s
+        shortest_ns = policy.prefill_overhead_ns + tl.computed_tokens * _NS_PER_S / policy.prefill_tokens_per_s
         if prev_end is not None and (end - prev_end <= policy.batch_tolerance_ns or 2 * (end - prev_end) < shortest_ns):
             groups[-1].append(tl)
         else:
@@ -364,7 +364,7 @@ def _step_tokens(known: list[Timeline], ends: dict[str, int], policy: Attributio
         prev_end = end
     out: dict[str, int] = {}
     for group in groups:
-        tokens = sum(tl.prompt_tokens for tl in group)
+        tokens = sum(tl.computed_tokens for tl in group)
         for tl in group:
             out[tl.request_id] = tokens
     return out

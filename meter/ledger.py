@@ -95,7 +95,7 @@ _SAMPLE_KEY = (SAMPLE_COLUMNS.index("device"), SAMPLE_COLUMNS.index("t_ns"))
 _COLUMNS = {START: START_COLUMNS, TIMELINE: TIMELINE_COLUMNS, SAMPLE: SAMPLE_COLUMNS, ABORT: ABORT_COLUMNS}
 _TIME_COLUMNS = ("received_ns", "released_ns", "first_token_ns", "done_ns", "t_ns")  # a sign of life, in any record
 # Values for columns a journal record written by an older version does not have.
-_MISSING = {"prompt_tokens_estimated": False}
+_MISSING = {"prompt_tokens_estimated": False, "cached_tokens": 0}
 
 ABORTED = "ABORTED"  # the status of a request whose process died while it was in flight
 _CHECKPOINT_CHUNK = 256  # open requests per journal write of a checkpoint
@@ -200,6 +200,7 @@ def timeline_row(t: Timeline) -> Row:
             t.prompt_tokens,
             t.prompt_tokens_estimated,
             t.generated_tokens,
+            t.cached_tokens,
         )
     )
 

@@ -88,6 +88,9 @@ class Timeline:
     computed it (TGI's ``input_length``, or its ``/tokenize`` asked after the fact when the stream did not say); 0
     for a request that did no GPU work. ``prompt_tokens_estimated`` is True when the true count could not be had
     (the backend could not be asked): ``prompt_tokens`` is then the gateway's estimate, and reports say so.
+    ``cached_tokens`` is the part of ``prompt_tokens`` the engine found in its prefix cache, as it reported it (vLLM's
+    ``prompt_tokens_details.cached_tokens``, SGLang's ``meta_info.cached_tokens``; 0 where the engine does not say):
+    its prefill computed only ``computed_tokens``, and that is what the request's prefill share is weighed by.
     """
 
     request_id: str
@@ -105,6 +108,7 @@ class Timeline:
     api: Api = Api.GRPC
     correlation_id: str | None = None
     prompt_tokens_estimated: bool = False
+    cached_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.released_ns is not None and self.released_ns < self.received_ns:
@@ -118,6 +122,13 @@ class Timeline:
             raise ValueError(f"{self.request_id}: done_ns before an earlier event")
         if self.prompt_tokens < 0 or self.generated_tokens < 0:
             raise ValueError(f"{self.request_id}: negative token count")
+        if not 0 <= self.cached_tokens <= self.prompt_tokens:
+            raise ValueError(f"{self.request_id}: cached_tokens outside 0..prompt_tokens")
+
+    @property
+    def computed_tokens(self) -> int:
+        """The prompt tokens its prefill computed: all but the prefix-cache hit."""
+        return self.prompt_tokens - self.cached_tokens
 
     @property
     def on_gpu(self) -> bool:

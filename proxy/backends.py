@@ -1,4 +1,5 @@
-"""TGI backends: one pooled HTTP session each, health and /info polling, and per-model pools that hand out slots.
+"""Backends (TGI, vLLM, SGLang): one pooled HTTP session each, health polling, the engine found by probing
+(``proxy.engines``), and per-model pools that hand out slots.
 
 A backend never gets more requests in flight than its ``max_concurrent_requests`` (TGI answers 429 at once past
 it): callers take a ``Lease`` from the pool before they send anything and give it back when the stream ends. Among
@@ -30,14 +31,16 @@ import structlog
 from common import parking, placement
 from common.config import BackendConfig, BackendPoolConfig, RoutingConfig
 from common.errors import BackendError, GatewayError
+from proxy.engines import Engine, engine, probe
+from proxy.engines.tgi import Tgi
 from proxy.metrics import BACKEND_HEALTHY, BACKEND_IN_FLIGHT, BACKENDS_NEEDED
-from proxy.tgi_wire import from_tgi
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAX_CONCURRENT = 128  # TGI's default --max-concurrent-requests
 PROBE_MIN_INTERVAL_S = 1.0  # suspicion probes /health at most this often per backend
 MAX_ERROR_BODY_BYTES = 64 * 1024  # of a backend's error answer: enough for any TGI message
+DEFAULT_ENGINE = Tgi()  # what a backend that no probe has identified yet is spoken to as
 
 
 class BackendUnreachable(GatewayError):
@@ -45,7 +48,7 @@ class BackendUnreachable(GatewayError):
 
 
 class Backend:
-    """One TGI server."""
+    """One engine server (TGI, vLLM or SGLang: ``engine``, configured or found by probing)."""
 
     def __init__(self, cfg: BackendConfig, model_id: str, pool_cfg: BackendPoolConfig) -> None:
         self.name = cfg.name
@@ -57,7 +60,9 @@ class Backend:
         self._session: aiohttp.ClientSession | None = None
         self.healthy = False
         self._checked = False  # a first check logs the state it finds, up or down
-        self.info: dict[str, Any] | None = None
+        self.info: dict[str, Any] | None = None  # TGI's /info, or the engine's answers in its shape
+        self._configured_engine = cfg.engine if cfg.engine != "auto" else None
+        self.engine: Engine | None = engine(self._configured_engine) if self._configured_engine else None
         self.in_flight = 0
         self.outstanding_tokens = 0
         self.starting = 0  # leases whose first token has not come back (their prefill is pending)
@@ -109,19 +114,46 @@ class Backend:
             await self._session.close()
             self._session = None
 
+    @property
+    def adapter(self) -> Engine:
+        """The engine's adapter: the one found (or configured), TGI until a probe found one."""
+        return self.engine or DEFAULT_ENGINE
+
+    async def get_json(self, path: str) -> tuple[int, Any]:
+        """(status, parsed JSON body or None) of a small GET; raises on connection errors and timeouts."""
+        timeout = aiohttp.ClientTimeout(total=self._pool_cfg.connect_timeout_s * 2)
+        async with self.session.get(path, timeout=timeout) as resp:
+            raw = await resp.read()
+            if resp.status != 200:
+                return resp.status, None
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, None
+
     async def check(self) -> bool:
-        """Poll /health (and /info when missing); update ``healthy``. Never raises."""
+        """Poll the engine's /health (and probe the engine and its info when missing); update ``healthy``. Never
+        raises."""
         timeout = aiohttp.ClientTimeout(total=self._pool_cfg.connect_timeout_s * 2)
         try:
-            async with self.session.get("/health", timeout=timeout) as resp:
+            async with self.session.get(self.adapter.health_path, timeout=timeout) as resp:
                 ok = resp.status == 200
                 await resp.read()
-            if ok and self.info is None:
-                async with self.session.get("/info", timeout=timeout) as resp:
-                    if resp.status == 200:
-                        self.info = await resp.json()
             self.last_error = None if ok else f"/health answered {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            if ok and self.info is None:
+                found = await probe(self, self._configured_engine)
+                if found is not None:
+                    self.engine, self.info = found
+                    log.info(
+                        "backend_engine",
+                        backend=self.name,
+                        url=self.url,
+                        engine=self.engine.name,
+                        version=self.info.get("version"),
+                        served_model=self.info.get("model_id"),
+                        configured=self._configured_engine is not None,
+                    )
+        except (aiohttp.ClientError, TimeoutError, ValueError, RuntimeError) as exc:  # RuntimeError: session closed
             ok = False
             self.last_error = f"{type(exc).__name__}: {exc}"
         self._set_health(ok, self.last_error)
@@ -180,7 +212,7 @@ class Backend:
             body = json.loads(raw)
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        return from_tgi(resp.status, body, backend=self.name)
+        return self.adapter.error(resp.status, body, self.name)
 
     def _connect_failed(self, exc: BaseException) -> BackendUnreachable:
         """Nothing came back: take the backend out when no connection could be opened, else only suspect it."""
@@ -211,6 +243,14 @@ class Backend:
         if resp.status == 200:
             return resp
         raise await self._error_of(resp)
+
+    async def tokenize(self, text: str, options: dict[str, Any]) -> list[dict[str, Any]]:
+        """TGI's /tokenize answer, from whatever engine this is."""
+        return await self.adapter.tokenize(self, text, options, self.info)
+
+    async def count_chat(self, body: dict[str, Any]) -> int:
+        """A chat request's prompt tokens, the engine's chat template applied."""
+        return await self.adapter.count_chat(self, body, self.info)
 
     async def post_json(self, path: str, body: dict[str, Any]) -> Any:
         """A small non-streaming call (``/tokenize``); errors mapped like ``open_stream``."""

@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator, Mapping
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import structlog
@@ -45,18 +45,21 @@ from common.errors import (
 )
 from common.inputs import clip
 from meter.timeline import Api, RequestStart, Timeline, did_gpu_work
-from proxy.backends import BackendPool, BackendUnreachable, Lease
+from proxy.backends import Backend, BackendPool, BackendUnreachable, Lease
 from proxy.budgets import Budgets
+from proxy.engines import Engine, EventReader
+from proxy.engines.base import CACHED_TOKENS
 from proxy.job import Job
 from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
 from proxy.rate_limits import RateLimiter
 from proxy.request_log import log_request
 from proxy.shaping import Shaper
 from proxy.sse import SSEDecoder
-from proxy.tgi_wire import OPENAI_ROUTES, SSE_DONE, parse_event, stream_error, token_limit
+from proxy.tgi_wire import OPENAI_ROUTES, stream_error
 from proxy.tracing import RequestTrace, Tracing, backend_call, queued, recorded, stream_ended
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 UNKNOWN_CLASS = "(unknown)"  # the recorded class of a refused call that named a class no operator configured
 
@@ -107,6 +110,7 @@ class GenerationStream:
     __slots__ = (
         "_gateway",
         "backend",
+        "cached_tokens",
         "compute_type",
         "first_token_ns",
         "generated_tokens",
@@ -129,6 +133,7 @@ class GenerationStream:
         self.first_token_ns: int | None = None
         self.generated_tokens = 0
         self.prompt_tokens: int | None = None  # the backend's count, once it told it
+        self.cached_tokens: int | None = None  # of those, found in the engine's prefix cache (vLLM, SGLang report it)
         self.token_limited = False  # max_new_tokens was shrunk to fit the model (TGIS TOKEN_LIMIT)
         self.compute_type: str | None = None  # the backend's x-compute-type header (TGI's --compute-type)
         self.trace: RequestTrace | None = None  # its spans, when tracing is on
@@ -244,18 +249,15 @@ class Gateway:
 
         ``options``: the rest of TGI's request body (``add_special_tokens``, ``parameters``), passed through.
         """
-        tokens = await self._post_any(model_id, "/tokenize", {**(options or {}), "inputs": text})
-        if not isinstance(tokens, list):
-            raise BackendError("a backend answered /tokenize with something other than a list")
-        return tokens
+        return await self._on_any(model_id, lambda backend: backend.tokenize(text, dict(options or {})))
 
-    async def _post_any(self, model_id: str, path: str, payload: dict[str, Any]) -> Any:
+    async def _on_any(self, model_id: str, call: Callable[[Backend], Awaitable[T]]) -> T:
         """A small call on the least-loaded healthy backend of the model, the next one if it is unreachable."""
         pool = self.pool(model_id)
         last: GatewayError = Unavailable(f"no healthy backend for model {pool.model_id!r}", retry_after_s=1.0)
         for backend in sorted((b for b in pool.backends if b.healthy), key=lambda b: b.outstanding_tokens):
             try:
-                return await backend.post_json(path, payload)
+                return await call(backend)
             except BackendUnreachable as exc:
                 last = exc
                 continue
@@ -300,9 +302,8 @@ class Gateway:
                     released_ns=stream.released_ns,
                 )
             )
-            lease, resp, decoder, first = await self._open(job, pool, lease, stream)
+            lease, resp, decoder, reader, first = await self._open(job, pool, lease, stream)
             stream.compute_type = resp.headers.get("x-compute-type")
-            backend = lease.backend.name
             observe = self._observe_openai if job.route in OPENAI_ROUTES else self._observe
             # Tokens that arrived in the same read as an error event still reach the client, then the error.
             batch, error = _observe_batch(observe, first, lease, stream)
@@ -310,13 +311,14 @@ class Gateway:
                 yield batch
             if error is None:
                 async for chunk in resp.content.iter_any():
-                    batch, error = _observe_batch(observe, _parse_events(decoder.feed(chunk), backend), lease, stream)
+                    batch, error = _observe_batch(observe, reader.feed(decoder.feed(chunk)), lease, stream)
                     if batch:
                         yield batch
                     if error is not None:
                         break
             if error is None:
-                batch, error = _observe_batch(observe, _parse_events(decoder.close(), backend), lease, stream)
+                last = reader.feed(decoder.close()) + reader.close()
+                batch, error = _observe_batch(observe, last, lease, stream)
                 if batch:
                     yield batch
             if error is not None:
@@ -373,6 +375,7 @@ class Gateway:
         details = event.get("details")
         if details:
             stream.prompt_tokens = details.get("input_length")
+            stream.cached_tokens = event.pop(CACHED_TOKENS, None)
             stream.generated_tokens = details.get("generated_tokens", stream.generated_tokens)
         return event
 
@@ -395,6 +398,9 @@ class Gateway:
         usage = event.get("usage")
         if usage:
             stream.prompt_tokens = usage.get("prompt_tokens", stream.prompt_tokens)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if isinstance(cached, int):
+                stream.cached_tokens = cached
             stream.generated_tokens = usage.get("completion_tokens", stream.generated_tokens)
         return event
 
@@ -416,7 +422,7 @@ class Gateway:
 
     async def _open(
         self, job: Job, pool: BackendPool, lease: Lease, stream: GenerationStream
-    ) -> tuple[Lease, aiohttp.ClientResponse, SSEDecoder, list[dict[str, Any]]]:
+    ) -> tuple[Lease, aiohttp.ClientResponse, SSEDecoder, EventReader, list[dict[str, Any]]]:
         """Send the request; on a retryable failure before the first byte, move to another backend.
 
         Returns the lease actually used (the caller's, or one on another backend) and the open response. On
@@ -426,7 +432,7 @@ class Gateway:
         current: Lease | None = lease
         last: GatewayError | None = None
 
-        async def attempt_once() -> tuple[aiohttp.ClientResponse, SSEDecoder, list[dict[str, Any]]]:
+        async def attempt_once() -> tuple[aiohttp.ClientResponse, SSEDecoder, EventReader, list[dict[str, Any]]]:
             nonlocal current, last
             if current is None:
                 current = pool.try_acquire(job.token_estimate, exclude=frozenset(tried))
@@ -467,7 +473,7 @@ class Gateway:
 
     async def _send(
         self, job: Job, lease: Lease, stream: GenerationStream
-    ) -> tuple[aiohttp.ClientResponse, SSEDecoder, list[dict[str, Any]]]:
+    ) -> tuple[aiohttp.ClientResponse, SSEDecoder, EventReader, list[dict[str, Any]]]:
         """Open the stream and read up to its first event.
 
         TGI answers /generate_stream with HTTP 200 even when it refuses the request (validation, overload): the
@@ -476,35 +482,41 @@ class Gateway:
         reaches the client.
         """
         body = job.body
+        backend = lease.backend
+        engine = backend.adapter  # the engine turns the job into its request, its stream into the gateway's events
         for clamp_round in (0, 1):
             try:
                 headers = backend_call(stream.trace)
-                resp = await lease.backend.open_stream(job.route, body, job.request_id, headers)
+                path, payload = engine.upstream(job.route, body, backend.info)
+                resp = await backend.open_stream(path, payload, job.request_id, headers)
             except InvalidArgument as exc:
                 err: GatewayError = exc
             else:
                 decoder = SSEDecoder()
+                reader = engine.reader(job.route, body, backend.name)
                 try:
-                    first = await _first_events(resp, decoder, lease.backend.name)
+                    first = await _first_events(resp, decoder, reader)
                 except BaseException:
                     resp.close()
                     raise
                 if not first or "error" not in first[0]:
-                    return resp, decoder, first
+                    return resp, decoder, reader, first
                 resp.close()
-                err = stream_error(first[0], lease.backend.name)
-            clamped = self._clamp(job, body, err) if clamp_round == 0 and isinstance(err, InvalidArgument) else None
+                err = stream_error(first[0], backend.name)
+            clamped = (
+                self._clamp(job, body, err, engine) if clamp_round == 0 and isinstance(err, InvalidArgument) else None
+            )
             if clamped is None:
                 raise err
             body, stream.token_limited = clamped, True
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
-    def _clamp(job: Job, body: dict[str, Any], exc: InvalidArgument) -> dict[str, Any] | None:
+    def _clamp(job: Job, body: dict[str, Any], exc: InvalidArgument, engine: Engine) -> dict[str, Any] | None:
         """TGIS semantics: a request too long for the model gets fewer new tokens instead of an error."""
         if not job.clamp_to_token_limit:
             return None
-        found = token_limit(exc.message)
+        found = engine.token_limit(exc.message)
         if found is None:
             return None
         limit, input_tokens = found
@@ -549,12 +561,8 @@ class Gateway:
     async def _count_prompt(self, job: Job) -> int:
         """The prompt's length in tokens as the backend computes it (after truncation), for a stream that ended
         without TGI's ``input_length`` (or the OpenAI routes' ``usage``)."""
-        if job.route == "/v1/chat/completions":  # the chat template is applied by TGI: ask it to apply it
-            answer = await self._post_any(job.model_id, "/chat_tokenize", {**job.body, "stream": False})
-            tokens = answer.get("tokenize_response") if isinstance(answer, dict) else None
-            if not isinstance(tokens, list):
-                raise BackendError("a backend answered /chat_tokenize without tokenize_response")
-            return len(tokens)
+        if job.route == "/v1/chat/completions":  # the chat template is applied by the engine: ask it to apply it
+            return await self._on_any(job.model_id, lambda backend: backend.count_chat(job.body))
         options: dict[str, Any] = {}
         if "add_special_tokens" in job.body:
             options["add_special_tokens"] = job.body["add_special_tokens"]
@@ -641,6 +649,7 @@ class Gateway:
                     api=job.api,
                     correlation_id=job.correlation_id,
                     prompt_tokens_estimated=estimated and works,
+                    cached_tokens=min(stream.cached_tokens or 0, prompt_tokens) if works and not estimated else 0,
                 )
             )
         except Exception:  # the meter must never break the request path
@@ -676,20 +685,16 @@ def _as_final(cause: GatewayError) -> GatewayError:
     return Unavailable(f"no backend reachable ({cause.message})", retry_after_s=1.0)
 
 
-async def _first_events(resp: aiohttp.ClientResponse, decoder: SSEDecoder, backend: str) -> list[dict[str, Any]]:
+async def _first_events(resp: aiohttp.ClientResponse, decoder: SSEDecoder, reader: EventReader) -> list[dict[str, Any]]:
     """Read until at least one complete event (or the end of the stream)."""
     async for chunk in resp.content.iter_any():
-        events = [d for d in decoder.feed(chunk) if d != SSE_DONE]
+        events = reader.feed(decoder.feed(chunk))
         if events:
-            return [parse_event(d, backend) for d in events]
-    return [parse_event(d, backend) for d in decoder.close() if d != SSE_DONE]
+            return events
+    return reader.feed(decoder.close()) + reader.close()
 
 
 Observer = Callable[[dict[str, Any], Lease, GenerationStream], dict[str, Any]]
-
-
-def _parse_events(datas: Iterable[str], backend: str) -> Iterator[dict[str, Any]]:
-    return (parse_event(d, backend) for d in datas if d != SSE_DONE)
 
 
 def _observe_batch(

@@ -60,6 +60,7 @@ class BatchRequest:
     __slots__ = (
         "account",
         "alloc_tokens",
+        "cached_tokens",
         "cancelled",
         "chunk",
         "decode_steps_at_first_token",
@@ -108,6 +109,12 @@ class BatchRequest:
         self.cancelled = False
         self.prompt_done = 0  # prompt tokens prefilled so far (prefill chunking)
         self.chunk = 0  # prompt tokens in the current forward (prefill chunking)
+        self.cached_tokens = 0  # prompt tokens found in the engine's prefix cache: not computed again
+
+    @property
+    def computed_tokens(self) -> int:
+        """The prompt tokens its prefill computes (all but the prefix-cache hit)."""
+        return self.input_length - self.cached_tokens
 
     @property
     def done(self) -> bool:
@@ -283,8 +290,9 @@ class BatchingCore:
         self._prefilling = batch
         self._step = batch
         self.prefill_steps += 1
-        self.gpu.prefill([r.account for r in batch], self.now_ns)
-        prompt_tokens = sum(r.input_length for r in batch)
+        computed = [r.computed_tokens for r in batch]
+        self.gpu.prefill([r.account for r in batch], self.now_ns, weights=computed)
+        prompt_tokens = sum(computed)
         self.now_ns = yield Step(Phase.PREFILL, tuple(batch), costmodel.prefill_duration_ns(self.config, prompt_tokens))
         self._step = []
         now = self.now_ns
@@ -345,14 +353,14 @@ class BatchingCore:
             request = waiting[0]
             if request.alloc_tokens > self._kv_free_tokens:
                 break
-            length = request.input_length
+            length = request.computed_tokens
             chunk = length if prefill_tokens + length <= budget else budget - prefill_tokens
             if chunk <= 0:
                 break
             waiting.popleft()
             self._kv_free_tokens -= request.alloc_tokens
             request.chunk = chunk
-            request.prompt_done = 0
+            request.prompt_done = request.cached_tokens
             prefill_tokens += chunk
             batch.append(request)
             if chunk < length or (max_size is not None and len(batch) == max_size):

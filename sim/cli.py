@@ -1,4 +1,5 @@
-"""``joulegate sim-tgi``: run one simulated TGI server (and its simulated GPU) until SIGINT or SIGTERM.
+"""``joulegate sim [--engine tgi|vllm|sglang]`` (and ``joulegate sim-tgi``): run one simulated engine server (and its
+simulated GPU) until SIGINT or SIGTERM.
 
 Every ``SimConfig`` knob is a flag (``--time-scale``, ``--max-concurrent-requests``, ``--counter-lag-ms``, ...),
 generated from the dataclass so the two never drift apart.
@@ -29,6 +30,7 @@ _HELP = {
     "counter_offset_mj": "the counter's value at start (NVML counts from driver load)",
     "waiting_served_ratio": "waiting/running ratio above which waiting requests interrupt the batch (TGI: 0.3)",
     "max_waiting_tokens": "decode steps after which any waiting request may join the batch (TGI: 20)",
+    "engine": "the HTTP API served: tgi, vllm (OpenAI-compatible server) or sglang (native + OpenAI routes)",
 }
 
 
@@ -89,7 +91,7 @@ async def serve(config: SimConfig, host: str, port: int, shutdown_grace_s: float
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    print(f"sim-tgi listening on {url} (device {sim.device})", flush=True)
+    print(f"sim-{config.engine} listening on {url} (device {sim.device})", flush=True)
     try:
         await stop.wait()
     finally:
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ValueError as e:
-        print(f"joulegate sim-tgi: {e}")
+        print(f"joulegate sim: {e}")
         return 2
     asyncio.run(serve(config, args.host, args.port, args.shutdown_grace_s))
     return 0

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 class SimConfig:
     """Configuration of one simulated TGI server and its GPU."""
 
+    # --- which engine's HTTP API it serves: tgi, vllm or sglang (sim.engines); the engine and GPU under it are one ---
+    engine: str = "tgi"
+
     # --- what /info reports ---
     model_id: str = "meta-llama/Llama-3.1-8B-Instruct"
     version: str = "3.3.6-dev0"  # the TGI version of tests/reference/tgi_openapi.json
@@ -46,6 +49,9 @@ class SimConfig:
     # included); the router then ignores waiting_served_ratio and max_waiting_tokens and lets every forward take in
     # waiting requests up to the prefill budget. Off by default here, so that those two knobs model the classic rule.
     prefill_chunking: bool = False
+    # Automatic prefix caching (sim.prefix_cache): None is the engine's default, on for vllm and sglang, off for tgi.
+    prefix_caching: bool | None = None
+    prefix_block_tokens: int = 16  # vLLM's default block size; SGLang's radix cache matches single tokens (1)
 
     # --- step timing (ms); every duration is multiplied by time_scale; 0 makes every step instantaneous ---
     time_scale: float = 1.0
@@ -75,6 +81,8 @@ class SimConfig:
     add_bos_token: bool = True  # Llama-3's tokenizer prepends <|begin_of_text|> on /generate (not on chat)
 
     def __post_init__(self) -> None:
+        if self.engine not in ("tgi", "vllm", "sglang"):
+            raise ValueError(f"`engine` must be one of tgi, vllm, sglang, got {self.engine!r}")
         positive_ints = (
             "max_concurrent_requests",
             "max_input_tokens",
@@ -87,6 +95,7 @@ class SimConfig:
             "validation_workers",
             "max_client_batch_size",
             "max_best_of",
+            "prefix_block_tokens",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:

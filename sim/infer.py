@@ -70,7 +70,8 @@ class Infer:
         self.in_flight = 0
 
     def _acquire(self) -> None:
-        if self.in_flight >= self.config.max_concurrent_requests:
+        # vLLM and SGLang queue what their batch cannot take yet: only TGI answers "overloaded" past its limit
+        if self.config.engine == "tgi" and self.in_flight >= self.config.max_concurrent_requests:
             self.metrics.failure("overloaded")
             raise InferError("overloaded", OVERLOADED)
         self.in_flight += 1

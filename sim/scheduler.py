@@ -24,6 +24,7 @@ from sim.config import SimConfig
 from sim.generation import Sequence
 from sim.gpu import SimGPU
 from sim.ledger import EnergyAccount
+from sim.prefix_cache import PrefixCache
 from sim.validation import ValidRequest
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class Scheduler:
         self.gpu = gpu
         self.metrics = metrics
         self.core = BatchingCore(config, gpu)
+        self.prefix_cache = PrefixCache(config.prefix_block_tokens) if config.prefix_caching else None
         self._wakeup = asyncio.Event()
         self._step_waiter: asyncio.Future[None] | None = None
         self._deadline_s: float | None = None  # loop-clock end of the previous step, while busy
@@ -143,6 +145,8 @@ class Scheduler:
         """Queue a validated request (TGI's ``Backend::schedule``)."""
         account = self.gpu.open_account(request_id, valid.input_length)
         request = SimRequest(valid, request_id, account, stream)
+        if self.prefix_cache is not None:
+            request.cached_tokens = self.prefix_cache.admit([t.id for t in valid.prompt_tokens()])
         self.core.submit(request)
         self._wakeup.set()
         return request

@@ -56,7 +56,12 @@ class SimTGI:
     """A simulated TGI server on one simulated GPU. ``await start()``, use ``url``, ``await stop()``."""
 
     def __init__(self, config: SimConfig | None = None) -> None:
-        self.config = config or SimConfig()
+        config = config or SimConfig()
+        if config.engine != "tgi":  # vLLM and SGLang have one limit, the context length: prompts may use all of it
+            config = dataclasses.replace(config, max_input_tokens=config.max_total_tokens - 1)
+        if config.prefix_caching is None:
+            config = dataclasses.replace(config, prefix_caching=config.engine != "tgi")
+        self.config = config
         self.metrics = SimMetrics(self.config.max_batch_total_tokens)
         self.healthy = True
         self._gpu: SimGPU | None = None
@@ -94,7 +99,9 @@ class SimTGI:
         await site.start()
         self._runner = runner
         self._site = site
-        log.info("sim_tgi_started", url=self._url, device=device, model_id=self.config.model_id)
+        log.info(
+            "sim_tgi_started", url=self._url, device=device, model_id=self.config.model_id, engine=self.config.engine
+        )
         return self._url
 
     async def stop(self, grace_s: float = 0.0) -> None:
@@ -185,6 +192,12 @@ class SimTGI:
     # --- routes ---
 
     def _add_routes(self, app: web.Application) -> None:
+        if self.config.engine != "tgi":
+            from sim.engines import EngineRoutes
+
+            EngineRoutes(self, self.config.engine).add_to(app)
+            self._add_sim_routes(app)
+            return
         app.router.add_post("/", self._compat_generate)
         app.router.add_post("/generate", self._generate)
         app.router.add_post("/generate_stream", self._generate_stream)
@@ -197,6 +210,9 @@ class SimTGI:
         app.router.add_get("/info", self._info)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/models", self._models)
+        self._add_sim_routes(app)
+
+    def _add_sim_routes(self, app: web.Application) -> None:
         app.router.add_get("/sim/energy", self._sim_energy)
         app.router.add_get("/sim/truth", self._sim_truth)
         app.router.add_post("/sim/health", self._sim_health)

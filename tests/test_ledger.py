@@ -79,6 +79,7 @@ def expected_open(s: RequestStart) -> dict[str, Any]:
         "prompt_tokens": 0,
         "prompt_tokens_estimated": False,
         "generated_tokens": 0,
+        "cached_tokens": 0,
     }
 
 

@@ -21,7 +21,11 @@ from common.errors import ConfigError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML configuration file")
     parser.add_argument(
-        "--backend", action="append", default=[], metavar="URL", help="a TGI server (repeat for a pool)"
+        "--backend",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a TGI, vLLM or SGLang server, its engine found by probing (repeat for a pool)",
     )
     parser.add_argument("--model-id", help="the model the --backend servers serve (default: 'default')")
     parser.add_argument("--grpc-listen", metavar="HOST:PORT", help="the gRPC API (default 0.0.0.0:8033)")

@@ -152,6 +152,7 @@ def epoch_timelines(backend: str, rows: Sequence[sql.RequestRow]) -> list[Timeli
             t = Timeline(
                 r.request_id, r.tenant, r.model_id, backend, r.received_ns, r.released_ns, r.first_token_ns,
                 r.done_ns, r.prompt_tokens, r.generated_tokens, status=r.status or "UNKNOWN",
+                cached_tokens=min(r.cached_tokens or 0, r.prompt_tokens),
             )  # fmt: skip
         except ValueError as exc:
             log.error("engine_bad_request_row", backend=backend, request_id=r.request_id, error=str(exc))

@@ -46,6 +46,7 @@ class RequestRow(NamedTuple):
     generated_tokens: int
     ingested_ns: int
     status: str | None
+    cached_tokens: int = 0
 
 
 class IngestedRow(NamedTuple):

@@ -50,6 +50,7 @@ TIMELINE_COLUMNS = (
     "prompt_tokens",
     "prompt_tokens_estimated",
     "generated_tokens",
+    "cached_tokens",
 )
 SAMPLE_COLUMNS = ("device", "t_ns", "energy_mj", "error")
 

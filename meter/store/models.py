@@ -190,6 +190,12 @@ class Request(Base):
         comment="true: the backend could not be asked, prompt_tokens is the gateway's estimate (reports say so)",
     )
     generated_tokens: Mapped[int] = mapped_column(sa.Integer, comment="tokens generated; 0 while open")
+    cached_tokens: Mapped[int] = mapped_column(
+        sa.Integer,
+        server_default=sa.text("0"),
+        comment="of prompt_tokens, those the engine found in its prefix cache (vLLM, SGLang report it; 0 where the "
+        "engine does not say): the prefill share is weighed by the rest",
+    )
     ingested_ns: Mapped[int] = mapped_column(
         sa.BigInteger,
         comment="when this row was last written with changed content (finds attribution epochs to recompute)",
