@@ -342,7 +342,10 @@ class BackendPool:
             raise KeyError(name)
         if backend.draining != on:
             backend.draining = on
-            log.info("backend_drain" if on else "backend_undrain", backend=name, model=self.model_id)
+            if on:
+                log.info("backend_drain", backend=name, model=self.model_id)
+            else:
+                log.info("backend_undrain", backend=name, model=self.model_id)
             self._wake()  # a waiter may now have (or lack) room
         return backend
 
