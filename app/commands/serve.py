@@ -37,6 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--meter", choices=["auto", "nvml", "sim", "none"], help="energy source of the in-process meter (default auto)"
     )
     parser.add_argument("--log-format", choices=["json", "console"])
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="gateway processes sharing the listeners (SO_REUSEPORT), one meter for the host; N > 1 needs "
+        "PostgreSQL (default: server.workers, 1)",
+    )
+    # a child of `--workers N` (app.workers): "worker-<i>" or "meter", its configuration as JSON on stdin
+    parser.add_argument("--role", help=argparse.SUPPRESS)
     add_tls_arguments(parser)
 
 
@@ -50,6 +59,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         server["http_listen"] = args.http_listen
     if getattr(args, "log_format", None):
         server["log_format"] = args.log_format
+    if getattr(args, "workers", None) is not None:
+        server["workers"] = args.workers
     if server:
         out["server"] = server
     if args.db:
@@ -67,12 +78,25 @@ def run(args: argparse.Namespace) -> int:
     from common.logs import configure_logging
     from proxy.request_log import set_request_log
 
+    if getattr(args, "role", None):
+        return _run_child(args.role)
     config = load_config(args.config, overrides=overrides_from_args(args))
     if not config.models:
         raise ConfigError("no backends: give --backend URL or [[models]] in the config file")
     check_db_url(config.db.url, must_exist=False, origin=url_origin(args))  # the gateway creates a new SQLite file
     configure_logging(config.server.log_level, config.server.log_format)
     set_request_log(config.server.request_log)
+    if config.server.workers > 1:
+        from app.workers import check_workers_db, supervise
+
+        check_workers_db(config)
+        try:
+            return supervise(config)
+        except Exception as exc:
+            failure = start_failure(exc, config.db.url, f"--meter {config.meter.source}")
+            if failure is None:
+                raise
+            raise failure from None
     from app.server import GatewayApp
 
     async def main() -> None:
@@ -87,6 +111,27 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise failure from None
     return 0
+
+
+def _run_child(role: str) -> int:
+    """A worker or the meter of ``--workers N``: the supervisor's validated configuration comes on stdin."""
+    import sys
+
+    from app.config import Config
+    from app.workers import run_child
+    from common.logs import configure_logging
+    from proxy.request_log import set_request_log
+
+    config = Config.model_validate_json(sys.stdin.buffer.read())
+    configure_logging(config.server.log_level, config.server.log_format)
+    set_request_log(config.server.request_log)
+    try:
+        return run_child(role, config)
+    except Exception as exc:
+        failure = start_failure(exc, config.db.url, f"--meter {config.meter.source}")
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def start_failure(exc: BaseException, db_url: str, meter: str) -> CommandError | ConfigError | None:
