@@ -35,7 +35,7 @@ def _config(tmp_path: Path, **server: object) -> object:
 def test_one_worker_is_the_default_and_the_flag_sets_it() -> None:
     assert load_config(environ={}).server.workers == 1
     assert load_config(environ={"JOULEGATE_SERVER__WORKERS": "4"}).server.workers == 4
-    with pytest.raises(ConfigError, match="server.workers"):
+    with pytest.raises(ConfigError, match=r"server\.workers"):
         load_config(environ={"JOULEGATE_SERVER__WORKERS": "0"})
 
 
@@ -73,8 +73,10 @@ def test_several_workers_on_sqlite_are_refused(tmp_path: Path) -> None:
 
 def test_the_command_refuses_sqlite_workers_in_one_line_exit_2(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--backend", "http://127.0.0.1:9"]
-        + ["--db", f"sqlite:///{tmp_path / 'x.db'}", "--meter", "none"],
+        [
+            *(sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--backend", "http://127.0.0.1:9"),
+            *("--db", f"sqlite:///{tmp_path / 'x.db'}", "--meter", "none"),
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

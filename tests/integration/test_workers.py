@@ -205,13 +205,17 @@ async def _serving(grpc_port: int, proc: asyncio.subprocess.Process, log: Path) 
         stub = health_pb2_grpc.HealthStub(channel)
 
         async def serving() -> bool:
-            assert proc.returncode is None, log.read_text()[-3000:]
+            assert proc.returncode is None, _tail(log)
             with contextlib.suppress(grpc.aio.AioRpcError):
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 return reply.status == health_pb2.HealthCheckResponse.SERVING
             return False
 
         await wait_until_async(serving, 90.0, what="a worker to become SERVING", poll_s=0.1)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-3000:]
 
 
 def _served_by_worker(log: str) -> dict[tuple[str, str], int]:
