@@ -49,7 +49,7 @@ import socket
 import sys
 import time
 from collections.abc import MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,6 @@ class Child:
     started: float = 0.0
     starts: int = 0
     quick_exits: int = 0
-    done: asyncio.Event = field(default_factory=asyncio.Event)  # exited for good (stopping, or nothing to do)
 
 
 class Supervisor:
@@ -144,7 +143,7 @@ class Supervisor:
         cfg = self.config
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._request_stop)
         server = cfg.server
         grpc_sock = hold_port(server.grpc_listen)
         self._held.append(grpc_sock)
@@ -215,6 +214,9 @@ class Supervisor:
         while not self.stopping:
             await self._spawn(child)
             assert child.proc is not None
+            if self.stopping:  # the drain began while it started: it was not among those told to stop
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)
             rc = await child.proc.wait()
             if self.stopping:
                 break
@@ -234,16 +236,19 @@ class Supervisor:
                 )
                 break
             await asyncio.sleep(min(5.0, 0.1 * 2**child.quick_exits))
-        child.done.set()
+
+    def _request_stop(self) -> None:
+        """SIGTERM or SIGINT (or a failure): from now on no child is started again."""
+        self.stopping = True
+        self._stop.set()
 
     def _fail(self, code: int, message: str) -> None:
         if self.failure is None:
             self.failure = (code, message)
-        self._stop.set()
+        self._request_stop()
 
     async def _drain(self) -> None:
         """SIGTERM to every worker (each drains), then to the meter; kill what outlives the grace."""
-        self.stopping = True
         grace = self.config.server.drain_grace_s + KILL_AFTER_GRACE_S
         workers = [c for c in self.children if c.role != METER]
         meters = [c for c in self.children if c.role == METER]
@@ -315,14 +320,15 @@ def _tag_logs(role: str) -> None:
     structlog.configure(processors=[add, *processors])
 
 
-async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
-    """Drain when the supervisor is gone (killed): a worker never outlives it for long."""
+async def _watch_parent(parent: int) -> None:
+    """Drain (SIGTERM to this process) when the supervisor is gone (killed): no child outlives it for long, and the
+    next supervisor's children find their journals free."""
     while True:
         await asyncio.sleep(PARENT_POLL_S)
         if os.getppid() != parent:
             break
     log.warning("supervisor_gone", action="draining")
-    stop.set()
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_child(role: str, config: Config) -> int:
@@ -357,7 +363,7 @@ async def _worker(index: int, config: Config) -> int:
     metrics = None
     if config.server.worker_metrics_listen:
         metrics = await _serve_metrics(config.server.worker_metrics_listen)
-    tasks = [asyncio.create_task(_watch_parent(parent, stop))]
+    tasks = [asyncio.create_task(_watch_parent(parent))]
     gc.collect()
     gc.freeze()  # as GatewayApp.run_until_signalled does: what start built is out of the collector's way
     log.info("worker_serving", index=index, journal=config.meter.journal_path)
@@ -408,4 +414,8 @@ async def _meter(config: Config) -> int:
     if not local_backends(config):
         log.info("meter_off", reason="no backend runs on this node")
         return 0
-    return await _serve(config, meter_journal_path(config), None)
+    watch = asyncio.create_task(_watch_parent(os.getppid()))
+    try:
+        return await _serve(config, meter_journal_path(config), None)
+    finally:
+        watch.cancel()

@@ -112,6 +112,10 @@ class Result:
     box_cores: float  # every process on the machine, ours and others'
     split: list[int]  # requests per worker
 
+    @property
+    def per_core(self) -> float:
+        return self.tokens_per_s / self.gateway_cores if self.gateway_cores else float("nan")
+
 
 async def _load(base: str, concurrency: int, tokens: int, seconds: float) -> tuple[int, list[float], float]:
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": tokens}}
@@ -262,7 +266,7 @@ def main() -> None:
             sim.wait(10)
     print(f"\n{os.cpu_count()} cores; {args.concurrency} streams of {args.tokens} tokens, time scale 0; medians of "
           f"{args.rounds} rounds")  # fmt: skip
-    print("workers  tok/s    req/s  p50_ms  gateway_cores  sim_cores  client_cores  box_cores")
+    print("workers  tok/s    req/s  p50_ms  gateway_cores  tok/s_per_gateway_core  sim_cores  client_cores  box_cores")
     med: dict[int, float] = {}
     for w in counts:
         rs = results[w]
@@ -273,7 +277,7 @@ def main() -> None:
         med[w] = m("tokens_per_s")
         print(
             f"{w:7d}  {med[w]:7.0f}  {m('requests_per_s'):6.0f}  {m('p50_ms'):6.1f}  {m('gateway_cores'):13.2f}  "
-            f"{m('sim_cores'):9.2f}  {m('client_cores'):12.2f}  {m('box_cores'):9.2f}"
+            f"{m('per_core'):22.0f}  {m('sim_cores'):9.2f}  {m('client_cores'):12.2f}  {m('box_cores'):9.2f}"
         )
     base, top = counts[0], counts[-1]
     fields = " ".join(f"tokens_per_s_w{w}={med[w]:.0f}" for w in counts)

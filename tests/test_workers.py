@@ -4,6 +4,9 @@ The processes themselves (kill -9 of a worker, the drain, the books) are in test
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -114,3 +117,79 @@ def test_shared_ports_let_several_sockets_listen_and_the_supervisor_sees_a_taken
     any_port = hold_port("127.0.0.1:0")  # port 0 resolves once, for every worker
     assert any_port.getsockname()[1] != 0
     any_port.close()
+
+
+# -- the supervisor, with stand-in children (a shell script in place of the interpreter) ---------------------------
+
+FAKE_CHILD = """#!/bin/sh
+cat > /dev/null
+echo $$ >> "$FAKE_DIR/pids-$5"
+case "$FAKE_MODE" in
+  exit2) exit 2 ;;
+  exit1) exit 1 ;;
+esac
+trap 'echo $$ >> "$FAKE_DIR/termed"; exit 0' TERM
+while true; do sleep 0.05; done
+"""
+
+
+def _supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> object:
+    from app.workers import Supervisor
+
+    script = tmp_path / "fake-python"
+    script.write_text(FAKE_CHILD)
+    script.chmod(0o755)
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    monkeypatch.setenv("FAKE_MODE", mode)
+    cfg = load_config(
+        environ={},
+        overrides={
+            "server": {"workers": 2, "grpc_listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0", "drain_grace_s": 1},
+            "db": {"url": f"sqlite:///{tmp_path / 'x.db'}"},  # the supervisor alone: the command refuses SQLite
+            "meter": {"source": "none", "journal_path": str(tmp_path / "journal.jsonl")},
+            "models": [{"model_id": "m", "backends": [{"url": "http://127.0.0.1:9"}]}],
+        },
+    )
+    return Supervisor(cfg, python=str(script))
+
+
+def _pids(tmp_path: Path, role: str) -> list[int]:
+    path = tmp_path / f"pids-{role}"
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+async def test_a_child_that_exits_2_stops_the_command_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup = _supervisor(tmp_path, monkeypatch, "exit2")
+    with pytest.raises(ConfigError, match="exited 2"):
+        await asyncio.wait_for(sup.run(), 30)  # type: ignore[attr-defined]
+
+
+async def test_a_child_that_keeps_failing_at_start_stops_the_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.commands.database import CommandError
+
+    sup = _supervisor(tmp_path, monkeypatch, "exit1")
+    with pytest.raises(CommandError, match="5 times in a row"):
+        await asyncio.wait_for(sup.run(), 60)  # type: ignore[attr-defined]
+    assert len(_pids(tmp_path, "worker-0")) >= 5 or len(_pids(tmp_path, "worker-1")) >= 5
+
+
+async def test_a_killed_child_is_started_again_and_the_stop_drains_every_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup = _supervisor(tmp_path, monkeypatch, "serve")
+    run = asyncio.create_task(sup.run())  # type: ignore[attr-defined]
+    from tests.waiting import wait_until_async
+
+    await wait_until_async(lambda: _pids(tmp_path, "worker-0") and _pids(tmp_path, "worker-1"), 30, what="2 workers")
+    first = _pids(tmp_path, "worker-1")[0]
+    os.kill(first, signal.SIGKILL)
+    await wait_until_async(lambda: len(_pids(tmp_path, "worker-1")) == 2, 30, what="worker 1 started again")
+    assert len(_pids(tmp_path, "worker-0")) == 1  # the other was left alone
+    sup._request_stop()  # type: ignore[attr-defined]  # what SIGTERM does
+    assert await asyncio.wait_for(run, 30) == 0
+    termed = {int(x) for x in (tmp_path / "termed").read_text().split()}
+    assert termed == {_pids(tmp_path, "worker-0")[0], _pids(tmp_path, "worker-1")[1]}  # each drained on SIGTERM
