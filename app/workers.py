@@ -300,7 +300,15 @@ def _prepare_database(config: Config) -> None:
         engine.dispose()
 
 
+def one_write_per_line() -> None:
+    """Each log line leaves this process in one ``write`` (structlog's default logger prints the message and its
+    newline in two, and a non-interactive stderr passes each on at once): N workers, the meter and the supervisor
+    share one stderr, and lines must not interleave."""
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=sys.stderr))
+
+
 def supervise(config: Config) -> int:
+    one_write_per_line()
     return asyncio.run(Supervisor(config).run())
 
 
@@ -333,6 +341,7 @@ async def _watch_parent(parent: int) -> None:
 
 def run_child(role: str, config: Config) -> int:
     """The body of ``joulegate serve --role ROLE`` (started by the supervisor, config on stdin)."""
+    one_write_per_line()
     _tag_logs(role)
     if role == METER:
         return asyncio.run(_meter(config))

@@ -224,7 +224,7 @@ def _served_by_worker(log: str) -> dict[tuple[str, str], int]:
     for line in log.splitlines():
         if "request_finished" not in line:
             continue
-        worker = re.search(r" worker=(\d+)", line)
+        worker = re.search(r" worker=(\d+)\b", line)
         api = re.search(r" api=(\w+)", line)
         if worker and api:
             k = (worker.group(1), api.group(1))
@@ -299,6 +299,8 @@ async def test_two_workers_share_the_ports_survive_a_kill_9_and_drain_with_the_b
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0, log.read_text()[-3000:]
         text = log.read_text()
+        # one line per record, whichever process wrote it: no line carries two records
+        assert all(len(re.findall(r"Z \[\w+ *\] ", line)) <= 1 for line in text.splitlines())
         assert "workers_stopped" in text and text.count("gateway_stopped") >= 2 and "meter_daemon_stopped" in text
         for pid in (pids[0], new_pid):
             with pytest.raises(ProcessLookupError):
