@@ -211,6 +211,12 @@ class Supervisor:
 
     async def _watch(self, child: Child) -> None:
         """Start ``child``, and again each time it dies, until the drain."""
+        try:
+            await self._keep(child)
+        except Exception as exc:  # cannot start a process at all (no memory, no such interpreter): stop, in one line
+            self._fail(1, f"{child.role}: cannot start it: {type(exc).__name__}: {exc}")
+
+    async def _keep(self, child: Child) -> None:
         while not self.stopping:
             await self._spawn(child)
             assert child.proc is not None

@@ -193,3 +193,14 @@ async def test_a_killed_child_is_started_again_and_the_stop_drains_every_child(
     assert await asyncio.wait_for(run, 30) == 0
     termed = {int(x) for x in (tmp_path / "termed").read_text().split()}
     assert termed == {_pids(tmp_path, "worker-0")[0], _pids(tmp_path, "worker-1")[1]}  # each drained on SIGTERM
+
+
+async def test_children_that_cannot_be_started_stop_the_command_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.commands.database import CommandError
+
+    sup = _supervisor(tmp_path, monkeypatch, "serve")
+    sup.python = str(tmp_path / "no-such-python")  # type: ignore[attr-defined]
+    with pytest.raises(CommandError, match="cannot start it: FileNotFoundError"):
+        await asyncio.wait_for(sup.run(), 30)  # type: ignore[attr-defined]
