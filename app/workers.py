@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import re
 import signal
 import socket
 import sys
@@ -83,6 +84,64 @@ def worker_journal_path(config: Config, index: int) -> Path:
     """Worker 0: ``meter.journal_path`` itself; worker i: ``<stem>.worker-<i>.jsonl`` beside it."""
     base = Path(config.meter.journal_path)
     return base if index == 0 else base.with_name(f"{base.stem}.worker-{index}.jsonl")
+
+
+def orphan_journals(config: Config, workers: int) -> list[Path]:
+    """Journals of workers >= ``workers`` that still hold segments: left by an earlier run with more workers (a
+    worker killed, or a drain that could not reach the database). Nobody would take them over."""
+    base = Path(config.meter.journal_path)
+    pattern = re.compile(re.escape(base.stem) + r"\.worker-(\d+)\.jsonl(?:\.\d+)?$")
+    found: set[int] = set()
+    with contextlib.suppress(OSError):
+        for path in base.parent.iterdir():
+            m = pattern.match(path.name)
+            if m and int(m.group(1)) >= workers:
+                found.add(int(m.group(1)))
+    return [worker_journal_path(config, k) for k in sorted(found)]
+
+
+def adopt_orphan_journals(config: Config, workers: int, timeout_s: float = 30.0) -> None:
+    """Replay the journals of workers that this run does not have (``orphan_journals``) into the database, as their
+    worker would at its start: requests left open are closed ABORTED, records not yet stored are stored (idempotent:
+    nothing is doubled). One that is locked (its process lives) or that the database cannot take now (an outage:
+    left for the next start) is logged and left. Blocking."""
+    from meter.journal import JournalLockedError
+    from meter.ledger import Ledger
+    from meter.store.db import make_engine
+
+    paths = orphan_journals(config, workers)
+    if not paths:
+        return
+    from meter.store.db import is_outage
+    from meter.store.migrate import ensure_schema
+
+    engine = make_engine(config.db.url)
+    try:
+        try:
+            ensure_schema(engine)  # (a no-op but on a new database: rows must never meet missing tables)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("worker_journals_left", paths=[str(p) for p in paths], reason="the database is away")
+            return
+        for path in paths:
+            ledger = Ledger(engine, path)
+            try:
+                ledger.start()
+            except JournalLockedError:
+                log.warning("worker_journal_in_use", path=str(path), note="its process still runs: left to it")
+                continue
+            ledger.close(timeout_s)
+            stats = ledger.stats
+            log.info(
+                "worker_journal_adopted",
+                path=str(path),
+                replayed=stats.replayed,
+                aborted=stats.aborted,
+                pending=stats.journal_pending,
+            )
+    finally:
+        engine.dispose()
 
 
 def _with_port(listen: str, port: int) -> str:
@@ -288,8 +347,8 @@ def _pythonpath() -> str:
 
 
 def _prepare_database(config: Config) -> None:
-    """The schema, once, before the children start (they would race to create it); a database that is away is
-    left to the children, which wait for it."""
+    """The schema, once, before the children start (they would race to create it), and the journals of workers
+    this run does not have; a database that is away is left to the children, which wait for it."""
     from app.metering import seed_billing_settings
     from meter.store.db import is_outage, make_engine
     from meter.store.migrate import ensure_schema
@@ -302,8 +361,10 @@ def _prepare_database(config: Config) -> None:
         if not is_outage(exc):
             raise
         log.warning("database_unavailable_at_start", error=(str(exc).splitlines() or [""])[0][:300])
+        return
     finally:
         engine.dispose()
+    adopt_orphan_journals(config, config.server.workers)
 
 
 def one_write_per_line() -> None:

@@ -204,3 +204,40 @@ async def test_children_that_cannot_be_started_stop_the_command_in_one_line(
     sup.python = str(tmp_path / "no-such-python")  # type: ignore[attr-defined]
     with pytest.raises(CommandError, match="cannot start it: FileNotFoundError"):
         await asyncio.wait_for(sup.run(), 30)  # type: ignore[attr-defined]
+
+
+DEAD_WORKER = """
+import os, sys, time
+from meter.ledger import Ledger
+from meter.timeline import RequestStart
+ledger = Ledger(sys.argv[1], sys.argv[2])
+ledger.start()
+now = time.time_ns()
+ledger.request_started(RequestStart("in-flight", "acme", "m", "b1", now - 1000, now))
+ledger.flush()
+os._exit(0)  # as a kill: no close, the journal left behind
+"""
+
+
+def test_journals_of_workers_this_run_does_not_have_are_replayed_at_start(tmp_path: Path) -> None:
+    from app.workers import adopt_orphan_journals, orphan_journals
+    from meter.store import make_engine, upgrade
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    upgrade(url)
+    cfg = load_config(environ={}, overrides={"db": {"url": url}, "meter": {"journal_path": str(tmp_path / "j.jsonl")}})
+    journal = worker_journal_path(cfg, 3)
+    subprocess.run([sys.executable, "-c", DEAD_WORKER, url, str(journal)], cwd=REPO_ROOT, check=True, timeout=60)
+    assert orphan_journals(cfg, 4) == []  # worker 3 of 4 takes its own journal over
+    assert orphan_journals(cfg, 2) == [journal]
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT done_ns FROM requests").all() == [(None,)]  # open: the worker died
+        adopt_orphan_journals(cfg, 2)
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT request_id, status, done_ns FROM requests").all()
+        assert [(r[0], r[1]) for r in rows] == [("in-flight", "ABORTED")] and rows[0][2] is not None
+        assert orphan_journals(cfg, 2) == []  # replayed, its segments deleted
+    finally:
+        engine.dispose()

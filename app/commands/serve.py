@@ -98,12 +98,14 @@ def run(args: argparse.Namespace) -> int:
                 raise
             raise failure from None
     from app.server import GatewayApp
+    from app.workers import adopt_orphan_journals
 
     async def main() -> None:
         # built inside the running loop: grpc.aio objects bind to the loop that creates them
         await GatewayApp(config).run_until_signalled()
 
     try:
+        adopt_orphan_journals(config, 1)  # what an earlier `--workers N` left in worker journals 1.. (usually none)
         asyncio.run(main())
     except Exception as exc:
         failure = start_failure(exc, config.db.url, f"--meter {config.meter.source}")
