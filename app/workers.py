@@ -490,8 +490,12 @@ async def _meter(config: Config) -> int:
     if not local_backends(config):
         log.info("meter_off", reason="no backend runs on this node")
         return 0
+    from meter.sources.nvml import NvmlUnavailableError
+
     watch = asyncio.create_task(_watch_parent(os.getppid()))
     try:
         return await _serve(config, meter_journal_path(config), None)
+    except NvmlUnavailableError as exc:  # --meter nvml where there is none: no restart mends that (exit 2 stops all)
+        raise ConfigError(f"--meter {config.meter.source}: {exc} (--meter none serves without metering)") from None
     finally:
         watch.cancel()

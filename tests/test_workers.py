@@ -241,3 +241,25 @@ def test_journals_of_workers_this_run_does_not_have_are_replayed_at_start(tmp_pa
         assert orphan_journals(cfg, 2) == []  # replayed, its segments deleted
     finally:
         engine.dispose()
+
+
+def test_a_meter_source_that_is_not_there_stops_the_workers_with_exit_2(tmp_path: Path, pg_url: str) -> None:
+    from tests.test_cli_errors import _nvml_present
+
+    if _nvml_present():
+        pytest.skip("NVML is here: --meter nvml would work")
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "app.cli", "serve", "--workers", "2", "--meter", "nvml", "--db", pg_url),
+            *("--backend", "http://127.0.0.1:9", "--grpc-listen", f"127.0.0.1:{free_port()}", "--http-listen", "off"),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "JOULEGATE_METER__JOURNAL_PATH": str(tmp_path / "j.jsonl")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("joulegate serve:")]
+    assert errors[0].startswith("joulegate serve: --meter nvml:"), errors  # the meter's own line
+    assert errors[-1] == "joulegate serve: meter exited 2 (a bad setting: its one-line error is above)"
