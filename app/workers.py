@@ -19,11 +19,16 @@ A Python gateway uses one core (the GIL), so a bigger host runs several: the fle
 
 A child that dies (``kill -9``, a crash) is started again, with the same index and so the same journal: its start
 closes ``ABORTED`` the requests the dead one had in flight and replays what it had not stored, so no recorded
-request is lost or counted twice. A child that keeps dying within seconds of its start (five times in a row) stops
-the whole command (exit 1); one that exits 2 (a bad setting) stops it at once (exit 2). SIGTERM or SIGINT to the
-supervisor drains: every worker gets SIGTERM and drains as a single gateway does (``server.drain_grace_s``), then
-the meter stops and flushes; a child still running ``drain_grace_s + 15`` s later is killed. A worker whose
-supervisor vanished (``kill -9`` of the supervisor) drains and exits on its own within a second.
+request is lost or counted twice. (The connections the dead worker had accepted, or that waited in its accept
+queue, are reset: their clients see UNAVAILABLE or a cut stream, as when a replica dies; Linux >= 5.14 with
+``net.ipv4.tcp_migrate_req = 1`` hands the queued ones to a live worker.) Journals of workers a run does not have
+(an earlier run had more) are replayed by the supervisor at start (``adopt_orphan_journals``; a single gateway
+does the same), so shrinking N leaves no request open. A child that keeps dying within seconds of its start (five
+times in a row) stops the whole command (exit 1); one that exits 2 (a bad setting; ``--meter nvml`` where NVML is
+not) stops it at once (exit 2). SIGTERM or SIGINT to the supervisor drains: every worker gets SIGTERM and drains as
+a single gateway does (``server.drain_grace_s``), then the meter stops and flushes; a child still running
+``drain_grace_s + 15`` s later is killed. A child whose supervisor vanished (``kill -9`` of the supervisor) drains
+and exits on its own within a second.
 
 Request ids are random 128-bit values (``common.ids``: ``uuid4``, from the OS's generator in each process): no
 coordination between workers is needed for them to be unique.
