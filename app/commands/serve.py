@@ -1,4 +1,5 @@
-"""``joulegate serve``: the gateway process (gRPC on 8033, HTTP on 8080), with an in-process meter if asked.
+"""``joulegate serve``: the gateway process (gRPC on 8033, HTTP on 8080), with an in-process meter if asked; with
+``--workers N`` (N > 1) a supervisor of N gateway processes on the same ports and one meter (``app.workers``).
 
 What can stop it at start ends as one line (``app.cli``): a bad setting, a database it cannot use, an energy
 source that is not there (``--meter nvml`` without a GPU), a port it cannot listen on.
