@@ -217,6 +217,18 @@ class Supervisor:
             self._held.append(http_sock)
             updates["http_listen"] = _with_port(server.http_listen, http_sock.getsockname()[1])
         cfg = cfg.model_copy(update={"server": server.model_copy(update=updates)})
+        if server.worker_metrics_listen:  # each worker's own port: taken ones are named now, not in a restart loop
+            from common.net import bind_tcp
+
+            host, port = _host_port(server.worker_metrics_listen)
+            for i in range(server.workers):
+                try:
+                    bind_tcp(host, port + i, reuse_port=False).close()
+                except OSError as exc:
+                    raise OSError(
+                        f"server.worker_metrics_listen: worker {i} cannot listen on {host}:{port + i}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
         await asyncio.to_thread(_prepare_database, cfg)
         if cfg.meter.source != "none":
             self.children.append(Child(METER, cfg))

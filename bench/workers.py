@@ -29,6 +29,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,26 @@ def _box_busy_s() -> float:
     """CPU seconds every process on this machine has used (/proc/stat: all but idle and iowait)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
+def _free_run(n: int) -> int:
+    """A free port whose next ``n - 1`` ports are free too (worker i's /metrics listens on base + i)."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            for i in range(1, n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + i))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def _free_outside(base: int, n: int) -> int:
+    while (port := free_port()) in range(base, base + n):
+        pass
+    return port
 
 
 @dataclass
@@ -171,7 +192,8 @@ def _split(base_port: int, workers: int) -> list[int]:
 
 
 def run_one(workdir: Path, db_url: str, sim_url: str, sim_pid: int, workers: int, args: argparse.Namespace) -> Result:
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    metrics_port = _free_run(workers)
+    http_port, grpc_port = _free_outside(metrics_port, workers), _free_outside(metrics_port, workers)
     env = {
         **os.environ,
         "JOULEGATE_AUTH__REQUIRED": "false",

@@ -263,3 +263,23 @@ def test_a_meter_source_that_is_not_there_stops_the_workers_with_exit_2(tmp_path
     errors = [line for line in proc.stderr.splitlines() if line.startswith("joulegate serve:")]
     assert errors[0].startswith("joulegate serve: --meter nvml:"), errors  # the meter's own line
     assert errors[-1] == "joulegate serve: meter exited 2 (a bad setting: its one-line error is above)"
+
+
+async def test_a_worker_metrics_port_that_is_taken_stops_the_start_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sup = _supervisor(tmp_path, monkeypatch, "serve")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    server = sup.config.server  # type: ignore[attr-defined]
+    sup.config = sup.config.model_copy(  # type: ignore[attr-defined]
+        update={"server": server.model_copy(update={"worker_metrics_listen": f"127.0.0.1:{port - 1}"})}
+    )
+    try:
+        with pytest.raises(OSError, match=r"worker_metrics_listen: worker \d cannot listen on 127\.0\.0\.1:\d+"):
+            await asyncio.wait_for(sup.run(), 30)  # type: ignore[attr-defined]
+    finally:
+        taken.close()
+    assert not _pids(tmp_path, "worker-0")  # nothing was started

@@ -46,6 +46,12 @@ def _free_pair() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
+def _free_besides(metrics_port: int) -> int:
+    while (port := free_port()) in (metrics_port, metrics_port + 1):
+        pass
+    return port
+
+
 @contextlib.contextmanager
 def socket_bound(port: int):  # type: ignore[no-untyped-def]
     import socket
@@ -241,7 +247,8 @@ async def test_two_workers_share_the_ports_survive_a_kill_9_and_drain_with_the_b
     key = create_key(db, "tenant-a").key
     sim = SimTGI(SimConfig(time_scale=0.5))
     sim_url = await sim.start()
-    grpc_port, http_port, metrics_port = free_port(), free_port(), _free_pair()
+    metrics_port = _free_pair()
+    grpc_port, http_port = _free_besides(metrics_port), _free_besides(metrics_port)
     config = _config(tmp_path, pg_url, sim_url, grpc_port, http_port, metrics_port)
     log = tmp_path / "serve.log"
     proc: asyncio.subprocess.Process | None = None
