@@ -278,12 +278,10 @@ class Supervisor:
         child.proc.stdin.close()
         child.started = time.monotonic()
         child.starts += 1
-        log.info(
-            "worker_started" if child.role != METER else "meter_started",
-            role=child.role,
-            pid=child.proc.pid,
-            start=child.starts,
-        )
+        if child.role == METER:
+            log.info("meter_process_started", role=child.role, pid=child.proc.pid, start=child.starts)
+        else:
+            log.info("worker_started", role=child.role, pid=child.proc.pid, start=child.starts)
 
     async def _watch(self, child: Child) -> None:
         """Start ``child``, and again each time it dies, until the drain."""

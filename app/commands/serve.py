@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 from typing import Any
 
-from app.commands.database import CommandError, check_db_url, db_failure, url_origin
+from app.commands.database import check_db_url, url_origin
+from app.commands.failures import start_failure
 from app.commands.tls_flags import add_tls_arguments, tls_overrides
 from app.config import load_config
 from common.config import LISTEN_HELP
@@ -135,22 +135,3 @@ def _run_child(role: str) -> int:
         if failure is None:
             raise
         raise failure from None
-
-
-def start_failure(exc: BaseException, db_url: str, meter: str) -> CommandError | ConfigError | None:
-    """One line for what stopped a gateway or meter daemon (the energy source, the database, a port); None for an
-    error nobody anticipated (a bug: ``app.cli`` reports it, with its traceback on request)."""
-    import sqlalchemy as sa
-
-    from meter.sources.nvml import NvmlUnavailableError
-
-    if isinstance(exc, CommandError | ConfigError):
-        return exc
-    if isinstance(exc, NvmlUnavailableError):
-        return CommandError(f"{meter}: {exc} (--meter none serves without metering)")
-    if isinstance(exc, sa.exc.SQLAlchemyError):
-        return db_failure(exc, db_url)
-    if isinstance(exc, OSError):
-        bind = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or "cannot listen" in str(exc)
-        return CommandError(f"{exc}{' (another process on that port? change the listen address)' if bind else ''}")
-    return None
