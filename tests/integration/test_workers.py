@@ -2,10 +2,11 @@
 
 Traffic on both front doors (gRPC and HTTP, new connections so the kernel spreads them) reaches both workers (per
 worker: its ``/metrics`` on its own port and its log lines); ``kill -9`` of a worker under traffic: the supervisor
-starts it again on the same journal, whose replay closes ABORTED what it had in flight; SIGTERM to the supervisor
-drains every child and exits 0. Then the books, as tests/integration/test_gateway_kill9.py reads them: every call a
-client saw succeed has exactly one row, OK; no id twice; no row left open; every request counted once in the
-rollups; conservation per epoch."""
+starts it again on the same journal, whose replay closes ABORTED what it had in flight. The books then, as
+tests/integration/test_gateway_kill9.py reads them: every call a client saw succeed has exactly one row, OK; no id
+twice; every request counted once in the rollups; conservation per epoch. Last, SIGTERM to the supervisor under
+traffic drains every child and exits 0: the calls seen to succeed meanwhile have their OK rows, and no row is left
+open."""
 
 from __future__ import annotations
 
@@ -302,18 +303,7 @@ async def test_two_workers_share_the_ports_survive_a_kill_9_and_drain_with_the_b
         await wait_closed(db, 15.0)
         await wait_attributed(db, 60.0)
 
-        # 2. SIGTERM to the supervisor: every worker drains, the meter stops, exit 0, no child left.
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 60) == 0, log.read_text()[-3000:]
-        text = log.read_text()
-        # one line per record, whichever process wrote it: no line carries two records
-        assert all(len(re.findall(r"Z \[\w+ *\] ", line)) <= 1 for line in text.splitlines())
-        assert "workers_stopped" in text and text.count("gateway_stopped") >= 2 and "meter_daemon_stopped" in text
-        for pid in (pids[0], new_pid):
-            with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
-
-        # 3. The books.
+        # 2. The books after the kill and the restart.
         rows = {r.request_id: r for r in query(db, "SELECT request_id, status, done_ns FROM requests")}
         ok = traffic.ok
         assert len(set(ok)) == len(ok), "an id handed out twice"
@@ -322,14 +312,37 @@ async def test_two_workers_share_the_ports_survive_a_kill_9_and_drain_with_the_b
         assert all(rows[i].status == "OK" for i in ok)
         others = {r.status for i, r in rows.items() if i not in set(ok)}
         assert others <= {ABORTED, "OK"}, others  # in flight at the kill: closed ABORTED (or finished, answer lost)
-        assert query(db, "SELECT COUNT(*) FROM requests WHERE done_ns IS NULL")[0][0] == 0
         check_books(db)
         counted = query(db, "SELECT SUM(requests) FROM usage_hourly")[0][0]
         assert counted == len(rows)  # every request counted once
+        aborted = sum(r.status == ABORTED for r in rows.values())
+
+        # 3. SIGTERM to the supervisor under traffic: every worker drains (calls in flight finish, new ones are
+        # refused), the meter stops, exit 0, no child left, and what the clients saw succeed is in the books.
+        draining = Traffic(grpc_port, http_port, key)
+        task = asyncio.create_task(draining.run(seed=2))
+        await asyncio.sleep(1.5)
+        assert draining.ok, draining.errors
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0, _tail(log)
+        draining.stop.set()
+        await task
+        text = log.read_text()
+        # one line per record, whichever process wrote it: no line carries two records
+        assert all(len(re.findall(r"Z \[\w+ *\] ", line)) <= 1 for line in text.splitlines())
+        assert "workers_stopped" in text and text.count("gateway_stopped") >= 2 and "meter_daemon_stopped" in text
+        for pid in (pids[0], new_pid):
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        rows = {r.request_id: r for r in query(db, "SELECT request_id, status, done_ns FROM requests")}
+        assert len(set(ok + draining.ok)) == len(ok) + len(draining.ok), "an id handed out twice"
+        assert all(rows[i].status == "OK" for i in draining.ok), "a call seen to succeed during the drain has no OK row"
+        assert query(db, "SELECT COUNT(*) FROM requests WHERE done_ns IS NULL")[0][0] == 0  # the drain closed all
         print(
             f"\n{len(ok)} ok ({ok_before_kill} before the kill), {traffic.failed} failed "
-            f"({sorted(set(traffic.errors))[:5]}), {sum(s == ABORTED for s in (r.status for r in rows.values()))} "
-            f"closed {ABORTED}; served per (worker, api): {_served_by_worker(text)}"
+            f"({sorted(set(traffic.errors))[:5]}), {aborted} closed {ABORTED}; during the drain {len(draining.ok)} ok, "
+            f"{draining.failed} failed ({sorted(set(draining.errors))[:3]}); served per (worker, api): "
+            f"{_served_by_worker(text)}"
         )
     finally:
         if proc is not None and proc.returncode is None:
