@@ -66,6 +66,17 @@ class ServerConfig(Section):
     )
     max_batch_requests: int = Field(default=64, ge=1, description="most texts in one Generate call")
     grpc_max_concurrent_streams: int = Field(default=4096, ge=1)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="gateway processes on this host, sharing the listeners (SO_REUSEPORT); >1 needs PostgreSQL",
+    )
+    worker_metrics_listen: str | None = Field(
+        default=None,
+        description="with workers > 1: worker i serves its own /metrics on HOST:PORT+i (unset: none; the shared "
+        "/metrics answers from whichever worker takes the connection)",
+    )
 
     @field_validator("grpc_listen")
     @classmethod
@@ -78,6 +89,14 @@ class ServerConfig(Section):
     @classmethod
     def _v_http(cls, v: str | None) -> str | None:
         return listener(v)
+
+    @field_validator("worker_metrics_listen")
+    @classmethod
+    def _v_worker_metrics(cls, v: str | None) -> str | None:
+        v = listener(v)
+        if v is not None and v.rpartition(":")[2] == "0":
+            raise ValueError("give a port: worker i listens on PORT+i, which port 0 cannot say")
+        return v
 
 
 class ModelConfig(Section):

@@ -35,6 +35,7 @@ from app.metering import (
 from common.grpc_handlers import add_servicer, bind_grpc
 from common.grpc_introspection import add_introspection
 from common.logs import as_fields
+from common.net import share_ports
 from common.tls import ReloadingContext, grpc_server_credentials
 from meter.ledger import Ledger
 from meter.reports_api import SERVICE as ENERGY_REPORTS
@@ -66,6 +67,7 @@ class GatewayApp:
     http_port: int = 0  # the bound HTTP port, once started (0: HTTP disabled)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     span_exporter: Any = None  # an OpenTelemetry SpanExporter to trace to instead of [tracing] endpoint (tests)
+    share_ports: bool = False  # a worker of `serve --workers N`: both listeners with SO_REUSEPORT (app.workers)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -100,7 +102,7 @@ class GatewayApp:
         self._stop_health = asyncio.Event()
         self.server = grpc.aio.server(
             options=[
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", int(self.share_ports)),
                 ("grpc.max_concurrent_streams", cfg.server.grpc_max_concurrent_streams),
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
@@ -155,6 +157,8 @@ class GatewayApp:
         self.grpc_port = bind_grpc(self.server, cfg.server.grpc_listen, grpc_server_credentials(tls) if tls else None)
         await self.server.start()
         if self.http is not None and cfg.server.http_listen:
+            if self.share_ports:
+                share_ports()  # the HTTP front door binds through common.net
             ssl_context = ReloadingContext(tls) if tls else None
             self.http_port = await self.http.start(cfg.server.http_listen, ssl_context)
             if ssl_context is not None:

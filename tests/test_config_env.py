@@ -51,6 +51,7 @@ def _sample_value(path: tuple[str, ...]) -> str:
             "hard_wh": "20.5",
             "over_soft_class": "batch",
             "endpoint": "http://otel-collector:4317",
+            "worker_metrics_listen": "127.0.0.1:9400",
         }[key]
     if isinstance(value, bool):
         return str(value).lower()

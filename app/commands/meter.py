@@ -68,7 +68,7 @@ def meter_journal_path(config: Config) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.commands.serve import start_failure
+    from app.commands.failures import start_failure
     from common.logs import configure_logging
 
     config = load_config(args.config, overrides=_overrides(args))

@@ -1,4 +1,5 @@
-"""``joulegate serve``: the gateway process (gRPC on 8033, HTTP on 8080), with an in-process meter if asked.
+"""``joulegate serve``: the gateway process (gRPC on 8033, HTTP on 8080), with an in-process meter if asked; with
+``--workers N`` (N > 1) a supervisor of N gateway processes on the same ports and one meter (``app.workers``).
 
 What can stop it at start ends as one line (``app.cli``): a bad setting, a database it cannot use, an energy
 source that is not there (``--meter nvml`` without a GPU), a port it cannot listen on.
@@ -8,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 from typing import Any
 
-from app.commands.database import CommandError, check_db_url, db_failure, url_origin
+from app.commands.database import check_db_url, url_origin
+from app.commands.failures import start_failure
 from app.commands.tls_flags import add_tls_arguments, tls_overrides
 from app.config import load_config
 from common.config import LISTEN_HELP
@@ -37,6 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--meter", choices=["auto", "nvml", "sim", "none"], help="energy source of the in-process meter (default auto)"
     )
     parser.add_argument("--log-format", choices=["json", "console"])
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="gateway processes sharing the listeners (SO_REUSEPORT), one meter for the host; N > 1 needs "
+        "PostgreSQL (default: server.workers, 1)",
+    )
+    # a child of `--workers N` (app.workers): "worker-<i>" or "meter", its configuration as JSON on stdin
+    parser.add_argument("--role", help=argparse.SUPPRESS)
     add_tls_arguments(parser)
 
 
@@ -50,6 +60,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         server["http_listen"] = args.http_listen
     if getattr(args, "log_format", None):
         server["log_format"] = args.log_format
+    if getattr(args, "workers", None) is not None:
+        server["workers"] = args.workers
     if server:
         out["server"] = server
     if args.db:
@@ -67,19 +79,34 @@ def run(args: argparse.Namespace) -> int:
     from common.logs import configure_logging
     from proxy.request_log import set_request_log
 
+    if getattr(args, "role", None):
+        return _run_child(args.role)
     config = load_config(args.config, overrides=overrides_from_args(args))
     if not config.models:
         raise ConfigError("no backends: give --backend URL or [[models]] in the config file")
     check_db_url(config.db.url, must_exist=False, origin=url_origin(args))  # the gateway creates a new SQLite file
     configure_logging(config.server.log_level, config.server.log_format)
     set_request_log(config.server.request_log)
+    if config.server.workers > 1:
+        from app.workers import check_workers_db, supervise
+
+        check_workers_db(config)
+        try:
+            return supervise(config)
+        except Exception as exc:
+            failure = start_failure(exc, config.db.url, f"--meter {config.meter.source}")
+            if failure is None:
+                raise
+            raise failure from None
     from app.server import GatewayApp
+    from app.workers import adopt_orphan_journals
 
     async def main() -> None:
         # built inside the running loop: grpc.aio objects bind to the loop that creates them
         await GatewayApp(config).run_until_signalled()
 
     try:
+        adopt_orphan_journals(config, 1)  # what an earlier `--workers N` left in worker journals 1.. (usually none)
         asyncio.run(main())
     except Exception as exc:
         failure = start_failure(exc, config.db.url, f"--meter {config.meter.source}")
@@ -89,20 +116,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_failure(exc: BaseException, db_url: str, meter: str) -> CommandError | ConfigError | None:
-    """One line for what stopped a gateway or meter daemon (the energy source, the database, a port); None for an
-    error nobody anticipated (a bug: ``app.cli`` reports it, with its traceback on request)."""
-    import sqlalchemy as sa
+def _run_child(role: str) -> int:
+    """A worker or the meter of ``--workers N``: the supervisor's validated configuration comes on stdin."""
+    import sys
 
-    from meter.sources.nvml import NvmlUnavailableError
+    from app.config import Config
+    from app.workers import run_child
+    from common.logs import configure_logging
+    from proxy.request_log import set_request_log
 
-    if isinstance(exc, CommandError | ConfigError):
-        return exc
-    if isinstance(exc, NvmlUnavailableError):
-        return CommandError(f"{meter}: {exc} (--meter none serves without metering)")
-    if isinstance(exc, sa.exc.SQLAlchemyError):
-        return db_failure(exc, db_url)
-    if isinstance(exc, OSError):
-        bind = exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) or "cannot listen" in str(exc)
-        return CommandError(f"{exc}{' (another process on that port? change the listen address)' if bind else ''}")
-    return None
+    config = Config.model_validate_json(sys.stdin.buffer.read())
+    configure_logging(config.server.log_level, config.server.log_format)
+    set_request_log(config.server.request_log)
+    try:
+        return run_child(role, config)
+    except Exception as exc:
+        failure = start_failure(exc, config.db.url, f"--meter {config.meter.source}")
+        if failure is None:
+            raise
+        raise failure from None
