@@ -12,7 +12,24 @@ from typing import Any
 
 from common.errors import BackendError, GatewayError
 from proxy.engines.base import SSE_DONE, BackendLike, Engine, Event, EventReader
+from proxy.sse import PlainShape
 from proxy.tgi_wire import from_tgi, parse_event, token_limit
+
+# TGI's plain stream events, proven by byte counts (``PlainShape``):
+# /generate_stream: {"index","token":{...},"top_tokens"?,"generated_text":null,"details":null} - one token each, the
+# last event's details (the counts) are parsed;
+# /v1/chat/completions: chat.completion.chunk with one choice (one token) and "usage":null - the usage chunk (and
+# [DONE], errors, chunks of several choices) are parsed.
+_PLAIN = {
+    "/generate_stream": PlainShape(
+        each=(b'"token":{', b'"details":null'), tokens=b'"token":{', only_as=((b'"details":', b'"details":null'),)
+    ),
+    "/v1/chat/completions": PlainShape(
+        each=(b'"choices":[{', b'"finish_reason":'),
+        tokens=b'"finish_reason":',
+        only_as=((b'"usage":', b'"usage":null'),),
+    ),
+}
 
 
 class TgiReader(EventReader):
@@ -39,6 +56,9 @@ class Tgi(Engine):
 
     def reader(self, route: str, body: dict[str, Any], backend: str) -> EventReader:
         return TgiReader(backend)
+
+    def plain_shape(self, route: str) -> PlainShape | None:
+        return _PLAIN.get(route)
 
     def error(self, status: int, body: object, backend: str) -> GatewayError:
         return from_tgi(status, body, backend=backend)
