@@ -54,50 +54,47 @@ class SSEDecoder:
 
 class PlainShape:
     """What makes an event *plain* for one wire format: byte counts over a run of complete ``data:{...}`` events that
-    prove every event in it is an ordinary token event, which the gateway needs to count, not to read.
+    prove every event in it is an ordinary token event (one token), which the gateway needs to count, not to read.
 
-    ``each``: byte strings that occur exactly once in every plain event (e.g. ``"details":null``); ``tokens``: the
-    byte string whose occurrences count the tokens (one per plain event for TGI, one per choice for OpenAI chunks);
-    ``only_as``: (key, the only form it may take) pairs, e.g. ``usage`` only as ``"usage":null``. Any event that
-    contains ``"error"`` is never plain. The checks are conservative: an event they do not prove plain is parsed.
-    Key patterns with unescaped quotes can only be keys, never inside a JSON string (whose quotes are escaped).
+    ``end``: how every plain event's JSON ends (e.g. ``,"details":null}``: the last top-level key, null, so no
+    details whatever came before it); ``each``: byte strings that occur exactly once in every plain event (e.g.
+    ``"token":{``). An event with ``"error"`` anywhere is never plain. Key patterns with unescaped quotes can only be
+    keys, never inside a JSON string (whose quotes are escaped). The checks are conservative: an event they do not
+    prove plain is parsed.
     """
 
-    __slots__ = ("each", "only_as", "tokens")
+    __slots__ = ("each", "end")
 
-    def __init__(self, each: tuple[bytes, ...], tokens: bytes, only_as: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    def __init__(self, end: bytes, each: tuple[bytes, ...]) -> None:
+        self.end = end + b"\n\n"
         self.each = each
-        self.tokens = tokens
-        self.only_as = only_as
 
-    def tokens_of(self, run: bytes, n: int) -> int | None:
-        """The tokens in ``run`` (``n`` complete, single-line ``data:{...}`` events), or None when it is not plain."""
-        if b'"error"' in run:
-            return None
-        for marker in self.each:
-            if run.count(marker) != n:
-                return None
-        for key, form in self.only_as:
-            if run.count(key) != run.count(form):
-                return None
-        return run.count(self.tokens)
+    def plain(self, run: bytes, n: int) -> bool:
+        """Whether ``run`` (``n`` complete, single-line ``data:{...}`` events) is plain."""
+        if run.count(self.end) != n or b'"error"' in run:
+            return False
+        return all(run.count(marker) == n for marker in self.each)
 
 
 class PlainRun:
-    """Complete upstream SSE events, in the upstream's own bytes, proven plain: ``events`` events, ``tokens`` tokens."""
+    """Complete upstream SSE events, in the upstream's own bytes, proven plain: ``events`` events, one token each."""
 
-    __slots__ = ("data", "events", "tokens")
+    __slots__ = ("data", "events")
 
-    def __init__(self, data: bytes, events: int, tokens: int) -> None:
+    def __init__(self, data: bytes, events: int) -> None:
         self.data = data
         self.events = events
-        self.tokens = tokens
+
+    @property
+    def tokens(self) -> int:
+        return self.events
 
     def __repr__(self) -> str:
-        return f"PlainRun(events={self.events}, tokens={self.tokens}, data={self.data!r})"
+        return f"PlainRun(events={self.events}, data={self.data!r})"
 
 
-_PEEL = 3  # events taken off a run's end (the last token's, usage, [DONE]) before it is split event by event
+_PEEL = 3  # odd events taken off a run's end (the last token's, usage, [DONE]) before it is split event by event
+_SEPARATOR = b"}\n\ndata:{"
 
 
 class EventScanner:
@@ -106,7 +103,8 @@ class EventScanner:
 
     The findings equal ``SSEDecoder``'s (``tests/test_sse_scan.py``): a run is plain only when its events are
     single ``data:{...}`` lines without ``\\r`` and ``shape`` proves them plain; a stream with a ``\\r`` anywhere is
-    decoded by ``SSEDecoder`` from there on. Complete events only: a run always ends at a blank line.
+    decoded by ``SSEDecoder`` from there on. Complete events only: a run always ends at a blank line. A handful of
+    passes of ``bytes.count`` over a read, no Python object per event.
     """
 
     __slots__ = ("_buf", "_decoder", "_shape")
@@ -144,32 +142,32 @@ class EventScanner:
         return [*decoder.feed(buf), *decoder.close()]
 
     def _plain(self, run: bytes) -> PlainRun | None:
-        n = run.count(b"\n\n")
+        # n events, each a single line "data:{...}": n-1 separators, and no newline but theirs and the last two
+        n = run.count(_SEPARATOR) + 1
         if (
-            run.count(b"\n") != 2 * n
-            or not run.startswith(b"data:{")
-            or run.count(b"\ndata:{") != n - 1
-            or run.count(b"}\n\n") != n
+            not run.startswith(b"data:{")
+            or not run.endswith(b"}\n\n")
+            or run.count(b"\n") != 2 * n
+            or not self._shape.plain(run, n)
         ):
             return None
-        tokens = self._shape.tokens_of(run, n)
-        return None if tokens is None else PlainRun(run, n, tokens)
+        return PlainRun(run, n)
 
     def _scan(self, run: bytes, out: list[PlainRun | str]) -> None:
         """``run``: complete events (it ends with a blank line)."""
         tail: list[bytes] = []
-        while run:
-            plain = self._plain(run)
-            if plain is not None:
-                out.append(plain)
-                break
-            if len(tail) == _PEEL:  # not one odd event at the end: event by event
-                self._one_by_one(run, out)
-                break
+        end = self._shape.end
+        while run and len(tail) < _PEEL and not run.endswith(end):  # its last event is not plain: parse it
             cut = run.rfind(b"\n\n", 0, len(run) - 2)
             cut = 0 if cut < 0 else cut + 2
             tail.append(run[cut:])
             run = run[:cut]
+        if run:
+            plain = self._plain(run)
+            if plain is not None:
+                out.append(plain)
+            else:
+                self._one_by_one(run, out)
         for event in reversed(tail):
             self._one(event, out)
 

@@ -49,7 +49,9 @@ tokens = st.fixed_dictionaries(
 
 @st.composite
 def tgi_event(draw: st.DrawFn) -> Any:
-    kind = draw(st.sampled_from(["token", "token", "token", "final", "error", "odd"]))
+    kind = draw(st.sampled_from(["token", "token", "token", "final", "error", "odd", "tokenless"]))
+    if kind == "tokenless":  # ends as a plain event does, without a token
+        return {"index": 1, "generated_text": None, "details": None}
     if kind == "error":
         return {"error": draw(texts), "error_type": draw(st.sampled_from(["validation", "generation", "overloaded"]))}
     if kind == "odd":  # objects that are not TGI's: a parse must see them as they are
@@ -75,7 +77,9 @@ def tgi_event(draw: st.DrawFn) -> Any:
 
 @st.composite
 def chat_event(draw: st.DrawFn) -> Any:
-    kind = draw(st.sampled_from(["chunk", "chunk", "chunk", "usage", "error", "odd"]))
+    kind = draw(st.sampled_from(["chunk", "chunk", "chunk", "usage", "error", "odd", "empty"]))
+    if kind == "empty":  # ends as a plain chunk does, without a choice
+        return {"object": "chat.completion.chunk", "choices": [], "usage": None}
     if kind == "error":
         return {"error": {"message": draw(texts)}}
     if kind == "odd":

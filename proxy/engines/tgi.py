@@ -15,20 +15,14 @@ from proxy.engines.base import SSE_DONE, BackendLike, Engine, Event, EventReader
 from proxy.sse import PlainShape
 from proxy.tgi_wire import from_tgi, parse_event, token_limit
 
-# TGI's plain stream events, proven by byte counts (``PlainShape``):
-# /generate_stream: {"index","token":{...},"top_tokens"?,"generated_text":null,"details":null} - one token each, the
-# last event's details (the counts) are parsed;
-# /v1/chat/completions: chat.completion.chunk with one choice (one token) and "usage":null - the usage chunk (and
-# [DONE], errors, chunks of several choices) are parsed.
+# TGI's plain stream events, proven by byte counts (``PlainShape``), one token each:
+# /generate_stream: {"index","token":{...},"top_tokens"?,"generated_text":null,"details":null}; the last event (with
+# the details: the counts) is parsed;
+# /v1/chat/completions: chat.completion.chunk with one choice and "usage":null last; the usage chunk, [DONE], errors
+# and chunks of several choices are parsed.
 _PLAIN = {
-    "/generate_stream": PlainShape(
-        each=(b'"token":{', b'"details":null'), tokens=b'"token":{', only_as=((b'"details":', b'"details":null'),)
-    ),
-    "/v1/chat/completions": PlainShape(
-        each=(b'"choices":[{', b'"finish_reason":'),
-        tokens=b'"finish_reason":',
-        only_as=((b'"usage":', b'"usage":null'),),
-    ),
+    "/generate_stream": PlainShape(end=b',"details":null}', each=(b'"token":{',)),
+    "/v1/chat/completions": PlainShape(end=b',"usage":null}', each=(b'"choices":[{', b'"finish_reason":')),
 }
 
 
