@@ -50,7 +50,7 @@ from proxy.budgets import Budgets
 from proxy.engines import Engine, EventReader
 from proxy.engines.base import CACHED_TOKENS
 from proxy.job import Job
-from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
+from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, Children, tenant_label
 from proxy.rate_limits import RateLimiter
 from proxy.request_log import log_request
 from proxy.shaping import Shaper
@@ -60,6 +60,9 @@ from proxy.tracing import RequestTrace, Tracing, backend_call, queued, recorded,
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+
+_REQUESTS, _GENERATED_TOKENS, _PROMPT_TOKENS = Children(REQUESTS), Children(GENERATED_TOKENS), Children(PROMPT_TOKENS)
+_TTFT, _LATENCY = Children(TTFT), Children(LATENCY)
 
 UNKNOWN_CLASS = "(unknown)"  # the recorded class of a refused call that named a class no operator configured
 
@@ -670,14 +673,14 @@ class Gateway:
             log.exception("timeline_record_failed", request_id=job.request_id)
         tenant = tenant_label(job.tenant)
         model = job.model_id if job.model_id in self.pools else "(unknown)"  # a refused call may name anything
-        REQUESTS.labels(model, job.api.value, job.traffic_class, tenant, status).inc()
+        _REQUESTS(model, job.api.value, job.traffic_class, tenant, status).inc()
         if released:
-            GENERATED_TOKENS.labels(job.model_id, tenant).inc(stream.generated_tokens)
-            PROMPT_TOKENS.labels(job.model_id, tenant).inc(prompt_tokens)
+            _GENERATED_TOKENS(job.model_id, tenant).inc(stream.generated_tokens)
+            _PROMPT_TOKENS(job.model_id, tenant).inc(prompt_tokens)
         if stream.first_token_ns is not None:
-            TTFT.labels(job.model_id, job.traffic_class).observe((stream.first_token_ns - job.received_ns) / 1e9)
+            _TTFT(job.model_id, job.traffic_class).observe((stream.first_token_ns - job.received_ns) / 1e9)
             if status == "OK":
-                LATENCY.labels(job.model_id, job.traffic_class).observe((done_ns - job.received_ns) / 1e9)
+                _LATENCY(job.model_id, job.traffic_class).observe((done_ns - job.received_ns) / 1e9)
         log_request(job, stream, status, done_ns)
         recorded(stream.trace, status, stream.backend if released else None, prompt_tokens, stream.generated_tokens)
 
