@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
+import orjson
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
@@ -54,7 +55,7 @@ from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TT
 from proxy.rate_limits import RateLimiter
 from proxy.request_log import log_request
 from proxy.shaping import Shaper
-from proxy.sse import EventScanner, PlainRun, SSEDecoder
+from proxy.sse import EventScanner, PlainRun, SSEDecoder, parse_run
 from proxy.tgi_wire import OPENAI_ROUTES, stream_error
 from proxy.tracing import RequestTrace, Tracing, backend_call, queued, recorded, stream_ended
 
@@ -508,8 +509,8 @@ class Gateway:
                 err: GatewayError = exc
             else:
                 reader = engine.reader(job.route, body, backend.name)
-                shape = engine.plain_shape(job.route) if raw else None
-                events: _Events = _Parsed(reader) if shape is None else _Scanned(reader, EventScanner(shape))
+                shape = engine.plain_shape(job.route)
+                events: _Events = _Parsed(reader) if shape is None else _Scanned(reader, EventScanner(shape), raw)
                 try:
                     first = await _first_events(resp, events)
                 except BaseException:
@@ -731,13 +732,14 @@ class _Parsed:
 
 class _Scanned:
     """Plain events scanned and kept as bytes (``PlainRun``), the others parsed by the engine's reader, which must
-    read every event on its own (``Engine.plain_shape``)."""
+    read every event on its own (``Engine.plain_shape``). Not ``raw``: runs parsed too, each in one go."""
 
-    __slots__ = ("_reader", "_scanner")
+    __slots__ = ("_raw", "_reader", "_scanner")
 
-    def __init__(self, reader: EventReader, scanner: EventScanner) -> None:
+    def __init__(self, reader: EventReader, scanner: EventScanner, raw: bool) -> None:
         self._reader = reader
         self._scanner = scanner
+        self._raw = raw
 
     def feed(self, chunk: bytes) -> list[Item]:
         return self._parse(self._scanner.feed(chunk))
@@ -748,10 +750,16 @@ class _Scanned:
     def _parse(self, found: list[PlainRun | str]) -> list[Item]:
         out: list[Item] = []
         for x in found:
-            if x.__class__ is PlainRun:
+            if x.__class__ is not PlainRun:
+                out.extend(self._reader.feed((x,)))  # type: ignore[arg-type]
+            elif self._raw:
                 out.append(x)
             else:
-                out.extend(self._reader.feed((x,)))  # type: ignore[arg-type]
+                try:
+                    out.extend(parse_run(x))
+                except orjson.JSONDecodeError:  # not JSON after all: the reader says so as it always does
+                    datas = [e[5:].decode("utf-8", "replace") for e in x.data.split(b"\n\n")[:-1]]
+                    out.extend(self._reader.feed(datas))
         return out
 
 

@@ -15,11 +15,14 @@ import json
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.errors import BackendError
 from proxy.engines.tgi import Tgi
-from proxy.sse import EventScanner, PlainRun, SSEDecoder
+from proxy.gateway import _Scanned
+from proxy.sse import EventScanner, PlainRun, SSEDecoder, parse_run
 
 TRICKY = [
     '"details":null',
@@ -173,6 +176,7 @@ def _check(route: str, raw: bytes, cuts: list[int], observed: Any) -> None:
             if isinstance(item, PlainRun):
                 events = [orjson.loads(e[5:]) for e in item.data.split(b"\n\n") if e]
                 assert item.data in raw  # the upstream's own bytes, relayed unchanged
+                assert parse_run(item) == events  # parsed in one go, as one by one
                 assert len(events) == item.events >= 1
                 seen = [observed(e) for e in events]
                 assert all(first for first, _ in seen)
@@ -206,3 +210,16 @@ def test_a_stream_of_tgi_events_is_one_run_and_its_last_event() -> None:
     assert isinstance(got[0], PlainRun) and got[0].events == got[0].tokens == 5
     assert got[0].data == raw[: raw.rindex(b"data:")]
     assert [orjson.loads(x) for x in got[1:] if isinstance(x, str)] == [last]
+
+
+def test_a_run_that_is_not_json_fails_as_the_reader_fails() -> None:
+    raw = b'data:{"token":{"id":1},"details":null}\n\ndata:{"token":{oops},"details":null}\n\n'
+    shape = Tgi().plain_shape("/generate_stream")
+    assert shape is not None
+    (run,) = EventScanner(shape).feed(raw)
+    assert isinstance(run, PlainRun) and run.events == 2
+    with pytest.raises(orjson.JSONDecodeError):
+        parse_run(run)
+    events = _Scanned(Tgi().reader("/generate_stream", {}, "b0"), EventScanner(shape), raw=False)
+    with pytest.raises(BackendError, match="not JSON"):
+        events.feed(raw)
