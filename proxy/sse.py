@@ -67,17 +67,29 @@ class PlainShape:
     prove plain is parsed.
     """
 
-    __slots__ = ("each", "end")
+    __slots__ = ("each", "last", "sep")
 
     def __init__(self, end: bytes, each: tuple[bytes, ...]) -> None:
-        self.end = end + b"\n\n"
+        assert end.endswith(b"}")
+        self.last = end + b"\n\n"  # how a run ends
+        self.sep = end + b"\n\ndata:{"  # between two plain events
         self.each = each
 
-    def plain(self, run: bytes, n: int) -> bool:
-        """Whether ``run`` (``n`` complete, single-line ``data:{...}`` events) is plain."""
-        if run.count(self.end) != n or b'"error"' in run:
-            return False
-        return all(run.count(marker) == n for marker in self.each)
+    def plain(self, run: bytes) -> PlainRun | None:
+        """``run`` (complete events) as a ``PlainRun``, or None where it is not proven plain."""
+        # n events, each a single line "data:{...<end>": n-1 separators, and no newline but theirs and the last two
+        n = run.count(self.sep) + 1
+        if (
+            not run.startswith(b"data:{")
+            or not run.endswith(self.last)
+            or run.count(b"\n") != 2 * n
+            or b'"error"' in run
+        ):
+            return None
+        for marker in self.each:
+            if run.count(marker) != n:
+                return None
+        return PlainRun(run, n)
 
 
 class PlainRun:
@@ -155,29 +167,17 @@ class EventScanner:
         decoder = SSEDecoder()
         return [*decoder.feed(buf), *decoder.close()]
 
-    def _plain(self, run: bytes) -> PlainRun | None:
-        # n events, each a single line "data:{...}": n-1 separators, and no newline but theirs and the last two
-        n = run.count(_SEPARATOR) + 1
-        if (
-            not run.startswith(b"data:{")
-            or not run.endswith(b"}\n\n")
-            or run.count(b"\n") != 2 * n
-            or not self._shape.plain(run, n)
-        ):
-            return None
-        return PlainRun(run, n)
-
     def _scan(self, run: bytes, out: list[PlainRun | str]) -> None:
         """``run``: complete events (it ends with a blank line)."""
         tail: list[bytes] = []
-        end = self._shape.end
+        end = self._shape.last
         while run and len(tail) < _PEEL and not run.endswith(end):  # its last event is not plain: parse it
             cut = run.rfind(b"\n\n", 0, len(run) - 2)
             cut = 0 if cut < 0 else cut + 2
             tail.append(run[cut:])
             run = run[:cut]
         if run:
-            plain = self._plain(run)
+            plain = self._shape.plain(run)
             if plain is not None:
                 out.append(plain)
             else:
@@ -195,7 +195,7 @@ class EventScanner:
 
     def _one(self, event: bytes, out: list[PlainRun | str]) -> None:
         """One event's bytes (up to and including the blank line that ends it; no ``\\r``)."""
-        plain = self._plain(event)
+        plain = self._shape.plain(event)
         if plain is not None:
             out.append(plain)
             return
