@@ -106,11 +106,9 @@ class OpenAIRoutes:
             if chunk.__class__ is not PlainRun:
                 return encode_chunk(chunk)  # type: ignore[arg-type]
             data = chunk.data
-            theirs = wire.model_field(data)
-            if theirs == ours:
-                return data
-            if theirs is not None and data.count(theirs) == chunk.events:
-                return data.replace(theirs, ours)  # "model":"..." can only be the chunks' model key (see model_field)
+            renamed = wire.rename_model(data, chunk.events, ours)
+            if renamed is not None:
+                return renamed
             return b"".join(map(encode_chunk, wire.sse_events(data)))
 
         with self.s.gateway.recording([stream]):

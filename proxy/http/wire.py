@@ -58,3 +58,18 @@ def model_field(events: bytes) -> bytes | None:
 def sse_events(events: bytes) -> list[Any]:
     """The JSON payloads of single-line ``data:{...}`` SSE events, each ended by a blank line (a ``PlainRun``)."""
     return [orjson.loads(event[5:]) for event in events.split(b"\n\n") if event]
+
+
+def rename_model(events: bytes, n: int, ours: bytes) -> bytes | None:
+    """``n`` SSE events (a ``PlainRun``) with every chunk's ``"model":"..."`` made ``ours`` (``"model":<JSON>``);
+    None unless every chunk has the same one, exactly once (the caller then parses the chunks and renames each)."""
+    theirs = model_field(events)
+    if theirs is None:
+        return None
+    if theirs == ours:
+        return events
+    grow = len(ours) - len(theirs)
+    if grow:  # in every chunk once, or not: the length tells, without counting first
+        out = events.replace(theirs, ours)
+        return out if len(out) - len(events) == grow * n else None
+    return events.replace(theirs, ours) if events.count(theirs) == n else None
