@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 
 from common import parking, placement
@@ -58,6 +59,7 @@ class Backend:
         self.model_id = model_id
         self._pool_cfg = pool_cfg
         self._session: aiohttp.ClientSession | None = None
+        self._stream_timeout: aiohttp.ClientTimeout | None = None  # open_stream's, made once
         self.healthy = False
         self._checked = False  # a first check logs the state it finds, up or down
         self.info: dict[str, Any] | None = None  # TGI's /info, or the engine's answers in its shape
@@ -231,16 +233,18 @@ class Backend:
         Raises ``BackendUnreachable`` when nothing came back (retryable), or the mapped TGI error for an error
         answer (422 -> InvalidArgument, 429 -> Overloaded, ...). ``headers``: more headers (the trace's).
         """
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._pool_cfg.connect_timeout_s, sock_read=self._pool_cfg.request_timeout_s
-        )
-        try:
-            resp = await self.session.post(
-                path, json=body, headers={**(headers or {}), "x-request-id": request_id}, timeout=timeout
+        timeout = self._stream_timeout
+        if timeout is None:
+            timeout = self._stream_timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self._pool_cfg.connect_timeout_s, sock_read=self._pool_cfg.request_timeout_s
             )
+        sent = {**headers, "x-request-id": request_id, **_JSON} if headers else {"x-request-id": request_id, **_JSON}
+        try:
+            resp = await self.session.post(path, data=orjson.dumps(body), headers=sent, timeout=timeout)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise self._connect_failed(exc) from exc
         if resp.status == 200:
+            _ReadWatch.attach(resp, self._pool_cfg.request_timeout_s)
             return resp
         raise await self._error_of(resp)
 
@@ -256,14 +260,62 @@ class Backend:
         """A small non-streaming call (``/tokenize``); errors mapped like ``open_stream``."""
         timeout = aiohttp.ClientTimeout(total=self._pool_cfg.request_timeout_s)
         try:
-            async with self.session.post(path, json=body, timeout=timeout) as resp:
+            async with self.session.post(path, data=orjson.dumps(body), headers=_JSON, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise await self._error_of(resp)
-                return await resp.json(content_type=None)
+                return orjson.loads(await resp.read())  # a /tokenize answer: a dict per token, orjson's speed
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise self._connect_failed(exc) from exc
         except ValueError as exc:
             raise BackendError(f"backend {self.name} answered {path} with invalid JSON") from exc
+
+
+_JSON = {"Content-Type": "application/json"}
+
+
+class _ReadWatch:
+    """The stream's read timeout (``sock_read``: no byte for ``timeout_s``), kept by one timer that wakes every
+    ``timeout_s / 8`` instead of aiohttp's, which is cancelled and re-armed on every read of the body. It fires
+    ``timeout_s`` to ``timeout_s * 9/8`` after the last byte, as aiohttp's would (its exception, on the response)."""
+
+    __slots__ = ("_handle", "_loop", "_resp", "_seen", "_since", "_step")
+
+    @classmethod
+    def attach(cls, resp: aiohttp.ClientResponse, timeout_s: float) -> None:
+        conn = resp.connection
+        protocol = conn.protocol if conn is not None else None
+        if protocol is None or not hasattr(protocol, "read_timeout"):
+            return  # aiohttp's own timeout stays
+        protocol.read_timeout = None  # the next read cancels aiohttp's timer (armed by the headers: still exact)
+        conn.add_callback(cls(resp, timeout_s).cancel)  # type: ignore[union-attr]
+
+    def __init__(self, resp: aiohttp.ClientResponse, timeout_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._resp = resp
+        self._step = timeout_s / 8
+        self._seen = resp.content.total_bytes
+        self._since = self._loop.time()  # when _seen bytes had come, at the latest
+        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._since + self._step, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        seen = self._resp.content.total_bytes
+        if seen != self._seen:
+            self._seen, self._since = seen, now
+        elif now - self._since >= self._step * 8:
+            self._handle = None
+            exc = aiohttp.SocketTimeoutError("Timeout on reading data from socket")
+            conn = self._resp.connection
+            if conn is not None and conn.protocol is not None:
+                conn.protocol.set_exception(exc)
+            self._resp.content.set_exception(exc)
+            return
+        self._handle = self._loop.call_at(now + self._step, self._check)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 @dataclass(eq=False, slots=True)

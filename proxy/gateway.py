@@ -30,6 +30,7 @@ from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
+import orjson
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
@@ -50,16 +51,19 @@ from proxy.budgets import Budgets
 from proxy.engines import Engine, EventReader
 from proxy.engines.base import CACHED_TOKENS
 from proxy.job import Job
-from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, tenant_label
+from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, Children, tenant_label
 from proxy.rate_limits import RateLimiter
 from proxy.request_log import log_request
 from proxy.shaping import Shaper
-from proxy.sse import SSEDecoder
+from proxy.sse import EventScanner, PlainRun, SSEDecoder, parse_run
 from proxy.tgi_wire import OPENAI_ROUTES, stream_error
 from proxy.tracing import RequestTrace, Tracing, backend_call, queued, recorded, stream_ended
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+
+_REQUESTS, _GENERATED_TOKENS, _PROMPT_TOKENS = Children(REQUESTS), Children(GENERATED_TOKENS), Children(PROMPT_TOKENS)
+_TTFT, _LATENCY = Children(TTFT), Children(LATENCY)
 
 UNKNOWN_CLASS = "(unknown)"  # the recorded class of a refused call that named a class no operator configured
 
@@ -148,10 +152,22 @@ class GenerationStream:
         A front door that writes one message per batch sends fewer, larger messages when tokens arrive faster than
         it can forward them, which is where per-message costs would otherwise cap throughput. Raises GatewayError
         subclasses; the timeline is recorded whatever happens. A stream is read once."""
+        self._start_reading()
+        return self._gateway._run(self, raw=False)
+
+    def raw_batches(self) -> AsyncGenerator[list[Item], None]:
+        """``batches``, except that runs of plain token events come as ``PlainRun``s: the backend's own SSE bytes,
+        counted but not parsed, for a front door that relays them unchanged (its client speaks the wire format the
+        backend sends: TGI's routes in front of TGI). Every other event (the last one with its details or usage,
+        errors, anything the scan cannot prove plain) is a parsed event as ``batches`` gives it. Engines whose
+        events the gateway translates give parsed events only."""
+        self._start_reading()
+        return self._gateway._run(self, raw=True)
+
+    def _start_reading(self) -> None:
         if self.state is not StreamState.CREATED:
             raise RuntimeError(f"stream of {self.job.request_id} is {self.state.value}: a stream is read once")
         self.state = StreamState.QUEUED
-        return self._gateway._run(self)
 
     async def events(self) -> AsyncGenerator[dict[str, Any], None]:
         """TGI's stream events one by one (see ``batches``)."""
@@ -276,8 +292,9 @@ class Gateway:
         """The stream of ``job``, not started: read it with ``batches()`` or ``events()`` (once)."""
         return GenerationStream(self, job)
 
-    async def _run(self, stream: GenerationStream) -> AsyncGenerator[list[dict[str, Any]], None]:
-        """The work behind ``GenerationStream.batches``: shape, lease, open (with retries), relay, record."""
+    async def _run(self, stream: GenerationStream, *, raw: bool) -> AsyncGenerator[list[Any], None]:
+        """The work behind ``GenerationStream.batches`` (``raw_batches``): shape, lease, open (with retries),
+        relay, record."""
         job = stream.job
         status = "UNKNOWN"
         lease: Lease | None = None
@@ -302,7 +319,7 @@ class Gateway:
                     released_ns=stream.released_ns,
                 )
             )
-            lease, resp, decoder, reader, first = await self._open(job, pool, lease, stream)
+            lease, resp, events, first = await self._open(job, pool, lease, stream, raw)
             stream.compute_type = resp.headers.get("x-compute-type")
             observe = self._observe_openai if job.route in OPENAI_ROUTES else self._observe
             # Tokens that arrived in the same read as an error event still reach the client, then the error.
@@ -311,14 +328,13 @@ class Gateway:
                 yield batch
             if error is None:
                 async for chunk in resp.content.iter_any():
-                    batch, error = _observe_batch(observe, reader.feed(decoder.feed(chunk)), lease, stream)
+                    batch, error = _observe_batch(observe, events.feed(chunk), lease, stream)
                     if batch:
                         yield batch
                     if error is not None:
                         break
             if error is None:
-                last = reader.feed(decoder.close()) + reader.close()
-                batch, error = _observe_batch(observe, last, lease, stream)
+                batch, error = _observe_batch(observe, events.close(), lease, stream)
                 if batch:
                     yield batch
             if error is not None:
@@ -421,8 +437,8 @@ class Gateway:
             raise DeadlineExceeded("deadline exceeded while queued; the request never reached a backend") from None
 
     async def _open(
-        self, job: Job, pool: BackendPool, lease: Lease, stream: GenerationStream
-    ) -> tuple[Lease, aiohttp.ClientResponse, SSEDecoder, EventReader, list[dict[str, Any]]]:
+        self, job: Job, pool: BackendPool, lease: Lease, stream: GenerationStream, raw: bool
+    ) -> tuple[Lease, aiohttp.ClientResponse, _Events, list[Item]]:
         """Send the request; on a retryable failure before the first byte, move to another backend.
 
         Returns the lease actually used (the caller's, or one on another backend) and the open response. On
@@ -432,7 +448,7 @@ class Gateway:
         current: Lease | None = lease
         last: GatewayError | None = None
 
-        async def attempt_once() -> tuple[aiohttp.ClientResponse, SSEDecoder, EventReader, list[dict[str, Any]]]:
+        async def attempt_once() -> tuple[aiohttp.ClientResponse, _Events, list[Item]]:
             nonlocal current, last
             if current is None:
                 current = pool.try_acquire(job.token_estimate, exclude=frozenset(tried))
@@ -442,7 +458,7 @@ class Gateway:
             tried.add(current.backend.name)
             stream.backend = current.backend.name
             try:
-                return await self._send(job, current, stream)
+                return await self._send(job, current, stream, raw)
             except _RETRYABLE as exc:
                 last = exc
                 current.release()
@@ -472,8 +488,8 @@ class Gateway:
         return (current, *opened)
 
     async def _send(
-        self, job: Job, lease: Lease, stream: GenerationStream
-    ) -> tuple[aiohttp.ClientResponse, SSEDecoder, EventReader, list[dict[str, Any]]]:
+        self, job: Job, lease: Lease, stream: GenerationStream, raw: bool
+    ) -> tuple[aiohttp.ClientResponse, _Events, list[Item]]:
         """Open the stream and read up to its first event.
 
         TGI answers /generate_stream with HTTP 200 even when it refuses the request (validation, overload): the
@@ -492,17 +508,19 @@ class Gateway:
             except InvalidArgument as exc:
                 err: GatewayError = exc
             else:
-                decoder = SSEDecoder()
                 reader = engine.reader(job.route, body, backend.name)
+                shape = engine.plain_shape(job.route)
+                events: _Events = _Parsed(reader) if shape is None else _Scanned(reader, EventScanner(shape), raw)
                 try:
-                    first = await _first_events(resp, decoder, reader)
+                    first = await _first_events(resp, events)
                 except BaseException:
                     resp.close()
                     raise
-                if not first or "error" not in first[0]:
-                    return resp, decoder, reader, first
+                head = first[0] if first else None
+                if not isinstance(head, dict) or "error" not in head:
+                    return resp, events, first
                 resp.close()
-                err = stream_error(first[0], backend.name)
+                err = stream_error(head, backend.name)
             clamped = (
                 self._clamp(job, body, err, engine) if clamp_round == 0 and isinstance(err, InvalidArgument) else None
             )
@@ -656,14 +674,14 @@ class Gateway:
             log.exception("timeline_record_failed", request_id=job.request_id)
         tenant = tenant_label(job.tenant)
         model = job.model_id if job.model_id in self.pools else "(unknown)"  # a refused call may name anything
-        REQUESTS.labels(model, job.api.value, job.traffic_class, tenant, status).inc()
+        _REQUESTS(model, job.api.value, job.traffic_class, tenant, status).inc()
         if released:
-            GENERATED_TOKENS.labels(job.model_id, tenant).inc(stream.generated_tokens)
-            PROMPT_TOKENS.labels(job.model_id, tenant).inc(prompt_tokens)
+            _GENERATED_TOKENS(job.model_id, tenant).inc(stream.generated_tokens)
+            _PROMPT_TOKENS(job.model_id, tenant).inc(prompt_tokens)
         if stream.first_token_ns is not None:
-            TTFT.labels(job.model_id, job.traffic_class).observe((stream.first_token_ns - job.received_ns) / 1e9)
+            _TTFT(job.model_id, job.traffic_class).observe((stream.first_token_ns - job.received_ns) / 1e9)
             if status == "OK":
-                LATENCY.labels(job.model_id, job.traffic_class).observe((done_ns - job.received_ns) / 1e9)
+                _LATENCY(job.model_id, job.traffic_class).observe((done_ns - job.received_ns) / 1e9)
         log_request(job, stream, status, done_ns)
         recorded(stream.trace, status, stream.backend if released else None, prompt_tokens, stream.generated_tokens)
 
@@ -685,26 +703,99 @@ def _as_final(cause: GatewayError) -> GatewayError:
     return Unavailable(f"no backend reachable ({cause.message})", retry_after_s=1.0)
 
 
-async def _first_events(resp: aiohttp.ClientResponse, decoder: SSEDecoder, reader: EventReader) -> list[dict[str, Any]]:
+Item = dict[str, Any] | PlainRun  # what ``raw_batches`` gives: a parsed event, or a run of plain ones as bytes
+
+
+class _Events(Protocol):
+    """A response's bytes in, the gateway's events out."""
+
+    def feed(self, chunk: bytes) -> list[Item]: ...
+
+    def close(self) -> list[Item]: ...
+
+
+class _Parsed:
+    """Every event decoded and parsed (by the engine's reader)."""
+
+    __slots__ = ("_decoder", "_reader")
+
+    def __init__(self, reader: EventReader) -> None:
+        self._decoder = SSEDecoder()
+        self._reader = reader
+
+    def feed(self, chunk: bytes) -> list[Item]:
+        return self._reader.feed(self._decoder.feed(chunk))  # type: ignore[return-value]
+
+    def close(self) -> list[Item]:
+        return [*self._reader.feed(self._decoder.close()), *self._reader.close()]
+
+
+class _Scanned:
+    """Plain events scanned and kept as bytes (``PlainRun``), the others parsed by the engine's reader, which must
+    read every event on its own (``Engine.plain_shape``). Not ``raw``: runs parsed too, each in one go."""
+
+    __slots__ = ("_raw", "_reader", "_scanner")
+
+    def __init__(self, reader: EventReader, scanner: EventScanner, raw: bool) -> None:
+        self._reader = reader
+        self._scanner = scanner
+        self._raw = raw
+
+    def feed(self, chunk: bytes) -> list[Item]:
+        return self._parse(self._scanner.feed(chunk))
+
+    def close(self) -> list[Item]:
+        return [*self._parse(self._scanner.close()), *self._reader.close()]
+
+    def _parse(self, found: list[PlainRun | str]) -> list[Item]:
+        out: list[Item] = []
+        for x in found:
+            if x.__class__ is not PlainRun:
+                out.extend(self._reader.feed((x,)))  # type: ignore[arg-type]
+            elif self._raw:
+                out.append(x)
+            else:
+                try:
+                    out.extend(parse_run(x))
+                except orjson.JSONDecodeError:  # not JSON after all: the reader says so as it always does
+                    datas = [e[5:].decode("utf-8", "replace") for e in x.data.split(b"\n\n")[:-1]]
+                    out.extend(self._reader.feed(datas))
+        return out
+
+
+async def _first_events(resp: aiohttp.ClientResponse, events: _Events) -> list[Item]:
     """Read until at least one complete event (or the end of the stream)."""
     async for chunk in resp.content.iter_any():
-        events = reader.feed(decoder.feed(chunk))
-        if events:
-            return events
-    return reader.feed(decoder.close()) + reader.close()
+        found = events.feed(chunk)
+        if found:
+            return found
+    return events.close()
 
 
 Observer = Callable[[dict[str, Any], Lease, GenerationStream], dict[str, Any]]
 
 
+def _observe_run(run: PlainRun, lease: Lease, stream: GenerationStream) -> PlainRun:
+    """``Gateway._observe`` (``_observe_openai``) of plain events: none is an error, each has a token (a choice)."""
+    if stream.first_token_ns is None:
+        stream.first_token_ns = time.time_ns()
+        stream.state = StreamState.STREAMING
+    stream.generated_tokens += run.tokens
+    lease.consume(run.tokens)
+    return run
+
+
 def _observe_batch(
-    observe: Observer, events: Iterable[dict[str, Any]], lease: Lease, stream: GenerationStream
-) -> tuple[list[dict[str, Any]], GatewayError | None]:
+    observe: Observer, events: Iterable[Item], lease: Lease, stream: GenerationStream
+) -> tuple[list[Item], GatewayError | None]:
     """Observe events up to the first in-stream error: (the events before it, the error or None)."""
-    batch: list[dict[str, Any]] = []
+    batch: list[Item] = []
     try:
         for event in events:
-            batch.append(observe(event, lease, stream))
+            if event.__class__ is PlainRun:
+                batch.append(_observe_run(event, lease, stream))
+            else:
+                batch.append(observe(event, lease, stream))  # type: ignore[arg-type]
     except GatewayError as exc:
         return batch, exc
     return batch, None

@@ -8,6 +8,7 @@ further ones are counted under ``tenant="other"``. Other modules define their me
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -27,6 +28,24 @@ def tenant_label(tenant: str) -> str:
             _tenants.add(tenant)
             return tenant
     return "other"
+
+
+class Children:
+    """A labelled metric's children by label values, looked up in a dict: ``labels()`` checks and converts its
+    arguments and takes a lock on every call, once per request per metric on the request path. Label values are
+    bounded (``tenant_label``, configured models and classes, status names), and so is this cache."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

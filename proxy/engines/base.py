@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar, Protocol
 
 from common.errors import GatewayError
+from proxy.sse import PlainShape
 
 # the key of a reader's last event that carries the engine's prefix-cache hit (the gateway takes it out before any
 # front door sees the event)
@@ -68,6 +69,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def reader(self, route: str, body: dict[str, Any], backend: str) -> EventReader:
         """A reader of one stream of ``route`` (``body``: the job's TGI-shaped body; ``backend``: for messages)."""
+
+    def plain_shape(self, route: str) -> PlainShape | None:
+        """How to prove a stream's token events plain (``proxy.sse.PlainShape``), for engines whose events on
+        ``route`` are the gateway's own, unchanged, so that the gateway may relay their bytes; None (the default):
+        every event goes through ``reader``. An engine that gives a shape must have a reader that reads every
+        event on its own (the scan hands it the events it cannot prove plain, one at a time)."""
+        return None
 
     @abc.abstractmethod
     def error(self, status: int, body: object, backend: str) -> GatewayError:

@@ -12,7 +12,18 @@ from typing import Any
 
 from common.errors import BackendError, GatewayError
 from proxy.engines.base import SSE_DONE, BackendLike, Engine, Event, EventReader
+from proxy.sse import PlainShape
 from proxy.tgi_wire import from_tgi, parse_event, token_limit
+
+# TGI's plain stream events, proven by byte counts (``PlainShape``), one token each:
+# /generate_stream: {"index","token":{...},"top_tokens"?,"generated_text":null,"details":null}; the last event (with
+# the details: the counts) is parsed;
+# /v1/chat/completions: chat.completion.chunk with one choice and "usage":null last; the usage chunk, [DONE], errors
+# and chunks of several choices are parsed.
+_PLAIN = {
+    "/generate_stream": PlainShape(end=b',"details":null}', each=(b'"token":{',)),
+    "/v1/chat/completions": PlainShape(end=b',"usage":null}', each=(b'"choices":[{', b'"finish_reason":')),
+}
 
 
 class TgiReader(EventReader):
@@ -39,6 +50,9 @@ class Tgi(Engine):
 
     def reader(self, route: str, body: dict[str, Any], backend: str) -> EventReader:
         return TgiReader(backend)
+
+    def plain_shape(self, route: str) -> PlainShape | None:
+        return _PLAIN.get(route)
 
     def error(self, status: int, body: object, backend: str) -> GatewayError:
         return from_tgi(status, body, backend=backend)

@@ -46,7 +46,7 @@ from proxy.http.errors import error_response
 from proxy.http.metrics import HTTP_DURATION, HTTP_REQUESTS, method_label
 from proxy.http.openai_routes import OpenAIRoutes
 from proxy.http.tgi_routes import MODEL_HEADER, TgiRoutes
-from proxy.metrics import REGISTRY
+from proxy.metrics import REGISTRY, Children
 from proxy.params import ModelLimits
 from proxy.traffic_class import requested_class
 
@@ -59,6 +59,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 READ_HEADERS = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class", MODEL_HEADER)
 # An HTTPException's own headers that describe its (text) body: the gateway writes a JSON body of its own.
 _BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
+_HTTP_REQUESTS, _HTTP_DURATION = Children(HTTP_REQUESTS), Children(HTTP_DURATION)  # route, method and status: bounded
 # Generation calls: an authenticated one the gateway refuses before any job reaches a backend still gets a row
 GENERATION_ROUTES = frozenset(
     {("POST", r) for r in ("/generate", "/generate_stream", "/", "/v1/chat/completions", "/v1/completions")}
@@ -163,8 +164,8 @@ class HttpFrontDoor:
             if self._in_flight == 0:
                 self._idle.set()
             self.deadlines.request_done(request.transport)
-            HTTP_REQUESTS.labels(route, method_label(request.method), str(status)).inc()
-            HTTP_DURATION.labels(route).observe((time.time_ns() - received_ns) / 1e9)
+            _HTTP_REQUESTS(route, method_label(request.method), str(status)).inc()
+            _HTTP_DURATION(route).observe((time.time_ns() - received_ns) / 1e9)
 
     async def _guarded(self, request: web.Request, handler: Handler, call: Call, route: str) -> web.StreamResponse:
         structlog.contextvars.bind_contextvars(request_id=call.request_id)

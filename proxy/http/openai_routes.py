@@ -32,6 +32,7 @@ from proxy.http.context import Call, Services, call_of
 from proxy.http.errors import openai_error_event
 from proxy.http.streaming import Batches, merge, relay
 from proxy.http.tgi_routes import check_max_new_tokens, collect
+from proxy.sse import PlainRun
 
 CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -92,17 +93,28 @@ class OpenAIRoutes:
             headers = timing_headers(timing, compute_type=stream.compute_type, inputs_chars=len(body.text))
             return wire.json_response(assembler.completion(model_id), headers={**headers, **call.headers()})
 
-        def encode(chunk: dict[str, Any]) -> bytes:
+        def encode_chunk(chunk: dict[str, Any]) -> bytes:
             if not chunk.get("choices") and chunk.get("usage") and not body.include_usage:
                 return b""  # the usage the gateway asked for, not the client
             if "model" in chunk:
                 chunk["model"] = model_id
             return wire.sse(chunk)
 
+        ours = b'"model":' + wire.dumps(model_id)
+
+        def encode(chunk: dict[str, Any] | PlainRun) -> bytes:
+            if chunk.__class__ is not PlainRun:
+                return encode_chunk(chunk)  # type: ignore[arg-type]
+            data = chunk.data
+            renamed = wire.rename_model(data, chunk.events, ours)
+            if renamed is not None:
+                return renamed
+            return b"".join(map(encode_chunk, wire.sse_events(data)))
+
         with self.s.gateway.recording([stream]):
             return await relay(
                 request,
-                stream.batches(),
+                stream.raw_batches(),
                 [stream],
                 headers=lambda: self._headers(call, [stream], len(body.text)),
                 encode=encode,

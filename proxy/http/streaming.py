@@ -24,7 +24,8 @@ from proxy.gateway import GenerationStream
 from proxy.http import wire
 from proxy.http.errors import in_stream
 
-Batches = AsyncGenerator[list[dict[str, Any]], None]  # GenerationStream.batches: the events of one network read
+# GenerationStream.batches (or raw_batches: PlainRuns among the events): the events of one network read
+Batches = AsyncGenerator[list[Any], None]
 
 HEADERS_AFTER_S = 5.0  # commit the 200 + SSE headers if the first event has not come by then
 KEEPALIVE_S = 5.0  # then an SSE comment this often until it comes
@@ -46,7 +47,7 @@ async def relay(
     results: list[GenerationStream],
     *,
     headers: Callable[[], dict[str, str]],
-    encode: Callable[[dict[str, Any]], bytes],
+    encode: Callable[[Any], bytes],
     error_event: Callable[[GatewayError], bytes],
     trailer: bytes = b"",
 ) -> web.StreamResponse:
@@ -60,11 +61,11 @@ async def _relay(
     events: Batches,
     results: list[GenerationStream],
     headers: Callable[[], dict[str, str]],
-    encode: Callable[[dict[str, Any]], bytes],
+    encode: Callable[[Any], bytes],
     error_event: Callable[[GatewayError], bytes],
     trailer: bytes,
 ) -> web.StreamResponse:
-    first_step: asyncio.Future[list[dict[str, Any]] | None] = asyncio.ensure_future(anext(events, None))
+    first_step: asyncio.Future[list[Any] | None] = asyncio.ensure_future(anext(events, None))
     response: web.StreamResponse | None = None
     try:
         await asyncio.wait({first_step}, timeout=HEADERS_AFTER_S)

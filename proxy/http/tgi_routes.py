@@ -28,6 +28,7 @@ from proxy.http.context import Call, Services, call_of
 from proxy.http.errors import tgi_error_event
 from proxy.http.streaming import relay
 from proxy.job import Job
+from proxy.sse import PlainRun
 
 MODEL_HEADER = "x-model-id"
 UPSTREAM_ROUTE = "/generate_stream"
@@ -144,13 +145,18 @@ class TgiRoutes:
             out = {"x-compute-type": stream.compute_type} if stream.compute_type else {}
             return {**out, "x-compute-characters": str(len(body.inputs)), **call.headers()}
 
+        def encode(event: dict[str, Any] | PlainRun) -> bytes:
+            if event.__class__ is PlainRun:
+                return event.data  # TGI's bytes: the client asked for TGI's stream
+            return wire.sse(client_stream_event(event, details=details))  # type: ignore[arg-type]
+
         with self.s.gateway.recording([stream]):
             return await relay(
                 request,
-                stream.batches(),
+                stream.raw_batches(),
                 [stream],
                 headers=headers,
-                encode=lambda event: wire.sse(client_stream_event(event, details=details)),
+                encode=encode,
                 error_event=tgi_error_event,
             )
 
