@@ -19,15 +19,17 @@ month therefore reads ~720 rollup hours per (tenant, model, backend) plus the ra
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from meter.engine.finality import final_expr
+from meter.engine.finality import final_expr, gpu_work_expr
 from meter.reports.energy import (
     MAX_EPOCH_NS,
+    RE,
     READING_OVERHANG_NS,
     RQ,
     RS,
@@ -52,6 +54,7 @@ from meter.reports.types import (
 )
 from meter.store.models import UsageFinalHourly, UsageRollupHour, UsageRollupState, table_of
 
+_FIGURES = ("prefill_mj", "decode_mj", "idle_time_mj", "idle_tokens_mj")
 OPEN_END_NS = 2**62  # stands for "not ended yet" when bounding the epochs of the requests
 UF = table_of(UsageFinalHourly)
 UH = table_of(UsageRollupHour)
@@ -242,46 +245,62 @@ def _add_raw(
     history: SettingsHistory,
     asked: IdlePolicy | None,
 ) -> None:
-    """Add the groups of the requests received in ``ranges``, each with its own stored figures."""
-    if not ranges:
-        return
-    conditions = [_in_ranges(RQ.c.received_ns, ranges)]
-    if tenant:
-        conditions.append(RQ.c.tenant == tenant)
-    sel = (
-        sa.select(
-            RQ.c.request_id,
-            RQ.c.tenant,
-            RQ.c.model_id,
-            RQ.c.backend,
-            RQ.c.status,
-            RQ.c.received_ns,
-            RQ.c.released_ns,
-            RQ.c.first_token_ns,
-            RQ.c.done_ns,
-            RQ.c.prompt_tokens,
-            RQ.c.prompt_tokens_estimated,
-            RQ.c.generated_tokens,
+    """Add the groups of the requests received in ``ranges``, each with its own stored figures; one query per range,
+    so that what each reads is bounded by that range alone (the edges of a month are two hours a month apart)."""
+    for lo, hi in ranges:
+        conditions = [RQ.c.received_ns < hi if lo is None else sa.and_(RQ.c.received_ns >= lo, RQ.c.received_ns < hi)]
+        if tenant:
+            conditions.append(RQ.c.tenant == tenant)
+        sel = (
+            sa.select(
+                RQ.c.request_id,
+                RQ.c.tenant,
+                RQ.c.model_id,
+                RQ.c.backend,
+                RQ.c.status,
+                RQ.c.received_ns,
+                RQ.c.released_ns,
+                RQ.c.first_token_ns,
+                RQ.c.done_ns,
+                RQ.c.prompt_tokens,
+                RQ.c.prompt_tokens_estimated,
+                RQ.c.generated_tokens,
+            )
+            .where(*conditions)
+            .cte("sel")
         )
-        .where(*conditions)
-        .cte("sel")
-    )
-    backends = backend_names(conn)
-    # Bounds of the epochs that may hold these requests' energy, so that rows are found by index ranges. A request
-    # received at or after start was released then too: its epochs start at most an epoch (and the reach of a
-    # boundary reading) earlier. The last one starts no later than the requests' latest end.
-    bounds = sa.select(sa.func.max(sa.func.coalesce(RQ.c.done_ns, OPEN_END_NS))).where(*conditions)
-    latest_end = conn.execute(bounds).scalar_one_or_none()
-    if latest_end is None:
-        return  # no request in the ranges
-    start_ns = ranges[0][0]
-    since_ns = None if start_ns is None else start_ns - MAX_EPOCH_NS - READING_OVERHANG_NS
-    energy = energy_sums(
-        sa.select(sel.c.request_id),
-        rows_since=None if since_ns is None else (backends, since_ns),
-        rows_until=sa.literal(latest_end),
-    )
-    cols = energy_columns(energy, RS)
+        per: sa.Subquery | None
+        if conn.dialect.name == "postgresql":
+            per = _per_request_probed(sel, backend_names(conn), group_by, history, asked)
+        else:
+            per = _per_request_joined(conn, sel, lo, conditions, group_by, history, asked)
+            if per is None:
+                continue  # no request in the range
+        stmt = sa.select(
+            per.c.k,
+            sa.func.count(),
+            sa.func.sum(per.c.prompt_tokens),
+            sa.func.sum(per.c.generated_tokens),
+            sa.func.sum(per.c.prefill_mj),
+            sa.func.sum(per.c.decode_mj),
+            sa.func.sum(per.c.idle_mj),
+            sa.func.sum(per.c.provisional),
+            sa.func.sum(per.c.co2e_g),
+            sa.func.sum(per.c.estimated),
+        ).group_by(per.c.k)
+        _accumulate(sums, conn.execute(stmt))
+
+
+def _per_request(
+    sel: sa.CTE,
+    joined: sa.FromClause,
+    cols: Mapping[str, sa.ColumnElement[int]],
+    final: sa.ColumnElement[bool],
+    group_by: GroupBy,
+    history: SettingsHistory,
+    asked: IdlePolicy | None,
+) -> sa.Subquery:
+    """One row per request of ``sel``: its group key, counts, figures, CO2e, and whether it is provisional."""
 
     def idle_of(policy: IdlePolicy) -> sa.ColumnElement[int]:
         return idle_column(policy, cols["idle_time_mj"], cols["idle_tokens_mj"])
@@ -292,7 +311,7 @@ def _add_raw(
         else by_settings(sel.c.received_ns, history, lambda p: idle_of(p.idle_policy))
     )
     factor = by_settings(sel.c.received_ns, history, lambda p: sa.literal(p.co2e_g_per_mj, sa.Float))
-    per = (
+    return (
         sa.select(
             _key(sel, group_by).label("k"),
             sel.c.prompt_tokens,
@@ -301,26 +320,94 @@ def _add_raw(
             cols["decode_mj"].label("decode_mj"),
             idle.label("idle_mj"),
             (sa.cast(cols["prefill_mj"] + cols["decode_mj"] + idle, sa.Float) * factor).label("co2e_g"),
-            sa.case((final_expr(sel, RS), 0), else_=1).label("provisional"),
+            sa.case((final, 0), else_=1).label("provisional"),
             sa.case((sel.c.prompt_tokens_estimated, 1), else_=0).label("estimated"),
         )
-        .outerjoin(energy, energy.c.request_id == sel.c.request_id)
-        .outerjoin(RS, RS.c.request_id == sel.c.request_id)
+        .select_from(joined)
         .subquery("per")
     )
-    stmt = sa.select(
-        per.c.k,
-        sa.func.count(),
-        sa.func.sum(per.c.prompt_tokens),
-        sa.func.sum(per.c.generated_tokens),
-        sa.func.sum(per.c.prefill_mj),
-        sa.func.sum(per.c.decode_mj),
-        sa.func.sum(per.c.idle_mj),
-        sa.func.sum(per.c.provisional),
-        sa.func.sum(per.c.co2e_g),
-        sa.func.sum(per.c.estimated),
-    ).group_by(per.c.k)
-    _accumulate(sums, conn.execute(stmt))
+
+
+def _per_request_probed(
+    sel: sa.CTE, backends: list[str], group_by: GroupBy, history: SettingsHistory, asked: IdlePolicy | None
+) -> sa.Subquery:
+    """PostgreSQL: what each request of the range reads stays within the range, whatever the ledger's size.
+
+    Seals are found by a range of the ``(backend, done_ns)`` index: those of the requests' backends that ended
+    between the first and the last end of the requests (a seal keeps its request's ``done_ns``), joined by key. A
+    request whose seal is not among them (never sealed, or its row rewritten since) is probed by key; one without a
+    seal gets the sums of its ``request_energy`` rows, probed by key too. So a range of final requests reads its
+    requests and a slice of seals that ended meanwhile, both contiguous, and no ``request_energy`` row at all.
+    """
+    near = (
+        sa.select(RS.c.request_id, RS.c.prefill_mj, RS.c.decode_mj, RS.c.idle_time_mj, RS.c.idle_tokens_mj)
+        .where(
+            RS.c.backend.in_(backends),
+            RS.c.done_ns >= sa.select(sa.func.min(sel.c.done_ns)).scalar_subquery(),
+            RS.c.done_ns <= sa.select(sa.func.max(sel.c.done_ns)).scalar_subquery(),
+        )
+        .subquery("near")
+    )
+    far = (
+        sa.select(RS.c.request_id, RS.c.prefill_mj, RS.c.decode_mj, RS.c.idle_time_mj, RS.c.idle_tokens_mj)
+        .where(RS.c.request_id == sel.c.request_id, near.c.request_id.is_(None))
+        .limit(1)  # at most one anyway (the key); keeps the planner from turning the probe into a join of tables
+        .lateral("far")
+    )
+    energy = (
+        sa.select(
+            sa.func.sum(RE.c.prefill_mj).label("prefill_mj"),
+            sa.func.sum(RE.c.decode_mj).label("decode_mj"),
+            sa.func.sum(RE.c.idle_time_mj).label("idle_time_mj"),
+            sa.func.sum(RE.c.idle_tokens_mj).label("idle_tokens_mj"),
+        )
+        .where(RE.c.request_id == sel.c.request_id, near.c.request_id.is_(None), far.c.request_id.is_(None))
+        .lateral("energy")
+    )
+    joined = (
+        sel.outerjoin(near, near.c.request_id == sel.c.request_id)
+        .outerjoin(far, sa.true())
+        .outerjoin(energy, sa.true())
+    )
+    cols = {c: sa.func.coalesce(near.c[c], far.c[c], energy.c[c], 0) for c in _FIGURES}
+    # final_expr, with the seal found either way
+    final = sa.or_(
+        near.c.request_id.is_not(None),
+        far.c.request_id.is_not(None),
+        sa.and_(sel.c.done_ns.is_not(None), sa.not_(gpu_work_expr(sel))),
+    )
+    return _per_request(sel, joined, cols, final, group_by, history, asked)
+
+
+def _per_request_joined(
+    conn: sa.Connection,
+    sel: sa.CTE,
+    lo: int | None,
+    conditions: list[sa.ColumnElement[bool]],
+    group_by: GroupBy,
+    history: SettingsHistory,
+    asked: IdlePolicy | None,
+) -> sa.Subquery | None:
+    """SQLite (whose joins are index probes anyway): the requests outer-joined to their energy sums and seals; None
+    when the range holds no request."""
+    backends = backend_names(conn)
+    # Bounds of the epochs that may hold these requests' energy, so that rows are found by index ranges. A request
+    # received at or after start was released then too: its epochs start at most an epoch (and the reach of a
+    # boundary reading) earlier. The last one starts no later than the requests' latest end.
+    bounds = sa.select(sa.func.max(sa.func.coalesce(RQ.c.done_ns, OPEN_END_NS))).where(*conditions)
+    latest_end = conn.execute(bounds).scalar_one_or_none()
+    if latest_end is None:
+        return None
+    since_ns = None if lo is None else lo - MAX_EPOCH_NS - READING_OVERHANG_NS
+    energy = energy_sums(
+        sa.select(sel.c.request_id),
+        rows_since=None if since_ns is None else (backends, since_ns),
+        rows_until=sa.literal(latest_end),
+    )
+    joined = sel.outerjoin(energy, energy.c.request_id == sel.c.request_id).outerjoin(
+        RS, RS.c.request_id == sel.c.request_id
+    )
+    return _per_request(sel, joined, energy_columns(energy, RS), final_expr(sel, RS), group_by, history, asked)
 
 
 # -- rolled-up hours -----------------------------------------------------------------------------------------------
