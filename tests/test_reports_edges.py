@@ -9,7 +9,10 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from meter.engine.rollup import Rollup
 from meter.reports import GroupBy, IdlePolicy, ReportOptions, get_usage
+from meter.reports.settings import settings_history
+from meter.reports.usage import _rollup_plan
 from meter.store.models import Request, RequestSeal
 from tests.test_reports_oracle import Epoch, Req, Row, insert, open_store, seal
 
@@ -76,3 +79,39 @@ def test_edges_read_each_requests_seal_or_its_rows_however_its_row_changed(store
             conn, options, start_ns=BASE, end_ns=BASE + HOUR, group_by=GroupBy.BACKEND, rollups=False
         )
     assert {r.key: r.requests for r in by_backend.rows} == {"b1": 3, "b2": 1, "b9": 1, "(none)": 1}
+
+
+def test_an_edge_hour_covered_for_more_than_half_is_its_rollup_minus_the_rest(store: sa.Engine) -> None:
+    """Every request sealed, every hour rolled: a range that starts 10 minutes into an hour and ends 10 minutes before
+    one reads those two hours from the rollup minus the raw rows of the 10 minutes outside, and gives the raw rows'
+    integers; a group whose requests all lie outside the range (tenant t2, in the first 10 minutes) is not shown."""
+    minute = 60 * S
+    at = [0, 5, 12, 40, 61, 125, 170, 175, 179]  # minutes after BASE
+    reqs = [_req(f"q{i}", m * minute, m * minute + 2 * S, tenant="t2" if m < 10 else f"t{i % 2}")
+            for i, m in enumerate(at)]  # fmt: skip
+    epochs = [Epoch(r.received_ns, r.received_ns + 10 * S, idle_mj=5, rows=[Row(r.request_id, r.received_ns, 100 + i,
+              7 * i, S, idle_time_mj=i, idle_tokens_mj=2 * i)]) for i, r in enumerate(reqs)]  # fmt: skip
+    insert(store, reqs, epochs)
+    seal(store, [r.request_id for r in reqs])
+    now = BASE + 4 * HOUR
+    assert Rollup().run(store, now, now).rolled_hours >= 3
+    start, end = BASE + 10 * minute, BASE + 3 * HOUR - 10 * minute
+    options = ReportOptions(idle_policy=IdlePolicy.TOKENS)
+    with store.connect() as conn:
+        plan = _rollup_plan(conn, start, end, settings_history(conn, options))
+        assert plan is not None
+        assert (plan.rolled, plan.raw, plan.minus) == (
+            [(BASE, BASE + 3 * HOUR)],
+            [],
+            [(BASE, start), (end, BASE + 3 * HOUR)],
+        )
+        for group_by in GroupBy:
+            got = get_usage(conn, options, start_ns=start, end_ns=end, group_by=group_by)
+            want = get_usage(conn, options, start_ns=start, end_ns=end, group_by=group_by, rollups=False)
+            ints = ("key", "requests", "prompt_tokens", "generated_tokens", "prefill_mj", "decode_mj", "idle_mj",
+                    "provisional_requests", "estimated_prompt_requests")  # fmt: skip
+            assert [[getattr(r, k) for k in ints] for r in got.rows] == [
+                [getattr(r, k) for k in ints] for r in want.rows
+            ]
+        by_tenant = get_usage(conn, options, start_ns=start, end_ns=end)
+    assert [r.key for r in by_tenant.rows] == ["t0", "t1"] and by_tenant.total.requests == 4

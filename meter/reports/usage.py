@@ -23,7 +23,7 @@ Raw rows are read one range at a time, and on PostgreSQL by index ranges and key
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -121,8 +121,9 @@ def get_usage(
         got: dict[Any, list[Any]] = {}
         _add_raw(conn, got, plan.raw, group_by, tenant, history, options.idle_policy)
         _add_rollup(conn, got, plan.rolled, group_by, tenant, history, options.idle_policy)
+        _add_raw(conn, got, plan.minus, group_by, tenant, history, options.idle_policy, sign=-1)
         if _version(conn) == plan.version:  # the engine changed no rollup while we read
-            sums = got
+            sums = {k: v for k, v in got.items() if v[0]}  # a group only in a part subtracted is gone
             break
     if sums is None:
         sums = {}
@@ -179,6 +180,7 @@ class _Plan:
     version: int  # usage_rollup_state.version when the plan was made
     rolled: list[tuple[int, int]]  # [lo, hi) ranges of whole rolled hours, read from usage_final_hourly
     raw: list[Range]  # the rest of the range, read from raw rows
+    minus: list[tuple[int, int]]  # parts of rolled hours outside the range: their raw rows are subtracted
 
 
 def _version(conn: sa.Connection) -> int | None:
@@ -187,14 +189,19 @@ def _version(conn: sa.Connection) -> int | None:
 
 def _rollup_plan(conn: sa.Connection, start_ns: int | None, end_ns: int, history: SettingsHistory) -> _Plan | None:
     """Split ``[start_ns, end_ns)`` into whole rolled hours that a report may read from the rollup, and the rest;
-    None when nothing was ever rolled."""
+    None when nothing was ever rolled.
+
+    An edge hour that the range covers for more than half and that may be read from the rollup is read from it,
+    minus the raw rows of its part outside the range (exact: every figure of a rolled hour is a final integer, the
+    same in the rollup as in its rows). So a report reads at most half an hour of raw rows at each edge.
+    """
     state = conn.execute(sa.select(US.c.checked_ns, US.c.version).where(US.c.id == 1)).one_or_none()
     if state is None:
         return None
     checked_ns, version = state
-    first = None if start_ns is None else -(-start_ns // NS_PER_HOUR) * NS_PER_HOUR  # the first whole hour
-    last = end_ns - end_ns % NS_PER_HOUR  # whole hours end here
-    q = sa.select(UH.c.hour_start_ns).where(UH.c.hour_start_ns < last)
+    first = None if start_ns is None else start_ns - start_ns % NS_PER_HOUR  # the hour of the first edge
+    last = end_ns - end_ns % NS_PER_HOUR  # the hour of the last edge (whole hours end here)
+    q = sa.select(UH.c.hour_start_ns).where(UH.c.hour_start_ns <= last)
     if first is not None:
         q = q.where(UH.c.hour_start_ns >= first)
     hours = set(conn.execute(q).scalars())
@@ -206,8 +213,22 @@ def _rollup_plan(conn: sa.Connection, start_ns: int | None, end_ns: int, history
         hours -= {
             p.effective_ns - p.effective_ns % NS_PER_HOUR for p in history.periods if p.effective_ns % NS_PER_HOUR
         }
+    minus: list[tuple[int, int]] = []
+    whole = {h for h in hours if (start_ns is None or h >= start_ns) and h + NS_PER_HOUR <= end_ns}
+    if (
+        start_ns is not None
+        and first is not None
+        and first != last
+        and first in hours
+        and 0 < start_ns - first < (NS_PER_HOUR // 2)
+    ):
+        whole.add(first)
+        minus.append((first, start_ns))
+    if last < end_ns and last != first and last in hours and last + NS_PER_HOUR - end_ns < NS_PER_HOUR // 2:
+        whole.add(last)
+        minus.append((end_ns, last + NS_PER_HOUR))
     rolled: list[tuple[int, int]] = []
-    for h in sorted(hours):
+    for h in sorted(whole):
         if rolled and rolled[-1][1] == h:
             rolled[-1] = (rolled[-1][0], h + NS_PER_HOUR)
         else:
@@ -215,26 +236,27 @@ def _rollup_plan(conn: sa.Connection, start_ns: int | None, end_ns: int, history
     raw: list[Range] = []
     lo_ns: int | None = start_ns
     for a, b in rolled:
+        a = a if lo_ns is None else max(a, lo_ns)
         if lo_ns is None or lo_ns < a:
             raw.append((lo_ns, a))
         lo_ns = b
     if lo_ns is None or lo_ns < end_ns:
         raw.append((lo_ns, end_ns))
-    return _Plan(int(version), rolled, raw)
+    return _Plan(int(version), rolled, raw, minus)
 
 
 def _in_ranges(col: sa.ColumnElement[int], ranges: list[Range] | list[tuple[int, int]]) -> sa.ColumnElement[bool]:
     return sa.or_(*(sa.and_(col >= lo, col < hi) if lo is not None else col < hi for lo, hi in ranges))
 
 
-def _accumulate(sums: dict[Any, list[Any]], rows: Any) -> None:
+def _accumulate(sums: dict[Any, list[Any]], rows: Any, sign: int = 1) -> None:
     for k, *values in rows:
         acc = sums.get(k)
         if acc is None:
-            sums[k] = [v or 0 for v in values]
+            sums[k] = [sign * (v or 0) for v in values]
         else:
             for i, v in enumerate(values):
-                acc[i] += v or 0
+                acc[i] += sign * (v or 0)
 
 
 # -- raw rows ------------------------------------------------------------------------------------------------------
@@ -243,14 +265,16 @@ def _accumulate(sums: dict[Any, list[Any]], rows: Any) -> None:
 def _add_raw(
     conn: sa.Connection,
     sums: dict[Any, list[Any]],
-    ranges: list[Range],
+    ranges: Sequence[Range],
     group_by: GroupBy,
     tenant: str | None,
     history: SettingsHistory,
     asked: IdlePolicy | None,
+    sign: int = 1,
 ) -> None:
-    """Add the groups of the requests received in ``ranges``, each with its own stored figures; one query per range,
-    so that what each reads is bounded by that range alone (the edges of a month are two hours a month apart)."""
+    """Add (``sign`` -1: subtract) the groups of the requests received in ``ranges``, each with its own stored
+    figures; one query per range, so that what each reads is bounded by that range alone (the edges of a month are
+    two hours a month apart)."""
     for lo, hi in ranges:
         conditions = [RQ.c.received_ns < hi if lo is None else sa.and_(RQ.c.received_ns >= lo, RQ.c.received_ns < hi)]
         if tenant:
@@ -292,7 +316,7 @@ def _add_raw(
             sa.func.sum(per.c.co2e_g),
             sa.func.sum(per.c.estimated),
         ).group_by(per.c.k)
-        _accumulate(sums, conn.execute(stmt))
+        _accumulate(sums, conn.execute(stmt), sign)
 
 
 def _per_request(
