@@ -14,7 +14,8 @@ hour final, so its sums never change) are read from ``usage_final_hourly``; ever
 partial hours at the edges of the range, hours still holding a provisional request, hours a late row reached since
 the engine last looked (``usage_rollup_state.checked_ns``), and hours in which a billing setting changed. Both give
 the same integers (a test compares them); ``co2e_g`` is a float sum and may differ in its last bits. A report over a
-month therefore reads ~720 rollup hours per (tenant, model, backend) plus the raw rows of the last hour or two.
+month therefore reads ~720 rollup hours per (tenant, model, backend) plus at most half an hour of raw rows at each
+edge: an edge hour covered for more than half is its rollup minus the raw rows of the part outside the range.
 
 Raw rows are read one range at a time, and on PostgreSQL by index ranges and key probes bounded by the range alone
 (``_per_request_probed``): the cost of a month's edges is that of their requests, whatever the ledger's size
