@@ -60,6 +60,7 @@ from meter.reports.types import (
 from meter.store.models import UsageFinalHourly, UsageRollupHour, UsageRollupState, table_of
 
 _FIGURES = ("prefill_mj", "decode_mj", "idle_time_mj", "idle_tokens_mj")
+_LONG_NS = 600_000_000_000  # seals of requests that ended more than this after a raw range are found by key
 OPEN_END_NS = 2**62  # stands for "not ended yet" when bounding the epochs of the requests
 UF = table_of(UsageFinalHourly)
 UH = table_of(UsageRollupHour)
@@ -300,7 +301,7 @@ def _add_raw(
         )
         per: sa.Subquery | None
         if conn.dialect.name == "postgresql":
-            per = _per_request_probed(sel, backend_names(conn), group_by, history, asked)
+            per = _per_request_probed(sel, hi, backend_names(conn), group_by, history, asked)
         else:
             per = _per_request_joined(conn, sel, lo, conditions, group_by, history, asked)
             if per is None:
@@ -358,22 +359,25 @@ def _per_request(
 
 
 def _per_request_probed(
-    sel: sa.CTE, backends: list[str], group_by: GroupBy, history: SettingsHistory, asked: IdlePolicy | None
+    sel: sa.CTE, hi: int, backends: list[str], group_by: GroupBy, history: SettingsHistory, asked: IdlePolicy | None
 ) -> sa.Subquery:
     """PostgreSQL: what each request of the range reads stays within the range, whatever the ledger's size.
 
     Seals are found by a range of the ``(backend, done_ns)`` index: those of the requests' backends that ended
-    between the first and the last end of the requests (a seal keeps its request's ``done_ns``), joined by key. A
-    request whose seal is not among them (never sealed, or its row rewritten since) is probed by key; one without a
-    seal gets the sums of its ``request_energy`` rows, probed by key too. So a range of final requests reads its
-    requests and a slice of seals that ended meanwhile, both contiguous, and no ``request_energy`` row at all.
+    between the first and the last end of the requests, at most ``_LONG_NS`` after the range (a seal keeps its
+    request's ``done_ns``), joined by key. A request whose seal is not among them (never sealed, ended later, or its
+    row rewritten since) is probed by key; one without a seal gets the sums of its ``request_energy`` rows, probed
+    by key too. So a range of final requests reads its requests and a slice of the seals that ended meanwhile, both
+    contiguous, and no ``request_energy`` row at all.
     """
     near = (
         sa.select(RS.c.request_id, RS.c.prefill_mj, RS.c.decode_mj, RS.c.idle_time_mj, RS.c.idle_tokens_mj)
         .where(
             RS.c.backend.in_(backends),
             RS.c.done_ns >= sa.select(sa.func.min(sel.c.done_ns)).scalar_subquery(),
-            RS.c.done_ns <= sa.select(sa.func.max(sel.c.done_ns)).scalar_subquery(),
+            # A request that ran on long after the range (or whose row says so) is probed by key instead of
+            # stretching the slice of seals over everything that ended meanwhile.
+            RS.c.done_ns <= sa.func.least(sa.select(sa.func.max(sel.c.done_ns)).scalar_subquery(), hi + _LONG_NS),
         )
         .subquery("near")
     )
