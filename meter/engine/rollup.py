@@ -13,8 +13,9 @@ after an outage, a timeline rewritten) reopens the hour: each pass looks at the 
 ingested after ``checked_ns`` as not rolled, and retry when ``version`` (bumped by every change) moved under them, so
 a report reads the same numbers from rollups as from raw rows (``meter.reports.usage``).
 
-Cost. Rolling an hour reads its requests once (an index range on ``received_ns``); an hour that is not final yet is
-looked at again from its first provisional request (kept in memory), at most once per ``recheck_ns``.
+Cost. Rolling an hour reads its requests once (an index range on ``received_ns``: the sums and whether any is still
+provisional, in one query); an hour that is not final yet is looked at again from its first provisional request
+(kept in memory), at most once per ``recheck_ns``.
 """
 
 from __future__ import annotations
@@ -79,12 +80,17 @@ class Rollup:
             if recheck_at > now_ns:
                 continue
             looked += 1
-            with db.connect() as conn:
-                provisional = _first_provisional(conn, cursor, hour + HOUR_NS)
+            if hour in self._waiting:  # not final when last looked at: look on from there first, without the lock
+                with db.connect() as conn:
+                    provisional = _first_provisional(conn, cursor, hour + HOUR_NS)
+                if provisional is not None:
+                    self._waiting[hour] = (provisional, now_ns + self.recheck_ns)
+                    continue
+            done, provisional = self._roll(db, hour, checked_ns)
             if provisional is not None:
                 self._waiting[hour] = (provisional, now_ns + self.recheck_ns)
                 continue
-            if self._roll(db, hour, checked_ns):
+            if done:
                 report.rolled_hours += 1
             self._waiting.pop(hour, None)
         if report.rolled_hours or report.reopened_hours:
@@ -119,18 +125,16 @@ class Rollup:
             )
             return len(hours)
 
-    def _roll(self, db: sa.Engine, hour: int, checked_ns: int) -> bool:
-        """Roll ``hour`` up (in the same transaction: it is final, and nobody rolled it meanwhile)."""
+    def _roll(self, db: sa.Engine, hour: int, checked_ns: int) -> tuple[bool, int | None]:
+        """Roll ``hour`` up if it is final and nobody rolled it meanwhile (in one transaction, reading the hour's
+        requests once): (rolled, ``received_ns`` of its first provisional request or None)."""
         end = hour + HOUR_NS
         with sql.locked_transaction(db, ROLLUP_LOCK) as conn:
             if conn.execute(sa.select(_UH.c.hour_start_ns).where(_UH.c.hour_start_ns == hour)).first() is not None:
-                return False
-            if _first_provisional(conn, hour, end) is not None:
-                return False
+                return False, None
             backend = sa.func.coalesce(_RQ.c.backend, "")
             sums = (
                 sa.select(
-                    sa.literal(hour, sa.BigInteger),
                     _RQ.c.tenant,
                     _RQ.c.model_id,
                     backend,
@@ -139,20 +143,27 @@ class Rollup:
                     sa.func.sum(_RQ.c.generated_tokens),
                     sa.func.sum(sa.case((_RQ.c.prompt_tokens_estimated, 1), else_=0)),
                     *(sa.func.sum(sa.func.coalesce(_RS.c[c], 0)) for c in _FIGURES),
+                    sa.func.sum(sa.case((final_expr(_RQ, _RS), 0), else_=1)),
                 )
                 .select_from(_RQ.outerjoin(_RS, _RS.c.request_id == _RQ.c.request_id))
                 .where(_RQ.c.received_ns >= hour, _RQ.c.received_ns < end)
                 .group_by(_RQ.c.tenant, _RQ.c.model_id, backend)
             )
-            cols = ["hour_start_ns", "tenant", "model_id", "backend", "requests", "prompt_tokens", "generated_tokens",
+            groups = conn.execute(sums).all()
+            if any(g[-1] for g in groups):
+                return False, _first_provisional(conn, hour, end)
+            cols = ["tenant", "model_id", "backend", "requests", "prompt_tokens", "generated_tokens",
                     "estimated_prompt_requests", *_FIGURES]  # fmt: skip
-            conn.execute(sa.insert(_UF).from_select(cols, sums))
-            n = conn.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(_UF.c.requests), 0)).where(_UF.c.hour_start_ns == hour)
-            ).scalar_one()
-            conn.execute(sa.insert(_UH).values(hour_start_ns=hour, rolled_at_ns=checked_ns, requests=int(n)))
+            if groups:
+                conn.execute(
+                    sa.insert(_UF),
+                    [{"hour_start_ns": hour, **{c: int(v) for c, v in zip(cols[3:], g[3:-1], strict=True)},
+                      **dict(zip(cols[:3], g[:3], strict=True))} for g in groups],
+                )  # fmt: skip
+            n = sum(int(g[3]) for g in groups)
+            conn.execute(sa.insert(_UH).values(hour_start_ns=hour, rolled_at_ns=checked_ns, requests=n))
             conn.execute(sa.update(_US).where(_US.c.id == 1).values(version=_US.c.version + 1))
-        return True
+        return True, None
 
 
 # A final request's figures: its seal's, or 0 J when it did no GPU work (``meter.engine.finality``).

@@ -14,20 +14,27 @@ hour final, so its sums never change) are read from ``usage_final_hourly``; ever
 partial hours at the edges of the range, hours still holding a provisional request, hours a late row reached since
 the engine last looked (``usage_rollup_state.checked_ns``), and hours in which a billing setting changed. Both give
 the same integers (a test compares them); ``co2e_g`` is a float sum and may differ in its last bits. A report over a
-month therefore reads ~720 rollup hours per (tenant, model, backend) plus the raw rows of the last hour or two.
+month therefore reads ~720 rollup hours per (tenant, model, backend) plus at most half an hour of raw rows at each
+edge: an edge hour covered for more than half is its rollup minus the raw rows of the part outside the range.
+
+Raw rows are read one range at a time, and on PostgreSQL by index ranges and key probes bounded by the range alone
+(``_per_request_probed``): the cost of a month's edges is that of their requests, whatever the ledger's size
+(``bench/reports.py``: a month of 100M requests).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from meter.engine.finality import final_expr
+from meter.engine.finality import final_expr, gpu_work_expr
 from meter.reports.energy import (
     MAX_EPOCH_NS,
+    RE,
     READING_OVERHANG_NS,
     RQ,
     RS,
@@ -52,6 +59,8 @@ from meter.reports.types import (
 )
 from meter.store.models import UsageFinalHourly, UsageRollupHour, UsageRollupState, table_of
 
+_FIGURES = ("prefill_mj", "decode_mj", "idle_time_mj", "idle_tokens_mj")
+_LONG_NS = 600_000_000_000  # seals of requests that ended more than this after a raw range are found by key
 OPEN_END_NS = 2**62  # stands for "not ended yet" when bounding the epochs of the requests
 UF = table_of(UsageFinalHourly)
 UH = table_of(UsageRollupHour)
@@ -114,8 +123,9 @@ def get_usage(
         got: dict[Any, list[Any]] = {}
         _add_raw(conn, got, plan.raw, group_by, tenant, history, options.idle_policy)
         _add_rollup(conn, got, plan.rolled, group_by, tenant, history, options.idle_policy)
+        _add_raw(conn, got, plan.minus, group_by, tenant, history, options.idle_policy, sign=-1)
         if _version(conn) == plan.version:  # the engine changed no rollup while we read
-            sums = got
+            sums = {k: v for k, v in got.items() if v[0]}  # a group only in a part subtracted is gone
             break
     if sums is None:
         sums = {}
@@ -172,6 +182,7 @@ class _Plan:
     version: int  # usage_rollup_state.version when the plan was made
     rolled: list[tuple[int, int]]  # [lo, hi) ranges of whole rolled hours, read from usage_final_hourly
     raw: list[Range]  # the rest of the range, read from raw rows
+    minus: list[tuple[int, int]]  # parts of rolled hours outside the range: their raw rows are subtracted
 
 
 def _version(conn: sa.Connection) -> int | None:
@@ -180,14 +191,19 @@ def _version(conn: sa.Connection) -> int | None:
 
 def _rollup_plan(conn: sa.Connection, start_ns: int | None, end_ns: int, history: SettingsHistory) -> _Plan | None:
     """Split ``[start_ns, end_ns)`` into whole rolled hours that a report may read from the rollup, and the rest;
-    None when nothing was ever rolled."""
+    None when nothing was ever rolled.
+
+    An edge hour that the range covers for more than half and that may be read from the rollup is read from it,
+    minus the raw rows of its part outside the range (exact: every figure of a rolled hour is a final integer, the
+    same in the rollup as in its rows). So a report reads at most half an hour of raw rows at each edge.
+    """
     state = conn.execute(sa.select(US.c.checked_ns, US.c.version).where(US.c.id == 1)).one_or_none()
     if state is None:
         return None
     checked_ns, version = state
-    first = None if start_ns is None else -(-start_ns // NS_PER_HOUR) * NS_PER_HOUR  # the first whole hour
-    last = end_ns - end_ns % NS_PER_HOUR  # whole hours end here
-    q = sa.select(UH.c.hour_start_ns).where(UH.c.hour_start_ns < last)
+    first = None if start_ns is None else start_ns - start_ns % NS_PER_HOUR  # the hour of the first edge
+    last = end_ns - end_ns % NS_PER_HOUR  # the hour of the last edge (whole hours end here)
+    q = sa.select(UH.c.hour_start_ns).where(UH.c.hour_start_ns <= last)
     if first is not None:
         q = q.where(UH.c.hour_start_ns >= first)
     hours = set(conn.execute(q).scalars())
@@ -199,8 +215,22 @@ def _rollup_plan(conn: sa.Connection, start_ns: int | None, end_ns: int, history
         hours -= {
             p.effective_ns - p.effective_ns % NS_PER_HOUR for p in history.periods if p.effective_ns % NS_PER_HOUR
         }
+    minus: list[tuple[int, int]] = []
+    whole = {h for h in hours if (start_ns is None or h >= start_ns) and h + NS_PER_HOUR <= end_ns}
+    if (
+        start_ns is not None
+        and first is not None
+        and first != last
+        and first in hours
+        and 0 < start_ns - first < (NS_PER_HOUR // 2)
+    ):
+        whole.add(first)
+        minus.append((first, start_ns))
+    if last < end_ns and last != first and last in hours and last + NS_PER_HOUR - end_ns < NS_PER_HOUR // 2:
+        whole.add(last)
+        minus.append((end_ns, last + NS_PER_HOUR))
     rolled: list[tuple[int, int]] = []
-    for h in sorted(hours):
+    for h in sorted(whole):
         if rolled and rolled[-1][1] == h:
             rolled[-1] = (rolled[-1][0], h + NS_PER_HOUR)
         else:
@@ -208,26 +238,27 @@ def _rollup_plan(conn: sa.Connection, start_ns: int | None, end_ns: int, history
     raw: list[Range] = []
     lo_ns: int | None = start_ns
     for a, b in rolled:
+        a = a if lo_ns is None else max(a, lo_ns)
         if lo_ns is None or lo_ns < a:
             raw.append((lo_ns, a))
         lo_ns = b
     if lo_ns is None or lo_ns < end_ns:
         raw.append((lo_ns, end_ns))
-    return _Plan(int(version), rolled, raw)
+    return _Plan(int(version), rolled, raw, minus)
 
 
 def _in_ranges(col: sa.ColumnElement[int], ranges: list[Range] | list[tuple[int, int]]) -> sa.ColumnElement[bool]:
     return sa.or_(*(sa.and_(col >= lo, col < hi) if lo is not None else col < hi for lo, hi in ranges))
 
 
-def _accumulate(sums: dict[Any, list[Any]], rows: Any) -> None:
+def _accumulate(sums: dict[Any, list[Any]], rows: Any, sign: int = 1) -> None:
     for k, *values in rows:
         acc = sums.get(k)
         if acc is None:
-            sums[k] = [v or 0 for v in values]
+            sums[k] = [sign * (v or 0) for v in values]
         else:
             for i, v in enumerate(values):
-                acc[i] += v or 0
+                acc[i] += sign * (v or 0)
 
 
 # -- raw rows ------------------------------------------------------------------------------------------------------
@@ -236,52 +267,70 @@ def _accumulate(sums: dict[Any, list[Any]], rows: Any) -> None:
 def _add_raw(
     conn: sa.Connection,
     sums: dict[Any, list[Any]],
-    ranges: list[Range],
+    ranges: Sequence[Range],
     group_by: GroupBy,
     tenant: str | None,
     history: SettingsHistory,
     asked: IdlePolicy | None,
+    sign: int = 1,
 ) -> None:
-    """Add the groups of the requests received in ``ranges``, each with its own stored figures."""
-    if not ranges:
-        return
-    conditions = [_in_ranges(RQ.c.received_ns, ranges)]
-    if tenant:
-        conditions.append(RQ.c.tenant == tenant)
-    sel = (
-        sa.select(
-            RQ.c.request_id,
-            RQ.c.tenant,
-            RQ.c.model_id,
-            RQ.c.backend,
-            RQ.c.status,
-            RQ.c.received_ns,
-            RQ.c.released_ns,
-            RQ.c.first_token_ns,
-            RQ.c.done_ns,
-            RQ.c.prompt_tokens,
-            RQ.c.prompt_tokens_estimated,
-            RQ.c.generated_tokens,
+    """Add (``sign`` -1: subtract) the groups of the requests received in ``ranges``, each with its own stored
+    figures; one query per range, so that what each reads is bounded by that range alone (the edges of a month are
+    two hours a month apart)."""
+    for lo, hi in ranges:
+        conditions = [RQ.c.received_ns < hi if lo is None else sa.and_(RQ.c.received_ns >= lo, RQ.c.received_ns < hi)]
+        if tenant:
+            conditions.append(RQ.c.tenant == tenant)
+        sel = (
+            sa.select(
+                RQ.c.request_id,
+                RQ.c.tenant,
+                RQ.c.model_id,
+                RQ.c.backend,
+                RQ.c.status,
+                RQ.c.received_ns,
+                RQ.c.released_ns,
+                RQ.c.first_token_ns,
+                RQ.c.done_ns,
+                RQ.c.prompt_tokens,
+                RQ.c.prompt_tokens_estimated,
+                RQ.c.generated_tokens,
+            )
+            .where(*conditions)
+            .cte("sel")
         )
-        .where(*conditions)
-        .cte("sel")
-    )
-    backends = backend_names(conn)
-    # Bounds of the epochs that may hold these requests' energy, so that rows are found by index ranges. A request
-    # received at or after start was released then too: its epochs start at most an epoch (and the reach of a
-    # boundary reading) earlier. The last one starts no later than the requests' latest end.
-    bounds = sa.select(sa.func.max(sa.func.coalesce(RQ.c.done_ns, OPEN_END_NS))).where(*conditions)
-    latest_end = conn.execute(bounds).scalar_one_or_none()
-    if latest_end is None:
-        return  # no request in the ranges
-    start_ns = ranges[0][0]
-    since_ns = None if start_ns is None else start_ns - MAX_EPOCH_NS - READING_OVERHANG_NS
-    energy = energy_sums(
-        sa.select(sel.c.request_id),
-        rows_since=None if since_ns is None else (backends, since_ns),
-        rows_until=sa.literal(latest_end),
-    )
-    cols = energy_columns(energy, RS)
+        per: sa.Subquery | None
+        if conn.dialect.name == "postgresql":
+            per = _per_request_probed(sel, hi, backend_names(conn), group_by, history, asked)
+        else:
+            per = _per_request_joined(conn, sel, lo, conditions, group_by, history, asked)
+            if per is None:
+                continue  # no request in the range
+        stmt = sa.select(
+            per.c.k,
+            sa.func.count(),
+            sa.func.sum(per.c.prompt_tokens),
+            sa.func.sum(per.c.generated_tokens),
+            sa.func.sum(per.c.prefill_mj),
+            sa.func.sum(per.c.decode_mj),
+            sa.func.sum(per.c.idle_mj),
+            sa.func.sum(per.c.provisional),
+            sa.func.sum(per.c.co2e_g),
+            sa.func.sum(per.c.estimated),
+        ).group_by(per.c.k)
+        _accumulate(sums, conn.execute(stmt), sign)
+
+
+def _per_request(
+    sel: sa.CTE,
+    joined: sa.FromClause,
+    cols: Mapping[str, sa.ColumnElement[int]],
+    final: sa.ColumnElement[bool],
+    group_by: GroupBy,
+    history: SettingsHistory,
+    asked: IdlePolicy | None,
+) -> sa.Subquery:
+    """One row per request of ``sel``: its group key, counts, figures, CO2e, and whether it is provisional."""
 
     def idle_of(policy: IdlePolicy) -> sa.ColumnElement[int]:
         return idle_column(policy, cols["idle_time_mj"], cols["idle_tokens_mj"])
@@ -292,7 +341,7 @@ def _add_raw(
         else by_settings(sel.c.received_ns, history, lambda p: idle_of(p.idle_policy))
     )
     factor = by_settings(sel.c.received_ns, history, lambda p: sa.literal(p.co2e_g_per_mj, sa.Float))
-    per = (
+    return (
         sa.select(
             _key(sel, group_by).label("k"),
             sel.c.prompt_tokens,
@@ -301,26 +350,97 @@ def _add_raw(
             cols["decode_mj"].label("decode_mj"),
             idle.label("idle_mj"),
             (sa.cast(cols["prefill_mj"] + cols["decode_mj"] + idle, sa.Float) * factor).label("co2e_g"),
-            sa.case((final_expr(sel, RS), 0), else_=1).label("provisional"),
+            sa.case((final, 0), else_=1).label("provisional"),
             sa.case((sel.c.prompt_tokens_estimated, 1), else_=0).label("estimated"),
         )
-        .outerjoin(energy, energy.c.request_id == sel.c.request_id)
-        .outerjoin(RS, RS.c.request_id == sel.c.request_id)
+        .select_from(joined)
         .subquery("per")
     )
-    stmt = sa.select(
-        per.c.k,
-        sa.func.count(),
-        sa.func.sum(per.c.prompt_tokens),
-        sa.func.sum(per.c.generated_tokens),
-        sa.func.sum(per.c.prefill_mj),
-        sa.func.sum(per.c.decode_mj),
-        sa.func.sum(per.c.idle_mj),
-        sa.func.sum(per.c.provisional),
-        sa.func.sum(per.c.co2e_g),
-        sa.func.sum(per.c.estimated),
-    ).group_by(per.c.k)
-    _accumulate(sums, conn.execute(stmt))
+
+
+def _per_request_probed(
+    sel: sa.CTE, hi: int, backends: list[str], group_by: GroupBy, history: SettingsHistory, asked: IdlePolicy | None
+) -> sa.Subquery:
+    """PostgreSQL: what each request of the range reads stays within the range, whatever the ledger's size.
+
+    Seals are found by a range of the ``(backend, done_ns)`` index: those of the requests' backends that ended
+    between the first and the last end of the requests, at most ``_LONG_NS`` after the range (a seal keeps its
+    request's ``done_ns``), joined by key. A request whose seal is not among them (never sealed, ended later, or its
+    row rewritten since) is probed by key; one without a seal gets the sums of its ``request_energy`` rows, probed
+    by key too. So a range of final requests reads its requests and a slice of the seals that ended meanwhile, both
+    contiguous, and no ``request_energy`` row at all.
+    """
+    near = (
+        sa.select(RS.c.request_id, RS.c.prefill_mj, RS.c.decode_mj, RS.c.idle_time_mj, RS.c.idle_tokens_mj)
+        .where(
+            RS.c.backend.in_(backends),
+            RS.c.done_ns >= sa.select(sa.func.min(sel.c.done_ns)).scalar_subquery(),
+            # A request that ran on long after the range (or whose row says so) is probed by key instead of
+            # stretching the slice of seals over everything that ended meanwhile.
+            RS.c.done_ns <= sa.func.least(sa.select(sa.func.max(sel.c.done_ns)).scalar_subquery(), hi + _LONG_NS),
+        )
+        .subquery("near")
+    )
+    far = (
+        sa.select(RS.c.request_id, RS.c.prefill_mj, RS.c.decode_mj, RS.c.idle_time_mj, RS.c.idle_tokens_mj)
+        .where(RS.c.request_id == sel.c.request_id, near.c.request_id.is_(None))
+        .limit(1)  # at most one anyway (the key); keeps the planner from turning the probe into a join of tables
+        .lateral("far")
+    )
+    energy = (
+        sa.select(
+            sa.func.sum(RE.c.prefill_mj).label("prefill_mj"),
+            sa.func.sum(RE.c.decode_mj).label("decode_mj"),
+            sa.func.sum(RE.c.idle_time_mj).label("idle_time_mj"),
+            sa.func.sum(RE.c.idle_tokens_mj).label("idle_tokens_mj"),
+        )
+        .where(RE.c.request_id == sel.c.request_id, near.c.request_id.is_(None), far.c.request_id.is_(None))
+        .lateral("energy")
+    )
+    joined = (
+        sel.outerjoin(near, near.c.request_id == sel.c.request_id)
+        .outerjoin(far, sa.true())
+        .outerjoin(energy, sa.true())
+    )
+    cols = {c: sa.func.coalesce(near.c[c], far.c[c], energy.c[c], 0) for c in _FIGURES}
+    # final_expr, with the seal found either way
+    final = sa.or_(
+        near.c.request_id.is_not(None),
+        far.c.request_id.is_not(None),
+        sa.and_(sel.c.done_ns.is_not(None), sa.not_(gpu_work_expr(sel))),
+    )
+    return _per_request(sel, joined, cols, final, group_by, history, asked)
+
+
+def _per_request_joined(
+    conn: sa.Connection,
+    sel: sa.CTE,
+    lo: int | None,
+    conditions: list[sa.ColumnElement[bool]],
+    group_by: GroupBy,
+    history: SettingsHistory,
+    asked: IdlePolicy | None,
+) -> sa.Subquery | None:
+    """SQLite (whose joins are index probes anyway): the requests outer-joined to their energy sums and seals; None
+    when the range holds no request."""
+    backends = backend_names(conn)
+    # Bounds of the epochs that may hold these requests' energy, so that rows are found by index ranges. A request
+    # received at or after start was released then too: its epochs start at most an epoch (and the reach of a
+    # boundary reading) earlier. The last one starts no later than the requests' latest end.
+    bounds = sa.select(sa.func.max(sa.func.coalesce(RQ.c.done_ns, OPEN_END_NS))).where(*conditions)
+    latest_end = conn.execute(bounds).scalar_one_or_none()
+    if latest_end is None:
+        return None
+    since_ns = None if lo is None else lo - MAX_EPOCH_NS - READING_OVERHANG_NS
+    energy = energy_sums(
+        sa.select(sel.c.request_id),
+        rows_since=None if since_ns is None else (backends, since_ns),
+        rows_until=sa.literal(latest_end),
+    )
+    joined = sel.outerjoin(energy, energy.c.request_id == sel.c.request_id).outerjoin(
+        RS, RS.c.request_id == sel.c.request_id
+    )
+    return _per_request(sel, joined, energy_columns(energy, RS), final_expr(sel, RS), group_by, history, asked)
 
 
 # -- rolled-up hours -----------------------------------------------------------------------------------------------
