@@ -100,6 +100,7 @@ from meter.engine.sealing import sealable
 from meter.engine.settings import LOOKAHEAD_NS, LOOKBEHIND_NS, EngineSettings, MeteredBackend
 from meter.engine.writer import replace_epoch, write_new_epochs, write_seals_of, write_unrouted
 from meter.store.retention import prune_samples
+from meter.timeline import Timeline
 
 log = structlog.get_logger(__name__)
 
@@ -400,12 +401,13 @@ class MeteringEngine:
             b = self._backends[name]
             learned = b.learning.copy()  # the batch learns into a copy; the backend adopts it once the write committed
             redo: dict[int, int] = {}
+            memo: dict[str, Timeline | None] = {}  # one read of rows: a request over several epochs is built once
             for (start, end, readings), mine in zip(
                 epochs, split_rows(s, epochs, by_backend.get(name, [])), strict=True
             ):
                 if any(r.ingested_ns > attributed_at for r in mine):
                     break  # a row is still fresh: this epoch and the later ones wait for a later pass
-                working = epoch_timelines(name, mine)
+                working = epoch_timelines(name, mine, memo)
                 policy, moved = learned.learn(s, name, start, end, readings, working)
                 redo.update(moved)
                 result = compute_epoch(name, start, end, readings, mine, working, policy, attributed_at)
