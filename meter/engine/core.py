@@ -80,6 +80,7 @@ module reads the database, runs them in order, and keeps the engine's state betw
 from __future__ import annotations
 
 import enum
+import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -268,6 +269,13 @@ class MeteringEngine:
         """
         now = self._clock() if now_ns is None else now_ns
         report = PassReport()
+        # The pass allocates hundreds of thousands of small objects (rows, timelines, shares) that live until it
+        # ends and form no reference cycles: the cyclic collector would scan them again and again (a fifth of the
+        # pass's CPU, measured). It is paused for the pass and resumed after; reference counting frees everything
+        # as usual meanwhile, and cycles made elsewhere in the process meanwhile are collected once it resumes.
+        collecting = gc.isenabled()
+        if collecting:
+            gc.disable()
         try:
             self._load()
             self._scan_ingested(now, report)
@@ -284,6 +292,8 @@ class MeteringEngine:
                 b.state = _Loaded.STALE  # re-read the state from the database next time
             raise
         finally:
+            if collecting:
+                gc.enable()
             self._passes += 1
         return report
 
