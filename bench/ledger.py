@@ -36,8 +36,9 @@ showed, and what was done:
    looked up cumulative classes once per lag (21 lags);
 4. now: ``attribute`` (meter/attribution.py) is ~30 % of the engine's CPU and the calibration ~25 % (its own
    ``request_phases`` while a backend warms up, which in a run this short is always); the engine's Python costs
-   ~75 us per request, so one process reaches ~10,000 requests/s at best before PostgreSQL, the feeder and the
-   ledger take their share. PostgreSQL's CPU goes mostly to the ledger's two upserts per request (open row, then
+   ~75 us per request, which alone caps its thread near 13,000 requests/s, and it shares the GIL with the feeder,
+   the ledger and the sampler: 20,000 requests/s needs ``attribute`` and the calibration several times cheaper
+   (or the engine in a process of its own). PostgreSQL's CPU goes mostly to the ledger's two upserts per request (open row, then
    finished row: ~15 us each on a table with six indexes, the same with COPY batches of 2,000 or 20,000 rows), which
    compete with everything else on this 2-CPU machine.
 
