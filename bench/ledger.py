@@ -28,7 +28,7 @@ showed, and what was done:
 3. then (issue 12, item 5) the run turned out to be a feed of a few seconds, then ONE catch-up pass doing
    nearly all the attribution (open rows hold every epoch back until the feed ends), so the figure is the engine's
    throughput. A catch-up of 30,000 requests, timed alone (CPU of this process and of its PostgreSQL backends):
-   5,600 -> 9,000 requests per CPU-second. What went: sealing wrote each backend in its own transaction and read
+   6,000 -> 9,600 requests per CPU-second (5.4 -> 3.1 s of wall time). What went: sealing wrote each backend in its own transaction and read
    the sums back 500 ids at a time (the planner merged them against the whole of ``request_energy``): now one
    transaction for every backend of the pass and one ``INSERT ... SELECT`` with a lookup per id; the cyclic garbage
    collector rescanned the pass's own (acyclic) rows, a fifth of the engine's CPU: paused during a pass; a
