@@ -25,10 +25,23 @@ showed, and what was done:
    (backend, epoch). Now every epoch due in a pass, of every backend, is read with bulk queries and written in ONE
    transaction (COPY on PostgreSQL): 2,600 -> ~5,000+ requests/s on PostgreSQL;
 2. then ``open_requests`` fetched every in-flight row each pass (~20,000 here): now aggregated in SQL;
-3. now: ``attribute`` (meter/attribution.py) is ~35 % of the engine's CPU, the engine's own bookkeeping ~25 %, the
-   calibration's class timelines while a backend warms up ~10-20 %; PostgreSQL's CPU goes mostly to the ledger's two
-   upserts per request (open row, then finished row, on a table with six indexes) and competes with the engine's
-   reads on this 2-CPU machine.
+3. then (issue 12, item 5): with open rows holding every epoch back until its requests end, most of the work
+   lands in a few long catch-up passes (10-16 s each at 300,000 requests), so the figure follows the engine's
+   throughput. A catch-up of 30,000 requests timed alone (CPU of this process and of its PostgreSQL backends):
+   6,000 -> 9,600 requests per CPU-second, 5.4 -> 3.1 s of wall time. What went: sealing wrote each backend in a
+   transaction of its own and read the sums back 500 ids at a time (the planner merged them against the whole of
+   ``request_energy``): now one transaction for every backend of the pass and one ``INSERT ... SELECT`` with a
+   lookup per id; the cyclic garbage collector rescanned the pass's own (acyclic) rows, a fifth of the engine's
+   CPU: paused during a pass; a request over several epochs was built into a Timeline once per epoch; the
+   calibrator chose its intervals and looked up cumulative classes once per lag (21 lags);
+4. now: ``attribute`` (meter/attribution.py) is ~30 % of the engine's CPU and the calibration ~25 % (its own
+   ``request_phases`` while a backend warms up, which in a run this short is always). The engine's Python costs
+   ~75 us per request, which alone caps its thread near 13,000 requests/s, and it shares the GIL with the feeder,
+   the ledger and the sampler (the ledger's buffer backs up to ~100,000 records during a pass): 20,000 requests/s
+   needs ``attribute`` and the calibration several times cheaper, or the engine in a process of its own.
+   PostgreSQL's CPU goes mostly to the ledger's two upserts per request (open row, then finished row: ~15 us each
+   on a table with six indexes, the same with COPY batches of 2,000 or 20,000 rows), which compete with everything
+   else on this 2-CPU machine.
 
 The last line is ``RESULT sqlite_requests_per_s=... postgres_requests_per_s=...``.
 """

@@ -35,6 +35,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 from meter.attribution import CounterReading, RequestPhases
 from meter.engine.idle import busy_windows
@@ -49,6 +50,7 @@ _COLLINEAR = 0.995  # the token term is left out when cos^2 between it and prefi
 # steps fake under a flat power (the simulator's flat 650 W prefill fits up to ~+30 W per 1,000 tokens, ~4 %)
 _MIN_TOKEN_SHARE = 0.1
 _N = 4  # regressors: prefill time, active time, idle time, prefill thousand-token time
+assert _N == 4  # LagCalibrator.add spells the 4 columns out
 _TOKENS = 3
 
 # (released, prefill step start, prefill step end, done, prompt tokens); no step: start and end None
@@ -304,26 +306,36 @@ class LagCalibrator:
         the prefill and active powers, which makes it steadier when idle time is scarce."""
         per_lag = []
         first_lag, last_lag = min(self.lags_ns), max(self.lags_ns)
+        # The same intervals for every lag, or the residuals could not be compared across lags: chosen once.
+        intervals = [
+            (a.t_ns, b.t_ns, (b.energy_mj - a.energy_mj) / _MJ_PER_J)
+            for seg in segments
+            for a, b in pairwise(seg)
+            if not timeline.uncertain(a.t_ns - last_lag, b.t_ns - first_lag)
+        ]
+        cum = timeline._cum
         for lag in self.lags_ns:
             sums = _Sums.zero()
             xx, xy, time_s = sums.xx, sums.xy, sums.time_s
-            for seg in segments:
-                for k in range(len(seg) - 1):
-                    a, b = seg[k], seg[k + 1]
-                    # The same intervals for every lag, or the residuals could not be compared across lags.
-                    if timeline.uncertain(a.t_ns - last_lag, b.t_ns - first_lag):
-                        continue
-                    p, act, idle = timeline.durations(a.t_ns - lag, b.t_ns - lag)
-                    k_tok = timeline.prefill_token_ns(a.t_ns - lag, b.t_ns - lag) / 1000
-                    x = (p / _NS_PER_S, act / _NS_PER_S, idle / _NS_PER_S, k_tok / _NS_PER_S)
-                    y = (b.energy_mj - a.energy_mj) / _MJ_PER_J
-                    for i in range(_N):
-                        time_s[i] += x[i]
-                        xy[i] += x[i] * y
-                        for j in range(_N):
-                            xx[_N * i + j] += x[i] * x[j]
-                    sums.yy += y * y
-                    sums.n += 1
+            for a_ns, b_ns, y in intervals:
+                # As durations() and prefill_token_ns() compute them, from one lookup per end instead of two.
+                pa, aa, ta = cum(a_ns - lag)
+                pb, ab, tb = cum(b_ns - lag)
+                p, act = pb - pa, ab - aa
+                idle = ((b_ns - lag) - (a_ns - lag)) - p - act
+                k_tok = (tb - ta) / 1000
+                x = (p / _NS_PER_S, act / _NS_PER_S, idle / _NS_PER_S, k_tok / _NS_PER_S)
+                for i in range(_N):
+                    xi = x[i]
+                    time_s[i] += xi
+                    xy[i] += xi * y
+                    row = _N * i
+                    xx[row] += xi * x[0]
+                    xx[row + 1] += xi * x[1]
+                    xx[row + 2] += xi * x[2]
+                    xx[row + 3] += xi * x[3]
+                sums.yy += y * y
+                sums.n += 1
             per_lag.append(sums)
         self._epochs.append(per_lag)
         self.model = self._fit(idle_w)

@@ -143,11 +143,21 @@ class EpochResult:
         return Final(rows, epoch_row, usage, adjustment)
 
 
-def epoch_timelines(backend: str, rows: Sequence[sql.RequestRow]) -> list[Timeline]:
+def epoch_timelines(
+    backend: str, rows: Sequence[sql.RequestRow], memo: dict[str, Timeline | None] | None = None
+) -> list[Timeline]:
     """The timelines of the rows that did GPU work (the billing rule: refused requests take no part). A row that
-    is not a valid timeline is logged and left out."""
+    is not a valid timeline is logged and left out. ``memo`` (request id -> its timeline, None if left out): shared
+    by the epochs of one backend attributed from the same read of rows, so that a request spanning several of them
+    is checked and built once."""
     working: list[Timeline] = []
     for r in rows:
+        if memo is not None:
+            known = memo.get(r.request_id, _UNSEEN)
+            if known is not _UNSEEN:
+                if known is not None:
+                    working.append(known)  # type: ignore[arg-type]
+                continue
         try:
             t = Timeline(
                 r.request_id, r.tenant, r.model_id, backend, r.received_ns, r.released_ns, r.first_token_ns,
@@ -156,10 +166,18 @@ def epoch_timelines(backend: str, rows: Sequence[sql.RequestRow]) -> list[Timeli
             )  # fmt: skip
         except ValueError as exc:
             log.error("engine_bad_request_row", backend=backend, request_id=r.request_id, error=str(exc))
+            if memo is not None:
+                memo[r.request_id] = None
             continue
-        if t.on_gpu:
+        on_gpu = t.on_gpu
+        if memo is not None:
+            memo[r.request_id] = t if on_gpu else None
+        if on_gpu:
             working.append(t)
     return working
+
+
+_UNSEEN = object()
 
 
 def compute_epoch(

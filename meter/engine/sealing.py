@@ -27,18 +27,23 @@ def sealable(
     (by start) from ``overlap_reach_ns`` before the earliest release to ``reach_ns`` past the latest end."""
     starts = [e.epoch_start_ns for e in epochs]
     ends = [e.epoch_end_ns for e in epochs]
+    reach = s.reach_ns  # settings' properties, computed once: this loop runs per candidate and epoch
+    # Per epoch: (end of its span, start less reach, attributed at), the terms of the test below.
+    marks = [(span_end_ns(s, e), e.epoch_start_ns - reach, e.attributed_at_ns) for e in epochs]
     stale_starts = sorted(stale)
+    max_interval = s.max_interval_ns
     ok: set[str] = set()
     waiting: set[str] = set()
     for rid, released, done, ingested in cands:
         first = max(0, bisect_right(ends, released) - 1)
-        last = bisect_right(starts, done + s.reach_ns)
-        final = not any(
-            released < span_end_ns(s, e) and done >= e.epoch_start_ns - s.reach_ns and e.attributed_at_ns < ingested
-            for e in epochs[first:last]
-        )
+        last = bisect_right(starts, done + reach)
+        final = True
+        for span_end, reach_start, attributed_at in marks[first:last]:
+            if released < span_end and done >= reach_start and attributed_at < ingested:
+                final = False
+                break
         if final and stale_starts:
-            k = bisect_right(stale_starts, done + s.reach_ns)
-            final = not any(stale[st] + s.max_interval_ns > released for st in stale_starts[:k])
+            k = bisect_right(stale_starts, done + reach)
+            final = not any(stale[st] + max_interval > released for st in stale_starts[:k])
         (ok if final else waiting).add(rid)
     return ok, waiting

@@ -17,7 +17,7 @@ from meter.engine.epoch import EpochResult, Final
 from meter.engine.readings import epoch_bounds
 from meter.engine.usage import UsageDeltas, hour_of
 
-__all__ = ["replace_epoch", "write_new_epochs", "write_seals", "write_unrouted"]
+__all__ = ["replace_epoch", "write_new_epochs", "write_seals", "write_seals_of", "write_unrouted"]
 
 
 def write_new_epochs(
@@ -93,10 +93,16 @@ def write_unrouted(db: sa.Engine, rows: Sequence[sql.IngestedRow], epoch_ns: int
 
 
 def write_seals(db: sa.Engine, backend: str, done_ns: dict[str, int], sealed_ns: int) -> None:
-    """Seal the requests of ``done_ns`` (id -> done_ns): their figures, the sums of their rows, go to
-    ``request_seals``; one another meter sealed already stays as it is."""
-    ids = sorted(done_ns)
-    with sql.locked_transaction(db, backend) as conn:
-        sums = sql.energy_sums(conn, ids)
-        seals = [sql.SealRow(rid, backend, done_ns[rid], sealed_ns, *sums.get(rid, (0, 0, 0, 0))) for rid in ids]
-        sql.insert_seals(conn, seals)
+    """Seal the requests of ``done_ns`` (id -> done_ns) of one backend (``write_seals_of``)."""
+    write_seals_of(db, {backend: done_ns}, sealed_ns)
+
+
+def write_seals_of(db: sa.Engine, done_ns: dict[str, dict[str, int]], sealed_ns: int) -> None:
+    """Seal the requests of several backends (backend -> id -> done_ns) in ONE transaction holding each backend's
+    lock: their figures, the sums of their rows, go to ``request_seals``; one another meter sealed already stays as
+    it is. On PostgreSQL the sums are taken and inserted by one statement (no rows travel back and forth)."""
+    seals = [(rid, backend, done) for backend, of in done_ns.items() for rid, done in of.items()]
+    if not seals:
+        return
+    with sql.locked_transaction(db, sorted(done_ns)) as conn:
+        sql.seal_requests(conn, seals, sealed_ns)
