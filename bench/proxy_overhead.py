@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -117,13 +118,14 @@ def openai_route(
 
 
 def grpc_route(stub: pbg.GenerationServiceStub, new_tokens: int) -> One:
-    req = pb.SingleGenerationRequest(
-        request=pb.GenerationRequest(text=PROMPT),
-        params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=new_tokens)),
-    )
+    """Every call a prompt of its own: the gateway caches the input counts of prompts it has sent to ``/tokenize``
+    lately, and a benchmark that repeats one prompt would measure only cache hits."""
+    params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=new_tokens))
+    calls = itertools.count()
 
     async def one() -> int:
         n = 0
+        req = pb.SingleGenerationRequest(request=pb.GenerationRequest(text=f"{PROMPT} ({next(calls)})"), params=params)
         async for msg in stub.GenerateStream(req):
             n = msg.generated_token_count  # cumulative: one message may carry several tokens
         return n

@@ -55,6 +55,8 @@ T = TypeVar("T")
 READ_METADATA = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class")
 GENERATE_METHOD = "fmaas.GenerationService/Generate"  # span names: the gRPC method, as OpenTelemetry names them
 GENERATE_STREAM_METHOD = "fmaas.GenerationService/GenerateStream"
+PROMPT_COUNTS = 4096  # prompts whose token counts the gRPC front door keeps (PromptCounts)
+PROMPT_COUNT_MAX_CHARS = 16_384  # a longer prompt is counted by the backend every time: the cache stays small
 
 
 class CallContext:
@@ -96,6 +98,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.auth = auth
         self.limits = limits
         self.max_batch_requests = max_batch_requests
+        self._counts = PromptCounts()
 
     # -- plumbing --------------------------------------------------------------------------------------------
     async def _begin(self, context: grpc.aio.ServicerContext, request_id: str, span: Any = None) -> CallContext:
@@ -205,6 +208,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def _input_tokens(self, model_id: str, text: str, truncate: int) -> list[dict[str, Any]]:
         tokens = await self.gateway.tokenize(model_id, text)
+        self._counts.put(model_id, text, len(tokens))
         return tokens[-truncate:] if truncate and len(tokens) > truncate else tokens
 
     # -- Generate --------------------------------------------------------------------------------------------
@@ -300,8 +304,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def _input_count(self, job: Job, options: GenerationOptions) -> int:
         """The prompt's token count from the backend's tokenizer (0 if it cannot be had: it is informative)."""
+        truncate = options.tgi_parameters.get("truncate", 0)
+        known = self._counts.get(job.model_id, job.inputs, truncate)
+        if known is not None:
+            return known
         try:
-            return len(await self._input_tokens(job.model_id, job.inputs, options.tgi_parameters.get("truncate", 0)))
+            return len(await self._input_tokens(job.model_id, job.inputs, truncate))
         except GatewayError:
             return 0
 
@@ -351,9 +359,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         r = options.response
         stops = options.tgi_parameters.get("stop", ())
         truncate = options.tgi_parameters.get("truncate", 0)
-        # TGI reports input_length only at the end of a stream; TGIS sends it first. Count it alongside.
-        count_task = asyncio.create_task(self._input_tokens(job.model_id, job.inputs, truncate))
-        _keep_until_done(count_task)
+        # TGI reports input_length only at the end of a stream; TGIS sends it first. Count it alongside, unless the
+        # backend's tokenizer counted this very prompt lately (and the call wants the count, not the tokens).
+        known = None if r.input_tokens else self._counts.get(job.model_id, job.inputs, truncate)
+        count_task = None
+        if known is None:
+            count_task = asyncio.create_task(self._input_tokens(job.model_id, job.inputs, truncate))
+            _keep_until_done(count_task)
         holder = StopTextHolder(stops) if not options.include_stop_sequence else None
         stream = self.gateway.generation(job)
         sent_first = False
@@ -368,7 +380,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     if not sent_first:
                         sent_first = True
                         final_details = batch[-1].get("details")
-                        yield await self._first_message(job, r, count_task, final_details)
+                        yield await self._first_message(job, r, count_task, known, final_details)
                     msg = pb.GenerationResponse()
                     text: list[str] = []
                     for event in batch:
@@ -397,28 +409,34 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     yield msg
         except TimeoutError:
             if not sent_first:
-                yield await self._first_message(job, r, count_task, None)
+                yield await self._first_message(job, r, count_task, known, None)
             yield pb.GenerationResponse(
                 generated_token_count=generated, stop_reason=pb.TIME_LIMIT, text=holder.finish("") if holder else ""
             )
         except BaseException:
-            count_task.cancel()  # the call failed or the client left: nobody needs the count
+            if count_task is not None:
+                count_task.cancel()  # the call failed or the client left: nobody needs the count
             raise
 
     async def _first_message(
         self,
         job: Job,
         r: ResponseOptions,
-        count_task: asyncio.Task[list[dict[str, Any]]],
+        count_task: asyncio.Task[list[dict[str, Any]]] | None,
+        known: int | None,
         details: dict[str, Any] | None,
     ) -> pb.GenerationResponse:
-        """TGIS's first stream message: the input token count (and input text/tokens when asked for)."""
+        """TGIS's first stream message: the input token count (and input text/tokens when asked for); ``known``: the
+        count when the cache had it (then there is no ``count_task``)."""
         if details is not None and not r.input_tokens:
             # The stream already ended and TGI told us the count. The /tokenize call finishes in the background:
             # cancelling it would close its pooled connection to the backend.
             return pb.GenerationResponse(
                 input_token_count=details.get("input_length", 0), text=job.inputs if r.input_text else ""
             )
+        if count_task is None:
+            assert known is not None
+            return pb.GenerationResponse(input_token_count=known, text=job.inputs if r.input_text else "")
         try:
             tokens = await count_task
         except GatewayError:
@@ -466,6 +484,36 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             )
 
         return await self._guard(context, work)
+
+
+class PromptCounts:
+    """The backend tokenizer's counts of recent prompts, per model, for TGIS's first stream message (the input token
+    count, which TGI tells only at the end): a prompt counted lately needs no ``/tokenize`` round trip beside its
+    stream. Filled from ``/tokenize`` answers only; bounded (oldest out first), prompts over ``max_chars`` never
+    kept. Informative counts only: billing takes the prompt count from the backend's own stream (``proxy.gateway``).
+    """
+
+    __slots__ = ("_counts", "_max_chars", "_size")
+
+    def __init__(self, size: int = PROMPT_COUNTS, max_chars: int = PROMPT_COUNT_MAX_CHARS) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+        self._size = size
+        self._max_chars = max_chars
+
+    def get(self, model_id: str, text: str, truncate: int) -> int | None:
+        """The count ``_input_tokens`` would give (``truncate``: TGI keeps the last ``truncate`` tokens), or None."""
+        n = self._counts.get((model_id, text))
+        if n is None:
+            return None
+        return len(range(n)[-truncate:]) if truncate and n > truncate else n
+
+    def put(self, model_id: str, text: str, count: int) -> None:
+        if len(text) > self._max_chars:
+            return
+        counts, key = self._counts, (model_id, text)
+        if key not in counts and len(counts) >= self._size:
+            del counts[next(iter(counts))]
+        counts[key] = count
 
 
 _background: set[asyncio.Task[Any]] = set()

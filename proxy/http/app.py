@@ -41,7 +41,7 @@ from proxy.gateway import Gateway
 from proxy.http import wire
 from proxy.http.admin_routes import AdminRoutes
 from proxy.http.context import CALL_KEY, Call, Services, call_of
-from proxy.http.deadline import HEAD_TIMEOUT_S, HeadDeadlines
+from proxy.http.deadline import DEADLINES_KEY, HEAD_TIMEOUT_S, HeadDeadlines
 from proxy.http.errors import error_response
 from proxy.http.metrics import HTTP_DURATION, HTTP_REQUESTS, method_label
 from proxy.http.openai_routes import OpenAIRoutes
@@ -106,6 +106,7 @@ class HttpFrontDoor:
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body_bytes)
+        app[DEADLINES_KEY] = self.deadlines
         TgiRoutes(self.services).add_to(app)
         OpenAIRoutes(self.services).add_to(app)
         app.router.add_get("/metrics", self._metrics)

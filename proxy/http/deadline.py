@@ -17,6 +17,8 @@ import asyncio
 import enum
 from collections.abc import Callable
 
+from aiohttp import web
+
 HEAD_TIMEOUT_S = 15.0
 _REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -45,9 +47,15 @@ class HeadDeadlines:
             guard.set_state(_State.IN_REQUEST)
 
     def request_done(self, transport: asyncio.BaseTransport | None) -> None:
+        """The answer is (about to be) out: the connection idles until its next request's first byte. Only once per
+        request: a second call (the relay's, then the middleware's) leaves a next head's deadline armed."""
         guard = self._guards.get(transport) if transport is not None else None
-        if guard is not None:
+        if guard is not None and guard._state is _State.IN_REQUEST:
             guard.set_state(_State.IDLE)
+
+
+# the application's HeadDeadlines, for a handler that ends its answer itself (proxy.http.streaming)
+DEADLINES_KEY = web.AppKey("joulegate_head_deadlines", HeadDeadlines)
 
 
 class _Guard(asyncio.Protocol):

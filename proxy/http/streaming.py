@@ -22,6 +22,7 @@ from aiohttp import web
 from common.errors import Cancelled, GatewayError
 from proxy.gateway import GenerationStream
 from proxy.http import wire
+from proxy.http.deadline import DEADLINES_KEY
 from proxy.http.errors import in_stream
 
 # GenerationStream.batches (or raw_batches: PlainRuns among the events): the events of one network read
@@ -98,7 +99,7 @@ async def _relay(
         except GatewayError as exc:
             await response.write(error_event(exc) + trailer)
         else:
-            await _write(response, trailer)
+            await _end(request, response, trailer)
     except ConnectionResetError:
         await abandon(events)
     except asyncio.CancelledError:
@@ -111,6 +112,16 @@ async def _prepare(request: web.Request, headers: dict[str, str]) -> web.StreamR
     response = web.StreamResponse(status=200, headers={**wire.SSE_HEADERS, **headers})
     await response.prepare(request)
     return response
+
+
+async def _end(request: web.Request, response: web.StreamResponse, trailer: bytes) -> None:
+    """The trailer and the end of the chunked body in one write, now rather than after the middleware's bookkeeping
+    (the client is waiting for it); the head deadline told first, as the middleware does before aiohttp's end (the
+    client may send its next request as soon as it sees the end)."""
+    deadlines = request.app.get(DEADLINES_KEY)
+    if deadlines is not None:
+        deadlines.request_done(request.transport)
+    await response.write_eof(trailer)
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> None:

@@ -175,3 +175,22 @@ async def test_a_call_whose_time_limit_passes_while_queued_still_counts_its_inpu
         r = resp.responses[0]
         assert (r.stop_reason, r.generated_token_count, r.text) == (pb.TIME_LIMIT, 0, "")
         assert r.input_token_count > 0
+
+
+async def test_a_prompt_streamed_again_has_the_same_first_count_from_the_cache(tmp_path: Path) -> None:
+    """The first message's count of a prompt counted lately comes from the front door's cache (no /tokenize beside
+    the stream): the same as the backend's, truncation applied as TGI applies it."""
+    async with running_stack(tmp_path, sim_config=SimConfig(time_scale=1.0)) as s:
+        text = "a story told twice, " * 8
+        tokenized = await s.stub.Tokenize(
+            pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text=text)]), metadata=s.auth
+        )
+        full = tokenized.responses[0].token_count
+        assert full > 5
+        for truncate in (0, 0, 5, full + 3):
+            req = pb.SingleGenerationRequest(request=pb.GenerationRequest(text=text))
+            req.params.stopping.max_new_tokens = 2
+            req.params.truncate_input_tokens = truncate
+            msgs = [m async for m in s.stub.GenerateStream(req, metadata=s.auth)]
+            assert msgs[0].input_token_count == (min(full, truncate) if truncate else full)
+            assert all(m.input_token_count == 0 for m in msgs[1:])
