@@ -96,7 +96,7 @@ def test_the_demo_energy_report_balances(demo: Demo) -> None:
     total = tenants.pop("total")
     assert set(tenants) == {"acme", "globex"}, demo_output
     for name, (_requests, _tokens, prefill_j, decode_j, total_j, *_rest) in tenants.items():
-        assert abs(prefill_j + decode_j - total_j) <= 2 * ROUNDING_J, (name, prefill_j, decode_j, total_j)
+        assert _within(prefill_j + decode_j, total_j, 2 * ROUNDING_J), (name, prefill_j, decode_j, total_j)
     for column in (0, 1):  # requests and tokens: integers, exact
         assert sum(t[column] for t in tenants.values()) == total[column]
     for column in (2, 3, 4):
