@@ -55,13 +55,12 @@ import random
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
 
+from bench._procs import postgres_database
 from meter.engine import EngineSettings, MeteredBackend
 from meter.ledger import Ledger
 from meter.samples import Sample
@@ -212,20 +211,6 @@ def verify(db: sa.Engine, n: int) -> None:
     print(f"  verified: {n} requests counted once; {joules}")
 
 
-@contextmanager
-def fresh_postgres(admin_url: str) -> Iterator[str]:
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"jg_bench_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def report(r: RunResult) -> None:
     print(
         f"{r.database:>10}: {r.requests} requests in {r.seconds:.1f} s = {r.requests_per_s:,.0f} requests/s "
@@ -256,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             report(r)
             results["sqlite"] = r
         if args.only in (None, "postgres"):
-            with fresh_postgres(args.postgres) as url:
+            with postgres_database(args.postgres) as url:
                 r = run_one("postgres", url, n, args.backends, Path(tmp) / "postgres.jsonl", args.epoch_ms)
             report(r)
             results["postgres"] = r

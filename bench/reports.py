@@ -52,7 +52,6 @@ import random
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +59,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from bench._procs import postgres_database
 from meter.engine import sql
 from meter.engine.rollup import Rollup
 from meter.reports import ReportOptions, get_request_energy, get_usage, list_requests
@@ -84,16 +84,8 @@ def fresh_database(kind: str, admin_url: str) -> Iterator[str]:
         with tempfile.TemporaryDirectory() as d:
             yield f"sqlite:///{Path(d) / 'reports.db'}"
         return
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    name = f"jg_bench_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with postgres_database(admin_url) as url:
+        yield url
 
 
 def build(db: sa.Engine, segments: list[tuple[int, int, int]], seed: int = 7, ledger_end_ns: int | None = None) -> int:

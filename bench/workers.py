@@ -36,33 +36,15 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import sqlalchemy as sa
 
-from bench._procs import free_port
+from bench._procs import POSTGRES_ADMIN_URL, free_port, postgres_database
 
 PROMPT = "Explain in one paragraph why batching requests saves energy on a GPU serving a language model."
-POSTGRES_ADMIN_URL = os.environ.get("JG_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"jg_bench_workers_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _wait_http(url: str, timeout_s: float = 60.0) -> None:
@@ -258,7 +240,10 @@ def main() -> None:
         args.rounds, args.seconds = 2, 4.0
     counts = [int(w) for w in args.workers.split(",")]
     results: dict[int, list[Result]] = {w: [] for w in counts}
-    with tempfile.TemporaryDirectory(prefix="jg-bench-workers-") as tmp, postgres_database() as db_url:
+    with (
+        tempfile.TemporaryDirectory(prefix="jg-bench-workers-") as tmp,
+        postgres_database(POSTGRES_ADMIN_URL, "jg_bench_workers") as db_url,
+    ):
         workdir = Path(tmp)
         sim_port = free_port()
         sim = subprocess.Popen(

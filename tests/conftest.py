@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from hypothesis import settings
+
+from bench._procs import POSTGRES_ADMIN_URL, postgres_database
 
 # CI (`.ci/run`) runs the property tests derandomized: the same examples on every run, so a landing is never blocked
 # by a new random draw. Local `make test` explores new examples on every run (and keeps failures in .hypothesis/).
@@ -25,7 +26,6 @@ for _name in [n for n in os.environ if n.startswith("JOULEGATE_")]:
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-POSTGRES_ADMIN_URL = os.environ.get("JG_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
 def free_port() -> int:
@@ -48,16 +48,8 @@ def openapi_spec() -> dict:
 
 def _postgres_database() -> Iterator[str]:
     """A fresh, empty database on the local PostgreSQL server, dropped afterwards."""
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"jg_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with postgres_database(POSTGRES_ADMIN_URL, prefix="jg_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
