@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,13 +50,13 @@ import grpc
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench._procs import free_port
+from bench._procs import POSTGRES_ADMIN_URL as PG_ADMIN
+from bench._procs import free_port, postgres_database
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pbg
 from tests.tcp_cut import TcpCut
 
 REPO = Path(__file__).resolve().parent.parent
-PG_ADMIN = os.environ.get("JG_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 NODES = ("node-a", "node-b")
 GENERATION_SERVICE = "fmaas.GenerationService"
 REPORTS_SERVICE = "joulegate.v1.EnergyReports"
@@ -113,7 +112,9 @@ def _config(path: Path, db_url: str, backends: list[str]) -> None:
         "[backend_pool]\nhealth_interval_s = 0.5\n",
         # short epochs, so that the run's energy is final seconds after its last request
         '[meter]\nsource = "sim"\nepoch_s = 1.0\nsettle_s = 0.5\nengine_interval_s = 0.3\nlag_ms = 50\n'
-        "open_request_timeout_s = 30.0\n",
+        # a meter that takes over a backend starts its calibration afresh: seal at the margin meanwhile, so that
+        # the run's energy is final seconds after the traffic, not the product's 300 s hold later
+        "open_request_timeout_s = 30.0\nuncalibrated_seal_hold_s = 0.0\n",
         f'[[models]]\nmodel_id = "{MODEL}"\n',
     ]
     for i, url in enumerate(backends):
@@ -400,11 +401,8 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
     from meter.store import make_engine, upgrade
     from meter.store.keys import create_key
 
-    name = f"jg_fleet_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    db_url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    scratch = contextlib.ExitStack()
+    db_url = scratch.enter_context(postgres_database(PG_ADMIN, prefix="jg_fleet"))
     procs: list[Proc] = []
     sims: subprocess.Popen[bytes] | None = None
     cut = TcpCut(str(sa.engine.make_url(db_url).host or "127.0.0.1"), sa.engine.make_url(db_url).port or 5432).start()
@@ -450,7 +448,8 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
         for p in procs:
             p.start()
         await asyncio.gather(*(p.serving() for p in procs))
-        log(f"fleet: {replicas} gateways, {len(meters)} meters, {backends} simulated backends, PostgreSQL {name}")
+        database = sa.engine.make_url(db_url).database
+        log(f"fleet: {replicas} gateways, {len(meters)} meters, {backends} simulated backends, PostgreSQL {database}")
 
         clients = Clients(gateways, key)
         traffic = asyncio.create_task(clients.run(plan.clients_per_replica, seed=11))
@@ -545,9 +544,7 @@ async def run_fleet(workdir: Path, plan: Plan, *, replicas: int = 3, backends: i
             sims.wait(30)
         cut.close()
         db.dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        scratch.close()
 
 
 def main() -> None:

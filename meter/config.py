@@ -82,6 +82,12 @@ class MeterConfig(Section):
         default=_ENGINE.calibrate,
         description="fit the lag and the prefill/decode power ratio to the counter (meter.engine.calibrate)",
     )
+    uncalibrated_seal_hold_s: float = Field(
+        default=_ENGINE.uncalibrated_seal_hold_ns / _S,
+        ge=0,
+        le=86_400,
+        description="while a backend's calibration has not settled, seal only requests this much older",
+    )
     grpc_listen: str | None = Field(
         default="0.0.0.0:8034",
         description=f"`joulegate meter` only: EnergyReports, health and reflection; {LISTEN_HELP}",
@@ -118,4 +124,5 @@ def engine_settings(meter: MeterConfig) -> EngineSettings:
         sample_retention_ns=round(meter.sample_retention_days * _DAY_S * _S),
         count_unrouted=meter.count_unrouted,
         calibrate=meter.calibrate,
+        uncalibrated_seal_hold_ns=round(meter.uncalibrated_seal_hold_s * _S),
     )

@@ -274,3 +274,70 @@ def test_a_batch_another_meter_wrote_first_feeds_the_calibration_once(db: sa.Eng
         assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj + e.adjustment_mj
     with db.connect() as conn:
         assert usage_table(conn) == expected_usage(conn)
+
+
+def _warm_then_fit(db: sa.Engine, hold_ns: int) -> tuple[int, list[int]]:
+    """Four seconds of traffic whose counter lags 120 ms (the configuration guesses 50 ms), too few readings to fit,
+    attributed; then 36 s more, enough for the fit to settle. Returns the seals after the first part and every
+    epoch's adjustment at the end."""
+    traffic = _traffic(40, seed=11)
+    classes = _classes(traffic)
+    timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
+    readings = _readings(classes, 40, 120 * MS)
+    early = [t for t in timelines if t.done_ns < T0 + 4 * S]  # type: ignore[operator]
+    first = [("gpu0", r.t_ns, r.energy_mj, None) for r in readings if r.t_ns < T0 + 5 * S]
+    write(db, timelines=early, samples=first, ingested_ns=T0 + 5 * S)
+    eng = make_engine(db, epoch_ns=1 * S, lag_ns=50 * MS, calibrate=True, uncalibrated_seal_hold_ns=hold_ns)
+    eng.run_once(now_ns=T0 + 10 * S)
+    assert eng.stats.calibration["b1"] is None  # too few intervals to fit
+    with db.connect() as conn:
+        until = attributed_until(conn, "b1")
+    assert until is not None and any(t.done_ns < until - eng.settings.seal_margin_ns for t in early)  # type: ignore[operator]
+    sealed_early = rows(db, "SELECT COUNT(*) FROM request_seals")[0][0]
+
+    rest = [("gpu0", r.t_ns, r.energy_mj, None) for r in readings if r.t_ns >= T0 + 5 * S]
+    write(db, timelines=[t for t in timelines if t not in early], samples=rest, ingested_ns=T0 + 40 * S)
+    for k in range(4):
+        eng.run_once(now_ns=T0 + (50 + k) * S)
+    model = eng.stats.calibration["b1"]
+    assert model is not None and model.lag_ns == 120 * MS
+    assert rows(db, "SELECT COUNT(*) FROM request_seals")[0][0] > len(early)
+    epochs = rows(db, "SELECT * FROM backend_epochs")
+    for e in epochs:
+        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj + e.adjustment_mj
+    return sealed_early, [e.adjustment_mj for e in epochs]
+
+
+def test_no_figure_is_sealed_with_the_configured_guess_while_the_fit_warms(db: sa.Engine) -> None:
+    """The first seconds are attributed under the configured guess, but nothing is sealed, although those requests
+    are past the seal margin. Once the fit settles, the epochs are redone and then sealed: every final figure is the
+    calibrated one, so no recompute ever had to book a sealed request's difference to an adjustment."""
+    sealed_early, adjustments = _warm_then_fit(db, hold_ns=3600 * S)
+    assert sealed_early == 0
+    assert all(a == 0 for a in adjustments)
+
+
+def test_without_the_hold_the_guess_seals_and_the_fit_books_an_adjustment(db: sa.Engine) -> None:
+    """The control of the test above: what the hold prevents does happen without it."""
+    sealed_early, adjustments = _warm_then_fit(db, hold_ns=0)
+    assert sealed_early > 0
+    assert any(a != 0 for a in adjustments)
+
+
+def test_a_fit_that_never_comes_seals_the_guess_after_the_hold(db: sa.Engine) -> None:
+    """No prefill at all: nothing to fit the prefill power by, so no model ever settles. Requests are still sealed,
+    with the configured guess, once they ended the hold before the attribution's end, and not before."""
+    timelines = [timeline(f"d{i}", T0 + i * S, None, T0 + i * S + 500 * MS, prompt=0) for i in range(30)]
+    samples = [("gpu0", T0 + k * 100 * MS + 7 * MS, 30 * k, None) for k in range(1, 300)]
+    write(db, timelines=timelines, samples=samples, ingested_ns=T0 + 30 * S)
+    hold = 10 * S
+    eng = make_engine(db, epoch_ns=1 * S, lag_ns=50 * MS, calibrate=True, uncalibrated_seal_hold_ns=hold)
+    eng.run_once(now_ns=T0 + 40 * S)
+    assert eng.stats.calibration["b1"] is None
+    with db.connect() as conn:
+        until = attributed_until(conn, "b1")
+    assert until is not None
+    margin = eng.settings.seal_margin_ns
+    done = [int(r[0]) for r in rows(db, "SELECT r.done_ns FROM request_seals s JOIN requests r USING (request_id)")]
+    assert done and max(done) < until - hold
+    assert any(until - hold <= t.done_ns < until - margin for t in timelines)  # type: ignore[operator]

@@ -56,6 +56,10 @@ class EngineSettings:
     calibrate: bool = True  # fit the lag and the prefill/active power ratio to the counter (meter.engine.calibrate)
     calibration_lags_ns: tuple[int, ...] = tuple(range(0, 201 * _MS, 10 * _MS))  # NVML: one update, <= ~200 ms
     calibration_refresh_ns: int = 30 * _S  # once calibrated, feed the fit one epoch per this much time
+    # While a backend's fit has not settled (calibrate on), seal only requests that ended this long before its
+    # attribution: a bill is cast with the fitted lag and power ratio, not the configured guess, unless the fit never
+    # comes (too little traffic, or traffic too uniform to fit): then the guess seals, this much later.
+    uncalibrated_seal_hold_ns: int = 300 * _S
     rollup_interval_ns: int = 60 * _S  # how often hours that became final are rolled up (meter.engine.rollup); an
     # hour becomes final once, so a minute costs reports nothing (they read raw rows for hours not yet rolled up)
     seal_batch: int = 10_000  # requests sealed per backend per pass, at most (a first pass over an old database)
@@ -63,7 +67,14 @@ class EngineSettings:
     def __post_init__(self) -> None:
         if not 0 < self.epoch_ns <= MAX_EPOCH_NS:
             raise ValueError(f"epoch_ns must be within (0, 1 h], got {self.epoch_ns}")
-        for name in ("settle_ns", "lag_ns", "open_request_timeout_ns", "idle_margin_ns", "min_idle_ns"):
+        for name in (
+            "settle_ns",
+            "lag_ns",
+            "open_request_timeout_ns",
+            "idle_margin_ns",
+            "min_idle_ns",
+            "uncalibrated_seal_hold_ns",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.tick_gap_ns <= 0 or self.max_interval_ns <= 0 or self.max_epochs_per_pass < 1:

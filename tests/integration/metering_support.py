@@ -102,6 +102,15 @@ async def wait_attributed(db: sa.Engine, timeout_s: float = 15.0) -> None:
     await wait_until_async(covered, timeout_s, what="attribution to cover every backend's last request", poll_s=0.2)
 
 
+async def wait_sealed(db: sa.Engine, request_ids: Sequence[str], timeout_s: float = 30.0) -> None:
+    """Until every one of ``request_ids`` is final (sealed): what a bill shows, not a provisional figure."""
+
+    def sealed() -> bool:
+        return set(request_ids) <= {r[0] for r in query(db, "SELECT request_id FROM request_seals")}
+
+    await wait_until_async(sealed, timeout_s, what="every request to be sealed", poll_s=0.2)
+
+
 def check_books(db: sa.Engine) -> dict[str, int]:
     """Conservation, exactly: per epoch counter = its requests' energy + idle + the adjustment booked for sealed
     requests; consecutive epochs of a backend tile time without overlap; every seal holds the sums of its rows.

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from meter.config import MeterConfig
 from meter.store.keys import create_key
 from proxy.pb.fmaas import generation_pb2 as pb
 from sim.config import SimConfig
@@ -22,10 +23,19 @@ from .metering_support import (
     run_traffic,
     sampler_phase_ms,
     wait_attributed,
+    wait_sealed,
 )
 
-# Short epochs so the test sees several of them; the simulator at real speed (an H100's step times).
-METER = {"source": "sim", "epoch_s": 1.0, "settle_s": 0.5, "engine_interval_s": 0.2, "lag_ms": 50}
+# Short epochs so the test sees several of them; the simulator at real speed (an H100's step times). The product's
+# hold for an unsettled fit (the harness turns it off): requests are sealed once the calibration settled (~5 s).
+METER = {
+    "source": "sim",
+    "epoch_s": 1.0,
+    "settle_s": 0.5,
+    "engine_interval_s": 0.2,
+    "lag_ms": 50,
+    "uncalibrated_seal_hold_s": MeterConfig().uncalibrated_seal_hold_s,
+}
 
 
 async def test_every_request_gets_joules_that_add_up_and_match_the_truth(tmp_path: Path) -> None:
@@ -36,6 +46,7 @@ async def test_every_request_gets_joules_that_add_up_and_match_the_truth(tmp_pat
         assert traffic.failures == 0 and traffic.calls > 30
         assert s.app.ledger.flush(10.0)
         await wait_attributed(s.app.engine)
+        await wait_sealed(s.app.engine, traffic.request_ids or [])  # the bill: final figures, not provisional ones
         db = s.app.engine
 
         # Every request that reached a backend has prefill and decode joules.

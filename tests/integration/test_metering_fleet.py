@@ -46,7 +46,13 @@ async def test_late_timelines_from_a_replica_are_recomputed_not_double_counted(t
             key_b = create_key(s.app.engine, "tenant-b").key
             # The node's meter daemon, on its own connection to the database, with a ledger of its own.
             meter_cfg = MeterConfig(
-                source="sim", epoch_s=1.0, settle_s=0.5, engine_interval_s=0.2, lag_ms=50, open_request_timeout_s=2.0
+                source="sim",
+                epoch_s=1.0,
+                settle_s=0.5,
+                engine_interval_s=0.2,
+                lag_ms=50,
+                open_request_timeout_s=2.0,
+                uncalibrated_seal_hold_s=0.0,  # seconds of traffic: too few to fit; sealed at the margin
             )
             config = s.app.config.model_copy(update={"meter": meter_cfg})
             db = make_engine(pg_url)

@@ -100,6 +100,7 @@ async def test_the_meter_daemon_serves_reports_with_health_and_reflection(tmp_pa
         config.write_text(
             f'[db]\nurl = "{db_url}"\n\n[server]\nlog_format = "console"\n\n'
             '[meter]\nsource = "sim"\nepoch_s = 1.0\nsettle_s = 0.5\nengine_interval_s = 0.2\nlag_ms = 50\n'
+            "uncalibrated_seal_hold_s = 0.0\n"  # a few requests: too few to fit; sealed at the margin
             f'journal_path = "{tmp_path / "journal.jsonl"}"\n\n'
             f'[[models]]\nmodel_id = "sim-model"\nbackends = [{{ url = "{s.sims[0].url}" }}]\n'
         )
