@@ -11,6 +11,7 @@ client's (INVALID_ARGUMENT, its message kept), 429 overload, 503 unavailable, an
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable
 from typing import Any
 
@@ -149,21 +150,14 @@ def sampling(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class OpenAIPassthrough(EventReader):
-    """An OpenAI route's chunks as TGI's OpenAI routes send them: passed on, with two repairs.
+class ChunkReader(EventReader):
+    """A reader of an engine's JSON chunks. ``[DONE]`` ends the stream (what the reader holds goes out); an error
+    payload goes out as TGI's error event, after what the reader held; every other chunk goes to ``chunk``."""
 
-    - An error payload becomes TGI's ``{"error", "error_type"}`` event.
-    - ``/v1/completions``: the engine sends the usage as a chunk of its own (``choices: []``) after the last token's
-      chunk; TGI puts it on that last chunk, and the gateway's assembler and clients read it there. The chunk with the
-      ``finish_reason`` is held until the usage (or the stream's end) and goes out with it.
-    """
+    __slots__ = ("_backend",)
 
-    __slots__ = ("_backend", "_held", "_merge_usage")
-
-    def __init__(self, route: str, backend: str) -> None:
+    def __init__(self, backend: str) -> None:
         self._backend = backend
-        self._merge_usage = route == COMPLETIONS_ROUTE
-        self._held: Event | None = None
 
     def feed(self, datas: Iterable[str]) -> list[Event]:
         out: list[Event] = []
@@ -177,24 +171,48 @@ class OpenAIPassthrough(EventReader):
                 out.extend(self.close())
                 out.append(err)
                 continue
-            if not self._merge_usage:
-                out.append(event)
-                continue
-            choices = event.get("choices") or []
-            if not choices and event.get("usage"):
-                if self._held is not None:
-                    held, self._held = self._held, None
-                    held["usage"] = event["usage"]
-                    out.append(held)
-                else:
-                    out.append(event)
-                continue
-            if any(c.get("finish_reason") for c in choices):
-                out.extend(self.close())
-                self._held = event
-                continue
-            out.append(event)
+            self.chunk(event, out)
         return out
+
+    @abc.abstractmethod
+    def chunk(self, event: Event, out: list[Event]) -> None:
+        """Read one chunk that is neither ``[DONE]`` nor an error; append what goes out to ``out``."""
+
+
+class OpenAIPassthrough(ChunkReader):
+    """An OpenAI route's chunks as TGI's OpenAI routes send them: passed on, with two repairs.
+
+    - An error payload becomes TGI's ``{"error", "error_type"}`` event.
+    - ``/v1/completions``: the engine sends the usage as a chunk of its own (``choices: []``) after the last token's
+      chunk; TGI puts it on that last chunk, and the gateway's assembler and clients read it there. The chunk with the
+      ``finish_reason`` is held until the usage (or the stream's end) and goes out with it.
+    """
+
+    __slots__ = ("_held", "_merge_usage")
+
+    def __init__(self, route: str, backend: str) -> None:
+        super().__init__(backend)
+        self._merge_usage = route == COMPLETIONS_ROUTE
+        self._held: Event | None = None
+
+    def chunk(self, event: Event, out: list[Event]) -> None:
+        if not self._merge_usage:
+            out.append(event)
+            return
+        choices = event.get("choices") or []
+        if not choices and event.get("usage"):
+            if self._held is not None:
+                held, self._held = self._held, None
+                held["usage"] = event["usage"]
+                out.append(held)
+            else:
+                out.append(event)
+            return
+        if any(c.get("finish_reason") for c in choices):
+            out.extend(self.close())
+            self._held = event
+            return
+        out.append(event)
 
     def close(self) -> list[Event]:
         held, self._held = self._held, None

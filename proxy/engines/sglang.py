@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 from typing import Any
 
 from common.errors import BackendError, GatewayError, InvalidArgument
-from proxy.engines.base import CACHED_TOKENS, SSE_DONE, BackendLike, Engine, Event, EventReader, served_model
+from proxy.engines.base import CACHED_TOKENS, BackendLike, Engine, Event, EventReader, served_model
 from proxy.engines.openai_compat import (
     OPENAI_ROUTES,
+    ChunkReader,
     OpenAIPassthrough,
-    check_error_event,
     map_error,
     sampling,
 )
-from proxy.tgi_wire import parse_event
 
 GENERATE_ROUTE = "/generate"
 _TOO_LONG = re.compile(
@@ -86,14 +84,14 @@ def _finish(meta: dict[str, Any]) -> tuple[str | None, str | None]:
     return None, str(reason.get("message") or "aborted by SGLang")
 
 
-class GenerateToTgi(EventReader):
+class GenerateToTgi(ChunkReader):
     """SGLang's ``/generate`` events as TGI's ``/generate_stream`` events (one per SGLang event that adds text)."""
 
-    __slots__ = ("_backend", "_full", "_index", "_inputs", "_seed", "_text", "cached_tokens")
+    __slots__ = ("_full", "_index", "_inputs", "_seed", "_text", "cached_tokens")
 
     def __init__(self, body: dict[str, Any], backend: str) -> None:
+        super().__init__(backend)
         params = body.get("parameters") or {}
-        self._backend = backend
         self._inputs = str(body.get("inputs", ""))
         self._full = bool(params.get("return_full_text"))
         self._seed = params.get("seed")
@@ -101,47 +99,37 @@ class GenerateToTgi(EventReader):
         self._text = ""
         self.cached_tokens: int | None = None
 
-    def feed(self, datas: Iterable[str]) -> list[Event]:
-        out: list[Event] = []
-        for data in datas:
-            if data == SSE_DONE:
-                continue
-            chunk = parse_event(data, self._backend)
-            err = check_error_event(chunk)
-            if err is not None:
-                out.append(err)
-                continue
-            meta = chunk.get("meta_info") or {}
-            text = str(chunk.get("text") or "")
-            delta = text[len(self._text) :] if text.startswith(self._text) else text
-            self._text = text if text.startswith(self._text) else self._text + text
-            if isinstance(meta.get("cached_tokens"), int):
-                self.cached_tokens = meta["cached_tokens"]
-            reason, aborted = _finish(meta)
-            if aborted is not None:
-                out.append({"error": f"Request failed during generation: {aborted}", "error_type": "generation"})
-                continue
-            if not delta and reason is None:
-                continue
-            self._index += 1
-            event: Event = {
-                "index": self._index,
-                "token": {"id": _last_id(chunk), "text": delta, "logprob": None, "special": False},
-                "generated_text": None,
-                "details": None,
+    def chunk(self, chunk: Event, out: list[Event]) -> None:
+        meta = chunk.get("meta_info") or {}
+        text = str(chunk.get("text") or "")
+        delta = text[len(self._text) :] if text.startswith(self._text) else text
+        self._text = text if text.startswith(self._text) else self._text + text
+        if isinstance(meta.get("cached_tokens"), int):
+            self.cached_tokens = meta["cached_tokens"]
+        reason, aborted = _finish(meta)
+        if aborted is not None:
+            out.append({"error": f"Request failed during generation: {aborted}", "error_type": "generation"})
+            return
+        if not delta and reason is None:
+            return
+        self._index += 1
+        event: Event = {
+            "index": self._index,
+            "token": {"id": _last_id(chunk), "text": delta, "logprob": None, "special": False},
+            "generated_text": None,
+            "details": None,
+        }
+        if reason is not None:
+            event["generated_text"] = self._inputs + self._text if self._full else self._text
+            event["details"] = {
+                "finish_reason": reason,
+                "generated_tokens": int(meta.get("completion_tokens") or self._index),
+                "seed": self._seed,
+                "input_length": int(meta.get("prompt_tokens") or 0),
             }
-            if reason is not None:
-                event["generated_text"] = self._inputs + self._text if self._full else self._text
-                event["details"] = {
-                    "finish_reason": reason,
-                    "generated_tokens": int(meta.get("completion_tokens") or self._index),
-                    "seed": self._seed,
-                    "input_length": int(meta.get("prompt_tokens") or 0),
-                }
-                if self.cached_tokens is not None:
-                    event[CACHED_TOKENS] = self.cached_tokens
-            out.append(event)
-        return out
+            if self.cached_tokens is not None:
+                event[CACHED_TOKENS] = self.cached_tokens
+        out.append(event)
 
 
 def _last_id(chunk: dict[str, Any]) -> int:

@@ -20,21 +20,19 @@ Identified by ``GET /version`` (``{"version"}``) and ``GET /v1/models`` (its ser
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from typing import Any
 
 from common.errors import BackendError, GatewayError, InvalidArgument
-from proxy.engines.base import CACHED_TOKENS, SSE_DONE, BackendLike, Engine, Event, EventReader, served_model
+from proxy.engines.base import CACHED_TOKENS, BackendLike, Engine, Event, EventReader, served_model
 from proxy.engines.openai_compat import (
     COMPLETIONS_ROUTE,
     OPENAI_ROUTES,
+    ChunkReader,
     OpenAIPassthrough,
-    check_error_event,
     finish_reason,
     map_error,
     sampling,
 )
-from proxy.tgi_wire import parse_event
 
 # serving_engine.py _validate_input (v0.10)
 _TOO_LARGE = re.compile(
@@ -74,14 +72,13 @@ def completion_body(body: dict[str, Any], model: str) -> dict[str, Any]:
     return out
 
 
-class CompletionsToTgi(EventReader):
+class CompletionsToTgi(ChunkReader):
     """vLLM's completion chunks as TGI's ``/generate_stream`` events.
 
     The chunk with the ``finish_reason`` is held until the usage-only chunk that follows it (or ``[DONE]``), so the
     last TGI event carries the exact counts."""
 
     __slots__ = (
-        "_backend",
         "_cached",
         "_completion",
         "_finish",
@@ -95,8 +92,8 @@ class CompletionsToTgi(EventReader):
     )  # fmt: skip
 
     def __init__(self, body: dict[str, Any], backend: str) -> None:
+        super().__init__(backend)
         params = body.get("parameters") or {}
-        self._backend = backend
         self._inputs = str(body.get("inputs", ""))
         self._full = bool(params.get("return_full_text"))
         self._seed = params.get("seed")
@@ -116,47 +113,33 @@ class CompletionsToTgi(EventReader):
             if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
                 self._cached = details["cached_tokens"]
 
-    def feed(self, datas: Iterable[str]) -> list[Event]:
-        out: list[Event] = []
-        for data in datas:
-            if data == SSE_DONE:
-                out.extend(self.close())
+    def chunk(self, chunk: Event, out: list[Event]) -> None:
+        self._usage(chunk.get("usage"))
+        for choice in chunk.get("choices") or ():
+            text = choice.get("text") or ""
+            self._index += 1
+            self._texts.append(text)
+            event: Event = {
+                "index": self._index,
+                "token": {"id": 0, "text": text, "logprob": _logprob(choice), "special": False},
+                "generated_text": None,
+                "details": None,
+            }
+            tops = _top_tokens(choice)
+            if tops:
+                event["top_tokens"] = tops
+            reason = choice.get("finish_reason")
+            if reason == "abort":
+                out.append({"error": "Request failed during generation: aborted by vLLM", "error_type": "generation"})
                 continue
-            chunk = parse_event(data, self._backend)
-            err = check_error_event(chunk)
-            if err is not None:
+            if reason:
                 out.extend(self.close())
-                out.append(err)
-                continue
-            self._usage(chunk.get("usage"))
-            for choice in chunk.get("choices") or ():
-                text = choice.get("text") or ""
-                self._index += 1
-                self._texts.append(text)
-                event: Event = {
-                    "index": self._index,
-                    "token": {"id": 0, "text": text, "logprob": _logprob(choice), "special": False},
-                    "generated_text": None,
-                    "details": None,
-                }
-                tops = _top_tokens(choice)
-                if tops:
-                    event["top_tokens"] = tops
-                reason = choice.get("finish_reason")
-                if reason == "abort":
-                    out.append(
-                        {"error": "Request failed during generation: aborted by vLLM", "error_type": "generation"}
-                    )
-                    continue
-                if reason:
-                    out.extend(self.close())
-                    self._finish = finish_reason(reason, choice.get("stop_reason"))
-                    self._held = event
-                else:
-                    out.append(event)
-            if not chunk.get("choices") and self._held is not None:
-                out.extend(self.close())  # the usage-only chunk: the held last token goes out with the counts
-        return out
+                self._finish = finish_reason(reason, choice.get("stop_reason"))
+                self._held = event
+            else:
+                out.append(event)
+        if not chunk.get("choices") and self._held is not None:
+            out.extend(self.close())  # the usage-only chunk: the held last token goes out with the counts
 
     def close(self) -> list[Event]:
         held, self._held = self._held, None
