@@ -36,13 +36,13 @@ from .metering_support import check_books, query, wait_attributed
 ATTRIBUTION_RESUMES_S = 60.0  # the promise: a backend's attribution resumes within a minute of the restart
 
 
-def _config(tmp_path: Path, db_url: str, sim_url: str, port: int) -> Path:
+def gateway_config(tmp_path: Path, db_url: str, sim_url: str, server: str) -> Path:
+    """A gateway's TOML with a short-epoch simulated meter and one backend; ``server``: its listeners' lines."""
     path = tmp_path / "joulegate.toml"
     path.write_text(
         f"""
 [server]
-grpc_listen = "127.0.0.1:{port}"
-http_listen = ""
+{server}
 drain_grace_s = 2.0
 log_format = "console"
 
@@ -194,7 +194,7 @@ async def test_kill_9_under_traffic_then_restart_loses_doubles_and_leaves_open_n
     sim_url = await sim.start()
     backend = sim_url.removeprefix("http://")
     port = free_port()
-    config = _config(tmp_path, db_url, sim_url, port)
+    config = gateway_config(tmp_path, db_url, sim_url, f'grpc_listen = "127.0.0.1:{port}"\nhttp_listen = ""')
     log = tmp_path / "gateway.log"
     try:
         # 1. Traffic, and in the middle of it kill -9.

@@ -35,7 +35,7 @@ from tests.conftest import REPO_ROOT, free_port
 from tests.waiting import wait_until_async
 
 from .metering_support import check_books, query, wait_attributed
-from .test_gateway_kill9 import wait_closed
+from .test_gateway_kill9 import gateway_config, wait_closed
 
 
 def _free_pair() -> int:
@@ -60,39 +60,6 @@ def socket_bound(port: int):  # type: ignore[no-untyped-def]
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
         yield
-
-
-def _config(tmp_path: Path, db_url: str, sim_url: str, grpc_port: int, http_port: int, metrics_port: int) -> Path:
-    path = tmp_path / "joulegate.toml"
-    path.write_text(
-        f"""
-[server]
-grpc_listen = "127.0.0.1:{grpc_port}"
-http_listen = "127.0.0.1:{http_port}"
-worker_metrics_listen = "127.0.0.1:{metrics_port}"
-drain_grace_s = 2.0
-log_format = "console"
-
-[db]
-url = "{db_url}"
-
-[meter]
-source = "sim"
-epoch_s = 1.0
-settle_s = 0.5
-engine_interval_s = 0.2
-lag_ms = 50
-journal_path = "{tmp_path / "state" / "journal.jsonl"}"
-
-[backend_pool]
-health_interval_s = 0.2
-
-[[models]]
-model_id = "sim-model"
-backends = [{{ url = "{sim_url}" }}]
-"""
-    )
-    return path
 
 
 async def _worker_pid(session: aiohttp.ClientSession, metrics_port: int) -> int | None:
@@ -250,7 +217,11 @@ async def test_two_workers_share_the_ports_survive_a_kill_9_and_drain_with_the_b
     sim_url = await sim.start()
     metrics_port = _free_pair()
     grpc_port, http_port = _free_besides(metrics_port), _free_besides(metrics_port)
-    config = _config(tmp_path, pg_url, sim_url, grpc_port, http_port, metrics_port)
+    listeners = (
+        f'grpc_listen = "127.0.0.1:{grpc_port}"\nhttp_listen = "127.0.0.1:{http_port}"\n'
+        f'worker_metrics_listen = "127.0.0.1:{metrics_port}"'
+    )
+    config = gateway_config(tmp_path, pg_url, sim_url, listeners)
     log = tmp_path / "serve.log"
     proc: asyncio.subprocess.Process | None = None
     try:
