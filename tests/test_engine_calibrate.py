@@ -341,3 +341,41 @@ def test_a_fit_that_never_comes_seals_the_guess_after_the_hold(db: sa.Engine) ->
     done = [int(r[0]) for r in rows(db, "SELECT r.done_ns FROM request_seals s JOIN requests r USING (request_id)")]
     assert done and max(done) < until - hold
     assert any(until - hold <= t.done_ns < until - margin for t in timelines)  # type: ignore[operator]
+
+
+def test_a_restarted_meter_starts_from_the_stored_fit(db: sa.Engine) -> None:
+    """Meter A fits the counter's 120 ms lag over 20 s and stores the fit. Meter B, started afresh on the same
+    database (a restart, or a meter taking the backend over), gets 4 s more: far too few readings to fit on its own.
+    It attributes them with the stored fit, not the configured 50 ms guess, and seals them at the margin instead of
+    holding them (as a meter with nothing stored does: the tests above)."""
+    traffic = _traffic(40, seed=11)
+    classes = _classes(traffic)
+    timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
+    readings = [("gpu0", r.t_ns, r.energy_mj, None) for r in _readings(classes, 40, 120 * MS)]
+    knobs = {"epoch_ns": 1 * S, "lag_ns": 50 * MS, "calibrate": True, "uncalibrated_seal_hold_ns": 3600 * S}
+
+    first = [t for t in timelines if t.done_ns < T0 + 20 * S]  # type: ignore[operator]
+    write(db, timelines=first, samples=[x for x in readings if x[1] < T0 + 21 * S], ingested_ns=T0 + 21 * S)
+    a = make_engine(db, **knobs)
+    for k in range(4):
+        a.run_once(now_ns=T0 + (25 + k) * S)
+    fitted = a.stats.calibration["b1"]
+    assert fitted is not None and fitted.lag_ns == 120 * MS
+    assert rows(db, "SELECT lag_ns FROM backend_calibrations WHERE backend = 'b1'")[0][0] == 120 * MS
+    sealed_by_a = rows(db, "SELECT COUNT(*) FROM request_seals")[0][0]
+    assert sealed_by_a > 0
+
+    later = [t for t in timelines if T0 + 20 * S <= t.done_ns < T0 + 24 * S]  # type: ignore[operator]
+    more = [x for x in readings if T0 + 21 * S <= x[1] < T0 + 25 * S]
+    write(db, timelines=later, samples=more, ingested_ns=T0 + 30 * S)
+    b = make_engine(db, **knobs)
+    b.run_once(now_ns=T0 + 35 * S)
+    assert b.stats.calibration["b1"] == fitted  # the stored fit, read back whole
+    assert b.stats.calibration_intervals["b1"] < fitted.intervals  # its own pool is far from a fit
+    with db.connect() as conn:
+        until = attributed_until(conn, "b1")
+    assert until is not None and until >= T0 + 23 * S
+    sealed = {r[0] for r in rows(db, "SELECT request_id FROM request_seals")}
+    margin = b.settings.seal_margin_ns
+    due = {t.request_id for t in later if t.done_ns < until - margin}  # type: ignore[operator]
+    assert due and due <= sealed

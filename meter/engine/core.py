@@ -175,6 +175,7 @@ class _Backend:
     seal_after: tuple[int, str] | None = None  # every request up to this (done_ns, request_id) was looked at
     held: set[str] = field(default_factory=set)  # looked at but not sealable yet (a stale epoch, a late row)
     sealed_done_ns: int | None = None  # the latest done_ns of a request sealed so far (None: nothing sealed)
+    stored_model: PowerModel | None = None  # the fit in backend_calibrations, as far as this meter knows
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +311,8 @@ class MeteringEngine:
                 # latest seal, for requests that were held back (a stale epoch) when the last run stopped.
                 b.seal_after = None if b.sealed_done_ns is None else (b.sealed_done_ns - _SEAL_LOOKBACK_NS, "")
                 b.held.clear()
+                if self.settings.calibrate and b.learning.model is None:  # a fresh start: begin from the stored fit
+                    b.stored_model = b.learning.seed = sql.stored_calibration(conn, b.spec.name)
                 last = sql.last_epoch(conn, b.spec.name)
                 if last is None:
                     b.until_ns = b.span_end_ns = None
@@ -443,6 +446,7 @@ class MeteringEngine:
         for c in computed:  # committed: each backend adopts what its last epoch of the batch learned
             c.backend.learning = c.learned
             c.backend.stale.update(c.redo)
+        self._store_fits([c.backend for c in computed], now)
         for c, final in zip(computed, finals, strict=True):
             r = c.result
             self._advanced(c.backend, r.end, r.readings)
@@ -451,6 +455,23 @@ class MeteringEngine:
             self._booked(c.backend.spec.name, r.start, final.adjustment_mj, report)
             report.attributed.append((c.backend.spec.name, r.start))
             report.requests_attributed += len(final.request_rows)
+
+    def _store_fits(self, backends: Sequence[_Backend], now: int) -> None:
+        """Store each backend's own fit that is new since it was last stored (``backend_calibrations``). A failed
+        write is logged and retried with the next fit: the stored fit only spares a restarted meter the guess."""
+        fresh = {b.spec.name: (b, b.learning.fitted) for b in backends}
+        todo = [(b, m) for b, m in fresh.values() if m is not None and m != b.stored_model]
+        if not todo:
+            return
+        try:
+            with self._db.begin() as conn:
+                for b, m in todo:
+                    sql.store_calibration(conn, b.spec.name, m, now)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("engine_calibration_not_stored", error=str(exc).splitlines()[0][:300])
+            return
+        for b, m in todo:
+            b.stored_model = m
 
     def _readings(self, ticks: list[Tick], start: int, end: int) -> EpochReadings | None:
         s = self.settings
@@ -582,6 +603,7 @@ class MeteringEngine:
         if learned is not None:
             b.learning = learned
             b.stale.update(redo)
+            self._store_fits([b], now)
         if not existing or end == b.until_ns:  # a recompute never moves "attributed until"; it may move the span
             self._advanced(b, end, readings)
         if existing:

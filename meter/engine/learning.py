@@ -10,7 +10,9 @@ is known, plus the epoch's own idle stretches.
 Calibration (``meter.engine.calibrate``): the counter lag and the prefill/active power ratio, fitted by least
 squares over the counter's own readings (leaving out the intervals near abandoned prefills, whose classes are
 guesses); fed every epoch while warming, then one epoch per ``calibration_refresh_ns``. When the fit settles or
-moves, the recent epochs computed under the old model are to be redone (``learn`` returns them).
+moves, the recent epochs computed under the old model are to be redone (``learn`` returns them). Until this meter's
+own fit settles, the fit a meter stored for the backend (``seed``: ``backend_calibrations``; the engine loads it and
+stores each new fit) is the model, so a restarted meter, or one that takes a backend over, starts calibrated.
 
 Idle floor (``idle_power="auto"``, ``meter.engine.idle``): measured over the epoch's reading intervals that no
 request came near, pooled with the backend's recent epochs when the epoch has less than ``min_idle_ns`` of them.
@@ -49,10 +51,18 @@ class Learning:
     calibrator: LagCalibrator | None = None
     calibrated_at_ns: int | None = None  # start of the last epoch fed to the calibrator
     recent: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=RECALIBRATE_EPOCHS))
+    seed: PowerModel | None = None  # the stored fit (a previous meter's), in use until this meter's own settles
+
+    @property
+    def fitted(self) -> PowerModel | None:
+        """This meter's own fit, once settled."""
+        return self.calibrator.model if self.calibrator is not None else None
 
     @property
     def model(self) -> PowerModel | None:
-        return self.calibrator.model if self.calibrator is not None else None
+        """The model in use: this meter's own fit, else the stored one, else None (the configured guess)."""
+        fitted = self.fitted
+        return fitted if fitted is not None else self.seed
 
     def copy(self) -> Learning:
         """A private copy to learn into; the original is untouched until the caller adopts the copy."""
@@ -62,6 +72,7 @@ class Learning:
             self.calibrator.copy() if self.calibrator is not None else None,
             self.calibrated_at_ns,
             deque(self.recent, maxlen=RECALIBRATE_EPOCHS),
+            self.seed,
         )
 
     def policy(self, s: EngineSettings, readings: EpochReadings, working: Sequence[Timeline]) -> AttributionPolicy:
@@ -111,7 +122,7 @@ class Learning:
             uncertain = [(t.released_ns, t.done_ns) for t in working if t.abandoned_prefill]
             phases = request_phases(list(working), s.policy(None), since_ns=start)
             classes = ClassTimeline.from_phases(phases, uncertain)  # type: ignore[arg-type]
-            before = cal.model
+            before = self.model
             cal.add(readings.segments, classes, self.idle_power_w if s.idle_power == "auto" else None)
             self.calibrated_at_ns = start
             m = cal.model
@@ -133,7 +144,7 @@ class Learning:
                     intervals=m.intervals,
                     recomputing=len(redo),
                 )
-        return cal.model
+        return self.model
 
     def _idle_floor(
         self,

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 
+from meter.engine.calibrate import PowerModel
+
 Row = tuple[Any, ...]
 T = TypeVar("T")
 
@@ -615,3 +617,47 @@ def locked_transaction(engine: sa.Engine, names: str | Sequence[str]) -> Iterato
                         (keys,),
                     )
                 yield conn
+
+
+# -- calibration ---------------------------------------------------------------------------------------------------
+
+_CALIBRATION = (
+    "lag_ns",
+    "prefill_w",
+    "active_w",
+    "idle_w",
+    "intervals",
+    "residual_w",
+    "prefill_w_per_1k_tokens",
+    "prefill_mean_tokens",
+)  # PowerModel's fields, in its order
+
+
+def stored_calibration(conn: sa.Connection, backend: str) -> PowerModel | None:
+    """The backend's latest fit a meter stored (``backend_calibrations``), None if none did."""
+    rows = fetch(conn, f"SELECT {', '.join(_CALIBRATION)} FROM backend_calibrations WHERE backend = ?", (backend,))
+    if not rows:
+        return None
+    lag, prefill, active, idle, intervals, residual, per_1k, mean_tokens = rows[0]
+    return PowerModel(
+        int(lag),
+        float(prefill),
+        float(active),
+        None if idle is None else float(idle),
+        int(intervals),
+        float(residual),
+        float(per_1k),
+        float(mean_tokens),
+    )
+
+
+def store_calibration(conn: sa.Connection, backend: str, model: PowerModel, fitted_ns: int) -> None:
+    """Write (or overwrite) the backend's stored fit."""
+    cols = ("backend", *_CALIBRATION, "fitted_ns")
+    sets = ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
+    values = (backend, *(getattr(model, c) for c in _CALIBRATION), fitted_ns)
+    sql = (
+        f"INSERT INTO backend_calibrations ({', '.join(cols)}) VALUES ({marks(len(cols))}) "
+        f"ON CONFLICT (backend) DO UPDATE SET {sets}"
+    )
+    conn.exec_driver_sql(_q(conn, sql), values)

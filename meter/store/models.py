@@ -327,6 +327,25 @@ class RequestSeal(Base):
     idle_tokens_mj: Mapped[int] = mapped_column(sa.BigInteger, comment="final idle share under the 'tokens' policy")
 
 
+class BackendCalibration(Base):
+    """A backend's latest fitted power model (``meter.engine.calibrate.PowerModel``), so that a meter that restarts, or
+    takes the backend over from another, attributes and seals with it from its first pass instead of the configured
+    guess; its own fit replaces it once settled. One row per backend, overwritten by each new fit."""
+
+    __tablename__ = "backend_calibrations"
+
+    backend: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="the backend (as requests.backend)")
+    lag_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="the counter's fitted lag behind the wall clock (ns)")
+    prefill_w: Mapped[float] = mapped_column(sa.Float, comment="prefill power of a step of the mean size (W)")
+    active_w: Mapped[float] = mapped_column(sa.Float, comment="decode (or waiting-request) power (W)")
+    idle_w: Mapped[float | None] = mapped_column(sa.Float, comment="idle power (W); NULL when too little idle was seen")
+    prefill_w_per_1k_tokens: Mapped[float] = mapped_column(sa.Float, comment="prefill power rise per 1,000 step tokens")
+    prefill_mean_tokens: Mapped[float] = mapped_column(sa.Float, comment="the steps' mean size the prefill_w is of")
+    intervals: Mapped[int] = mapped_column(sa.Integer, comment="reading intervals the fit used")
+    residual_w: Mapped[float] = mapped_column(sa.Float, comment="root-mean-square misfit, as average power (W)")
+    fitted_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="when the meter that fitted it wrote it")
+
+
 class BillingSettings(Base):
     """The settings that change a bill, stored with the data so that every reader prints the same bill.
 
