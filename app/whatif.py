@@ -125,6 +125,8 @@ def load(engine: sa.Engine, start_ns: int | None, end_ns: int | None, model: str
                 BackendEpoch.epoch_end_ns,
                 BackendEpoch.counter_mj,
                 BackendEpoch.idle_mj,
+                BackendEpoch.first_reading_ns,
+                BackendEpoch.last_reading_ns,
             ).where(
                 BackendEpoch.backend.in_(backends),
                 BackendEpoch.epoch_start_ns < last,
@@ -134,11 +136,15 @@ def load(engine: sa.Engine, start_ns: int | None, end_ns: int | None, model: str
         by_backend: dict[str, list[Any]] = {}
         for e in epochs:
             by_backend.setdefault(e.backend, []).append(e)
-    # the span every backend's meter covers (one backend's last epochs may not be attributed yet)
-    if set(by_backend) == set(backends):
-        w_start = min(first, max(min(e.epoch_start_ns for e in es) for es in by_backend.values()))
-        w_end = min(max(e.epoch_end_ns for e in es) for es in by_backend.values())
-        covered = [e for e in epochs if e.epoch_end_ns <= w_end]
+    # the span every backend's meter covers (one backend's last epochs may not be attributed yet). The epochs' counter
+    # energy runs from each backend's first reading to its last, not from its first epoch's start (a meter that
+    # started mid-epoch has no readings before): the window the replay is held against is the readings'.
+    read = {b: [e for e in es if e.first_reading_ns is not None] for b, es in by_backend.items()}
+    if set(by_backend) == set(backends) and all(read.values()):
+        epochs_end = min(max(e.epoch_end_ns for e in es) for es in by_backend.values())
+        covered = [e for e in epochs if e.epoch_end_ns <= epochs_end]
+        w_start = min(first, max(min(e.first_reading_ns for e in es) for es in read.values()))
+        w_end = min(max(e.last_reading_ns for e in es if e.epoch_end_ns <= epochs_end) for es in read.values())
     else:  # a backend without a metered epoch: no measured baseline
         w_start, w_end, covered = first, last, []
     measured = bool(covered) and w_end >= last

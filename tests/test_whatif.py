@@ -178,8 +178,10 @@ def test_whatif_on_the_demo_ledger(demo_db: str, capsys: pytest.CaptureFixture[s
     ], out
     recorded, as_recorded = rows["recorded (measured)"], rows["as recorded"]
     assert recorded[0] == as_recorded[0] > 0  # the same requests
-    # the demo's GPUs are this simulator: replaying what the gateway did comes close to what the meter measured
-    assert abs(as_recorded[1] - recorded[1]) / recorded[1] < 0.10, out
+    # the demo's GPUs are this simulator: replaying what the gateway did comes close to what the meter measured over
+    # the same span (its readings', not its first epoch's: that starts up to an epoch before the meter's first
+    # reading, and the 12 % gap that opened then was idle the counter never saw)
+    assert abs(as_recorded[1] - recorded[1]) / recorded[1] < 0.03, out
     for name, r in rows.items():
         assert r[1] > 0 and r[2] > 0, name  # J, J/token
         assert r[-2] in (1, 2), name  # GPUs needed: of the demo's two
