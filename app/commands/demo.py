@@ -72,6 +72,9 @@ async def _demo(workdir: Path, seconds: float, rng: random.Random) -> int:
                 "epoch_s": 2.0,  # short epochs: the demo's energy is final seconds after its last request
                 "settle_s": 0.5,
                 "engine_interval_s": 0.5,
+                # a short demo may end before the calibration settles (~5 s of traffic): then its figures are
+                # sealed with the configured guess 5 s after the attribution passed them, not the 300 s default
+                "uncalibrated_seal_hold_s": 5.0,
             },
             "models": [
                 {
