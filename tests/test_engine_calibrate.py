@@ -284,7 +284,7 @@ def _warm_then_fit(db: sa.Engine, hold_ns: int) -> tuple[int, list[int]]:
     classes = _classes(traffic)
     timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
     readings = _readings(classes, 40, 120 * MS)
-    early = [t for t in timelines if t.done_ns < T0 + 4 * S]  # type: ignore[operator]
+    early = [t for t in timelines if t.done_ns < T0 + 4 * S]
     first = [("gpu0", r.t_ns, r.energy_mj, None) for r in readings if r.t_ns < T0 + 5 * S]
     write(db, timelines=early, samples=first, ingested_ns=T0 + 5 * S)
     eng = make_engine(db, epoch_ns=1 * S, lag_ns=50 * MS, calibrate=True, uncalibrated_seal_hold_ns=hold_ns)
@@ -292,7 +292,7 @@ def _warm_then_fit(db: sa.Engine, hold_ns: int) -> tuple[int, list[int]]:
     assert eng.stats.calibration["b1"] is None  # too few intervals to fit
     with db.connect() as conn:
         until = attributed_until(conn, "b1")
-    assert until is not None and any(t.done_ns < until - eng.settings.seal_margin_ns for t in early)  # type: ignore[operator]
+    assert until is not None and any(t.done_ns < until - eng.settings.seal_margin_ns for t in early)
     sealed_early = rows(db, "SELECT COUNT(*) FROM request_seals")[0][0]
 
     rest = [("gpu0", r.t_ns, r.energy_mj, None) for r in readings if r.t_ns >= T0 + 5 * S]
@@ -340,7 +340,7 @@ def test_a_fit_that_never_comes_seals_the_guess_after_the_hold(db: sa.Engine) ->
     margin = eng.settings.seal_margin_ns
     done = [int(r[0]) for r in rows(db, "SELECT r.done_ns FROM request_seals s JOIN requests r USING (request_id)")]
     assert done and max(done) < until - hold
-    assert any(until - hold <= t.done_ns < until - margin for t in timelines)  # type: ignore[operator]
+    assert any(until - hold <= t.done_ns < until - margin for t in timelines)
 
 
 def test_a_restarted_meter_starts_from_the_stored_fit(db: sa.Engine) -> None:
@@ -352,9 +352,14 @@ def test_a_restarted_meter_starts_from_the_stored_fit(db: sa.Engine) -> None:
     classes = _classes(traffic)
     timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
     readings = [("gpu0", r.t_ns, r.energy_mj, None) for r in _readings(classes, 40, 120 * MS)]
-    knobs = {"epoch_ns": 1 * S, "lag_ns": 50 * MS, "calibrate": True, "uncalibrated_seal_hold_ns": 3600 * S}
+    knobs: dict[str, object] = {
+        "epoch_ns": 1 * S,
+        "lag_ns": 50 * MS,
+        "calibrate": True,
+        "uncalibrated_seal_hold_ns": 3600 * S,
+    }
 
-    first = [t for t in timelines if t.done_ns < T0 + 20 * S]  # type: ignore[operator]
+    first = [t for t in timelines if t.done_ns < T0 + 20 * S]
     write(db, timelines=first, samples=[x for x in readings if x[1] < T0 + 21 * S], ingested_ns=T0 + 21 * S)
     a = make_engine(db, **knobs)
     for k in range(4):
@@ -365,7 +370,7 @@ def test_a_restarted_meter_starts_from_the_stored_fit(db: sa.Engine) -> None:
     sealed_by_a = rows(db, "SELECT COUNT(*) FROM request_seals")[0][0]
     assert sealed_by_a > 0
 
-    later = [t for t in timelines if T0 + 20 * S <= t.done_ns < T0 + 24 * S]  # type: ignore[operator]
+    later = [t for t in timelines if T0 + 20 * S <= t.done_ns < T0 + 24 * S]
     more = [x for x in readings if T0 + 21 * S <= x[1] < T0 + 25 * S]
     write(db, timelines=later, samples=more, ingested_ns=T0 + 30 * S)
     b = make_engine(db, **knobs)
@@ -377,5 +382,31 @@ def test_a_restarted_meter_starts_from_the_stored_fit(db: sa.Engine) -> None:
     assert until is not None and until >= T0 + 23 * S
     sealed = {r[0] for r in rows(db, "SELECT request_id FROM request_seals")}
     margin = b.settings.seal_margin_ns
-    due = {t.request_id for t in later if t.done_ns < until - margin}  # type: ignore[operator]
+    due = {t.request_id for t in later if t.done_ns < until - margin}
     assert due and due <= sealed
+
+
+def test_a_refused_refit_keeps_the_last_fit_not_the_guess(db: sa.Engine) -> None:
+    """After 20 s that fit (lag 120 ms), 40 s of long decodes with hardly any prefill: the refits over the recent
+    epochs are refused (too little prefill time to measure), so the calibrator itself holds no fit. The engine keeps
+    attributing with the last settled fit, not the configured 50 ms guess."""
+    traffic = _traffic(20, seed=11)
+    decodes = [(T0 + (21 + 5 * k) * S, T0 + (21 + 5 * k) * S + 6 * MS, T0 + (25 + 5 * k) * S, 1) for k in range(8)]
+    classes = _classes(traffic + decodes)
+    timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic + decodes)]
+    readings = [("gpu0", r.t_ns, r.energy_mj, None) for r in _readings(classes, 62, 120 * MS)]
+    early = timelines[: len(traffic)]
+    write(db, timelines=early, samples=[x for x in readings if x[1] < T0 + 21 * S], ingested_ns=T0 + 21 * S)
+    eng = make_engine(db, epoch_ns=1 * S, lag_ns=50 * MS, calibrate=True, calibration_refresh_ns=1 * S)
+    for k in range(3):
+        eng.run_once(now_ns=T0 + (25 + k) * S)
+    fitted = eng.stats.calibration["b1"]
+    assert fitted is not None and fitted.lag_ns == 120 * MS
+    later = timelines[len(traffic) :]
+    write(db, timelines=later, samples=[x for x in readings if x[1] >= T0 + 21 * S], ingested_ns=T0 + 62 * S)
+    for k in range(6):
+        eng.run_once(now_ns=T0 + (70 + k) * S)
+    learning = eng._backends["b1"].learning  # what the calibrator itself holds
+    assert learning.fitted is None  # the refits over the decode-only epochs were refused
+    model = eng.stats.calibration["b1"]
+    assert model is not None and model is learning.last_fit and model.lag_ns == 120 * MS  # the last one that settled

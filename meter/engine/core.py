@@ -312,7 +312,7 @@ class MeteringEngine:
                 b.seal_after = None if b.sealed_done_ns is None else (b.sealed_done_ns - _SEAL_LOOKBACK_NS, "")
                 b.held.clear()
                 if self.settings.calibrate and b.learning.model is None:  # a fresh start: begin from the stored fit
-                    b.stored_model = b.learning.seed = sql.stored_calibration(conn, b.spec.name)
+                    b.stored_model = b.learning.last_fit = sql.stored_calibration(conn, b.spec.name)
                 last = sql.last_epoch(conn, b.spec.name)
                 if last is None:
                     b.until_ns = b.span_end_ns = None

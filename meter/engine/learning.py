@@ -10,9 +10,11 @@ is known, plus the epoch's own idle stretches.
 Calibration (``meter.engine.calibrate``): the counter lag and the prefill/active power ratio, fitted by least
 squares over the counter's own readings (leaving out the intervals near abandoned prefills, whose classes are
 guesses); fed every epoch while warming, then one epoch per ``calibration_refresh_ns``. When the fit settles or
-moves, the recent epochs computed under the old model are to be redone (``learn`` returns them). Until this meter's
-own fit settles, the fit a meter stored for the backend (``seed``: ``backend_calibrations``; the engine loads it and
-stores each new fit) is the model, so a restarted meter, or one that takes a backend over, starts calibrated.
+moves, the recent epochs computed under the old model are to be redone (``learn`` returns them). Whenever the
+calibrator has no fit (warming after a start, or a refit refused), the latest settled one is the model
+(``last_fit``): this meter's own, or the one a meter stored for the backend (``backend_calibrations``; the engine
+loads it and stores each new fit), so a restarted meter, or one that takes a backend over, starts calibrated, and a
+refused refit does not fall back to the configured guess.
 
 Idle floor (``idle_power="auto"``, ``meter.engine.idle``): measured over the epoch's reading intervals that no
 request came near, pooled with the backend's recent epochs when the epoch has less than ``min_idle_ns`` of them.
@@ -51,7 +53,7 @@ class Learning:
     calibrator: LagCalibrator | None = None
     calibrated_at_ns: int | None = None  # start of the last epoch fed to the calibrator
     recent: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=RECALIBRATE_EPOCHS))
-    seed: PowerModel | None = None  # the stored fit (a previous meter's), in use until this meter's own settles
+    last_fit: PowerModel | None = None  # the latest settled fit (this meter's, or stored by one before it)
 
     @property
     def fitted(self) -> PowerModel | None:
@@ -62,7 +64,7 @@ class Learning:
     def model(self) -> PowerModel | None:
         """The model in use: this meter's own fit, else the stored one, else None (the configured guess)."""
         fitted = self.fitted
-        return fitted if fitted is not None else self.seed
+        return fitted if fitted is not None else self.last_fit
 
     def copy(self) -> Learning:
         """A private copy to learn into; the original is untouched until the caller adopts the copy."""
@@ -72,7 +74,7 @@ class Learning:
             self.calibrator.copy() if self.calibrator is not None else None,
             self.calibrated_at_ns,
             deque(self.recent, maxlen=RECALIBRATE_EPOCHS),
-            self.seed,
+            self.last_fit,
         )
 
     def policy(self, s: EngineSettings, readings: EpochReadings, working: Sequence[Timeline]) -> AttributionPolicy:
@@ -126,6 +128,8 @@ class Learning:
             cal.add(readings.segments, classes, self.idle_power_w if s.idle_power == "auto" else None)
             self.calibrated_at_ns = start
             m = cal.model
+            if m is not None:
+                self.last_fit = m
             if m is not None and (
                 before is None
                 or abs(before.lag_ns - m.lag_ns) >= 20 * _MS
