@@ -6,7 +6,10 @@ a worker thread: a scrape never waits on the database longer than it takes to an
 are attributed energy so far — they grow as epochs are attributed, and may step down by a few millijoules when a
 late timeline makes the engine recompute an epoch (rare; Prometheus' ``increase`` tolerates it as a reset).
 
-Power is the in-process meter's latest reading per backend (absent when this gateway runs without a meter).
+Power is the in-process meter's latest reading per backend (absent when this gateway runs without a meter), and so
+is the calibration: whether the meter attributes a backend with a fitted model (its own, or the one stored by a meter
+before it) or still with the configured guess, in which case its requests' figures are not sealed final until the
+fit settles or ``uncalibrated_seal_hold_s`` passes; with the fitted counter lag and prefill/decode power ratio.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from meter.engine import PowerModel
 from proxy.metrics import MAX_TENANT_LABELS, REGISTRY
 
 log = structlog.get_logger(__name__)
@@ -42,18 +46,24 @@ class EnergyCollector(Collector):
         self._lock = threading.Lock()
         self._engine: sa.Engine | None = None
         self._power_w: Callable[[], dict[str, float | None]] | None = None
+        self._calibration: Callable[[], dict[str, PowerModel | None]] | None = None
         self._cached: list[tuple[str, str, int, int]] = []
         self._cached_at = float("-inf")
 
-    def attach(self, engine: sa.Engine, power_w: Callable[[], dict[str, float | None]] | None = None) -> None:
+    def attach(
+        self,
+        engine: sa.Engine,
+        power_w: Callable[[], dict[str, float | None]] | None = None,
+        calibration: Callable[[], dict[str, PowerModel | None]] | None = None,
+    ) -> None:
         with self._lock:
-            self._engine, self._power_w = engine, power_w
+            self._engine, self._power_w, self._calibration = engine, power_w, calibration
             self._cached, self._cached_at = [], float("-inf")
 
     def detach(self, engine: sa.Engine) -> None:
         with self._lock:
             if self._engine is engine:
-                self._engine, self._power_w = None, None
+                self._engine, self._power_w, self._calibration = None, None, None
                 self._cached = []
 
     def _energy_rows(self) -> list[tuple[str, str, int, int]]:
@@ -91,6 +101,36 @@ class EnergyCollector(Collector):
                 if watts is not None:
                     power.add_metric([backend], watts)
             yield power
+        calibration = self._calibration
+        if calibration is not None:
+            yield from _calibration_families(calibration())
+
+
+def _calibration_families(models: dict[str, PowerModel | None]) -> Iterator[GaugeMetricFamily]:
+    calibrated = GaugeMetricFamily(
+        "joulegate_backend_calibrated",
+        "1 when the meter attributes the backend with a fitted power model; 0 while it uses the configured guess "
+        "(its requests are then sealed final only once the fit settles or uncalibrated_seal_hold_s passes).",
+        labels=["backend"],
+    )
+    lag = GaugeMetricFamily(
+        "joulegate_backend_counter_lag_seconds",
+        "The energy counter's fitted lag behind the wall clock (calibrated backends only).",
+        labels=["backend"],
+    )
+    ratio = GaugeMetricFamily(
+        "joulegate_backend_prefill_power_ratio",
+        "Fitted prefill power over decode power, for a prefill step of the mean size (calibrated backends only).",
+        labels=["backend"],
+    )
+    for backend, model in sorted(models.items()):
+        calibrated.add_metric([backend], 0.0 if model is None else 1.0)
+        if model is not None:
+            lag.add_metric([backend], model.lag_ns / 1e9)
+            ratio.add_metric([backend], model.prefill_power_ratio)
+    yield calibrated
+    yield lag
+    yield ratio
 
 
 ENERGY = EnergyCollector()

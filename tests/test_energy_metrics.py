@@ -1,12 +1,14 @@
-"""The energy metric keeps tenant labels bounded without losing a joule."""
+"""The energy metric keeps tenant labels bounded without losing a joule; the calibration gauges say which backends
+are billed with a fitted model."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meter.engine import PowerModel
 from proxy import energy_metrics
-from proxy.energy_metrics import _bounded
+from proxy.energy_metrics import _bounded, _calibration_families
 
 rows = st.lists(
     st.tuples(
@@ -37,3 +39,16 @@ def test_folding_keeps_the_biggest_tenants_and_every_millijoule(rows_in) -> None
     if folded and named:
         assert min(totals[t] for t in named) >= max(totals[t] for t in folded)
     assert len({(t, m) for t, m, *_ in out}) == len(out)
+
+
+def test_calibration_gauges_say_which_backends_are_billed_with_a_fitted_model() -> None:
+    fitted = PowerModel(lag_ns=120_000_000, prefill_w=650.0, active_w=260.0, idle_w=80.0, intervals=60, residual_w=1.5)
+    families = {
+        f.name: {s.labels["backend"]: s.value for s in f.samples}
+        for f in _calibration_families({"gpu-a": fitted, "gpu-b": None})
+    }
+    assert families == {
+        "joulegate_backend_calibrated": {"gpu-a": 1.0, "gpu-b": 0.0},
+        "joulegate_backend_counter_lag_seconds": {"gpu-a": 0.12},
+        "joulegate_backend_prefill_power_ratio": {"gpu-a": 2.5},
+    }

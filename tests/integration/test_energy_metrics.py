@@ -67,3 +67,8 @@ async def test_metrics_report_energy_per_tenant_model_phase_and_power(tmp_path: 
 
         power = await wait_until_async(power_w, 4.0, what="a power figure on /metrics", poll_s=0.2)
         assert 70 <= power <= 700  # the simulated H100: 80 W idle, 650 W prefill
+        # three short prompts are far too little prefill to fit the power model by: the backend is on the guess
+        metrics = await _scrape(s.http_url)
+        assert metrics[("joulegate_backend_calibrated", (("backend", backend),))] == 0.0
+        assert ("joulegate_backend_counter_lag_seconds", (("backend", backend),)) not in metrics
+        assert s.app.meter.engine.stats.calibration[backend] is None  # type: ignore[union-attr]
