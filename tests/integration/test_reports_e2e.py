@@ -132,6 +132,14 @@ async def test_the_meter_daemon_serves_reports_with_health_and_reflection(tmp_pa
                 )]  # fmt: skip
                 names = {x.name for x in listed[0].list_services_response.service}
                 assert {"joulegate.v1.EnergyReports", "grpc.health.v1.Health"} <= names
+                # The counter can only attribute what it saw: the request goes once the daemon's readings are in
+                # the database (a prefill before the first reading is energy no reading holds: 0 J, and final).
+                await wait_until_async(
+                    lambda: query(s.app.engine, "SELECT COUNT(*) FROM samples")[0][0] >= 2,
+                    15.0,
+                    what="the daemon's first readings",
+                    poll_s=0.1,
+                )
                 rid = await generate(s.stub, s.key, "metered by the daemon")
                 reports = pb_grpc.EnergyReportsStub(channel)
                 waited = pb.GetRequestEnergyRequest(request_id=rid, wait_final=True, wait_timeout_ms=20_000)
