@@ -13,6 +13,7 @@ cannot change before it commits).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -621,41 +622,20 @@ def locked_transaction(engine: sa.Engine, names: str | Sequence[str]) -> Iterato
 
 # -- calibration ---------------------------------------------------------------------------------------------------
 
-_CALIBRATION = (
-    "lag_ns",
-    "prefill_w",
-    "active_w",
-    "idle_w",
-    "intervals",
-    "residual_w",
-    "prefill_w_per_1k_tokens",
-    "prefill_mean_tokens",
-)  # PowerModel's fields, in its order
+_CALIBRATION = tuple(f.name for f in dataclasses.fields(PowerModel))  # backend_calibrations' columns besides the keys
 
 
 def stored_calibration(conn: sa.Connection, backend: str) -> PowerModel | None:
     """The backend's latest fit a meter stored (``backend_calibrations``), None if none did."""
     rows = fetch(conn, f"SELECT {', '.join(_CALIBRATION)} FROM backend_calibrations WHERE backend = ?", (backend,))
-    if not rows:
-        return None
-    lag, prefill, active, idle, intervals, residual, per_1k, mean_tokens = rows[0]
-    return PowerModel(
-        int(lag),
-        float(prefill),
-        float(active),
-        None if idle is None else float(idle),
-        int(intervals),
-        float(residual),
-        float(per_1k),
-        float(mean_tokens),
-    )
+    return PowerModel(*rows[0]) if rows else None
 
 
 def store_calibration(conn: sa.Connection, backend: str, model: PowerModel, fitted_ns: int) -> None:
     """Write (or overwrite) the backend's stored fit."""
     cols = ("backend", *_CALIBRATION, "fitted_ns")
     sets = ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
-    values = (backend, *(getattr(model, c) for c in _CALIBRATION), fitted_ns)
+    values = (backend, *dataclasses.astuple(model), fitted_ns)
     sql = (
         f"INSERT INTO backend_calibrations ({', '.join(cols)}) VALUES ({marks(len(cols))}) "
         f"ON CONFLICT (backend) DO UPDATE SET {sets}"
