@@ -139,13 +139,16 @@ def load(engine: sa.Engine, start_ns: int | None, end_ns: int | None, model: str
     # the span every backend's meter covers (one backend's last epochs may not be attributed yet). The epochs' counter
     # energy runs from each backend's first reading to its last, not from its first epoch's start (a meter that
     # started mid-epoch has no readings before): the window the replay is held against is the readings'.
-    read = {b: [e for e in es if e.first_reading_ns is not None] for b, es in by_backend.items()}
-    if set(by_backend) == set(backends) and all(read.values()):
+    read: list[list[Any]] = []  # per backend, its covered epochs that hold readings
+    if set(by_backend) == set(backends):
         epochs_end = min(max(e.epoch_end_ns for e in es) for es in by_backend.values())
+        read = [[e for e in es if e.epoch_end_ns <= epochs_end and e.first_reading_ns is not None]
+                for es in by_backend.values()]  # fmt: skip
+    if read and all(read):
         covered = [e for e in epochs if e.epoch_end_ns <= epochs_end]
-        w_start = min(first, max(min(e.first_reading_ns for e in es) for es in read.values()))
-        w_end = min(max(e.last_reading_ns for e in es if e.epoch_end_ns <= epochs_end) for es in read.values())
-    else:  # a backend without a metered epoch: no measured baseline
+        w_start = min(first, max(min(e.first_reading_ns for e in es) for es in read))
+        w_end = min(max(e.last_reading_ns for e in es) for es in read)
+    else:  # a backend without a metered epoch (or one without readings): no measured baseline
         w_start, w_end, covered = first, last, []
     measured = bool(covered) and w_end >= last
     requests = snap_releases(
