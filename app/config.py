@@ -104,6 +104,10 @@ class ModelConfig(Section):
     backends: tuple[BackendConfig, ...] = Field(min_length=1)
     max_new_tokens: int = Field(default=1024, ge=1, description="the most new tokens one request may ask for")
     include_stop_sequence: bool = Field(default=True, description="TGIS default when a request does not say")
+    tokenizer_file: Path | None = Field(
+        default=None,
+        description="the tokenizer.json the backends load: input token counts for TGIS without a /tokenize call",
+    )
     shaping: ShapingConfig = Field(default_factory=ShapingConfig, description="arrival shaping (proxy/shaping)")
 
 

@@ -49,6 +49,7 @@ from proxy.energy_metrics import ENERGY as ENERGY_METRICS
 from proxy.gateway import Gateway
 from proxy.grpc_api import GenerationServicer
 from proxy.http import HttpFrontDoor
+from proxy.input_counts import InputCounts, load_tokenizer
 from proxy.params import ModelLimits
 from proxy.pb.fmaas import generation_pb2
 from proxy.rate_limits import RateLimiter
@@ -110,7 +111,19 @@ class GatewayApp:
         add_servicer(
             self.server,
             generation_pb2.DESCRIPTOR.services_by_name["GenerationService"],
-            GenerationServicer(self.gateway, self.auth, self.limits, max_batch_requests=cfg.server.max_batch_requests),
+            GenerationServicer(
+                self.gateway,
+                self.auth,
+                self.limits,
+                max_batch_requests=cfg.server.max_batch_requests,
+                input_counts=InputCounts(
+                    {
+                        m.model_id: load_tokenizer(m.tokenizer_file, f"models.{i}.tokenizer_file")
+                        for i, m in enumerate(cfg.models)
+                        if m.tokenizer_file is not None
+                    }
+                ),
+            ),
         )
         reports = EnergyReportsServicer(
             self.engine,

@@ -42,6 +42,7 @@ import grpc
 from bench._procs import free_port, gateway_process, sim_process
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pbg
+from sim.tokenizer import hf_tokenizer_json
 
 PROMPT = "Explain in one paragraph why batching requests saves energy on a GPU serving a language model."
 One = Callable[[], Awaitable[int]]
@@ -119,7 +120,8 @@ def openai_route(
 
 def grpc_route(stub: pbg.GenerationServiceStub, new_tokens: int) -> One:
     """Every call a prompt of its own: the gateway caches the input counts of prompts it has sent to ``/tokenize``
-    lately, and a benchmark that repeats one prompt would measure only cache hits."""
+    lately, and a benchmark that repeats one prompt would measure only cache hits. The gateway has the model's
+    tokenizer file (``--tokenizer-file``, as a deployment would), so it counts them without ``/tokenize``."""
     params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=new_tokens))
     calls = itertools.count()
 
@@ -233,12 +235,14 @@ def stack(workdir: Path, time_scale: str, litellm: str | None) -> Iterator[tuple
         relay_cmd = [sys.executable, "-m", "bench.relay", "--port", str(relay_port), "--upstream", sim]
         relay = es.enter_context(process(relay_cmd, relay_port, workdir / "relay.log"))
         http_port = free_port()
+        tokenizer = workdir / "tokenizer.json"  # the simulator's tokenizer, as a deployment names its model's
+        tokenizer.write_text(hf_tokenizer_json())
         grpc_port, _ = es.enter_context(
             gateway_process(
                 workdir,
                 [sim],
                 env={"JOULEGATE_BACKEND_POOL__MAX_CONCURRENT_REQUESTS": "1024"},
-                args=("--http-listen", f"127.0.0.1:{http_port}"),
+                args=("--http-listen", f"127.0.0.1:{http_port}", "--tokenizer-file", str(tokenizer)),
             )
         )
         urls = {"sim": sim, "relay": relay, "joulegate": f"http://127.0.0.1:{http_port}"}

@@ -41,6 +41,7 @@ from meter.timeline import Api
 from proxy import tracing
 from proxy.budgets import HEADER as BUDGET_HEADER
 from proxy.gateway import Gateway, GenerationStream
+from proxy.input_counts import InputCounts
 from proxy.job import Job
 from proxy.params import GenerationOptions, ModelLimits, ResponseOptions, to_tgi
 from proxy.pb.fmaas import generation_pb2 as pb
@@ -55,8 +56,6 @@ T = TypeVar("T")
 READ_METADATA = ("authorization", "x-api-key", "x-correlation-id", "x-traffic-class")
 GENERATE_METHOD = "fmaas.GenerationService/Generate"  # span names: the gRPC method, as OpenTelemetry names them
 GENERATE_STREAM_METHOD = "fmaas.GenerationService/GenerateStream"
-PROMPT_COUNTS = 4096  # prompts whose token counts the gRPC front door keeps (PromptCounts)
-PROMPT_COUNT_MAX_CHARS = 16_384  # a longer prompt is counted by the backend every time: the cache stays small
 
 
 class CallContext:
@@ -93,12 +92,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         limits: dict[str, ModelLimits],
         *,
         max_batch_requests: int,
+        input_counts: InputCounts | None = None,
     ) -> None:
         self.gateway = gateway
         self.auth = auth
         self.limits = limits
         self.max_batch_requests = max_batch_requests
-        self._counts = PromptCounts()
+        self._counts = input_counts or InputCounts()
 
     # -- plumbing --------------------------------------------------------------------------------------------
     async def _begin(self, context: grpc.aio.ServicerContext, request_id: str, span: Any = None) -> CallContext:
@@ -360,7 +360,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         stops = options.tgi_parameters.get("stop", ())
         truncate = options.tgi_parameters.get("truncate", 0)
         # TGI reports input_length only at the end of a stream; TGIS sends it first. Count it alongside, unless the
-        # backend's tokenizer counted this very prompt lately (and the call wants the count, not the tokens).
+        # model's tokenizer file or a recent /tokenize answer gives it here (and the call wants the count, not the
+        # tokens): proxy.input_counts.
         known = None if r.input_tokens else self._counts.get(job.model_id, job.inputs, truncate)
         count_task = None
         if known is None:
@@ -456,10 +457,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             model_id = self.gateway.resolve_model(request.model_id)
             if len(request.requests) > self.max_batch_requests:
                 raise InvalidArgument(f"requests: at most {self.max_batch_requests} texts per call")
-            results = await asyncio.gather(
-                *(self._input_tokens(model_id, r.text, request.truncate_input_tokens) for r in request.requests)
-            )
+            truncate = request.truncate_input_tokens
             out = pb.BatchedTokenizeResponse()
+            if not request.return_tokens and not request.return_offsets:
+                known = [self._counts.get(model_id, r.text, truncate) for r in request.requests]
+                if None not in known:  # counts only, every one known here: no round trip
+                    for n in known:
+                        out.responses.add(token_count=n)
+                    return out
+            results = await asyncio.gather(*(self._input_tokens(model_id, r.text, truncate) for r in request.requests))
             for tokens in results:
                 item = out.responses.add(token_count=len(tokens))
                 if request.return_tokens:
@@ -484,36 +490,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             )
 
         return await self._guard(context, work)
-
-
-class PromptCounts:
-    """The backend tokenizer's counts of recent prompts, per model, for TGIS's first stream message (the input token
-    count, which TGI tells only at the end): a prompt counted lately needs no ``/tokenize`` round trip beside its
-    stream. Filled from ``/tokenize`` answers only; bounded (oldest out first), prompts over ``max_chars`` never
-    kept. Informative counts only: billing takes the prompt count from the backend's own stream (``proxy.gateway``).
-    """
-
-    __slots__ = ("_counts", "_max_chars", "_size")
-
-    def __init__(self, size: int = PROMPT_COUNTS, max_chars: int = PROMPT_COUNT_MAX_CHARS) -> None:
-        self._counts: dict[tuple[str, str], int] = {}
-        self._size = size
-        self._max_chars = max_chars
-
-    def get(self, model_id: str, text: str, truncate: int) -> int | None:
-        """The count ``_input_tokens`` would give (``truncate``: TGI keeps the last ``truncate`` tokens), or None."""
-        n = self._counts.get((model_id, text))
-        if n is None:
-            return None
-        return len(range(n)[-truncate:]) if truncate and n > truncate else n
-
-    def put(self, model_id: str, text: str, count: int) -> None:
-        if len(text) > self._max_chars:
-            return
-        counts, key = self._counts, (model_id, text)
-        if key not in counts and len(counts) >= self._size:
-            del counts[next(iter(counts))]
-        counts[key] = count
 
 
 _background: set[asyncio.Task[Any]] = set()

@@ -83,6 +83,46 @@ def encode(text: str, add_special_tokens: bool = True) -> list[TokenSpan]:
     return tokens
 
 
+def hf_tokenizer_json() -> str:
+    """This tokenizer as a Hugging Face ``tokenizer.json`` that counts as ``count_tokens`` does, for a gateway's
+    ``tokenizer_file`` in front of the simulator (as a real deployment names the file its TGI loads).
+
+    The same pre-tokenization regex, then a split into pieces of at most ``PIECE_CHARS`` characters, each piece one
+    token (a vocabulary of only ``<unk>``: ids and texts differ from ``encode``'s, counts do not), BOS in front.
+    Oniguruma's ``\\w`` is Python's for letters, digits and ``_`` of every script; the two differ on a few
+    categories (combining marks, superscript digits, some letter-like symbols), where counts may then differ.
+    """
+    bos = {"SpecialToken": {"id": BOS_TEXT, "type_id": 0}}
+    spec: dict[str, object] = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": _PRE_TOKEN.pattern}, "behavior": "Isolated", "invert": False},
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": rf"[\s\S]{{1,{PIECE_CHARS}}}"},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+            ],
+        },
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {BOS_TEXT: {"id": BOS_TEXT, "ids": [BOS_ID], "tokens": [BOS_TEXT]}},
+        },
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": {"<unk>": 0}, "unk_token": "<unk>"},
+    }
+    return json.dumps(spec)
+
+
 def decode(ids_texts: list[tuple[int, str]], skip_special_tokens: bool = True) -> str:
     """Concatenate token texts, leaving special tokens out like ``skip_special_tokens=True``."""
     return "".join(text for tid, text in ids_texts if not (skip_special_tokens and tid >= REGULAR_IDS))

@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a TGI, vLLM or SGLang server, its engine found by probing (repeat for a pool)",
     )
     parser.add_argument("--model-id", help="the model the --backend servers serve (default: 'default')")
+    parser.add_argument(
+        "--tokenizer-file",
+        metavar="PATH",
+        help="the tokenizer.json the --backend servers load: TGIS input counts without a /tokenize call",
+    )
     parser.add_argument("--grpc-listen", metavar="HOST:PORT", help="the gRPC API (default 0.0.0.0:8033)")
     parser.add_argument(
         "--http-listen", metavar="HOST:PORT", help=f"the HTTP API: {LISTEN_HELP} (default 0.0.0.0:8080)"
@@ -69,9 +74,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.meter:
         out["meter"] = {"source": args.meter}
     if args.backend:
-        out["models"] = [{"model_id": args.model_id or "default", "backends": [{"url": u} for u in args.backend]}]
-    elif args.model_id:
-        raise ConfigError("--model-id needs at least one --backend URL")
+        model: dict[str, Any] = {"model_id": args.model_id or "default", "backends": [{"url": u} for u in args.backend]}
+        if getattr(args, "tokenizer_file", None):
+            model["tokenizer_file"] = args.tokenizer_file
+        out["models"] = [model]
+    elif args.model_id or getattr(args, "tokenizer_file", None):
+        raise ConfigError("--model-id and --tokenizer-file need at least one --backend URL")
     return {**out, **tls_overrides(args)}
 
 

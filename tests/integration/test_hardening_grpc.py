@@ -5,16 +5,22 @@ TGIS's time-limit semantics. Each test failed before the fix it names (see the f
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from proxy.params import MAX_SCHEMA_DEPTH
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pbg
+from sim import tokenizer as sim_tokenizer
 from sim.config import SimConfig
 
 from .harness import Stack, running_stack
@@ -194,3 +200,45 @@ async def test_a_prompt_streamed_again_has_the_same_first_count_from_the_cache(t
             msgs = [m async for m in s.stub.GenerateStream(req, metadata=s.auth)]
             assert msgs[0].input_token_count == (min(full, truncate) if truncate else full)
             assert all(m.input_token_count == 0 for m in msgs[1:])
+
+
+async def test_with_a_tokenizer_file_the_first_count_needs_no_tokenize_call(tmp_path: Path) -> None:
+    """``tokenizer_file``: the first message's count (and a count-only Tokenize) comes from the model's tokenizer,
+    not from a /tokenize round trip. The file here cuts every character into a token of its own, unlike the
+    simulator, so a count that came from the backend would show; the bill still takes the backend's count."""
+    spec = json.loads(sim_tokenizer.hf_tokenizer_json())
+    spec["pre_tokenizer"]["pretokenizers"][1]["pattern"]["Regex"] = r"[\s\S]"
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    text = "a prompt never sent before"
+    # paced: the first batch is not also the last (whose details carry TGI's own count, which then goes first)
+    async with running_stack(tmp_path, sim_config=SimConfig(time_scale=1.0), model={"tokenizer_file": str(path)}) as s:
+        req = pb.SingleGenerationRequest(request=pb.GenerationRequest(text=text))
+        req.params.stopping.max_new_tokens = 4
+        msgs = [m async for m in s.stub.GenerateStream(req, metadata=s.auth)]
+        assert msgs[0].input_token_count == len(text) + 1  # one per character, and BOS
+        counted = await s.stub.Tokenize(
+            pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text=text)], truncate_input_tokens=4),
+            metadata=s.auth,
+        )
+        assert counted.responses[0].token_count == 4
+        with_tokens = await s.stub.Tokenize(  # tokens asked for: the backend's own
+            pb.BatchedTokenizeRequest(requests=[pb.TokenizeRequest(text=text)], return_tokens=True), metadata=s.auth
+        )
+        assert with_tokens.responses[0].token_count == sim_tokenizer.count_tokens(text) < len(text) + 1
+        await s.app.gateway.flush_records()
+        assert await asyncio.to_thread(s.app.ledger.flush, 10.0)
+        with s.app.engine.connect() as conn:
+            billed = conn.execute(sa.text("SELECT prompt_tokens FROM requests WHERE api = 'grpc'")).scalars().all()
+        assert billed == [sim_tokenizer.count_tokens(text)]
+
+
+def test_a_tokenizer_file_that_cannot_load_stops_the_gateway_naming_the_setting(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{}")
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--backend", "http://127.0.0.1:9", "--db",
+           f"sqlite:///{tmp_path / 'x.db'}", "--tokenizer-file", str(tmp_path / "bad.json"), "--meter", "none",
+           "--grpc-listen", "127.0.0.1:0", "--http-listen", "off"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "models.0.tokenizer_file: cannot load" in done.stderr
+    assert "Traceback" not in done.stderr
