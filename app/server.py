@@ -116,13 +116,7 @@ class GatewayApp:
                 self.auth,
                 self.limits,
                 max_batch_requests=cfg.server.max_batch_requests,
-                input_counts=InputCounts(
-                    {
-                        m.model_id: load_tokenizer(m.tokenizer_file, f"models.{i}.tokenizer_file")
-                        for i, m in enumerate(cfg.models)
-                        if m.tokenizer_file is not None
-                    }
-                ),
+                input_counts=_input_counts(cfg),
             ),
         )
         reports = EnergyReportsServicer(
@@ -280,3 +274,13 @@ async def _reload_tls(context: ReloadingContext, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         await asyncio.to_thread(context.maybe_reload)
+
+
+def _input_counts(cfg: Config) -> InputCounts:
+    """TGIS input counts, with the tokenizer of each model that names its ``tokenizer_file``."""
+    tokenizers = {
+        m.model_id: load_tokenizer(m.tokenizer_file, f"models.{i}.tokenizer_file")
+        for i, m in enumerate(cfg.models)
+        if m.tokenizer_file is not None
+    }
+    return InputCounts(tokenizers)

@@ -32,11 +32,17 @@ def _truncated(count: int, truncate: int) -> int:
 
 
 def load_tokenizer(path: Path, where: str) -> Tokenizer:
-    """A Hugging Face ``tokenizer.json``, or a ConfigError naming the setting (``where``) and what is wrong."""
+    """A Hugging Face ``tokenizer.json``, or a ConfigError naming the setting (``where``) and what is wrong.
+
+    Padding and truncation a file may carry are turned off: they would pad or cap every count (models ship files
+    with either set), and TGI truncates per request, as ``get`` does."""
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises bare Exception for unreadable or malformed files
         raise ConfigError(f"{where}: cannot load {path} as a Hugging Face tokenizer.json ({exc})") from None
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 class InputCounts:

@@ -65,6 +65,20 @@ def test_cache_bounded_oldest_out_first_and_long_prompts_never_kept() -> None:
     assert counts.get("m", "x" * 11, 0) is None
 
 
+def test_padding_and_truncation_in_the_file_do_not_reach_the_count(tmp_path: Path) -> None:
+    """Model repositories ship tokenizer.json files with padding or truncation set; TGI counts without them."""
+    spec = json.loads(sim_tokenizer.hf_tokenizer_json())
+    spec["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                       "pad_type_id": 0, "pad_token": "<unk>"}  # fmt: skip
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    counts = InputCounts({"m": load_tokenizer(path, "models.0.tokenizer_file")})
+    text = "hello there world, this is a longer prompt"
+    assert counts.get("m", text, 0) == sim_tokenizer.count_tokens(text)
+    assert counts.get("m", text, 5) == 5
+
+
 @pytest.mark.parametrize("content", [None, "", "{not json", json.dumps({"model": {"type": "Nope"}})])
 def test_a_tokenizer_file_that_cannot_load_is_a_config_error_naming_the_setting(
     tmp_path: Path, content: str | None
