@@ -30,7 +30,7 @@ a single gateway does (``server.drain_grace_s``), then the meter stops and flush
 ``drain_grace_s + 15`` s later is killed. A child whose supervisor vanished (``kill -9`` of the supervisor) drains
 and exits on its own within a second.
 
-Request ids are random 128-bit values (``common.ids``: ``uuid4``, from the OS's generator in each process): no
+Request ids are random 128-bit values (``common.ids``: from the OS's generator in each process): no
 coordination between workers is needed for them to be unique.
 
 Metrics: each worker has its own registry. ``/metrics`` on the shared HTTP port answers from whichever worker the
