@@ -66,28 +66,30 @@ async def _relay(
     error_event: Callable[[GatewayError], bytes],
     trailer: bytes,
 ) -> web.StreamResponse:
-    first_step: asyncio.Future[list[Any] | None] = asyncio.ensure_future(anext(events, None))
-    response: web.StreamResponse | None = None
+    # The first step is awaited in this task (no task of its own, no asyncio.wait: two loop turns fewer per request);
+    # a timer starts the keep-alive beside it only for a request still waiting after HEADERS_AFTER_S.
+    hold = _Hold(request, headers)
+    refusal: GatewayError | None = None
     try:
-        await asyncio.wait({first_step}, timeout=HEADERS_AFTER_S)
-        if not first_step.done():  # held: answer now and keep the connection alive until the first token
-            response = await _prepare(request, headers())
-            while not first_step.done():
-                await response.write(KEEPALIVE)
-                await asyncio.wait({first_step}, timeout=KEEPALIVE_S)
-    except (asyncio.CancelledError, ConnectionResetError):
-        first_step.cancel()
-        with contextlib.suppress(BaseException):
-            await first_step  # the stream's first step ends (it records CANCELLED) before the stream is closed
-        raise
-    try:
-        first = first_step.result()
-    except GatewayError as exc:
-        if response is None and not in_stream(exc, released=any(r.released_ns is not None for r in results)):
+        try:
+            first = await anext(events, None)
+        except GatewayError as exc:
+            first, refusal = None, exc
+        finally:
+            response = await hold.stop()
+    except asyncio.CancelledError:
+        if not hold.reset:
             raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # the cancel was the keep-alive's, for a client that went away: not the server's
+        raise ConnectionResetError("the client went away while its request was held") from None
+    if refusal is not None:
+        if response is None and not in_stream(refusal, released=any(r.released_ns is not None for r in results)):
+            raise refusal
         response = response or await _prepare(request, headers())
         with contextlib.suppress(ConnectionResetError):
-            await response.write(error_event(exc) + trailer)
+            await response.write(error_event(refusal) + trailer)
         return response
     response = response or await _prepare(request, headers())
     try:
@@ -106,6 +108,49 @@ async def _relay(
         await abandon(events)
         raise
     return response
+
+
+class _Hold:
+    """A request's 200 and SSE headers, committed once it has waited ``HEADERS_AFTER_S`` for its first event, then a
+    keep-alive comment every ``KEEPALIVE_S`` until ``stop()``. Until the timer fires it is one timer handle; the
+    keep-alive task exists only for a held request. A keep-alive write that finds the client gone cancels the
+    waiting task (its stream then ends as CANCELLED) and sets ``reset``."""
+
+    __slots__ = ("_headers", "_owner", "_request", "_stopping", "_task", "_timer", "reset", "response")
+
+    def __init__(self, request: web.Request, headers: Callable[[], dict[str, str]]) -> None:
+        self._request = request
+        self._headers = headers
+        self._owner = asyncio.current_task()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Event | None = None
+        self.reset = False
+        self.response: web.StreamResponse | None = None
+        self._timer = asyncio.get_running_loop().call_later(HEADERS_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        self._stopping = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._keep_alive(self._stopping))
+
+    async def _keep_alive(self, stopping: asyncio.Event) -> None:
+        try:
+            self.response = await _prepare(self._request, self._headers())
+            while not stopping.is_set():
+                await self.response.write(KEEPALIVE)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), KEEPALIVE_S)
+        except ConnectionResetError:
+            if not stopping.is_set() and self._owner is not None:
+                self.reset = True
+                self._owner.cancel()
+
+    async def stop(self) -> web.StreamResponse | None:
+        """No more keep-alives (one being written finishes first: never half a write): the response if committed."""
+        self._timer.cancel()
+        if self._task is not None and self._stopping is not None:
+            self._stopping.set()
+            await asyncio.shield(self._task)  # a cancel of the caller must not cut the keep-alive mid-write
+        return self.response
 
 
 async def _prepare(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
