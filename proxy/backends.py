@@ -1,4 +1,5 @@
-"""Backends (TGI, vLLM, SGLang): one pooled HTTP session each, health polling, the engine found by probing
+"""Backends (TGI, vLLM, SGLang): pooled connections each (``proxy.upstream`` for the streams, an aiohttp session for
+the small calls), health polling, the engine found by probing
 (``proxy.engines``), and per-model pools that hand out slots.
 
 A backend never gets more requests in flight than its ``max_concurrent_requests`` (TGI answers 429 at once past
@@ -35,6 +36,7 @@ from common.errors import BackendError, GatewayError
 from proxy.engines import Engine, engine, probe
 from proxy.engines.tgi import Tgi
 from proxy.metrics import BACKEND_HEALTHY, BACKEND_IN_FLIGHT, BACKENDS_NEEDED
+from proxy.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
 
 log = structlog.get_logger(__name__)
 
@@ -58,8 +60,8 @@ class Backend:
         self.node = cfg.node
         self.model_id = model_id
         self._pool_cfg = pool_cfg
-        self._session: aiohttp.ClientSession | None = None
-        self._stream_timeout: aiohttp.ClientTimeout | None = None  # open_stream's, made once
+        self._session: aiohttp.ClientSession | None = None  # the small calls: /health, /info, /tokenize
+        self._upstream: UpstreamPool | None = None  # the generation streams
         self.healthy = False
         self._checked = False  # a first check logs the state it finds, up or down
         self.info: dict[str, Any] | None = None  # TGI's /info, or the engine's answers in its shape
@@ -106,6 +108,17 @@ class Backend:
             )
         return self._session
 
+    @property
+    def upstream(self) -> UpstreamPool:
+        if self._upstream is None:
+            self._upstream = UpstreamPool(
+                self.url,
+                max_connections=self._pool_cfg.max_connections,
+                connect_timeout_s=self._pool_cfg.connect_timeout_s,
+                read_timeout_s=self._pool_cfg.request_timeout_s,
+            )
+        return self._upstream
+
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
@@ -115,6 +128,9 @@ class Backend:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._upstream is not None:
+            await self._upstream.close()
+            self._upstream = None
 
     @property
     def adapter(self) -> Engine:
@@ -197,7 +213,7 @@ class Backend:
             self.on_health_change()
 
     async def _error_of(self, resp: aiohttp.ClientResponse) -> GatewayError:
-        """The mapped error of a non-200 answer (a TGI error object, or axum's plain-text rejection)."""
+        """The mapped error of a non-200 answer to a small call."""
         raw = b""
         try:
             while len(raw) < MAX_ERROR_BODY_BYTES:
@@ -209,17 +225,29 @@ class Backend:
             pass  # what arrived is what there is to say
         finally:
             resp.release()
+        return self._error_from(resp.status, raw)
+
+    async def _stream_error_of(self, resp: UpstreamResponse) -> GatewayError:
+        """The mapped error of a non-200 answer to a stream's request."""
+        try:
+            raw = await resp.read(MAX_ERROR_BODY_BYTES)
+        finally:
+            resp.close()
+        return self._error_from(resp.status, raw)
+
+    def _error_from(self, status: int, raw: bytes) -> GatewayError:
+        """A TGI error object, or axum's plain-text rejection, as the gateway's error."""
         body: object
         try:
             body = json.loads(raw)
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        return self.adapter.error(resp.status, body, self.name)
+        return self.adapter.error(status, body, self.name)
 
     def _connect_failed(self, exc: BaseException) -> BackendUnreachable:
         """Nothing came back: take the backend out when no connection could be opened, else only suspect it."""
         reason = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        if isinstance(exc, ConnectFailed | aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
             self.mark_unreachable(reason)
         else:  # a pooled connection the backend had closed, a read timeout: about this call, maybe not the backend
             self.suspect(reason)
@@ -227,26 +255,20 @@ class Backend:
 
     async def open_stream(
         self, path: str, body: dict[str, Any], request_id: str, headers: Mapping[str, str] | None = None
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """POST ``body`` to a streaming route and return the response once its status is 200.
 
         Raises ``BackendUnreachable`` when nothing came back (retryable), or the mapped TGI error for an error
         answer (422 -> InvalidArgument, 429 -> Overloaded, ...). ``headers``: more headers (the trace's).
         """
-        timeout = self._stream_timeout
-        if timeout is None:
-            timeout = self._stream_timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=self._pool_cfg.connect_timeout_s, sock_read=self._pool_cfg.request_timeout_s
-            )
         sent = {**headers, "x-request-id": request_id, **_JSON} if headers else {"x-request-id": request_id, **_JSON}
         try:
-            resp = await self.session.post(path, data=orjson.dumps(body), headers=sent, timeout=timeout)
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            resp = await self.upstream.post(path, orjson.dumps(body), sent)
+        except UpstreamError as exc:
             raise self._connect_failed(exc) from exc
         if resp.status == 200:
-            _ReadWatch.attach(resp, self._pool_cfg.request_timeout_s)
             return resp
-        raise await self._error_of(resp)
+        raise await self._stream_error_of(resp)
 
     async def tokenize(self, text: str, options: dict[str, Any]) -> list[dict[str, Any]]:
         """TGI's /tokenize answer, from whatever engine this is."""
@@ -271,51 +293,6 @@ class Backend:
 
 
 _JSON = {"Content-Type": "application/json"}
-
-
-class _ReadWatch:
-    """The stream's read timeout (``sock_read``: no byte for ``timeout_s``), kept by one timer that wakes every
-    ``timeout_s / 8`` instead of aiohttp's, which is cancelled and re-armed on every read of the body. It fires
-    ``timeout_s`` to ``timeout_s * 9/8`` after the last byte, as aiohttp's would (its exception, on the response)."""
-
-    __slots__ = ("_handle", "_loop", "_resp", "_seen", "_since", "_step")
-
-    @classmethod
-    def attach(cls, resp: aiohttp.ClientResponse, timeout_s: float) -> None:
-        conn = resp.connection
-        protocol = conn.protocol if conn is not None else None
-        if protocol is None or not hasattr(protocol, "read_timeout"):
-            return  # aiohttp's own timeout stays
-        protocol.read_timeout = None  # the next read cancels aiohttp's timer (armed by the headers: still exact)
-        conn.add_callback(cls(resp, timeout_s).cancel)  # type: ignore[union-attr]
-
-    def __init__(self, resp: aiohttp.ClientResponse, timeout_s: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._resp = resp
-        self._step = timeout_s / 8
-        self._seen = resp.content.total_bytes
-        self._since = self._loop.time()  # when _seen bytes had come, at the latest
-        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._since + self._step, self._check)
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        seen = self._resp.content.total_bytes
-        if seen != self._seen:
-            self._seen, self._since = seen, now
-        elif now - self._since >= self._step * 8:
-            self._handle = None
-            exc = aiohttp.SocketTimeoutError("Timeout on reading data from socket")
-            conn = self._resp.connection
-            if conn is not None and conn.protocol is not None:
-                conn.protocol.set_exception(exc)
-            self._resp.content.set_exception(exc)
-            return
-        self._handle = self._loop.call_at(now + self._step, self._check)
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
 
 
 @dataclass(eq=False, slots=True)

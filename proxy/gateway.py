@@ -29,7 +29,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Itera
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
-import aiohttp
 import orjson
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
@@ -55,9 +54,10 @@ from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TT
 from proxy.rate_limits import RateLimiter
 from proxy.request_log import log_request
 from proxy.shaping import Shaper
-from proxy.sse import EventScanner, PlainRun, SSEDecoder, parse_run
+from proxy.sse import EventScanner, ParsedRun, PlainRun, SSEDecoder, parse_run
 from proxy.tgi_wire import OPENAI_ROUTES, stream_error
 from proxy.tracing import RequestTrace, Tracing, backend_call, queued, recorded, stream_ended
+from proxy.upstream import UpstreamError, UpstreamResponse
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -298,7 +298,7 @@ class Gateway:
         job = stream.job
         status = "UNKNOWN"
         lease: Lease | None = None
-        resp: aiohttp.ClientResponse | None = None
+        resp: UpstreamResponse | None = None
         try:
             if self.draining:
                 raise Unavailable("gateway is shutting down", retry_after_s=1.0)
@@ -327,7 +327,7 @@ class Gateway:
             if batch:
                 yield batch
             if error is None:
-                async for chunk in resp.content.iter_any():
+                async for chunk in resp:
                     batch, error = _observe_batch(observe, events.feed(chunk), lease, stream)
                     if batch:
                         yield batch
@@ -351,7 +351,7 @@ class Gateway:
             # client that left while its last message was being written, a time limit): the same question either way.
             status = self.ended_by_consumer(job)
             raise
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             status = "UNAVAILABLE"
             if lease is not None:  # one broken stream is no evidence against the backend: probe it, keep it
                 lease.backend.suspect(f"{type(exc).__name__}: {exc}")
@@ -438,7 +438,7 @@ class Gateway:
 
     async def _open(
         self, job: Job, pool: BackendPool, lease: Lease, stream: GenerationStream, raw: bool
-    ) -> tuple[Lease, aiohttp.ClientResponse, _Events, list[Item]]:
+    ) -> tuple[Lease, UpstreamResponse, _Events, list[_Found]]:
         """Send the request; on a retryable failure before the first byte, move to another backend.
 
         Returns the lease actually used (the caller's, or one on another backend) and the open response. On
@@ -448,7 +448,7 @@ class Gateway:
         current: Lease | None = lease
         last: GatewayError | None = None
 
-        async def attempt_once() -> tuple[aiohttp.ClientResponse, _Events, list[Item]]:
+        async def attempt_once() -> tuple[UpstreamResponse, _Events, list[_Found]]:
             nonlocal current, last
             if current is None:
                 current = pool.try_acquire(job.token_estimate, exclude=frozenset(tried))
@@ -489,7 +489,7 @@ class Gateway:
 
     async def _send(
         self, job: Job, lease: Lease, stream: GenerationStream, raw: bool
-    ) -> tuple[aiohttp.ClientResponse, _Events, list[Item]]:
+    ) -> tuple[UpstreamResponse, _Events, list[_Found]]:
         """Open the stream and read up to its first event.
 
         TGI answers /generate_stream with HTTP 200 even when it refuses the request (validation, overload): the
@@ -704,14 +704,15 @@ def _as_final(cause: GatewayError) -> GatewayError:
 
 
 Item = dict[str, Any] | PlainRun  # what ``raw_batches`` gives: a parsed event, or a run of plain ones as bytes
+_Found = Item | ParsedRun  # what the events readers find: also a run of plain ones parsed (``batches``)
 
 
 class _Events(Protocol):
     """A response's bytes in, the gateway's events out."""
 
-    def feed(self, chunk: bytes) -> list[Item]: ...
+    def feed(self, chunk: bytes) -> list[_Found]: ...
 
-    def close(self) -> list[Item]: ...
+    def close(self) -> list[_Found]: ...
 
 
 class _Parsed:
@@ -723,10 +724,10 @@ class _Parsed:
         self._decoder = SSEDecoder()
         self._reader = reader
 
-    def feed(self, chunk: bytes) -> list[Item]:
+    def feed(self, chunk: bytes) -> list[_Found]:
         return self._reader.feed(self._decoder.feed(chunk))  # type: ignore[return-value]
 
-    def close(self) -> list[Item]:
+    def close(self) -> list[_Found]:
         return [*self._reader.feed(self._decoder.close()), *self._reader.close()]
 
 
@@ -741,14 +742,14 @@ class _Scanned:
         self._scanner = scanner
         self._raw = raw
 
-    def feed(self, chunk: bytes) -> list[Item]:
+    def feed(self, chunk: bytes) -> list[_Found]:
         return self._parse(self._scanner.feed(chunk))
 
-    def close(self) -> list[Item]:
+    def close(self) -> list[_Found]:
         return [*self._parse(self._scanner.close()), *self._reader.close()]
 
-    def _parse(self, found: list[PlainRun | str]) -> list[Item]:
-        out: list[Item] = []
+    def _parse(self, found: list[PlainRun | str]) -> list[_Found]:
+        out: list[_Found] = []
         for x in found:
             if x.__class__ is not PlainRun:
                 out.extend(self._reader.feed((x,)))  # type: ignore[arg-type]
@@ -756,16 +757,16 @@ class _Scanned:
                 out.append(x)
             else:
                 try:
-                    out.extend(parse_run(x))
+                    out.append(parse_run(x))  # counted as a run, then handed on event by event
                 except orjson.JSONDecodeError:  # not JSON after all: the reader says so as it always does
                     datas = [e[5:].decode("utf-8", "replace") for e in x.data.split(b"\n\n")[:-1]]
                     out.extend(self._reader.feed(datas))
         return out
 
 
-async def _first_events(resp: aiohttp.ClientResponse, events: _Events) -> list[Item]:
+async def _first_events(resp: UpstreamResponse, events: _Events) -> list[_Found]:
     """Read until at least one complete event (or the end of the stream)."""
-    async for chunk in resp.content.iter_any():
+    async for chunk in resp:
         found = events.feed(chunk)
         if found:
             return found
@@ -775,25 +776,31 @@ async def _first_events(resp: aiohttp.ClientResponse, events: _Events) -> list[I
 Observer = Callable[[dict[str, Any], Lease, GenerationStream], dict[str, Any]]
 
 
-def _observe_run(run: PlainRun, lease: Lease, stream: GenerationStream) -> PlainRun:
-    """``Gateway._observe`` (``_observe_openai``) of plain events: none is an error, each has a token (a choice)."""
+def _observe_run(run: PlainRun | ParsedRun, lease: Lease, stream: GenerationStream) -> None:
+    """``Gateway._observe`` (``_observe_openai``) of a run of plain events at once: none is an error, each has a
+    token (a choice), none has details or usage."""
     if stream.first_token_ns is None:
         stream.first_token_ns = time.time_ns()
         stream.state = StreamState.STREAMING
     stream.generated_tokens += run.tokens
     lease.consume(run.tokens)
-    return run
 
 
 def _observe_batch(
-    observe: Observer, events: Iterable[Item], lease: Lease, stream: GenerationStream
+    observe: Observer, events: Iterable[_Found], lease: Lease, stream: GenerationStream
 ) -> tuple[list[Item], GatewayError | None]:
-    """Observe events up to the first in-stream error: (the events before it, the error or None)."""
+    """Observe events up to the first in-stream error: (the events before it, the error or None). A parsed run is
+    observed at once and handed on as its events."""
     batch: list[Item] = []
     try:
         for event in events:
-            if event.__class__ is PlainRun:
-                batch.append(_observe_run(event, lease, stream))
+            cls = event.__class__
+            if cls is PlainRun:
+                _observe_run(event, lease, stream)  # type: ignore[arg-type]
+                batch.append(event)  # type: ignore[arg-type]
+            elif cls is ParsedRun:
+                _observe_run(event, lease, stream)  # type: ignore[arg-type]
+                batch.extend(event)  # type: ignore[arg-type]
             else:
                 batch.append(observe(event, lease, stream))  # type: ignore[arg-type]
     except GatewayError as exc:

@@ -109,11 +109,22 @@ class PlainRun:
         return f"PlainRun(events={self.events}, data={self.data!r})"
 
 
-def parse_run(run: PlainRun) -> list[Any]:
+class ParsedRun(list[Any]):
+    """A ``PlainRun``'s events parsed: a list of events, each an ordinary token event (one token, no details, no
+    error), so that whoever only counts them (``Gateway``'s accounting) can take the whole run at once."""
+
+    __slots__ = ()
+
+    @property
+    def tokens(self) -> int:
+        return len(self)
+
+
+def parse_run(run: PlainRun) -> ParsedRun:
     """A run's events parsed, in one ``orjson`` call: its ``data:{...}`` lines made one JSON array (a run is proven
     to be such lines, each ended by a blank line). Raises ``orjson.JSONDecodeError`` where an event is not JSON."""
     data = run.data
-    parsed = orjson.loads(b"[" + data[5:-2].replace(_SEPARATOR, b"},{") + b"]")
+    parsed = ParsedRun(orjson.loads(b"[" + data[5:-2].replace(_SEPARATOR, b"},{") + b"]"))
     if len(parsed) != run.events:  # a JSON string that holds a separator's bytes cannot be: its "\n" is escaped
         raise orjson.JSONDecodeError("a run's events did not parse one by one", "", 0)
     return parsed
