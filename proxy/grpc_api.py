@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -362,7 +363,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         # TGI reports input_length only at the end of a stream; TGIS sends it first. Count it alongside, unless the
         # model's tokenizer file or a recent /tokenize answer gives it here (and the call wants the count, not the
         # tokens): proxy.input_counts.
-        known = None if r.input_tokens else self._counts.get(job.model_id, job.inputs, truncate)
+        known: int | _Later | None = None
+        if not r.input_tokens:
+            if self._counts.tokenizes(job.model_id, job.inputs):
+                # counted at the loop's next turn: once the request is on its way to the backend, not before it
+                known = _Later(functools.partial(self._counts.count, job.model_id, job.inputs, truncate))
+            else:
+                known = self._counts.cached(job.model_id, job.inputs, truncate)
         count_task = None
         if known is None:
             count_task = asyncio.create_task(self._input_tokens(job.model_id, job.inputs, truncate))
@@ -417,6 +424,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except BaseException:
             if count_task is not None:
                 count_task.cancel()  # the call failed or the client left: nobody needs the count
+            if isinstance(known, _Later):
+                known.cancel()
             raise
 
     async def _first_message(
@@ -424,12 +433,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         job: Job,
         r: ResponseOptions,
         count_task: asyncio.Task[list[dict[str, Any]]] | None,
-        known: int | None,
+        known: int | _Later | None,
         details: dict[str, Any] | None,
     ) -> pb.GenerationResponse:
         """TGIS's first stream message: the input token count (and input text/tokens when asked for); ``known``: the
-        count when the cache had it (then there is no ``count_task``)."""
+        count when the tokenizer or the cache has it (then there is no ``count_task``)."""
         if details is not None and not r.input_tokens:
+            if isinstance(known, _Later):
+                known.cancel()  # TGI's own count is here: the tokenizer need not run
             # The stream already ended and TGI told us the count. The /tokenize call finishes in the background:
             # cancelling it would close its pooled connection to the backend.
             return pb.GenerationResponse(
@@ -437,7 +448,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             )
         if count_task is None:
             assert known is not None
-            return pb.GenerationResponse(input_token_count=known, text=job.inputs if r.input_text else "")
+            count = known.value() if isinstance(known, _Later) else known
+            return pb.GenerationResponse(input_token_count=count, text=job.inputs if r.input_text else "")
         try:
             tokens = await count_task
         except GatewayError:
@@ -493,6 +505,37 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
 
 _background: set[asyncio.Task[Any]] = set()
+
+
+class _Later:
+    """An input count computed at the event loop's next turn (the stream's request is then on its way, and the
+    tokenizer's tens of microseconds overlap the backend's work), or when asked for first. It is informative: a
+    tokenizer that fails gives 0, as a failed ``/tokenize`` does, and is logged."""
+
+    __slots__ = ("_fn", "_handle", "_value")
+
+    def __init__(self, fn: Callable[[], int]) -> None:
+        self._fn: Callable[[], int] | None = fn
+        self._value = 0
+        self._handle = asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is None:
+            return
+        try:
+            self._value = fn()
+        except Exception as exc:  # the tokenizers library raises bare Exceptions
+            log.warning("input_count_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def value(self) -> int:
+        self._handle.cancel()
+        self._run()
+        return self._value
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+        self._fn = None
 
 
 def _keep_until_done(task: asyncio.Task[Any]) -> None:

@@ -66,9 +66,21 @@ class InputCounts:
 
     def get(self, model_id: str, text: str, truncate: int) -> int | None:
         """The count TGI's ``/tokenize`` would give, truncated as TGI truncates, or None when not known here."""
-        tokenizer = self._tokenizers.get(model_id)
-        if tokenizer is not None and len(text) <= self._local_max_chars:
-            return _truncated(len(tokenizer.encode(text)), truncate)
+        if self.tokenizes(model_id, text):
+            return self.count(model_id, text, truncate)
+        return self.cached(model_id, text, truncate)
+
+    def tokenizes(self, model_id: str, text: str) -> bool:
+        """Whether ``count`` answers for ``text``: the model has a tokenizer here and the text is short enough."""
+        return model_id in self._tokenizers and len(text) <= self._local_max_chars
+
+    def count(self, model_id: str, text: str, truncate: int) -> int:
+        """The model's tokenizer's count (only where ``tokenizes``): tens of microseconds of CPU, so a caller may
+        run it while it waits for something else."""
+        return _truncated(len(self._tokenizers[model_id].encode(text)), truncate)
+
+    def cached(self, model_id: str, text: str, truncate: int) -> int | None:
+        """A recent ``/tokenize`` answer's count, or None."""
         n = self._cached.get((model_id, text))
         return None if n is None else _truncated(n, truncate)
 
