@@ -4,8 +4,10 @@ bytes each test names (well-formed, split anywhere, malformed, stalled, cut), an
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -21,6 +23,7 @@ from proxy.upstream import (
     UpstreamPool,
     UpstreamResponse,
 )
+from tests.certs import Authority
 
 
 def chunked(pieces: list[bytes], trailers: bytes = b"") -> bytes:
@@ -385,3 +388,33 @@ async def test_against_aiohttps_own_server() -> None:
     finally:
         await pool.close()
         await runner.cleanup()
+
+
+async def test_https_backends_are_verified_against_the_systems_trust_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An https backend: the stream comes over TLS when its certificate chains to a trusted CA (SSL_CERT_FILE, as
+    OpenSSL reads it), and a backend whose certificate nobody trusts is never sent the request."""
+    ca = Authority(tmp_path)
+    leaf = ca.issue("backend", server=True)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(leaf.cert_path, leaf.key_path)
+    server = RawServer(sse_answer(3))
+    srv = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=server_ctx)
+    url = f"https://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    try:
+        untrusted = UpstreamPool(url, max_connections=1, connect_timeout_s=2, read_timeout_s=2)
+        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await untrusted.post("/s", b"{}", {})
+        await untrusted.close()
+        assert server.requests == []
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca.ca_path))
+        pool = UpstreamPool(url, max_connections=1, connect_timeout_s=2, read_timeout_s=2)
+        for _ in range(2):
+            resp = await pool.post("/s", b"{}", {})
+            assert (await body_of(resp)).count(b"data:") == 3
+        assert server.connections == 1
+        await pool.close()
+    finally:
+        srv.close()
