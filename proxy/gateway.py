@@ -672,10 +672,19 @@ class Gateway:
             )
         except Exception:  # the meter must never break the request path
             log.exception("timeline_record_failed", request_id=job.request_id)
+        recorded(stream.trace, status, stream.backend if released else None, prompt_tokens, stream.generated_tokens)
+        try:
+            asyncio.get_running_loop().call_soon(self._account, job, stream, status, done_ns, prompt_tokens)
+        except RuntimeError:  # no running loop (a generator finalised at shutdown)
+            self._account(job, stream, status, done_ns, prompt_tokens)
+
+    def _account(self, job: Job, stream: GenerationStream, status: str, done_ns: int, prompt_tokens: int) -> None:
+        """A recorded request's metrics and request log line, at the loop's next turn: after its client has the end
+        of its answer (the timeline, which is the bill, went to the ledger before it)."""
         tenant = tenant_label(job.tenant)
         model = job.model_id if job.model_id in self.pools else "(unknown)"  # a refused call may name anything
         _REQUESTS(model, job.api.value, job.traffic_class, tenant, status).inc()
-        if released:
+        if stream.released_ns is not None:
             _GENERATED_TOKENS(job.model_id, tenant).inc(stream.generated_tokens)
             _PROMPT_TOKENS(job.model_id, tenant).inc(prompt_tokens)
         if stream.first_token_ns is not None:
@@ -683,7 +692,6 @@ class Gateway:
             if status == "OK":
                 _LATENCY(job.model_id, job.traffic_class).observe((done_ns - job.received_ns) / 1e9)
         log_request(job, stream, status, done_ns)
-        recorded(stream.trace, status, stream.backend if released else None, prompt_tokens, stream.generated_tokens)
 
 
 class _GiveUp(Exception):
