@@ -1,6 +1,6 @@
-"""Backends (TGI, vLLM, SGLang): pooled connections each (``proxy.upstream`` for the streams, an aiohttp session for
-the small calls), health polling, the engine found by probing
-(``proxy.engines``), and per-model pools that hand out slots.
+"""Backends (TGI, vLLM, SGLang): pooled connections each (``proxy.upstream`` for the generation streams, an aiohttp
+session for the small calls), health polling, the engine found by probing (``proxy.engines``), and per-model pools
+that hand out slots.
 
 A backend never gets more requests in flight than its ``max_concurrent_requests`` (TGI answers 429 at once past
 it): callers take a ``Lease`` from the pool before they send anything and give it back when the stream ends. Among
