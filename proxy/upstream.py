@@ -19,10 +19,11 @@ fast backend cannot grow the gateway's memory. ``read_timeout_s``: no byte for t
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import ssl
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers
 MAX_SIZE_LINE_BYTES = 1024  # a chunk's size line, extensions included
@@ -449,6 +450,10 @@ class UpstreamPool:
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._prefix = parts.path.rstrip("/")
         self._host_header = parts.netloc.rsplit("@", 1)[-1]
+        self._auth = ""  # a URL's user:password, sent as basic auth (as aiohttp's client does)
+        if parts.username is not None:
+            credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            self._auth = f"Authorization: Basic {base64.b64encode(credentials).decode()}\r\n"
         self.max_connections = max_connections
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
@@ -478,7 +483,7 @@ class UpstreamPool:
         if not path.startswith("/") or any(c in path for c in " \t\r\n\x00"):
             raise ValueError(f"a request path {path[:60]!r}")
         head = (
-            f"POST {self._prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
+            f"POST {self._prefix}{path} HTTP/1.1\r\nHost: {self._host_header}\r\n{self._auth}"
             f"Content-Length: {len(body)}\r\n{extra}\r\n"
         )
         return head.encode("latin-1") + body

@@ -4,6 +4,7 @@ bytes each test names (well-formed, split anywhere, malformed, stalled, cut), an
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -339,6 +340,14 @@ async def test_nothing_listening_is_connect_failed() -> None:
     with pytest.raises(ConnectFailed):
         await pool.post("/s", b"{}", {})
     await pool.close()
+
+
+def test_a_urls_credentials_go_as_basic_auth_and_not_into_the_host_header() -> None:
+    url = "http://us%40r:p%3Ass@127.0.0.1:8080/"
+    pool = UpstreamPool(url, max_connections=1, connect_timeout_s=1, read_timeout_s=1)
+    head = pool.request_bytes("/s", b"{}", {}).split(b"\r\n")
+    assert b"Host: 127.0.0.1:8080" in head
+    assert b"Authorization: Basic " + base64.b64encode(b"us@r:p:ss") in head
 
 
 def test_a_header_or_path_that_would_split_the_request_is_refused() -> None:
