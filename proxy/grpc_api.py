@@ -510,23 +510,19 @@ _background: set[asyncio.Task[Any]] = set()
 class _Later:
     """An input count computed at the event loop's next turn (the stream's request is then on its way, and the
     tokenizer's tens of microseconds overlap the backend's work), or when asked for first. It is informative: a
-    tokenizer that fails gives 0, as a failed ``/tokenize`` does, and is logged."""
+    tokenizer that failed (``InputCounts.count`` gives None) counts 0, as a failed ``/tokenize`` does."""
 
     __slots__ = ("_fn", "_handle", "_value")
 
-    def __init__(self, fn: Callable[[], int]) -> None:
-        self._fn: Callable[[], int] | None = fn
+    def __init__(self, fn: Callable[[], int | None]) -> None:
+        self._fn: Callable[[], int | None] | None = fn
         self._value = 0
         self._handle = asyncio.get_running_loop().call_soon(self._run)
 
     def _run(self) -> None:
         fn, self._fn = self._fn, None
-        if fn is None:
-            return
-        try:
-            self._value = fn()
-        except Exception as exc:  # the tokenizers library raises bare Exceptions
-            log.warning("input_count_failed", error=f"{type(exc).__name__}: {exc}")
+        if fn is not None:
+            self._value = fn() or 0
 
     def value(self) -> int:
         self._handle.cancel()

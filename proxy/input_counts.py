@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import structlog
 from tokenizers import Tokenizer
 
 from common.errors import ConfigError
+
+log = structlog.get_logger(__name__)
 
 CACHED_PROMPTS = 4096  # prompts whose /tokenize counts are kept
 CACHED_MAX_CHARS = 16_384  # a longer prompt is counted by the backend every time: the cache stays small
@@ -67,17 +70,25 @@ class InputCounts:
     def get(self, model_id: str, text: str, truncate: int) -> int | None:
         """The count TGI's ``/tokenize`` would give, truncated as TGI truncates, or None when not known here."""
         if self.tokenizes(model_id, text):
-            return self.count(model_id, text, truncate)
+            n = self.count(model_id, text, truncate)
+            if n is not None:
+                return n
         return self.cached(model_id, text, truncate)
 
     def tokenizes(self, model_id: str, text: str) -> bool:
         """Whether ``count`` answers for ``text``: the model has a tokenizer here and the text is short enough."""
         return model_id in self._tokenizers and len(text) <= self._local_max_chars
 
-    def count(self, model_id: str, text: str, truncate: int) -> int:
+    def count(self, model_id: str, text: str, truncate: int) -> int | None:
         """The model's tokenizer's count (only where ``tokenizes``): tens of microseconds of CPU, so a caller may
-        run it while it waits for something else."""
-        return _truncated(len(self._tokenizers[model_id].encode(text)), truncate)
+        run it while it waits for something else. None (and a log line) when the tokenizer fails: the count is
+        informative, and the caller falls back as it does when nothing here knows it."""
+        try:
+            encoding = self._tokenizers[model_id].encode(text)
+        except Exception as exc:  # the tokenizers library raises bare Exceptions
+            log.warning("input_count_failed", model=model_id, error=f"{type(exc).__name__}: {exc}")
+            return None
+        return _truncated(len(encoding), truncate)
 
     def cached(self, model_id: str, text: str, truncate: int) -> int | None:
         """A recent ``/tokenize`` answer's count, or None."""

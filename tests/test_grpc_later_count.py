@@ -1,5 +1,5 @@
 """proxy.grpc_api._Later: a TGIS input count taken at the loop's next turn (while the request travels), on demand
-if asked for first, never when cancelled, and 0 (logged) when the tokenizer fails: it is informative."""
+if asked for first, never when cancelled, and 0 when the tokenizer failed: it is informative."""
 
 from __future__ import annotations
 
@@ -32,10 +32,7 @@ async def test_cancelled_it_never_runs() -> None:
     assert calls == []
 
 
-async def test_a_failing_tokenizer_gives_zero_not_a_failed_call() -> None:
-    def boom() -> int:
-        raise Exception("tokenizers raises bare Exceptions")
-
-    later = _Later(boom)
+async def test_a_failed_count_gives_zero_not_a_failed_call() -> None:
+    later = _Later(lambda: None)  # InputCounts.count when the tokenizer raised
     await asyncio.sleep(0)
     assert later.value() == 0

@@ -88,3 +88,20 @@ def test_a_tokenizer_file_that_cannot_load_is_a_config_error_naming_the_setting(
         path.write_text(content)
     with pytest.raises(ConfigError, match=r"models\.0\.tokenizer_file: cannot load .*tokenizer\.json"):
         load_tokenizer(path, "models.0.tokenizer_file")
+
+
+class _Raising:
+    """A tokenizer whose encode raises, as the tokenizers library does with a bare Exception (no real input is known
+    to do it): the count is informative, so it must never fail a call."""
+
+    def encode(self, text: str) -> object:
+        raise Exception("tokenizers raises bare Exceptions")
+
+
+def test_a_tokenizer_that_raises_counts_nothing_and_the_cache_or_backend_answers() -> None:
+    counts = InputCounts({"m": _Raising()})  # type: ignore[dict-item]
+    assert counts.tokenizes("m", "hello world")
+    assert counts.count("m", "hello world", 0) is None
+    assert counts.get("m", "hello world", 0) is None  # the caller asks the backend's /tokenize
+    counts.put("m", "hello world", 7)
+    assert counts.get("m", "hello world", 0) == 7
