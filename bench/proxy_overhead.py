@@ -5,9 +5,11 @@ the LiteLLM proxy, all interleaved in one run.
 
 Two simulator modes: time scale 0 (every step instantaneous: what remains is transport and the gateways' own work)
 and paced (``--time-scale 0.05``: tokens arrive spread out, every token its own read). At each concurrency level
-every route runs ``--rounds`` times in rotating order; a route's figures are medians over rounds, and its *added*
-latency is its p50/p99 minus the direct route's in the same round (TGI routes against direct ``/generate_stream``,
-OpenAI routes against direct ``/v1/chat/completions``, gRPC against direct ``/generate_stream``).
+every route runs ``--rounds`` times in rotating order, each run once the stack's servers are quiet (``settle``: what a
+server does after its last answer, LiteLLM's logging or joulegate's ledger writes, would otherwise land on the next
+route's run); a route's figures are medians over rounds, and its *added* latency is its p50/p99 minus the direct
+route's in the same round (TGI routes against direct ``/generate_stream``, OpenAI routes against direct
+``/v1/chat/completions``, gRPC against direct ``/generate_stream``).
 
 Ends with ``RESULT added_p50_ms=… added_p99_ms=… floor_added_p50_ms=… p50_ratio_to_floor=… p99_c16_ms=…
 proxy_tokens_per_s=… tokens_ratio_to_floor=… grpc_added_p50_ms=…``: ``added_*`` is joulegate's worst HTTP route at
@@ -158,6 +160,45 @@ def process(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = N
             proc.wait(30)
 
 
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def _stack_cpu_s() -> float:
+    """CPU seconds used so far by this process's descendants that are still running (the servers of the stack)."""
+    children: dict[str, list[str]] = defaultdict(list)
+    ticks: dict[str, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[fields[1]].append(d)
+        ticks[d] = int(fields[11]) + int(fields[12])
+    total, todo = 0, list(children[str(os.getpid())])
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo.extend(children[pid])
+    return total * _TICK_S
+
+
+async def settle(window_s: float = 0.2, quiet_cpu: float = 0.1, most_s: float = 5.0) -> None:
+    """Wait until the stack's servers are quiet (under ``quiet_cpu`` of a core over ``window_s``, at most ``most_s``):
+    work a server defers past a run's last answer (LiteLLM's logging callbacks, joulegate's ledger writes) is then
+    not measured as the next route's latency."""
+    deadline = time.monotonic() + most_s
+    before = _stack_cpu_s()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(window_s)
+        now = _stack_cpu_s()
+        if now - before < quiet_cpu * window_s:
+            return
+        before = now
+
+
 # route name -> the direct route its added latency is measured against
 BASELINE = {
     "relay-tgi": "direct-tgi",
@@ -174,7 +215,8 @@ async def measure(urls: dict[str, str], grpc_port: int, levels: list[int], round
                   new_tokens: int) -> dict[int, dict[str, dict[str, float]]]:  # fmt: skip
     """level -> route -> {p50, p99, tps, added_p50, added_p99} (medians over rounds)."""
     out: dict[int, dict[str, dict[str, float]]] = {}
-    connector = aiohttp.TCPConnector(limit=0)
+    # below uvicorn's 5 s (LiteLLM): a connection idle past it is closed by the server, and reusing it fails
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3)
     async with (
         aiohttp.ClientSession(connector=connector) as http,
         grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
@@ -202,6 +244,7 @@ async def measure(urls: dict[str, str], grpc_port: int, levels: list[int], round
             at_c = [x for x in names if c <= LITELLM_MAX_STREAMS or not x.startswith("litellm")]
             for r in range(rounds):
                 for name in at_c[r % len(at_c) :] + at_c[: r % len(at_c)]:
+                    await settle()
                     per[name].append(await drive(c, n, routes[name]))
             row: dict[str, dict[str, float]] = {}
             for name, runs in per.items():
