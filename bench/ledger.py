@@ -1,25 +1,31 @@
 """How many request timelines per second the meter records, attributes and stores, on SQLite and on PostgreSQL.
 
-    .venv/bin/python -m bench.ledger [--quick] [--requests 300000] [--backends 64] [--epoch-ms 1000] [--postgres URL]
+    .venv/bin/python -m bench.ledger [--quick] [--requests 1000000] [--backends 64] [--epoch-ms 10000]
+                                     [--meter process|in-process] [--only sqlite|postgres] [--postgres URL]
 
-One workload, run on a fresh SQLite file and then on a fresh PostgreSQL database, in one process, as a gateway and
-an in-process meter would run it: a feeder thread hands every request to the real ``Ledger`` the way the gateway
-does (``request_started`` at release, ``request_finished`` when it ends, 0.2-2 s later, so open rows exist and hold
-attribution back), a real ``Sampler`` reads a fleet of simulated energy counters (half the backends on two GPUs) at
-10 Hz into the same ledger, and a real ``MeterService`` engine loop attributes 1 s epochs (``--epoch-ms``). The
-feeder is not paced: it releases requests as fast as it can, so every stage runs flat out and the slowest one sets
-the pace.
+One workload, run on a fresh SQLite file and then on a fresh PostgreSQL database, each in the shape it is deployed
+in: a feeder thread hands every request to the real ``Ledger`` the way the gateway does (``request_started`` at
+release, ``request_finished`` when it ends, 0.2-2 s later, so open rows exist and hold attribution back), a real
+``Sampler`` reads a fleet of simulated energy counters (half the backends on two GPUs) at 10 Hz, and a real
+``MeterService`` engine loop attributes epochs of ``--epoch-ms`` (the engine's default, 10 s). On SQLite the sampler
+and engine run in the feeder's process and share its ledger, as ``joulegate serve`` runs its in-process meter; on
+PostgreSQL they run in a process of their own with a ledger of their own for the samples, as ``joulegate meter``
+runs beside a fleet's proxies and as ``serve --workers N`` runs its meter child (``--meter in-process`` puts them in
+the feeder's process there too). The feeder is not paced: it releases requests as fast as it can, so every stage
+runs flat out and the slowest one sets the pace.
 
 The figure is N / (time from the first request handed in to the moment every request's energy is attributed and
-stored). It includes the pipeline's fixed delay at the end (the last requests run up to 2 s, then one epoch, the
-settle time and an engine interval: about 4 s), so it under-states the sustained rate, the more so for small N. Then
-the books are checked: every request counted once in usage_hourly, and per epoch counter = attributed + idle = its
-request rows + idle. The machine is shared: the figure moves with the load other sessions put on its 2 CPUs (the
-load average at start is printed).
+stored). It includes the pipeline's fixed delay at the end (the last requests run up to 2 s, then the rest of their
+epoch, the settle time and an engine interval: up to ~14 s with 10 s epochs), so it under-states the sustained rate,
+the more so for small N. Each run also prints the CPU per request of the feeder's process (with the meter when it
+is in-process), of the meter's process and of the PostgreSQL server (its processes in /proc): on a box with C cores,
+C x 10^6 / (their sum) requests/s is the most the pipeline can sustain. Then the books are checked: every request
+counted once in usage_hourly, and per epoch counter = attributed + idle = its request rows + idle. The machine is
+shared: the figure moves with the load other sessions put on its 2 CPUs (the load average at start is printed).
 
-Profile it with py-spy (every thread): ``.venv/bin/py-spy record --idle --threads --format raw -o ledger.txt --
-.venv/bin/python -m bench.ledger --only postgres --requests 80000`` (``--gil`` for who holds the GIL). What it
-showed, and what was done:
+Profile it with py-spy: ``.venv/bin/py-spy record --subprocesses --threads --format raw -o ledger.txt --
+.venv/bin/python -m bench.ledger --only postgres`` (``--gil`` for who holds the GIL). What it showed, and what was
+done:
 
 1. the engine thread spent ~75 % of its time in ``Connection.wait``: a dozen round trips and a commit per
    (backend, epoch). Now every epoch due in a pass, of every backend, is read with bulk queries and written in ONE
@@ -34,34 +40,41 @@ showed, and what was done:
    lookup per id; the cyclic garbage collector rescanned the pass's own (acyclic) rows, a fifth of the engine's
    CPU: paused during a pass; a request over several epochs was built into a Timeline once per epoch; the
    calibrator chose its intervals and looked up cumulative classes once per lag (21 lags);
-4. now: ``attribute`` (meter/attribution.py) is ~30 % of the engine's CPU and the calibration ~25 % (its own
-   ``request_phases`` while a backend warms up, which in a run this short is always). The engine's Python costs
-   ~75 us per request, which alone caps its thread near 13,000 requests/s, and it shares the GIL with the feeder,
-   the ledger and the sampler (the ledger's buffer backs up to ~100,000 records during a pass): 20,000 requests/s
-   needs ``attribute`` and the calibration several times cheaper, or the engine in a process of its own.
-   PostgreSQL's CPU goes mostly to the ledger's two upserts per request (open row, then finished row: ~15 us each
-   on a table with six indexes, the same with COPY batches of 2,000 or 20,000 rows), which compete with everything
-   else on this 2-CPU machine.
+4. then the engine shared the feeder's GIL (the ledger's buffer backed up to ~100,000 records during a pass) and
+   ran 1 s epochs, twice the request rows of the default 10 s: the PostgreSQL run now has the shape of its
+   deployments (meter apart) and the default epochs. In-process with 1 s epochs, 300,000 requests: ~9,600/s on a
+   quiet box; meter apart: ~11,400/s; meter apart with 10 s epochs and 1,000,000 requests: ~14,200/s.
+5. now: CPU per request ~27 us in the feeder's process (hand-in, journal, ledger batches), ~41 us in the meter
+   (``attribute`` and the calibration's own ``request_phases`` while a backend warms up, which with this fleet's
+   flat-power counters is always; the fetch and the writes) and ~47 us in PostgreSQL (mostly the ledger's two
+   upserts per request, open row then finished row, each touching the table's six indexes), ~115 us in all: at
+   most ~17,000 requests/s on 2 CPUs. 20,000/s needs a third of that gone: the open row written only for requests
+   still running when a batch goes out (it is journaled at once either way), and ``attribute`` in fewer Python
+   objects.
 
-The last line is ``RESULT sqlite_requests_per_s=... postgres_requests_per_s=...``.
+The last line is ``RESULT sqlite_requests_per_s=... postgres_requests_per_s=... postgres_cpu_us=...``
+(``postgres_cpu_us``: the PostgreSQL run's CPU per request, all processes).
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import multiprocessing
 import os
 import random
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Protocol, cast
 
 import sqlalchemy as sa
 
 from bench._procs import postgres_database
-from meter.engine import EngineSettings, MeteredBackend
+from meter.engine import EngineSettings, EngineStats, MeteredBackend
 from meter.ledger import Ledger
 from meter.samples import Sample
 from meter.service import MeterService
@@ -104,10 +117,43 @@ class RunResult:
     request_rows: int
     engine_passes: int
     ledger_written: int
+    cpu_us: dict[str, float]  # CPU per request: this process, the meter's (when apart), the PostgreSQL server
 
     @property
     def requests_per_s(self) -> float:
         return self.requests / self.seconds
+
+
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu_s(pid: int | str, *, reaped: bool = False) -> float:
+    """CPU seconds of a process from /proc (user + system; ``reaped``: also its children that it has waited for)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0  # gone
+    ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if reaped else 0)
+    return ticks * _TICK_S
+
+
+def _postgres_cpu_s() -> float | None:
+    """CPU seconds of the local PostgreSQL server: its live processes, plus the exited ones its postmaster reaped
+    (None where /proc shows none: a server elsewhere)."""
+    total, found = 0.0, False
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if (d / "comm").read_text().strip() not in ("postgres", "postmaster"):
+                continue
+            ppid = (d / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            is_postmaster = Path(f"/proc/{ppid}/comm").read_text().strip() not in ("postgres", "postmaster")
+        except OSError:
+            continue
+        found = True
+        total += _proc_cpu_s(d.name, reaped=is_postmaster)
+    return total if found else None
 
 
 def fleet(n_backends: int) -> list[MeteredBackend]:
@@ -152,44 +198,124 @@ def feed(ledger: Ledger, backends: list[MeteredBackend], n: int, seed: int = 1) 
     return last_done, time.monotonic() - t0
 
 
-def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epoch_ms: int = 1000) -> RunResult:
+def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epoch_ms: int = 1000,
+            meter_process: bool = False) -> RunResult:  # fmt: skip
+    """One run. ``meter_process``: the sampler and the engine run in a process of their own with a ledger of their
+    own for the samples (as ``joulegate meter`` runs beside the proxies of a fleet, and the meter child of ``serve
+    --workers N``); else in the feeder's process, sharing its ledger (``joulegate serve``'s in-process meter)."""
     upgrade(url)
     db = make_engine(url)
     backends = fleet(n_backends)
-    source = FleetCounters([d for b in backends for d in b.devices])
     ledger = Ledger(db, journal)
     ledger.start()
-    settings = EngineSettings(epoch_ns=epoch_ms * _MS, settle_ns=500 * _MS, lag_ns=100 * _MS)
-    service = MeterService(db, ledger, source, lambda: backends, settings, interval_ms=100, engine_interval_s=1.0)
-    service.start()
+    meter: _Meter = (
+        _ChildMeter(url, n_backends, journal.with_suffix(".meter.jsonl"), epoch_ms)
+        if meter_process
+        else _InProcessMeter(db, ledger, backends, epoch_ms)
+    )
     time.sleep(1.0)  # the sampler's first readings
+    cpu0 = {"feeder": _proc_cpu_s("self"), "meter": meter.cpu_s(), "postgres": _postgres_cpu_s()}
     try:
         t0 = time.monotonic()
         last_done, feed_s = feed(ledger, backends, n)
         while True:
-            until = service.engine.stats.attributed_until_ns
+            until = meter.attributed_until()
             if all((until.get(b) or 0) > d for b, d in last_done.items()):
                 break
             if time.monotonic() - t0 > 600:
                 raise RuntimeError(f"{database}: attribution did not finish in 600 s: {until}")
             time.sleep(0.02)
         seconds = time.monotonic() - t0
+        cpu1 = {"feeder": _proc_cpu_s("self"), "meter": meter.cpu_s(), "postgres": _postgres_cpu_s()}
     finally:
-        service.stop()
+        stats = meter.stop()
         ledger.close()
     result = RunResult(
         database=database,
         requests=n,
         seconds=seconds,
         feed_seconds=feed_s,
-        epochs=service.engine.stats.epochs_attributed,
-        request_rows=service.engine.stats.request_rows_written,
-        engine_passes=service.engine.stats.passes,
+        epochs=stats.epochs_attributed,
+        request_rows=stats.request_rows_written,
+        engine_passes=stats.passes,
         ledger_written=ledger.stats.written_requests,
+        cpu_us={k: (b - a) * 1e6 / n for k, a in cpu0.items() if a is not None and (b := cpu1[k]) is not None},
     )
     verify(db, n)
     db.dispose()
     return result
+
+
+class _Meter(Protocol):
+    def attributed_until(self) -> dict[str, int | None]: ...
+    def cpu_s(self) -> float | None: ...
+    def stop(self) -> EngineStats: ...
+
+
+def _engine_settings(epoch_ms: int) -> EngineSettings:
+    return EngineSettings(epoch_ns=epoch_ms * _MS, settle_ns=500 * _MS, lag_ns=100 * _MS)
+
+
+def _meter_service(db: sa.Engine, ledger: Ledger, backends: list[MeteredBackend], epoch_ms: int) -> MeterService:
+    source = FleetCounters([d for b in backends for d in b.devices])
+    service = MeterService(db, ledger, source, lambda: backends, _engine_settings(epoch_ms), interval_ms=100,
+                           engine_interval_s=1.0)  # fmt: skip
+    service.start()
+    return service
+
+
+class _InProcessMeter:
+    def __init__(self, db: sa.Engine, ledger: Ledger, backends: list[MeteredBackend], epoch_ms: int) -> None:
+        self._service = _meter_service(db, ledger, backends, epoch_ms)
+
+    def attributed_until(self) -> dict[str, int | None]:
+        return dict(self._service.engine.stats.attributed_until_ns)
+
+    def cpu_s(self) -> float | None:
+        return None  # counted with the feeder's process
+
+    def stop(self) -> EngineStats:
+        self._service.stop()
+        return self._service.engine.stats
+
+
+class _ChildMeter:
+    """The meter in a spawned process, asked over a pipe how far it has attributed."""
+
+    def __init__(self, url: str, n_backends: int, journal: Path, epoch_ms: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_child_meter, args=(url, n_backends, journal, epoch_ms, child), daemon=True)
+        self._proc.start()
+        if self._conn.recv() != "ready":
+            raise RuntimeError("the meter process did not start")
+
+    def attributed_until(self) -> dict[str, int | None]:
+        self._conn.send("until")
+        return cast("dict[str, int | None]", self._conn.recv())
+
+    def cpu_s(self) -> float | None:
+        return _proc_cpu_s(cast(int, self._proc.pid))
+
+    def stop(self) -> EngineStats:
+        self._conn.send("stop")
+        stats = cast(EngineStats, self._conn.recv())
+        self._proc.join(30)
+        return stats
+
+
+def _child_meter(url: str, n_backends: int, journal: Path, epoch_ms: int, conn: Connection) -> None:
+    db = make_engine(url)
+    ledger = Ledger(db, journal)  # the samples' ledger (the requests' is the feeder's)
+    ledger.start()
+    service = _meter_service(db, ledger, fleet(n_backends), epoch_ms)
+    conn.send("ready")
+    while conn.recv() == "until":
+        conn.send(dict(service.engine.stats.attributed_until_ns))
+    service.stop()
+    ledger.close()
+    conn.send(service.engine.stats)
+    db.dispose()
 
 
 def verify(db: sa.Engine, n: int) -> None:
@@ -217,18 +343,25 @@ def report(r: RunResult) -> None:
         f"(handed in within {r.feed_seconds:.1f} s; {r.epochs} backend epochs, {r.request_rows} request energy rows, "
         f"{r.engine_passes} engine passes)"
     )
+    print("            CPU per request: " + ", ".join(f"{k} {v:.0f} us" for k, v in r.cpu_us.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run (under a minute)")
-    parser.add_argument("--requests", type=int, help="requests per database (default 300000; --quick 30000)")
+    parser.add_argument("--requests", type=int, help="requests per database (default 1000000; --quick 30000)")
     parser.add_argument("--backends", type=int, default=64, help="backends (odd ones on two GPUs)")
     parser.add_argument("--postgres", default=POSTGRES_ADMIN_URL, help="admin URL of the PostgreSQL server")
     parser.add_argument("--only", choices=["sqlite", "postgres"], help="run one database only")
-    parser.add_argument("--epoch-ms", type=int, default=1000, help="attribution epoch (production default: 10000)")
+    parser.add_argument(
+        "--meter",
+        choices=["process", "in-process"],
+        default="process",
+        help="PostgreSQL: the meter in a process of its own (a fleet's shape) or in the feeder's",
+    )
+    parser.add_argument("--epoch-ms", type=int, default=10_000, help="attribution epoch (the engine's default)")
     args = parser.parse_args(argv)
-    n = args.requests or (30_000 if args.quick else 300_000)
+    n = args.requests or (30_000 if args.quick else 1_000_000)
     print(
         f"bench.ledger: {n} requests over {args.backends} backends per database, sampler at 10 Hz, "
         f"{args.epoch_ms} ms epochs; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
@@ -242,13 +375,24 @@ def main(argv: list[str] | None = None) -> int:
             results["sqlite"] = r
         if args.only in (None, "postgres"):
             with postgres_database(args.postgres) as url:
-                r = run_one("postgres", url, n, args.backends, Path(tmp) / "postgres.jsonl", args.epoch_ms)
+                r = run_one(
+                    "postgres",
+                    url,
+                    n,
+                    args.backends,
+                    Path(tmp) / "postgres.jsonl",
+                    args.epoch_ms,
+                    meter_process=args.meter == "process",
+                )
             report(r)
             results["postgres"] = r
     if len(results) == 2:
         ratio = results["postgres"].requests_per_s / results["sqlite"].requests_per_s
         print(f"postgres / sqlite: {ratio:.2f}x")
-    print("RESULT " + " ".join(f"{k}_requests_per_s={v.requests_per_s:.0f}" for k, v in results.items()))
+    line = " ".join(f"{k}_requests_per_s={v.requests_per_s:.0f}" for k, v in results.items())
+    if "postgres" in results:
+        line += f" postgres_cpu_us={sum(results['postgres'].cpu_us.values()):.0f}"
+    print("RESULT " + line)
     return 0
 
 
