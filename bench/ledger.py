@@ -214,7 +214,8 @@ def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epo
         else _InProcessMeter(db, ledger, backends, epoch_ms)
     )
     time.sleep(1.0)  # the sampler's first readings
-    cpu0 = {"feeder": _proc_cpu_s("self"), "meter": meter.cpu_s(), "postgres": _postgres_cpu_s()}
+    server_cpu_s = _postgres_cpu_s if database == "postgres" else lambda: None  # SQLite runs in this process
+    cpu0 = {"feeder": _proc_cpu_s("self"), "meter": meter.cpu_s(), "postgres": server_cpu_s()}
     try:
         t0 = time.monotonic()
         last_done, feed_s = feed(ledger, backends, n)
@@ -226,7 +227,7 @@ def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epo
                 raise RuntimeError(f"{database}: attribution did not finish in 600 s: {until}")
             time.sleep(0.02)
         seconds = time.monotonic() - t0
-        cpu1 = {"feeder": _proc_cpu_s("self"), "meter": meter.cpu_s(), "postgres": _postgres_cpu_s()}
+        cpu1 = {"feeder": _proc_cpu_s("self"), "meter": meter.cpu_s(), "postgres": server_cpu_s()}
     finally:
         stats = meter.stop()
         ledger.close()
