@@ -73,6 +73,7 @@ from typing import Protocol, cast
 
 import sqlalchemy as sa
 
+from bench._cpu import cpu_s
 from bench._procs import postgres_database
 from meter.engine import EngineSettings, EngineStats, MeteredBackend
 from meter.ledger import Ledger
@@ -124,19 +125,6 @@ class RunResult:
         return self.requests / self.seconds
 
 
-_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_cpu_s(pid: int | str, *, reaped: bool = False) -> float:
-    """CPU seconds of a process from /proc (user + system; ``reaped``: also its children that it has waited for)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0  # gone
-    ticks = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if reaped else 0)
-    return ticks * _TICK_S
-
-
 def _postgres_cpu_s() -> float | None:
     """CPU seconds of the local PostgreSQL server: its live processes, plus the exited ones its postmaster reaped
     (None where /proc shows none: a server elsewhere)."""
@@ -152,7 +140,7 @@ def _postgres_cpu_s() -> float | None:
         except OSError:
             continue
         found = True
-        total += _proc_cpu_s(d.name, reaped=is_postmaster)
+        total += cpu_s([int(d.name)], reaped=is_postmaster)
     return total if found else None
 
 
@@ -215,7 +203,7 @@ def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epo
     )
     time.sleep(1.0)  # the sampler's first readings
     server_cpu_s = _postgres_cpu_s if database == "postgres" else lambda: None  # SQLite runs in this process
-    cpu0 = {"feeder": _proc_cpu_s("self"), "meter": meter.cpu_s(), "postgres": server_cpu_s()}
+    cpu0 = {"feeder": cpu_s([os.getpid()]), "meter": meter.cpu_s(), "postgres": server_cpu_s()}
     try:
         t0 = time.monotonic()
         last_done, feed_s = feed(ledger, backends, n)
@@ -227,7 +215,7 @@ def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epo
                 raise RuntimeError(f"{database}: attribution did not finish in 600 s: {until}")
             time.sleep(0.02)
         seconds = time.monotonic() - t0
-        cpu1 = {"feeder": _proc_cpu_s("self"), "meter": meter.cpu_s(), "postgres": server_cpu_s()}
+        cpu1 = {"feeder": cpu_s([os.getpid()]), "meter": meter.cpu_s(), "postgres": server_cpu_s()}
     finally:
         stats = meter.stop()
         ledger.close()
@@ -296,7 +284,7 @@ class _ChildMeter:
         return cast("dict[str, int | None]", self._conn.recv())
 
     def cpu_s(self) -> float | None:
-        return _proc_cpu_s(cast(int, self._proc.pid))
+        return cpu_s([cast(int, self._proc.pid)])
 
     def stop(self) -> EngineStats:
         self._conn.send("stop")

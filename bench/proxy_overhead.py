@@ -43,6 +43,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
+from bench._cpu import cpu_s, tree
 from bench._procs import free_port, gateway_process, sim_process
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc as pbg
@@ -160,29 +161,9 @@ def process(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = N
             proc.wait(30)
 
 
-_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-
-
 def _stack_cpu_s() -> float:
     """CPU seconds used so far by this process's descendants that are still running (the servers of the stack)."""
-    children: dict[str, list[str]] = defaultdict(list)
-    ticks: dict[str, int] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children[fields[1]].append(d)
-        ticks[d] = int(fields[11]) + int(fields[12])
-    total, todo = 0, list(children[str(os.getpid())])
-    while todo:
-        pid = todo.pop()
-        total += ticks.get(pid, 0)
-        todo.extend(children[pid])
-    return total * _TICK_S
+    return cpu_s(tree(os.getpid())[1:])
 
 
 async def settle(window_s: float = 0.2, quiet_cpu: float = 0.1, most_s: float = 5.0) -> None:

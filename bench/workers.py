@@ -41,10 +41,10 @@ from pathlib import Path
 
 import aiohttp
 
+from bench._cpu import box_busy_s, cpu_s, tree
 from bench._procs import POSTGRES_ADMIN_URL, free_port, postgres_database
 
 PROMPT = "Explain in one paragraph why batching requests saves energy on a GPU serving a language model."
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _wait_http(url: str, timeout_s: float = 60.0) -> None:
@@ -55,32 +55,6 @@ def _wait_http(url: str, timeout_s: float = 60.0) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer")
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (Linux /proc)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(OSError):
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-    return out
-
-
-def _cpu_s(pids: list[int]) -> float:
-    total = 0
-    for p in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLK_TCK
-
-
-def _box_busy_s() -> float:
-    """CPU seconds every process on this machine has used (/proc/stat: all but idle and iowait)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
 def _free_run(n: int) -> int:
@@ -198,14 +172,14 @@ def run_one(workdir: Path, db_url: str, sim_url: str, sim_pid: int, workers: int
         if workers > 1:  # every worker up before the load opens its connections
             for i in range(workers):
                 _wait_http(f"http://127.0.0.1:{metrics_port + i}/metrics")
-        gateway = _tree(proc.pid)
-        cpu0 = (_cpu_s(gateway), _cpu_s([sim_pid]), sum(os.times()[:2]), _box_busy_s())
+        gateway = tree(proc.pid)
+        cpu0 = (cpu_s(gateway), cpu_s([sim_pid]), sum(os.times()[:2]), box_busy_s())
         t0 = time.perf_counter()
         tokens, lat, wall = asyncio.run(
             _load(f"http://127.0.0.1:{http_port}", args.concurrency, args.tokens, args.seconds)
         )
         elapsed = time.perf_counter() - t0  # CPU is read over warm-up + measurement
-        cpu1 = (_cpu_s(gateway), _cpu_s([sim_pid]), sum(os.times()[:2]), _box_busy_s())
+        cpu1 = (cpu_s(gateway), cpu_s([sim_pid]), sum(os.times()[:2]), box_busy_s())
         split = _split(metrics_port, workers)
     finally:
         proc.send_signal(signal.SIGTERM)
