@@ -44,13 +44,14 @@ done:
    ran 1 s epochs, twice the request rows of the default 10 s: the PostgreSQL run now has the shape of its
    deployments (meter apart) and the default epochs. In-process with 1 s epochs, 300,000 requests: ~9,600/s on a
    quiet box; meter apart: ~11,400/s; meter apart with 10 s epochs and 1,000,000 requests: ~14,200/s.
-5. now: CPU per request ~27 us in the feeder's process (hand-in, journal, ledger batches), ~41 us in the meter
-   (``attribute`` and the calibration's own ``request_phases`` while a backend warms up, which with this fleet's
-   flat-power counters is always; the fetch and the writes) and ~47 us in PostgreSQL (mostly the ledger's two
-   upserts per request, open row then finished row, each touching the table's six indexes), ~115 us in all: at
-   most ~17,000 requests/s on 2 CPUs. 20,000/s needs a third of that gone: the open row written only for requests
-   still running when a batch goes out (it is journaled at once either way), and ``attribute`` in fewer Python
-   objects.
+5. now (1,000,000 requests, 10 s epochs): CPU per request ~30 us in the feeder's process (hand-in, journal, ledger
+   batches), ~44 us in the meter (``attribute`` and the calibration's own ``request_phases`` while a backend warms
+   up, which with this fleet's flat-power counters is always; the fetch and the writes) and ~51 us in PostgreSQL,
+   34 of them the ledger's two writes per request (open row, then finished row, each through the table's six
+   indexes; without open rows 17 us, and 22 instead of 29 us in the feeder): ~125 us in all, at most ~16,000
+   requests/s on 2 CPUs. Holding the open row back until a request has run a while would save only the requests
+   that end within the hold (~40 % of these with a 1 s hold, ~10 us a request) and narrow the margin before the
+   engine's ``settle_ns``; 20,000/s needs both the engine's Python and PostgreSQL's index upkeep smaller.
 
 The last line is ``RESULT sqlite_requests_per_s=... postgres_requests_per_s=... postgres_cpu_us=...``
 (``postgres_cpu_us``: the PostgreSQL run's CPU per request, all processes).
@@ -186,7 +187,7 @@ def feed(ledger: Ledger, backends: list[MeteredBackend], n: int, seed: int = 1) 
     return last_done, time.monotonic() - t0
 
 
-def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epoch_ms: int = 1000,
+def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epoch_ms: int = 10_000,
             meter_process: bool = False) -> RunResult:  # fmt: skip
     """One run. ``meter_process``: the sampler and the engine run in a process of their own with a ledger of their
     own for the samples (as ``joulegate meter`` runs beside the proxies of a fleet, and the meter child of ``serve
