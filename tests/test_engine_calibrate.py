@@ -386,6 +386,45 @@ def test_a_restarted_meter_starts_from_the_stored_fit(db: sa.Engine) -> None:
     assert due and due <= sealed
 
 
+def test_a_stored_fit_is_not_reused_on_other_gpus(db: sa.Engine) -> None:
+    """The backend's name now points at other GPUs (a Kubernetes service moved to another node, a host whose cards
+    were swapped): the fit stored for its old GPUs says nothing about these. A meter that starts on them attributes
+    with the configured guess and holds its seals until its own fit settles, as with nothing stored; a meter on the
+    GPUs the fit was made on starts from it (the test above)."""
+    traffic = _traffic(40, seed=11)
+    classes = _classes(traffic)
+    timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
+    readings = _readings(classes, 40, 120 * MS)
+    hold = 3600 * S
+    knobs: dict[str, object] = {"epoch_ns": 1 * S, "lag_ns": 50 * MS, "calibrate": True}
+
+    first = [t for t in timelines if t.done_ns < T0 + 20 * S]
+    on_gpu0 = [("gpu0", r.t_ns, r.energy_mj, None) for r in readings if r.t_ns < T0 + 21 * S]
+    write(db, timelines=first, samples=on_gpu0, ingested_ns=T0 + 21 * S)
+    a = make_engine(db, uncalibrated_seal_hold_ns=hold, **knobs)
+    for k in range(4):
+        a.run_once(now_ns=T0 + (25 + k) * S)
+    fitted = a.stats.calibration["b1"]
+    assert fitted is not None and rows(db, "SELECT COUNT(*) FROM backend_calibrations")[0][0] == 1
+
+    later = [t for t in timelines if T0 + 20 * S <= t.done_ns < T0 + 24 * S]
+    on_gpu1 = [("gpu1", r.t_ns, r.energy_mj, None) for r in readings if T0 + 21 * S <= r.t_ns < T0 + 25 * S]
+    write(db, timelines=later, samples=on_gpu1, ingested_ns=T0 + 30 * S)
+    sealed_before = {r[0] for r in rows(db, "SELECT request_id FROM request_seals")}
+    b = make_engine(db, {"b1": ("gpu1",)}, uncalibrated_seal_hold_ns=hold, **knobs)
+    b.run_once(now_ns=T0 + 35 * S)
+    assert b.stats.calibration["b1"] is None  # not the stored fit: it was made on gpu0
+    with db.connect() as conn:
+        until = attributed_until(conn, "b1")
+    assert until is not None and until >= T0 + 23 * S  # it did attribute the new GPU's epochs
+    sealed = {r[0] for r in rows(db, "SELECT request_id FROM request_seals")} - sealed_before
+    assert not sealed & {t.request_id for t in later}  # held, as a meter with nothing stored holds them
+    # and the stored fit is still gpu0's: a meter back on gpu0 starts from it
+    c = make_engine(db, uncalibrated_seal_hold_ns=hold, **knobs)
+    c.run_once(now_ns=T0 + 36 * S)
+    assert c.stats.calibration["b1"] == fitted
+
+
 def test_a_refused_refit_keeps_the_last_fit_not_the_guess(db: sa.Engine) -> None:
     """After 20 s that fit (lag 120 ms), 40 s of long decodes with hardly any prefill: the refits over the recent
     epochs are refused (too little prefill time to measure), so the calibrator itself holds no fit. The engine keeps

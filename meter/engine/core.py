@@ -312,7 +312,7 @@ class MeteringEngine:
                 b.seal_after = None if b.sealed_done_ns is None else (b.sealed_done_ns - _SEAL_LOOKBACK_NS, "")
                 b.held.clear()
                 if self.settings.calibrate and b.learning.model is None:  # a fresh start: begin from the stored fit
-                    b.stored_model = b.learning.last_fit = sql.stored_calibration(conn, b.spec.name)
+                    b.stored_model = b.learning.last_fit = sql.stored_calibration(conn, b.spec.name, b.spec.devices)
                 last = sql.last_epoch(conn, b.spec.name)
                 if last is None:
                     b.until_ns = b.span_end_ns = None
@@ -466,7 +466,7 @@ class MeteringEngine:
         try:
             with self._db.begin() as conn:
                 for b, m in todo:
-                    sql.store_calibration(conn, b.spec.name, m, now)
+                    sql.store_calibration(conn, b.spec.name, b.spec.devices, m, now)
         except sa.exc.SQLAlchemyError as exc:
             log.warning("engine_calibration_not_stored", error=str(exc).splitlines()[0][:300])
             return

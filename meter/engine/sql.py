@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -625,17 +626,30 @@ def locked_transaction(engine: sa.Engine, names: str | Sequence[str]) -> Iterato
 _CALIBRATION = tuple(f.name for f in dataclasses.fields(PowerModel))  # backend_calibrations' columns besides the keys
 
 
-def stored_calibration(conn: sa.Connection, backend: str) -> PowerModel | None:
-    """The backend's latest fit a meter stored (``backend_calibrations``), None if none did."""
-    rows = fetch(conn, f"SELECT {', '.join(_CALIBRATION)} FROM backend_calibrations WHERE backend = ?", (backend,))
+def devices_key(devices: Iterable[str]) -> str:
+    """``backend_calibrations.devices`` of a set of devices: their names sorted, as a JSON array (unambiguous
+    whatever a name holds)."""
+    return json.dumps(sorted(devices), separators=(",", ":"))
+
+
+def stored_calibration(conn: sa.Connection, backend: str, devices: Iterable[str]) -> PowerModel | None:
+    """The backend's latest fit a meter stored (``backend_calibrations``), if it was made on these ``devices``:
+    None if none was, or the backend ran on other devices then (their power says nothing about these)."""
+    rows = fetch(
+        conn,
+        f"SELECT {', '.join(_CALIBRATION)} FROM backend_calibrations WHERE backend = ? AND devices = ?",
+        (backend, devices_key(devices)),
+    )
     return PowerModel(*rows[0]) if rows else None
 
 
-def store_calibration(conn: sa.Connection, backend: str, model: PowerModel, fitted_ns: int) -> None:
-    """Write (or overwrite) the backend's stored fit."""
-    cols = ("backend", *_CALIBRATION, "fitted_ns")
+def store_calibration(
+    conn: sa.Connection, backend: str, devices: Iterable[str], model: PowerModel, fitted_ns: int
+) -> None:
+    """Write (or overwrite) the backend's stored fit, made on ``devices``."""
+    cols = ("backend", "devices", *_CALIBRATION, "fitted_ns")
     sets = ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
-    values = (backend, *dataclasses.astuple(model), fitted_ns)
+    values = (backend, devices_key(devices), *dataclasses.astuple(model), fitted_ns)
     sql = (
         f"INSERT INTO backend_calibrations ({', '.join(cols)}) VALUES ({marks(len(cols))}) "
         f"ON CONFLICT (backend) DO UPDATE SET {sets}"

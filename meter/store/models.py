@@ -330,11 +330,17 @@ class RequestSeal(Base):
 class BackendCalibration(Base):
     """A backend's latest fitted power model (``meter.engine.calibrate.PowerModel``), so that a meter that restarts, or
     takes the backend over from another, attributes and seals with it from its first pass instead of the configured
-    guess; its own fit replaces it once settled. One row per backend, overwritten by each new fit."""
+    guess; its own fit replaces it once settled. One row per backend, overwritten by each new fit. A fit is reused only
+    on the devices it was made on (``devices``): a backend name that now points at other GPUs starts afresh."""
 
     __tablename__ = "backend_calibrations"
 
     backend: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="the backend (as requests.backend)")
+    devices: Mapped[str | None] = mapped_column(
+        sa.String,
+        comment="the devices the fit was made on, as a sorted JSON array of names (nvml:<GPU UUID>); a meter reuses "
+        "the fit only on the same devices. NULL: stored before 0008, never reused",
+    )
     lag_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="the counter's fitted lag behind the wall clock (ns)")
     prefill_w: Mapped[float] = mapped_column(sa.Float, comment="prefill power of a step of the mean size (W)")
     active_w: Mapped[float] = mapped_column(sa.Float, comment="decode (or waiting-request) power (W)")
