@@ -5,11 +5,13 @@ the LiteLLM proxy, all interleaved in one run.
 
 Two simulator modes: time scale 0 (every step instantaneous: what remains is transport and the gateways' own work)
 and paced (``--time-scale 0.05``: tokens arrive spread out, every token its own read). At each concurrency level
-every route runs ``--rounds`` times in rotating order, each run once the stack's servers are quiet (``settle``: what a
-server does after its last answer, LiteLLM's logging or joulegate's ledger writes, would otherwise land on the next
-route's run); a route's figures are medians over rounds, and its *added* latency is its p50/p99 minus the direct
-route's in the same round (TGI routes against direct ``/generate_stream``, OpenAI routes against direct
-``/v1/chat/completions``, gRPC against direct ``/generate_stream``).
+every route runs ``--rounds`` times in rotating order. A route runs with the servers it does not use stopped
+(SIGSTOP: the relay, joulegate's processes, LiteLLM's; the simulator always runs), once the servers it uses are quiet
+(``settle``): a server's own background work — LiteLLM's logging and health loops, joulegate's sampler and ledger
+writes — then lands only on the routes through it, not on the next route's run or the floor's. A route's figures
+are medians over rounds, and its *added* latency is its p50/p99 minus the direct route's in the same round (TGI
+routes against direct ``/generate_stream``, OpenAI routes against direct ``/v1/chat/completions``, gRPC against
+direct ``/generate_stream``).
 
 Ends with ``RESULT added_p50_ms=… added_p99_ms=… floor_added_p50_ms=… p50_ratio_to_floor=… p99_c16_ms=…
 proxy_tokens_per_s=… tokens_ratio_to_floor=… grpc_added_p50_ms=…``: ``added_*`` is joulegate's worst HTTP route at
@@ -29,6 +31,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -150,12 +153,13 @@ def _wait_port(port: int, timeout_s: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def process(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+def process(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """A server's URL and pid, once it listens."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         try:
             _wait_port(port)
-            yield f"http://127.0.0.1:{port}"
+            yield f"http://127.0.0.1:{port}", proc.pid
         finally:
             proc.terminate()
             proc.wait(30)
@@ -180,6 +184,32 @@ async def settle(window_s: float = 0.2, quiet_cpu: float = 0.1, most_s: float = 
         before = now
 
 
+def _signal_tree(pid: int, sig: signal.Signals) -> None:
+    for p in tree(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, sig)
+
+
+@contextlib.contextmanager
+def only_running(servers: dict[str, int]) -> Iterator[Callable[[str | None], None]]:
+    """``run(name)``: the server ``name`` (and its children) runs, every other one of ``servers`` (name -> pid) is
+    stopped; ``run(None)`` stops them all. On exit every one runs again (a stopped process would not act on
+    SIGTERM)."""
+
+    def run(name: str | None) -> None:
+        for other, pid in servers.items():
+            if other != name:
+                _signal_tree(pid, signal.SIGSTOP)
+        if name is not None:
+            _signal_tree(servers[name], signal.SIGCONT)
+
+    try:
+        yield run
+    finally:
+        for pid in servers.values():
+            _signal_tree(pid, signal.SIGCONT)
+
+
 # route name -> the direct route its added latency is measured against
 BASELINE = {
     "relay-tgi": "direct-tgi",
@@ -192,8 +222,16 @@ BASELINE = {
 JOULEGATE_HTTP = ("joulegate-tgi", "joulegate-openai")
 
 
+def server_of(route: str) -> str | None:
+    """The server a route goes through besides the simulator (``None``: the direct routes)."""
+    return None if route.startswith("direct") else route.split("-")[0]
+
+
+Figures = dict[int, dict[str, dict[str, float]]]
+
+
 async def measure(urls: dict[str, str], grpc_port: int, levels: list[int], rounds: int, quick: bool,
-                  new_tokens: int) -> dict[int, dict[str, dict[str, float]]]:  # fmt: skip
+                  new_tokens: int, run_only: Callable[[str | None], None]) -> Figures:  # fmt: skip
     """level -> route -> {p50, p99, tps, added_p50, added_p99} (medians over rounds)."""
     out: dict[int, dict[str, dict[str, float]]] = {}
     # below uvicorn's 5 s (LiteLLM): a connection idle past it is closed by the server, and reusing it fails
@@ -215,7 +253,8 @@ async def measure(urls: dict[str, str], grpc_port: int, levels: list[int], round
             auth = {"authorization": f"Bearer {LITELLM_KEY}"}
             routes["litellm-openai"] = openai_route(http, urls["litellm"], new_tokens, "sim", auth)
         names = list(routes)
-        for one in routes.values():  # warm-up: connections, caches, the first-call paths
+        for name, one in routes.items():  # warm-up: connections, caches, the first-call paths
+            run_only(server_of(name))
             await drive(4, 8, one)
         for c in levels:
             n = max(60 if quick else 200, 3 * c)
@@ -225,6 +264,7 @@ async def measure(urls: dict[str, str], grpc_port: int, levels: list[int], round
             at_c = [x for x in names if c <= LITELLM_MAX_STREAMS or not x.startswith("litellm")]
             for r in range(rounds):
                 for name in at_c[r % len(at_c) :] + at_c[: r % len(at_c)]:
+                    run_only(server_of(name))
                     await settle()
                     per[name].append(await drive(c, n, routes[name]))
             row: dict[str, dict[str, float]] = {}
@@ -254,16 +294,17 @@ async def measure(urls: dict[str, str], grpc_port: int, levels: list[int], round
 
 
 @contextlib.contextmanager
-def stack(workdir: Path, time_scale: str, litellm: str | None) -> Iterator[tuple[dict[str, str], int]]:
+def stack(workdir: Path, time_scale: str, litellm: str | None) -> Iterator[tuple[dict[str, str], int, dict[str, int]]]:
+    """The servers: their URLs, joulegate's gRPC port, and the pid of each server besides the simulator."""
     with contextlib.ExitStack() as es:
         sim = es.enter_context(sim_process("--time-scale", time_scale, "--max-concurrent-requests", "1024"))
         relay_port = free_port()
         relay_cmd = [sys.executable, "-m", "bench.relay", "--port", str(relay_port), "--upstream", sim]
-        relay = es.enter_context(process(relay_cmd, relay_port, workdir / "relay.log"))
+        relay, relay_pid = es.enter_context(process(relay_cmd, relay_port, workdir / "relay.log"))
         http_port = free_port()
         tokenizer = workdir / "tokenizer.json"  # the simulator's tokenizer, as a deployment names its model's
         tokenizer.write_text(hf_tokenizer_json())
-        grpc_port, _ = es.enter_context(
+        grpc_port, gateway = es.enter_context(
             gateway_process(
                 workdir,
                 [sim],
@@ -272,12 +313,13 @@ def stack(workdir: Path, time_scale: str, litellm: str | None) -> Iterator[tuple
             )
         )
         urls = {"sim": sim, "relay": relay, "joulegate": f"http://127.0.0.1:{http_port}"}
+        pids = {"relay": relay_pid, "joulegate": gateway.pid}
         if litellm:
             port = free_port()
             cmd = [litellm, "--model", "openai/sim", "--api_base", f"{sim}/v1", "--port", str(port)]
             env = {"LITELLM_MASTER_KEY": LITELLM_KEY, "OPENAI_API_KEY": "sk-unused"}  # the sim ignores it
-            urls["litellm"] = es.enter_context(process(cmd, port, workdir / "litellm.log", env))
-        yield urls, grpc_port
+            urls["litellm"], pids["litellm"] = es.enter_context(process(cmd, port, workdir / "litellm.log", env))
+        yield urls, grpc_port, pids
 
 
 def main() -> None:
@@ -296,9 +338,15 @@ def main() -> None:
     results = {}
     for mode, scale in (("time scale 0", "0"), ("paced", args.paced_time_scale)):
         print(f"=== {mode}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp, stack(Path(tmp), scale, args.litellm) as (urls, grpc_port):
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            stack(Path(tmp), scale, args.litellm) as (urls, grpc_port, pids),
+            only_running(pids) as run_only,
+        ):
             mode_levels = levels if scale == "0" else [c for c in levels if c <= 64]
-            results[mode] = asyncio.run(measure(urls, grpc_port, mode_levels, args.rounds, args.quick, args.new_tokens))
+            results[mode] = asyncio.run(
+                measure(urls, grpc_port, mode_levels, args.rounds, args.quick, args.new_tokens, run_only)
+            )
 
     fast = results["time scale 0"]
     one, c16 = fast[min(levels)], fast.get(16, fast[min(levels)])
