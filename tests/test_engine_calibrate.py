@@ -425,6 +425,71 @@ def test_a_stored_fit_is_not_reused_on_other_gpus(db: sa.Engine) -> None:
     assert c.stats.calibration["b1"] == fitted
 
 
+def test_a_pooled_epoch_is_pooled_again_when_a_late_row_recomputes_it() -> None:
+    """The calibrator keeps one entry per epoch it was fed: feeding an epoch it already holds replaces that entry
+    (the epoch's rows as they are now), it does not add a second."""
+    traffic = _traffic(20, seed=6)
+    whole = _classes(traffic)
+    part = _classes([x for x in traffic if not T0 + 5 * S <= x[0] < T0 + 9 * S])  # what arrived on time
+    readings = _readings(whole, 20, 90 * MS)
+    first, second = [r for r in readings if r.t_ns < T0 + 10 * S], [r for r in readings if r.t_ns >= T0 + 10 * S]
+    lags = tuple(range(0, 201 * MS, 10 * MS))
+    on_time = LagCalibrator(lags)
+    on_time.add([first], whole, start_ns=T0)
+    expected = on_time.add([second], whole, start_ns=T0 + 10 * S)
+    late = LagCalibrator(lags)
+    late.add([first], part, start_ns=T0)
+    skewed = late.add([second], whole, start_ns=T0 + 10 * S)
+    assert skewed != expected  # the missing rows moved the fit (or refused it)
+    again = late.add([first], whole, start_ns=T0)
+    assert again == expected and late.intervals == on_time.intervals
+
+
+def test_a_late_timeline_is_learned_from_when_its_epoch_is_recomputed(db: sa.Engine, tmp_path) -> None:
+    """Timelines of 6 s of traffic reach the database after their epochs were attributed and fed to the calibrator
+    (a gateway replica journaled through an outage). The recompute that gives them their energy also pools those
+    epochs again with them: the fit ends as it would have, had they come on time, not skewed by 6 s of a busy
+    counter with no requests to explain it."""
+    from meter.store import make_engine as db_engine
+    from meter.store import upgrade
+
+    traffic = _traffic(30, seed=13)
+    classes = _classes(traffic)
+    timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
+    samples = [("gpu0", r.t_ns, r.energy_mj, None) for r in _readings(classes, 30, 120 * MS)]
+    knobs: dict[str, object] = {
+        "epoch_ns": 1 * S,
+        "lag_ns": 50 * MS,
+        "calibrate": True,
+        "calibration_refresh_ns": 1 * S,  # every epoch is pooled
+        "idle_power": IDLE_W,
+    }
+    late = {t.request_id for t in timelines if T0 + 12 * S <= t.released_ns < T0 + 18 * S}
+
+    ref_url = f"sqlite:///{tmp_path / 'on_time.db'}"
+    upgrade(ref_url)
+    ref_db = db_engine(ref_url)
+    write(ref_db, timelines=timelines, samples=samples, ingested_ns=T0 + 31 * S)
+    ref = make_engine(ref_db, **knobs)
+    ref.run_once(now_ns=T0 + 40 * S)
+    expected = ref.stats.calibration["b1"]
+    ref_db.dispose()
+    assert expected is not None and expected.lag_ns == 120 * MS
+
+    write(db, timelines=[t for t in timelines if t.request_id not in late], samples=samples, ingested_ns=T0 + 31 * S)
+    eng = make_engine(db, **knobs)
+    eng.run_once(now_ns=T0 + 40 * S)
+    assert eng.stats.calibration["b1"] != expected  # skewed by the missing rows
+    write(db, timelines=[t for t in timelines if t.request_id in late], ingested_ns=T0 + 41 * S)
+    for k in range(3):
+        eng.run_once(now_ns=T0 + (45 + k) * S)
+    assert eng.stats.epochs_recomputed > 0
+    got = eng.stats.calibration["b1"]
+    assert got is not None and got.lag_ns == expected.lag_ns
+    assert got.prefill_w == pytest.approx(expected.prefill_w, rel=1e-9)
+    assert got.active_w == pytest.approx(expected.active_w, rel=1e-9)
+
+
 def test_a_refused_refit_keeps_the_last_fit_not_the_guess(db: sa.Engine) -> None:
     """After 20 s that fit (lag 120 ms), 40 s of long decodes with hardly any prefill: the refits over the recent
     epochs are refused (too little prefill time to measure), so the calibrator itself holds no fit. The engine keeps

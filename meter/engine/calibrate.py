@@ -278,6 +278,7 @@ class LagCalibrator:
     ) -> None:
         self.lags_ns = tuple(lags_ns)
         self._epochs: deque[list[_Sums]] = deque(maxlen=window_epochs)
+        self._starts: deque[int | None] = deque(maxlen=window_epochs)  # each pooled epoch's start, if given
         self._min_intervals = min_intervals
         self._min_class_s = min_class_s
         self.model: PowerModel | None = None
@@ -286,7 +287,12 @@ class LagCalibrator:
         """An independent copy (the pooled epochs are never changed once added, so they are shared)."""
         twin = copy.copy(self)
         twin._epochs = deque(self._epochs, maxlen=self._epochs.maxlen)
+        twin._starts = deque(self._starts, maxlen=self._starts.maxlen)
         return twin
+
+    def pooled(self, start_ns: int) -> bool:
+        """Whether the epoch starting at ``start_ns`` is in the pool."""
+        return start_ns in self._starts
 
     @property
     def intervals(self) -> int:
@@ -298,12 +304,19 @@ class LagCalibrator:
         return self.intervals < self._min_intervals
 
     def add(
-        self, segments: Sequence[Sequence[CounterReading]], timeline: ClassTimeline, idle_w: float | None = None
+        self,
+        segments: Sequence[Sequence[CounterReading]],
+        timeline: ClassTimeline,
+        idle_w: float | None = None,
+        *,
+        start_ns: int | None = None,
     ) -> PowerModel | None:
         """Add one epoch's intervals, refit, and return the model (also kept in ``model``).
 
         ``idle_w``: the idle floor when it is measured directly (``meter.engine.idle``); the fit then solves only for
-        the prefill and active powers, which makes it steadier when idle time is scarce."""
+        the prefill and active powers, which makes it steadier when idle time is scarce. ``start_ns``: the epoch's
+        start; an epoch already pooled under it is replaced (its rows as they are now: a late timeline), not added
+        twice."""
         per_lag = []
         first_lag, last_lag = min(self.lags_ns), max(self.lags_ns)
         # The same intervals for every lag, or the residuals could not be compared across lags: chosen once.
@@ -337,7 +350,11 @@ class LagCalibrator:
                 sums.yy += y * y
                 sums.n += 1
             per_lag.append(sums)
-        self._epochs.append(per_lag)
+        if start_ns is not None and start_ns in self._starts:
+            self._epochs[self._starts.index(start_ns)] = per_lag
+        else:
+            self._epochs.append(per_lag)
+            self._starts.append(start_ns)
         self.model = self._fit(idle_w)
         return self.model
 

@@ -573,12 +573,11 @@ class MeteringEngine:
         if any(r.ingested_ns > attributed_at for r in rows):
             return None  # a row is still fresh (another may still be committing): a later pass, not a recompute
         working = epoch_timelines(name, rows)
-        learned: Learning | None = None
-        redo: dict[int, int] = {}
+        learned = b.learning.copy()  # adopted once the write committed
         if existing:
-            policy = b.learning.policy(s, readings, working)
+            redo = learned.relearn(s, name, start, readings, working)
+            policy = learned.policy(s, readings, working)
         else:
-            learned = b.learning.copy()
             policy, redo = learned.learn(s, name, start, end, readings, working)
         result = compute_epoch(name, start, end, readings, rows, working, policy, attributed_at)
         try:
@@ -600,10 +599,9 @@ class MeteringEngine:
             final = replace_epoch(
                 self._db, compute_epoch(name, start, end, readings, kept, working, policy, attributed_at)
             )
-        if learned is not None:
-            b.learning = learned
-            b.stale.update(redo)
-            self._store_fits([b], now)
+        b.learning = learned
+        b.stale.update(redo)
+        self._store_fits([b], now)
         if not existing or end == b.until_ns:  # a recompute never moves "attributed until"; it may move the span
             self._advanced(b, end, readings)
         if existing:

@@ -4,8 +4,10 @@ Kept in memory, per backend (``Learning``). The engine never changes a backend's
 write has committed: a batch of new epochs is computed with a private copy (``copy``) that each epoch feeds in turn
 (``learn``: later epochs of the batch use what the earlier ones taught), and the backend adopts that copy once the
 batch committed. A write that fails leaves the backend's learning as it was, so an epoch that is redone (another
-meter wrote it first) feeds the calibration once, never twice. Recomputes do not learn (``policy``): they use what
-is known, plus the epoch's own idle stretches.
+meter wrote it first) feeds the calibration once, never twice. A recompute learns only this: an epoch the calibrator
+pooled is pooled again with its rows as they are now (``relearn``: a late timeline had been missing from it), in
+place of what it pooled before; its idle floor comes from what is known plus the epoch's own idle stretches
+(``policy``).
 
 Calibration (``meter.engine.calibrate``): the counter lag and the prefill/active power ratio, fitted by least
 squares over the counter's own readings (leaving out the intervals near abandoned prefills, whose classes are
@@ -106,6 +108,17 @@ class Learning:
             self.idle_power_w = idle_w
         return _policy(s, idle_w, lag, model), redo
 
+    def relearn(
+        self, s: EngineSettings, backend: str, start: int, readings: EpochReadings, working: Sequence[Timeline]
+    ) -> dict[int, int]:
+        """A recomputed epoch [start, ...) that the calibrator pooled is pooled again with its rows as they are now
+        (a late timeline had been missing: the busy counter had no request to explain it), replacing what it pooled
+        before. Returns the recent epochs to redo if the fit moved. Mutates this object: call it on a copy."""
+        redo: dict[int, int] = {}
+        if s.calibrate and self.calibrator is not None and self.calibrator.pooled(start):
+            self._feed(s, backend, start, readings, working, redo)
+        return redo
+
     def _calibrate(
         self,
         s: EngineSettings,
@@ -120,35 +133,52 @@ class Learning:
             self.calibrator = LagCalibrator(s.calibration_lags_ns)
         cal = self.calibrator
         due = cal.warming or self.calibrated_at_ns is None or start - self.calibrated_at_ns >= s.calibration_refresh_ns
-        if due and working and readings.segments:
-            uncertain = [(t.released_ns, t.done_ns) for t in working if t.abandoned_prefill]
-            phases = request_phases(list(working), s.policy(None), since_ns=start)
-            classes = ClassTimeline.from_phases(phases, uncertain)  # type: ignore[arg-type]
-            before = self.model
-            cal.add(readings.segments, classes, self.idle_power_w if s.idle_power == "auto" else None)
-            self.calibrated_at_ns = start
-            m = cal.model
-            if m is not None:
-                self.last_fit = m
-            if m is not None and (
-                before is None
-                or abs(before.lag_ns - m.lag_ns) >= 20 * _MS
-                or abs(before.prefill_power_ratio / m.prefill_power_ratio - 1) > 0.1
-            ):
-                # The model settled or moved: the epochs attributed under the old one are redone (exactly, as any
-                # recompute), so that a backend's recent history shares one model.
-                redo.update((e_start, e_end) for e_start, e_end in self.recent if e_start < start)
-                log.info(
-                    "engine_calibrated",
-                    backend=backend,
-                    lag_ms=m.lag_ns / _MS,
-                    prefill_w=round(m.prefill_w, 1),
-                    active_w=round(m.active_w, 1),
-                    idle_w=None if m.idle_w is None else round(m.idle_w, 1),
-                    intervals=m.intervals,
-                    recomputing=len(redo),
-                )
+        if due:
+            self._feed(s, backend, start, readings, working, redo)
         return self.model
+
+    def _feed(
+        self,
+        s: EngineSettings,
+        backend: str,
+        start: int,
+        readings: EpochReadings,
+        working: Sequence[Timeline],
+        redo: dict[int, int],
+    ) -> None:
+        """Pool the epoch starting at ``start`` (or pool it again) and refit; when the model settles or moves, the
+        other recent epochs go to ``redo``."""
+        cal = self.calibrator
+        if cal is None or not working or not readings.segments:
+            return
+        uncertain = [(t.released_ns, t.done_ns) for t in working if t.abandoned_prefill]
+        phases = request_phases(list(working), s.policy(None), since_ns=start)
+        classes = ClassTimeline.from_phases(phases, uncertain)  # type: ignore[arg-type]
+        before = self.model
+        cal.add(readings.segments, classes, self.idle_power_w if s.idle_power == "auto" else None, start_ns=start)
+        if self.calibrated_at_ns is None or start > self.calibrated_at_ns:
+            self.calibrated_at_ns = start
+        m = cal.model
+        if m is not None:
+            self.last_fit = m
+        if m is not None and (
+            before is None
+            or abs(before.lag_ns - m.lag_ns) >= 20 * _MS
+            or abs(before.prefill_power_ratio / m.prefill_power_ratio - 1) > 0.1
+        ):
+            # The model settled or moved: the epochs attributed under the old one are redone (exactly, as any
+            # recompute), so that a backend's recent history shares one model.
+            redo.update((e_start, e_end) for e_start, e_end in self.recent if e_start != start)
+            log.info(
+                "engine_calibrated",
+                backend=backend,
+                lag_ms=m.lag_ns / _MS,
+                prefill_w=round(m.prefill_w, 1),
+                active_w=round(m.active_w, 1),
+                idle_w=None if m.idle_w is None else round(m.idle_w, 1),
+                intervals=m.intervals,
+                recomputing=len(redo),
+            )
 
     def _idle_floor(
         self,
