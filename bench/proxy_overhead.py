@@ -200,7 +200,7 @@ def only_running(servers: dict[str, int]) -> Iterator[Callable[[str | None], Non
         for other, pid in servers.items():
             if other != name:
                 _signal_tree(pid, signal.SIGSTOP)
-        if name is not None:
+        if name in servers:
             _signal_tree(servers[name], signal.SIGCONT)
 
     try:
@@ -330,6 +330,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--paced-time-scale", default="0.05", help="the paced mode's simulator time scale")
     ap.add_argument("--litellm", default=shutil.which("litellm"), help="the LiteLLM proxy's executable (optional)")
+    ap.add_argument(
+        "--keep-running", action="store_true", help="do not stop the servers a route does not use (for an A/B)"
+    )
     args = ap.parse_args()
     levels = [int(x) for x in (args.levels or ("1,16,64" if args.quick else "1,16,64,256")).split(",")]
     if not args.litellm:
@@ -341,7 +344,7 @@ def main() -> None:
         with (
             tempfile.TemporaryDirectory() as tmp,
             stack(Path(tmp), scale, args.litellm) as (urls, grpc_port, pids),
-            only_running(pids) as run_only,
+            only_running({} if args.keep_running else pids) as run_only,
         ):
             mode_levels = levels if scale == "0" else [c for c in levels if c <= 64]
             results[mode] = asyncio.run(
