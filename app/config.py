@@ -60,6 +60,11 @@ class ServerConfig(Section):
     http_listen: str | None = Field(default="0.0.0.0:8080", description=f"the HTTP API: {LISTEN_HELP}")
     drain_grace_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        default="asyncio",
+        description="the gateway processes' event loop: asyncio's own, or uvloop (~7 % less CPU per gRPC request, "
+        "none on HTTP: bench/event_loop.py)",
+    )
     log_format: Literal["json", "console"] = "json"
     request_log: Literal["all", "errors", "off"] = Field(
         default="all", description="one `request_finished` line per request: all, only those not OK, or none"

@@ -182,6 +182,7 @@ class GatewayApp:
             tls="mutual" if tls and tls.client_ca_path else bool(tls),
             models={m: [b.url for b in p.backends] for m, p in self.pools.items()},
             healthy={m: p.healthy for m, p in self.pools.items()},
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],  # "asyncio" or "uvloop"
         )
 
     def _prepare_database(self) -> None:

@@ -63,6 +63,7 @@ import structlog
 
 from app.config import Config
 from common.errors import ConfigError
+from common.loop import run as run_loop
 
 log = structlog.get_logger("joulegate.workers")
 
@@ -427,7 +428,7 @@ def run_child(role: str, config: Config) -> int:
     _tag_logs(role)
     if role == METER:
         return asyncio.run(_meter(config))
-    return asyncio.run(_worker(int(role.split("-")[1]), config))
+    return run_loop(_worker(int(role.split("-")[1]), config), config.server.event_loop)
 
 
 async def _worker(index: int, config: Config) -> int:

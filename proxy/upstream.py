@@ -23,6 +23,7 @@ import base64
 import collections
 import ssl
 from collections.abc import Mapping
+from typing import cast
 from urllib.parse import unquote, urlsplit
 
 MAX_HEAD_BYTES = 64 * 1024  # a response's status line and headers
@@ -265,8 +266,8 @@ class _Conn(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (create_connection's); not an isinstance check: uvloop's is no asyncio.Transport subclass
+        self.transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_seen += len(data)

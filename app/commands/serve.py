@@ -8,7 +8,6 @@ source that is not there (``--meter nvml`` without a GPU), a port it cannot list
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 
 from app.commands.database import check_db_url, url_origin
@@ -108,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             raise failure from None
     from app.server import GatewayApp
     from app.workers import adopt_orphan_journals
+    from common.loop import run as run_loop
 
     async def main() -> None:
         # built inside the running loop: grpc.aio objects bind to the loop that creates them
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         adopt_orphan_journals(config, 1)  # what an earlier `--workers N` left in worker journals 1.. (usually none)
-        asyncio.run(main())
+        run_loop(main(), config.server.event_loop)
     except Exception as exc:
         failure = start_failure(exc, config.db.url, f"--meter {config.meter.source}")
         if failure is None:

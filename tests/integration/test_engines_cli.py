@@ -25,8 +25,10 @@ from .metering_support import check_books, query, wait_attributed
 from .test_ops_logs import LogLines
 
 
-@pytest.mark.parametrize("engine", ["vllm", "sglang"])
-async def test_sim_engine_and_serve_with_only_the_backend_url(tmp_path: Path, engine: str) -> None:
+@pytest.mark.parametrize(("engine", "event_loop"), [("vllm", "asyncio"), ("sglang", "uvloop")])
+async def test_sim_engine_and_serve_with_only_the_backend_url(tmp_path: Path, engine: str, event_loop: str) -> None:
+    """...on either event loop (``server.event_loop``): uvloop's transports are no ``asyncio.Transport``
+    subclasses, which the streams' client once asserted."""
     sim = SimProcess("--engine", engine, "--time-scale", "0.1")
     sim.args[3] = "sim"  # `joulegate sim`, not `sim-tgi`
     db_url = f"sqlite:///{tmp_path / 'jg.db'}"
@@ -47,6 +49,7 @@ async def test_sim_engine_and_serve_with_only_the_backend_url(tmp_path: Path, en
                 "JOULEGATE_METER__EPOCH_S": "1",
                 "JOULEGATE_METER__SETTLE_S": "0.5",
                 "JOULEGATE_SERVER__DRAIN_GRACE_S": "1",
+                "JOULEGATE_SERVER__EVENT_LOOP": event_loop,
             },
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -56,7 +59,7 @@ async def test_sim_engine_and_serve_with_only_the_backend_url(tmp_path: Path, en
         try:
             found = await logs.event("backend_engine", engine=engine, configured=False)
             assert found["url"] == backend
-            await logs.event("gateway_started")
+            assert (await logs.event("gateway_started"))["event_loop"] == event_loop
             md = (("authorization", f"Bearer {key}"),)
             params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=6))
             async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
