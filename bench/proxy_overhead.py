@@ -20,7 +20,7 @@ streams; ``tokens_ratio_to_floor``: each HTTP route's best tokens/s over levels 
 route, the worse of the two (``tokens_ratio_to_tgi_floor``: the worse route against the relay's TGI route, which the
 line reported before: the OpenAI route is slower at the backend itself, so that compared unlike with unlike).
 
-    python -m bench.proxy_overhead [--quick] [--litellm /path/to/venv/bin/litellm]
+    python -m bench.proxy_overhead [--quick] [--litellm /path/to/venv/bin/litellm] [--keep-running]
 """
 
 from __future__ import annotations
