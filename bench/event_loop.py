@@ -24,10 +24,19 @@ import aiohttp
 import grpc
 
 from bench._cpu import cpu_s, tree
-from bench._procs import free_port, gateway_process, sim_process
-from bench.proxy_overhead import One, Run, drive, grpc_route, only_running, openai_route, settle, tgi_route
+from bench._procs import sim_process
+from bench.proxy_overhead import (
+    One,
+    Run,
+    drive,
+    grpc_route,
+    joulegate,
+    only_running,
+    openai_route,
+    settle,
+    tgi_route,
+)
 from proxy.pb.fmaas import generation_pb2_grpc as pbg
-from sim.tokenizer import hf_tokenizer_json
 
 LOOPS = ("asyncio", "uvloop")
 ROUTES = ("tgi", "openai", "grpc")
@@ -85,17 +94,11 @@ def main() -> None:
         contextlib.ExitStack() as es,
     ):
         sim = es.enter_context(sim_process("--time-scale", "0", "--max-concurrent-requests", "1024"))
-        tokenizer = Path(tmp) / "tokenizer.json"
-        tokenizer.write_text(hf_tokenizer_json())
         gateways: dict[str, tuple[str, int, int]] = {}
         for loop in LOOPS:
             workdir = Path(tmp) / loop
             workdir.mkdir()
-            http_port = free_port()
-            env = {"JOULEGATE_BACKEND_POOL__MAX_CONCURRENT_REQUESTS": "1024", "JOULEGATE_SERVER__EVENT_LOOP": loop}
-            args_ = ("--http-listen", f"127.0.0.1:{http_port}", "--tokenizer-file", str(tokenizer))
-            grpc_port, proc = es.enter_context(gateway_process(workdir, [sim], env=env, args=args_))
-            gateways[loop] = (f"http://127.0.0.1:{http_port}", grpc_port, proc.pid)
+            gateways[loop] = es.enter_context(joulegate(workdir, sim, {"JOULEGATE_SERVER__EVENT_LOOP": loop}))
         out = asyncio.run(measure(gateways, levels, args.rounds))
     top = out[max(levels)]
     cpu_ratio = {r: top[("uvloop", r)][1] / top[("asyncio", r)][1] for r in ROUTES}

@@ -294,6 +294,22 @@ async def measure(urls: dict[str, str], grpc_port: int, levels: list[int], round
 
 
 @contextlib.contextmanager
+def joulegate(workdir: Path, sim: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, int, int]]:
+    """joulegate in front of the simulator ``sim`` as the benches run it (HTTP on, the simulator's tokenizer as a
+    deployment names its model's, room for every stream): its HTTP URL, gRPC port and pid."""
+    http_port = free_port()
+    tokenizer = workdir / "tokenizer.json"
+    tokenizer.write_text(hf_tokenizer_json())
+    with gateway_process(
+        workdir,
+        [sim],
+        env={"JOULEGATE_BACKEND_POOL__MAX_CONCURRENT_REQUESTS": "1024", **(env or {})},
+        args=("--http-listen", f"127.0.0.1:{http_port}", "--tokenizer-file", str(tokenizer)),
+    ) as (grpc_port, proc):
+        yield f"http://127.0.0.1:{http_port}", grpc_port, proc.pid
+
+
+@contextlib.contextmanager
 def stack(workdir: Path, time_scale: str, litellm: str | None) -> Iterator[tuple[dict[str, str], int, dict[str, int]]]:
     """The servers: their URLs, joulegate's gRPC port, and the pid of each server besides the simulator."""
     with contextlib.ExitStack() as es:
@@ -301,19 +317,9 @@ def stack(workdir: Path, time_scale: str, litellm: str | None) -> Iterator[tuple
         relay_port = free_port()
         relay_cmd = [sys.executable, "-m", "bench.relay", "--port", str(relay_port), "--upstream", sim]
         relay, relay_pid = es.enter_context(process(relay_cmd, relay_port, workdir / "relay.log"))
-        http_port = free_port()
-        tokenizer = workdir / "tokenizer.json"  # the simulator's tokenizer, as a deployment names its model's
-        tokenizer.write_text(hf_tokenizer_json())
-        grpc_port, gateway = es.enter_context(
-            gateway_process(
-                workdir,
-                [sim],
-                env={"JOULEGATE_BACKEND_POOL__MAX_CONCURRENT_REQUESTS": "1024"},
-                args=("--http-listen", f"127.0.0.1:{http_port}", "--tokenizer-file", str(tokenizer)),
-            )
-        )
-        urls = {"sim": sim, "relay": relay, "joulegate": f"http://127.0.0.1:{http_port}"}
-        pids = {"relay": relay_pid, "joulegate": gateway.pid}
+        gateway, grpc_port, gateway_pid = es.enter_context(joulegate(workdir, sim))
+        urls = {"sim": sim, "relay": relay, "joulegate": gateway}
+        pids = {"relay": relay_pid, "joulegate": gateway_pid}
         if litellm:
             port = free_port()
             cmd = [litellm, "--model", "openai/sim", "--api_base", f"{sim}/v1", "--port", str(port)]
