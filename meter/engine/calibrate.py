@@ -284,7 +284,8 @@ class LagCalibrator:
         self.model: PowerModel | None = None
 
     def copy(self) -> LagCalibrator:
-        """An independent copy (the pooled epochs are never changed once added, so they are shared)."""
+        """An independent copy: its own deques, sharing the pooled epochs' sums (never mutated: an epoch pooled again
+        replaces its entry in the deque of the copy it is added to)."""
         twin = copy.copy(self)
         twin._epochs = deque(self._epochs, maxlen=self._epochs.maxlen)
         twin._starts = deque(self._starts, maxlen=self._starts.maxlen)
