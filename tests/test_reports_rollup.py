@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meter.engine.rollup import Rollup
-from meter.reports import GroupBy, IdlePolicy, ReportOptions, UsageReport, get_usage
+from meter.reports import GroupBy, IdlePolicy, ReportOptions, UsageReport, get_request_energy, get_usage
 from meter.reports.settings import settings_history
 from meter.reports.usage import _rollup_plan
 from meter.store.models import BillingSettings, UsageFinalHourly, UsageRollupHour
@@ -181,3 +181,36 @@ def test_a_whole_final_day_is_read_from_the_rollup_and_a_late_row_reopens_its_ho
         _same(after, get_usage(conn, options, rollups=False, **span))
     assert after.total.requests == len(reqs) + 1 and after.total.provisional_requests == 0
     assert after.total.prefill_mj == before.total.prefill_mj + 50
+
+
+def test_a_request_that_ended_without_gpu_work_owns_nothing_while_its_old_rows_wait(store: sa.Engine) -> None:
+    """A request's row was rewritten after its epoch was attributed: the first version ran on the GPU and got 434 mJ,
+    the replayed one says the backend refused it (no first token, RESOURCE_EXHAUSTED). Such a request is final at
+    once and owns 0 J, so its hour rolls up with 0; until the engine redoes the epoch, its rows still hold the
+    434 mJ. Every report (rollup or raw rows, SQLite or PostgreSQL, usage or the request itself) says 0 and final:
+    a figure published as final never changes when the engine catches up. (A hypothesis example of the oracle
+    above found the raw rows giving 434.)"""
+    t = BASE + HOUR + 60 * S
+    ran = Req("ran", tenant="t0", received_ns=t, released_ns=t, first_token_ns=t + S, done_ns=t + 2 * S,
+              prompt_tokens=5, generated_tokens=7, ingested_ns=t)  # fmt: skip
+    refused = Req("refused", tenant="t0", received_ns=t, released_ns=t, first_token_ns=None, done_ns=t + S,
+                  status="RESOURCE_EXHAUSTED", ingested_ns=t + 5 * S)  # fmt: skip
+    epoch = Epoch(t, t + 10 * S, idle_mj=0, rows=[Row("ran", t, 100, 20, 2 * S), Row("refused", t, 434, 0, S)])
+    _clear_all(store)
+    insert(store, [ran, refused], [epoch])
+    seal(store, ["ran"])
+    _settings(store, None)
+    now = BASE + (HOURS + 1) * HOUR
+    Rollup(max_hours_per_pass=2 * HOURS).run(store, now, now)
+    assert BASE + HOUR in _rolled_hours(store)
+    options = ReportOptions(idle_policy=IdlePolicy.TIME)
+    with store.connect() as conn:
+        for lo, hi in ((BASE, BASE + HOURS * HOUR), (t, t + 1), (None, now)):  # whole hours, a raw edge, open start
+            args = {"start_ns": lo, "end_ns": hi, "group_by": GroupBy.TENANT, "tenant": None}
+            rolled, raw = get_usage(conn, options, **args), get_usage(conn, options, rollups=False, **args)
+            _same(rolled, raw)
+            assert (raw.total.requests, raw.total.prefill_mj, raw.total.decode_mj) == (2, 100, 20)
+            assert raw.total.provisional_requests == 0
+        report = get_request_energy(conn, "refused", options)
+    assert report is not None and report.final
+    assert (report.prefill_mj, report.decode_mj) == (0, 0)

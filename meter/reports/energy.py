@@ -22,6 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from meter.engine import attributed_until
+from meter.engine.finality import gpu_work_expr
 from meter.reports.settings import BillingSettings, SettingsHistory
 from meter.reports.types import IdlePolicy
 from meter.store.models import BackendEpoch, Request, RequestEnergy, RequestSeal, table_of
@@ -104,12 +105,26 @@ def energy_sums(
     return sums.cte("energy")
 
 
-def energy_columns(sums: sa.FromClause, seal: sa.FromClause) -> dict[str, sa.ColumnElement[int]]:
-    """A request's four figures: its seal's when sealed, else the sums of its rows (0 without rows)."""
-    return {
-        c: sa.func.coalesce(seal.c[c], sums.c[c], 0)
-        for c in ("prefill_mj", "decode_mj", "idle_time_mj", "idle_tokens_mj")
-    }
+FIGURES = ("prefill_mj", "decode_mj", "idle_time_mj", "idle_tokens_mj")
+
+
+def energy_columns(
+    request: sa.FromClause, sums: sa.FromClause, seal: sa.FromClause
+) -> dict[str, sa.ColumnElement[int]]:
+    """A request's four figures: its seal's when sealed; else 0 when it ended without GPU work; else the sums of its
+    rows (0 without rows). ``request`` is its ``requests`` row, ``sums`` its ``energy_sums`` row, ``seal`` its
+    ``request_seals`` row, each outer-joined."""
+    return {c: sa.func.coalesce(seal.c[c], unsealed_figure(request, sums.c[c])) for c in FIGURES}
+
+
+def unsealed_figure(request: sa.FromClause, rows_sum: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
+    """An unsealed request's figure from the sum of its rows: 0 for one that ended without GPU work. Such a request
+    is final at once and owns 0 J (``meter.engine.finality``), as the rollup counts it, even while its rows still
+    hold what an earlier version of it was given (its row was rewritten, e.g. a replay that says the backend refused
+    it, and the engine has not redone its epochs yet): reading those rows would publish a final figure that changes
+    when the engine catches up."""
+    ended_idle = sa.and_(request.c.done_ns.is_not(None), sa.not_(gpu_work_expr(request)))
+    return sa.case((ended_idle, 0), else_=sa.func.coalesce(rows_sum, 0))
 
 
 def idle_column(

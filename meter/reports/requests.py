@@ -107,7 +107,7 @@ def fetch_reports(conn: sa.Connection, ids: Sequence[str], options: ReportOption
     history = settings_history(conn, options)
     mine = sa.select(RQ).where(RQ.c.request_id.in_(list(ids))).cte("mine")
     sums = energy_sums(sa.select(mine.c.request_id))
-    cols = energy_columns(sums, RS)
+    cols = energy_columns(mine, sums, RS)
     stmt = (
         sa.select(mine, *(c.label(name) for name, c in cols.items()), final_expr(mine, RS).label("final"))
         .outerjoin(sums, sums.c.request_id == mine.c.request_id)

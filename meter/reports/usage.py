@@ -33,6 +33,7 @@ import sqlalchemy as sa
 
 from meter.engine.finality import final_expr, gpu_work_expr
 from meter.reports.energy import (
+    FIGURES,
     MAX_EPOCH_NS,
     RE,
     READING_OVERHANG_NS,
@@ -44,6 +45,7 @@ from meter.reports.energy import (
     energy_sums,
     idle_column,
     tune_for_reports,
+    unsealed_figure,
 )
 from meter.reports.settings import SettingsHistory, settings_history
 from meter.reports.types import (
@@ -59,7 +61,6 @@ from meter.reports.types import (
 )
 from meter.store.models import UsageFinalHourly, UsageRollupHour, UsageRollupState, table_of
 
-_FIGURES = ("prefill_mj", "decode_mj", "idle_time_mj", "idle_tokens_mj")
 _LONG_NS = 600_000_000_000  # seals of requests that ended more than this after a raw range are found by key
 OPEN_END_NS = 2**62  # stands for "not ended yet" when bounding the epochs of the requests
 UF = table_of(UsageFinalHourly)
@@ -402,7 +403,7 @@ def _per_request_probed(
         .outerjoin(far, sa.true())
         .outerjoin(energy, sa.true())
     )
-    cols = {c: sa.func.coalesce(near.c[c], far.c[c], energy.c[c], 0) for c in _FIGURES}
+    cols = {c: sa.func.coalesce(near.c[c], far.c[c], unsealed_figure(sel, energy.c[c])) for c in FIGURES}
     # final_expr, with the seal found either way
     final = sa.or_(
         near.c.request_id.is_not(None),
@@ -440,7 +441,7 @@ def _per_request_joined(
     joined = sel.outerjoin(energy, energy.c.request_id == sel.c.request_id).outerjoin(
         RS, RS.c.request_id == sel.c.request_id
     )
-    return _per_request(sel, joined, energy_columns(energy, RS), final_expr(sel, RS), group_by, history, asked)
+    return _per_request(sel, joined, energy_columns(sel, energy, RS), final_expr(sel, RS), group_by, history, asked)
 
 
 # -- rolled-up hours -----------------------------------------------------------------------------------------------
