@@ -86,7 +86,7 @@ class MeterConfig(Section):
         default=_ENGINE.uncalibrated_seal_hold_ns / _S,
         ge=0,
         le=86_400,
-        description="while a backend's calibration has not settled, seal only requests this much older",
+        description="until this meter's own calibration of a backend settles, seal only requests this much older",
     )
     grpc_listen: str | None = Field(
         default="0.0.0.0:8034",

@@ -343,47 +343,73 @@ def test_a_fit_that_never_comes_seals_the_guess_after_the_hold(db: sa.Engine) ->
     assert any(until - hold <= t.done_ns < until - margin for t in timelines)
 
 
-def test_a_restarted_meter_starts_from_the_stored_fit(db: sa.Engine) -> None:
-    """Meter A fits the counter's 120 ms lag over 20 s and stores the fit. Meter B, started afresh on the same
-    database (a restart, or a meter taking the backend over), gets 4 s more: far too few readings to fit on its own.
-    It attributes them with the stored fit, not the configured 50 ms guess, and seals them at the margin instead of
-    holding them (as a meter with nothing stored does: the tests above)."""
-    traffic = _traffic(40, seed=11)
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_restarted_meter_seals_nothing_with_the_stored_fit(db: sa.Engine, hold: bool) -> None:
+    """Meter A fits the counter's 120 ms lag over 40 s and stores the fit. Then the backend keeps its name and its
+    GPU but serves another model, whose counter lags 30 ms, and meter B starts afresh on the database (a restart, or a
+    meter taking the backend over). B attributes the first 4 s of it with the stored fit (not the configured 50 ms
+    guess), but seals none of those requests although they are past the seal margin: the fit was made on what the
+    GPU served before. Once B's own fit settles (30 ms), the epochs are redone and sealed: every final figure is the
+    new model's, and no epoch books an adjustment. The control (``hold`` off) shows what the hold prevents: the
+    stored fit seals, and the epochs it sealed book what B's own fit would have moved."""
+    traffic = _traffic(80, seed=7)
     classes = _classes(traffic)
-    timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
-    readings = [("gpu0", r.t_ns, r.energy_mj, None) for r in _readings(classes, 40, 120 * MS)]
+    timelines = [timeline(f"r{i:03d}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
+    switch = T0 + 40 * S
+
+    def phase(lo_s: int, hi_s: int) -> None:
+        ts = [T0 + k * 100 * MS + 7 * MS for k in range(lo_s * 10 + 1, hi_s * 10)]
+        lag = [120 * MS if t < switch else 30 * MS for t in ts]
+        samples = [("gpu0", t, int(_energy_mj(classes, t - g)), None) for t, g in zip(ts, lag, strict=True)]
+        done = [t for t in timelines if T0 + lo_s * S <= t.released_ns < T0 + hi_s * S]  # type: ignore[operator]
+        write(db, timelines=done, samples=samples, ingested_ns=T0 + hi_s * S)
+
     knobs: dict[str, object] = {
         "epoch_ns": 1 * S,
         "lag_ns": 50 * MS,
         "calibrate": True,
-        "uncalibrated_seal_hold_ns": 3600 * S,
+        "idle_power": IDLE_W,
+        "calibration_refresh_ns": 2 * S,
+        "uncalibrated_seal_hold_ns": 3600 * S if hold else 0,
     }
-
-    first = [t for t in timelines if t.done_ns < T0 + 20 * S]
-    write(db, timelines=first, samples=[x for x in readings if x[1] < T0 + 21 * S], ingested_ns=T0 + 21 * S)
+    phase(0, 40)
     a = make_engine(db, **knobs)
     for k in range(4):
-        a.run_once(now_ns=T0 + (25 + k) * S)
+        a.run_once(now_ns=T0 + (41 + k) * S)
     fitted = a.stats.calibration["b1"]
     assert fitted is not None and fitted.lag_ns == 120 * MS
     assert rows(db, "SELECT lag_ns FROM backend_calibrations WHERE backend = 'b1'")[0][0] == 120 * MS
-    sealed_by_a = rows(db, "SELECT COUNT(*) FROM request_seals")[0][0]
-    assert sealed_by_a > 0
+    sealed_by_a = {r[0] for r in rows(db, "SELECT request_id FROM request_seals")}
+    assert sealed_by_a
 
-    later = [t for t in timelines if T0 + 20 * S <= t.done_ns < T0 + 24 * S]
-    more = [x for x in readings if T0 + 21 * S <= x[1] < T0 + 25 * S]
-    write(db, timelines=later, samples=more, ingested_ns=T0 + 30 * S)
+    phase(40, 44)
     b = make_engine(db, **knobs)
-    b.run_once(now_ns=T0 + 35 * S)
-    assert b.stats.calibration["b1"] == fitted  # the stored fit, read back whole
-    assert b.stats.calibration_intervals["b1"] < fitted.intervals  # its own pool is far from a fit
+    b.run_once(now_ns=T0 + 50 * S)
+    assert b.stats.calibration["b1"] == fitted  # it attributes with the stored fit, read back whole...
+    assert b.stats.calibration_intervals["b1"] < fitted.intervals  # ...its own pool being far from a fit
     with db.connect() as conn:
         until = attributed_until(conn, "b1")
-    assert until is not None and until >= T0 + 23 * S
-    sealed = {r[0] for r in rows(db, "SELECT request_id FROM request_seals")}
+    assert until is not None and until >= T0 + 43 * S
     margin = b.settings.seal_margin_ns
-    due = {t.request_id for t in later if t.done_ns < until - margin}
-    assert due and due <= sealed
+    due = {t.request_id for t in timelines if switch <= t.done_ns < until - margin}  # type: ignore[operator]
+    assert due
+    sealed_early = {r[0] for r in rows(db, "SELECT request_id FROM request_seals")} - sealed_by_a
+    assert (sealed_early & due) == (set() if hold else due)
+
+    phase(44, 80)
+    for k in range(8):
+        b.run_once(now_ns=T0 + (81 + k) * S)
+    own = b.stats.calibration["b1"]
+    assert own is not None and own.lag_ns == 30 * MS
+    sealed = {r[0] for r in rows(db, "SELECT request_id FROM request_seals")}
+    assert due <= sealed
+    epochs = rows(db, "SELECT * FROM backend_epochs")
+    for e in epochs:
+        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj + e.adjustment_mj
+    moved = [e.adjustment_mj for e in epochs if e.adjustment_mj != 0]
+    assert (moved == []) if hold else moved
+    with db.connect() as conn:
+        assert usage_table(conn) == expected_usage(conn)
 
 
 def test_a_stored_fit_is_not_reused_on_other_gpus(db: sa.Engine) -> None:

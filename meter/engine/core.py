@@ -44,9 +44,10 @@ reports only add stored integers and never disagree.
 Finality (``meter.engine.finality``). After each pass the engine *seals* every request of a backend that became
 final: its ``done_ns`` is at least ``seal_margin_ns`` (counter lag + calibration reach + settle time) before the
 end of the backend's attributed epochs, no epoch that may hold its energy is waiting for a recompute, and every such
-epoch was computed after the request's row was last written; while calibration is on and the backend's fit has not
-settled, only requests that ended ``uncalibrated_seal_hold_ns`` before that end (a bill is cast with the fitted model,
-not the configured guess, unless the fit never comes). The seal (``request_seals``) stores its figures,
+epoch was computed after the request's row was last written; while calibration is on and this meter's own fit of
+the backend has not settled, only requests that ended ``uncalibrated_seal_hold_ns`` before that end (a bill is cast
+with the model fitted on what the backend serves now, not the configured guess nor a fit stored before a restart,
+unless the fit never comes). The seal (``request_seals``) stores its figures,
 the sums of its rows. From then on a recompute (a late row, a calibration move) writes a sealed request's rows back
 as they were and re-splits only the others and idle; what the fresh attribution would have given the sealed
 requests, less what they hold, is booked to the epoch's ``adjustment_mj``, so that, exactly,
@@ -638,8 +639,8 @@ class MeteringEngine:
                 if b.state is not _Loaded.CURRENT or b.until_ns is None:
                     continue
                 upto = b.until_ns - s.seal_margin_ns
-                if s.calibrate and b.learning.model is None:
-                    upto = min(upto, b.until_ns - s.uncalibrated_seal_hold_ns)  # no bill cast with the guess yet
+                if s.calibrate and not b.learning.settled_here:  # neither the guess nor a stored fit casts a bill
+                    upto = min(upto, b.until_ns - s.uncalibrated_seal_hold_ns)
                 after = b.seal_after or (-(2**62), "")
                 fresh = sql.seal_candidates(conn, name, after, upto, s.seal_batch)
                 held = sql.unsealed_by_id(conn, name, sorted(b.held)) if b.held else []

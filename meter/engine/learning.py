@@ -15,8 +15,11 @@ guesses); fed every epoch while warming, then one epoch per ``calibration_refres
 moves, the recent epochs computed under the old model are to be redone (``learn`` returns them). Whenever the
 calibrator has no fit (warming after a start, or a refit refused), the latest settled one is the model
 (``last_fit``): this meter's own, or the one a meter stored for the backend (``backend_calibrations``; the engine
-loads it and stores each new fit), so a restarted meter, or one that takes a backend over, starts calibrated, and a
-refused refit does not fall back to the configured guess.
+loads it and stores each new fit), so a restarted meter, or one that takes a backend over, starts from it rather
+than from the configured guess, and a refused refit does not fall back to the guess. A stored fit is only a start:
+it was measured on whatever the backend served then (the same GPUs, but maybe another model, another engine
+version), so figures computed with it are not sealed; the engine seals a backend's requests at the margin only once
+this meter's own fit has settled (``settled_here``), and holds them until then, as with no fit at all.
 
 Idle floor (``idle_power="auto"``, ``meter.engine.idle``): measured over the epoch's reading intervals that no
 request came near, pooled with the backend's recent epochs when the epoch has less than ``min_idle_ns`` of them.
@@ -56,6 +59,7 @@ class Learning:
     calibrated_at_ns: int | None = None  # start of the last epoch fed to the calibrator
     recent: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=RECALIBRATE_EPOCHS))
     last_fit: PowerModel | None = None  # the latest settled fit (this meter's, or stored by one before it)
+    settled_here: bool = False  # this meter's own fit has settled since it started: only then are figures final
 
     @property
     def fitted(self) -> PowerModel | None:
@@ -77,6 +81,7 @@ class Learning:
             self.calibrated_at_ns,
             deque(self.recent, maxlen=RECALIBRATE_EPOCHS),
             self.last_fit,
+            self.settled_here,
         )
 
     def policy(self, s: EngineSettings, readings: EpochReadings, working: Sequence[Timeline]) -> AttributionPolicy:
@@ -161,6 +166,7 @@ class Learning:
         m = cal.model
         if m is not None:
             self.last_fit = m
+            self.settled_here = True
         if m is not None and (
             before is None
             or abs(before.lag_ns - m.lag_ns) >= 20 * _MS

@@ -56,9 +56,10 @@ class EngineSettings:
     calibrate: bool = True  # fit the lag and the prefill/active power ratio to the counter (meter.engine.calibrate)
     calibration_lags_ns: tuple[int, ...] = tuple(range(0, 201 * _MS, 10 * _MS))  # NVML: one update, <= ~200 ms
     calibration_refresh_ns: int = 30 * _S  # once calibrated, feed the fit one epoch per this much time
-    # While a backend's fit has not settled (calibrate on), seal only requests that ended this long before its
-    # attribution: a bill is cast with the fitted lag and power ratio, not the configured guess, unless the fit never
-    # comes (too little traffic, or traffic too uniform to fit): then the guess seals, this much later.
+    # While this meter's own fit of a backend has not settled (calibrate on), seal only requests that ended this long
+    # before its attribution: a bill is cast with the lag and power ratio fitted on what the backend serves now, not
+    # the configured guess nor a fit stored before a restart (maybe of another model on the same GPUs), unless the
+    # fit never comes (too little traffic, or traffic too uniform to fit): then the model in use seals, this much later.
     uncalibrated_seal_hold_ns: int = 300 * _S
     rollup_interval_ns: int = 60 * _S  # how often hours that became final are rolled up (meter.engine.rollup); an
     # hour becomes final once, so a minute costs reports nothing (they read raw rows for hours not yet rolled up)
