@@ -74,7 +74,9 @@ Guarantees (tests/test_attribution.py holds the implementation to them):
 - locality: a lone request gets every interval inside its window; an interval touching no request is all idle;
 - a longer decode never costs less (for every input); more prompt tokens in a shared prefill never cost less when
   power is constant, ``prefill_power_ratio >= 1`` and the span holds the batch's windows (with an arbitrary counter
-  a small-prompt request can lose a few mJ, because the longer estimated step turns shared wait into prefill);
+  a small-prompt request can lose a few mJ, because the longer estimated step turns shared wait into prefill; and
+  a request whose first token came less than half the longer step earlier joins that step, and its prefill window,
+  which ends at its own first token, opens a sliver before the batch's that it owns alone: a few mJ);
 - stability: against an ideal counter (exact, every 1 ms), an NVML-like one (100 ms updates, frozen values, lag)
   misplaces at most, per request, the sum over the jumps of its GPU share of |jump| x the energy of the readings
   around the jump (~ max power x (2 x interval + 2 x alignment error)). Use ``drop_stale_readings`` on GPU counters.
