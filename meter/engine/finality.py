@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from meter.engine.sql import fetch, marks, scalar
 from meter.timeline import REFUSED_STATUSES, did_gpu_work
 
-__all__ = ["attributed_until", "final_expr", "gpu_work_expr", "request_finality"]
+__all__ = ["attributed_until", "ended_without_gpu_work_expr", "final_expr", "gpu_work_expr", "request_finality"]
 
 
 def attributed_until(conn: sa.Connection, backend: str) -> int | None:
@@ -60,6 +60,11 @@ def gpu_work_expr(r: sa.FromClause) -> sa.ColumnElement[bool]:
     )
 
 
+def ended_without_gpu_work_expr(r: sa.FromClause) -> sa.ColumnElement[bool]:
+    """Whether the request row ``r`` ended without GPU work: final at once, and it owns 0 J whatever rows it has."""
+    return sa.and_(r.c.done_ns.is_not(None), sa.not_(gpu_work_expr(r)))
+
+
 def final_expr(r: sa.FromClause, seal: sa.FromClause) -> sa.ColumnElement[bool]:
     """Whether the request row ``r`` (outer-joined to its ``request_seals`` row ``seal``) is final."""
-    return sa.or_(seal.c.request_id.is_not(None), sa.and_(r.c.done_ns.is_not(None), sa.not_(gpu_work_expr(r))))
+    return sa.or_(seal.c.request_id.is_not(None), ended_without_gpu_work_expr(r))

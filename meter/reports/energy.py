@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from meter.engine import attributed_until
-from meter.engine.finality import gpu_work_expr
+from meter.engine.finality import ended_without_gpu_work_expr
 from meter.reports.settings import BillingSettings, SettingsHistory
 from meter.reports.types import IdlePolicy
 from meter.store.models import BackendEpoch, Request, RequestEnergy, RequestSeal, table_of
@@ -123,8 +123,7 @@ def unsealed_figure(request: sa.FromClause, rows_sum: sa.ColumnElement[int]) -> 
     hold what an earlier version of it was given (its row was rewritten, e.g. a replay that says the backend refused
     it, and the engine has not redone its epochs yet): reading those rows would publish a final figure that changes
     when the engine catches up."""
-    ended_idle = sa.and_(request.c.done_ns.is_not(None), sa.not_(gpu_work_expr(request)))
-    return sa.case((ended_idle, 0), else_=sa.func.coalesce(rows_sum, 0))
+    return sa.case((ended_without_gpu_work_expr(request), 0), else_=sa.func.coalesce(rows_sum, 0))
 
 
 def idle_column(

@@ -31,7 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from meter.engine.finality import final_expr, gpu_work_expr
+from meter.engine.finality import ended_without_gpu_work_expr, final_expr
 from meter.reports.energy import (
     FIGURES,
     MAX_EPOCH_NS,
@@ -408,7 +408,7 @@ def _per_request_probed(
     final = sa.or_(
         near.c.request_id.is_not(None),
         far.c.request_id.is_not(None),
-        sa.and_(sel.c.done_ns.is_not(None), sa.not_(gpu_work_expr(sel))),
+        ended_without_gpu_work_expr(sel),
     )
     return _per_request(sel, joined, cols, final, group_by, history, asked)
 
