@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test proto lint format bench bench-full clean
+.PHONY: demo test hunt proto lint format bench bench-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The property tests with fresh random seeds (CI replays fixed examples: JG_HYPOTHESIS_PROFILE=ci). A failure prints
+# the command that reproduces it: the same seed over the same files, in the same order.
+SEEDS ?= 4
+PROPERTY_TESTS = $$(grep -rl --include='test_*.py' '@given' tests | sort)
+hunt: $(STAMP)
+	@for i in $$(seq 1 $(SEEDS)); do \
+	  seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); echo "hunt: hypothesis seed $$seed"; \
+	  $(PY) -m pytest -q -p no:cacheprovider -x --hypothesis-seed=$$seed $(PROPERTY_TESTS) || { \
+	    echo "hunt: reproduce with: $(PY) -m pytest -q -p no:cacheprovider -x --hypothesis-seed=$$seed" $(PROPERTY_TESTS); \
+	    exit 1; }; \
+	done
 
 proto: $(STAMP)
 	$(PY) proto/generate.py

@@ -109,8 +109,9 @@ class EnergyCollector(Collector):
 def _calibration_families(models: dict[str, PowerModel | None]) -> Iterator[GaugeMetricFamily]:
     calibrated = GaugeMetricFamily(
         "joulegate_backend_calibrated",
-        "1 when the meter attributes the backend with a fitted power model; 0 while it uses the configured guess "
-        "(its requests are then sealed final only once the fit settles or uncalibrated_seal_hold_s passes).",
+        "1 when the meter attributes the backend with a fitted power model (its own, or one stored before it "
+        "started); 0 while it uses the configured guess. Requests are sealed final only once the meter's own fit "
+        "settles, or uncalibrated_seal_hold_s after they ended.",
         labels=["backend"],
     )
     lag = GaugeMetricFamily(
