@@ -1,7 +1,7 @@
 """How many request timelines per second the meter records, attributes and stores, on SQLite and on PostgreSQL.
 
     .venv/bin/python -m bench.ledger [--quick] [--requests 1000000] [--backends 64] [--epoch-ms 10000]
-                                     [--meter process|in-process] [--only sqlite|postgres] [--postgres URL]
+                                     [--meter process|in-process] [--only sqlite|postgres] [--postgres URL] [--seal]
 
 One workload, run on a fresh SQLite file and then on a fresh PostgreSQL database, each in the shape it is deployed
 in: a feeder thread hands every request to the real ``Ledger`` the way the gateway does (``request_started`` at
@@ -52,6 +52,14 @@ done:
    requests/s on 2 CPUs. Holding the open row back until a request has run a while would save only the requests
    that end within the hold (~40 % of these with a 1 s hold, ~10 us a request) and narrow the margin before the
    engine's ``settle_ns``; 20,000/s needs both the engine's Python and PostgreSQL's index upkeep smaller.
+
+6. what the figure leaves out: this fleet's counters draw constant power, so no fit ever settles and the engine,
+   holding seals until one does (``uncalibrated_seal_hold_ns``, 300 s), seals nothing within a run; a deployment's
+   engine seals every request, one epoch or two after its fit settles. ``--seal`` seals at the margin (hold 0) and
+   times the run until every request is sealed: on PostgreSQL, 100,000 requests, alternating, twice each way, it
+   cost ~14 us more of PostgreSQL's CPU per request and ~6 us more of the meter's (185-188 against 164-175 us in
+   all), and the figure fell ~20 % (5,100-5,500 against 6,400-7,000 requests/s, the seal margin's wait included).
+   The default stays without it, so that figures compare across runs of the issue.
 
 The last line is ``RESULT sqlite_requests_per_s=... postgres_requests_per_s=... postgres_cpu_us=...``
 (``postgres_cpu_us``: the PostgreSQL run's CPU per request, all processes).
@@ -118,6 +126,7 @@ class RunResult:
     epochs: int
     request_rows: int
     engine_passes: int
+    sealed: int
     ledger_written: int
     cpu_us: dict[str, float]  # CPU per request: this process, the meter's (when apart), the PostgreSQL server
 
@@ -188,19 +197,21 @@ def feed(ledger: Ledger, backends: list[MeteredBackend], n: int, seed: int = 1) 
 
 
 def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epoch_ms: int = 10_000,
-            meter_process: bool = False) -> RunResult:  # fmt: skip
+            meter_process: bool = False, seal: bool = False) -> RunResult:  # fmt: skip
     """One run. ``meter_process``: the sampler and the engine run in a process of their own with a ledger of their
     own for the samples (as ``joulegate meter`` runs beside the proxies of a fleet, and the meter child of ``serve
-    --workers N``); else in the feeder's process, sharing its ledger (``joulegate serve``'s in-process meter)."""
+    --workers N``); else in the feeder's process, sharing its ledger (``joulegate serve``'s in-process meter).
+    ``seal``: the engine seals at the margin, as it does once a backend's fit has settled (this fleet's flat counters
+    never fit, so by default nothing is sealed within the run), and the run lasts until every request is sealed."""
     upgrade(url)
     db = make_engine(url)
     backends = fleet(n_backends)
     ledger = Ledger(db, journal)
     ledger.start()
     meter: _Meter = (
-        _ChildMeter(url, n_backends, journal.with_suffix(".meter.jsonl"), epoch_ms)
+        _ChildMeter(url, n_backends, journal.with_suffix(".meter.jsonl"), epoch_ms, seal)
         if meter_process
-        else _InProcessMeter(db, ledger, backends, epoch_ms)
+        else _InProcessMeter(db, ledger, backends, epoch_ms, seal)
     )
     time.sleep(1.0)  # the sampler's first readings
     server_cpu_s = _postgres_cpu_s if database == "postgres" else lambda: None  # SQLite runs in this process
@@ -209,8 +220,8 @@ def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epo
         t0 = time.monotonic()
         last_done, feed_s = feed(ledger, backends, n)
         while True:
-            until = meter.attributed_until()
-            if all((until.get(b) or 0) > d for b, d in last_done.items()):
+            until, sealed = meter.progress()
+            if all((until.get(b) or 0) > d for b, d in last_done.items()) and (not seal or sealed >= n):
                 break
             if time.monotonic() - t0 > 600:
                 raise RuntimeError(f"{database}: attribution did not finish in 600 s: {until}")
@@ -228,6 +239,7 @@ def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epo
         epochs=stats.epochs_attributed,
         request_rows=stats.request_rows_written,
         engine_passes=stats.passes,
+        sealed=stats.requests_sealed,
         ledger_written=ledger.stats.written_requests,
         cpu_us={k: (b - a) * 1e6 / n for k, a in cpu0.items() if a is not None and (b := cpu1[k]) is not None},
     )
@@ -237,29 +249,35 @@ def run_one(database: str, url: str, n: int, n_backends: int, journal: Path, epo
 
 
 class _Meter(Protocol):
-    def attributed_until(self) -> dict[str, int | None]: ...
+    def progress(self) -> tuple[dict[str, int | None], int]: ...  # attributed until, per backend; requests sealed
     def cpu_s(self) -> float | None: ...
     def stop(self) -> EngineStats: ...
 
 
-def _engine_settings(epoch_ms: int) -> EngineSettings:
-    return EngineSettings(epoch_ns=epoch_ms * _MS, settle_ns=500 * _MS, lag_ns=100 * _MS)
+def _engine_settings(epoch_ms: int, seal: bool) -> EngineSettings:
+    hold = {"uncalibrated_seal_hold_ns": 0} if seal else {}
+    return EngineSettings(epoch_ns=epoch_ms * _MS, settle_ns=500 * _MS, lag_ns=100 * _MS, **hold)  # type: ignore[arg-type]
 
 
-def _meter_service(db: sa.Engine, ledger: Ledger, backends: list[MeteredBackend], epoch_ms: int) -> MeterService:
+def _meter_service(
+    db: sa.Engine, ledger: Ledger, backends: list[MeteredBackend], epoch_ms: int, seal: bool
+) -> MeterService:
     source = FleetCounters([d for b in backends for d in b.devices])
-    service = MeterService(db, ledger, source, lambda: backends, _engine_settings(epoch_ms), interval_ms=100,
+    service = MeterService(db, ledger, source, lambda: backends, _engine_settings(epoch_ms, seal), interval_ms=100,
                            engine_interval_s=1.0)  # fmt: skip
     service.start()
     return service
 
 
 class _InProcessMeter:
-    def __init__(self, db: sa.Engine, ledger: Ledger, backends: list[MeteredBackend], epoch_ms: int) -> None:
-        self._service = _meter_service(db, ledger, backends, epoch_ms)
+    def __init__(
+        self, db: sa.Engine, ledger: Ledger, backends: list[MeteredBackend], epoch_ms: int, seal: bool
+    ) -> None:
+        self._service = _meter_service(db, ledger, backends, epoch_ms, seal)
 
-    def attributed_until(self) -> dict[str, int | None]:
-        return dict(self._service.engine.stats.attributed_until_ns)
+    def progress(self) -> tuple[dict[str, int | None], int]:
+        stats = self._service.engine.stats
+        return dict(stats.attributed_until_ns), stats.requests_sealed
 
     def cpu_s(self) -> float | None:
         return None  # counted with the feeder's process
@@ -272,17 +290,18 @@ class _InProcessMeter:
 class _ChildMeter:
     """The meter in a spawned process, asked over a pipe how far it has attributed."""
 
-    def __init__(self, url: str, n_backends: int, journal: Path, epoch_ms: int) -> None:
+    def __init__(self, url: str, n_backends: int, journal: Path, epoch_ms: int, seal: bool) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_child_meter, args=(url, n_backends, journal, epoch_ms, child), daemon=True)
+        args = (url, n_backends, journal, epoch_ms, seal, child)
+        self._proc = ctx.Process(target=_child_meter, args=args, daemon=True)
         self._proc.start()
         if self._conn.recv() != "ready":
             raise RuntimeError("the meter process did not start")
 
-    def attributed_until(self) -> dict[str, int | None]:
-        self._conn.send("until")
-        return cast("dict[str, int | None]", self._conn.recv())
+    def progress(self) -> tuple[dict[str, int | None], int]:
+        self._conn.send("progress")
+        return cast("tuple[dict[str, int | None], int]", self._conn.recv())
 
     def cpu_s(self) -> float | None:
         return cpu_s([cast(int, self._proc.pid)])
@@ -294,14 +313,15 @@ class _ChildMeter:
         return stats
 
 
-def _child_meter(url: str, n_backends: int, journal: Path, epoch_ms: int, conn: Connection) -> None:
+def _child_meter(url: str, n_backends: int, journal: Path, epoch_ms: int, seal: bool, conn: Connection) -> None:
     db = make_engine(url)
     ledger = Ledger(db, journal)  # the samples' ledger (the requests' is the feeder's)
     ledger.start()
-    service = _meter_service(db, ledger, fleet(n_backends), epoch_ms)
+    service = _meter_service(db, ledger, fleet(n_backends), epoch_ms, seal)
     conn.send("ready")
-    while conn.recv() == "until":
-        conn.send(dict(service.engine.stats.attributed_until_ns))
+    while conn.recv() == "progress":
+        stats = service.engine.stats
+        conn.send((dict(stats.attributed_until_ns), stats.requests_sealed))
     service.stop()
     ledger.close()
     conn.send(service.engine.stats)
@@ -331,7 +351,7 @@ def report(r: RunResult) -> None:
     print(
         f"{r.database:>10}: {r.requests} requests in {r.seconds:.1f} s = {r.requests_per_s:,.0f} requests/s "
         f"(handed in within {r.feed_seconds:.1f} s; {r.epochs} backend epochs, {r.request_rows} request energy rows, "
-        f"{r.engine_passes} engine passes)"
+        f"{r.engine_passes} engine passes, {r.sealed} requests sealed)"
     )
     print("            CPU per request: " + ", ".join(f"{k} {v:.0f} us" for k, v in r.cpu_us.items()))
 
@@ -350,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         help="PostgreSQL: the meter in a process of its own (a fleet's shape) or in the feeder's",
     )
     parser.add_argument("--epoch-ms", type=int, default=10_000, help="attribution epoch (the engine's default)")
+    parser.add_argument(
+        "--seal",
+        action="store_true",
+        help="seal every request at the margin, as once a fit has settled (these counters never fit); time that too",
+    )
     args = parser.parse_args(argv)
     n = args.requests or (30_000 if args.quick else 1_000_000)
     print(
@@ -360,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "sqlite"):
             sqlite_url = f"sqlite:///{tmp}/bench.db"
-            r = run_one("sqlite", sqlite_url, n, args.backends, Path(tmp) / "sqlite.jsonl", args.epoch_ms)
+            r = run_one("sqlite", sqlite_url, n, args.backends, Path(tmp) / "sqlite.jsonl", args.epoch_ms,
+                        seal=args.seal)  # fmt: skip
             report(r)
             results["sqlite"] = r
         if args.only in (None, "postgres"):
@@ -373,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                     Path(tmp) / "postgres.jsonl",
                     args.epoch_ms,
                     meter_process=args.meter == "process",
+                    seal=args.seal,
                 )
             report(r)
             results["postgres"] = r
