@@ -412,6 +412,67 @@ def test_a_restarted_meter_seals_nothing_with_the_stored_fit(db: sa.Engine, hold
         assert usage_table(conn) == expected_usage(conn)
 
 
+@pytest.mark.parametrize("reassigned", [True, False])
+def test_a_backend_given_to_another_model_seals_nothing_with_the_old_fit(db: sa.Engine, reassigned: bool) -> None:
+    """One meter runs on. For 40 s the backend serves model m-a, whose counter lags 120 ms: the fit settles and
+    requests are sealed. Then the configuration gives the backend to model m-b (its server restarted with other
+    weights), whose counter lags 30 ms. The first request for m-b starts the fit over: nothing is sealed with m-a's
+    fit, although past the margin, until the new fit settles (30 ms); then the epochs since the change are redone and
+    sealed, and no epoch books an adjustment. The control (``reassigned`` off: the same model name, new weights under
+    it, which the meter cannot see) seals them with the old fit, past the margin, as README's Known limits say."""
+    traffic = _traffic(80, seed=7)
+    classes = _classes(traffic)
+    switch = T0 + 40 * S
+    second = "m-b" if reassigned else "m-a"
+    timelines = [
+        timeline(f"r{i:03d}", r, f, d, prompt=p, model="m-a" if r < switch else second)
+        for i, (r, f, d, p) in enumerate(traffic)
+    ]
+
+    def phase(lo_s: int, hi_s: int) -> None:
+        ts = [T0 + k * 100 * MS + 7 * MS for k in range(lo_s * 10 + 1, hi_s * 10)]
+        lag = [120 * MS if t < switch else 30 * MS for t in ts]
+        samples = [("gpu0", t, int(_energy_mj(classes, t - g)), None) for t, g in zip(ts, lag, strict=True)]
+        done = [t for t in timelines if T0 + lo_s * S <= t.released_ns < T0 + hi_s * S]  # type: ignore[operator]
+        write(db, timelines=done, samples=samples, ingested_ns=T0 + hi_s * S)
+
+    eng = make_engine(db, epoch_ns=1 * S, lag_ns=50 * MS, calibrate=True, idle_power=IDLE_W,
+                      calibration_refresh_ns=2 * S, uncalibrated_seal_hold_ns=3600 * S)  # fmt: skip
+    phase(0, 40)
+    for k in range(4):
+        eng.run_once(now_ns=T0 + (41 + k) * S)
+    old = eng.stats.calibration["b1"]
+    assert old is not None and old.lag_ns == 120 * MS
+    sealed_before = {r[0] for r in rows(db, "SELECT request_id FROM request_seals")}
+    assert sealed_before
+
+    phase(40, 44)
+    eng.run_once(now_ns=T0 + 50 * S)
+    with db.connect() as conn:
+        until = attributed_until(conn, "b1")
+    assert until is not None and until >= T0 + 43 * S
+    margin = eng.settings.seal_margin_ns
+    due = {t.request_id for t in timelines if switch <= t.done_ns < until - margin}  # type: ignore[operator]
+    assert due
+    sealed_early = {r[0] for r in rows(db, "SELECT request_id FROM request_seals")} - sealed_before
+    assert (sealed_early & due) == (set() if reassigned else due)
+
+    phase(44, 80)
+    for k in range(8):
+        eng.run_once(now_ns=T0 + (81 + k) * S)
+    new = eng.stats.calibration["b1"]
+    assert new is not None  # the new model's lag alone, or (the control) moving towards it from a mixed pool
+    assert new.lag_ns == 30 * MS if reassigned else 30 * MS <= new.lag_ns <= 100 * MS
+    assert due <= {r[0] for r in rows(db, "SELECT request_id FROM request_seals")}
+    epochs = rows(db, "SELECT * FROM backend_epochs")
+    for e in epochs:
+        assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj + e.adjustment_mj
+    if reassigned:  # every figure since the change was sealed under the new fit: nothing left to book
+        assert all(e.adjustment_mj == 0 for e in epochs)
+    with db.connect() as conn:
+        assert usage_table(conn) == expected_usage(conn)
+
+
 def test_a_stored_fit_is_not_reused_on_other_gpus(db: sa.Engine) -> None:
     """The backend's name now points at other GPUs (a Kubernetes service moved to another node, a host whose cards
     were swapped): the fit stored for its old GPUs says nothing about these. A meter that starts on them attributes

@@ -19,7 +19,10 @@ loads it and stores each new fit), so a restarted meter, or one that takes a bac
 than from the configured guess, and a refused refit does not fall back to the guess. A stored fit is only a start:
 it was measured on whatever the backend served then (the same GPUs, but maybe another model, another engine
 version), so figures computed with it are not sealed; the engine seals a backend's requests at the margin only once
-this meter's own fit has settled (``settled_here``), and holds them until then, as with no fit at all.
+this meter's own fit has settled (``settled_here``), and holds them until then, as with no fit at all. Likewise
+when the backend is given to another model of the configuration (a backend belongs to one model, so an epoch's
+requests for a model its fit never saw mean other weights on the GPUs): the fit starts over from that epoch and
+seals wait for it to settle again (``_notice_another_model``).
 
 Idle floor (``idle_power="auto"``, ``meter.engine.idle``): measured over the epoch's reading intervals that no
 request came near, pooled with the backend's recent epochs when the epoch has less than ``min_idle_ns`` of them.
@@ -60,6 +63,7 @@ class Learning:
     recent: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=RECALIBRATE_EPOCHS))
     last_fit: PowerModel | None = None  # the latest settled fit (this meter's, or stored by one before it)
     settled_here: bool = False  # this meter's own fit has settled since it started: only then are figures final
+    served: frozenset[str] = frozenset()  # the model ids of the requests the fit was learned from
 
     @property
     def fitted(self) -> PowerModel | None:
@@ -82,6 +86,7 @@ class Learning:
             deque(self.recent, maxlen=RECALIBRATE_EPOCHS),
             self.last_fit,
             self.settled_here,
+            self.served,
         )
 
     def policy(self, s: EngineSettings, readings: EpochReadings, working: Sequence[Timeline]) -> AttributionPolicy:
@@ -104,6 +109,8 @@ class Learning:
         """Learn from a new epoch [start, end) and return the policy to attribute it with, and the recent epochs
         (start -> end) to redo because the calibration settled or moved. Mutates this object: call it on a copy."""
         redo: dict[int, int] = {}
+        if s.calibrate:
+            self._notice_another_model(backend, start, working)
         model = self._calibrate(s, backend, start, readings, working, redo) if s.calibrate else None
         self.recent.append((start, end))
         lag = model.lag_ns if model is not None else s.lag_ns
@@ -123,6 +130,26 @@ class Learning:
         if s.calibrate and self.calibrator is not None and self.calibrator.pooled(start):
             self._feed(s, backend, start, readings, working, redo)
         return redo
+
+    def _notice_another_model(self, backend: str, start: int, working: Sequence[Timeline]) -> None:
+        """A backend belongs to one model of the configuration, so requests for a model its fit never saw mean the
+        backend was given to another model (and its server restarted with other weights): the fit starts over from
+        this epoch, and until it settles again nothing is sealed (``settled_here``). The model in use meanwhile
+        stays the last fit, for figures that are not final; the epochs before the change are not redone when the
+        new fit settles (``recent`` starts over too), since the old fit was right for them."""
+        served = frozenset(t.model_id for t in working)
+        if not self.served:
+            self.served = served
+            return
+        if served <= self.served:
+            return
+        log.info("engine_backend_serves_another_model", backend=backend, epoch_start_ns=start,
+                 before=sorted(self.served), now=sorted(served - self.served))  # fmt: skip
+        self.served = served
+        self.calibrator = None
+        self.calibrated_at_ns = None
+        self.recent.clear()
+        self.settled_here = False
 
     def _calibrate(
         self,
