@@ -75,7 +75,7 @@ import random
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol, cast
@@ -255,8 +255,8 @@ class _Meter(Protocol):
 
 
 def _engine_settings(epoch_ms: int, seal: bool) -> EngineSettings:
-    hold = {"uncalibrated_seal_hold_ns": 0} if seal else {}
-    return EngineSettings(epoch_ns=epoch_ms * _MS, settle_ns=500 * _MS, lag_ns=100 * _MS, **hold)  # type: ignore[arg-type]
+    settings = EngineSettings(epoch_ns=epoch_ms * _MS, settle_ns=500 * _MS, lag_ns=100 * _MS)
+    return replace(settings, uncalibrated_seal_hold_ns=0) if seal else settings
 
 
 def _meter_service(

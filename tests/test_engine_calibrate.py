@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from meter.attribution import CounterReading
 from meter.engine import attributed_until, expected_usage, usage_table
 from meter.engine.calibrate import ClassTimeline, LagCalibrator, solve_least_squares
+from meter.timeline import Timeline
 from tests.engine_helpers import MS, T0, S, make_engine, rows, timeline, write
 
 IDLE_W, PREFILL_W, ACTIVE_W = 80.0, 620.0, 260.0
@@ -189,6 +190,17 @@ def test_engine_calibrates_recomputes_and_still_conserves(db: sa.Engine) -> None
         assert sum(v[0] for v in usage_table(conn).values()) == sum(1 for t in timelines if t.done_ns < until)
 
 
+def _write_switching(
+    db: sa.Engine, classes: ClassTimeline, timelines: list[Timeline], switch: int, lo_s: int, hi_s: int
+) -> None:
+    """Write the timelines released in [lo_s, hi_s) s and a reading every 100 ms of that span, of a counter that lags
+    120 ms before ``switch`` and 30 ms from it (another model's board)."""
+    ts = [T0 + k * 100 * MS + 7 * MS for k in range(lo_s * 10 + 1, hi_s * 10)]
+    samples = [("gpu0", t, int(_energy_mj(classes, t - (120 * MS if t < switch else 30 * MS))), None) for t in ts]
+    done = [t for t in timelines if T0 + lo_s * S <= t.released_ns < T0 + hi_s * S]  # type: ignore[operator]
+    write(db, timelines=done, samples=samples, ingested_ns=T0 + hi_s * S)
+
+
 def test_a_calibration_that_moves_never_changes_a_final_figure(db: sa.Engine) -> None:
     """Two traffic phases whose counters lag differently (120 ms, then 30 ms): the fit settles, the first phase's
     requests become final, then the fit moves and the engine redoes its recent epochs. Every figure that was final
@@ -199,14 +211,8 @@ def test_a_calibration_that_moves_never_changes_a_final_figure(db: sa.Engine) ->
     timelines = [timeline(f"r{i:03d}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(traffic)]
     switch = T0 + 40 * S
 
-    def reading(t_ns: int) -> tuple[str, int, int, None]:
-        lag = 120 * MS if t_ns < switch else 30 * MS
-        return ("gpu0", t_ns, int(_energy_mj(classes, t_ns - lag)), None)
-
     def phase(lo_s: int, hi_s: int) -> None:
-        ts = [T0 + k * 100 * MS + 7 * MS for k in range(lo_s * 10 + 1, hi_s * 10)]
-        done = [t for t in timelines if T0 + lo_s * S <= t.released_ns < T0 + hi_s * S]  # type: ignore[operator]
-        write(db, timelines=done, samples=[reading(t) for t in ts], ingested_ns=T0 + hi_s * S)
+        _write_switching(db, classes, timelines, switch, lo_s, hi_s)
 
     def finals() -> dict[str, tuple[int, ...]]:
         got = rows(db, "SELECT request_id, prefill_mj, decode_mj, idle_time_mj, idle_tokens_mj FROM request_seals")
@@ -358,11 +364,7 @@ def test_a_restarted_meter_seals_nothing_with_the_stored_fit(db: sa.Engine, hold
     switch = T0 + 40 * S
 
     def phase(lo_s: int, hi_s: int) -> None:
-        ts = [T0 + k * 100 * MS + 7 * MS for k in range(lo_s * 10 + 1, hi_s * 10)]
-        lag = [120 * MS if t < switch else 30 * MS for t in ts]
-        samples = [("gpu0", t, int(_energy_mj(classes, t - g)), None) for t, g in zip(ts, lag, strict=True)]
-        done = [t for t in timelines if T0 + lo_s * S <= t.released_ns < T0 + hi_s * S]  # type: ignore[operator]
-        write(db, timelines=done, samples=samples, ingested_ns=T0 + hi_s * S)
+        _write_switching(db, classes, timelines, switch, lo_s, hi_s)
 
     knobs: dict[str, object] = {
         "epoch_ns": 1 * S,
@@ -430,11 +432,7 @@ def test_a_backend_given_to_another_model_seals_nothing_with_the_old_fit(db: sa.
     ]
 
     def phase(lo_s: int, hi_s: int) -> None:
-        ts = [T0 + k * 100 * MS + 7 * MS for k in range(lo_s * 10 + 1, hi_s * 10)]
-        lag = [120 * MS if t < switch else 30 * MS for t in ts]
-        samples = [("gpu0", t, int(_energy_mj(classes, t - g)), None) for t, g in zip(ts, lag, strict=True)]
-        done = [t for t in timelines if T0 + lo_s * S <= t.released_ns < T0 + hi_s * S]  # type: ignore[operator]
-        write(db, timelines=done, samples=samples, ingested_ns=T0 + hi_s * S)
+        _write_switching(db, classes, timelines, switch, lo_s, hi_s)
 
     eng = make_engine(db, epoch_ns=1 * S, lag_ns=50 * MS, calibrate=True, idle_power=IDLE_W,
                       calibration_refresh_ns=2 * S, uncalibrated_seal_hold_ns=3600 * S)  # fmt: skip
