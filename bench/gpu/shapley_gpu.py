@@ -16,6 +16,14 @@ One process each: the backend (``bench.gpu.reference_backend`` on the GPU, or ``
 and the default ``[meter]`` settings otherwise (calibrated lag and ratio, idle floor measured); and this driver over
 gRPC.
 
+The bills compared are the ones a deployment publishes: final figures, cast under the meter's own settled fit. The
+meter seals nothing until its fit of the backend settles (``uncalibrated_seal_hold_s``, 300 s, then the configured
+guess seals), and redoes the recent epochs it attributed with the guess when it does. So before the runs the full
+coalition's trace is replayed (``--calibrate-s`` at most) until the meter has stored a fit of the backend
+(``backend_calibrations``), and after them the driver waits until every bill of the full coalition's runs is final
+(``--final-s`` at most). The fit and how many bills were final are printed with the table; a bill still provisional
+at the end is compared as it stands and counted.
+
 Values. A coalition's energy above the idle floor is its window's counter energy (``GetBackendEnergy``) less the idle
 floor (the empty coalition's windows: counter joules / seconds) times the window; its busy energy is the counter
 energy less the floor over the window's idle time (no request between release and end, gateway timestamps). With one
@@ -38,9 +46,10 @@ import asyncio
 import json
 import os
 import random
+import sqlite3
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -116,6 +125,48 @@ async def _send(stub: pbg.GenerationServiceStub, keys: dict[str, str], trace: li
     return sum(r.error is not None for r in results)
 
 
+def stored_fit(db_path: Path, backend: str) -> dict[str, float] | None:
+    """The fit the gateway's meter stored for ``backend`` (its own: the database is fresh); None while it has none."""
+    cols = ("lag_ns", "prefill_w", "active_w", "idle_w", "prefill_w_per_1k_tokens", "prefill_mean_tokens", "intervals",
+            "residual_w")  # fmt: skip
+    try:
+        with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
+            row = conn.execute(
+                f"SELECT {', '.join(cols)} FROM backend_calibrations WHERE backend = ?", (backend,)
+            ).fetchone()
+    except sqlite3.Error:
+        return None  # not migrated yet, or busy: asked again
+    return None if row is None else dict(zip(cols, row, strict=True))
+
+
+async def _calibrate(stub: pbg.GenerationServiceStub, keys: dict[str, str], trace: list[Arrival], tok: WordTokenizer,
+                     db_path: Path, seconds: float, t0: float) -> dict[str, float] | None:  # fmt: skip
+    """Replay the full coalition's trace (fresh prompts each time) until the meter stores its fit (``seconds`` at
+    most)."""
+    deadline = time.monotonic() + seconds
+    everyone = (1 << len(TENANTS)) - 1
+    replay = 0
+    while (fit := stored_fit(db_path, BACKEND)) is None and time.monotonic() < deadline:
+        replay += 1
+        salted = [replace(a, salt=a.salt + 100_000 * replay) for a in trace]
+        errors = await _send(stub, keys, salted, everyone, time.time_ns() + 100 * NS_PER_MS, tok)
+        print(f"[{time.monotonic() - t0:5.0f} s] calibration replay {replay}: {errors} errors", flush=True)
+    return fit
+
+
+async def _final_rows(reports: epbg.EnergyReportsStub, md: tuple[tuple[str, str], ...], runs: list[Run],
+                      timeout_s: float) -> list[list[epb.RequestEnergy]]:  # fmt: skip
+    """Every run's rows, once the full coalition's are all final (or ``timeout_s`` has passed: then as they stand)."""
+    everyone = (1 << len(TENANTS)) - 1
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = [await _rows(reports, md, r.start_ns, r.end_ns) for r in runs]
+        pending = sum(not x.final for r, rs in zip(runs, rows, strict=True) if r.coalition == everyone for x in rs)
+        if not pending or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(2.0)
+
+
 async def _rows(reports: epbg.EnergyReportsStub, md: tuple[tuple[str, str], ...], start_ns: int,
                 end_ns: int) -> list[epb.RequestEnergy]:  # fmt: skip
     out: list[epb.RequestEnergy] = []
@@ -175,7 +226,7 @@ def _busy_s(timelines: list[Timeline], start_ns: int, end_ns: int) -> float:
 
 
 async def _bench(args: argparse.Namespace, port: int, admin_key: str, keys: dict[str, str], trace: list[Arrival],
-                 t0: float) -> dict:  # fmt: skip
+                 db_path: Path, t0: float) -> dict:  # fmt: skip
     tok = WordTokenizer(args.vocab)
     admin_md = (("authorization", f"Bearer {admin_key}"),)
     epoch_ns = round(EPOCH_S * NS_PER_S)
@@ -183,11 +234,14 @@ async def _bench(args: argparse.Namespace, port: int, admin_key: str, keys: dict
     rng = random.Random(args.seed)
     runs: list[Run] = []
     skipped = 0
-    budget_end = t0 + args.budget_s - 40  # reading the energy back and writing take ~30 s
+    budget_end = t0 + args.budget_s - 40 - args.final_s  # reading the energy back and writing take ~30 s
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = pbg.GenerationServiceStub(ch)
         reports = epbg.EnergyReportsStub(ch)
         await _warm_up(stub, MODEL_ID, admin_md, tok)
+        fit = await _calibrate(stub, keys, trace, tok, db_path, args.calibrate_s, t0)
+        print(f"[{time.monotonic() - t0:5.0f} s] meter's fit: {fit if fit else 'none yet (the configured guess)'}",
+              flush=True)  # fmt: skip
         # an idle window first: the floor, with the model loaded and the engine waiting (pooled with the empty
         # coalition's windows)
         idle_start = epoch_ceil_ns(time.time_ns() + NS_PER_S, epoch_ns)
@@ -215,8 +269,12 @@ async def _bench(args: argparse.Namespace, port: int, admin_key: str, keys: dict
                 start = end
         await wait_attributed(reports, admin_md, {BACKEND: start}, timeout_s=120)
         counter = [await _counter_j(reports, admin_md, r.start_ns, r.end_ns) for r in runs]
-        rows = [await _rows(reports, admin_md, r.start_ns, r.end_ns) for r in runs]
-    return {"runs": runs, "counter_j": counter, "rows": rows, "window_ns": window_ns, "skipped": skipped}
+        rows = await _final_rows(reports, admin_md, runs, args.final_s)
+    everyone = (1 << len(TENANTS)) - 1
+    full = [x for r, rs in zip(runs, rows, strict=True) if r.coalition == everyone for x in rs]
+    return {"runs": runs, "counter_j": counter, "rows": rows, "window_ns": window_ns, "skipped": skipped,
+            "fit_before_runs": fit, "fit_after_runs": stored_fit(db_path, BACKEND),
+            "bills_final": sum(x.final for x in full), "bills": len(full)}  # fmt: skip
 
 
 def analyse(runs: list[Run], counter_j: list[float], rows: list[list[epb.RequestEnergy]], window_ns: int,
@@ -310,6 +368,13 @@ def main() -> None:
     ap.add_argument("--tail-s", type=float, default=None, help="window past the last arrival (default 6 s; --sim 1)")
     ap.add_argument("--idle-s", type=float, default=None, help="idle window before the runs (default 10 s; --sim 4)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--calibrate-s",
+        type=float,
+        default=None,
+        help="at most this long replaying the trace until the meter's fit settles (default 90 s; --sim 30)",
+    )
+    ap.add_argument("--final-s", type=float, default=60.0, help="at most this long waiting for final bills")
     ap.add_argument("--budget-s", type=float, default=560.0, help="the whole run, start-up included")
     ap.add_argument("--seed", type=int, default=20261205)
     args = ap.parse_args()
@@ -321,6 +386,7 @@ def main() -> None:
     scene_s = args.scene_s if args.scene_s is not None else (1.5 if args.sim else 7.0)
     args.tail_s = args.tail_s if args.tail_s is not None else (1.0 if args.sim else 6.0)
     args.idle_s = args.idle_s if args.idle_s is not None else (4.0 if args.sim else 10.0)
+    args.calibrate_s = args.calibrate_s if args.calibrate_s is not None else (30.0 if args.sim else 90.0)
     args.vocab = 128_256
     trace = make_trace(args.scenes, scene_s, args.seed)
     gpu = {"gpu": "none (simulator)"} if args.sim else _gpu_info()
@@ -356,9 +422,21 @@ def main() -> None:
             if gw.poll() is not None:
                 raise RuntimeError("gateway exited")
             print(f"[{time.monotonic() - t0:5.0f} s] gateway up", flush=True)
-            got = asyncio.run(_bench(args, gw_port, admin_key, keys, trace, t0))
+            got = asyncio.run(_bench(args, gw_port, admin_key, keys, trace, work / "joulegate.db", t0))
             table, info = analyse(got["runs"], got["counter_j"], got["rows"], got["window_ns"], args.scenes)
             _write(args, table, info, got, gpu, time.monotonic() - t0)
+
+
+def _fit_text(fit: dict[str, float] | None) -> str:
+    if fit is None:
+        return "none (the configured guess)"
+    idle = "unknown" if fit["idle_w"] is None else f"{fit['idle_w']:.0f} W"
+    return (
+        f"lag {fit['lag_ns'] / NS_PER_MS:.0f} ms, prefill {fit['prefill_w']:.0f} W "
+        f"(+{fit['prefill_w_per_1k_tokens']:.0f} W per 1k tokens, mean step {fit['prefill_mean_tokens']:.0f} tokens), "
+        f"active {fit['active_w']:.0f} W, idle {idle}, {fit['intervals']:.0f} intervals, residual "
+        f"{fit['residual_w']:.1f} W"
+    )
 
 
 def _write(args: argparse.Namespace, table: list[TenantRow], info: dict, got: dict, gpu: dict[str, str],
@@ -370,6 +448,8 @@ def _write(args: argparse.Namespace, table: list[TenantRow], info: dict, got: di
         f"{info['repeats_complete']} complete repeats of 8 coalitions, windows of {got['window_ns'] / NS_PER_S:.0f} s; "
         f"runs skipped (budget): {got['skipped']}; failed requests: {sum(r.errors for r in got['runs'])}",
         f"Shapley value per tenant and repeat (J, above idle): {info['per_repeat_shapley_j']}",
+        f"meter's fit before the runs: {_fit_text(got['fit_before_runs'])}; after: {_fit_text(got['fit_after_runs'])}",
+        f"bills of the full coalition final: {got['bills_final']} of {got['bills']}",
     ]
     print()
     print("\n".join(head))
@@ -384,6 +464,10 @@ def _write(args: argparse.Namespace, table: list[TenantRow], info: dict, got: di
         "runs": [asdict(r) for r in got["runs"]],  # repeat -1: the idle window
         "counter_j": got["counter_j"],
         "window_ns": got["window_ns"],
+        "fit_before_runs": got["fit_before_runs"],
+        "fit_after_runs": got["fit_after_runs"],
+        "bills_final": got["bills_final"],
+        "bills": got["bills"],
     }
     (args.out / "shapley_gpu.json").write_text(json.dumps(doc, indent=1, default=str))
     print(result, flush=True)
