@@ -88,6 +88,13 @@ class MeterConfig(Section):
         le=86_400,
         description="until this meter's own calibration of a backend settles, seal only requests this much older",
     )
+    writer_timeout_s: float = Field(
+        default=_ENGINE.writer_timeout_ns / _S,
+        ge=0,
+        le=86_400,
+        description="seal only behind every ledger (gateway or meter) that said how far it has written within this "
+        "long: a replica cut off from the database holds seals back this long at most",
+    )
     grpc_listen: str | None = Field(
         default="0.0.0.0:8034",
         description=f"`joulegate meter` only: EnergyReports, health and reflection; {LISTEN_HELP}",
@@ -125,4 +132,5 @@ def engine_settings(meter: MeterConfig) -> EngineSettings:
         count_unrouted=meter.count_unrouted,
         calibrate=meter.calibrate,
         uncalibrated_seal_hold_ns=round(meter.uncalibrated_seal_hold_s * _S),
+        writer_timeout_ns=round(meter.writer_timeout_s * _S),
     )

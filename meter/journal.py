@@ -21,7 +21,9 @@ Files. ``path`` names a family of files side by side:
 - ``<path>.rejected``: the quarantine, records the database can never take (JSON lines, fsync'd, kept for people);
 - ``<path>.lock``: an exclusive ``flock`` on it marks the owner: two processes sharing one journal would replay and
   delete each other's records, so the second one fails at ``open`` with ``JournalLockedError``. The lock dies
-  with its process, so a killed gateway's successor takes the journal over at once.
+  with its process, so a killed gateway's successor takes the journal over at once;
+- ``<path>.writer``: the id the journal's owner goes by in the database (``ledger_writers``), so that a successor
+  goes on under the dead process's id.
 
 Durability. A plain write survives a process kill, not a power cut. ``sync``, ``sync_all`` and ``settle(sync=True)``
 (fsync) cover that: the ledger calls them while the database is unreachable (records then live only here), before
@@ -49,6 +51,7 @@ import orjson
 from common.errors import JoulegateError
 
 Record = dict[str, Any]
+_WRITER_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class JournalLockedError(JoulegateError, RuntimeError):
@@ -176,6 +179,19 @@ class Journal:
 
     def _sibling(self, suffix: str) -> Path:
         return self.path.with_name(self.path.name + suffix)
+
+    def writer_id(self) -> str:
+        """The id this journal's writer goes by in the database (``<path>.writer``; made, random, the first time).
+        A file that cannot be kept gives an id for this process only: its successor then starts a new one."""
+        p = self._sibling(".writer")
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            kept = p.read_text().strip()
+            if _WRITER_ID.fullmatch(kept):
+                return kept
+        made = os.urandom(16).hex()
+        with contextlib.suppress(OSError):
+            p.write_text(made + "\n")
+        return made
 
     def _open_next(self) -> None:
         self._seq += 1

@@ -26,6 +26,13 @@ seal is in SQL, it writes the requests still open into the new segment (a *check
 every request in flight) and deletes the sealed segments. A heartbeat line each ``heartbeat_s`` records that the
 process was alive.
 
+How far. With each heartbeat the writer also tells the database how far it has written: a mark taken under the
+hand-off lock goes through the buffer, and once every record before it is in SQL (and nothing waits in the journal)
+``ledger_writers.through_ns`` takes its time. A meter seals no request whose epochs end past the lowest mark of the
+writers it has heard from lately, so a replica cut off from the database cannot have its energy sealed into the
+others' bills while its timelines wait in its journal. The row goes under the journal's id (``Journal.writer_id``),
+so a process that takes a dead one's journal over goes on with its row; a clean stop deletes it.
+
 Poison. A batch the database refuses for a reason other than an outage (``meter.store.db.is_outage``: a data or
 integrity error, a value the driver cannot bind) is split in halves until the refused records are alone; those are
 quarantined, counted and logged, and every other record lands. A record can therefore never stop the writer, and a
@@ -55,6 +62,8 @@ journal's lock says which process owns it.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -74,7 +83,8 @@ from meter.lifecycle import Lifecycle
 from meter.samples import Sample
 from meter.store.bulk import SAMPLE_COLUMNS, START_COLUMNS, TIMELINE_COLUMNS, BulkWriter
 from meter.store.db import is_outage, make_engine
-from meter.store.models import Request
+from meter.store.models import LedgerWriter, Request
+from meter.store.upsert import dialect_insert
 from meter.timeline import Api, RequestStart, Timeline
 
 log = structlog.get_logger(__name__)
@@ -101,6 +111,7 @@ ABORTED = "ABORTED"  # the status of a request whose process died while it was i
 _CHECKPOINT_CHUNK = 256  # open requests per journal write of a checkpoint
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _REQUESTS: sa.Table = Request.__table__
+_WRITERS: sa.Table = LedgerWriter.__table__
 
 
 class DatabaseStalledError(JoulegateError, TimeoutError):
@@ -320,13 +331,15 @@ _ABORT = (
 
 class _Marker:
     """Ends a batch. ``flush``: set once every item before it is durable. ``seal``: the journal was rotated here,
-    so the sealed segments may go once every item before it is in SQL."""
+    so the sealed segments may go once every item before it is in SQL. ``through_ns``: every item before it was
+    handed in before this time, which ``ledger_writers`` records once they are all in SQL."""
 
-    __slots__ = ("done", "seal")
+    __slots__ = ("done", "seal", "through_ns")
 
-    def __init__(self, *, seal: bool = False) -> None:
+    def __init__(self, *, seal: bool = False, through_ns: int | None = None) -> None:
         self.done = threading.Event()
         self.seal = seal
+        self.through_ns = through_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +403,8 @@ class Ledger:
         self._thread: threading.Thread | None = None
         self._state = Lifecycle.NEW
         self._late_warned = False
+        self._writer_id: str | None = None  # in ledger_writers: the journal's (set by start)
+        self._writer_name = f"{socket.gethostname()}:{os.getpid()}"
 
         # writer thread only
         self._open: dict[str, Row] = {}  # requests started and not finished: the checkpoint
@@ -463,6 +478,7 @@ class Ledger:
             return
         with self._lock:
             self._leftovers = self._journal.open()
+        self._writer_id = self._journal.writer_id()
         self._pending = bool(self._leftovers)
         if self._pending:
             log.info("ledger_journal_found", path=str(self._journal.path))
@@ -626,18 +642,23 @@ class Ledger:
         if marker.seal:
             self._seal_pending = False
             self._checkpoint_and_delete()
+        if marker.through_ns is not None and not self._pending and not self._held:
+            self._on_db_quietly(self._write_through, marker.through_ns)
         self._release(marker)
 
     def _release(self, marker: _Marker) -> None:
         marker.done.set()
 
     def _maintain(self) -> None:
-        """Heartbeat; seal the journal's segment when it is old or large enough (never two seals at once)."""
+        """Heartbeat and how-far mark; seal the journal's segment when it is old or large enough (never two seals at
+        once)."""
         now = time.monotonic()
         if now - self._heartbeat_at >= self._heartbeat_s:
             self._heartbeat_at = now
-            with self._lock, contextlib.suppress(OSError):  # a full disk shows in the records' own writes
-                self._journal.write(encode({"k": HEARTBEAT, "t_ns": time.time_ns()}))
+            with self._lock:
+                with contextlib.suppress(OSError):  # a full disk shows in the records' own writes
+                    self._journal.write(encode({"k": HEARTBEAT, "t_ns": time.time_ns()}))
+                self._buf.append(_Marker(through_ns=time.time_ns()))  # under the lock: every item before it is older
         size = self._journal.current_size
         if self._seal_pending or not self._journal.is_open:
             return
@@ -686,6 +707,7 @@ class Ledger:
         with self._lock:
             if not self._journal.remove_current_if_empty():
                 self._journal.write(encode({"k": HEARTBEAT, "t_ns": time.time_ns()}))
+        self._on_db_quietly(self._forget_writer, None)  # stopped with everything in SQL: it holds no seal back
 
     # -- outage ----------------------------------------------------------------------------------------------------
 
@@ -1007,6 +1029,29 @@ class Ledger:
                 conn.execute(
                     _ABORT, [{"rid": r[_ID], "done": r[_ABORT_DONE], "now": now_ns} for r in batch.aborts.values()]
                 )
+
+    def _on_db_quietly(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """``fn(arg)`` on the database thread; a failure is logged only (the next heartbeat says it again, and an
+        outage shows in the records' own writes)."""
+        try:
+            self._run_on_db(fn, arg)
+        except Exception as exc:
+            log.info("ledger_writer_mark_not_written", error=_first(exc))
+
+    def _write_through(self, through_ns: int) -> None:
+        insert = dialect_insert(self._engine)(_WRITERS).values(
+            writer_id=self._writer_id, name=self._writer_name, through_ns=through_ns
+        )
+        stmt = insert.on_conflict_do_update(
+            index_elements=["writer_id"],
+            set_={"name": insert.excluded.name, "through_ns": insert.excluded.through_ns},
+        )
+        with self._engine.begin() as conn:
+            conn.execute(stmt)
+
+    def _forget_writer(self, _arg: None) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(sa.delete(_WRITERS).where(_WRITERS.c.writer_id == self._writer_id))
 
 
 def _probe(engine: sa.Engine) -> None:

@@ -121,6 +121,59 @@ def test_late_rows_recompute_their_epochs_without_double_counting_or_moving_a_fi
     assert _energy(db) == after
 
 
+def _mark(db: sa.Engine, writer: str, through_ns: int) -> None:
+    """A ledger's how-far mark (``ledger_writers``), as its writer thread upserts it."""
+    with db.begin() as conn:
+        conn.execute(sa.text("DELETE FROM ledger_writers WHERE writer_id = :w"), {"w": writer})
+        conn.execute(
+            sa.text("INSERT INTO ledger_writers (writer_id, name, through_ns) VALUES (:w, 'test', :t)"),
+            {"w": writer, "t": through_ns},
+        )
+
+
+def test_no_request_is_sealed_past_a_writer_that_has_not_written_that_far(db: sa.Engine) -> None:
+    """A gateway replica lost the database at 4 s and journals its timelines: the meter attributes without them, but
+    seals nothing whose epochs end past the replica's mark. When the journal lands, the epochs are redone with the
+    late requests in them and only then sealed: r4 gives late-1 its share, and no adjustment is booked (the test
+    above shows the adjustment when nothing held the seals back)."""
+    gpu, on_time, late = _world()
+    write(db, timelines=on_time, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)
+    _mark(db, "meter", T0 + 33 * S)
+    _mark(db, "replica", T0 + 4 * S)
+    eng = make_engine(db, idle_power=80.0, writer_timeout_ns=60 * S)
+    first = eng.run_once(now_ns=T0 + 33 * S)
+    assert [s for _b, s in first.attributed] == [T0, T0 + 10 * S, T0 + 20 * S]
+    assert first.sealed == 0 and _finals(db) == {}  # r1 ended at 1.5 s, but its epoch runs past the replica's 4 s
+    before = _energy(db)
+
+    write(db, timelines=late, ingested_ns=T0 + 40 * S)  # the replica's journal replayed
+    _mark(db, "replica", T0 + 40 * S)
+    _mark(db, "meter", T0 + 40 * S)
+    report = eng.run_once(now_ns=T0 + 41 * S)
+    assert sorted(s for _b, s in report.recomputed) == [T0, T0 + 10 * S]
+    assert report.adjustment_mj == 0 and eng.stats.adjustment_mj == 0
+    after, finals = _energy(db), _finals(db)
+    assert {"r4", "late-1", "late-2"} <= set(finals)
+    assert after["r4"] < before["r4"]  # it had late-1's share while late-1 was unknown, and gave it back
+    together = gpu.energy_mj(T0 + 4800 * MS) - gpu.energy_mj(T0 + 4000 * MS)
+    assert after["r4"] + after["late-1"] == pytest.approx(together, rel=0.01)
+    _check_books(db)
+
+
+@pytest.mark.parametrize("timeout_s", [20, 60])
+def test_a_writer_silent_past_the_timeout_holds_no_seal(db: sa.Engine, timeout_s: int) -> None:
+    """A writer whose last mark (4 s) is older than ``writer_timeout_ns`` (a replica that died, or lost the database
+    for longer) holds nothing back; within the timeout the same mark holds every seal past it (the control)."""
+    gpu, on_time, _late = _world()
+    write(db, timelines=on_time, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)
+    _mark(db, "gone", T0 + 4 * S)
+    report = make_engine(db, idle_power=80.0, writer_timeout_ns=timeout_s * S).run_once(now_ns=T0 + 33 * S)
+    if timeout_s < 29:  # silent for 29 s at the pass
+        assert report.sealed > 0 and "r4" in _finals(db)
+    else:
+        assert report.sealed == 0 and _finals(db) == {}
+
+
 def test_a_restarted_engine_finds_rows_that_arrived_while_it_was_away(db: sa.Engine) -> None:
     gpu, on_time, late = _world()
     write(db, timelines=on_time, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)

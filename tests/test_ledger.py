@@ -140,6 +140,12 @@ def sqlite_migrated(tmp_path: Path) -> Iterator[tuple[str, sa.Engine]]:
     engine.dispose()
 
 
+def writer_rows(engine: sa.Engine) -> dict[str, int]:
+    """ledger_writers: writer id -> through_ns."""
+    with engine.connect() as conn:
+        return dict(conn.exec_driver_sql("SELECT writer_id, through_ns FROM ledger_writers").all())  # type: ignore[arg-type]
+
+
 def ledger_for(url: str | sa.Engine, journal: Path, **kw: Any) -> Ledger:
     kw.setdefault("flush_interval_s", 0.02)
     kw.setdefault("retry_initial_s", 0.02)
@@ -410,6 +416,42 @@ def test_a_database_outage_loses_and_doubles_nothing_and_never_blocks(pg_url: st
     print(f"\ncut: {stream.summary()}; journaled {stats.journaled}, replayed {stats.replayed}")
 
 
+def test_the_writers_mark_never_passes_a_record_that_is_not_in_sql(pg_url: str, tmp_path: Path) -> None:
+    """ledger_writers.through_ns says how far the ledger has written, for the meter's seals: through a real TCP cut
+    it stays behind a record handed in during the outage, passes it only once the replay has written it, and goes
+    with a clean stop."""
+    upgrade(pg_url)
+    target = make_url(pg_url)
+    direct = make_engine(pg_url)
+    journal = tmp_path / "j.jsonl"
+    with TcpCut(target.host or "127.0.0.1", target.port or 5432) as link:
+        ledger = ledger_for(
+            _through(link, pg_url), journal, heartbeat_s=0.05, engine_kw={"connect_args": {"connect_timeout": 2}}
+        )
+        ledger.start()
+        before = time.time_ns()
+        ledger.request_started(start_of(1))
+        assert wait_until(lambda: max(writer_rows(direct).values(), default=0) > before, 10)
+        assert "r1" in request_rows(direct)  # the mark passed r1's hand-in, so r1 is there
+        link.cut()
+        ledger.request_started(start_of(2))
+        assert wait_until(lambda: not ledger.stats.db_available, 5)
+        handed_ns = time.time_ns()
+        ledger.request_started(start_of(3))
+        time.sleep(0.5)  # ten heartbeats while the database is away: the row stays, behind r2 and r3
+        [stale] = writer_rows(direct).values()
+        assert stale < handed_ns and not {"r2", "r3"} & set(request_rows(direct))
+        link.restore()
+        assert wait_until(lambda: max(writer_rows(direct).values(), default=0) > handed_ns, 15)
+        [(writer, mark)] = writer_rows(direct).items()
+        assert journal.with_name(journal.name + ".writer").read_text().strip() == writer  # the journal's id
+        assert {"r2", "r3"} <= set(request_rows(direct))  # replayed before the mark passed them
+        assert ledger.stats.replayed > 0 and handed_ns < mark
+        ledger.close()
+    assert writer_rows(direct) == {}  # stopped with everything in SQL: it holds no seal back
+    direct.dispose()
+
+
 def test_a_hung_database_connection_is_an_outage_too(pg_url: str, tmp_path: Path) -> None:
     """The link stalls (connections stay open, no bytes move): writes time out, the ledger journals, flush still
     returns, and once the link moves again the stuck write and the journal land, each row once."""
@@ -590,9 +632,15 @@ def test_a_process_killed_with_sigkill_loses_nothing_it_handed_in_and_leaves_no_
     killed_ns = int(child.stdout.split()[-1])
     in_sql = request_rows(engine)
     assert not any(f"r{i}" in in_sql for i in range(100, 100 + phase2))  # the kill really hit unwritten records
-    with ledger_for(url, journal) as ledger:
+    [(writer, mark)] = writer_rows(engine).items()  # the dead process's row stays, behind what it never wrote
+    assert mark < killed_ns
+    with ledger_for(url, journal, heartbeat_s=0.05) as ledger:
         assert wait_until(lambda: not ledger.stats.journal_pending) and ledger.flush()
         stats = ledger.stats
+        # its successor goes on under the same id: once the replay is in, the one row passes the kill
+        assert wait_until(lambda: writer_rows(engine).get(writer, 0) > killed_ns, 10)
+        assert list(writer_rows(engine)) == [writer]
+    assert writer_rows(engine) == {}
     rows = request_rows(engine)
     assert set(rows) == {f"r{i}" for i in range(100 + phase2)}  # nothing lost
     finished = {f"r{i}" for i in [*range(60), *range(100, 100 + phase2 // 2)]}
@@ -649,6 +697,18 @@ def test_two_ledgers_cannot_share_a_journal(sqlite_migrated: tuple[str, sa.Engin
     url, _ = sqlite_migrated
     with ledger_for(url, tmp_path / "j.jsonl"), pytest.raises(JournalLockedError):
         ledger_for(url, tmp_path / "j.jsonl").start()
+
+
+def test_a_journal_keeps_its_writers_id_and_replaces_one_it_cannot_read(tmp_path: Path) -> None:
+    """The id under which the journal's owner marks how far it has written (``ledger_writers``) outlives the process;
+    a file that does not hold an id is replaced, never used."""
+    path = tmp_path / "j.jsonl"
+    first = Journal(path, {}).writer_id()
+    assert len(first) == 32 and int(first, 16) >= 0
+    assert Journal(path, {}).writer_id() == first
+    path.with_name("j.jsonl.writer").write_text("../../etc\n")
+    second = Journal(path, {}).writer_id()
+    assert second not in (first, "../../etc") and Journal(path, {}).writer_id() == second
 
 
 # -- poison: what no database can take never stops the ledger ------------------------------------------------------

@@ -219,6 +219,7 @@ class MeteringEngine:
         self._unrouted = 0
         self._errors = 0
         self._last_error: str | None = None
+        self._through_ns: int | None = None  # ledger_writers' lowest mark, read at the start of the pass
 
     # -- configuration ---------------------------------------------------------------------------------------------
 
@@ -282,6 +283,7 @@ class MeteringEngine:
             gc.disable()
         try:
             self._load()
+            self._through_ns = self._writers_through(now)
             self._scan_ingested(now, report)
             plan = self._plan(now, self._open_requests(now))
             if plan:
@@ -486,6 +488,13 @@ class MeteringEngine:
 
     # -- stale epochs ----------------------------------------------------------------------------------------------
 
+    def _writers_through(self, now: int) -> int | None:
+        """How far every ledger heard from lately has written (``ledger_writers``). Read before the pass scans for
+        late rows, so that every row written before the mark is seen by this pass's scan, and its epochs redone
+        before ``_seal`` looks at them."""
+        with self._db.connect() as conn:
+            return sql.writers_through(conn, now - self.settings.writer_timeout_ns)
+
     def _scan_ingested(self, now: int, report: PassReport) -> None:
         """Find rows written since the last pass that are late for an attributed epoch, or unrouted and new; then
         recompute every stale epoch whose rows have settled (the others wait for a later pass)."""
@@ -641,6 +650,8 @@ class MeteringEngine:
                 upto = b.until_ns - s.seal_margin_ns
                 if s.calibrate and not b.learning.settled_here:  # neither the guess nor a stored fit casts a bill
                     upto = min(upto, b.until_ns - s.uncalibrated_seal_hold_ns)
+                if self._through_ns is not None:  # every epoch a candidate's energy may be in ends within the marks
+                    upto = min(upto, self._through_ns - self._through_ns % s.epoch_ns - s.reach_ns)
                 after = b.seal_after or (-(2**62), "")
                 fresh = sql.seal_candidates(conn, name, after, upto, s.seal_batch)
                 held = sql.unsealed_by_id(conn, name, sorted(b.held)) if b.held else []

@@ -1,7 +1,9 @@
 """Which requests became final (``meter.engine.finality``). Pure.
 
 A request is sealed once its backend is attributed until ``done + seal_margin_ns``, no epoch that may hold its
-energy is stale, and each such epoch was computed after the request's row was last written.
+energy is stale, and each such epoch was computed after the request's row was last written. The engine also looks
+only at requests whose epochs end before every ledger heard from lately has written (``ledger_writers``): a request
+another writer has not written yet may share them.
 """
 
 from __future__ import annotations

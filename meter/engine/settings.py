@@ -61,6 +61,9 @@ class EngineSettings:
     # the configured guess nor a fit stored before a restart (maybe of another model on the same GPUs), unless the
     # fit never comes (too little traffic, or traffic too uniform to fit): then the model in use seals, this much later.
     uncalibrated_seal_hold_ns: int = 300 * _S
+    # Seal only behind every ledger that said how far it has written within this long (ledger_writers): a replica cut
+    # off from the database (its timelines in its journal) holds seals back this long at most; a dead one too.
+    writer_timeout_ns: int = 120 * _S
     rollup_interval_ns: int = 60 * _S  # how often hours that became final are rolled up (meter.engine.rollup); an
     # hour becomes final once, so a minute costs reports nothing (they read raw rows for hours not yet rolled up)
     seal_batch: int = 10_000  # requests sealed per backend per pass, at most (a first pass over an old database)
@@ -75,6 +78,7 @@ class EngineSettings:
             "idle_margin_ns",
             "min_idle_ns",
             "uncalibrated_seal_hold_ns",
+            "writer_timeout_ns",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -443,6 +443,12 @@ def last_sealed_done(conn: sa.Connection, backend: str) -> int | None:
     return scalar(conn, "SELECT MAX(done_ns) FROM request_seals WHERE backend = ?", (backend,))
 
 
+def writers_through(conn: sa.Connection, heard_since_ns: int) -> int | None:
+    """The lowest ``ledger_writers.through_ns`` of the writers heard from since ``heard_since_ns`` (None: none):
+    every record any of them was handed before it is in the database."""
+    return scalar(conn, "SELECT MIN(through_ns) FROM ledger_writers WHERE through_ns >= ?", (heard_since_ns,))
+
+
 def seal_candidates(
     conn: sa.Connection, backend: str, after: tuple[int, str], done_before_ns: int, limit: int
 ) -> list[SealCandidate]:

@@ -352,6 +352,23 @@ class BackendCalibration(Base):
     fitted_ns: Mapped[int] = mapped_column(sa.BigInteger, comment="when the meter that fitted it wrote it")
 
 
+class LedgerWriter(Base):
+    """A ledger that writes to this database (a gateway's, or a meter's for its samples) and how far it has written:
+    every record it was handed before ``through_ns`` is in the database. A meter seals no request whose epochs end
+    after the lowest ``through_ns`` of the writers heard from within ``writer_timeout_s``: a replica cut off from the
+    database keeps its timelines in its journal, and bills sealed meanwhile would keep energy that is theirs. A ledger
+    that stops cleanly deletes its row; one that dies leaves it, and the next process to own its journal goes on under
+    the same id (kept beside the journal)."""
+
+    __tablename__ = "ledger_writers"
+
+    writer_id: Mapped[str] = mapped_column(sa.String, primary_key=True, comment="the ledger's id (its journal's)")
+    name: Mapped[str] = mapped_column(sa.String, comment="host:pid of the process that wrote the row last")
+    through_ns: Mapped[int] = mapped_column(
+        sa.BigInteger, comment="every record handed to the ledger before this time (ns) is in the database"
+    )
+
+
 class BillingSettings(Base):
     """The settings that change a bill, stored with the data so that every reader prints the same bill.
 

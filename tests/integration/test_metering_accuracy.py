@@ -14,12 +14,12 @@ from meter.store.keys import create_key
 from proxy.pb.fmaas import generation_pb2 as pb
 from sim.config import SimConfig
 
-from .harness import Stack, running_stack
+from .harness import running_stack
 from .metering_support import (
-    Traffic,
     accuracy,
     check_books,
     failed_reads,
+    more_traffic_until_calibrated,
     query,
     run_traffic,
     sampler_phase_ms,
@@ -39,28 +39,13 @@ METER = {
 }
 
 
-async def traffic_until_calibrated(s: Stack, keys: list[str], *, seconds: float, rounds: int = 8) -> Traffic:
-    """``seconds`` of traffic, then more, 2 s at a time (at most ``rounds`` times), until every backend's calibration
-    has settled. Requests are sealed only then (the product's ``uncalibrated_seal_hold_s``): ~5 s of traffic settle
-    it here, but on a host slowed by other work the fit can need more intervals, and the seals would wait 300 s."""
-    meter = s.app.meter
-    assert meter is not None
-    traffic = await run_traffic(s.channel, keys, seconds=seconds)
-    for seed in range(rounds):
-        if all(meter.engine.stats.calibration.values()):
-            break
-        more = await run_traffic(s.channel, keys, seconds=2.0, seed=100 + seed)
-        traffic.calls += more.calls
-        traffic.failures += more.failures
-        traffic.request_ids = [*(traffic.request_ids or []), *(more.request_ids or [])]
-    return traffic
-
-
 async def test_every_request_gets_joules_that_add_up_and_match_the_truth(tmp_path: Path) -> None:
     sim = SimConfig(time_scale=1.0)
     async with running_stack(tmp_path, sims=2, sim_config=sim, overrides={"meter": METER}) as s:
         key_b = create_key(s.app.engine, "tenant-b").key
-        traffic = await traffic_until_calibrated(s, [s.key, key_b], seconds=5.0)
+        assert s.app.meter is not None
+        traffic = await run_traffic(s.channel, [s.key, key_b], seconds=5.0)
+        traffic = await more_traffic_until_calibrated(s.channel, [s.key, key_b], s.app.meter.engine, traffic)
         assert traffic.failures == 0 and traffic.calls > 30
         assert s.app.ledger.flush(10.0)
         await wait_attributed(s.app.engine)

@@ -1,6 +1,7 @@
 """The fleet layout: a gateway replica (no meter) and a meter service meet only in PostgreSQL. The replica loses its
 database for a while and journals; the meter goes on attributing without those timelines; when they arrive late, the
-meter recomputes the epochs they touch. Afterwards every request has its energy once, and the books balance."""
+meter recomputes the epochs they touch, and seals nothing in them until then. Afterwards every request has its energy
+once, none of it sealed into another's bill, and the books balance."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .metering_support import (
     accuracy,
     check_books,
     failed_reads,
+    more_traffic_until_calibrated,
     query,
     run_traffic,
     sampler_phase_ms,
@@ -52,8 +54,7 @@ async def test_late_timelines_from_a_replica_are_recomputed_not_double_counted(t
                 engine_interval_s=0.2,
                 lag_ms=50,
                 open_request_timeout_s=2.0,
-                uncalibrated_seal_hold_s=0.0,  # seconds of traffic: too few to fit; sealed at the margin
-            )
+            )  # the product's hold: nothing sealed until the meter's fit settles
             config = s.app.config.model_copy(update={"meter": meter_cfg})
             db = make_engine(pg_url)
             ledger = Ledger(db, tmp_path / "meter-journal.jsonl")
@@ -61,13 +62,22 @@ async def test_late_timelines_from_a_replica_are_recomputed_not_double_counted(t
             meter = await asyncio.to_thread(build_meter_service, config, db, ledger)
             meter.start()
             try:
-                traffic = asyncio.create_task(run_traffic(s.channel, [s.key, key_b], seconds=7.0, gap_s=0.15))
+                # A calibrated meter first (the product's hold seals nothing before its fit settles): from then on it
+                # seals as soon as the epochs allow, which is what the replica's outage must not hurry.
+                keys = [s.key, key_b]
+                done = await run_traffic(s.channel, keys, seconds=3.0, seed=1)
+                done = await more_traffic_until_calibrated(s.channel, keys, meter.engine, done)
+                assert all(meter.engine.stats.calibration.values()), meter.engine.stats
+                traffic = asyncio.create_task(run_traffic(s.channel, keys, seconds=7.0, gap_s=0.15))
                 await asyncio.sleep(1.5)
                 cut.cut()  # the replica's database goes away; the meter's does not
                 await asyncio.sleep(4.0)
                 attributed_during_cut = meter.engine.stats.epochs_attributed
                 cut.restore()
-                done = await traffic
+                during = await traffic
+                done.calls += during.calls
+                done.failures += during.failures
+                done.request_ids = [*(done.request_ids or []), *(during.request_ids or [])]
                 assert done.failures == 0
                 await wait_until_async(
                     lambda: not s.app.ledger.stats.journal_pending, 20.0, what="the journal replayed"
@@ -77,6 +87,9 @@ async def test_late_timelines_from_a_replica_are_recomputed_not_double_counted(t
                 for _ in range(30):  # the pass after the replay recomputes what the late rows touched
                     meter.run_soon()
                     await asyncio.sleep(0.1)
+                await wait_until_async(
+                    lambda: meter.engine.stats.requests_sealed == len(done.request_ids or []), 20.0, what="every seal"
+                )
                 stats = meter.engine.stats
             finally:
                 await asyncio.to_thread(meter.stop)
@@ -84,6 +97,9 @@ async def test_late_timelines_from_a_replica_are_recomputed_not_double_counted(t
 
             assert attributed_during_cut > 2  # the meter kept going while the replica was cut off
             assert stats.epochs_recomputed > 0  # and redid the epochs its late timelines touched
+            # ...before it sealed them: the replica's mark (ledger_writers) held back every seal in those epochs, so
+            # no final figure kept energy that was the late requests' (booked as an adjustment, it was ~100 J here)
+            assert stats.adjustment_mj == 0
             ids = done.request_ids or []
             energy = dict(query(db, "SELECT request_id, SUM(prefill_mj + decode_mj) FROM request_energy GROUP BY 1"))
             assert sorted(energy) == sorted(ids)
