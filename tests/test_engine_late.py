@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from meter.engine import expected_usage, usage_table
 from tests.engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
@@ -167,11 +168,16 @@ def test_a_writer_silent_past_the_timeout_holds_no_seal(db: sa.Engine, timeout_s
     gpu, on_time, _late = _world()
     write(db, timelines=on_time, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)
     _mark(db, "gone", T0 + 4 * S)
-    report = make_engine(db, idle_power=80.0, writer_timeout_ns=timeout_s * S).run_once(now_ns=T0 + 33 * S)
+    eng = make_engine(db, idle_power=80.0, writer_timeout_ns=timeout_s * S)
+    with structlog.testing.capture_logs() as logs:
+        report = eng.run_once(now_ns=T0 + 33 * S)
+        eng.run_once(now_ns=T0 + 34 * S)
+    silent = [e for e in logs if e["event"] == "engine_writer_silent"]
     if timeout_s < 29:  # silent for 29 s at the pass
         assert report.sealed > 0 and "r4" in _finals(db)
+        assert [(e["writer"], e["silent_s"]) for e in silent] == [("gone", 29)]  # said once, for the operator
     else:
-        assert report.sealed == 0 and _finals(db) == {}
+        assert report.sealed == 0 and _finals(db) == {} and silent == []
 
 
 def test_a_restarted_engine_finds_rows_that_arrived_while_it_was_away(db: sa.Engine) -> None:

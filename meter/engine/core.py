@@ -220,6 +220,7 @@ class MeteringEngine:
         self._errors = 0
         self._last_error: str | None = None
         self._through_ns: int | None = None  # ledger_writers' lowest mark, read at the start of the pass
+        self._silent_writers: set[str] = set()  # writers past writer_timeout_ns at the last pass (logged once)
 
     # -- configuration ---------------------------------------------------------------------------------------------
 
@@ -489,11 +490,25 @@ class MeteringEngine:
     # -- stale epochs ----------------------------------------------------------------------------------------------
 
     def _writers_through(self, now: int) -> int | None:
-        """How far every ledger heard from lately has written (``ledger_writers``). Read before the pass scans for
-        late rows, so that every row written before the mark is seen by this pass's scan, and its epochs redone
-        before ``_seal`` looks at them."""
+        """How far every ledger heard from within ``writer_timeout_ns`` has written (``ledger_writers``; None: no
+        such writer). Read before the pass scans for late rows, so that every row written before the mark is seen
+        by this pass's scan, and its epochs redone before ``_seal`` looks at them. A writer that falls silent is
+        logged once: from then on what it brings is booked as the epochs' adjustment."""
         with self._db.connect() as conn:
-            return sql.writers_through(conn, now - self.settings.writer_timeout_ns)
+            marks = sql.writer_marks(conn)
+        heard_since = now - self.settings.writer_timeout_ns
+        silent = {m.writer_id for m in marks if m.through_ns < heard_since}
+        for m in marks:
+            if m.writer_id in silent and m.writer_id not in self._silent_writers:
+                log.warning(
+                    "engine_writer_silent",
+                    writer=m.writer_id,
+                    name=m.name,
+                    silent_s=round((now - m.through_ns) / 1e9),
+                    detail="no longer holds seals back: records it writes later are booked as the epochs' adjustment",
+                )
+        self._silent_writers = silent
+        return min((m.through_ns for m in marks if m.writer_id not in silent), default=None)
 
     def _scan_ingested(self, now: int, report: PassReport) -> None:
         """Find rows written since the last pass that are late for an attributed epoch, or unrouted and new; then

@@ -114,6 +114,14 @@ class PinnedRow(NamedTuple):
     generated_tokens: int
 
 
+class WriterMark(NamedTuple):
+    """A ledger's how-far mark (``ledger_writers``)."""
+
+    writer_id: str
+    name: str
+    through_ns: int
+
+
 class SealCandidate(NamedTuple):
     request_id: str
     released_ns: int
@@ -443,10 +451,9 @@ def last_sealed_done(conn: sa.Connection, backend: str) -> int | None:
     return scalar(conn, "SELECT MAX(done_ns) FROM request_seals WHERE backend = ?", (backend,))
 
 
-def writers_through(conn: sa.Connection, heard_since_ns: int) -> int | None:
-    """The lowest ``ledger_writers.through_ns`` of the writers heard from since ``heard_since_ns`` (None: none):
-    every record any of them was handed before it is in the database."""
-    return scalar(conn, "SELECT MIN(through_ns) FROM ledger_writers WHERE through_ns >= ?", (heard_since_ns,))
+def writer_marks(conn: sa.Connection) -> list[WriterMark]:
+    """Every ledger's how-far mark (one row per journal: a handful)."""
+    return fetch_as(conn, WriterMark._make, "SELECT writer_id, name, through_ns FROM ledger_writers", ())
 
 
 def seal_candidates(
