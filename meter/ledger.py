@@ -28,7 +28,8 @@ process was alive.
 
 How far. With each heartbeat the writer also tells the database how far it has written: a mark taken under the
 hand-off lock goes through the buffer, and once every record before it is in SQL (and nothing waits in the journal)
-``ledger_writers.through_ns`` takes its time. A meter seals no request whose epochs end past the lowest mark of the
+``ledger_writers.through_ns`` takes its time, less ``MARK_SLACK_NS`` (1 s) for the statements between a request's
+release and its hand-in. A meter seals no request whose epochs end past the lowest mark of the
 writers it has heard from lately, so a replica cut off from the database cannot have its energy sealed into the
 others' bills while its timelines wait in its journal. The row goes under the journal's id (``Journal.writer_id``),
 so a process that takes a dead one's journal over goes on with its row; a clean stop deletes it.
@@ -108,6 +109,7 @@ _TIME_COLUMNS = ("received_ns", "released_ns", "first_token_ns", "done_ns", "t_n
 _MISSING = {"prompt_tokens_estimated": False, "cached_tokens": 0}
 
 ABORTED = "ABORTED"  # the status of a request whose process died while it was in flight
+MARK_SLACK_NS = 1_000_000_000  # how much less the writer's mark claims than it knows (see _maintain)
 _CHECKPOINT_CHUNK = 256  # open requests per journal write of a checkpoint
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _REQUESTS: sa.Table = Request.__table__
@@ -658,7 +660,11 @@ class Ledger:
             with self._lock:
                 with contextlib.suppress(OSError):  # a full disk shows in the records' own writes
                     self._journal.write(encode({"k": HEARTBEAT, "t_ns": time.time_ns()}))
-                self._buf.append(_Marker(through_ns=time.time_ns()))  # under the lock: every item before it is older
+                # Under the lock: every record before the mark in the buffer was handed in before it. Less the slack:
+                # the gateway stamps released_ns a few statements before it hands the start in, and its thread can
+                # lose the GIL (or the CPU) in between; the meter reads the mark as "every request released before
+                # this is known".
+                self._buf.append(_Marker(through_ns=time.time_ns() - MARK_SLACK_NS))
         size = self._journal.current_size
         if self._seal_pending or not self._journal.is_open:
             return
