@@ -147,6 +147,7 @@ class GatewayApp:
             self.engine,
             power_w=lambda: {b.name: self.meter.power_w(b.name) for b in cfg.backends} if self.meter else {},
             calibration=lambda: dict(self.meter.engine.stats.calibration) if self.meter else {},
+            writer_timeout_s=cfg.meter.writer_timeout_s,
         )
         if cfg.meter.source != "none":
             self.meter = await asyncio.to_thread(build_meter_service, cfg, self.engine, self.ledger)

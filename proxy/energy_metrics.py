@@ -28,6 +28,7 @@ from proxy.metrics import MAX_TENANT_LABELS, REGISTRY
 
 log = structlog.get_logger(__name__)
 
+_MARKS_SQL = sa.text("SELECT through_ns FROM ledger_writers")
 _ENERGY_SQL = sa.text(
     "SELECT tenant, model_id, SUM(prefill_mj) AS prefill_mj, SUM(decode_mj) AS decode_mj "
     "FROM usage_hourly GROUP BY tenant, model_id"
@@ -47,7 +48,9 @@ class EnergyCollector(Collector):
         self._engine: sa.Engine | None = None
         self._power_w: Callable[[], dict[str, float | None]] | None = None
         self._calibration: Callable[[], dict[str, PowerModel | None]] | None = None
+        self._writer_timeout_ns = 120 * 1_000_000_000
         self._cached: list[tuple[str, str, int, int]] = []
+        self._marks: tuple[int, list[int]] | None = None  # (read at, ns; each ledger's through_ns)
         self._cached_at = float("-inf")
 
     def attach(
@@ -55,16 +58,18 @@ class EnergyCollector(Collector):
         engine: sa.Engine,
         power_w: Callable[[], dict[str, float | None]] | None = None,
         calibration: Callable[[], dict[str, PowerModel | None]] | None = None,
+        writer_timeout_s: float = 120.0,
     ) -> None:
         with self._lock:
             self._engine, self._power_w, self._calibration = engine, power_w, calibration
-            self._cached, self._cached_at = [], float("-inf")
+            self._writer_timeout_ns = round(writer_timeout_s * 1e9)
+            self._cached, self._marks, self._cached_at = [], None, float("-inf")
 
     def detach(self, engine: sa.Engine) -> None:
         with self._lock:
             if self._engine is engine:
                 self._engine, self._power_w, self._calibration = None, None, None
-                self._cached = []
+                self._cached, self._marks = [], None
 
     def _energy_rows(self) -> list[tuple[str, str, int, int]]:
         with self._lock:
@@ -74,10 +79,11 @@ class EnergyCollector(Collector):
                 with self._engine.connect() as conn:
                     rows = [(r.tenant, r.model_id, int(r.prefill_mj or 0), int(r.decode_mj or 0))
                             for r in conn.execute(_ENERGY_SQL)]  # fmt: skip
+                    marks = (time.time_ns(), [int(m) for m in conn.execute(_MARKS_SQL).scalars()])
             except sa.exc.SQLAlchemyError as exc:  # the database is down: serve the last figures
                 log.warning("energy_metrics_unavailable", error=str(exc).splitlines()[0])
                 return self._cached
-            self._cached, self._cached_at = _bounded(rows), time.monotonic()
+            self._cached, self._marks, self._cached_at = _bounded(rows), marks, time.monotonic()
             return self._cached
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
@@ -104,6 +110,31 @@ class EnergyCollector(Collector):
         calibration = self._calibration
         if calibration is not None:
             yield from _calibration_families(calibration())
+        marks = self._marks
+        if marks is not None:
+            yield from _writer_families(marks[1], marks[0], self._writer_timeout_ns)
+
+
+def _writer_families(marks: list[int], now_ns: int, timeout_ns: int) -> Iterator[GaugeMetricFamily]:
+    """The ledgers' how-far marks (``ledger_writers``) as the meter reads them for its seals."""
+    live = [m for m in marks if m >= now_ns - timeout_ns]
+    writers = GaugeMetricFamily(
+        "joulegate_ledger_writers",
+        "Ledgers writing to the database (gateway replicas, workers, meters) by state: live (marked how far they have "
+        "written within meter.writer_timeout_s: the meter seals nothing past the lowest mark) or silent (no longer "
+        "waited for: what they write later is booked as the epochs' adjustment).",
+        labels=["state"],
+    )
+    writers.add_metric(["live"], len(live))
+    writers.add_metric(["silent"], len(marks) - len(live))
+    yield writers
+    if live:
+        yield GaugeMetricFamily(
+            "joulegate_ledger_writers_behind_seconds",
+            "How far the lowest live ledger mark is behind now: 1-2 s normally; growing means a writer cannot reach "
+            "the database (its records wait in its journal, and the meter's seals wait for them).",
+            value=(now_ns - min(live)) / 1e9,
+        )
 
 
 def _calibration_families(models: dict[str, PowerModel | None]) -> Iterator[GaugeMetricFamily]:

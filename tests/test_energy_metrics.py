@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from meter.engine import PowerModel
 from proxy import energy_metrics
-from proxy.energy_metrics import _bounded, _calibration_families
+from proxy.energy_metrics import _bounded, _calibration_families, _writer_families
 
 rows = st.lists(
     st.tuples(
@@ -52,3 +52,16 @@ def test_calibration_gauges_say_which_backends_are_billed_with_a_fitted_model() 
         "joulegate_backend_counter_lag_seconds": {"gpu-a": 0.12},
         "joulegate_backend_prefill_power_ratio": {"gpu-a": 2.5},
     }
+
+
+def test_writer_gauges_say_how_far_behind_the_seals_wait_and_who_is_no_longer_waited_for() -> None:
+    s = 1_000_000_000
+    now = 1_000 * s
+    got = {f.name: {tuple(x.labels.values()): x.value for x in f.samples} for f in _writer_families(
+        [now - 1 * s, now - 45 * s, now - 500 * s], now, 120 * s)}  # fmt: skip
+    assert got == {
+        "joulegate_ledger_writers": {("live",): 2, ("silent",): 1},
+        "joulegate_ledger_writers_behind_seconds": {(): 45.0},  # the replica cut off 45 s ago holds the seals
+    }
+    only_silent = {f.name for f in _writer_families([now - 500 * s], now, 120 * s)}
+    assert only_silent == {"joulegate_ledger_writers"}  # nothing is waited for: no lag to report

@@ -72,3 +72,7 @@ async def test_metrics_report_energy_per_tenant_model_phase_and_power(tmp_path: 
         assert metrics[("joulegate_backend_calibrated", (("backend", backend),))] == 0.0
         assert ("joulegate_backend_counter_lag_seconds", (("backend", backend),)) not in metrics
         assert s.app.meter.engine.stats.calibration[backend] is None  # type: ignore[union-attr]
+        # the gateway's own ledger marks how far it has written; the figures were final, so it was not far behind
+        assert metrics[("joulegate_ledger_writers", (("state", "live"),))] == 1.0
+        assert metrics[("joulegate_ledger_writers", (("state", "silent"),))] == 0.0
+        assert 0 < metrics[("joulegate_ledger_writers_behind_seconds", ())] < 30
