@@ -68,6 +68,7 @@ def _first_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from app.commands.database import CommandError
     from app.config import ConfigError
+    from common.errors import SchemaMismatchError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     show_traceback = bool(argv) and argv[0] == "--traceback"
@@ -84,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sub.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except ConfigError as exc:
+    except (ConfigError, SchemaMismatchError) as exc:
         print(f"joulegate {name}: {exc}", file=sys.stderr)
         return 2
     except CommandError as exc:

@@ -32,6 +32,7 @@ from app.metering import (
     seed_billing_settings,
     settings_from_config,
 )
+from common.errors import SchemaMismatchError
 from common.grpc_handlers import add_servicer, bind_grpc
 from common.grpc_introspection import add_introspection
 from common.logs import as_fields
@@ -207,11 +208,7 @@ class GatewayApp:
         """Retry the database until it answers, then serve."""
         retrying = tenacity.AsyncRetrying(
             wait=tenacity.wait_exponential(multiplier=0.2, max=5.0) + tenacity.wait_random(0, 0.2),
-            before_sleep=lambda state: log.info(
-                "database_still_unavailable",
-                attempt=state.attempt_number,
-                error=_first_line(state.outcome.exception()) if state.outcome else None,
-            ),
+            before_sleep=_log_database_retry,
         )
         async for attempt in retrying:
             with attempt:
@@ -264,6 +261,14 @@ class GatewayApp:
         gc.freeze()
         await stop.wait()
         await self.stop()
+
+
+def _log_database_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    if isinstance(exc, SchemaMismatchError):  # it answers, at another revision: waits for `joulegate migrate`
+        log.warning("database_schema_mismatch", attempt=state.attempt_number, error=str(exc))
+    else:
+        log.info("database_still_unavailable", attempt=state.attempt_number, error=_first_line(exc) if exc else None)
 
 
 def _first_line(exc: BaseException | None) -> str:

@@ -7,6 +7,7 @@
   Messages are clipped to ``MAX_MESSAGE_CHARS``: an error never carries megabytes of a client's input back.
 - ``ConfigError``: a setting is invalid (the message names the key); a command exits 2.
 - ``ConservationError``: the attributed energy does not add up to the counter's — a bug, never papered over.
+- ``SchemaMismatchError``: the database's schema is not the one this version writes; a process refuses to start.
 
 Mapping a backend's own error answers onto these lives with the backend's wire format (``proxy.tgi_wire``).
 """
@@ -39,6 +40,12 @@ class ConfigError(JoulegateError, ValueError):
 
 class ConservationError(JoulegateError):
     """Attributed energy plus idle energy differs from what the counter measured: a bug in the attribution."""
+
+
+class SchemaMismatchError(JoulegateError):
+    """The database's schema revision is not this version's: older (run ``joulegate migrate``) or one this version
+    does not know (a newer joulegate migrated it). Writing rows into either would fail every second or, worse,
+    leave out what a newer schema's readers rely on; a command exits 2."""
 
 
 class GatewayError(JoulegateError):

@@ -88,7 +88,7 @@ MAX_RECORDED_ID_CHARS = 256  # a model id a client named, as it is recorded for 
 class GatewayState(StrEnum):
     """The gateway's life: it only moves forward."""
 
-    STARTING = "starting"  # its database has not answered yet: it cannot authenticate, health says NOT_SERVING
+    STARTING = "starting"  # its database has not answered (or not at this version's schema): it refuses requests
     SERVING = "serving"
     DRAINING = "draining"  # refuses new requests; what runs finishes within the drain's grace
 
@@ -302,6 +302,8 @@ class Gateway:
         try:
             if self.draining:
                 raise Unavailable("gateway is shutting down", retry_after_s=1.0)
+            if not self.ready:  # no record before its database's schema is known to take it
+                raise Unavailable("gateway is starting: its database has not answered yet", retry_after_s=1.0)
             pool = self.pool(job.model_id)
             stream.trace = self.tracing.request(job)
             with queued(stream.trace):

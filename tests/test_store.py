@@ -181,3 +181,51 @@ def test_the_first_revision_downgrades_cleanly(db_url: str) -> None:
     upgrade(engine)
     assert current(engine) == head()
     engine.dispose()
+
+
+def _at_revision(db_url: str, rev: str) -> None:
+    from alembic import command
+
+    from meter.store.migrate import alembic_config
+
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        command.upgrade(alembic_config(conn), rev)
+        conn.commit()
+    engine.dispose()
+
+
+def test_a_schema_older_than_this_version_stops_every_command_until_it_is_migrated(
+    db_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgraded joulegate on a database nobody migrated: before, ensure_schema let it start, and the ledger's
+    writers' marks and the engine's passes then failed every second on the missing table behind a live process."""
+    from alembic.script import ScriptDirectory
+
+    from common.errors import SchemaMismatchError
+    from meter.store.migrate import alembic_config
+
+    monkeypatch.delenv("JOULEGATE_DB__URL", raising=False)
+    previous = ScriptDirectory.from_config(alembic_config()).get_revision(head()).down_revision
+    assert isinstance(previous, str)
+    _at_revision(db_url, previous)
+    with pytest.raises(SchemaMismatchError, match=rf"at revision {previous} and this joulegate needs {head()}"):
+        ensure_schema(db_url)
+    assert current(db_url) == previous  # refused, and left as it was: upgrading is `migrate`'s job
+    assert cli_main(["keys", "list", "--db", db_url]) == 2
+    err = capsys.readouterr().err
+    assert "run `joulegate migrate`" in err and "unexpected error" not in err
+    assert cli_main(["migrate", "--db", db_url]) == 0
+    assert ensure_schema(db_url) == head()
+
+
+def test_a_schema_this_version_does_not_know_is_refused(db_url: str) -> None:
+    from common.errors import SchemaMismatchError
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    with pytest.raises(SchemaMismatchError, match=r"0099, which this joulegate .* does not know: a newer joulegate"):
+        ensure_schema(db_url)

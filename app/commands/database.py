@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
 from app.config import load_config
-from common.errors import JoulegateError
+from common.errors import JoulegateError, SchemaMismatchError
 
 SUPPORTED = "sqlite:///PATH or postgresql://USER@HOST[:PORT]/DATABASE"
 
@@ -116,6 +116,8 @@ def db_failure(exc: BaseException, url: str) -> CommandError:
     detail = " ".join(line.strip() for line in detail.strip().splitlines() if line.strip())[:400]
     if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError | OSError):
         return CommandError(f"cannot use the database {redact(url)}: {detail}")
+    if isinstance(exc, SchemaMismatchError):
+        return CommandError(f"database {redact(url)}: {detail}", exit_code=2)
     return CommandError(f"database {redact(url)}: {type(exc).__name__}: {detail}")
 
 

@@ -16,6 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from common.errors import SchemaMismatchError
 from meter.store.db import make_engine
 
 log = structlog.get_logger(__name__)
@@ -114,10 +115,36 @@ def current(url: str | sa.Engine) -> str | None:
 
 
 def ensure_schema(url: str | sa.Engine) -> str:
-    """Create the schema when the database has none; leave an existing one as it is. Returns its revision."""
+    """Create the schema when the database has none; refuse one at another revision than this version's head.
+
+    An existing schema is never upgraded here: a fleet upgrades once, on purpose (``joulegate migrate``, the
+    migration Job), not from whichever replica starts first. Returns the revision (the head).
+
+    Raises ``SchemaMismatchError`` for an older revision (the ledger's writes and the engine's reads would fail on
+    what the schema lacks, every second, behind a process that looks alive) and for one this version does not know
+    (a newer joulegate migrated the database: this one would write rows without what the newer readers rely on).
+    """
     rev = current(url)
     if rev is None:
         upgrade(url)
         rev = current(url)
         assert rev is not None
+    check_revision(rev)
     return rev
+
+
+def check_revision(rev: str) -> None:
+    """Nothing if ``rev`` is this version's head; else ``SchemaMismatchError`` saying what to run."""
+    newest = head()
+    if rev == newest:
+        return
+    known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if rev in known:
+        raise SchemaMismatchError(
+            f"the database's schema is at revision {rev} and this joulegate needs {newest}: "
+            "run `joulegate migrate` with the same --db or --config (in a fleet, the migration Job), then start again"
+        )
+    raise SchemaMismatchError(
+        f"the database's schema is at revision {rev}, which this joulegate (newest revision {newest}) does not know: "
+        "a newer joulegate migrated it; run that version"
+    )

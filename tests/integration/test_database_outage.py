@@ -16,12 +16,16 @@ from typing import Any
 import aiohttp
 import grpc
 import sqlalchemy as sa
+import structlog.testing
+from alembic import command
+from alembic.script import ScriptDirectory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
 from app.config import load_config
 from app.server import GatewayApp
-from meter.store import create_key, make_engine, revoke_key, upgrade
+from meter.store import create_key, head, make_engine, revoke_key, upgrade
+from meter.store.migrate import alembic_config
 from proxy.pb.fmaas import generation_pb2 as pb
 from proxy.pb.fmaas import generation_pb2_grpc
 from sim.config import SimConfig
@@ -84,7 +88,8 @@ class Gw:
 
     def rows(self) -> dict[str, Any]:
         with self.direct.connect() as conn:
-            return {r.request_id: r for r in conn.execute(sa.text("SELECT request_id, done_ns, status FROM requests"))}
+            rows = conn.execute(sa.text("SELECT request_id, done_ns, status, backend FROM requests"))
+            return {r.request_id: r for r in rows}
 
 
 def _through(cut: TcpCut, url: str) -> str:
@@ -92,10 +97,13 @@ def _through(cut: TcpCut, url: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def gateway(tmp_path: Path, pg_url: str, *, cut_before_start: bool) -> AsyncIterator[Gw]:
-    """A gateway whose database link runs through a TcpCut; keys are made directly on the database beforehand."""
-    upgrade(pg_url)
+async def gateway(tmp_path: Path, pg_url: str, *, cut_before_start: bool, revision: str = "head") -> AsyncIterator[Gw]:
+    """A gateway whose database link runs through a TcpCut; keys are made directly on the database beforehand
+    (migrated to ``revision``)."""
     direct = make_engine(pg_url)
+    with direct.connect() as conn:
+        command.upgrade(alembic_config(conn), revision)
+        conn.commit()
     keys = {name: create_key(direct, name).key for name in ("a", "b", "revoked-later", "seen-only-after")}
     sim = SimTGI(SimConfig(time_scale=0.05))
     sim_url = await sim.start()
@@ -229,3 +237,35 @@ async def test_serve_starts_while_the_database_is_down_and_serves_once_it_answer
         rows = gw.rows()
         assert sorted(rows) == sorted(ok_ids)  # refused calls left no row; successes one each
         assert gw.app.ledger.stats.db_available
+
+
+async def test_a_gateway_that_finds_an_unmigrated_schema_once_the_database_answers_waits_for_migrate(
+    tmp_path: Path, pg_url: str
+) -> None:
+    previous = ScriptDirectory.from_config(alembic_config()).get_revision(head()).down_revision
+    assert isinstance(previous, str)
+    async with gateway(tmp_path, pg_url, cut_before_start=True, revision=previous) as gw:
+        with structlog.testing.capture_logs() as logs:
+            gw.cut.restore()
+            await wait_until_async(
+                lambda: any(e["event"] == "database_schema_mismatch" for e in logs), 15.0, what="the mismatch logged"
+            )
+        said = next(e for e in logs if e["event"] == "database_schema_mismatch")
+        assert f"at revision {previous} and this joulegate needs {head()}" in said["error"]
+        assert await gw.health() == (health_pb2.HealthCheckResponse.NOT_SERVING, 503)
+        code, details, refused = await gw.generate(gw.keys["a"])  # before: served, and its row written into
+        assert code == grpc.StatusCode.UNAVAILABLE and "retry-after-ms" in refused, details  # a schema not checked
+        assert "starting" in details
+
+        await asyncio.to_thread(upgrade, pg_url)  # what `joulegate migrate` does
+
+        async def up() -> bool:
+            return await gw.health() == (health_pb2.HealthCheckResponse.SERVING, 200)
+
+        await wait_until_async(up, 15.0, what="SERVING once the schema is migrated", poll_s=0.05)
+        code, details, md = await gw.generate(gw.keys["a"])
+        assert code == grpc.StatusCode.OK, details
+        assert await asyncio.to_thread(gw.app.ledger.flush, 20.0)
+        rows = gw.rows()
+        assert rows.pop(md["id"]).status == "OK"
+        assert [(r.status, r.backend) for r in rows.values()] == [("UNAVAILABLE", None)]  # never reached a backend

@@ -262,8 +262,8 @@ async def test_client_disconnect_cancels_upstream(tmp_path: Path) -> None:
         await wait_until_async(lambda: sim.scheduler.batch_size == 0, 2.0, what="TGI to drop both requests")
 
         async def both_rows() -> dict[str, dict] | None:  # written as the gateway's handlers unwind
-            rows = await _arows(s)
-            return rows if len(rows) == 2 else None
+            rows = await _arows(s)  # (a row can land open first, its status NULL until its timeline follows)
+            return rows if len(rows) == 2 and all(r["status"] is not None for r in rows.values()) else None
 
         rows = await wait_until_async(both_rows, 5.0, poll_s=0.05)
         assert rows[rid]["status"] == "CANCELLED" and rows[rid]["generated_tokens"] >= 3
