@@ -95,6 +95,13 @@ class MeterConfig(Section):
         description="seal only behind every ledger (gateway or meter) that said how far it has written within this "
         "long: a replica cut off from the database holds seals back this long at most",
     )
+    clock_skew_warn_ms: float = Field(
+        default=_ENGINE.clock_skew_warn_ns / 1e6,
+        ge=0,
+        le=60_000,
+        description="log a gateway or meter whose clock is further than this from this meter's (both measured "
+        "against the PostgreSQL server's clock): attribution lines their times up",
+    )
     grpc_listen: str | None = Field(
         default="0.0.0.0:8034",
         description=f"`joulegate meter` only: EnergyReports, health and reflection; {LISTEN_HELP}",
@@ -133,4 +140,5 @@ def engine_settings(meter: MeterConfig) -> EngineSettings:
         calibrate=meter.calibrate,
         uncalibrated_seal_hold_ns=round(meter.uncalibrated_seal_hold_s * _S),
         writer_timeout_ns=round(meter.writer_timeout_s * _S),
+        clock_skew_warn_ns=round(meter.clock_skew_warn_ms * 1e6),
     )

@@ -31,8 +31,10 @@ hand-off lock goes through the buffer, and once every record before it is in SQL
 ``ledger_writers.through_ns`` takes its time, less ``MARK_SLACK_NS`` (1 s) for the statements between a request's
 release and its hand-in. A meter seals no request whose epochs end past the lowest mark of the
 writers it has heard from lately, so a replica cut off from the database cannot have its energy sealed into the
-others' bills while its timelines wait in its journal. The row goes under the journal's id (``Journal.writer_id``),
-so a process that takes a dead one's journal over goes on with its row; a clean stop deletes it.
+others' bills while its timelines wait in its journal. The mark carries the process's clock offset against the
+database server's (``meter.store.clock``), so the meter sees a host whose clock disagrees with its own. The row goes
+under the journal's id (``Journal.writer_id``), so a process that takes a dead one's journal over goes on with its
+row; a clean stop deletes it.
 
 Poison. A batch the database refuses for a reason other than an outage (``meter.store.db.is_outage``: a data or
 integrity error, a value the driver cannot bind) is split in halves until the refused records are alone; those are
@@ -83,6 +85,7 @@ from meter.journal import UNREADABLE, BadLine, Journal, Record, encode
 from meter.lifecycle import Lifecycle
 from meter.samples import Sample
 from meter.store.bulk import SAMPLE_COLUMNS, START_COLUMNS, TIMELINE_COLUMNS, BulkWriter
+from meter.store.clock import clock_offset_ns
 from meter.store.db import is_outage, make_engine
 from meter.store.models import LedgerWriter, Request
 from meter.store.upsert import dialect_insert
@@ -1045,14 +1048,21 @@ class Ledger:
             log.info("ledger_writer_mark_not_written", error=_first(exc))
 
     def _write_through(self, through_ns: int) -> None:
-        insert = dialect_insert(self._engine)(_WRITERS).values(
-            writer_id=self._writer_id, name=self._writer_name, through_ns=through_ns
-        )
-        stmt = insert.on_conflict_do_update(
-            index_elements=["writer_id"],
-            set_={"name": insert.excluded.name, "through_ns": insert.excluded.through_ns},
-        )
         with self._engine.begin() as conn:
+            insert = dialect_insert(self._engine)(_WRITERS).values(
+                writer_id=self._writer_id,
+                name=self._writer_name,
+                through_ns=through_ns,
+                clock_offset_ns=clock_offset_ns(conn),
+            )
+            stmt = insert.on_conflict_do_update(
+                index_elements=["writer_id"],
+                set_={
+                    "name": insert.excluded.name,
+                    "through_ns": insert.excluded.through_ns,  # a slow round trip measured nothing: keep the last
+                    "clock_offset_ns": sa.func.coalesce(insert.excluded.clock_offset_ns, _WRITERS.c.clock_offset_ns),
+                },
+            )
             conn.execute(stmt)
 
     def _forget_writer(self, _arg: None) -> None:

@@ -28,7 +28,7 @@ from proxy.metrics import MAX_TENANT_LABELS, REGISTRY
 
 log = structlog.get_logger(__name__)
 
-_MARKS_SQL = sa.text("SELECT through_ns FROM ledger_writers")
+_MARKS_SQL = sa.text("SELECT through_ns, clock_offset_ns FROM ledger_writers")
 _ENERGY_SQL = sa.text(
     "SELECT tenant, model_id, SUM(prefill_mj) AS prefill_mj, SUM(decode_mj) AS decode_mj "
     "FROM usage_hourly GROUP BY tenant, model_id"
@@ -50,7 +50,7 @@ class EnergyCollector(Collector):
         self._calibration: Callable[[], dict[str, PowerModel | None]] | None = None
         self._writer_timeout_ns = 120 * 1_000_000_000
         self._cached: list[tuple[str, str, int, int]] = []
-        self._marks: tuple[int, list[int]] | None = None  # (read at, ns; each ledger's through_ns)
+        self._marks: tuple[int, list[tuple[int, int | None]]] | None = None  # (read at, ns; (through_ns, offset) each)
         self._cached_at = float("-inf")
 
     def attach(
@@ -79,7 +79,7 @@ class EnergyCollector(Collector):
                 with self._engine.connect() as conn:
                     rows = [(r.tenant, r.model_id, int(r.prefill_mj or 0), int(r.decode_mj or 0))
                             for r in conn.execute(_ENERGY_SQL)]  # fmt: skip
-                    marks = (time.time_ns(), [int(m) for m in conn.execute(_MARKS_SQL).scalars()])
+                    marks = (time.time_ns(), [(int(t), o) for t, o in conn.execute(_MARKS_SQL)])
             except sa.exc.SQLAlchemyError as exc:  # the database is down: serve the last figures
                 log.warning("energy_metrics_unavailable", error=str(exc).splitlines()[0])
                 return self._cached
@@ -115,9 +115,11 @@ class EnergyCollector(Collector):
             yield from _writer_families(marks[1], marks[0], self._writer_timeout_ns)
 
 
-def _writer_families(marks: list[int], now_ns: int, timeout_ns: int) -> Iterator[GaugeMetricFamily]:
-    """The ledgers' how-far marks (``ledger_writers``) as the meter reads them for its seals."""
-    live = [m for m in marks if m >= now_ns - timeout_ns]
+def _writer_families(marks: list[tuple[int, int | None]], now_ns: int, timeout_ns: int) -> Iterator[GaugeMetricFamily]:
+    """The ledgers' how-far marks and clock offsets (``ledger_writers``: (through_ns, clock_offset_ns) each) as the
+    meter reads them for its seals."""
+    live = [t for t, _ in marks if t >= now_ns - timeout_ns]
+    offsets = [o for t, o in marks if t >= now_ns - timeout_ns and o is not None]
     writers = GaugeMetricFamily(
         "joulegate_ledger_writers",
         "Ledgers writing to the database (gateway replicas, workers, meters) by state: live (marked how far they have "
@@ -134,6 +136,14 @@ def _writer_families(marks: list[int], now_ns: int, timeout_ns: int) -> Iterator
             "How far the lowest live ledger mark is behind now: 1-2 s normally; growing means a writer cannot reach "
             "the database (its records wait in its journal, and the meter's seals wait for them).",
             value=(now_ns - min(live)) / 1e9,
+        )
+    if offsets:
+        yield GaugeMetricFamily(
+            "joulegate_ledger_writers_clock_spread_seconds",
+            "How far apart the clocks of the live ledgers (gateways, meters) are, each measured against the "
+            "PostgreSQL server's with its mark: attribution lines the gateways' request times up with the meters' "
+            "samples, so this should stay within a few ms (NTP); the meter logs writers past meter.clock_skew_warn_ms.",
+            value=(max(offsets) - min(offsets)) / 1e9,
         )
 
 

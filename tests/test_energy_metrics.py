@@ -57,11 +57,16 @@ def test_calibration_gauges_say_which_backends_are_billed_with_a_fitted_model() 
 def test_writer_gauges_say_how_far_behind_the_seals_wait_and_who_is_no_longer_waited_for() -> None:
     s = 1_000_000_000
     now = 1_000 * s
+    ms = 1_000_000
     got = {f.name: {tuple(x.labels.values()): x.value for x in f.samples} for f in _writer_families(
-        [now - 1 * s, now - 45 * s, now - 500 * s], now, 120 * s)}  # fmt: skip
+        [(now - 1 * s, 3 * ms), (now - 45 * s, -40 * ms), (now - 500 * s, 9 * s), (now - 2 * s, None)],
+        now, 120 * s)}  # fmt: skip
     assert got == {
-        "joulegate_ledger_writers": {("live",): 2, ("silent",): 1},
+        "joulegate_ledger_writers": {("live",): 3, ("silent",): 1},
         "joulegate_ledger_writers_behind_seconds": {(): 45.0},  # the replica cut off 45 s ago holds the seals
+        "joulegate_ledger_writers_clock_spread_seconds": {(): 0.043},  # the silent writer's 9 s no longer counts
     }
-    only_silent = {f.name for f in _writer_families([now - 500 * s], now, 120 * s)}
+    only_silent = {f.name for f in _writer_families([(now - 500 * s, 0)], now, 120 * s)}
     assert only_silent == {"joulegate_ledger_writers"}  # nothing is waited for: no lag to report
+    on_sqlite = {f.name for f in _writer_families([(now - 1 * s, None)], now, 120 * s)}
+    assert "joulegate_ledger_writers_clock_spread_seconds" not in on_sqlite  # no server clock to measure against

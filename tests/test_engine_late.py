@@ -122,14 +122,46 @@ def test_late_rows_recompute_their_epochs_without_double_counting_or_moving_a_fi
     assert _energy(db) == after
 
 
-def _mark(db: sa.Engine, writer: str, through_ns: int) -> None:
+def _mark(db: sa.Engine, writer: str, through_ns: int, clock_offset_ns: int | None = None) -> None:
     """A ledger's how-far mark (``ledger_writers``), as its writer thread upserts it."""
     with db.begin() as conn:
         conn.execute(sa.text("DELETE FROM ledger_writers WHERE writer_id = :w"), {"w": writer})
         conn.execute(
-            sa.text("INSERT INTO ledger_writers (writer_id, name, through_ns) VALUES (:w, 'test', :t)"),
-            {"w": writer, "t": through_ns},
+            sa.text(
+                "INSERT INTO ledger_writers (writer_id, name, through_ns, clock_offset_ns) VALUES (:w, 'test', :t, :o)"
+            ),
+            {"w": writer, "t": through_ns, "o": clock_offset_ns},
         )
+
+
+def test_a_live_writer_whose_clock_is_off_the_meters_is_logged_once(db: sa.Engine) -> None:
+    """Offsets against the PostgreSQL server's clock (the meter measures its own, ~0 on this host); SQLite has no
+    server clock, so nothing is compared there."""
+    gpu, on_time, _late = _world()
+    write(db, timelines=on_time, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)
+    ms = 1_000_000
+    _mark(db, "skewed", T0 + 40 * S, clock_offset_ns=3 * S)  # a host whose clock runs 3 s ahead
+    _mark(db, "behind", T0 + 40 * S, clock_offset_ns=-900 * ms)
+    _mark(db, "fine", T0 + 40 * S, clock_offset_ns=4 * ms)  # within the 25 ms bound
+    _mark(db, "on-sqlite", T0 + 40 * S, clock_offset_ns=None)
+    _mark(db, "gone", T0 - 200 * S, clock_offset_ns=60 * S)  # silent past the timeout: not waited for, not judged
+    eng = make_engine(db, idle_power=80.0)
+    with structlog.testing.capture_logs() as logs:
+        eng.run_once(now_ns=T0 + 33 * S)
+        eng.run_once(now_ns=T0 + 34 * S)
+    skewed = sorted(
+        (e["writer"], round(e["skew_ms"] / 100)) for e in logs if e["event"] == "engine_writer_clock_skewed"
+    )
+    if db.dialect.name == "sqlite":
+        assert skewed == []
+        return
+    assert skewed == [("behind", -9), ("skewed", 30)]  # once each, though two passes saw them
+    _mark(db, "skewed", T0 + 40 * S, clock_offset_ns=2 * ms)  # its clock fixed, then off again: said again
+    with structlog.testing.capture_logs() as logs:
+        eng.run_once(now_ns=T0 + 35 * S)
+        _mark(db, "skewed", T0 + 40 * S, clock_offset_ns=-S)
+        eng.run_once(now_ns=T0 + 36 * S)
+    assert [e["writer"] for e in logs if e["event"] == "engine_writer_clock_skewed"] == ["skewed"]
 
 
 def test_no_request_is_sealed_past_a_writer_that_has_not_written_that_far(db: sa.Engine) -> None:

@@ -447,6 +447,9 @@ def test_the_writers_mark_never_passes_a_record_that_is_not_in_sql(pg_url: str, 
         assert journal.with_name(journal.name + ".writer").read_text().strip() == writer  # the journal's id
         assert {"r2", "r3"} <= set(request_rows(direct))  # replayed before the mark passed them
         assert ledger.stats.replayed > 0 and handed_ns < mark
+        with direct.connect() as conn:  # with its clock against the server's (one host here: 0, +- the round trip)
+            offset_ns = conn.exec_driver_sql("SELECT clock_offset_ns FROM ledger_writers").scalar_one()
+        assert offset_ns is not None and abs(offset_ns) < 500_000_000
         ledger.close()
     assert writer_rows(direct) == {}  # stopped with everything in SQL: it holds no seal back
     direct.dispose()

@@ -229,3 +229,22 @@ def test_a_schema_this_version_does_not_know_is_refused(db_url: str) -> None:
     engine.dispose()
     with pytest.raises(SchemaMismatchError, match=r"0099, which this joulegate .* does not know: a newer joulegate"):
         ensure_schema(db_url)
+
+
+def test_the_clock_offset_is_this_clock_minus_the_servers(db_url: str) -> None:
+    """A clock 3 s ahead reads +3 s (within half a round trip); the real one, on the database's host, ~0. SQLite
+    has no server clock to compare with."""
+    import time
+
+    from meter.store.clock import clock_offset_ns
+
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        ahead = clock_offset_ns(conn, lambda: time.time_ns() + 3_000_000_000)
+        real = clock_offset_ns(conn)
+    engine.dispose()
+    if db_url.startswith("sqlite"):
+        assert ahead is None and real is None
+        return
+    assert ahead is not None and real is not None
+    assert abs(ahead - 3_000_000_000) < 500_000_000 and abs(real) < 500_000_000

@@ -103,6 +103,7 @@ from meter.engine.rollup import Rollup
 from meter.engine.sealing import sealable
 from meter.engine.settings import LOOKAHEAD_NS, LOOKBEHIND_NS, EngineSettings, MeteredBackend
 from meter.engine.writer import replace_epoch, write_new_epochs, write_seals_of, write_unrouted
+from meter.store.clock import clock_offset_ns
 from meter.store.retention import prune_samples
 from meter.timeline import Timeline
 
@@ -221,6 +222,7 @@ class MeteringEngine:
         self._last_error: str | None = None
         self._through_ns: int | None = None  # ledger_writers' lowest mark, read at the start of the pass
         self._silent_writers: set[str] = set()  # writers past writer_timeout_ns at the last pass (logged once)
+        self._skewed_writers: set[str] = set()  # live writers whose clocks were off this meter's (logged once)
 
     # -- configuration ---------------------------------------------------------------------------------------------
 
@@ -496,8 +498,10 @@ class MeteringEngine:
         logged once: from then on what it brings is booked as the epochs' adjustment."""
         with self._db.connect() as conn:
             marks = sql.writer_marks(conn)
+            own_offset_ns = clock_offset_ns(conn)
         heard_since = now - self.settings.writer_timeout_ns
         silent = {m.writer_id for m in marks if m.through_ns < heard_since}
+        self._check_clocks([m for m in marks if m.writer_id not in silent], own_offset_ns)
         for m in marks:
             if m.writer_id in silent and m.writer_id not in self._silent_writers:
                 log.warning(
@@ -509,6 +513,29 @@ class MeteringEngine:
                 )
         self._silent_writers = silent
         return min((m.through_ns for m in marks if m.writer_id not in silent), default=None)
+
+    def _check_clocks(self, live: list[sql.WriterMark], own_offset_ns: int | None) -> None:
+        """Log once each live writer whose clock is more than ``clock_skew_warn_ns`` off this meter's (both measured
+        against the database server's): its requests' stamps and this meter's samples do not line up, so their
+        energy goes partly to the neighbours of the same epochs. Logged again if it comes back and drifts off anew."""
+        if own_offset_ns is None:
+            return
+        bound = self.settings.clock_skew_warn_ns
+        skewed: set[str] = set()
+        for m in live:
+            if m.clock_offset_ns is None or abs(m.clock_offset_ns - own_offset_ns) <= bound:
+                continue
+            skewed.add(m.writer_id)
+            if m.writer_id not in self._skewed_writers:
+                log.warning(
+                    "engine_writer_clock_skewed",
+                    writer=m.writer_id,
+                    name=m.name,
+                    skew_ms=round((m.clock_offset_ns - own_offset_ns) / 1e6, 1),
+                    bound_ms=bound / 1e6,
+                    detail="its requests' times and this meter's samples disagree: fix the host's clock (NTP)",
+                )
+        self._skewed_writers = skewed
 
     def _scan_ingested(self, now: int, report: PassReport) -> None:
         """Find rows written since the last pass that are late for an attributed epoch, or unrouted and new; then

@@ -120,6 +120,7 @@ class WriterMark(NamedTuple):
     writer_id: str
     name: str
     through_ns: int
+    clock_offset_ns: int | None
 
 
 class SealCandidate(NamedTuple):
@@ -453,7 +454,9 @@ def last_sealed_done(conn: sa.Connection, backend: str) -> int | None:
 
 def writer_marks(conn: sa.Connection) -> list[WriterMark]:
     """Every ledger's how-far mark (one row per journal: a handful)."""
-    return fetch_as(conn, WriterMark._make, "SELECT writer_id, name, through_ns FROM ledger_writers", ())
+    return fetch_as(
+        conn, WriterMark._make, "SELECT writer_id, name, through_ns, clock_offset_ns FROM ledger_writers", ()
+    )
 
 
 def seal_candidates(

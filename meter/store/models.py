@@ -358,7 +358,8 @@ class LedgerWriter(Base):
     after the lowest ``through_ns`` of the writers heard from within ``writer_timeout_s``: a replica cut off from the
     database keeps its timelines in its journal, and bills sealed meanwhile would keep energy that is theirs. A ledger
     that stops cleanly deletes its row; one that dies leaves it, and the next process to own its journal goes on under
-    the same id (kept beside the journal)."""
+    the same id (kept beside the journal). ``clock_offset_ns`` (``meter.store.clock``) lets the meter see a writer
+    whose clock disagrees with its own: attribution lines up the gateways' stamps with the meter's samples."""
 
     __tablename__ = "ledger_writers"
 
@@ -366,6 +367,11 @@ class LedgerWriter(Base):
     name: Mapped[str] = mapped_column(sa.String, comment="host:pid of the process that wrote the row last")
     through_ns: Mapped[int] = mapped_column(
         sa.BigInteger, comment="every record handed to the ledger before this time (ns) is in the database"
+    )
+    clock_offset_ns: Mapped[int | None] = mapped_column(
+        sa.BigInteger,
+        comment="this writer's clock minus the database server's at its last mark (ns, +- half a round trip); "
+        "NULL on SQLite (no server clock)",
     )
 
 
