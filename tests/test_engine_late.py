@@ -142,7 +142,7 @@ def test_a_live_writer_whose_clock_is_off_the_meters_is_logged_once(db: sa.Engin
     ms = 1_000_000
     _mark(db, "skewed", T0 + 40 * S, clock_offset_ns=3 * S)  # a host whose clock runs 3 s ahead
     _mark(db, "behind", T0 + 40 * S, clock_offset_ns=-900 * ms)
-    _mark(db, "fine", T0 + 40 * S, clock_offset_ns=4 * ms)  # within the 25 ms bound
+    _mark(db, "fine", T0 + 40 * S, clock_offset_ns=4 * ms)  # within the 10 ms bound
     _mark(db, "on-sqlite", T0 + 40 * S, clock_offset_ns=None)
     _mark(db, "gone", T0 - 200 * S, clock_offset_ns=60 * S)  # silent past the timeout: not waited for, not judged
     eng = make_engine(db, idle_power=80.0)
