@@ -308,7 +308,7 @@ class Gateway:
             stream.trace = self.tracing.request(job)
             with queued(stream.trace):
                 lease = await self._admit(job, pool)
-            stream.released_ns = time.time_ns()
+            stream.released_ns = _after(job.received_ns)
             stream.backend = lease.backend.name
             stream.state = StreamState.OPENING
             self.ledger.request_started(
@@ -385,7 +385,7 @@ class Gateway:
         if "error" in event:
             raise stream_error(event, lease.backend.name)
         if stream.first_token_ns is None:
-            stream.first_token_ns = time.time_ns()
+            stream.first_token_ns = _after(stream.released_ns or 0)
             stream.state = StreamState.STREAMING
         if "token" in event:
             stream.generated_tokens += 1
@@ -409,7 +409,7 @@ class Gateway:
         choices = event.get("choices")
         if choices:
             if stream.first_token_ns is None:
-                stream.first_token_ns = time.time_ns()
+                stream.first_token_ns = _after(stream.released_ns or 0)
                 stream.state = StreamState.STREAMING
             stream.generated_tokens += len(choices)
             lease.consume(len(choices))
@@ -552,7 +552,7 @@ class Gateway:
         it and the backend worked on the request (a task of its own: the stream has ended already)."""
         stream._end(status)
         stream_ended(stream.trace, status, stream.backend, stream.first_token_ns, stream.generated_tokens)
-        done_ns = max(time.time_ns(), stream.first_token_ns or 0)
+        done_ns = _after(stream.first_token_ns or stream.released_ns or job.received_ns)
         backend = stream.backend if stream.released_ns is not None else None
         if stream.prompt_tokens is None and did_gpu_work(backend, stream.released_ns, stream.first_token_ns, status):
             try:
@@ -625,7 +625,7 @@ class Gateway:
         )
         refused = GenerationStream(self, job)
         refused._end(status)
-        self._record(job, refused, status, max(time.time_ns(), received_ns), 0, estimated=False)
+        self._record(job, refused, status, _after(received_ns), 0, estimated=False)
 
     @contextlib.contextmanager
     def recording(self, streams: Iterable[GenerationStream]) -> Iterator[None]:
@@ -642,7 +642,7 @@ class Gateway:
                 if not stream.ended:
                     end = status or self.ended_by_consumer(stream.job)
                     stream._end(end)
-                    done_ns = max(time.time_ns(), stream.job.received_ns)
+                    done_ns = _after(stream.first_token_ns or stream.released_ns or stream.job.received_ns)
                     self._record(stream.job, stream, end, done_ns, 0, estimated=False)
 
     def _record(
@@ -786,11 +786,19 @@ async def _first_events(resp: UpstreamResponse, events: _Events) -> list[_Found]
 Observer = Callable[[dict[str, Any], Lease, GenerationStream], dict[str, Any]]
 
 
+def _after(earliest_ns: int) -> int:
+    """The wall clock now, or ``earliest_ns`` where it reads earlier. A request's stamps (received, released, first
+    token, done) come from ``time.time_ns()`` one after the other; a clock stepped back between two of them (NTP
+    correcting a host) would order them backwards, and the timeline — the request's bill — would be refused."""
+    now = time.time_ns()
+    return now if now >= earliest_ns else earliest_ns
+
+
 def _observe_run(run: PlainRun | ParsedRun, lease: Lease, stream: GenerationStream) -> None:
     """``Gateway._observe`` (``_observe_openai``) of a run of plain events at once: none is an error, each has a
     token (a choice), none has details or usage."""
     if stream.first_token_ns is None:
-        stream.first_token_ns = time.time_ns()
+        stream.first_token_ns = _after(stream.released_ns or 0)
         stream.state = StreamState.STREAMING
     stream.generated_tokens += run.tokens
     lease.consume(run.tokens)
