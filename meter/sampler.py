@@ -15,7 +15,8 @@ this off (a source without stepped counters).
 
 Nothing here hides a problem: a read that raises becomes a gap ``Sample`` for every device of the source, a counter
 that goes backwards is logged, counted as a reset and still passed on (the consumer starts a new segment there), and an
-exception from the sink is logged and counted. None of these stops the thread.
+exception from the sink is logged and counted. None of these stops the thread. A wall clock stepped back (NTP) would
+order a device's samples against its counter; they are restamped in read order instead (``stepped_back``).
 
 Only stdlib and structlog are imported, so the module also runs on a bare GPU image (see bench/gpu/).
 """
@@ -26,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -55,6 +56,7 @@ class SamplerStats:
     phase_shifts: int = 0  # times the grid moved half an interval away from the counter's updates
     source_errors: int = 0  # read() calls that raised
     sink_errors: int = 0  # sink calls that raised (those samples are lost to the sink)
+    stepped_back: int = 0  # samples the wall clock stamped at or before their device's previous one (restamped)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -115,6 +117,9 @@ class Sampler:
         self._started_ns: int | None = None
         self._stopped_ns: int | None = None
         self._last_valid: dict[str, tuple[int, int]] = {}  # device -> (t_ns, energy_mj)
+        self._last_t: dict[str, int] = {}  # device -> t_ns of its last sample (valid or not)
+        self._stepping = False  # the last sample was restamped: the wall clock is behind the samples'
+        self._stepped_back = 0
         self._power_readings: dict[str, deque[tuple[int, int]]] = {}
         self._failing_devices: dict[str, int] = {}  # device -> consecutive gaps
 
@@ -169,6 +174,7 @@ class Sampler:
                 phase_shifts=self._phase_shifts,
                 source_errors=self._source_errors,
                 sink_errors=self._sink_errors,
+                stepped_back=self._stepped_back,
             )
 
     def power_w(self, device: str) -> float | None:
@@ -226,6 +232,7 @@ class Sampler:
             self._reads += 1
             self._read_ms.append(read_ms)
             self._stale_in_tick = self._valid_in_tick = 0
+            samples = [self._in_order(sample) for sample in samples]
             for sample in samples:
                 self._account(sample)
             stale = self._valid_in_tick > 0 and 2 * self._stale_in_tick > self._valid_in_tick
@@ -238,6 +245,24 @@ class Sampler:
             if n == 1 or n % _LOG_EVERY == 0:
                 log.exception("sampler_sink_raised", sink_errors=n, samples_lost=len(samples))
         return stale
+
+    def _in_order(self, sample: Sample) -> Sample:
+        """The sample, restamped 1 ns after its device's previous one if the wall clock reads at or before it (lock
+        held). The engine orders readings by time: a clock stepped back (NTP correcting the host) would interleave
+        later, higher counter values with earlier ones, and every rise across the interleaving would be counted —
+        the same energy twice. In read order the counter only rises, so the total stays the counter's; the energy
+        read while the clock catches up lands at the step, 1 ns apart."""
+        last = self._last_t.get(sample.device)
+        if last is not None and sample.t_ns <= last:
+            if not self._stepping:
+                log.warning("sampler_clock_stepped_back", device=sample.device, back_ms=(last - sample.t_ns) / 1e6)
+            self._stepping = True
+            self._stepped_back += 1
+            sample = replace(sample, t_ns=last + 1)
+        else:
+            self._stepping = False
+        self._last_t[sample.device] = sample.t_ns
+        return sample
 
     def _account(self, sample: Sample) -> None:
         """Update counters, reset detection and the power window with one sample (lock held)."""

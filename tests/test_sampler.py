@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+import structlog.testing
 
 from meter.sampler import Sampler, SamplerStats, _percentile, power_from_readings
 from meter.samples import EnergySource, Sample
@@ -284,3 +285,48 @@ def test_phase_lock_moves_reads_away_from_the_counter_updates(phase_lock: bool) 
     else:
         assert stats.phase_shifts == 0
         assert _stale_reads(samples) >= 5  # without it, reads keep straddling the updates
+
+
+class SteppedClockSource:
+    """A counter rising 100 mJ a read, stamped by a wall clock that runs 100 ms a read and steps back 250 ms after
+    the third read (NTP correcting the host)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return ("fake:0",)
+
+    def read(self) -> list[Sample]:
+        n = self.calls
+        self.calls += 1
+        t_ms = 1_000 + 100 * n - (250 if n >= 3 else 0)
+        return [Sample("fake:0", t_ms * 1_000_000, 10_000 + 100 * n)]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_clock_stepped_back_never_orders_samples_against_the_counter() -> None:
+    """The engine sorts readings by time and counts every rise between neighbours: stamped as the clock read them,
+    t = 1000, 1100, 1200, [step] 1050, 1150, 1250 ... with the counter at 10000, 10100, 10200, 10300, ... sort into
+    10000, 10300, 10100, 10400, 10200 ...: rises of 300 + 300 + ... where the counter rose 100 a read, the same
+    energy counted again. Restamped in read order, time order is read order and the rises sum to the counter's."""
+    sink = Collector()
+    sampler = Sampler(SteppedClockSource(), sink, interval_ms=5, phase_lock=False)
+    with structlog.testing.capture_logs() as logs:
+        sampler.start()
+        wait_until(lambda: len(sink.samples) >= 10, 5.0)
+        assert sampler.stop(2.0)
+    samples = sink.samples
+    by_time = sorted(samples, key=lambda s: s.t_ns)
+    assert [s.energy_mj for s in by_time] == [s.energy_mj for s in samples]  # time order is read order
+    assert len({s.t_ns for s in samples}) == len(samples)  # (device, t_ns) stays a key: none dropped as a duplicate
+    rises = sum(max(0, b.energy_mj - a.energy_mj) for a, b in itertools.pairwise(by_time))  # type: ignore[operator]
+    assert rises == samples[-1].energy_mj - samples[0].energy_mj  # type: ignore[operator]
+    # the reads stamped at or before 1200 ms (1050, 1150) went right after it; 1250 is past it and keeps its time
+    assert [s.t_ns // 1_000_000 for s in samples[:7]] == [1000, 1100, 1200, 1200, 1200, 1250, 1350]
+    assert [s.t_ns for s in samples[3:5]] == [1_200_000_001, 1_200_000_002]
+    assert sampler.stats.stepped_back == 2
+    assert [e["back_ms"] for e in logs if e["event"] == "sampler_clock_stepped_back"] == [150.0]  # once a step
