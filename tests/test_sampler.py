@@ -330,3 +330,32 @@ def test_a_clock_stepped_back_never_orders_samples_against_the_counter() -> None
     assert [s.t_ns for s in samples[3:5]] == [1_200_000_001, 1_200_000_002]
     assert sampler.stats.stepped_back == 2
     assert [e["back_ms"] for e in logs if e["event"] == "sampler_clock_stepped_back"] == [150.0]  # once a step
+
+
+class FarSteppedClockSource(SteppedClockSource):
+    """The same counter; the clock steps back 1,650 ms after the third read (it passes the last stamp 16 reads on)."""
+
+    def read(self) -> list[Sample]:
+        n = self.calls
+        self.calls += 1
+        t_ms = 1_000 + 100 * n - (1_650 if n >= 3 else 0)
+        return [Sample("fake:0", t_ms * 1_000_000, 10_000 + 100 * n)]
+
+
+def test_a_clock_stepped_far_back_makes_gaps_until_it_catches_up() -> None:
+    """Beyond a second behind, restamping would put seconds of energy on one instant (and on whoever ran then):
+    those reads become gaps, attributed to nobody, and readings resume once the clock passes the last stamp."""
+    sink = Collector()
+    sampler = Sampler(FarSteppedClockSource(), sink, interval_ms=5, phase_lock=False)
+    sampler.start()
+    wait_until(lambda: len(sink.samples) >= 22, 5.0)
+    assert sampler.stop(2.0)
+    samples = sink.samples
+    assert all(a.t_ns < b.t_ns for a, b in itertools.pairwise(samples))  # in read order
+    stamped_ms = [s.t_ns / 1e6 for s in samples]
+    kinds = ["ok" if s.energy_mj is not None else "gap" for s in samples]
+    # reads 3..18 stamp -350..1150 ms against the last, 1200: more than 1 s behind (3..8) gaps, then restamped
+    assert kinds[:3] == ["ok"] * 3 and kinds[3:9] == ["gap"] * 6 and kinds[9:20] == ["ok"] * 11
+    assert all("ms behind this device's last sample" in (s.error or "") for s in samples[3:9])
+    assert round(stamped_ms[18], 6) == 1200.000016 and stamped_ms[19] == 1250  # caught up: its own time again
+    assert sampler.stats.stepped_back == 16
