@@ -219,15 +219,30 @@ def test_a_schema_older_than_this_version_stops_every_command_until_it_is_migrat
     assert ensure_schema(db_url) == head()
 
 
-def test_a_schema_this_version_does_not_know_is_refused(db_url: str) -> None:
+@pytest.mark.parametrize("oldest_writer", ["0099", "head"])
+def test_a_schema_this_version_does_not_know_is_refused_unless_it_still_takes_this_versions_writes(
+    db_url: str, oldest_writer: str
+) -> None:
+    """A newer joulegate migrated the database to 0099. If its migrations say code as old as this may still write
+    there (``schema_compat``, e.g. they only added a nullable column), this version starts — a rolling upgrade's old
+    pods go on — and says so; if not, it refuses."""
+    import structlog.testing
+
     from common.errors import SchemaMismatchError
 
     upgrade(db_url)
+    oldest = head() if oldest_writer == "head" else oldest_writer
     engine = make_engine(db_url)
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+        conn.execute(sa.text("UPDATE schema_compat SET oldest_writer = :o"), {"o": oldest})
     engine.dispose()
-    with pytest.raises(SchemaMismatchError, match=r"0099, which this joulegate .* does not know: a newer joulegate"):
+    if oldest_writer == "head":
+        with structlog.testing.capture_logs() as logs:
+            assert ensure_schema(db_url) == "0099"
+        assert [(e["event"], e["oldest_writer"]) for e in logs] == [("schema_newer_but_compatible", head())]
+        return
+    with pytest.raises(SchemaMismatchError, match=r"0099, which this joulegate .* does not know, and it takes writes "):
         ensure_schema(db_url)
 
 

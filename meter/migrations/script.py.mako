@@ -23,6 +23,8 @@ depends_on: str | Sequence[str] | None = ${repr(depends_on)}
 
 def upgrade() -> None:
     ${upgrades if upgrades else "pass"}
+    # schema_compat (0011): if code before this revision must no longer write here, raise the mark to it:
+    # op.execute("UPDATE schema_compat SET oldest_writer = '${up_revision}'")
 
 
 def downgrade() -> None:

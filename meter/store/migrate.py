@@ -115,26 +115,41 @@ def current(url: str | sa.Engine) -> str | None:
 
 
 def ensure_schema(url: str | sa.Engine) -> str:
-    """Create the schema when the database has none; refuse one at another revision than this version's head.
+    """Create the schema when the database has none; refuse one this version cannot write to. Returns its revision.
 
     An existing schema is never upgraded here: a fleet upgrades once, on purpose (``joulegate migrate``, the
-    migration Job), not from whichever replica starts first. Returns the revision (the head).
+    migration Job), not from whichever replica starts first.
 
     Raises ``SchemaMismatchError`` for an older revision (the ledger's writes and the engine's reads would fail on
-    what the schema lacks, every second, behind a process that looks alive) and for one this version does not know
-    (a newer joulegate migrated the database: this one would write rows without what the newer readers rely on).
+    what the schema lacks, every second, behind a process that looks alive), and for one this version does not know
+    (a newer joulegate migrated the database) unless that schema says code as old as this may still write to it
+    (``schema_compat``: a rolling upgrade's old pods go on).
     """
     rev = current(url)
     if rev is None:
         upgrade(url)
         rev = current(url)
         assert rev is not None
-    check_revision(rev)
+    if rev != head():
+        engine, owned = _as_engine(url)
+        try:
+            with engine.connect() as conn:
+                check_revision(rev, _oldest_writer(conn))
+        finally:
+            if owned:
+                engine.dispose()
     return rev
 
 
-def check_revision(rev: str) -> None:
-    """Nothing if ``rev`` is this version's head; else ``SchemaMismatchError`` saying what to run."""
+def _oldest_writer(conn: sa.Connection) -> str | None:
+    if not sa.inspect(conn).has_table("schema_compat"):
+        return None
+    return conn.execute(sa.text("SELECT MAX(oldest_writer) FROM schema_compat")).scalar()
+
+
+def check_revision(rev: str, oldest_writer: str | None = None) -> None:
+    """Nothing if this version may write to a schema at ``rev`` (its head, or a newer one whose ``oldest_writer``
+    this head reaches); else ``SchemaMismatchError`` saying what to run."""
     newest = head()
     if rev == newest:
         return
@@ -144,7 +159,10 @@ def check_revision(rev: str) -> None:
             f"the database's schema is at revision {rev} and this joulegate needs {newest}: "
             "run `joulegate migrate` with the same --db or --config (in a fleet, the migration Job), then start again"
         )
+    if oldest_writer is not None and oldest_writer in known:
+        log.warning("schema_newer_but_compatible", revision=rev, this_version=newest, oldest_writer=oldest_writer)
+        return
     raise SchemaMismatchError(
-        f"the database's schema is at revision {rev}, which this joulegate (newest revision {newest}) does not know: "
-        "a newer joulegate migrated it; run that version"
+        f"the database's schema is at revision {rev}, which this joulegate (newest revision {newest}) does not know, "
+        f"and it takes writes from revision {oldest_writer or rev} on: a newer joulegate migrated it; run that version"
     )

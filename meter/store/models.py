@@ -375,6 +375,21 @@ class LedgerWriter(Base):
     )
 
 
+class SchemaCompat(Base):
+    """One row: the oldest schema revision whose code may still write to this database. A joulegate that finds a
+    revision it does not know (a newer one migrated it) starts if its own newest revision is at least this one (a
+    rolling upgrade's old pods), and refuses otherwise. Each migration raises it when older writers must stop."""
+
+    __tablename__ = "schema_compat"
+
+    oldest_writer: Mapped[str] = mapped_column(
+        sa.String,
+        primary_key=True,
+        comment="the oldest schema revision whose code may still write to this database (its newest revision "
+        "at least this): later migrations raise it when older writers must stop",
+    )
+
+
 class BillingSettings(Base):
     """The settings that change a bill, stored with the data so that every reader prints the same bill.
 
