@@ -27,18 +27,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import structlog
 
 from meter.lifecycle import Lifecycle
-from meter.samples import EnergySource, Sample
+from meter.samples import EnergySource, Sample, in_read_order
 
 log = structlog.get_logger(__name__)
 
 INTERVAL_MS = 100  # NVML's energy counter advances about every 100 ms on an H100
 _READ_MS_WINDOW = 4096  # read latencies kept for the percentiles (~7 minutes at 10 Hz)
-MAX_RESTAMP_NS = 1_000_000_000  # a clock further behind its last sample makes gaps, not restamped readings
 _LOG_EVERY = 600  # while a failure persists, log it again every this many occurrences (~1 minute at 10 Hz)
 
 
@@ -248,28 +247,18 @@ class Sampler:
         return stale
 
     def _in_order(self, sample: Sample) -> Sample:
-        """The sample, restamped 1 ns after its device's previous one if the wall clock reads at or before it (lock
-        held). The engine orders readings by time: a clock stepped back (NTP correcting the host) would interleave
-        later, higher counter values with earlier ones, and every rise across the interleaving would be counted —
-        the same energy twice. In read order the counter only rises, so the total stays the counter's. While the
-        clock is up to ``MAX_RESTAMP_NS`` behind, the energy read meanwhile lands at the step, 1 ns apart; further
-        behind, the reads are gaps (energy known, not when it was spent: never attributed, as the engine treats a
-        sampler that was away) until the clock catches up."""
+        """``in_read_order`` against the device's previous sample, counted and logged once per step (lock held)."""
         last = self._last_t.get(sample.device)
-        if last is not None and sample.t_ns <= last:
-            behind_ns = last - sample.t_ns
+        ordered = in_read_order(sample, last)
+        if ordered is sample or last is None:
+            self._stepping = False
+        else:
             if not self._stepping:
-                log.warning("sampler_clock_stepped_back", device=sample.device, back_ms=behind_ns / 1e6)
+                log.warning("sampler_clock_stepped_back", device=sample.device, back_ms=(last - sample.t_ns) / 1e6)
             self._stepping = True
             self._stepped_back += 1
-            if behind_ns > MAX_RESTAMP_NS and sample.energy_mj is not None:
-                error = f"the wall clock is {behind_ns / 1e6:.0f} ms behind this device's last sample"
-                sample = replace(sample, energy_mj=None, error=error)
-            sample = replace(sample, t_ns=last + 1)
-        else:
-            self._stepping = False
-        self._last_t[sample.device] = sample.t_ns
-        return sample
+        self._last_t[sample.device] = ordered.t_ns
+        return ordered
 
     def _account(self, sample: Sample) -> None:
         """Update counters, reset detection and the power window with one sample (lock held)."""

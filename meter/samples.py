@@ -9,8 +9,10 @@ Neither is ever papered over: the interval that spans one has unmeasured energy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
+
+MAX_RESTAMP_NS = 1_000_000_000  # a clock further behind a device's last sample makes gaps, not restamped readings
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +41,23 @@ class EnergySource(Protocol):
     def close(self) -> None:
         """Release the underlying handle (NVML shutdown, HTTP session)."""
         ...
+
+
+def in_read_order(sample: Sample, last_t_ns: int | None) -> Sample:
+    """``sample`` as it must be stored after a sample of its device stamped ``last_t_ns``: unchanged if its own time
+    is later, else restamped 1 ns after it — a reading still, while the clock is at most ``MAX_RESTAMP_NS`` behind;
+    a gap (energy known, not when it was spent) further behind.
+
+    Why: the engine orders a device's readings by their stamps and counts every rise between neighbours. A wall clock
+    stepped back (NTP correcting the host) would interleave later, higher counter values with earlier ones and count
+    the energy between them again. In read order the counter only rises, so the total stays the counter's; within a
+    second behind, the energy read meanwhile lands at the step, 1 ns apart, and further behind it goes to nobody
+    rather than all onto one instant.
+    """
+    if last_t_ns is None or sample.t_ns > last_t_ns:
+        return sample
+    behind_ns = last_t_ns - sample.t_ns
+    if behind_ns > MAX_RESTAMP_NS and sample.energy_mj is not None:
+        error = f"the wall clock is {behind_ns / 1e6:.0f} ms behind this device's last sample"
+        return replace(sample, t_ns=last_t_ns + 1, energy_mj=None, error=error)
+    return replace(sample, t_ns=last_t_ns + 1)
