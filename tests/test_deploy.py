@@ -173,7 +173,7 @@ def test_gateway_probes_and_security() -> None:
 
 
 def test_podmonitor_scrapes_the_gateways_metrics_port() -> None:
-    (pm,) = _k8s_docs(DEPLOY / "k8s" / "monitoring")
+    (pm,) = [d for d in _k8s_docs(DEPLOY / "k8s" / "monitoring") if d["kind"] == "PodMonitor"]
     assert pm["kind"] == "PodMonitor" and pm["apiVersion"] == "monitoring.coreos.com/v1"
     gw = _doc("Deployment")["spec"]["template"]
     assert pm["spec"]["selector"]["matchLabels"].items() <= gw["metadata"]["labels"].items()
@@ -184,11 +184,21 @@ def test_podmonitor_scrapes_the_gateways_metrics_port() -> None:
     assert _configmap_config().server.http_listen.endswith(f":{http_port}")
 
 
+def test_the_operators_alert_rules_are_the_rule_files() -> None:
+    (rule,) = [d for d in _k8s_docs(DEPLOY / "k8s" / "monitoring") if d["kind"] == "PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"]["groups"] == yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"]
+
+
 def test_compose_monitoring_is_wired() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (target,) = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+    mounts = dict(v.split(":")[:2] for v in services["prometheus"]["volumes"] if v.startswith("./"))
+    for rules in prom["rule_files"]:  # each rule file Prometheus reads is one compose mounts there
+        (src,) = [s for s, dst in mounts.items() if dst == rules]
+        assert yaml.safe_load((DEPLOY / src).read_text())["groups"]
     host, port = target.split(":")
     assert host in services and f"{port}:{port}" in services[host]["ports"]
     for svc in ("prometheus", "grafana"):

@@ -1,5 +1,6 @@
-"""Every metric the Grafana dashboard (deploy/grafana/joulegate.json) queries exists on a running gateway's
-/metrics, with every label the query groups or filters by.
+"""Every metric the Grafana dashboard (deploy/grafana/joulegate.json) and the alert rules
+(deploy/prometheus/alerts.yml) query exists on a running gateway's /metrics, with every label the query groups or
+filters by.
 
 A dashboard that names a metric or label the gateway does not export shows "No data" forever and nobody notices;
 this drives traffic of each kind the panels show (shaped and refused requests, both front doors, metered energy)
@@ -16,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from meter.pb.joulegate.v1 import energy_pb2 as epb
@@ -28,6 +30,7 @@ from ..conftest import REPO_ROOT
 from .harness import running_stack
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "joulegate.json"
+ALERTS = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 METRIC = re.compile(r"\b(joulegate_[a-z_]+)\b(\{[^}]*\})?")
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)\s*\(")
 PROMQL_WORDS = {"sum", "max", "min", "rate", "increase", "avg_over_time", "histogram_quantile", "clamp_min"}
@@ -69,6 +72,11 @@ def required_labels(expr: str) -> dict[str, set[str]]:
 def dashboard_queries() -> list[tuple[str, str]]:
     dash = json.loads(DASHBOARD.read_text())
     return [(p["title"], t["expr"]) for p in dash["panels"] if p["type"] != "row" for t in p["targets"]]
+
+
+def alert_queries() -> list[tuple[str, str]]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return [(r["alert"], r["expr"]) for g in groups for r in g["rules"]]
 
 
 def test_the_label_parser_reads_nested_groupings() -> None:
@@ -136,6 +144,43 @@ async def test_every_dashboard_metric_is_exported_with_its_labels(tmp_path: Path
             missing = [
                 f"{title}: {name} with {sorted(labels)}"
                 for title, expr in dashboard_queries()
+                for name, labels in required_labels(expr).items()
+                if not any(labels <= have for have in samples.get(name, []))
+            ]
+            if not missing:
+                break
+            await asyncio.sleep(0.2)
+        assert not missing, "\n".join(missing)
+
+
+def test_every_alert_names_a_joulegate_metric_and_says_what_to_do() -> None:
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    assert len(rules) >= 5
+    for r in rules:
+        assert METRIC.search(r["expr"]), r["alert"]
+        words = set(re.findall(r"\b([a-z_]+)\s*\(", r["expr"])) - {"by", "without"}
+        assert words <= PROMQL_WORDS | {"delta"}, f"{r['alert']}: unexpected functions {words}"
+        assert r["labels"]["severity"] in {"info", "warning", "critical"}
+        assert r["annotations"]["summary"] and r["annotations"]["description"]
+
+
+async def test_every_alert_metric_is_exported_with_its_labels(tmp_path: Path, pg_url: str, monkeypatch) -> None:
+    """On PostgreSQL (the ledgers' clock spread needs a server clock), with the in-process meter."""
+    monkeypatch.setattr(ENERGY, "refresh_s", 0.0)
+    async with running_stack(
+        tmp_path, db_url=pg_url, sim_config=SimConfig(time_scale=1.0), overrides=METER, http=True
+    ) as s:
+        req = pb.BatchedGenerationRequest(
+            requests=[pb.GenerationRequest(text="alerts")],
+            params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=4)),
+        )
+        await s.stub.Generate(req, metadata=s.auth)
+        missing: list[str] = []
+        for _ in range(50):  # the ledger marks how far it has written (with its clock) once a second
+            samples = await _scrape(s.http_url)
+            missing = [
+                f"{alert}: {name} with {sorted(labels)}"
+                for alert, expr in alert_queries()
                 for name, labels in required_labels(expr).items()
                 if not any(labels <= have for have in samples.get(name, []))
             ]
