@@ -134,6 +134,21 @@ def _mark(db: sa.Engine, writer: str, through_ns: int, clock_offset_ns: int | No
         )
 
 
+def test_a_writer_silent_for_a_week_loses_its_row(db: sa.Engine) -> None:
+    """A pod killed and never restarted on its journal left its mark: silent past writer_timeout it holds nothing,
+    and past writer_forget (7 days) its row goes, so that fleets with pod churn do not keep them for ever."""
+    gpu, on_time, _late = _world()
+    write(db, timelines=on_time, samples=samples_for(gpu, "gpu0", T0, T0 + 31 * S), ingested_ns=T0 + 31 * S)
+    week = 7 * 86_400 * S
+    _mark(db, "gone-long-ago", T0 + 33 * S - week - S)
+    _mark(db, "gone-lately", T0 + 33 * S - week + S)  # silent too, not yet for a week
+    _mark(db, "live", T0 + 32 * S)
+    with structlog.testing.capture_logs() as logs:
+        make_engine(db, idle_power=80.0).run_once(now_ns=T0 + 33 * S)
+    assert {r[0] for r in rows(db, "SELECT writer_id FROM ledger_writers")} == {"gone-lately", "live"}
+    assert [e["writers"] for e in logs if e["event"] == "engine_writers_forgotten"] == [["gone-long-ago"]]
+
+
 def test_a_live_writer_whose_clock_is_off_the_meters_is_logged_once(db: sa.Engine) -> None:
     """Offsets against the PostgreSQL server's clock (the meter measures its own, ~0 on this host); SQLite has no
     server clock, so nothing is compared there."""

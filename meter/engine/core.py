@@ -495,10 +495,22 @@ class MeteringEngine:
         """How far every ledger heard from within ``writer_timeout_ns`` has written (``ledger_writers``; None: no
         such writer). Read before the pass scans for late rows, so that every row written before the mark is seen
         by this pass's scan, and its epochs redone before ``_seal`` looks at them. A writer that falls silent is
-        logged once: from then on what it brings is booked as the epochs' adjustment."""
+        logged once: from then on what it brings is booked as the epochs' adjustment. One silent past
+        ``writer_forget_ns`` loses its row (it writes a new one if it ever comes back)."""
         with self._db.connect() as conn:
             marks = sql.writer_marks(conn)
             own_offset_ns = clock_offset_ns(conn)
+        forget_before = now - self.settings.writer_forget_ns
+        gone = [m for m in marks if m.through_ns < forget_before]
+        if gone:  # a pod killed and never restarted on its journal: its row would stay, silent, for ever
+            with self._db.begin() as conn:
+                sql.forget_writers(conn, [m.writer_id for m in gone], forget_before)
+            log.info(
+                "engine_writers_forgotten",
+                writers=sorted(m.writer_id for m in gone),
+                silent_over_s=self.settings.writer_forget_ns // _S,
+            )
+            marks = [m for m in marks if m.through_ns >= forget_before]
         heard_since = now - self.settings.writer_timeout_ns
         silent = {m.writer_id for m in marks if m.through_ns < heard_since}
         self._check_clocks([m for m in marks if m.writer_id not in silent], own_offset_ns)

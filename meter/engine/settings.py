@@ -64,6 +64,7 @@ class EngineSettings:
     # Seal only behind every ledger that said how far it has written within this long (ledger_writers): a replica cut
     # off from the database (its timelines in its journal) holds seals back this long at most; a dead one too.
     writer_timeout_ns: int = 120 * _S
+    writer_forget_ns: int = 7 * 86_400 * _S  # a writer silent this long loses its row (a pod that is not coming back)
     # A live writer whose clock is further than this from the meter's (ledger_writers.clock_offset_ns, PostgreSQL) is
     # logged: attribution lines its requests' stamps up with the meter's samples (bench.clock_skew: half the traffic
     # 10 ms off moves a tenant's bill up to ~3.5 %, 25 ms up to ~8 %, 100 ms up to ~18 %).
@@ -83,6 +84,7 @@ class EngineSettings:
             "min_idle_ns",
             "uncalibrated_seal_hold_ns",
             "writer_timeout_ns",
+            "writer_forget_ns",
             "clock_skew_warn_ns",
         ):
             if getattr(self, name) < 0:

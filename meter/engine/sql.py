@@ -459,6 +459,16 @@ def writer_marks(conn: sa.Connection) -> list[WriterMark]:
     )
 
 
+def forget_writers(conn: sa.Connection, writer_ids: Sequence[str], silent_before_ns: int) -> None:
+    """Delete these writers' marks, unless one marked again at or after ``silent_before_ns`` meanwhile."""
+    conn.execute(
+        sa.text("DELETE FROM ledger_writers WHERE writer_id IN :ids AND through_ns < :before").bindparams(
+            sa.bindparam("ids", expanding=True)
+        ),
+        {"ids": list(writer_ids), "before": silent_before_ns},
+    )
+
+
 def seal_candidates(
     conn: sa.Connection, backend: str, after: tuple[int, str], done_before_ns: int, limit: int
 ) -> list[SealCandidate]:
