@@ -250,7 +250,7 @@ class Sampler:
         """``in_read_order`` against the device's previous sample, counted and logged once per step (lock held)."""
         last = self._last_t.get(sample.device)
         ordered = in_read_order(sample, last)
-        if ordered is sample or last is None:
+        if last is None or ordered is sample:
             self._stepping = False
         else:
             if not self._stepping:

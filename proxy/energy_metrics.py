@@ -118,8 +118,9 @@ class EnergyCollector(Collector):
 def _writer_families(marks: list[tuple[int, int | None]], now_ns: int, timeout_ns: int) -> Iterator[GaugeMetricFamily]:
     """The ledgers' how-far marks and clock offsets (``ledger_writers``: (through_ns, clock_offset_ns) each) as the
     meter reads them for its seals."""
-    live = [t for t, _ in marks if t >= now_ns - timeout_ns]
-    offsets = [o for t, o in marks if t >= now_ns - timeout_ns and o is not None]
+    live_marks = [(t, o) for t, o in marks if t >= now_ns - timeout_ns]
+    live = [t for t, _ in live_marks]
+    offsets = [o for _, o in live_marks if o is not None]
     writers = GaugeMetricFamily(
         "joulegate_ledger_writers",
         "Ledgers writing to the database (gateway replicas, workers, meters) by state: live (marked how far they have "

@@ -790,8 +790,7 @@ def _after(earliest_ns: int) -> int:
     """The wall clock now, or ``earliest_ns`` where it reads earlier. A request's stamps (received, released, first
     token, done) come from ``time.time_ns()`` one after the other; a clock stepped back between two of them (NTP
     correcting a host) would order them backwards, and the timeline — the request's bill — would be refused."""
-    now = time.time_ns()
-    return now if now >= earliest_ns else earliest_ns
+    return max(time.time_ns(), earliest_ns)
 
 
 def _observe_run(run: PlainRun | ParsedRun, lease: Lease, stream: GenerationStream) -> None:

@@ -125,19 +125,19 @@ def ensure_schema(url: str | sa.Engine) -> str:
     (a newer joulegate migrated the database) unless that schema says code as old as this may still write to it
     (``schema_compat``: a rolling upgrade's old pods go on).
     """
-    rev = current(url)
-    if rev is None:
-        upgrade(url)
-        rev = current(url)
-        assert rev is not None
-    if rev != head():
-        engine, owned = _as_engine(url)
-        try:
+    engine, owned = _as_engine(url)
+    try:
+        rev = current(engine)
+        if rev is None:
+            upgrade(engine)
+            rev = current(engine)
+            assert rev is not None
+        if rev != head():
             with engine.connect() as conn:
                 check_revision(rev, _oldest_writer(conn))
-        finally:
-            if owned:
-                engine.dispose()
+    finally:
+        if owned:
+            engine.dispose()
     return rev
 
 
@@ -147,7 +147,7 @@ def _oldest_writer(conn: sa.Connection) -> str | None:
     return conn.execute(sa.text("SELECT MAX(oldest_writer) FROM schema_compat")).scalar()
 
 
-def check_revision(rev: str, oldest_writer: str | None = None) -> None:
+def check_revision(rev: str, oldest_writer: str | None) -> None:
     """Nothing if this version may write to a schema at ``rev`` (its head, or a newer one whose ``oldest_writer``
     this head reaches); else ``SchemaMismatchError`` saying what to run."""
     newest = head()

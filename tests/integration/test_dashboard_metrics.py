@@ -107,6 +107,24 @@ async def _scrape(url: str) -> dict[str, list[set[str]]]:
     return samples
 
 
+async def _missing_after(url: str, queries: list[tuple[str, str]], scrapes: int) -> list[str]:
+    """Scrape ``url`` until every metric and label ``queries`` (title, expr) need is there, at most ``scrapes``
+    times 0.2 s apart; what is still missing then."""
+    missing: list[str] = []
+    for _ in range(scrapes):
+        samples = await _scrape(url)
+        missing = [
+            f"{title}: {name} with {sorted(labels)}"
+            for title, expr in queries
+            for name, labels in required_labels(expr).items()
+            if not any(labels <= have for have in samples.get(name, []))
+        ]
+        if not missing:
+            break
+        await asyncio.sleep(0.2)
+    return missing
+
+
 async def test_every_dashboard_metric_is_exported_with_its_labels(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(ENERGY, "refresh_s", 0.0)
     async with running_stack(
@@ -138,18 +156,7 @@ async def test_every_dashboard_metric_is_exported_with_its_labels(tmp_path: Path
         )
         assert energy.final
 
-        missing: list[str] = []
-        for _ in range(25):  # the power gauge needs two counter readings a second apart
-            samples = await _scrape(s.http_url)
-            missing = [
-                f"{title}: {name} with {sorted(labels)}"
-                for title, expr in dashboard_queries()
-                for name, labels in required_labels(expr).items()
-                if not any(labels <= have for have in samples.get(name, []))
-            ]
-            if not missing:
-                break
-            await asyncio.sleep(0.2)
+        missing = await _missing_after(s.http_url, dashboard_queries(), 25)  # the power gauge: two readings 1 s apart
         assert not missing, "\n".join(missing)
 
 
@@ -175,16 +182,5 @@ async def test_every_alert_metric_is_exported_with_its_labels(tmp_path: Path, pg
             params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=4)),
         )
         await s.stub.Generate(req, metadata=s.auth)
-        missing: list[str] = []
-        for _ in range(50):  # the ledger marks how far it has written (with its clock) once a second
-            samples = await _scrape(s.http_url)
-            missing = [
-                f"{alert}: {name} with {sorted(labels)}"
-                for alert, expr in alert_queries()
-                for name, labels in required_labels(expr).items()
-                if not any(labels <= have for have in samples.get(name, []))
-            ]
-            if not missing:
-                break
-            await asyncio.sleep(0.2)
+        missing = await _missing_after(s.http_url, alert_queries(), 50)  # the ledger marks (with its clock) every 1 s
         assert not missing, "\n".join(missing)
