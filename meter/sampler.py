@@ -16,7 +16,10 @@ this off (a source without stepped counters).
 Nothing here hides a problem: a read that raises becomes a gap ``Sample`` for every device of the source, a counter
 that goes backwards is logged, counted as a reset and still passed on (the consumer starts a new segment there), and an
 exception from the sink is logged and counted. None of these stops the thread. A wall clock stepped back (NTP) would
-order a device's samples against its counter; they are restamped in read order instead (``stepped_back``).
+order a device's samples against its counter; they are restamped in read order instead (``stepped_back``). So are
+the first samples of a device after where an earlier process left it, when ``seed`` says (the stamp of the device's
+last stored sample): a meter restarted after its host's clock stepped back would otherwise interleave its readings
+with the ones it stored before, and the engine would count the energy between them twice.
 
 Only stdlib and structlog are imported, so the module also runs on a bare GPU image (see bench/gpu/).
 """
@@ -26,7 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -91,7 +94,11 @@ class Sampler:
         interval_ms: int = INTERVAL_MS,
         power_window_ms: int = 1000,
         phase_lock: bool = True,
+        seed: Callable[[Sequence[str]], Mapping[str, int | None]] | None = None,
     ) -> None:
+        """``seed``, if given, is asked on the sampler's thread, once for the devices first seen in a read (a
+        simulator's device is named by its first answer), for the stamp of each one's last sample already stored
+        (None: none). A seed that raises is logged; those devices then go unseeded."""
         if interval_ms <= 0:
             raise ValueError(f"interval_ms must be positive, got {interval_ms}")
         self._source = source
@@ -99,6 +106,8 @@ class Sampler:
         self._interval_ns = interval_ms * 1_000_000
         self._power_window_ns = power_window_ms * 1_000_000
         self._phase_lock = phase_lock
+        self._seed = seed
+        self._seeded: set[str] = set()  # devices the seed was asked for (the sampler's thread only)
         self._phase_shifts = 0
         self._stale_in_tick = 0  # devices whose valid reading repeated the previous value, in the current tick
         self._valid_in_tick = 0
@@ -213,6 +222,23 @@ class Sampler:
                 self._cpu_s = time.thread_time() - cpu0_s
                 self._stopped_ns = time.monotonic_ns()
 
+    def _seed_stamps(self, samples: list[Sample]) -> None:
+        """Where earlier processes left the devices first seen in ``samples`` (on the sampler's thread, lock free)."""
+        new = sorted({sample.device for sample in samples} - self._seeded)
+        if self._seed is None or not new:
+            return
+        self._seeded.update(new)
+        try:
+            stamps = self._seed(new)
+        except Exception as exc:  # e.g. the database away at start: this process's own order still holds
+            log.warning("sampler_not_seeded", devices=new, error=f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            for device in new:
+                t_ns = stamps.get(device)
+                if t_ns is not None:
+                    self._last_t[device] = max(t_ns, self._last_t.get(device, t_ns))
+
     def _tick(self) -> bool:
         """One read of the source; True when most devices repeated their previous value (read just before an update)."""
         t0_ns = time.perf_counter_ns()
@@ -228,6 +254,7 @@ class Sampler:
             if n == 1 or n % _LOG_EVERY == 0:
                 log.exception("sampler_source_raised", source_errors=n)
         read_ms = (time.perf_counter_ns() - t0_ns) / 1e6
+        self._seed_stamps(samples)
         with self._lock:
             self._reads += 1
             self._read_ms.append(read_ms)

@@ -4,7 +4,8 @@ It runs inside the gateway process (``joulegate serve --meter sim|nvml``, sharin
 ledger) and alone (``joulegate meter``, one per GPU node, with a ledger of its own). Either way:
 
 - the ``Sampler`` reads the energy source every ``interval_ms`` and hands each read's samples to the ledger's
-  ``add_samples`` (non-blocking; the ledger writes them in batches, or journals them through a database outage);
+  ``add_samples`` (non-blocking; the ledger writes them in batches, or journals them through a database outage),
+  each device's after the last one stored (``Sampler``'s ``seed``: a clock stepped back across a restart);
 - the engine thread calls ``MeteringEngine.run_once`` every ``engine_interval_s``. A pass that fails (database down)
   is logged and retried with backoff; every epoch is its own transaction, so nothing is left half written.
 
@@ -25,6 +26,7 @@ import sqlalchemy as sa
 import structlog
 
 from meter.engine import EngineSettings, EngineStats, MeteredBackend, MeteringEngine
+from meter.engine.sql import last_samples
 from meter.lifecycle import Lifecycle
 from meter.sampler import INTERVAL_MS, Sampler, SamplerStats
 from meter.samples import EnergySource, Sample
@@ -81,7 +83,8 @@ class MeterService:
         self._source = source
         self._resolve = backends
         self._close_source = close_source
-        self.sampler = Sampler(source, sink.add_samples, interval_ms=interval_ms)
+        self._db = db
+        self.sampler = Sampler(source, sink.add_samples, interval_ms=interval_ms, seed=self._stored_stamps)
         self.engine = MeteringEngine(db, list(backends()), settings)
         self._engine_interval_s = engine_interval_s
         self._stop = threading.Event()
@@ -117,6 +120,11 @@ class MeterService:
         if self._close_source:
             self._source.close()
         log.info("meter_stopped", engine=dataclasses.asdict(self.engine.stats))  # fields, not a repr
+
+    def _stored_stamps(self, devices: Sequence[str]) -> dict[str, int | None]:
+        """The stamp of each device's last stored sample: this meter's samples go after them in read order."""
+        with self._db.connect() as conn:
+            return dict(zip(devices, last_samples(conn, devices), strict=True))
 
     def run_soon(self) -> None:
         """Ask the engine loop for a pass now (tests, and a reports call that waits for finality)."""

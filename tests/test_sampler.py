@@ -359,3 +359,51 @@ def test_a_clock_stepped_far_back_makes_gaps_until_it_catches_up() -> None:
     assert all("ms behind this device's last sample" in (s.error or "") for s in samples[3:9])
     assert round(stamped_ms[18], 6) == 1200.000016 and stamped_ms[19] == 1250  # caught up: its own time again
     assert sampler.stats.stepped_back == 16
+
+
+class RestartedClockSource(SteppedClockSource):
+    """The same counter, read by a process that started after its predecessor stored samples up to 1,200 ms: its
+    clock was stepped back meanwhile, so its reads stamp 950, 1050, 1150, 1250 ... ms."""
+
+    def read(self) -> list[Sample]:
+        n = self.calls
+        self.calls += 1
+        return [Sample("fake:0", (950 + 100 * n) * 1_000_000, 10_300 + 100 * n)]
+
+
+def test_a_restarted_sampler_goes_after_what_its_predecessor_stored() -> None:
+    """Unseeded, the new process's 950, 1050, 1150 interleave with the stored 1000, 1100, 1200 and the engine counts
+    the counter's rise between them twice; seeded with the device's last stored stamp (asked once, for the devices
+    of the first read), they go right after it."""
+    asked: list[list[str]] = []
+
+    def seed(devices: list[str]) -> dict[str, int | None]:
+        asked.append(list(devices))
+        return {"fake:0": 1_200_000_000, "fake:other": None}
+
+    sink = Collector()
+    sampler = Sampler(RestartedClockSource(), sink, interval_ms=5, phase_lock=False, seed=seed)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        sampler.start()
+        wait_until(lambda: len(sink.samples) >= 5, 5.0)
+        assert sampler.stop(2.0)
+    stamps = [s.t_ns for s in sink.samples]
+    assert stamps[:4] == [1_200_000_001, 1_200_000_002, 1_200_000_003, 1_250_000_000]
+    assert asked == [["fake:0"]]
+    assert sampler.stats.stepped_back == 3
+    assert [e["back_ms"] for e in logs if e["event"] == "sampler_clock_stepped_back"] == [250.0]
+
+
+def test_a_seed_that_fails_leaves_the_sampler_running_unseeded() -> None:
+    def seed(devices: list[str]) -> dict[str, int | None]:
+        raise ConnectionRefusedError("database away")
+
+    sink = Collector()
+    sampler = Sampler(RestartedClockSource(), sink, interval_ms=5, phase_lock=False, seed=seed)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        sampler.start()
+        wait_until(lambda: len(sink.samples) >= 3, 5.0)
+        assert sampler.stop(2.0)
+    assert [s.t_ns // 1_000_000 for s in sink.samples[:3]] == [950, 1050, 1150]  # as read: nothing to go after
+    [warning] = [e for e in logs if e["event"] == "sampler_not_seeded"]
+    assert warning["devices"] == ["fake:0"] and "database away" in warning["error"]
