@@ -20,10 +20,16 @@ down_revision: str | None = ${repr(down_revision)}
 branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
 depends_on: str | Sequence[str] | None = ${repr(depends_on)}
 
+# schema_compat (0011): may code of the revisions before this one go on writing to the schema this makes? True: its
+# rows stay right here (an added nullable column, a new index or table it never touches); False: it must stop (rows
+# change meaning, or old writers would leave out what this adds), and upgrade() raises the mark to this revision.
+# Left unset, tests/test_migration_compat.py fails: it holds every migration to what it says here.
+old_writers_continue: bool
+
 
 def upgrade() -> None:
     ${upgrades if upgrades else "pass"}
-    # schema_compat (0011): if code before this revision must no longer write here, raise the mark to it:
+    # with old_writers_continue = False:
     # op.execute("UPDATE schema_compat SET oldest_writer = '${up_revision}'")
 
 
