@@ -146,6 +146,12 @@ class GenerationStream:
     def ended(self) -> bool:
         return self.state is StreamState.ENDED
 
+    @property
+    def last_stamp_ns(self) -> int:
+        """The latest of its stamps so far (first token, else release, else receipt): where ``done`` may not be
+        earlier."""
+        return self.first_token_ns or self.released_ns or self.job.received_ns
+
     def batches(self) -> AsyncGenerator[list[dict[str, Any]], None]:
         """TGI's stream events in batches: every event that one network read delivered.
 
@@ -552,7 +558,7 @@ class Gateway:
         it and the backend worked on the request (a task of its own: the stream has ended already)."""
         stream._end(status)
         stream_ended(stream.trace, status, stream.backend, stream.first_token_ns, stream.generated_tokens)
-        done_ns = _after(stream.first_token_ns or stream.released_ns or job.received_ns)
+        done_ns = _after(stream.last_stamp_ns)
         backend = stream.backend if stream.released_ns is not None else None
         if stream.prompt_tokens is None and did_gpu_work(backend, stream.released_ns, stream.first_token_ns, status):
             try:
@@ -642,7 +648,7 @@ class Gateway:
                 if not stream.ended:
                     end = status or self.ended_by_consumer(stream.job)
                     stream._end(end)
-                    done_ns = _after(stream.first_token_ns or stream.released_ns or stream.job.received_ns)
+                    done_ns = _after(stream.last_stamp_ns)
                     self._record(stream.job, stream, end, done_ns, 0, estimated=False)
 
     def _record(
