@@ -65,6 +65,7 @@ class Backend:
         self.healthy = False
         self._checked = False  # a first check logs the state it finds, up or down
         self.info: dict[str, Any] | None = None  # TGI's /info, or the engine's answers in its shape
+        self._reprobe = False  # it went down since its info was found: what answers when it is back may differ
         self._configured_engine = cfg.engine if cfg.engine != "auto" else None
         self.engine: Engine | None = engine(self._configured_engine) if self._configured_engine else None
         self.in_flight = 0
@@ -150,7 +151,8 @@ class Backend:
             return resp.status, None
 
     async def check(self) -> bool:
-        """Poll the engine's /health (and probe the engine and its info when missing); update ``healthy``. Never
+        """Poll the engine's /health (and probe the engine and its info when missing, or when it comes back after
+        being down: a restart may bring another engine, model or limits to the same URL); update ``healthy``. Never
         raises."""
         timeout = aiohttp.ClientTimeout(total=self._pool_cfg.connect_timeout_s * 2)
         try:
@@ -158,24 +160,33 @@ class Backend:
                 ok = resp.status == 200
                 await resp.read()
             self.last_error = None if ok else f"/health answered {resp.status}"
-            if ok and self.info is None:
-                found = await probe(self, self._configured_engine)
-                if found is not None:
-                    self.engine, self.info = found
-                    log.info(
-                        "backend_engine",
-                        backend=self.name,
-                        url=self.url,
-                        engine=self.engine.name,
-                        version=self.info.get("version"),
-                        served_model=self.info.get("model_id"),
-                        configured=self._configured_engine is not None,
-                    )
+            if ok and (self.info is None or self._reprobe):
+                await self._probe_engine()
         except (aiohttp.ClientError, TimeoutError, ValueError, RuntimeError) as exc:  # RuntimeError: session closed
             ok = False
             self.last_error = f"{type(exc).__name__}: {exc}"
         self._set_health(ok, self.last_error)
         return ok
+
+    async def _probe_engine(self) -> None:
+        found = await probe(self, self._configured_engine)
+        if found is None:
+            return  # asked again at the next check
+        engine_before, info_before = self.engine, self.info
+        self.engine, self.info = found
+        self._reprobe = False
+        if info_before is not None and found == (engine_before, info_before):
+            return
+        log.info(
+            "backend_engine",
+            backend=self.name,
+            url=self.url,
+            engine=self.engine.name,
+            version=self.info.get("version"),
+            served_model=self.info.get("model_id"),
+            configured=self._configured_engine is not None,
+            changed=info_before is not None,  # the backend came back as something else
+        )
 
     def mark_unreachable(self, reason: str) -> None:
         """Connection-level evidence (a connection could not be opened): out of service until a health check."""
@@ -192,6 +203,8 @@ class Backend:
                 log.warning("backend_down", **fields, error=error)
         self._checked = True
         self.healthy = ok
+        if not ok and self.info is not None:
+            self._reprobe = True
 
     def suspect(self, reason: str) -> None:
         """One call failed in a way that says nothing certain about the backend: probe ``/health`` now.

@@ -327,3 +327,36 @@ async def test_a_cancelled_stream_leaves_the_engine_and_is_recorded(tmp_path: Pa
         assert await wait_until_async(status, 10.0, poll_s=0.05) == "CANCELLED"
         (row,) = query(s.app.engine, "SELECT status, generated_tokens, prompt_tokens FROM requests")
         assert 0 < row[1] < 500 and row[2] == tokenizer.count_tokens("cancel me")  # the engine's own count
+
+
+async def test_a_backend_that_comes_back_as_another_engine_is_probed_again(tmp_path: Path) -> None:
+    """A backend's engine and info were probed once, at its first answer: one restarted as vLLM on TGI's URL (a
+    migration off TGI, one pod at a time) was still spoken TGI to, and every request failed on routes it lacks.
+    Now a backend that went down is probed again when it answers again."""
+    tgi = SimTGI(SimConfig(engine="tgi", time_scale=0.0, max_total_tokens=2048))
+    url = await tgi.start()
+    port = int(url.rsplit(":", 1)[1])
+    vllm = SimTGI(SimConfig(engine="vllm", time_scale=0.0, max_input_tokens=512, max_total_tokens=1024))
+    try:
+        async with running_stack(tmp_path, backend_urls=[url], overrides={"meter": {"source": "none"}}) as s:
+            pool = s.app.pools[MODEL]
+            (backend,) = pool.backends
+            request = pb.BatchedGenerationRequest(
+                model_id=MODEL,
+                requests=[pb.GenerationRequest(text=PROMPT)],
+                params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=5)),
+            )
+            assert (await s.stub.Generate(request, metadata=s.auth)).responses[0].generated_token_count == 5
+            assert backend.engine is not None and backend.engine.name == "tgi"
+            await tgi.stop()
+            await wait_until_async(lambda: not backend.healthy, 10.0, what="the backend to go down", poll_s=0.05)
+            await vllm.start(port=port)
+            await wait_until_async(lambda: backend.healthy, 10.0, what="the backend to come back", poll_s=0.05)
+            assert backend.engine is not None and backend.engine.name == "vllm"
+            assert backend.info is not None and backend.info["max_total_tokens"] == 1024
+            assert (await s.stub.Generate(request, metadata=s.auth)).responses[0].generated_token_count == 5
+            info = await s.stub.ModelInfo(pb.ModelInfoRequest(model_id=MODEL), metadata=s.auth)
+            assert info.max_sequence_length == 1024
+    finally:
+        await vllm.stop()
+        await tgi.stop()
