@@ -30,6 +30,7 @@ from meter.engine.sql import last_samples
 from meter.lifecycle import Lifecycle
 from meter.sampler import INTERVAL_MS, Sampler, SamplerStats
 from meter.samples import EnergySource, Sample
+from meter.weights import WeightsWatch
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +78,10 @@ class MeterService:
         interval_ms: int = INTERVAL_MS,
         engine_interval_s: float = ENGINE_INTERVAL_S,
         close_source: bool = True,
+        weights: WeightsWatch | None = None,
     ) -> None:
+        """``weights``: asks the backends what they serve (started and stopped with the service), so that the
+        engine starts a backend's fit over when its weights change under the same model id."""
         if engine_interval_s <= 0:
             raise ValueError(f"engine_interval_s must be positive, got {engine_interval_s}")
         self._source = source
@@ -85,7 +89,8 @@ class MeterService:
         self._close_source = close_source
         self._db = db
         self.sampler = Sampler(source, sink.add_samples, interval_ms=interval_ms, seed=self._stored_stamps)
-        self.engine = MeteringEngine(db, list(backends()), settings)
+        self._weights = weights
+        self.engine = MeteringEngine(db, list(backends()), settings, weights=weights.at if weights else None)
         self._engine_interval_s = engine_interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -101,6 +106,8 @@ class MeterService:
         if self._state is not Lifecycle.NEW:
             raise RuntimeError(f"MeterService.start() on a service that is {self._state.value}")
         self.sampler.start()
+        if self._weights is not None:
+            self._weights.start()
         self._thread = threading.Thread(target=self._run, name="joulegate-engine", daemon=True)
         self._state = Lifecycle.RUNNING
         self._thread.start()
@@ -111,6 +118,8 @@ class MeterService:
         deadline = time.monotonic() + timeout_s
         self._state = Lifecycle.CLOSED
         self.sampler.stop(max(0.1, timeout_s / 2))
+        if self._weights is not None:
+            self._weights.stop(0.1)  # a poll in flight ends within its timeout on a daemon thread
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -256,8 +265,16 @@ def build_meter_service(
     """A ``MeterService`` over the backends ``specs`` with the ``kind`` of source (not started). Blocking."""
     source, backends = meter_backends(kind, specs)
     try:
+        weights = WeightsWatch({spec.name: spec.url for spec in specs})
         return MeterService(
-            db, sink, source, backends, settings, interval_ms=interval_ms, engine_interval_s=engine_interval_s
+            db,
+            sink,
+            source,
+            backends,
+            settings,
+            interval_ms=interval_ms,
+            engine_interval_s=engine_interval_s,
+            weights=weights,
         )
     except BaseException:
         source.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -128,12 +128,15 @@ def write(
 
 
 def make_engine(
-    db: sa.Engine, backends: dict[str, tuple[str, ...]] | None = None, **settings: object
+    db: sa.Engine,
+    backends: dict[str, tuple[str, ...]] | None = None,
+    weights: Callable[[str, int], str | None] | None = None,
+    **settings: object,
 ) -> MeteringEngine:
     base: dict[str, object] = {"epoch_ns": 10 * S, "settle_ns": 2 * S, "lag_ns": 0, "calibrate": False}
     base.update(settings)
     specs = [MeteredBackend(n, d) for n, d in (backends or {"b1": ("gpu0",)}).items()]
-    return MeteringEngine(db, specs, EngineSettings(**base))  # type: ignore[arg-type]
+    return MeteringEngine(db, specs, EngineSettings(**base), weights=weights)  # type: ignore[arg-type]
 
 
 def rows(db: sa.Engine, sql: str, params: dict | None = None) -> list[sa.Row]:

@@ -414,18 +414,20 @@ def test_a_restarted_meter_seals_nothing_with_the_stored_fit(db: sa.Engine, hold
         assert usage_table(conn) == expected_usage(conn)
 
 
-@pytest.mark.parametrize("reassigned", [True, False])
-def test_a_backend_given_to_another_model_seals_nothing_with_the_old_fit(db: sa.Engine, reassigned: bool) -> None:
+@pytest.mark.parametrize("change", ["model", "weights", "unseen"])
+def test_a_backend_given_to_another_model_seals_nothing_with_the_old_fit(db: sa.Engine, change: str) -> None:
     """One meter runs on. For 40 s the backend serves model m-a, whose counter lags 120 ms: the fit settles and
     requests are sealed. Then the configuration gives the backend to model m-b (its server restarted with other
     weights), whose counter lags 30 ms. The first request for m-b starts the fit over: nothing is sealed with m-a's
     fit, although past the margin, until the new fit settles (30 ms); then the epochs since the change are redone and
-    sealed, and no epoch books an adjustment. The control (``reassigned`` off: the same model name, new weights under
-    it, which the meter cannot see) seals them with the old fit, past the margin, as README's Known limits say."""
+    sealed, and no epoch books an adjustment. ``weights``: the same model name, new weights under it, which the
+    backend says (``meter.weights``): the same. The control (``unseen``: new weights nobody says) seals them with the
+    old fit, past the margin."""
+    reassigned = change != "unseen"
     traffic = _traffic(80, seed=7)
     classes = _classes(traffic)
     switch = T0 + 40 * S
-    second = "m-b" if reassigned else "m-a"
+    second = "m-b" if change == "model" else "m-a"
     timelines = [
         timeline(f"r{i:03d}", r, f, d, prompt=p, model="m-a" if r < switch else second)
         for i, (r, f, d, p) in enumerate(traffic)
@@ -434,7 +436,10 @@ def test_a_backend_given_to_another_model_seals_nothing_with_the_old_fit(db: sa.
     def phase(lo_s: int, hi_s: int) -> None:
         _write_switching(db, classes, timelines, switch, lo_s, hi_s)
 
-    eng = make_engine(db, epoch_ns=1 * S, lag_ns=50 * MS, calibrate=True, idle_power=IDLE_W,
+    def weights(backend: str, t_ns: int) -> str | None:  # what the backend says it serves (meter.weights)
+        return None if change != "weights" else "tgi:m-a@old" if t_ns < switch else "tgi:m-a@new"
+
+    eng = make_engine(db, weights=weights, epoch_ns=1 * S, lag_ns=50 * MS, calibrate=True, idle_power=IDLE_W,
                       calibration_refresh_ns=2 * S, uncalibrated_seal_hold_ns=3600 * S)  # fmt: skip
     phase(0, 40)
     for k in range(4):

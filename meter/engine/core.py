@@ -200,10 +200,13 @@ class MeteringEngine:
         settings: EngineSettings | None = None,
         *,
         clock: Callable[[], int] = time.time_ns,
+        weights: Callable[[str, int], str | None] | None = None,
     ) -> None:
+        """``weights(backend, t_ns)``: what the backend served at t_ns, None if not known (``meter.weights``)."""
         self._db = db
         self.settings = settings or EngineSettings()
         self._clock = clock
+        self._weights = weights or (lambda _backend, _t_ns: None)
         self._backends: dict[str, _Backend] = {}
         self.set_backends(backends)
         self._scan_lo_ns: int | None = None
@@ -429,7 +432,7 @@ class MeteringEngine:
                 if any(r.ingested_ns > attributed_at for r in mine):
                     break  # a row is still fresh: this epoch and the later ones wait for a later pass
                 working = epoch_timelines(name, mine, memo)
-                policy, moved = learned.learn(s, name, start, end, readings, working)
+                policy, moved = learned.learn(s, name, start, end, readings, working, self._weights(name, end - 1))
                 redo.update(moved)
                 result = compute_epoch(name, start, end, readings, mine, working, policy, attributed_at)
                 computed.append(_Computed(b, result, learned, dict(redo)))
@@ -642,7 +645,7 @@ class MeteringEngine:
             redo = learned.relearn(s, name, start, readings, working)
             policy = learned.policy(s, readings, working)
         else:
-            policy, redo = learned.learn(s, name, start, end, readings, working)
+            policy, redo = learned.learn(s, name, start, end, readings, working, self._weights(name, end - 1))
         result = compute_epoch(name, start, end, readings, rows, working, policy, attributed_at)
         try:
             final = replace_epoch(self._db, result)

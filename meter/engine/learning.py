@@ -22,7 +22,8 @@ version), so figures computed with it are not sealed; the engine seals a backend
 this meter's own fit has settled (``settled_here``), and holds them until then, as with no fit at all. Likewise
 when the backend is given to another model of the configuration (a backend belongs to one model, so an epoch's
 requests for a model its fit never saw mean other weights on the GPUs): the fit starts over from that epoch and
-seals wait for it to settle again (``_notice_another_model``).
+seals wait for it to settle again (``_notice_another_model``); and when the backend itself says it serves other
+weights under the same model id (``meter.weights``, ``_notice_other_weights``).
 
 Idle floor (``idle_power="auto"``, ``meter.engine.idle``): measured over the epoch's reading intervals that no
 request came near, pooled with the backend's recent epochs when the epoch has less than ``min_idle_ns`` of them.
@@ -64,6 +65,7 @@ class Learning:
     last_fit: PowerModel | None = None  # the latest settled fit (this meter's, or stored by one before it)
     settled_here: bool = False  # this meter's own fit has settled since it started: only then are figures final
     served: frozenset[str] = frozenset()  # the model ids of the requests the fit was learned from
+    weights: str | None = None  # what the backend said it serves (``meter.weights``) for the epochs learned from
 
     @property
     def fitted(self) -> PowerModel | None:
@@ -87,6 +89,7 @@ class Learning:
             self.last_fit,
             self.settled_here,
             self.served,
+            self.weights,
         )
 
     def policy(self, s: EngineSettings, readings: EpochReadings, working: Sequence[Timeline]) -> AttributionPolicy:
@@ -105,12 +108,15 @@ class Learning:
         end: int,
         readings: EpochReadings,
         working: Sequence[Timeline],
+        weights: str | None = None,
     ) -> tuple[AttributionPolicy, dict[int, int]]:
         """Learn from a new epoch [start, end) and return the policy to attribute it with, and the recent epochs
-        (start -> end) to redo because the calibration settled or moved. Mutates this object: call it on a copy."""
+        (start -> end) to redo because the calibration settled or moved. ``weights``: what the backend served by the
+        epoch's end (None: not known). Mutates this object: call it on a copy."""
         redo: dict[int, int] = {}
         if s.calibrate:
             self._notice_another_model(backend, start, working)
+            self._notice_other_weights(backend, start, weights)
         model = self._calibrate(s, backend, start, readings, working, redo) if s.calibrate else None
         self.recent.append((start, end))
         lag = model.lag_ns if model is not None else s.lag_ns
@@ -146,6 +152,25 @@ class Learning:
         log.info("engine_backend_serves_another_model", backend=backend, epoch_start_ns=start,
                  before=sorted(self.served), now=sorted(served - self.served))  # fmt: skip
         self.served = served
+        self._start_over()
+
+    def _notice_other_weights(self, backend: str, start: int, weights: str | None) -> None:
+        """The backend said it serves other weights than those the fit was learned on (the same model id, another
+        model behind it: ``meter.weights``): as with another model, the fit starts over from this epoch and nothing
+        is sealed until it settles again."""
+        if weights is None:
+            return
+        if self.weights is None:
+            self.weights = weights
+            return
+        if weights == self.weights:
+            return
+        log.info("engine_backend_serves_other_weights", backend=backend, epoch_start_ns=start, before=self.weights,
+                 now=weights)  # fmt: skip
+        self.weights = weights
+        self._start_over()
+
+    def _start_over(self) -> None:
         self.calibrator = None
         self.calibrated_at_ns = None
         self.recent.clear()
