@@ -30,7 +30,7 @@ log = structlog.get_logger(__name__)
 
 __all__ = ["WeightsWatch", "identity_of"]
 
-POLL_INTERVAL_S = 2.0  # under the engine's default settle time, so a change is known before its epoch is attributed
+POLL_INTERVAL_S = 1.0  # under the engine's default settle time (2 s): a change is known before its epoch is attributed
 _HISTORY = 64  # changes kept per backend
 
 
