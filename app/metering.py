@@ -63,6 +63,7 @@ def build_meter_service(config: Config, db: sa.Engine, ledger: SampleSink) -> Me
         engine_settings(config.meter),
         interval_ms=config.meter.interval_ms,
         engine_interval_s=config.meter.engine_interval_s,
+        counter_every=config.meter.counter_every,
     )
 
 

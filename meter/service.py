@@ -210,13 +210,14 @@ def _is_db_outage(exc: BaseException) -> bool:
 
 
 def meter_backends(
-    kind: Literal["nvml", "sim"], specs: Sequence[BackendSpec]
+    kind: Literal["nvml", "sim"], specs: Sequence[BackendSpec], *, counter_every: int = 1
 ) -> tuple[EnergySource, Callable[[], list[MeteredBackend]]]:
     """The energy source over ``specs`` and how to name each backend's devices. Blocking (reads the source once).
 
     ``sim``: one ``SimSource`` over the backends' URLs; a backend's device is the one its simulator names.
     ``nvml``: one ``NvmlSource`` over every GPU the backends list; a backend with no ``gpus`` is allowed only when it
-    is the only one, and then owns every GPU of the host. Raises ``ValueError`` (or ``NvmlUnavailableError``).
+    is the only one, and then owns every GPU of the host; ``counter_every``: its counter reads (``NvmlSource``).
+    Raises ``ValueError`` (or ``NvmlUnavailableError``).
     """
     if not specs:
         raise ValueError("no backends to meter on this node")
@@ -241,11 +242,11 @@ def meter_backends(
                 raise ValueError(
                     f"backends {names} list no gpus: with several backends on a node, name each one's GPUs"
                 )
-            nvml = NvmlSource(None)
+            nvml = NvmlSource(None, counter_every=counter_every)
             whole = MeteredBackend(specs[0].name, nvml.devices)
             return nvml, lambda: [whole]
         indices = sorted({g for s in specs for g in s.gpus})
-        nvml = NvmlSource(indices)
+        nvml = NvmlSource(indices, counter_every=counter_every)
         by_index = dict(zip(nvml.gpu_indices, nvml.devices, strict=True))
         fixed = [MeteredBackend(s.name, tuple(by_index[g] for g in s.gpus)) for s in specs]
         return nvml, lambda: list(fixed)
@@ -261,9 +262,10 @@ def build_meter_service(
     *,
     interval_ms: int = INTERVAL_MS,
     engine_interval_s: float = ENGINE_INTERVAL_S,
+    counter_every: int = 1,
 ) -> MeterService:
     """A ``MeterService`` over the backends ``specs`` with the ``kind`` of source (not started). Blocking."""
-    source, backends = meter_backends(kind, specs)
+    source, backends = meter_backends(kind, specs, counter_every=counter_every)
     try:
         weights = WeightsWatch({spec.name: spec.url for spec in specs})
         return MeterService(
