@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -814,7 +815,22 @@ def test_a_poison_line_in_a_journal_left_by_an_earlier_run_cannot_wedge_the_repl
 
 
 def test_the_hot_path_costs_microseconds(tmp_path: Path) -> None:
-    """Each call timed on its own while the writer thread drains into SQLite (so it competes for the GIL)."""
+    """Each call timed on its own while the writer thread drains into SQLite (so it competes for the GIL), against
+    what the hand-off cannot do without: a plain ``write()`` of a journal line, timed the same way in the same run.
+    A hand-off that waited on the database or fsync'd would cost 50-1000 times that; the figure itself
+    is ``bench.ledger_hot_path``'s (an absolute bound here failed on a slow day of this box: 18.5 us)."""
+    floor_ns: list[int] = []
+    line = b'{"k":"t","request_id":"' + b"r" * 32 + b'","tenant":"tenant-a","model_id":"m","received_ns":1}\n'
+    fd = os.open(tmp_path / "floor.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for _ in range(20_000):
+            t0 = time.perf_counter_ns()
+            os.write(fd, line)
+            floor_ns.append(time.perf_counter_ns() - t0)
+    finally:
+        os.close(fd)
+    floor_ns.sort()
+    floor_us = floor_ns[len(floor_ns) // 2] / 1e3
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
     timelines = [timeline_of(i) for i in range(20_000)]
@@ -833,8 +849,8 @@ def test_the_hot_path_costs_microseconds(tmp_path: Path) -> None:
         assert ledger.stats.written_requests == 20_000
     cost_ns.sort()
     p50_us, p99_us = cost_ns[len(cost_ns) // 2] / 1e3, cost_ns[int(0.99 * len(cost_ns))] / 1e3
-    print(f"\nhot path: p50 {p50_us:.2f} us, p99 {p99_us:.2f} us per call (writer running)")
-    assert p50_us < 10
+    print(f"\nhot path: p50 {p50_us:.2f} us, p99 {p99_us:.2f} us per call (writer running); write(): {floor_us:.2f} us")
+    assert p50_us < 25 * floor_us  # 2-8x on this box over days; a database wait or fsync would be 50-1000x
 
 
 def test_bulk_write_rate(migrated: tuple[str, sa.Engine], tmp_path: Path) -> None:
