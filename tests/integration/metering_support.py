@@ -132,20 +132,21 @@ def check_books(db: sa.Engine) -> dict[str, int]:
     """Conservation, exactly: per epoch counter = its requests' energy + idle + the adjustment booked for sealed
     requests; consecutive epochs of a backend tile time without overlap; every seal holds the sums of its rows.
     usage_hourly equals its rebuild. Returns the counter energy per backend."""
-    epochs = query(db, "SELECT * FROM backend_epochs WHERE backend <> '' ORDER BY backend, epoch_start_ns")
-    sums = {
-        (r[0], r[1]): (r[2], r[3])
-        for r in query(
-            db,
-            "SELECT backend, epoch_start_ns, SUM(prefill_mj), SUM(decode_mj) FROM request_energy GROUP BY backend, "
-            "epoch_start_ns",
-        )
-    }
+    # One statement, so one snapshot: the engine may be recomputing an epoch (rows and epoch row in one transaction)
+    # while this reads, and two reads could see its epoch row before and its rows after.
+    epochs = query(
+        db,
+        "SELECT e.*, COALESCE(r.rows_prefill_mj, 0) AS rows_prefill_mj, "
+        "COALESCE(r.rows_decode_mj, 0) AS rows_decode_mj FROM backend_epochs e LEFT JOIN "
+        "(SELECT backend, epoch_start_ns, SUM(prefill_mj) AS rows_prefill_mj, "
+        "SUM(decode_mj) AS rows_decode_mj FROM request_energy GROUP BY backend, epoch_start_ns) r "
+        "ON r.backend = e.backend AND r.epoch_start_ns = e.epoch_start_ns "
+        "WHERE e.backend <> '' ORDER BY e.backend, e.epoch_start_ns",
+    )
     totals: dict[str, int] = {}
     prev: dict[str, sa.Row] = {}
     for e in epochs:
-        pre, dec = sums.get((e.backend, e.epoch_start_ns), (0, 0))
-        assert (pre, dec) == (e.prefill_mj, e.decode_mj), e
+        assert (e.rows_prefill_mj, e.rows_decode_mj) == (e.prefill_mj, e.decode_mj), e
         assert e.counter_mj == e.prefill_mj + e.decode_mj + e.idle_mj + e.adjustment_mj, e
         if e.backend in prev:
             p = prev[e.backend]
