@@ -224,8 +224,10 @@ class Sampler:
 
     def _seed_stamps(self, samples: list[Sample]) -> None:
         """Where earlier processes left the devices first seen in ``samples`` (on the sampler's thread, lock free)."""
+        if self._seed is None:
+            return
         new = sorted({sample.device for sample in samples} - self._seeded)
-        if self._seed is None or not new:
+        if not new:
             return
         self._seeded.update(new)
         try:

@@ -26,31 +26,9 @@ from tests.waiting import wait_until_async
 
 from .metering_support import query
 from .test_clock_skew import _shim
+from .test_metering_daemon import _config
 
 STEP_NS = 3_000_000_000  # more than a meter takes to start (~1-2 s here), so the restart lands behind
-
-
-def _config(tmp_path: Path, db_url: str, sim_url: str) -> Path:
-    path = tmp_path / "meter.toml"
-    path.write_text(
-        f"""
-[db]
-url = "{db_url}"
-
-[server]
-log_format = "console"
-
-[meter]
-source = "sim"
-node = "gpu-node-1"
-journal_path = "{tmp_path / "journal.jsonl"}"
-
-[[models]]
-model_id = "sim-model"
-backends = [{{ url = "{sim_url}", node = "gpu-node-1" }}]
-"""
-    )
-    return path
 
 
 async def _run_meter(config: Path, db: object, env: dict[str, str], until_samples: int) -> str:
