@@ -67,7 +67,7 @@ def _sglang(doc: dict[str, Any]) -> str | None:
 
 def _vllm(doc: dict[str, Any]) -> str | None:
     data = doc.get("data")
-    if not data or not isinstance(data[0], dict) or not data[0].get("id"):
+    if not isinstance(data, list) or not data or not isinstance(data[0], dict) or not data[0].get("id"):
         return None
     card = data[0]
     return f"openai:{card['id']}@{card.get('root') or '-'}"

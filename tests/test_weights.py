@@ -51,3 +51,9 @@ def test_a_backend_that_raises_does_not_stop_the_others() -> None:
     watch = WeightsWatch({"bad": "http://bad", "good": "http://good"}, identify=identify, clock=lambda: 7)
     watch.poll_once()
     assert watch.at("good", 7) == "X" and watch.at("bad", 7) is None
+
+
+def test_answers_in_no_engine_s_shape_are_no_identity() -> None:
+    """A server answering the three doors with shapes no engine sends: no identity, and no exception to log."""
+    answers = {"/info": [1, 2], "/get_model_info": {"model_path": ""}, "/v1/models": {"data": {"0": {"id": "x"}}}}
+    assert identity_of("http://b", get=lambda url, _t: answers[url.removeprefix("http://b")]) is None
