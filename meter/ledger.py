@@ -415,6 +415,8 @@ class Ledger:
         self._open: dict[str, Row] = {}  # requests started and not finished: the checkpoint
         self._held: list[tuple[str, Row | list[Row]]] = []  # records neither journaled nor in SQL (disk full)
         self._leftovers: list[Path] = []  # segments an earlier process left, until replayed
+        self._leftover_stamps: dict[str, int] = {}  # device -> its latest sample in those segments
+        self._scanned = threading.Event()  # the leftovers were read (or there were none)
         self._seal_pending = False  # a seal marker is in the buffer
         self._rotated_at = time.monotonic()
         self._heartbeat_at = 0.0
@@ -487,6 +489,8 @@ class Ledger:
         self._pending = bool(self._leftovers)
         if self._pending:
             log.info("ledger_journal_found", path=str(self._journal.path))
+        else:
+            self._scanned.set()
         self._thread = threading.Thread(target=self._run, name="joulegate-ledger", daemon=True)
         self._state = Lifecycle.RUNNING
         self._thread.start()
@@ -556,7 +560,10 @@ class Ledger:
     def _run(self) -> None:
         try:
             if self._leftovers:
-                self._close_orphans(self._leftovers)
+                try:
+                    self._take_over(self._leftovers)
+                finally:
+                    self._scanned.set()
             if self._pending:
                 self._recover(first_wait_s=0.0)
             while True:
@@ -904,11 +911,22 @@ class Ledger:
 
     # -- restart ---------------------------------------------------------------------------------------------------
 
-    def _close_orphans(self, segments: Sequence[Path]) -> None:
-        """Close the requests a dead process left in flight: starts without a timeline in its segments."""
+    def journaled_stamps(self, devices: Sequence[str], timeout_s: float = 10.0) -> dict[str, int]:
+        """The stamp of each of ``devices``' latest sample in the journal segments an earlier process left (those
+        that have one): samples the database may not hold yet, because the replay runs after ``start``. Waits up to
+        ``timeout_s`` for the writer to have read them (an empty answer past that, logged). Any thread."""
+        if not self._scanned.wait(timeout_s):
+            log.warning("ledger_journal_not_read_yet", devices=list(devices), timeout_s=timeout_s)
+            return {}
+        return {d: self._leftover_stamps[d] for d in devices if d in self._leftover_stamps}
+
+    def _take_over(self, segments: Sequence[Path]) -> None:
+        """Read the segments a dead process left: close the requests it left in flight (starts without a timeline)
+        and note where each device's samples end (``journaled_stamps``)."""
         starts: dict[str, Row] = {}
         finished: set[str] = set()
         last_alive_ns = 0
+        stamps = self._leftover_stamps
         for segment in segments:
             for record in Journal.read(segment):
                 if isinstance(record, BadLine):
@@ -918,6 +936,11 @@ class Ledger:
                     v = record.get(c)
                     if type(v) is int and v > last_alive_ns:
                         last_alive_ns = v
+                if kind == SAMPLE:
+                    device, t_ns = record.get("device"), record.get("t_ns")
+                    if isinstance(device, str) and type(t_ns) is int and t_ns > stamps.get(device, t_ns - 1):
+                        stamps[device] = t_ns
+                    continue
                 rid = record.get("request_id")
                 if not isinstance(rid, str):
                     continue

@@ -5,7 +5,8 @@ ledger) and alone (``joulegate meter``, one per GPU node, with a ledger of its o
 
 - the ``Sampler`` reads the energy source every ``interval_ms`` and hands each read's samples to the ledger's
   ``add_samples`` (non-blocking; the ledger writes them in batches, or journals them through a database outage),
-  each device's after the last one stored (``Sampler``'s ``seed``: a clock stepped back across a restart);
+  each device's after the last one an earlier process kept, in the database or in the journal it left
+  (``Sampler``'s ``seed``: a clock stepped back across a restart);
 - the engine thread calls ``MeteringEngine.run_once`` every ``engine_interval_s``. A pass that fails (database down)
   is logged and retried with backoff; every epoch is its own transaction, so nothing is left half written.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -43,6 +44,10 @@ _LOG_EVERY_S = 60.0
 
 class SampleSink(Protocol):
     def add_samples(self, samples: Sequence[Sample]) -> None: ...
+
+    def journaled_stamps(self, devices: Sequence[str]) -> Mapping[str, int]:
+        """Where each device's samples end in what an earlier process journaled and the database may lack yet."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +93,7 @@ class MeterService:
         self._resolve = backends
         self._close_source = close_source
         self._db = db
+        self._sink = sink
         self.sampler = Sampler(source, sink.add_samples, interval_ms=interval_ms, seed=self._stored_stamps)
         self._weights = weights
         self.engine = MeteringEngine(db, list(backends()), settings, weights=weights.at if weights else None)
@@ -131,9 +137,23 @@ class MeterService:
         log.info("meter_stopped", engine=dataclasses.asdict(self.engine.stats))  # fields, not a repr
 
     def _stored_stamps(self, devices: Sequence[str]) -> dict[str, int | None]:
-        """The stamp of each device's last stored sample: this meter's samples go after them in read order."""
-        with self._db.connect() as conn:
-            return dict(zip(devices, last_samples(conn, devices), strict=True))
+        """The stamp of each device's last sample kept before this process, in the journal an earlier process left
+        (its replay may not have run yet) or in the database: this meter's samples go after them in read order. The
+        journal is read first: a segment gone by then was replayed, so the database holds its samples. With the
+        database away, the journal's stamps alone (logged: a clock stepped back may then interleave with samples
+        only the database has)."""
+        journaled = self._sink.journaled_stamps(devices)
+        try:
+            with self._db.connect() as conn:
+                stored: Sequence[int | None] = last_samples(conn, devices)
+        except Exception as exc:
+            log.warning("meter_seeded_from_journal_only", devices=list(devices), error=f"{type(exc).__name__}: {exc}")
+            stored = [None] * len(devices)
+        out: dict[str, int | None] = {}
+        for device, t_ns in zip(devices, stored, strict=True):
+            kept = [t for t in (t_ns, journaled.get(device)) if t is not None]
+            out[device] = max(kept) if kept else None
+        return out
 
     def run_soon(self) -> None:
         """Ask the engine loop for a pass now (tests, and a reports call that waits for finality)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import structlog
 
 from app.commands.meter import meter_journal_path
 from app.config import ConfigError, load_config
@@ -13,12 +14,14 @@ from app.metering import local_backends
 from meter.config import engine_settings
 from meter.engine import MeteredBackend
 from meter.ledger import Ledger
+from meter.samples import Sample
 from meter.service import BackendSpec, MeterService, meter_backends
 from meter.sources.sim import SimSource
 from meter.store import make_engine, upgrade
 from sim.config import SimConfig
 from sim.server import SimTGI
-from tests.waiting import wait_until_async
+from tests.test_ledger import journal_records
+from tests.waiting import wait_until, wait_until_async
 
 MS = 1_000_000
 
@@ -91,3 +94,46 @@ async def test_service_samples_attributes_and_stops(tmp_path: Path) -> None:
             epochs = conn.exec_driver_sql("SELECT counter_mj, idle_mj FROM backend_epochs").fetchall()
         assert epochs and all(c == i > 0 for c, i in epochs)  # no requests: all of it idle
         db.dispose()
+
+
+class _BehindSource:
+    """One GPU whose reads are stamped just behind what an earlier process journaled (a clock stepped back)."""
+
+    devices = ("gpu0",)
+
+    def __init__(self, t_ns: int) -> None:
+        self.t_ns = t_ns
+
+    def read(self) -> list[Sample]:
+        return [Sample("gpu0", self.t_ns, 9)]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_restarted_meter_stamps_after_what_its_predecessor_only_journaled(tmp_path: Path, unused_port: int) -> None:
+    """The predecessor died with samples in its journal only (the database was away); the database is still away
+    when the successor reads first: its samples go after the journaled ones (the seed read only the database, which
+    failed, and left the sampler unseeded: the replay would have interleaved the two)."""
+    url = f"postgresql://postgres@127.0.0.1:{unused_port}/nowhere"  # nothing listens
+    journal = tmp_path / "journal.jsonl"
+    t_ns = 1_700_000_000_000_000_000
+    with Ledger(url, journal, flush_interval_s=0.02, retry_initial_s=0.02, retry_max_s=0.2) as first:
+        first.add_samples([Sample("gpu0", t_ns, 8)])
+        assert first.flush(10)
+    db = make_engine(url)
+    ledger = Ledger(db, journal, flush_interval_s=0.02, retry_initial_s=0.02, retry_max_s=0.2)
+    ledger.start()
+    backends = [MeteredBackend("b1", ("gpu0",))]
+    service = MeterService(db, ledger, _BehindSource(t_ns - 1000), lambda: backends, engine_interval_s=0.1)
+    with structlog.testing.capture_logs() as logs:
+        service.start()
+        try:
+            wait_until(lambda: service.sampler.stats.reads >= 2, 10, what="two reads")
+        finally:
+            service.stop()
+            ledger.close()
+            db.dispose()
+    stamps = [r["t_ns"] for r in journal_records(journal) if r.get("k") == "m" and r.get("energy_mj") == 9]
+    assert stamps and stamps[0] == t_ns + 1 and all(t > t_ns for t in stamps)
+    assert any(e["event"] == "meter_seeded_from_journal_only" for e in logs)

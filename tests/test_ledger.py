@@ -506,6 +506,20 @@ def test_flush_returns_once_records_are_journaled_while_the_database_is_away(tmp
     assert [r["k"] for r in journal_records(tmp_path / "j.jsonl")] == ["t", "m"]
 
 
+def test_a_successor_knows_where_the_samples_its_predecessor_journaled_end(tmp_path: Path, unused_port: int) -> None:
+    """Samples a dead process left only in the journal are in no database query until the replay: the successor's
+    sampler asks the ledger where each device's end, to stamp its own after them."""
+    url = f"postgresql://postgres@127.0.0.1:{unused_port}/nowhere"  # nothing listens: every record stays journaled
+    with ledger_for(url, tmp_path / "j.jsonl") as first:
+        first.add_samples([Sample("d1", T0 + 300, 5), Sample("d2", T0 + 100, 1)])
+        first.add_samples([Sample("d1", T0 + 200, 4), Sample("d2", T0 + 400, None, error="a gap is a sample too")])
+        assert first.journaled_stamps(["d1"]) == {}  # its own samples are not an earlier process's
+        assert first.flush(10)
+    with ledger_for(url, tmp_path / "j.jsonl") as second:
+        assert second.journaled_stamps(["d1", "d2", "d3"]) == {"d1": T0 + 300, "d2": T0 + 400}
+        assert second.journaled_stamps(["d2"]) == {"d2": T0 + 400}
+
+
 def test_an_unmigrated_database_is_an_outage_not_a_reason_to_drop_rows(db_url: str, tmp_path: Path) -> None:
     engine = make_engine(db_url)
     with ledger_for(engine, tmp_path / "j.jsonl") as ledger:
