@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import structlog
 
 from meter.lifecycle import Lifecycle
-from meter.samples import EnergySource, Sample, in_read_order
+from meter.samples import EnergySource, Sample, SettlingSource, in_read_order
 
 log = structlog.get_logger(__name__)
 
@@ -217,6 +217,8 @@ class Sampler:
                     tick = next_tick
                     due_ns = start_ns + tick * self._interval_ns
                 self._stop.wait((due_ns - now_ns) / 1e9)
+            if isinstance(self._source, SettlingSource):
+                self._settle(self._source)
         finally:
             with self._lock:
                 self._cpu_s = time.thread_time() - cpu0_s
@@ -256,10 +258,15 @@ class Sampler:
             if n == 1 or n % _LOG_EVERY == 0:
                 log.exception("sampler_source_raised", source_errors=n)
         read_ms = (time.perf_counter_ns() - t0_ns) / 1e6
-        self._seed_stamps(samples)
         with self._lock:
             self._reads += 1
             self._read_ms.append(read_ms)
+        return self._deliver(samples)
+
+    def _deliver(self, samples: list[Sample]) -> bool:
+        """Order, account and hand one read's samples to the sink; True when most devices repeated their value."""
+        self._seed_stamps(samples)
+        with self._lock:
             self._stale_in_tick = self._valid_in_tick = 0
             samples = [self._in_order(sample) for sample in samples]
             for sample in samples:
@@ -274,6 +281,16 @@ class Sampler:
             if n == 1 or n % _LOG_EVERY == 0:
                 log.exception("sampler_sink_raised", sink_errors=n, samples_lost=len(samples))
         return stale
+
+    def _settle(self, source: SettlingSource) -> None:
+        """At stop: the readings the source still holds back, delivered like a tick's."""
+        try:
+            samples = source.settle()
+        except Exception:
+            log.exception("sampler_settle_failed")
+            return
+        if samples:
+            self._deliver(samples)
 
     def _in_order(self, sample: Sample) -> Sample:
         """``in_read_order`` against the device's previous sample, counted and logged once per step (lock held)."""

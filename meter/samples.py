@@ -43,6 +43,16 @@ class EnergySource(Protocol):
         ...
 
 
+@runtime_checkable
+class SettlingSource(EnergySource, Protocol):
+    """A source that holds readings back until a later read completes them (``NvmlSource`` with ``counter_every``
+    > 1 spreads each counter delta over the reads before it): the sampler asks it once more as it stops."""
+
+    def settle(self) -> list[Sample]:
+        """Complete and return the readings held back (a last counter read). Blocking; never raises for a read."""
+        ...
+
+
 def in_read_order(sample: Sample, last_t_ns: int | None) -> Sample:
     """``sample`` as it must be stored after a sample of its device stamped ``last_t_ns``: unchanged if its own time
     is later, else restamped 1 ns after it — a reading still, while the clock is at most ``MAX_RESTAMP_NS`` behind;

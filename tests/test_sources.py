@@ -463,3 +463,28 @@ def test_nvml_reads_the_counter_every_nth_read_and_spreads_by_power(monkeypatch:
     assert all(a <= b for a, b in itertools.pairwise(values))  # type: ignore[operator]
     assert all(x.error is None for x in samples)
     source.close()
+
+
+def test_a_sampler_that_stops_settles_the_reads_waiting_for_a_counter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``counter_every`` N, up to N - 1 reads wait for the next counter read: a meter stopped meanwhile used to
+    leave them (with N = 10, up to ~1 s of every GPU's energy) unstored. The sampler's stop now reads the counter
+    once more, and the samples the sink got end on the counter's value at stop, after the last tick, in order. (N
+    here is past the reads the test makes, so the stop always finds reads waiting.)"""
+    fake = _FakeNvml(monkeypatch)
+    source = NvmlSource([0, 1], counter_every=1000)
+    fake.counter_reads = 0
+    got: list[Sample] = []
+    sampler = Sampler(source, got.extend, interval_ms=10, phase_lock=False)
+    sampler.start()
+    wait_until(lambda: sampler.stats.reads >= 13, 10, what="a counter read and some reads after it")
+    assert sampler.stop()
+    assert source.settle() == []  # nothing is held back any more
+    reads = sampler.stats.reads
+    assert fake.counter_reads == 4 and reads < 100  # the first read's and the stop's, per GPU; no tick given up
+    for device in source.devices:
+        mine = [x for x in got if x.device == device]
+        assert len(mine) == reads + 1  # every read's tick, and the settling counter read
+        assert all(a.t_ns < b.t_ns for a, b in itertools.pairwise(mine))
+        assert all(x.energy_mj is not None for x in mine)
+    assert got[-1].energy_mj == fake.energy_mj  # the counter's last value is stored
+    source.close()

@@ -165,6 +165,18 @@ class NvmlSource:
                 samples += spreader.power_tick(time.time_ns(), power_mw)
         return samples
 
+    def settle(self) -> list[Sample]:
+        """A counter read for every GPU whose last reads wait for one (``counter_every`` > 1): their samples, so
+        that a meter that stops leaves no read of its last second unstored."""
+        if self._state is Lifecycle.CLOSED:
+            return []
+        samples: list[Sample] = []
+        for name, handle, spreader in zip(self._devices, self._handles, self._spreaders, strict=True):
+            if spreader.holds_ticks:
+                read = _read_counter(name, handle)
+                samples += spreader.counter_tick(read.t_ns, read.energy_mj, _power_mw(handle), read.error)
+        return samples
+
     def close(self) -> None:
         """Shut NVML down (once; later calls do nothing)."""
         if self._state is Lifecycle.CLOSED:

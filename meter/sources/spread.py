@@ -74,6 +74,11 @@ class CounterSpreader:
     _retry: bool = False  # the last counter read failed
 
     @property
+    def holds_ticks(self) -> bool:
+        """Ticks wait for the next counter read (``settle`` them with one before stopping)."""
+        return bool(self._pending)
+
+    @property
     def owes_counter(self) -> bool:
         """The last counter read failed (or none was made): read it at the next tick, whatever the schedule."""
         return self._last is None or self._retry
