@@ -30,17 +30,23 @@ it ended:
 - *wait* ``[released, prefill step start)``: released to TGI, queued there for its prefill;
 - *decode* ``(first_token, done]``; a request without a first token has no decode.
 
-Abandoned prefills. A request that ends without a first token owns the prefill step the engine ran for it, modelled
-as a step ending when it ended. A generation failure (``INTERNAL``) comes at the end of its step, like a first
-token: its step is estimated as any other. A request whose client left (``Timeline.abandoned_prefill``: cancelled,
-past its deadline, a time limit) was cut at an unknown point of its step, and may have spent the start of its
-window in the backend's queue behind the decode step in progress: its step starts no earlier than the backend's
-queue wait after its release, which the requests with known steps in the same span show (the median of their
-waits from release to step that no other known prefill overlaps; 0 without one). The assumption behind all this:
-the step was cut when the request left, as the simulator does (it drops the request from the step at the cancel
-and finishes the step for the others, or idles if none is left). A real TGI finishes a step in flight even when one
-of its requests has gone, so on a GPU the bill may miss the rest of that step (it goes to the step's other
-requests, or to idle); the request still pays for the part of its prefill before it left.
+Abandoned prefills. A request that ends without a first token owns the prefill step the engine ran for it. A
+generation failure (``INTERNAL``) comes at the end of its step, like a first token: its step is estimated as any
+other, ending when it ended. A request whose client left (``Timeline.abandoned_prefill``: cancelled, past its
+deadline, a time limit) left at an unknown point, and may have spent the start of its window in the backend's queue
+behind the decode step in progress: its step starts no earlier than the backend's queue wait after its release,
+which the requests with known steps in the same span show (the median of their waits from release to step that no
+other known prefill overlaps; 0 without one). One that left before that wait was over never ran (an engine drops a
+request whose client left from its queue) and owns nothing. One that left later was in its step, and an engine does
+not stop a forward pass (TGI filters the request out after the step, vLLM and SGLang abort it between steps): with
+``abandoned_step_completes`` (the default) its step runs from the end of that wait for its estimated length, past the
+leaving if need be (``done`` moves there), and is the request's; without it, the step is taken to have been cut when
+the request left (ending then, as with the simulator's ``finish_step_on_cancel`` off). Cut at the leaving on an
+engine that completes the step, the rest of the step went to the requests decoding beside it: in
+``tests/integration/test_billing_adversaries.py`` the abandoning tenant was billed a third under its cost and its
+decoding neighbour three quarters over. A long prompt that an engine prefills in chunks (vLLM, SGLang, TGI 3 with
+chunking) completes only the chunk in flight: there, the whole step estimated for a prompt longer than a chunk bills
+the abandoning request for chunks that never ran.
 
 Who owns an instant. At every instant the energy goes to exactly one class, by precedence:
 
@@ -69,7 +75,9 @@ share, and the result does not depend on the order of the inputs.
 Guarantees (tests/test_attribution.py holds the implementation to them):
 
 - conservation to the millijoule, for every input; adjacent spans add up to their union (each integer within 1 mJ
-  of its exact share, so per request within 2 mJ);
+  of its exact share, so per request within 2 mJ) where no request abandoned its prefill: the backend's queue wait
+  that places an abandoned prefill's step is measured on the requests released within the span, so it may differ
+  between a span and its halves (the engine attributes whole epochs);
 - identical requests served together get totals within 1 mJ; the result is independent of input order;
 - locality: a lone request gets every interval inside its window; an interval touching no request is all idle;
 - a longer decode never costs less (for every input); more prompt tokens in a shared prefill never cost less when
@@ -142,6 +150,10 @@ class AttributionPolicy:
     prefill_ratio_per_1k_tokens: float = 0.0
     idle_power_w: float | None = None  # power when nothing runs; None: split partly idle intervals by time
     batch_tolerance_ns: int = 2_000_000  # first tokens this close together came out of one prefill step
+    # A client that leaves during its prefill step: True, the engine runs the step to its end (a forward pass is not
+    # stopped: TGI, vLLM and SGLang drop the request after it), so the request owns the whole step; False, the step
+    # was cut when it left (the simulator's old rule), so it owns the step up to then.
+    abandoned_step_completes: bool = True
 
     def __post_init__(self) -> None:
         if self.lag_ns < 0:
@@ -334,6 +346,17 @@ def request_phases(
         end = ends[tl.request_id]
         decodes = tl.first_token_ns is not None
         earliest = min(end, released_ns + queue_wait_ns) if tl.abandoned_prefill else released_ns
+        if tl.abandoned_prefill and policy.abandoned_step_completes and earliest < end:
+            # Its step began after the backend's queue wait and ran its length, past the client's leaving if need be
+            # (one that had not begun by then never ran: the engine drops a request whose client left from its queue).
+            step_end = max(end, earliest + est[tl.request_id])
+            out.append(
+                RequestPhases(
+                    tl.request_id, released_ns, step_end, step_end - est[tl.request_id], step_end, False,
+                    tl.computed_tokens,
+                )
+            )  # fmt: skip
+            continue
         out.append(
             RequestPhases(
                 tl.request_id,

@@ -75,6 +75,10 @@ class MeterConfig(Section):
     batch_tolerance_ms: float = Field(
         default=_ENGINE.batch_tolerance_ns / _MS, ge=0, le=1_000, description="first tokens this close: one prefill"
     )
+    abandoned_step_completes: bool = Field(
+        default=_ENGINE.abandoned_step_completes,
+        description="a client that leaves mid-prefill owns the whole step (engines finish a forward pass they began)",
+    )
     idle_power_w: float | Literal["auto", "time"] = Field(
         default=_ENGINE.idle_power,
         description="idle floor: 'auto' (measured), 'time' (split partly idle intervals by time), W",
@@ -139,6 +143,7 @@ def engine_settings(meter: MeterConfig) -> EngineSettings:
         prefill_overhead_ns=round(meter.prefill_overhead_ms * _MS),
         prefill_power_ratio=meter.prefill_power_ratio,
         batch_tolerance_ns=round(meter.batch_tolerance_ms * _MS),
+        abandoned_step_completes=meter.abandoned_step_completes,
         idle_power=meter.idle_power_w,
         tick_gap_ns=min(_ENGINE.tick_gap_ns, meter.interval_ms * _MS // 2),
         max_interval_ns=max(round(meter.max_interval_s * _S), 2 * meter.interval_ms * _MS),

@@ -25,8 +25,10 @@ requests, how long it takes) or ``None`` when it has nothing to do, and is resum
 ended (or work arrived). The driver owns time: it sleeps, or jumps its virtual clock, between yields.
 
 Step durations and power come from ``sim.costmodel``; each step is announced to ``SimGPU`` as it starts, with the
-time the driver gave, so energy integrates over the exact span of each step. A cancelled request leaves its step at
-once (``SimGPU.drop``): from that instant it owns no energy, and an emptied step ends early (``cancel`` says so).
+time the driver gave, so energy integrates over the exact span of each step. A cancelled request gets no more tokens;
+the step in progress runs to its end with it, its share of the step its own (``finish_step_on_cancel``, as an
+engine's forward pass), or, with that off, it leaves the step at once (``SimGPU.drop``): from that instant it owns no
+energy, and an emptied step ends early (``cancel`` says so).
 """
 
 from __future__ import annotations
@@ -185,8 +187,9 @@ class BatchingCore:
         self._waiting.append(request)
 
     def cancel(self, request: BatchRequest, now_ns: int) -> bool:
-        """The client went away at ``now_ns``: the request leaves the queue or its batch, and its step if one is
-        running. Returns True when that left the step in progress with no request: the step ends now."""
+        """The client went away at ``now_ns``: the request leaves the queue or its batch, and (``finish_step_on_cancel``
+        off) its step if one is running. Returns True when that left the step in progress with no request: the step
+        ends now."""
         if request.state is State.DONE:
             return False
         state = request.state
@@ -202,6 +205,8 @@ class BatchingCore:
             if id(members) not in seen and request in members:
                 members.remove(request)
             seen.add(id(members))
+        if in_step and self.config.finish_step_on_cancel:
+            return False  # a forward pass is not stopped: the request owns its share of the step until it ends
         self.gpu.drop(request.account, now_ns)
         return in_step and not self._step
 

@@ -49,6 +49,11 @@ class SimConfig:
     # included); the router then ignores waiting_served_ratio and max_waiting_tokens and lets every forward take in
     # waiting requests up to the prefill budget. Off by default here, so that those two knobs model the classic rule.
     prefill_chunking: bool = False
+    # A client that leaves mid-step: on, the step runs to its end with its request, as a real engine's forward pass
+    # does (TGI filters the request out after it, vLLM and SGLang abort it between steps); off, the request leaves the
+    # step at once and a step left empty ends (what the simulator did before 2026-12-07). Either way a request still
+    # queued leaves at once.
+    finish_step_on_cancel: bool = True
     # Automatic prefix caching (sim.prefix_cache): None is the engine's default, on for vllm and sglang, off for tgi.
     prefix_caching: bool | None = None
     prefix_block_tokens: int = 16  # vLLM's default block size; SGLang's radix cache matches single tokens (1)

@@ -95,6 +95,7 @@ def policies(draw: st.DrawFn) -> AttributionPolicy:
         prefill_ratio_per_1k_tokens=draw(st.one_of(st.just(0.0), st.floats(0.0, 2.0))),
         idle_power_w=draw(st.one_of(st.none(), st.floats(0.0, 300.0))),
         batch_tolerance_ns=draw(st.integers(0, 5_000)) * US,
+        abandoned_step_completes=draw(st.booleans()),
     )
 
 
@@ -187,13 +188,15 @@ class Schedule:
         return out
 
     def engine_policy(self, lag_ns: int) -> AttributionPolicy:
-        """The policy whose prefill estimate matches this engine exactly."""
+        """The policy whose prefill estimate matches this engine exactly (which cuts a step where a request leaves:
+        ``abandoned_step_completes`` off)."""
         return AttributionPolicy(
             lag_ns=lag_ns,
             prefill_tokens_per_s=float(ENGINE_TOKENS_PER_S),
             prefill_overhead_ns=ENGINE_OVERHEAD_MS * MS,
             prefill_power_ratio=2.0,
             batch_tolerance_ns=2 * MS,
+            abandoned_step_completes=False,
         )
 
 

@@ -208,19 +208,43 @@ def test_a_request_that_ends_without_a_token_owns_the_prefill_step_it_ended_in()
         assert a.requests["W"] == PhaseEnergy(2000, 0, 200 * MS), status
         assert a.requests["D"] == PhaseEnergy(0, 1000, 200 * MS)
         assert a.idle_mj == 2000
-    # Cancelled 50 ms after its release, less than its step's estimate: the step is clipped to its release. In the
-    # reading [200, 300] it weighs prefill_power_ratio (2) x 50 ms against D's 50 ms of decode: 2/3 of 1000 mJ.
+    # Cancelled 50 ms after its release, less than its step's estimate, its step cut there (the cut rule; the
+    # default, an engine finishing the step, is the next test's): the step is clipped to its release. In the reading
+    # [200, 300] it weighs prefill_power_ratio (2) x 50 ms against D's 50 ms of decode: 2/3 of 1000 mJ.
     a = attribute(grid([1000] * 5), [tl("W", 250, None, 300, prompt=2000, status="CANCELLED"), tl("D", 200, 200, 400)],
-                  pol)  # fmt: skip
+                  replace(pol, abandoned_step_completes=False))  # fmt: skip
     assert a.requests["W"].prefill_mj == 667 and a.requests["D"].decode_mj == 1333
+
+
+def test_an_abandoned_prefill_owns_its_whole_step_since_the_engine_finishes_it():
+    """TGI, vLLM and SGLang do not stop a forward pass whose request's client left: they drop the request after it.
+    W (2,000 tokens: a 100 ms step) is released at 250 and its client leaves at 300; D decodes (200, 400] and its own
+    wait says the backend's queue takes no time, so W's step is [250, 350], past the leaving, and D decodes around it.
+    Reading [200, 300]: W's 50 ms of prefill weigh 2 x 50 against D's 50 ms: 667; [300, 400] the same. Cut when its
+    client left (the rule before), W had only the first 667, and D the other 667: a quarter of the bill moved."""
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0)
+    d = tl("D", 200, 200, 400)
+    w = tl("W", 250, None, 300, prompt=2000, status="CANCELLED")
+    a = attribute(grid([1000] * 5), [w, d], pol)
+    assert a.requests["W"] == PhaseEnergy(1333, 0, 100 * MS) and a.requests["D"].decode_mj == 667
+    check_conserved(a)
+    cut = attribute(grid([1000] * 5), [w, d], replace(pol, abandoned_step_completes=False))
+    assert cut.requests["W"].prefill_mj == 667 and cut.requests["D"].decode_mj == 1333
+    # A client that left before the backend's queue wait was over: the step never began (the engine drops a request
+    # whose client left from its queue), so nothing is its. K's wait (released 100, its 100 ms step [200, 300]) says
+    # the queue takes 100 ms; W left 40 ms after its release.
+    k = tl("K", 100, 300, 300, prompt=2000, generated=1)
+    queued = attribute(grid([1000] * 5), [k, tl("W", 250, None, 290, prompt=2000, status="CANCELLED")], pol)
+    assert queued.requests["W"].total_mj == 0
+    check_conserved(queued)
 
 
 def test_a_prefill_step_weighs_more_the_more_tokens_it_has():
     # W is cancelled 50 ms after its release at 250 ms; its step (200 or 2,000 tokens at 2,000 tokens/s) is clipped to
-    # [250, 300], beside D's 50 ms of decode in the reading [200, 300]. With a weight of 1.0 + 0.5 per 1,000 tokens a
-    # 2,000-token step weighs 2 (as the flat ratio of 2 above: 2/3 of 1000 mJ), a 200-token one 1.1 (1.1/2.1).
+    # [250, 300] (the cut rule), beside D's 50 ms of decode in the reading [200, 300]. With a weight of 1.0 + 0.5 per
+    # 1,000 tokens a 2,000-token step weighs 2 (as the flat ratio of 2 above: 2/3 of 1000 mJ), a 200-token one 1.1.
     pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0, prefill_tokens_per_s=2_000.0, prefill_power_ratio=1.0,
-                            prefill_ratio_per_1k_tokens=0.5)  # fmt: skip
+                            prefill_ratio_per_1k_tokens=0.5, abandoned_step_completes=False)  # fmt: skip
     d = tl("D", 200, 200, 400)
     for prompt, expected in ((2000, 667), (200, 524)):
         a = attribute(grid([1000] * 5), [tl("W", 250, None, 300, prompt=prompt, status="CANCELLED"), d], pol)
@@ -397,6 +421,9 @@ def test_conservation_to_the_millijoule(rs, tls, pol):
 @PROPS
 @given(readings(min_size=3), timelines(), policies(), st.data())
 def test_adjacent_spans_add_up_to_their_union(rs, tls, pol, data):
+    # An abandoned prefill's step is placed by the queue wait of the requests released within the span, which may
+    # differ between a span and its halves (the module's guarantees say so; hypothesis found it): left out here.
+    tls = [t for t in tls if not t.abandoned_prefill]
     b = data.draw(st.integers(1, len(rs) - 2), label="split reading")
     whole = attribute(rs, tls, pol)
     left = attribute(rs[: b + 1], tls, pol)
@@ -475,7 +502,9 @@ def test_a_lone_request_gets_every_interval_inside_its_window(rs, data, pol):
 @given(readings(), timelines(), policies())
 def test_intervals_with_no_request_go_wholly_to_idle(rs, tls, pol):
     a = attribute(rs, tls, pol)
-    windows = sorted((t.released_ns, t.done_ns) for t in tls if t.on_gpu and t.released_ns is not None)
+    # Each request's window: [released, done], or past done where an abandoned prefill's step ran on after it.
+    windows = sorted((p.released_ns, p.done_ns) for p in request_phases(tls, pol))
+    assert all(p.done_ns >= t.done_ns for p in request_phases(tls, pol) for t in tls if t.request_id == p.request_id)
     empty = covered = 0  # intervals touching no window; intervals every instant of which is in some window
     for r0, r1 in itertools.pairwise(rs):
         lo, hi, e = r0.t_ns - pol.lag_ns, r1.t_ns - pol.lag_ns, r1.energy_mj - r0.energy_mj

@@ -208,9 +208,10 @@ class Learning:
         cal = self.calibrator
         if cal is None or not working or not readings.segments:
             return
-        uncertain = [(t.released_ns, t.done_ns) for t in working if t.abandoned_prefill]
         phases = request_phases(list(working), s.policy(None), since_ns=start)
-        classes = ClassTimeline.from_phases(phases, uncertain)  # type: ignore[arg-type]
+        abandoned = {t.request_id for t in working if t.abandoned_prefill}
+        uncertain = [(p.released_ns, p.done_ns) for p in phases if p.request_id in abandoned]  # steps run past done
+        classes = ClassTimeline.from_phases(phases, uncertain)
         before = self.model
         cal.add(readings.segments, classes, self.idle_power_w if s.idle_power == "auto" else None, start_ns=start)
         if self.calibrated_at_ns is None or start > self.calibrated_at_ns:

@@ -41,6 +41,7 @@ class EngineSettings:
     prefill_overhead_ns: int = 5 * _MS
     prefill_power_ratio: float = 2.0
     batch_tolerance_ns: int = 2 * _MS
+    abandoned_step_completes: bool = True  # ``AttributionPolicy.abandoned_step_completes``
     idle_power: float | Literal["auto", "time"] = "auto"
     idle_margin_ns: int = 50 * _MS  # an interval this close to a request is not used to measure idle power
     min_idle_ns: int = 500 * _MS  # fully idle time an epoch needs to trust its own idle estimate
@@ -115,6 +116,7 @@ class EngineSettings:
             prefill_ratio_per_1k_tokens=prefill_ratio_per_1k_tokens,
             idle_power_w=idle_power_w,
             batch_tolerance_ns=self.batch_tolerance_ns,
+            abandoned_step_completes=self.abandoned_step_completes,
         )
 
     @property

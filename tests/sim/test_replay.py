@@ -149,14 +149,19 @@ def test_replays_conserve_energy_and_repeat_exactly(trace, model, chunking, lag_
     assert rep.readings[-1].energy_mj <= rep.energy_pj // 10**9
 
 
-def test_a_client_that_leaves_mid_prefill_ends_the_step_at_once() -> None:
+def test_a_client_that_leaves_mid_prefill_leaves_its_step_running_to_its_end() -> None:
     config = SimConfig()
-    # a 1000-token prefill takes 55 ms; the client leaves after 20 ms: 20 ms at 650 W, then idle
-    rep = replay([TraceRequest("gone", "t", 0, 1000, 10, cancel_after_ns=20 * MS)], config, start_ns=0, tail_ns=0)
-    assert rep.truth_pj["gone"] == (650_000 * 20 * MS, 0)
-    assert rep.last_activity_ns == 20 * MS
+    # a 1000-token prefill takes 55 ms; the client leaves after 20 ms: the forward pass runs on, as an engine's does,
+    # 55 ms at 650 W, all of it the request's, then idle; it gets no token
+    gone = TraceRequest("gone", "t", 0, 1000, 10, cancel_after_ns=20 * MS)
+    rep = replay([gone], config, start_ns=0, tail_ns=0)
+    assert rep.truth_pj["gone"] == (650_000 * 55 * MS, 0)
+    assert rep.last_activity_ns == 55 * MS
     (tl,) = rep.timelines
     assert (tl.status, tl.first_token_ns, tl.done_ns, tl.generated_tokens) == ("CANCELLED", None, 20 * MS, 0)
+    # the old rule (finish_step_on_cancel off): the request left the step at once, which ended: 20 ms, then idle
+    cut = replay([gone], dataclasses.replace(config, finish_step_on_cancel=False), start_ns=0, tail_ns=0)
+    assert cut.truth_pj["gone"] == (650_000 * 20 * MS, 0) and cut.last_activity_ns == 20 * MS
     # a deadline before the cancel wins, with its own status
     both = TraceRequest("both", "t", 0, 1000, 10, cancel_after_ns=30 * MS, deadline_after_ns=10 * MS)
     (tl,) = replay([both], config, start_ns=0).timelines
