@@ -6,8 +6,9 @@ integrates energy on), sleeps each step's duration on the loop clock, wakes the 
 the handlers waiting for a request's tokens. ``sim.replay`` drives the same core on a virtual clock.
 
 Steps are scheduled back to back on the loop clock: a step that overslept (asyncio timers have ~1 ms granularity)
-shortens the next, so the average step rate is right. A request whose client goes away leaves its step at once; a
-step left with no request ends early.
+shortens the next, so the average step rate is right. A request whose client goes away gets no more tokens; its
+step runs to its end (``finish_step_on_cancel``), or, with that off, it leaves the step at once and a step left with
+no request ends early.
 """
 
 from __future__ import annotations

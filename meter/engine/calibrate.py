@@ -127,8 +127,9 @@ class ClassTimeline:
     def from_phases(cls, phases: Iterable[RequestPhases], uncertain: Iterable[tuple[int, int]] = ()) -> ClassTimeline:
         """The classes of requests whose phases ``meter.attribution.request_phases`` placed: the very model that
         ``attribute`` splits energy by. ``uncertain``: windows whose classes the model only guesses (abandoned
-        prefills: when their cut step began is not known); the calibrator leaves the intervals that touch them out,
-        since misplaced classes would bias the fitted powers (towards a smaller prefill/decode ratio)."""
+        prefills taken as cut at their leaving: when their step began is not known); the calibrator leaves the
+        intervals that touch them out, since misplaced classes would bias the fitted powers (towards a smaller
+        prefill/decode ratio)."""
         out = cls.__new__(cls)
         out._build([(p.released_ns, p.prefill_start_ns, p.prefill_end_ns, p.done_ns, p.prompt_tokens) for p in phases])
         out._uncertain = busy_windows(uncertain)

@@ -57,8 +57,9 @@ until their epochs are redone.
 
 Calibration (``calibrate``, on by default; ``meter.engine.calibrate``, ``meter.engine.learning``). The counter lag
 and the ratio of prefill to decode power are fitted per backend by least squares over the counter's own readings
-(leaving out the intervals near abandoned prefills, whose classes are guesses); once the fit settles (or moves), the
-backend's recent epochs are recomputed under it: figures not final yet improve, final ones stay (see Finality).
+(leaving out the intervals near abandoned prefills taken as cut, whose classes are guesses); once the fit settles
+(or moves), the backend's recent epochs are recomputed under it: figures not final yet improve, final ones stay (see
+Finality).
 Epoch boundaries and the readings' partition always use the configured ``lag_ns``; the fitted lag only places the
 readings against the timelines inside ``attribute``, so each epoch also looks at requests up to ``reach_ns`` before
 its start. Calibration state lives in memory and changes only once an epoch's write committed (a batch learns into a

@@ -9,21 +9,21 @@ pooled is pooled again with its rows as they are now (``relearn``: a late timeli
 place of what it pooled before; its idle floor comes from what is known plus the epoch's own idle stretches
 (``policy``).
 
-Calibration (``meter.engine.calibrate``): the counter lag and the prefill/active power ratio, fitted by least
-squares over the counter's own readings (leaving out the intervals near abandoned prefills, whose classes are
-guesses); fed every epoch while warming, then one epoch per ``calibration_refresh_ns``. When the fit settles or
-moves, the recent epochs computed under the old model are to be redone (``learn`` returns them). Whenever the
-calibrator has no fit (warming after a start, or a refit refused), the latest settled one is the model
-(``last_fit``): this meter's own, or the one a meter stored for the backend (``backend_calibrations``; the engine
-loads it and stores each new fit), so a restarted meter, or one that takes a backend over, starts from it rather
-than from the configured guess, and a refused refit does not fall back to the guess. A stored fit is only a start:
-it was measured on whatever the backend served then (the same GPUs, but maybe another model, another engine
-version), so figures computed with it are not sealed; the engine seals a backend's requests at the margin only once
-this meter's own fit has settled (``settled_here``), and holds them until then, as with no fit at all. Likewise
-when the backend is given to another model of the configuration (a backend belongs to one model, so an epoch's
-requests for a model its fit never saw mean other weights on the GPUs): the fit starts over from that epoch and
-seals wait for it to settle again (``_notice_another_model``); and when the backend itself says it serves other
-weights under the same model id (``meter.weights``, ``_notice_other_weights``).
+Calibration (``meter.engine.calibrate``): the counter lag and the prefill/active power ratio, fitted by least squares
+over the counter's own readings (leaving out the intervals near abandoned prefills taken as cut at their leaving, whose
+classes are guesses); fed every epoch while warming, then one epoch per ``calibration_refresh_ns``. When the fit settles
+or moves, the recent epochs computed under the old model are to be redone (``learn`` returns them). Whenever the
+calibrator has no fit (warming after a start, or a refit refused), the latest settled one is the model (``last_fit``):
+this meter's own, or the one a meter stored for the backend (``backend_calibrations``; the engine loads it and stores
+each new fit), so a restarted meter, or one that takes a backend over, starts from it rather than from the configured
+guess, and a refused refit does not fall back to the guess. A stored fit is only a start: it was measured on whatever
+the backend served then (the same GPUs, but maybe another model, another engine version), so figures computed with it
+are not sealed; the engine seals a backend's requests at the margin only once this meter's own fit has settled
+(``settled_here``), and holds them until then, as with no fit at all. Likewise when the backend is given to another
+model of the configuration (a backend belongs to one model, so an epoch's requests for a model its fit never saw mean
+other weights on the GPUs): the fit starts over from that epoch and seals wait for it to settle again
+(``_notice_another_model``); and when the backend itself says it serves other weights under the same model id
+(``meter.weights``, ``_notice_other_weights``).
 
 Idle floor (``idle_power="auto"``, ``meter.engine.idle``): measured over the epoch's reading intervals that no
 request came near, pooled with the backend's recent epochs when the epoch has less than ``min_idle_ns`` of them.
@@ -209,8 +209,10 @@ class Learning:
         if cal is None or not working or not readings.segments:
             return
         phases = request_phases(list(working), s.policy(None), since_ns=start)
-        abandoned = {t.request_id for t in working if t.abandoned_prefill}
-        uncertain = [(p.released_ns, p.done_ns) for p in phases if p.request_id in abandoned]  # steps run past done
+        # An abandoned prefill's step is placed by the model as any other once it is taken to run its length
+        # (``abandoned_step_completes``); taken as cut at an unknown point, its window's classes are guesses.
+        abandoned = set() if s.abandoned_step_completes else {t.request_id for t in working if t.abandoned_prefill}
+        uncertain = [(p.released_ns, p.done_ns) for p in phases if p.request_id in abandoned]
         classes = ClassTimeline.from_phases(phases, uncertain)
         before = self.model
         cal.add(readings.segments, classes, self.idle_power_w if s.idle_power == "auto" else None, start_ns=start)

@@ -2,7 +2,7 @@
 
 Issue 8's findings, rerun: requests that fail at prefill, and requests abandoned during their prefill (client
 deadlines of 40-120 ms on 2,000-3,000-token prompts, or cancels) while another tenant decodes. The failing tenant's
-bill must stay within 10 % of what it truly cost the GPU, its neighbour's within 5 % (20 % beside abandoned prefills
+bill must stay within 10 % of what it truly cost the GPU, its neighbour's within 5 % (15 % beside abandoned prefills
 whose steps run on after the leaving, as an engine's do: ``ABANDON_RULES``), both read from the bill itself
 (``GetUsage`` by tenant, once every request is final). Every recorded status is what the client saw, and the prompt
 sizes of failed and cancelled requests are the backend's own counts.
@@ -211,11 +211,12 @@ async def test_requests_failing_at_prefill_pay_their_prefill_and_their_neighbour
 # abandoning request's; the old model, which cut the step at the leaving, billed the abandoning tenant 33 % under its
 # cost and its decoding neighbour 72-77 % over (three runs). "cut": the simulator's old rule, the request leaving its
 # step at once, with the meter told so. The neighbour's bound under "completes" is wider: its bill is smaller (it
-# cannot decode during the long steps) and, in ten seconds, the fit of the power ratio never settles (intervals near
-# abandoned prefills are left out of it), so the configured guess (2.0 against the simulator's 2.48) splits every
-# reading that holds an abandoned step and decode: +8 to +14 % over three runs (+4.5 and +5.3 % with the true ratio).
+# cannot decode during the long steps), so the abandoning tenant's residual, always under (-2.3 to -5.3 % over eight
+# runs: where the model places the steps), is a larger share of it: +3.5 to +9.9 %. (With the abandoned
+# windows left out of the power-ratio fit, as they must be under "cut", the fit never settled in ten seconds and the
+# configured guess, 2.0 against the simulator's 2.48, gave +7.3 to +13.6 % over six runs.)
 ABANDON_RULES = {
-    "completes": (SIM_ARGS, METER, 0.20),
+    "completes": (SIM_ARGS, METER, 0.15),
     "cut": ((*SIM_ARGS, "--no-finish-step-on-cancel"), {**METER, "abandoned_step_completes": False}, 0.05),
 }
 
