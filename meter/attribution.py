@@ -37,16 +37,16 @@ deadline, a time limit) left at an unknown point, and may have spent the start o
 behind the decode step in progress: its step starts no earlier than the backend's queue wait after its release,
 which the requests with known steps in the same span show (the median of their waits from release to step that no
 other known prefill overlaps; 0 without one). One that left before that wait was over never ran (an engine drops a
-request whose client left from its queue) and owns nothing. One that left later was in its step, and an engine does
-not stop a forward pass (TGI filters the request out after the step, vLLM and SGLang abort it between steps): with
-``abandoned_step_completes`` (the default) its step runs from the end of that wait for its estimated length, past the
-leaving if need be (``done`` moves there), and is the request's; without it, the step is taken to have been cut when
-the request left (ending then, as with the simulator's ``finish_step_on_cancel`` off). Cut at the leaving on an
-engine that completes the step, the rest of the step went to the requests decoding beside it: in
-``tests/integration/test_billing_adversaries.py`` the abandoning tenant was billed a third under its cost and its
-decoding neighbour three quarters over. A long prompt that an engine prefills in chunks (vLLM, SGLang, TGI 3 with
-chunking) completes only the chunk in flight: there, the whole step estimated for a prompt longer than a chunk bills
-the abandoning request for chunks that never ran.
+request whose client left from its queue): it has no step, its window is waiting. One that left later was in its
+step, and an engine does not stop a forward pass (TGI filters the request out after the step, vLLM and SGLang abort
+it between steps): with ``abandoned_step_completes`` (the default) its step runs from the end of that wait for its
+estimated length, past the leaving if need be (``done`` moves there), and is the request's; without it, the step is
+taken to have been cut when the request left (ending then, as with the simulator's ``finish_step_on_cancel`` off).
+Cut at the leaving on an engine that completes the step, the rest of the step went to the requests decoding beside
+it: in ``tests/integration/test_billing_adversaries.py`` the abandoning tenant was billed a third under its cost and
+its decoding neighbour three quarters over. A long prompt that an engine prefills in chunks (vLLM, SGLang, TGI 3
+with chunking) completes only the chunk in flight: there, the whole step estimated for a prompt longer than a chunk
+bills the abandoning request for chunks that never ran.
 
 Who owns an instant. At every instant the energy goes to exactly one class, by precedence:
 

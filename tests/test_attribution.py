@@ -231,8 +231,8 @@ def test_an_abandoned_prefill_owns_its_whole_step_since_the_engine_finishes_it()
     cut = attribute(grid([1000] * 5), [w, d], replace(pol, abandoned_step_completes=False))
     assert cut.requests["W"].prefill_mj == 667 and cut.requests["D"].decode_mj == 1333
     # A client that left before the backend's queue wait was over: the step never began (the engine drops a request
-    # whose client left from its queue), so nothing is its. K's wait (released 100, its 100 ms step [200, 300]) says
-    # the queue takes 100 ms; W left 40 ms after its release.
+    # whose client left from its queue); its window is waiting, and K's step holds the GPU through it: nothing is its.
+    # K's wait (released 100, its 100 ms step [200, 300]) says the queue takes 100 ms; W left 40 ms after release.
     k = tl("K", 100, 300, 300, prompt=2000, generated=1)
     queued = attribute(grid([1000] * 5), [k, tl("W", 250, None, 290, prompt=2000, status="CANCELLED")], pol)
     assert queued.requests["W"].total_mj == 0
