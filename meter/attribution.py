@@ -344,27 +344,20 @@ def request_phases(
         released_ns = tl.released_ns
         assert released_ns is not None  # on_gpu
         end = ends[tl.request_id]
-        decodes = tl.first_token_ns is not None
+        done = tl.done_ns
         earliest = min(end, released_ns + queue_wait_ns) if tl.abandoned_prefill else released_ns
         if tl.abandoned_prefill and policy.abandoned_step_completes and earliest < end:
             # Its step began after the backend's queue wait and ran its length, past the client's leaving if need be
             # (one that had not begun by then never ran: the engine drops a request whose client left from its queue).
-            step_end = max(end, earliest + est[tl.request_id])
-            out.append(
-                RequestPhases(
-                    tl.request_id, released_ns, step_end, step_end - est[tl.request_id], step_end, False,
-                    tl.computed_tokens,
-                )
-            )  # fmt: skip
-            continue
+            end = done = max(end, earliest + est[tl.request_id])
         out.append(
             RequestPhases(
                 tl.request_id,
                 released_ns,
-                tl.done_ns,
+                done,
                 max(earliest, end - est[tl.request_id]),
                 end,
-                decodes,
+                tl.first_token_ns is not None,
                 tl.computed_tokens,
             )
         )

@@ -938,8 +938,8 @@ class Ledger:
                         last_alive_ns = v
                 if kind == SAMPLE:
                     device, t_ns = record.get("device"), record.get("t_ns")
-                    if isinstance(device, str) and type(t_ns) is int and t_ns > stamps.get(device, t_ns - 1):
-                        stamps[device] = t_ns
+                    if isinstance(device, str) and type(t_ns) is int:
+                        stamps[device] = max(t_ns, stamps.get(device, t_ns))
                     continue
                 rid = record.get("request_id")
                 if not isinstance(rid, str):

@@ -503,8 +503,10 @@ def test_a_lone_request_gets_every_interval_inside_its_window(rs, data, pol):
 def test_intervals_with_no_request_go_wholly_to_idle(rs, tls, pol):
     a = attribute(rs, tls, pol)
     # Each request's window: [released, done], or past done where an abandoned prefill's step ran on after it.
-    windows = sorted((p.released_ns, p.done_ns) for p in request_phases(tls, pol))
-    assert all(p.done_ns >= t.done_ns for p in request_phases(tls, pol) for t in tls if t.request_id == p.request_id)
+    phases = request_phases(tls, pol)
+    done = {t.request_id: t.done_ns for t in tls}
+    assert all(p.done_ns >= done[p.request_id] for p in phases)
+    windows = sorted((p.released_ns, p.done_ns) for p in phases)
     empty = covered = 0  # intervals touching no window; intervals every instant of which is in some window
     for r0, r1 in itertools.pairwise(rs):
         lo, hi, e = r0.t_ns - pol.lag_ns, r1.t_ns - pol.lag_ns, r1.energy_mj - r0.energy_mj

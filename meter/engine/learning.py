@@ -208,12 +208,13 @@ class Learning:
         cal = self.calibrator
         if cal is None or not working or not readings.segments:
             return
-        phases = request_phases(list(working), s.policy(None), since_ns=start)
         # An abandoned prefill's step is placed by the model as any other once it is taken to run its length
         # (``abandoned_step_completes``); taken as cut at an unknown point, its window's classes are guesses.
-        abandoned = set() if s.abandoned_step_completes else {t.request_id for t in working if t.abandoned_prefill}
-        uncertain = [(p.released_ns, p.done_ns) for p in phases if p.request_id in abandoned]
-        classes = ClassTimeline.from_phases(phases, uncertain)
+        uncertain = (
+            [] if s.abandoned_step_completes else [(t.released_ns, t.done_ns) for t in working if t.abandoned_prefill]
+        )
+        phases = request_phases(list(working), s.policy(None), since_ns=start)
+        classes = ClassTimeline.from_phases(phases, uncertain)  # type: ignore[arg-type]  # abandoned: released
         before = self.model
         cal.add(readings.segments, classes, self.idle_power_w if s.idle_power == "auto" else None, start_ns=start)
         if self.calibrated_at_ns is None or start > self.calibrated_at_ns:

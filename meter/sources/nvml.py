@@ -158,8 +158,7 @@ class NvmlSource:
                 samples.append(_read_counter(name, handle))
                 continue
             if due or spreader.owes_counter:
-                read = _read_counter(name, handle)
-                samples += spreader.counter_tick(read.t_ns, read.energy_mj, _power_mw(handle), read.error)
+                samples += _counter_tick(name, handle, spreader)
             else:
                 power_mw = _power_mw(handle)
                 samples += spreader.power_tick(time.time_ns(), power_mw)
@@ -173,8 +172,7 @@ class NvmlSource:
         samples: list[Sample] = []
         for name, handle, spreader in zip(self._devices, self._handles, self._spreaders, strict=True):
             if spreader.holds_ticks:
-                read = _read_counter(name, handle)
-                samples += spreader.counter_tick(read.t_ns, read.energy_mj, _power_mw(handle), read.error)
+                samples += _counter_tick(name, handle, spreader)
         return samples
 
     def close(self) -> None:
@@ -194,6 +192,12 @@ def _read_counter(name: str, handle: Any) -> Sample:
     except Exception as e:  # a gap, never an exception out of the sampler's source
         return Sample(device=name, t_ns=time.time_ns(), energy_mj=None, error=f"{type(e).__name__}: {e}")
     return Sample(device=name, t_ns=time.time_ns(), energy_mj=energy_mj)
+
+
+def _counter_tick(name: str, handle: Any, spreader: CounterSpreader) -> list[Sample]:
+    """A counter read with the instant power beside it, handed to the device's spreader: the samples it completes."""
+    read = _read_counter(name, handle)
+    return spreader.counter_tick(read.t_ns, read.energy_mj, _power_mw(handle), read.error)
 
 
 def _power_mw(handle: Any) -> int | None:
