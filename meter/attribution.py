@@ -40,8 +40,10 @@ other known prefill overlaps; 0 without one). One that left before that wait was
 request whose client left from its queue): it has no step, its window is waiting. One that left later was in its
 step, and an engine does not stop a forward pass (TGI filters the request out after the step, vLLM and SGLang abort
 it between steps): with ``abandoned_step_completes`` (the default) its step runs from the end of that wait for its
-estimated length, past the leaving if need be (``done`` moves there), and is the request's; without it, the step is
-taken to have been cut when the request left (ending then, as with the simulator's ``finish_step_on_cancel`` off).
+estimated length, past the leaving if need be (``done`` moves there, at most ``abandoned_step_max_ns`` later: the
+engine bills that tail in the epochs it falls in and seals the request after them), and is the request's; without
+it, the step is taken to have been cut when the request left (ending then, as with the simulator's
+``finish_step_on_cancel`` off).
 Cut at the leaving on an engine that completes the step, the rest of the step went to the requests decoding beside
 it: in ``tests/integration/test_billing_adversaries.py`` the abandoning tenant was billed a third under its cost and
 its decoding neighbour three quarters over. A long prompt that an engine prefills in chunks (vLLM, SGLang, TGI 3
@@ -154,6 +156,10 @@ class AttributionPolicy:
     # stopped: TGI, vLLM and SGLang drop the request after it), so the request owns the whole step; False, the step
     # was cut when it left (the simulator's old rule), so it owns the step up to then.
     abandoned_step_completes: bool = True
+    # ...and runs at most this long past the leaving: the engine looks this far back for requests whose step may
+    # reach into an epoch (``EngineSettings.reach_ns``), so a longer estimate (a mis-set prefill_tokens_per_s, a
+    # batch of huge prompts) cannot make it wait on, or bill, work from arbitrarily far back.
+    abandoned_step_max_ns: int = 2_000_000_000
 
     def __post_init__(self) -> None:
         if self.lag_ns < 0:
@@ -172,6 +178,14 @@ class AttributionPolicy:
             raise ValueError(f"idle_power_w must be None or >= 0 and finite, got {self.idle_power_w}")
         if self.batch_tolerance_ns < 0:
             raise ValueError(f"batch_tolerance_ns must be >= 0, got {self.batch_tolerance_ns}")
+        if self.abandoned_step_max_ns < 0:
+            raise ValueError(f"abandoned_step_max_ns must be >= 0, got {self.abandoned_step_max_ns}")
+
+    @property
+    def past_done_ns(self) -> int:
+        """How long after its recorded end a request may still own work: an abandoned prefill's step runs on
+        (``abandoned_step_completes``) up to ``abandoned_step_max_ns``; every other request's work ends at its end."""
+        return self.abandoned_step_max_ns if self.abandoned_step_completes else 0
 
 
 class PhaseEnergy(NamedTuple):
@@ -349,7 +363,7 @@ def request_phases(
         if tl.abandoned_prefill and policy.abandoned_step_completes and earliest < end:
             # Its step began after the backend's queue wait and ran its length, past the client's leaving if need be
             # (one that had not begun by then never ran: the engine drops a request whose client left from its queue).
-            end = done = max(end, earliest + est[tl.request_id])
+            end = done = max(end, min(earliest + est[tl.request_id], tl.done_ns + policy.abandoned_step_max_ns))
         out.append(
             RequestPhases(
                 tl.request_id,

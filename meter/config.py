@@ -79,6 +79,12 @@ class MeterConfig(Section):
         default=_ENGINE.abandoned_step_completes,
         description="a client that leaves mid-prefill owns the whole step (engines finish a forward pass they began)",
     )
+    abandoned_step_max_s: float = Field(
+        default=_ENGINE.abandoned_step_max_ns / _S,
+        ge=0,
+        le=60,
+        description="how long such a step may run past the leaving (bills wait this much longer to become final)",
+    )
     idle_power_w: float | Literal["auto", "time"] = Field(
         default=_ENGINE.idle_power,
         description="idle floor: 'auto' (measured), 'time' (split partly idle intervals by time), W",
@@ -144,6 +150,7 @@ def engine_settings(meter: MeterConfig) -> EngineSettings:
         prefill_power_ratio=meter.prefill_power_ratio,
         batch_tolerance_ns=round(meter.batch_tolerance_ms * _MS),
         abandoned_step_completes=meter.abandoned_step_completes,
+        abandoned_step_max_ns=round(meter.abandoned_step_max_s * _S),
         idle_power=meter.idle_power_w,
         tick_gap_ns=min(_ENGINE.tick_gap_ns, meter.interval_ms * _MS // 2),
         max_interval_ns=max(round(meter.max_interval_s * _S), 2 * meter.interval_ms * _MS),

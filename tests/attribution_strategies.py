@@ -96,6 +96,7 @@ def policies(draw: st.DrawFn) -> AttributionPolicy:
         idle_power_w=draw(st.one_of(st.none(), st.floats(0.0, 300.0))),
         batch_tolerance_ns=draw(st.integers(0, 5_000)) * US,
         abandoned_step_completes=draw(st.booleans()),
+        abandoned_step_max_ns=draw(st.sampled_from([0, 30 * MS, 2_000 * MS])),
     )
 
 

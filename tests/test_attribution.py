@@ -230,6 +230,10 @@ def test_an_abandoned_prefill_owns_its_whole_step_since_the_engine_finishes_it()
     check_conserved(a)
     cut = attribute(grid([1000] * 5), [w, d], replace(pol, abandoned_step_completes=False))
     assert cut.requests["W"].prefill_mj == 667 and cut.requests["D"].decode_mj == 1333
+    # The step runs at most abandoned_step_max_ns past the leaving: 20 ms here, so [250, 320]. Reading [300, 400]:
+    # W's 20 ms weigh 2 x 20 against D's 80 ms of decode alone: 333.
+    capped = attribute(grid([1000] * 5), [w, d], replace(pol, abandoned_step_max_ns=20 * MS))
+    assert capped.requests["W"].prefill_mj == 667 + 333 and capped.requests["D"].decode_mj == 1000
     # A client that left before the backend's queue wait was over: the step never began (the engine drops a request
     # whose client left from its queue); its window is waiting, and K's step holds the GPU through it: nothing is its.
     # K's wait (released 100, its 100 ms step [200, 300]) says the queue takes 100 ms; W left 40 ms after release.

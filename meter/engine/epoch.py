@@ -192,12 +192,17 @@ def compute_epoch(
 ) -> EpochResult:
     """The epoch's fresh attribution, from its readings, its request rows, the timelines of those that did GPU work
     (``epoch_timelines``) and the attribution policy (lag, prefill power ratio and idle floor in use)."""
-    lag = policy.lag_ns
+    lag, past_done = policy.lag_ns, policy.past_done_ns
     works = {t.request_id for t in working}
     energy: dict[str, list[int]] = {}
     for segment in readings.segments:
         seg_lo, seg_hi = segment[0].t_ns - lag, segment[-1].t_ns - lag
-        part = [t for t in working if t.released_ns < seg_hi and t.done_ns >= seg_lo]  # type: ignore[operator]
+        part = [
+            t
+            for t in working
+            if t.released_ns < seg_hi  # type: ignore[operator]
+            and (t.done_ns >= seg_lo or (t.abandoned_prefill and t.done_ns + past_done >= seg_lo))
+        ]
         if not part:
             continue
         got = attribute(segment, part, policy)

@@ -42,6 +42,7 @@ class EngineSettings:
     prefill_power_ratio: float = 2.0
     batch_tolerance_ns: int = 2 * _MS
     abandoned_step_completes: bool = True  # ``AttributionPolicy.abandoned_step_completes``
+    abandoned_step_max_ns: int = 2 * _S  # ``AttributionPolicy.abandoned_step_max_ns``
     idle_power: float | Literal["auto", "time"] = "auto"
     idle_margin_ns: int = 50 * _MS  # an interval this close to a request is not used to measure idle power
     min_idle_ns: int = 500 * _MS  # fully idle time an epoch needs to trust its own idle estimate
@@ -117,6 +118,7 @@ class EngineSettings:
             idle_power_w=idle_power_w,
             batch_tolerance_ns=self.batch_tolerance_ns,
             abandoned_step_completes=self.abandoned_step_completes,
+            abandoned_step_max_ns=self.abandoned_step_max_ns,
         )
 
     @property
@@ -132,5 +134,7 @@ class EngineSettings:
 
     @property
     def reach_ns(self) -> int:
-        """How far before an epoch's start its readings' work time may reach with a calibrated (larger) lag."""
-        return max(0, max(self.calibration_lags_ns) - self.lag_ns) if self.calibrate else 0
+        """How long before an epoch's start a request may have ended and still own some of its energy: a calibrated
+        (larger) lag moves the epoch's readings earlier, and an abandoned prefill's step runs past its end."""
+        calibrated = max(0, max(self.calibration_lags_ns) - self.lag_ns) if self.calibrate else 0
+        return calibrated + self.abandoned_step_max_ns * self.abandoned_step_completes
