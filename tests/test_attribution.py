@@ -216,6 +216,26 @@ def test_a_request_that_ends_without_a_token_owns_the_prefill_step_it_ended_in()
     assert a.requests["W"].prefill_mj == 667 and a.requests["D"].decode_mj == 1333
 
 
+def test_a_prefill_abandoned_within_the_queue_waits_is_billed_its_step_at_the_chance_that_it_began():
+    """Four requests show the backend's queue waits: 0, 0, 20 and 30 ms (released alone, 200 tokens: 100 ms steps).
+    W (2,000 tokens: a 1 s step) is released at 4 s, alone. Its client leaving 15 ms in, half the waits were shorter:
+    its step began with a chance of one half, and it is billed half its step, from its release (the median of the
+    waits shorter than 15 ms: 0). Leaving 35 ms in, every wait was shorter: the whole step, after the median wait
+    (0 ms). At once: none. There is no cliff for a client to aim at: under the rule before ("began after the median
+    wait, else never"), leaving just before the median was billed nothing although half of such steps did run."""
+    pol = AttributionPolicy(lag_ns=0, prefill_overhead_ns=0, prefill_tokens_per_s=2_000.0)
+    known = [tl(f"K{i}", 1000 * i, 1000 * i + wait + 100, 1000 * i + wait + 150, prompt=200)
+             for i, wait in enumerate((0, 0, 20, 30))]  # fmt: skip
+    readings = grid([1000] * 60)
+    for left_ms, expected in ((15, 5_000), (35, 10_000), (0, 0)):
+        w = tl("W", 4000, None, 4000 + left_ms, prompt=2000, status="CANCELLED")
+        a = attribute(readings, [*known, w], pol)
+        assert total(a, "W") == expected, (left_ms, a.requests.get("W"))
+        check_conserved(a)
+    (phases,) = [p for p in request_phases([*known, w], pol) if p.request_id == "W"]
+    assert phases.step_share == 0.0
+
+
 def test_an_abandoned_prefill_owns_its_whole_step_since_the_engine_finishes_it():
     """TGI, vLLM and SGLang do not stop a forward pass whose request's client left: they drop the request after it.
     W (2,000 tokens: a 100 ms step) is released at 250 and its client leaves at 300; D decodes (200, 400] and its own

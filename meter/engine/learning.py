@@ -209,11 +209,15 @@ class Learning:
         if cal is None or not working or not readings.segments:
             return
         # An abandoned prefill's step is placed by the model as any other once it is taken to run its length
-        # (``abandoned_step_completes``); taken as cut at an unknown point, its window's classes are guesses.
-        uncertain = (
-            [] if s.abandoned_step_completes else [(t.released_ns, t.done_ns) for t in working if t.abandoned_prefill]
-        )
+        # (``abandoned_step_completes``), unless it is billed at the chance that it began (its client left within the
+        # backend's queue waits: it ran whole or not at all); taken as cut at an unknown point, its window's classes
+        # are guesses.
         phases = request_phases(list(working), s.policy(None), since_ns=start)
+        uncertain = (
+            [(p.released_ns, p.done_ns) for p in phases if p.step_share < 1.0]
+            if s.abandoned_step_completes
+            else [(t.released_ns, t.done_ns) for t in working if t.abandoned_prefill]
+        )
         classes = ClassTimeline.from_phases(phases, uncertain)  # type: ignore[arg-type]  # abandoned: released
         before = self.model
         cal.add(readings.segments, classes, self.idle_power_w if s.idle_power == "auto" else None, start_ns=start)
