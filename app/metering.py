@@ -35,7 +35,7 @@ def local_backends(config: Config) -> list[BackendSpec]:
     from meter.service import BackendSpec
 
     node = node_name(config.meter)
-    return [BackendSpec(b.name, b.url, b.gpus) for b in config.backends if b.node in ("", node)]
+    return [BackendSpec(b.name, b.url, b.gpus, b.prefill_chunk_tokens) for b in config.backends if b.node in ("", node)]
 
 
 def build_meter_service(config: Config, db: sa.Engine, ledger: SampleSink) -> MeterService | None:

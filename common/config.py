@@ -52,6 +52,10 @@ class BackendConfig(Section):
     gpus: tuple[int, ...] = ()  # NVML indices of the GPUs serving it (tensor parallelism: several)
     node: str = ""  # host whose meter attributes this backend's energy (fleets); "" = any/this one
     engine: Literal["auto", "tgi", "vllm", "sglang"] = "auto"  # auto: found by probing the backend
+    # The engine prefills long prompts in chunks of this many tokens (vLLM's max_num_batched_tokens, SGLang's
+    # chunked_prefill_size, TGI 3 with chunking): a client that leaves mid-prefill is billed up to the end of the
+    # chunk in flight, not the whole prompt's step. Unset: one step per prompt (TGI without chunking).
+    prefill_chunk_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("url")
     @classmethod

@@ -55,8 +55,9 @@ simulator's ``finish_step_on_cancel`` off), after the median wait; one that left
 Cut at the leaving on an engine that completes the step, the rest of the step went to the requests decoding beside
 it: in ``tests/integration/test_billing_adversaries.py`` the abandoning tenant was billed a third under its cost and
 its decoding neighbour three quarters over. A long prompt that an engine prefills in chunks (vLLM, SGLang, TGI 3
-with chunking) completes only the chunk in flight: there, the whole step estimated for a prompt longer than a chunk
-bills the abandoning request for chunks that never ran.
+with chunking) completes only the chunk in flight: with ``prefill_chunk_tokens`` set (per backend), the step runs at
+most one chunk's estimated length past the leaving; without it, a prompt longer than a chunk would be billed chunks
+that never ran.
 
 Who owns an instant. At every instant the energy goes to exactly one class, by precedence:
 
@@ -168,6 +169,10 @@ class AttributionPolicy:
     # reach into an epoch (``EngineSettings.reach_ns``), so a longer estimate (a mis-set prefill_tokens_per_s, a
     # batch of huge prompts) cannot make it wait on, or bill, work from arbitrarily far back.
     abandoned_step_max_ns: int = 2_000_000_000
+    # The engine prefills long prompts in chunks of this many tokens (vLLM's max_num_batched_tokens, SGLang's
+    # chunked_prefill_size, TGI 3 with chunking): a client that leaves mid-prefill stops it after the chunk in flight,
+    # so its step runs at most one chunk's estimated length past the leaving. None: in one step (TGI without it).
+    prefill_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.lag_ns < 0:
@@ -188,6 +193,17 @@ class AttributionPolicy:
             raise ValueError(f"batch_tolerance_ns must be >= 0, got {self.batch_tolerance_ns}")
         if self.abandoned_step_max_ns < 0:
             raise ValueError(f"abandoned_step_max_ns must be >= 0, got {self.abandoned_step_max_ns}")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be None or >= 1, got {self.prefill_chunk_tokens}")
+
+    @property
+    def step_past_leaving_ns(self) -> int:
+        """How long an abandoned prefill's step may run on after its client left: at most ``abandoned_step_max_ns``,
+        and with chunked prefill at most one chunk."""
+        if self.prefill_chunk_tokens is None:
+            return self.abandoned_step_max_ns
+        chunk_ns = self.prefill_overhead_ns + round(self.prefill_chunk_tokens * _NS_PER_S / self.prefill_tokens_per_s)
+        return min(self.abandoned_step_max_ns, chunk_ns)
 
     @property
     def past_done_ns(self) -> int:
@@ -365,6 +381,7 @@ def request_phases(
     waits = _queue_waits_ns(live, ends, est, since_ns)
     median_wait_ns = waits[(len(waits) - 1) // 2] if waits else 0
 
+    past_leaving_ns = policy.step_past_leaving_ns
     out: list[RequestPhases] = []
     for tl in live:
         released_ns = tl.released_ns
@@ -380,7 +397,7 @@ def request_phases(
                 # all), past the client's leaving if need be; one that had not begun by then never ran: the engine
                 # drops a request whose client left from its queue.
                 step_ns = round(step_ns * share)
-                end = done = max(end, min(earliest + step_ns, tl.done_ns + policy.abandoned_step_max_ns))
+                end = done = max(end, min(earliest + step_ns, tl.done_ns + past_leaving_ns))
         elif tl.abandoned_prefill:
             earliest = min(end, released_ns + median_wait_ns)
         out.append(

@@ -57,6 +57,7 @@ class BackendSpec:
     name: str
     url: str
     gpus: tuple[int, ...] = ()
+    prefill_chunk_tokens: int | None = None  # its engine's prefill chunk (``MeteredBackend``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +251,7 @@ def meter_backends(
 
         def sim_backends() -> list[MeteredBackend]:
             devices = source.devices
-            return [MeteredBackend(s.name, (devices[index[s.name]],)) for s in specs]
+            return [MeteredBackend(s.name, (devices[index[s.name]],), s.prefill_chunk_tokens) for s in specs]
 
         return source, sim_backends
     if kind == "nvml":
@@ -263,12 +264,12 @@ def meter_backends(
                     f"backends {names} list no gpus: with several backends on a node, name each one's GPUs"
                 )
             nvml = NvmlSource(None, counter_every=counter_every)
-            whole = MeteredBackend(specs[0].name, nvml.devices)
+            whole = MeteredBackend(specs[0].name, nvml.devices, specs[0].prefill_chunk_tokens)
             return nvml, lambda: [whole]
         indices = sorted({g for s in specs for g in s.gpus})
         nvml = NvmlSource(indices, counter_every=counter_every)
         by_index = dict(zip(nvml.gpu_indices, nvml.devices, strict=True))
-        fixed = [MeteredBackend(s.name, tuple(by_index[g] for g in s.gpus)) for s in specs]
+        fixed = [MeteredBackend(s.name, tuple(by_index[g] for g in s.gpus), s.prefill_chunk_tokens) for s in specs]
         return nvml, lambda: list(fixed)
     raise ValueError(f"unknown meter source {kind!r} (expected nvml or sim)")
 

@@ -97,6 +97,7 @@ def policies(draw: st.DrawFn) -> AttributionPolicy:
         batch_tolerance_ns=draw(st.integers(0, 5_000)) * US,
         abandoned_step_completes=draw(st.booleans()),
         abandoned_step_max_ns=draw(st.sampled_from([0, 30 * MS, 2_000 * MS])),
+        prefill_chunk_tokens=draw(st.sampled_from([None, 64, 2048])),
     )
 
 

@@ -254,6 +254,11 @@ def test_an_abandoned_prefill_owns_its_whole_step_since_the_engine_finishes_it()
     # W's 20 ms weigh 2 x 20 against D's 80 ms of decode alone: 333.
     capped = attribute(grid([1000] * 5), [w, d], replace(pol, abandoned_step_max_ns=20 * MS))
     assert capped.requests["W"].prefill_mj == 667 + 333 and capped.requests["D"].decode_mj == 1000
+    # An engine that prefills in chunks (200 tokens: 10 ms) stops after the chunk in flight: [250, 310]. Reading
+    # [300, 400]: W's 10 ms weigh 2 x 10 against D's 90 ms of decode alone: 181.8; with the 666.7 before, 848.
+    chunked = attribute(grid([1000] * 5), [w, d], replace(pol, prefill_chunk_tokens=200))
+    assert chunked.requests["W"].prefill_mj == 848 and chunked.requests["D"].decode_mj == 1152
+    check_conserved(chunked)
     # A client that left before the backend's queue wait was over: the step never began (the engine drops a request
     # whose client left from its queue); its window is waiting, and K's step holds the GPU through it: nothing is its.
     # K's wait (released 100, its 100 ms step [200, 300]) says the queue takes 100 ms; W left 40 ms after release.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
+from meter.engine import EngineSettings, MeteredBackend, MeteringEngine
 from meter.timeline import Timeline
 from tests.engine_helpers import MS, T0, Gpu, S, make_engine, rows, samples_for, timeline, write
 
@@ -74,3 +75,21 @@ def test_an_abandoned_request_is_sealed_only_after_the_epochs_its_step_reaches(d
     assert int(sealed[0].e) == sum(_energy(db, "abandoner").values())
     assert int(sealed[0].e) == pytest.approx(step_mj, rel=0.06), (sealed[0].e, step_mj)
     assert all(e.adjustment_mj == 0 for e in rows(db, "SELECT adjustment_mj FROM backend_epochs"))
+
+
+def test_a_backend_that_prefills_in_chunks_bills_an_abandoned_prompt_up_to_the_chunk_in_flight(db: sa.Engine) -> None:
+    """A 32,000-token prompt on an engine that prefills 2,048 tokens per step (vLLM, SGLang): its client leaves
+    50 ms in, and the engine stops it after the chunk in flight (5 ms + 2,048 tokens at 20,000/s: 107 ms), so the
+    GPU ran 157 ms of it, not the 1.6 s of the whole prompt. The backend says so (``prefill_chunk_tokens``); a
+    backend that does not is billed the whole prompt's step, as an engine without chunking runs it."""
+    gpu = Gpu()
+    released = T0 + 9_300 * MS
+    ran_ns = 50 * MS + 107_400_000
+    recorded, ran = _abandoned(released, released + 50 * MS, ran_ns, 32_000)
+    gpu.requests += [ran]
+    write(db, timelines=[recorded], samples=samples_for(gpu, "gpu0", T0, T0 + 25 * S), ingested_ns=T0)
+    settings = EngineSettings(epoch_ns=10 * S, settle_ns=2 * S, lag_ns=0, calibrate=False)
+    MeteringEngine(db, [MeteredBackend("b1", ("gpu0",), 2048)], settings).run_once(now_ns=T0 + 30 * S)
+
+    ran_mj = (gpu.idle_w + gpu.prefill_w) * ran_ns * 1e-6
+    assert sum(_energy(db, "abandoner").values()) == pytest.approx(ran_mj, rel=0.06), (_energy(db, "abandoner"), ran_mj)

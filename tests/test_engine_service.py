@@ -32,7 +32,7 @@ def _config(**meter: object):  # type: ignore[no-untyped-def]
             "model_id": "m",
             "backends": [
                 {"url": "http://10.0.0.1:3000", "gpus": [0, 1], "node": "n1"},
-                {"url": "http://10.0.0.2:3000", "gpus": [2]},
+                {"url": "http://10.0.0.2:3000", "gpus": [2], "prefill_chunk_tokens": 8192},
                 {"url": "http://10.0.0.3:3000", "node": "n2"},
             ],
         }
@@ -56,6 +56,9 @@ def test_a_node_meters_its_own_backends_and_those_of_no_node() -> None:
     assert [b.name for b in local_backends(_config(node="n1"))] == ["10.0.0.1:3000", "10.0.0.2:3000"]
     assert [b.name for b in local_backends(_config(node="n2"))] == ["10.0.0.2:3000", "10.0.0.3:3000"]
     assert local_backends(_config(node="n1"))[0].gpus == (0, 1)
+    # a backend's engine prefill chunk reaches what its meter attributes with
+    specs = local_backends(_config(node="n1"))
+    assert [b.prefill_chunk_tokens for b in specs] == [None, 8192]
 
 
 def test_nvml_backends_must_name_their_gpus_when_several_share_a_node() -> None:
@@ -75,6 +78,8 @@ async def test_service_samples_attributes_and_stops(tmp_path: Path) -> None:
         ledger.start()
         source, backends = meter_backends("sim", [BackendSpec("b1", sim.url)])
         assert isinstance(source, SimSource) and backends() == [MeteredBackend("b1", (sim.device,))]
+        chunked = meter_backends("sim", [BackendSpec("b1", sim.url, (), 4096)])[1]()
+        assert chunked == [MeteredBackend("b1", (sim.device,), 4096)]
         cfg = _config(epoch_s=0.5, settle_s=0.1, engine_interval_s=0.1, lag_ms=0)
         service = MeterService(db, ledger, source, backends, engine_settings(cfg.meter), engine_interval_s=0.1)
         service.start()

@@ -87,7 +87,7 @@ import enum
 import gc
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sqlalchemy as sa
 import structlog
@@ -272,6 +272,11 @@ class MeteringEngine:
 
     # -- the pass --------------------------------------------------------------------------------------------------
 
+    def _settings_of(self, b: _Backend) -> EngineSettings:
+        """The settings a backend's epochs are attributed with: the engine's, with its engine's prefill chunk."""
+        chunk = b.spec.prefill_chunk_tokens
+        return self.settings if chunk is None else replace(self.settings, prefill_chunk_tokens=chunk)
+
     def run_once(self, now_ns: int | None = None) -> PassReport:
         """Recompute stale epochs, attribute every epoch that is due, count new unrouted requests, seal, prune.
         ``now_ns``: the time of the pass (the engine's clock when None); the whole pass sees that one time.
@@ -433,7 +438,9 @@ class MeteringEngine:
                 if any(r.ingested_ns > attributed_at for r in mine):
                     break  # a row is still fresh: this epoch and the later ones wait for a later pass
                 working = epoch_timelines(name, mine, memo)
-                policy, moved = learned.learn(s, name, start, end, readings, working, self._weights(name, end - 1))
+                policy, moved = learned.learn(
+                    self._settings_of(b), name, start, end, readings, working, self._weights(name, end - 1)
+                )
                 redo.update(moved)
                 result = compute_epoch(name, start, end, readings, mine, working, policy, attributed_at)
                 computed.append(_Computed(b, result, learned, dict(redo)))
@@ -643,10 +650,12 @@ class MeteringEngine:
         working = epoch_timelines(name, rows)
         learned = b.learning.copy()  # adopted once the write committed
         if existing:
-            redo = learned.relearn(s, name, start, readings, working)
-            policy = learned.policy(s, readings, working)
+            redo = learned.relearn(self._settings_of(b), name, start, readings, working)
+            policy = learned.policy(self._settings_of(b), readings, working)
         else:
-            policy, redo = learned.learn(s, name, start, end, readings, working, self._weights(name, end - 1))
+            policy, redo = learned.learn(
+                self._settings_of(b), name, start, end, readings, working, self._weights(name, end - 1)
+            )
         result = compute_epoch(name, start, end, readings, rows, working, policy, attributed_at)
         try:
             final = replace_epoch(self._db, result)

@@ -23,6 +23,7 @@ class MeteredBackend:
 
     name: str
     devices: tuple[str, ...]
+    prefill_chunk_tokens: int | None = None  # ``AttributionPolicy.prefill_chunk_tokens`` of its engine
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -43,6 +44,7 @@ class EngineSettings:
     batch_tolerance_ns: int = 2 * _MS
     abandoned_step_completes: bool = True  # ``AttributionPolicy.abandoned_step_completes``
     abandoned_step_max_ns: int = 2 * _S  # ``AttributionPolicy.abandoned_step_max_ns``
+    prefill_chunk_tokens: int | None = None  # per backend (``MeteredBackend``): ``AttributionPolicy``'s
     idle_power: float | Literal["auto", "time"] = "auto"
     idle_margin_ns: int = 50 * _MS  # an interval this close to a request is not used to measure idle power
     min_idle_ns: int = 500 * _MS  # fully idle time an epoch needs to trust its own idle estimate
@@ -119,6 +121,7 @@ class EngineSettings:
             batch_tolerance_ns=self.batch_tolerance_ns,
             abandoned_step_completes=self.abandoned_step_completes,
             abandoned_step_max_ns=self.abandoned_step_max_ns,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
         )
 
     @property
