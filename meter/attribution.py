@@ -397,7 +397,7 @@ def request_phases(
                 # all), past the client's leaving if need be; one that had not begun by then never ran: the engine
                 # drops a request whose client left from its queue.
                 step_ns = round(step_ns * share)
-                end = done = max(end, min(earliest + step_ns, tl.done_ns + past_leaving_ns))
+                end = done = max(end, min(earliest + step_ns, done + past_leaving_ns))
         elif tl.abandoned_prefill:
             earliest = min(end, released_ns + median_wait_ns)
         out.append(

@@ -429,6 +429,7 @@ class MeteringEngine:
         maybe_sealed: list[str] = []  # ids that ended before the latest sealed request of their backend
         for name, epochs in ready.items():
             b = self._backends[name]
+            b_settings = self._settings_of(b)
             learned = b.learning.copy()  # the batch learns into a copy; the backend adopts it once the write committed
             redo: dict[int, int] = {}
             memo: dict[str, Timeline | None] = {}  # one read of rows: a request over several epochs is built once
@@ -439,7 +440,7 @@ class MeteringEngine:
                     break  # a row is still fresh: this epoch and the later ones wait for a later pass
                 working = epoch_timelines(name, mine, memo)
                 policy, moved = learned.learn(
-                    self._settings_of(b), name, start, end, readings, working, self._weights(name, end - 1)
+                    b_settings, name, start, end, readings, working, self._weights(name, end - 1)
                 )
                 redo.update(moved)
                 result = compute_epoch(name, start, end, readings, mine, working, policy, attributed_at)
@@ -649,13 +650,12 @@ class MeteringEngine:
             return None  # a row is still fresh (another may still be committing): a later pass, not a recompute
         working = epoch_timelines(name, rows)
         learned = b.learning.copy()  # adopted once the write committed
+        b_settings = self._settings_of(b)
         if existing:
-            redo = learned.relearn(self._settings_of(b), name, start, readings, working)
-            policy = learned.policy(self._settings_of(b), readings, working)
+            redo = learned.relearn(b_settings, name, start, readings, working)
+            policy = learned.policy(b_settings, readings, working)
         else:
-            policy, redo = learned.learn(
-                self._settings_of(b), name, start, end, readings, working, self._weights(name, end - 1)
-            )
+            policy, redo = learned.learn(b_settings, name, start, end, readings, working, self._weights(name, end - 1))
         result = compute_epoch(name, start, end, readings, rows, working, policy, attributed_at)
         try:
             final = replace_epoch(self._db, result)

@@ -140,4 +140,5 @@ class EngineSettings:
         """How long before an epoch's start a request may have ended and still own some of its energy: a calibrated
         (larger) lag moves the epoch's readings earlier, and an abandoned prefill's step runs past its end."""
         calibrated = max(0, max(self.calibration_lags_ns) - self.lag_ns) if self.calibrate else 0
-        return calibrated + self.abandoned_step_max_ns * self.abandoned_step_completes
+        abandoned = self.abandoned_step_max_ns if self.abandoned_step_completes else 0  # ``policy().past_done_ns``
+        return calibrated + abandoned
