@@ -610,3 +610,27 @@ def test_a_refused_refit_keeps_the_last_fit_not_the_guess(db: sa.Engine) -> None
     assert learning.fitted is None  # the refits over the decode-only epochs were refused
     model = eng.stats.calibration["b1"]
     assert model is not None and model is learning.last_fit and model.lag_ns == 120 * MS  # the last one that settled
+
+
+def test_a_fit_refused_past_the_warmup_is_retried_every_epoch(db: sa.Engine) -> None:
+    """Eight seconds of long decodes and no prefill (more than the 50 intervals a fit needs, but nothing to measure the
+    prefill power by: refused), then 12 s of traffic that fits. The refused fit is retried with each new epoch, not
+    once per ``calibration_refresh_ns`` (30 s): it settles within the traffic, so seals do not wait the whole
+    ``uncalibrated_seal_hold_ns`` (a loaded CI host once left a fit unsettled for 30 s of traffic this way)."""
+    decodes = [(T0 + k * S, None, T0 + k * S + 900 * MS, 0) for k in range(8)]
+    traffic = [t for t in _traffic(20, seed=11) if t[0] >= T0 + 8 * S]
+    classes = _classes(decodes + traffic)
+    timelines = [timeline(f"r{i}", r, f, d, prompt=p) for i, (r, f, d, p) in enumerate(decodes + traffic)]
+    readings = [("gpu0", r.t_ns, r.energy_mj, None) for r in _readings(classes, 20, 120 * MS)]
+    eng = make_engine(db, epoch_ns=1 * S, lag_ns=50 * MS, calibrate=True, **NO_TAIL)
+    write(db, timelines=timelines[: len(decodes)], samples=[x for x in readings if x[1] < T0 + 8 * S],
+          ingested_ns=T0 + 8 * S)  # fmt: skip
+    eng.run_once(now_ns=T0 + 10 * S)
+    learning = eng._backends["b1"].learning
+    assert learning.calibrator is not None and not learning.calibrator.warming  # enough intervals...
+    assert eng.stats.calibration["b1"] is None  # ...but no prefill to fit
+    write(db, timelines=timelines[len(decodes) :], samples=[x for x in readings if x[1] >= T0 + 8 * S],
+          ingested_ns=T0 + 20 * S)  # fmt: skip
+    eng.run_once(now_ns=T0 + 25 * S)
+    model = eng.stats.calibration["b1"]
+    assert model is not None and model.lag_ns == 120 * MS

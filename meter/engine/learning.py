@@ -11,8 +11,9 @@ place of what it pooled before; its idle floor comes from what is known plus the
 
 Calibration (``meter.engine.calibrate``): the counter lag and the prefill/active power ratio, fitted by least squares
 over the counter's own readings (leaving out the intervals near abandoned prefills taken as cut at their leaving, whose
-classes are guesses); fed every epoch while warming, then one epoch per ``calibration_refresh_ns``. When the fit settles
-or moves, the recent epochs computed under the old model are to be redone (``learn`` returns them). Whenever the
+classes are guesses); fed every epoch while it has no fit (warming, or a fit refused), then one epoch per
+``calibration_refresh_ns``. When the fit settles or moves, the recent epochs computed under the old model are to be
+redone (``learn`` returns them). Whenever the
 calibrator has no fit (warming after a start, or a refit refused), the latest settled one is the model (``last_fit``):
 this meter's own, or the one a meter stored for the backend (``backend_calibrations``; the engine loads it and stores
 each new fit), so a restarted meter, or one that takes a backend over, starts from it rather than from the configured
@@ -185,11 +186,16 @@ class Learning:
         working: Sequence[Timeline],
         redo: dict[int, int],
     ) -> PowerModel | None:
-        """Feeds the calibrator this epoch while it is young, then now and then; returns the model."""
+        """Feeds the calibrator this epoch while it has no fit (warming, or its fit refused: seals wait for one),
+        then now and then; returns the model."""
         if self.calibrator is None:
             self.calibrator = LagCalibrator(s.calibration_lags_ns)
         cal = self.calibrator
-        due = cal.warming or self.calibrated_at_ns is None or start - self.calibrated_at_ns >= s.calibration_refresh_ns
+        due = (
+            cal.model is None
+            or self.calibrated_at_ns is None
+            or start - self.calibrated_at_ns >= s.calibration_refresh_ns
+        )
         if due:
             self._feed(s, backend, start, readings, working, redo)
         return self.model
