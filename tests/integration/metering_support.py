@@ -90,8 +90,8 @@ async def more_traffic_until_calibrated(
     """More traffic, 2 s at a time (at most ``rounds`` times), until every backend's calibration in ``engine`` has
     settled; added to ``traffic``. Requests are sealed only then (the product's ``uncalibrated_seal_hold_s``): ~5 s
     of traffic settle it, but on a host slowed by other work the fit can need more intervals, and the seals would
-    wait 300 s (at the end of a CI run on the 2-core box, 19 s of traffic once left a fit with 53 intervals
-    unsettled: up to 30 s more now)."""
+    wait 300 s (up to 30 s more here; a fit refused past its warm-up is retried with every epoch since e590ef8:
+    before, it waited 30 s for its next epoch, and that was these tests' flake on CI)."""
     for seed in range(rounds):
         if all(engine.stats.calibration.values()):
             break
