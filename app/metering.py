@@ -7,7 +7,8 @@ Used by ``joulegate serve --meter nvml|sim`` (in the gateway process), by the ``
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import structlog
@@ -19,11 +20,14 @@ from meter.reports import BillingSettings, seed_settings
 
 log = structlog.get_logger(__name__)
 
+RATE_HOURS = 6  # the budgets' energy per token: over the requests of the last hours (and the current one)
+
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
     from meter.auth import Authenticator
     from meter.service import BackendSpec, MeterService, SampleSink
+    from proxy.budgets import UsageReader
 
 
 def node_name(meter: MeterConfig) -> str:
@@ -94,17 +98,44 @@ def seed_billing_settings(config: Config, engine: sa.Engine, process: str) -> No
     seed_settings(engine, settings_from_config(config), source=f"config of {process}")
 
 
-def budget_usage_reader(config: Config, engine: sa.Engine) -> Callable[[int, int], dict[str, int]]:
+def budget_usage_reader(config: Config, engine: sa.Engine) -> UsageReader:
     """What ``proxy.budgets`` reads every ``[budgets] refresh_s``: per tenant, the total attributed energy (mJ: prefill
     + decode + idle share under the stored billing settings, final and provisional) of the requests received in
-    ``[start_ns, end_ns)``, as ``GetUsage`` grouped by TENANT reports it. Blocking."""
+    ``[start_ns, end_ns)``, as ``GetUsage`` grouped by TENANT reports it; per model, the energy per prompt and per
+    generated token of every tenant's requests received in the last ``RATE_HOURS`` hours and attributed
+    (``usage_hourly``: a request's tokens count there once the epoch it ended in is attributed), what a call in
+    flight is reserved at; and, read first, where the attribution of each backend asked for ends (an ended call's
+    reservation is in the usage once its end is before it). Blocking."""
+    import sqlalchemy as sa
+
+    from meter.engine import attributed_until
+    from meter.engine.usage import HOUR_NS, hour_of
     from meter.reports import GroupBy, ReportOptions, get_usage
+    from proxy.budgets import LedgerFigures  # (here: the meter daemon loads no request-path module)
 
     options = ReportOptions(fallback=settings_from_config(config))
 
-    def read(start_ns: int, end_ns: int) -> dict[str, int]:
+    def read(start_ns: int, end_ns: int, backends: Collection[str]) -> LedgerFigures:
         with engine.connect() as conn:
+            frontier = {b: until for b in backends if (until := attributed_until(conn, b)) is not None}
+            conn.commit()  # the usage in a later snapshot than the frontier (PostgreSQL: a statement's own)
             report = get_usage(conn, options, start_ns=start_ns, end_ns=end_ns, group_by=GroupBy.TENANT)
-        return {row.key: row.prefill_mj + row.decode_mj + row.idle_mj for row in report.rows}
+            since = hour_of(time.time_ns()) - RATE_HOURS * HOUR_NS
+            rates = {
+                model: (float(prefill) / float(prompt), float(decode) / float(generated))  # (PostgreSQL: Decimal sums)
+                for model, prompt, generated, prefill, decode in conn.execute(
+                    sa.text(
+                        "SELECT model_id, SUM(prompt_tokens), SUM(generated_tokens), SUM(prefill_mj), SUM(decode_mj) "
+                        "FROM usage_hourly WHERE hour_start_ns >= :since AND backend <> '' GROUP BY model_id"
+                    ),
+                    {"since": since},
+                )
+                if prompt and generated and prefill and decode
+            }
+        return LedgerFigures(
+            used_mj={row.key: row.prefill_mj + row.decode_mj + row.idle_mj for row in report.rows},
+            attributed_until_ns=frontier,
+            mj_per_token=rates,
+        )
 
     return read

@@ -433,7 +433,11 @@ class Gateway:
         if not pool.healthy:
             raise Unavailable(f"no healthy backend for model {pool.model_id!r}", retry_after_s=1.0)
         if self.budgets is not None:  # before the rate limiter: a tenant out of energy takes none of its minute
-            job.traffic_class = self.budgets.admit(job.tenant) or job.traffic_class
+            moved = self.budgets.admit(
+                job.tenant, job.request_id, model_id=job.model_id,
+                prompt_tokens=job.prompt_tokens_estimate, max_new_tokens=job.max_new_tokens,
+            )  # fmt: skip
+            job.traffic_class = moved or job.traffic_class
         if self.rate_limiter is not None:  # before the queue: a limited tenant never holds a place in it
             await self.rate_limiter.admit(job.tenant, job.token_estimate)
         if job.deadline is None:
@@ -680,6 +684,11 @@ class Gateway:
             )
         except Exception:  # the meter must never break the request path
             log.exception("timeline_record_failed", request_id=job.request_id)
+        if self.budgets is not None:  # its reservation: now its tokens, until the ledger's figure holds them
+            self.budgets.ended(
+                job.request_id, stream.backend if released else None, done_ns,
+                prompt_tokens=prompt_tokens, generated_tokens=stream.generated_tokens,
+            )  # fmt: skip
         recorded(stream.trace, status, stream.backend if released else None, prompt_tokens, stream.generated_tokens)
         try:
             asyncio.get_running_loop().call_soon(self._account, job, stream, status, done_ns, prompt_tokens)

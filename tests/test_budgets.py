@@ -4,6 +4,7 @@ database that goes away (the last figures are kept; none known: nobody is refuse
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from app.config import ConfigError, load_config
 from app.metering import budget_usage_reader
 from common.config import BudgetConfig, TenantBudget
 from meter.store import make_engine
-from proxy.budgets import HEADER, BudgetExhausted, Budgets, Verdict, period_bounds
+from proxy.budgets import HEADER, BudgetExhausted, Budgets, LedgerFigures, Verdict, period_bounds
 
 NS = 10**9
 WH_MJ = 3_600_000  # one Wh in millijoules
@@ -33,18 +34,27 @@ class Clock:
 
 
 class Ledger:
-    """Figures as the ledger would report them, per period start; ``away`` makes reads fail like a lost database."""
+    """Figures as the ledger would report them, per period start; ``away`` makes reads fail like a lost database.
+    ``until``: each backend's attribution frontier; ``rates``: per model, (mJ per prompt token, per generated token)."""
 
     def __init__(self) -> None:
         self.used: dict[int, dict[str, int]] = {}
         self.away: Exception | None = None
         self.reads: list[tuple[int, int]] = []
+        self.until: dict[str, int] = {}
+        self.rates: dict[str, tuple[float, float]] = {}
+        self.asked: list[frozenset[str]] = []
 
-    def __call__(self, start_ns: int, end_ns: int) -> dict[str, int]:
+    def __call__(self, start_ns: int, end_ns: int, backends: Collection[str]) -> LedgerFigures:
         self.reads.append((start_ns, end_ns))
+        self.asked.append(frozenset(backends))
         if self.away is not None:
             raise self.away
-        return dict(self.used.get(start_ns, {}))
+        return LedgerFigures(
+            used_mj=dict(self.used.get(start_ns, {})),
+            attributed_until_ns={b: t for b, t in self.until.items() if b in backends},
+            mj_per_token=dict(self.rates),
+        )
 
 
 def test_periods_are_utc_calendar_months_and_days() -> None:
@@ -129,7 +139,7 @@ def test_a_database_that_goes_away_keeps_the_last_figures_and_none_known_refuses
     # the failure a real unreachable database raises
     lost = make_engine(f"sqlite:///{tmp_path / 'missing' / 'x.db'}")  # the directory does not exist
     with pytest.raises(sa.exc.OperationalError) as away:
-        budget_usage_reader(load_config(environ={}), lost)(0, 1)
+        budget_usage_reader(load_config(environ={}), lost)(0, 1, ())
     lost.dispose()
 
     cold = Budgets(BudgetConfig(hard_wh=2.0), ledger, clock_ns=clock)
@@ -156,7 +166,7 @@ def test_the_reader_reads_the_ledger_usage_of_the_period(db: sa.Engine) -> None:
     cfg = load_config(environ={})
     read = budget_usage_reader(cfg, db)
     start, end = period_bounds("month", _ns(2026, 12, 5))
-    assert read(start, end) == {}
+    assert read(start, end, ("b1",)) == LedgerFigures(used_mj={})
 
 
 def test_config_rules() -> None:
@@ -172,3 +182,73 @@ def test_config_rules() -> None:
     assert cfg.budgets.enabled and cfg.budgets.hard_wh == 5.0 and cfg.budgets.period == "day"
     assert not load_config(environ={}).budgets.enabled
     assert HEADER == "x-joulegate-budget"
+
+
+def test_calls_in_flight_hold_their_estimate_until_the_ledger_holds_them() -> None:
+    """A tenant 0.5 Wh short of its hard budget opens calls of 1,000 prompt and 4,000 new tokens (at 1 mJ and 100 mJ
+    a token: 0.1114 Wh each) faster than the ledger can count them: five pass, the sixth is refused. A call that ends
+    holds its tokens until a read finds its backend attributed past its end; one that reached no backend, nothing."""
+    clock = Clock(_ns(2026, 12, 5, 12))
+    ledger = Ledger()
+    start = _ns(2026, 12, 1)
+    ledger.used[start] = {"acme": int(0.5 * WH_MJ)}
+    ledger.rates = {"m": (1.0, 100.0)}
+    budgets = Budgets(BudgetConfig(hard_wh=1.0), ledger, clock_ns=clock)
+    assert budgets.refresh()
+    call_mj = 1000 * 1.0 + 4000 * 100.0
+    admitted = []
+    refusal = None
+    for i in range(10):
+        try:
+            budgets.admit("acme", f"r{i}", model_id="m", prompt_tokens=1000, max_new_tokens=4000)
+        except BudgetExhausted as exc:
+            refusal = exc
+            break
+        admitted.append(i)
+    assert admitted == [0, 1, 2, 3, 4]
+    assert refusal is not None and f"holds {5 * call_mj / WH_MJ:.4f} Wh for calls in flight" in refusal.message
+    assert budgets.verdict("acme") is Verdict.HARD and budgets.note("acme") == "hard-exceeded"
+    assert budgets.admit("globex", "g0", model_id="m", prompt_tokens=1000, max_new_tokens=4000) is None  # own
+
+    done = clock.now_ns - 5 * NS
+    budgets.ended("r0", "b1", done, prompt_tokens=1000, generated_tokens=100)  # now its tokens: 11,000 mJ
+    budgets.ended("r1", None, done, prompt_tokens=0, generated_tokens=0)  # never reached a backend
+    budgets.ended("r1", "b1", done, prompt_tokens=1000, generated_tokens=4000)  # (ended once only)
+    budgets.ended("never-admitted", "b1", done, prompt_tokens=1, generated_tokens=1)
+    assert budgets.reserved_wh("acme") == pytest.approx((3 * call_mj + 11_000) / WH_MJ)
+    assert budgets.waiting_backends() == {"b1"}
+
+    ledger.until["b1"] = done - 1  # attributed up to just before r0's end: r0 is not in the figure yet
+    assert budgets.refresh() and ledger.asked[-1] == {"b1"}
+    assert budgets.reserved_wh("acme") == pytest.approx((3 * call_mj + 11_000) / WH_MJ)
+    ledger.until["b1"] = done + 1
+    ledger.used[start]["acme"] += 11_000  # ...and now it is
+    assert budgets.refresh()
+    assert budgets.reserved_wh("acme") == pytest.approx(3 * call_mj / WH_MJ)
+    assert budgets.verdict("acme") is Verdict.WITHIN  # 0.5 + 0.003 + 0.334 Wh
+    assert budgets.admit("acme", "r9", model_id="m", prompt_tokens=1000, max_new_tokens=4000) is None
+
+
+def test_without_known_rates_calls_reserve_nothing_and_a_new_period_forgets_the_old() -> None:
+    clock = Clock(_ns(2026, 12, 31, 23, 59))
+    ledger = Ledger()
+    ledger.used[_ns(2026, 12, 31)] = {"acme": int(0.5 * WH_MJ)}
+    budgets = Budgets(BudgetConfig(period="day", soft_wh=0.6, hard_wh=1.0), ledger, clock_ns=clock)
+    budgets.refresh()
+    for i in range(100):  # no tokens with energy read yet: nothing to estimate by
+        assert budgets.admit("acme", f"a{i}", model_id="m", prompt_tokens=1000, max_new_tokens=4000) is None
+    assert budgets.reserved_wh("acme") == 0.0
+    ledger.rates = {"m": (1.0, 100.0), "small": (0.1, 10.0)}
+    budgets.refresh()
+    assert budgets.verdict("acme") is Verdict.WITHIN
+    budgets.admit("globex", "g0", model_id="small", prompt_tokens=1000, max_new_tokens=4000)
+    budgets.admit("initech", "i0", model_id="not-seen-yet", prompt_tokens=1000, max_new_tokens=4000)
+    assert budgets.reserved_wh("globex") == pytest.approx(40_100 / WH_MJ)  # its model's rates
+    assert budgets.reserved_wh("initech") == pytest.approx(401_000 / WH_MJ)  # the dearest model's
+    assert budgets.admit("acme", "b0", model_id="m", prompt_tokens=1000, max_new_tokens=4000) is None
+    assert budgets.verdict("acme") is Verdict.SOFT  # 0.5 Wh used + 0.1114 Wh held: past the soft 0.6 Wh
+    budgets.ended("b0", "b1", clock.now_ns, prompt_tokens=1000, generated_tokens=4000)
+    clock.now_ns = _ns(2027, 1, 1)  # a new day: yesterday's calls count in yesterday
+    assert budgets.reserved_wh("acme") == 0.0
+    budgets.refresh()
+    assert budgets.waiting_backends() == frozenset()

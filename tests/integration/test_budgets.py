@@ -5,6 +5,8 @@ PostgreSQL behind a connection that is cut: the last figures read stay in force 
 
 from __future__ import annotations
 
+import asyncio
+import math
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from meter.store.keys import create_key
 from proxy.budgets import HEADER, period_bounds
@@ -19,6 +22,7 @@ from proxy.pb.fmaas import generation_pb2 as pb
 from sim.config import SimConfig
 
 from .harness import running_stack
+from .metering_support import wait_attributed
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +75,50 @@ async def test_a_tenant_over_its_monthly_budget_is_refused_and_the_other_served(
             async with http.get(f"{s.http_url}/metrics") as resp:
                 metrics = await resp.text()
         used = float(re.findall(r'^joulegate_budget_used_wh\{tenant="tenant-a"\} (\S+)$', metrics, re.M)[0])
-        assert used >= HARD_WH
+        held = float(re.findall(r'^joulegate_budget_reserved_wh\{tenant="tenant-a"\} (\S+)$', metrics, re.M)[0])
+        assert used + held >= HARD_WH  # its calls not in the ledger's figure yet count at their tokens
         assert f'joulegate_budget_limit_wh{{kind="hard",tenant="tenant-a"}} {HARD_WH}' in metrics
         assert 'joulegate_budget_used_wh{tenant="tenant-b"}' not in metrics  # no budget, no gauge
         assert re.search(r'^joulegate_budget_refused_total\{tenant="tenant-a"\} [1-9]', metrics, re.M)
+
+
+async def test_a_burst_of_calls_cannot_spend_the_ledgers_lag_many_times(tmp_path: Path) -> None:
+    """tenant-b (no budget) calls until the gateway knows the fleet's energy per token; then tenant-a, with nothing
+    used yet, opens three budgets' worth of calls at once. Its ledger figure is 0 for all of them (none has ended),
+    so before reservations every one passed; now each holds its estimate from admission and about a third pass,
+    the rest get RESOURCE_EXHAUSTED, and once its calls are attributed tenant-a has used no more than its budget."""
+    overrides = {"meter": METER, "budgets": {"refresh_s": 0.3, "tenants": {"tenant-a": {"hard_wh": HARD_WH}}}}
+    async with running_stack(tmp_path, sim_config=SimConfig(time_scale=1.0), overrides=overrides) as s:
+        budgets = s.app.budgets
+        assert budgets is not None
+        md_b = (("authorization", f"Bearer {create_key(s.app.engine, 'tenant-b').key}"),)
+        for _ in range(100):
+            if "sim-model" in budgets.rates:
+                break
+            await s.stub.Generate(REQUEST, metadata=md_b, timeout=30)
+        assert "sim-model" in budgets.rates, "the ledger never showed energy per token"
+        per_prompt_mj, per_generated_mj = budgets.rates["sim-model"]
+        prompt_estimate = len(REQUEST.requests[0].text) // 4  # the gateway's estimate before the backend counts
+        estimate_wh = (prompt_estimate * per_prompt_mj + 40 * per_generated_mj) / 3_600_000
+        burst = 3 * math.ceil(HARD_WH / estimate_wh)
+
+        async def call() -> grpc.StatusCode:
+            try:
+                await s.stub.Generate(REQUEST, metadata=s.auth, timeout=60)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        codes = await asyncio.gather(*(call() for _ in range(burst)))
+        served = codes.count(grpc.StatusCode.OK)
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert 1 <= served <= burst // 2, (served, burst)
+        assert s.app.ledger.flush(10.0)
+        await wait_attributed(s.app.engine)
+        with s.app.engine.connect() as conn:
+            sql = "SELECT SUM(e.prefill_mj + e.decode_mj) FROM request_energy e JOIN requests r USING (request_id) "
+            used_mj = conn.execute(sa.text(sql + "WHERE r.tenant = 'tenant-a'")).scalar_one()
+        assert used_mj / 3_600_000 <= HARD_WH, (used_mj, served, burst)
 
 
 async def test_a_database_away_keeps_the_last_figures(tmp_path: Path, pg_url: str) -> None:

@@ -1,11 +1,13 @@
 """Energy budgets across two gateway processes (``joulegate serve``) on one PostgreSQL database, two tenants.
 
-Gateway A meters the one (simulated) backend; gateway B runs no meter. tenant-a spends its energy through A only; B
-learns of it from the ledger they share: past its soft budget B moves its calls to the over_soft_class and says so
-(``x-joulegate-budget: soft-exceeded``, in gRPC initial metadata and on HTTP answers), past its hard budget B
-refuses them (RESOURCE_EXHAUSTED with ``retry-after-ms`` and RetryInfo / 429 with Retry-After, to the UTC day's end)
-while tenant-b is served on both. The overrun — what tenant-a used past its hard budget before the refusals began,
-because usage counts only once attributed and is read every ``refresh_s`` — is measured and bounded.
+Gateway A meters the one (simulated) backend; gateway B runs no meter. tenant-a spends its energy through A until A
+refuses it: past its soft budget A moves its calls to the over_soft_class and says so (``x-joulegate-budget:
+soft-exceeded``, in gRPC initial metadata and on HTTP answers), past its hard budget — what the ledger counts plus what
+A holds for its calls the ledger does not count yet — A refuses them. Then tenant-a turns to B, which it never called:
+B knows its use from the ledger they share and refuses it (RESOURCE_EXHAUSTED with ``retry-after-ms`` and RetryInfo /
+429 with Retry-After, to the UTC day's end) once its own calls' reservations take it to the budget, while tenant-b is
+served on both. The overrun — what tenant-a used past its hard budget in all — is measured and bounded: about one
+call, since every call is held against the budget from its admission until the ledger counts it.
 """
 
 from __future__ import annotations
@@ -176,12 +178,23 @@ async def test_energy_used_through_one_gateway_counts_at_the_other(tmp_path: Pat
             first_soft = notes.index("soft-exceeded")
             assert all(n == "soft-exceeded" for n in notes[first_soft:])
 
-            # B, which tenant-a never called, has the same figure from the ledger: it refuses tenant-a ...
-            async def b_knows() -> bool:
-                return await _used_wh(http, http_b, "tenant-a") >= HARD_WH
+            # B, which tenant-a never called, has A's calls from the ledger once they are attributed ...
+            await wait_attributed(db, 30.0)
+            with db.connect() as conn:
+                a_reports = fetch_reports(conn, [rid for rid, _, _ in admitted], ReportOptions())
+            a_used_wh = sum(r.total_j for r in a_reports.values()) / 3600
 
-            await wait_until_async(b_knows, 20.0, what="B to read tenant-a's usage past the budget", poll_s=0.1)
-            _, initial, err = await generate(stub_b, md_a)
+            async def b_knows() -> bool:
+                return await _used_wh(http, http_b, "tenant-a") >= a_used_wh - 1e-6
+
+            await wait_until_async(b_knows, 20.0, what="B to read tenant-a's usage at A", poll_s=0.1)
+            # ... and admits tenant-a's calls only while that and what B holds for its own stay under the budget
+            admitted_b: list[str] = []
+            for _ in range(20):
+                rid, initial, err = await generate(stub_b, md_a)
+                if err is not None:
+                    break
+                admitted_b.append(rid)
             assert err is not None and err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert initial.get(HEADER) == "hard-exceeded"
             message = err.details() or ""
@@ -218,35 +231,28 @@ async def test_energy_used_through_one_gateway_counts_at_the_other(tmp_path: Pat
             assert refusals == 2.0  # gRPC and HTTP at B
 
             # what counted, once attributed: the calls over the soft budget ran in class "batch", the others in their
-            # own; and the overrun past the hard budget stays within what the lag lets through
+            # own; and tenant-a's use past its hard budget, over both gateways, is about one call
             await wait_attributed(db, 30.0)
             with db.connect() as conn:
-                reports = fetch_reports(conn, [rid for rid, _, _ in admitted] + [http_soft], ReportOptions())
+                reports = fetch_reports(
+                    conn, [rid for rid, _, _ in admitted] + admitted_b + [http_soft], ReportOptions()
+                )
             assert reports[http_soft].traffic_class == "batch"
             classes = [reports[rid].traffic_class for rid, _, _ in admitted]
             assert classes == ["default"] * first_soft + ["batch"] * (len(admitted) - first_soft)
-            used = 0.0  # (the small HTTP call is left out: a lower bound of the use at each crossing)
-            crossed = None  # when the call that took tenant-a past its hard budget ended
-            for rid, _, _ in admitted:
-                used += reports[rid].total_j / 3600
-                if crossed is None and used >= HARD_WH:
-                    done_ns = reports[rid].done_ns
-                    assert done_ns is not None
-                    crossed = done_ns / 1e9
-            assert crossed is not None
+            calls_wh = [reports[rid].total_j / 3600 for rid in [r for r, _, _ in admitted] + admitted_b]
+            used = sum(calls_wh) + reports[http_soft].total_j / 3600
             overrun_wh = used - HARD_WH
-            lag_s = refused_at - crossed  # from crossing the budget to the first refusal
-            after = sum(1 for _, sent, _ in admitted if sent > crossed)
+            per_call_wh = max(calls_wh)
             print(  # the README quotes these
-                f"\nbudget overrun: used {used:.4f} Wh of hard {HARD_WH} Wh (+{overrun_wh:.4f} Wh, "
-                f"{after} calls admitted after the crossing), refused {lag_s:.2f} s after the crossing "
-                f"(refresh_s {REFRESH_S}, epoch_s {EPOCH_S}, settle_s {SETTLE_S})"
+                f"\nbudget overrun: used {used:.4f} Wh of hard {HARD_WH} Wh ({overrun_wh:+.4f} Wh, "
+                f"{overrun_wh / per_call_wh:+.2f} calls of {per_call_wh:.4f} Wh); A admitted {len(admitted)} calls, "
+                f"B {len(admitted_b)} (refresh_s {REFRESH_S}, epoch_s {EPOCH_S}, settle_s {SETTLE_S})"
             )
-            # the lag: attribution (epoch + settle + counter lag + an engine pass) plus a refresh, plus the call in
-            # flight when the figure changed; generous for a loaded machine
-            assert lag_s < EPOCH_S + SETTLE_S + LAG_MS / 1000 + ENGINE_S + REFRESH_S + 5.0
-            per_call_wh = max(reports[rid].total_j for rid, _, _ in admitted) / 3600
-            assert overrun_wh <= (after + 1) * per_call_wh
+            # each gateway refuses once the ledger's figure plus its calls not counted yet (their tokens at the
+            # model's recent energy per token) reach the budget: past it by at most the last call admitted and the
+            # error of those estimates
+            assert overrun_wh <= 1.5 * per_call_wh
     finally:
         await sim.stop()
         db.dispose()
