@@ -133,17 +133,19 @@ class Usage:
     read_ns: int
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Held:
-    """A call's reservation: its tenant, the period it counts in, its model, its estimate (mJ); once ended, where
-    and when."""
+    """A call in flight's reservation: its tenant, the period it counts in, its model, its estimate (mJ)."""
 
     tenant: str
     period_start_ns: int
     model_id: str
     mj: float
-    backend: str | None = None
-    done_ns: int | None = None
+
+
+# Ended calls' reservations, summed by (period start, tenant, backend, the second after the end, in ns): a meter
+# that lags (or is away) for an hour costs a gateway one entry per tenant, backend and second, not one per call.
+_EndedKey = tuple[int, str, str, int]
 
 
 class Budgets:
@@ -160,7 +162,8 @@ class Budgets:
         self._limits: dict[str, TenantBudget] = {}  # for_tenant's answers (the config is frozen)
         self._period = (0, 0)  # the last period computed: most checks fall in it
         self.rates: dict[str, tuple[float, float]] = {}  # model -> (mJ per prompt token, per generated token)
-        self._held: dict[str, _Held] = {}  # request id -> its reservation, until the ledger's figure holds it
+        self._open: dict[str, _Held] = {}  # request id -> the reservation of a call in flight
+        self._ended: dict[_EndedKey, float] = {}  # ended calls' reservations, until the ledger's figure holds them
         self._reserved: dict[tuple[int, str], float] = {}  # (period start, tenant) -> the sum of its reservations
 
     def limits(self, tenant: str) -> TenantBudget:
@@ -233,19 +236,19 @@ class Budgets:
             start, end = self.period(now_ns)
             retry_s = max(1.0, (end - now_ns) / NS)
             REFUSED.labels(tenant_label(tenant)).inc()
-            held = self.reserved_wh(tenant, now_ns)
+            held_wh = self.reserved_wh(tenant, now_ns)
             raise BudgetExhausted(
                 f"tenant {tenant!r} is over its hard energy budget: used {self.used_wh(tenant, now_ns):.4f} Wh "
-                + (f"and holds {held:.4f} Wh for calls in flight or not yet attributed " if held else "")
+                + (f"and holds {held_wh:.4f} Wh for calls in flight or not yet attributed " if held_wh else "")
                 + f"of hard_wh {limits.hard_wh:g} Wh this {self.config.period} (since {_iso(start)}); it renews at "
                 f"{_iso(end)}, in {retry_s:.0f} s",
                 retry_after_s=retry_s,
             )
-        if request_id is not None and request_id not in self._held:
+        if request_id is not None and request_id not in self._open:
             start, _ = self.period(now_ns)
-            held_call = _Held(tenant, start, model_id, self._estimate_mj(model_id, prompt_tokens, max_new_tokens))
-            self._held[request_id] = held_call
-            self._add(held_call, held_call.mj)
+            held = _Held(tenant, start, model_id, self._estimate_mj(model_id, prompt_tokens, max_new_tokens))
+            self._open[request_id] = held
+            self._add(start, tenant, held.mj)
         if verdict is Verdict.SOFT:
             OVER_SOFT.labels(tenant_label(tenant)).inc()
             return limits.over_soft_class
@@ -255,18 +258,17 @@ class Budgets:
         self, request_id: str, backend: str | None, done_ns: int, *, prompt_tokens: int, generated_tokens: int
     ) -> None:
         """A call admitted with ``request_id`` ended: its reservation becomes its tokens at the known rates, held
-        until a read finds ``backend`` attributed past ``done_ns``; a call that reached no backend (None) used no
-        energy and holds nothing. An id never admitted (or already ended) is ignored."""
-        held = self._held.get(request_id)
-        if held is None or held.done_ns is not None:
+        until a read finds ``backend`` attributed past the second after ``done_ns`` (ended calls are summed by that
+        second); a call that reached no backend (None) used no energy and holds nothing. An id never admitted (or
+        already ended) is ignored."""
+        held = self._open.pop(request_id, None)
+        if held is None:
             return
-        if backend is None:
-            del self._held[request_id]
-            self._add(held, -held.mj)
-            return
-        mj = self._estimate_mj(held.model_id, prompt_tokens, generated_tokens)
-        self._add(held, mj - held.mj)
-        held.mj, held.backend, held.done_ns = mj, backend, done_ns
+        mj = self._estimate_mj(held.model_id, prompt_tokens, generated_tokens) if backend is not None else 0.0
+        self._add(held.period_start_ns, held.tenant, mj - held.mj)
+        if mj > 0:
+            key = (held.period_start_ns, held.tenant, backend or "", (done_ns // NS + 1) * NS)
+            self._ended[key] = self._ended.get(key, 0.0) + mj
 
     def _estimate_mj(self, model_id: str, prompt_tokens: int, generated_tokens: int) -> float:
         """The energy of so many tokens at the model's rates; a model not seen yet at the dearest model's; 0 while
@@ -279,8 +281,8 @@ class Budgets:
         per_prompt, per_generated = rates
         return max(0, prompt_tokens) * per_prompt + max(0, generated_tokens) * per_generated
 
-    def _add(self, held: _Held, mj: float) -> None:
-        key = (held.period_start_ns, held.tenant)
+    def _add(self, period_start_ns: int, tenant: str, mj: float) -> None:
+        key = (period_start_ns, tenant)
         total = self._reserved.get(key, 0.0) + mj
         if total > 1e-6:  # (a sum of non-negative estimates: below that, rounding)
             self._reserved[key] = total
@@ -300,7 +302,7 @@ class Budgets:
 
     def waiting_backends(self) -> frozenset[str]:
         """The backends of ended calls whose reservations wait for the ledger's figure."""
-        return frozenset(h.backend for h in self._held.values() if h.backend is not None)
+        return frozenset(backend for _, _, backend, _ in self._ended)
 
     def read(self, backends: Collection[str]) -> tuple[int, int, LedgerFigures] | None:
         """(when, the period's start, the figures) of one read of the ledger; None when it failed (the database is
@@ -335,15 +337,13 @@ class Budgets:
         self.usage = Usage(start, dict(figures.used_mj), read_ns)
         self.rates.update({m: (float(p), float(g)) for m, (p, g) in figures.mj_per_token.items()})
         frontier = figures.attributed_until_ns
-        for request_id, held in list(self._held.items()):
-            if held.done_ns is None:
-                continue
-            counted = held.backend in frontier and held.done_ns < frontier[held.backend]  # type: ignore[index]
-            if counted or held.period_start_ns < start:  # in the figure, or in a period gone by
-                del self._held[request_id]
-                self._add(held, -held.mj)
-        for key in [k for k in self._reserved if k[0] < start]:
-            del self._reserved[key]
+        for ended, mj in list(self._ended.items()):
+            period_start, tenant, backend, done_by_ns = ended
+            if period_start < start or (backend in frontier and done_by_ns <= frontier[backend]):
+                del self._ended[ended]  # in the figure (every call of it ended before the frontier), or a period gone
+                self._add(period_start, tenant, -mj)
+        for gone in [k for k in self._reserved if k[0] < start]:
+            del self._reserved[gone]
         self._export(figures.used_mj)
         READ_AT.set(read_ns / NS)
 

@@ -222,7 +222,10 @@ def test_calls_in_flight_hold_their_estimate_until_the_ledger_holds_them() -> No
     assert budgets.refresh() and ledger.asked[-1] == {"b1"}
     assert budgets.reserved_wh("acme") == pytest.approx((3 * call_mj + 11_000) / WH_MJ)
     ledger.until["b1"] = done + 1
-    ledger.used[start]["acme"] += 11_000  # ...and now it is
+    assert budgets.refresh()  # just past r0's end, but ended calls are summed by the second after their end
+    assert budgets.reserved_wh("acme") == pytest.approx((3 * call_mj + 11_000) / WH_MJ)
+    ledger.until["b1"] = done + NS
+    ledger.used[start]["acme"] += 11_000  # ...and now it is in the figure
     assert budgets.refresh()
     assert budgets.reserved_wh("acme") == pytest.approx(3 * call_mj / WH_MJ)
     assert budgets.verdict("acme") is Verdict.WITHIN  # 0.5 + 0.003 + 0.334 Wh
@@ -238,6 +241,9 @@ def test_without_known_rates_calls_reserve_nothing_and_a_new_period_forgets_the_
     for i in range(100):  # no tokens with energy read yet: nothing to estimate by
         assert budgets.admit("acme", f"a{i}", model_id="m", prompt_tokens=1000, max_new_tokens=4000) is None
     assert budgets.reserved_wh("acme") == 0.0
+    for i in range(100):
+        budgets.ended(f"a{i}", "b1", clock.now_ns, prompt_tokens=1000, generated_tokens=4000)
+    assert budgets.waiting_backends() == frozenset()  # nothing held: nothing kept
     ledger.rates = {"m": (1.0, 100.0), "small": (0.1, 10.0)}
     budgets.refresh()
     assert budgets.verdict("acme") is Verdict.WITHIN
