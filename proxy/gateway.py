@@ -440,6 +440,7 @@ class Gateway:
             job.traffic_class = moved or job.traffic_class
         if self.rate_limiter is not None:  # before the queue: a limited tenant never holds a place in it
             await self.rate_limiter.admit(job.tenant, job.token_estimate)
+            job.rate_prompt_tokens = job.prompt_tokens_estimate
         if job.deadline is None:
             return await shaper.acquire(job, pool)
         try:
@@ -684,6 +685,8 @@ class Gateway:
             )
         except Exception:  # the meter must never break the request path
             log.exception("timeline_record_failed", request_id=job.request_id)
+        if self.rate_limiter is not None and job.rate_prompt_tokens is not None and works and not estimated:
+            self.rate_limiter.settle(job.tenant, prompt_tokens - job.rate_prompt_tokens)  # the estimate's error
         if self.budgets is not None:  # its reservation: now its tokens, until the ledger's figure holds them
             self.budgets.ended(
                 job.request_id, stream.backend if released else None, done_ns,

@@ -26,6 +26,7 @@ class Job:
     clamp_to_token_limit: bool = False  # TGIS: shrink max_new_tokens to fit the model instead of failing
     received_ns: int = field(default_factory=time.time_ns)
     trace: Any = None  # the front door's span (proxy.tracing), when tracing is on
+    rate_prompt_tokens: int | None = None  # the prompt tokens the rate limiter charged (settled once counted)
 
     @property
     def prompt_tokens_estimate(self) -> int:

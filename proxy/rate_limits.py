@@ -8,7 +8,10 @@ statement per slice. Leases are atomic, so all gateways together never admit mor
 eighth of what the minute has left, at most a twentieth of the limit, so what one replica holds and cannot use (and
 another replica's caller therefore cannot get) shrinks to a few units as the minute fills. Windows are UTC minutes:
 every replica agrees on them without talking. Tokens count as the request's ``token_estimate`` (prompt, as
-estimated before tokenizing, plus ``max_new_tokens``), the figure the shaping queue's token limits use too.
+estimated before tokenizing, plus ``max_new_tokens``), the figure the shaping queue's token limits use too, and once
+the backend has counted the prompt the difference is settled (``settle``): taken from (or given back to) the
+replica's slice of the current minute, so a prompt that counts more than its estimate (CJK text, emoji: four to
+eight times) is paid for; a slice run below zero leases its debt with the next call's share before admitting it.
 
 When the database cannot be reached the limits are not enforced (fail open: they protect capacity, and refusing
 every call during an outage would do more harm); that is logged once per outage and counted in
@@ -111,6 +114,22 @@ class RateLimiter:
                 if self._take(tenant, needs, window):
                     return
 
+    def settle(self, tenant: str, tokens: int) -> None:
+        """A call admitted with an estimate counted ``tokens`` more (negative: fewer) once the backend counted its
+        prompt: the difference is taken from (given back to) this replica's slice of ``tenant``'s current minute. A
+        slice below zero is the tenant's debt: its next call leases it with its own share, or is refused. No I/O."""
+        limit = self.config.for_tenant(tenant).tokens_per_minute
+        if limit is None or tokens == 0:
+            return
+        window = self._window(self._clock_ns())
+        scope = f"{tenant}/tokens"
+        s = self._slices.get(scope)
+        if s is None or s.window_ns != window:
+            if tokens < 0:
+                return  # nothing leased in this minute to give back to
+            s = self._slices[scope] = _Slice(window, 0, limit)
+        s.remaining -= tokens
+
     @staticmethod
     def _window(now_ns: int) -> int:
         return now_ns - now_ns % WINDOW_NS
@@ -148,6 +167,9 @@ class RateLimiter:
         if self._unchecked_until:
             log.info("rate_limits_checked_again")
             self._unchecked_until = 0.0
+        # What the slice holds now: calls on the fast path and settlements may have changed it during the lease.
+        live = self._slices.get(scope)
+        carried = live.remaining if live is not None and live.window_ns == window else 0
         if used is None:
             self._slices[scope] = _Slice(window, carried, 0, exhausted=True)
             return carried >= amount

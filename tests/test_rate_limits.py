@@ -108,3 +108,39 @@ def test_the_lease_statement_is_atomic_under_threads(db: sa.Engine) -> None:
     with ThreadPoolExecutor(8) as pool:
         taken = sum(pool.map(take, range(60)))
     assert taken == 99  # 33 leases of 3 fit in 100; the 34th would pass it
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+async def test_prompts_that_count_more_than_estimated_pay_the_difference(db: sa.Engine, replicas: int) -> None:
+    """The gateway admits a call at its prompt's estimate (four characters a token), and CJK text or emoji count
+    four to eight times that: a tenant writing them got that many times its tokens_per_minute. Once the backend has
+    counted, the difference is settled against the tenant's minute: calls of 100 estimated and 400 counted tokens
+    stop after 10,000 counted tokens (plus the last call's difference), not after 10,000 estimated ones; and a
+    prompt that counts fewer gives the difference back."""
+    rnd = random.Random(replicas)
+    clock = Clock()
+    limiters = [RateLimiter(RateLimitConfig(tokens_per_minute=10_000), db, clock_ns=clock) for _ in range(replicas)]
+    counted = 0
+    for _ in range(200):
+        limiter = rnd.choice(limiters)
+        try:
+            await limiter.admit("acme", 100)
+        except RateLimited:
+            break
+        limiter.settle("acme", 300)
+        counted += 400
+    # before: 200 calls admitted, 80,000 counted. Past the limit by at most each replica's last call's difference
+    # (a replica's debt reaches the database with its next lease)
+    assert 10_000 - 400 * replicas <= counted <= 10_000 + 300 * replicas, counted
+
+    clock.now_ns += WINDOW_NS  # a new minute: English text, counting half its estimate
+    limiter = limiters[0]
+    admitted = 0
+    for _ in range(400):
+        try:
+            await limiter.admit("globex", 100)
+        except RateLimited:
+            break
+        limiter.settle("globex", -50)
+        admitted += 1
+    assert admitted >= 190  # ~10,000 counted tokens, not 10,000 estimated ones

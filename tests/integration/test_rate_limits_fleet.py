@@ -117,3 +117,31 @@ async def test_a_tenant_gets_its_limit_across_two_gateways_and_no_more(tmp_path:
                 await c.close()
     finally:
         await sim.stop()
+
+
+async def test_prompts_that_count_more_than_their_estimate_do_not_stretch_a_token_limit(tmp_path: Path) -> None:
+    """tenant-a's prompts are punctuation, one token a character, while the gateway admits at four characters a
+    token: before settling, it got four times its tokens_per_minute. Now the backend's count is settled against the
+    minute: the calls stop once the counted tokens reach the limit (plus the last call's difference)."""
+    from .harness import running_stack
+
+    tokens_per_minute = 6_000
+    overrides = {"rate_limits": {"tenants": {"tenant-a": {"tokens_per_minute": tokens_per_minute}}}}
+    request = pb.BatchedGenerationRequest(
+        requests=[pb.GenerationRequest(text="," * 400)],  # estimated 100 tokens, counted 401
+        params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=2)),
+    )
+    async with running_stack(tmp_path, overrides=overrides) as s:
+        await _wait_for_room_in_the_minute(30)
+        counted = 0
+        refused = None
+        for _ in range(100):
+            try:
+                reply = await s.stub.Generate(request, metadata=s.auth, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                refused = exc
+                break
+            counted += reply.responses[0].input_token_count + 2  # as the limit counts: prompt + max_new_tokens
+        assert refused is not None and refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "tokens_per_minute (6000)" in (refused.details() or "")
+        assert tokens_per_minute - 403 < counted <= tokens_per_minute + 301, counted  # before: ~58 calls, ~23,000
