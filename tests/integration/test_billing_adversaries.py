@@ -2,10 +2,10 @@
 
 Issue 8's findings, rerun: requests that fail at prefill, and requests abandoned during their prefill (client
 deadlines of 40-120 ms on 2,000-3,000-token prompts, or cancels) while another tenant decodes. The failing tenant's
-bill must stay within 10 % of what it truly cost the GPU, its neighbour's within 8 % (whether abandoned prefills'
-steps run on after the leaving, as an engine's do, or stop: ``ABANDON_RULES``), both read from the bill itself
-(``GetUsage`` by tenant, once every request is final). Every recorded status is what the client saw, and the prompt
-sizes of failed and cancelled requests are the backend's own counts.
+bill must stay within 10 % of what it truly cost the GPU, its neighbour's within 5 % over and 10 % under (whether
+abandoned prefills' steps run on after the leaving, as an engine's do, or stop: ``ABANDON_RULES``), both read from the
+bill itself (``GetUsage`` by tenant, once every request is final). Every recorded status is what the client saw, and
+the prompt sizes of failed and cancelled requests are the backend's own counts.
 """
 
 from __future__ import annotations
@@ -221,10 +221,11 @@ async def test_requests_failing_at_prefill_pay_their_prefill_and_their_neighbour
 # ("cut", six): a 5 % bound failed a clean-clone CI run at -5.0002 %. The direction is the neighbour's favour (the
 # abandoner pays for it); the neighbour alone is billed within 0.1 %, and beside the same long prompts sent whole
 # (20 new tokens) -2.3 %: the simulator artefact the README measures (it tokenizes a 3,000-token prompt on the loop
-# that times its steps, stretching the decode step in progress), not the abandoning. Bound: 8 %.
+# that times its steps, stretching the decode step in progress), not the abandoning. Bounds on the neighbour's bill:
+# 5 % over (what the abandoner could put on it), 10 % under (the modelling error in its favour).
 ABANDON_RULES = {
-    "completes": (SIM_ARGS, METER, 0.08),
-    "cut": ((*SIM_ARGS, "--no-finish-step-on-cancel"), {**METER, "abandoned_step_completes": False}, 0.08),
+    "completes": (SIM_ARGS, METER, (-0.10, 0.05)),
+    "cut": ((*SIM_ARGS, "--no-finish-step-on-cancel"), {**METER, "abandoned_step_completes": False}, (-0.10, 0.05)),
 }
 
 
@@ -280,7 +281,8 @@ async def test_prefills_abandoned_by_deadline_or_cancel_are_paid_by_who_abandone
               f"({rel_error(*decoding[:2]):+.2%}); {conditions(s, url)}")  # fmt: skip
         assert abandoning[2] >= len(given_id) >= 30 and abandoning[1] > 0
         assert abs(rel_error(*abandoning[:2])) < 0.10, abandoning
-        assert abs(rel_error(*decoding[:2])) < neighbour_bound, decoding
+        under, over = neighbour_bound
+        assert under < rel_error(*decoding[:2]) < over, decoding
 
         # Each row says what its client saw, and its prompt size is the backend's count.
         rows = query(s.app.engine, "SELECT request_id, correlation_id, status, prompt_tokens, prompt_tokens_estimated "
