@@ -51,6 +51,7 @@ from proxy.engines import Engine, EventReader
 from proxy.engines.base import CACHED_TOKENS
 from proxy.job import Job
 from proxy.metrics import GENERATED_TOKENS, LATENCY, PROMPT_TOKENS, REQUESTS, TTFT, Children, tenant_label
+from proxy.prompt_scale import PromptScale
 from proxy.rate_limits import RateLimiter
 from proxy.request_log import log_request
 from proxy.shaping import Shaper
@@ -201,6 +202,7 @@ class Gateway:
         self.pools = dict(pools)
         self.rate_limiter = rate_limiter
         self.budgets = budgets
+        self.prompt_scale = PromptScale()
         self._shapers = dict(shapers)  # one per model
         self.ledger = ledger
         self.retries = retries
@@ -311,6 +313,7 @@ class Gateway:
             if not self.ready:  # no record before its database's schema is known to take it
                 raise Unavailable("gateway is starting: its database has not answered yet", retry_after_s=1.0)
             pool = self.pool(job.model_id)
+            job.prompt_scale = self.prompt_scale.scale(job.tenant, job.model_id)
             stream.trace = self.tracing.request(job)
             with queued(stream.trace):
                 lease = await self._admit(job, pool)
@@ -685,6 +688,8 @@ class Gateway:
             )
         except Exception:  # the meter must never break the request path
             log.exception("timeline_record_failed", request_id=job.request_id)
+        if works and not estimated:  # what this tenant's prompts count: its next estimates follow
+            self.prompt_scale.observe(job.tenant, job.model_id, len(job.inputs), prompt_tokens)
         if self.rate_limiter is not None and job.rate_prompt_tokens is not None and works and not estimated:
             self.rate_limiter.settle(job.tenant, prompt_tokens - job.rate_prompt_tokens)  # the estimate's error
         if self.budgets is not None:  # its reservation: now its tokens, until the ledger's figure holds them

@@ -27,11 +27,13 @@ class Job:
     received_ns: int = field(default_factory=time.time_ns)
     trace: Any = None  # the front door's span (proxy.tracing), when tracing is on
     rate_prompt_tokens: int | None = None  # the prompt tokens the rate limiter charged (settled once counted)
+    prompt_scale: float = 1.0  # what the tenant's prompts counted per four characters (``proxy.prompt_scale``)
 
     @property
     def prompt_tokens_estimate(self) -> int:
-        """About four characters a token: used only to balance load and bound queues before TGI has counted."""
-        return max(1, len(self.inputs) // 4)
+        """About four characters a token, times what this tenant's prompts have counted per four characters: used
+        before the backend has counted (queues, balance, limits, reservations), never billed."""
+        return max(1, round(len(self.inputs) * self.prompt_scale) // 4)
 
     @property
     def token_estimate(self) -> int:

@@ -145,3 +145,35 @@ async def test_prompts_that_count_more_than_their_estimate_do_not_stretch_a_toke
         assert refused is not None and refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "tokens_per_minute (6000)" in (refused.details() or "")
         assert tokens_per_minute - 403 < counted <= tokens_per_minute + 301, counted  # before: ~58 calls, ~23,000
+
+
+async def test_once_counted_a_tenants_prompts_are_estimated_at_what_they_count(tmp_path: Path) -> None:
+    """1,000 commas are estimated at 250 tokens (four characters a token) and count 1,001: the first such call fits a
+    1,000-token minute and is admitted; from then on the gateway estimates this tenant's prompts at what they count
+    (``proxy.prompt_scale``), so the same call is refused as larger than any minute allows (INVALID_ARGUMENT, naming
+    its count), while another tenant's English text is still estimated at four characters a token."""
+    from .harness import running_stack
+
+    overrides = {"rate_limits": {"tokens_per_minute": 1_000}}
+    commas = pb.BatchedGenerationRequest(
+        requests=[pb.GenerationRequest(text="," * 1000)],
+        params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=2)),
+    )
+    async with running_stack(tmp_path, overrides=overrides) as s:
+        await _wait_for_room_in_the_minute(20)
+        reply = await s.stub.Generate(commas, metadata=s.auth, timeout=30)
+        assert reply.responses[0].input_token_count == 1001
+        assert s.app.gateway.prompt_scale.scale("tenant-a", "sim-model") == pytest.approx(1001 / 250)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await s.stub.Generate(commas, metadata=s.auth, timeout=30)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "this request counts 1003 tokens" in (refused.value.details() or "")
+        key_b = create_key(s.app.engine, "tenant-b").key
+        english = pb.BatchedGenerationRequest(
+            requests=[pb.GenerationRequest(text="the " * 250)],  # 1,000 characters, about 250 tokens
+            params=pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=2)),
+        )
+        reply = await s.stub.Generate(english, metadata=(("authorization", f"Bearer {key_b}"),), timeout=30)
+        counted = reply.responses[0].input_token_count
+        assert counted < 275
+        assert s.app.gateway.prompt_scale.scale("tenant-b", "sim-model") == pytest.approx(counted / 250)
