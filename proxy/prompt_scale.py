@@ -9,9 +9,12 @@ The count each call ends with is known (TGI's ``input_length``, the OpenAI route
 ratio of counted to estimated tokens, per tenant and model, decayed so that it follows a tenant that changes what it
 sends, scales the tenant's next estimates.
 
-What a tenant can still do: switch from prompts that count few tokens to prompts that count many; the calls sent
-before the ratio catches up (about ``1 / (1 - decay)`` calls' worth of tokens) are estimated at the old ratio. The
-rate limits and budgets settle each call's own count afterwards; the queue's fairness does not.
+The scale is never below 1 (``lo``): prompts that count fewer tokens than four characters a token (runs of
+whitespace) would otherwise teach a scale that a burst of prompts counting many tokens is then estimated at, deeper
+under than the plain estimate ever was. What a tenant can still do: switch from prose to prompts that count many
+tokens; the calls sent before the ratio catches up (about ``1 / (1 - decay)`` calls' worth of tokens) are estimated
+at the old ratio, as without this. The rate limits and budgets settle each call's own count afterwards; the queue's
+fairness does not.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class _Sums:
 class PromptScale:
     """Per (tenant, model): counted / estimated prompt tokens, token-weighted, with older calls decayed."""
 
-    def __init__(self, *, decay: float = 0.8, lo: float = 0.25, hi: float = 16.0, max_keys: int = 100_000) -> None:
+    def __init__(self, *, decay: float = 0.8, lo: float = 1.0, hi: float = 16.0, max_keys: int = 100_000) -> None:
         self.decay = decay
         self.lo, self.hi = lo, hi
         self.max_keys = max_keys
