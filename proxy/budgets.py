@@ -8,16 +8,15 @@ the database itself: ``app`` hands in a ``UsageReader`` (``app.metering.budget_u
 ``refresh_s`` off the event loop; the figures of every tenant are kept in memory and every check reads them there.
 All gateways on one database read the same ledger, so they agree (each within its own refresh).
 
-The figure lags the energy: a request counts only once the metering engine has attributed the epochs it ran in
-(after it ended: an open request holds its backend's attribution back), plus up to ``refresh_s``. So that a tenant
-cannot spend that lag many times over (a thousand long streams opened at once all pass a check of the ledger's
-figure), every call admitted holds a *reservation* on this gateway until the ledger's figure includes it: at
-admission its estimate (estimated prompt tokens and ``max_new_tokens``, at its model's energy per prompt and per
-generated token over the recent attributed requests of every tenant, as last read), at its end its prompt and
-generated tokens at the same rates,
-dropped once a read finds its backend attributed past its end (the read takes the attribution's frontier before the
-usage, so the usage holds what the frontier passed). A tenant is over a budget when its used energy plus what it holds
-in reservations reaches it. Until a read has found tokens with energy, the rates are unknown and calls reserve
+The figure lags the energy: a request counts only once the metering engine has attributed the epochs it ran in (after
+it ended: an open request holds its backend's attribution back), plus up to ``refresh_s``. So that a tenant cannot
+spend that lag many times over (a thousand long streams opened at once all pass a check of the ledger's figure), every
+call admitted holds a *reservation* on this gateway until the ledger's figure includes it: at admission its estimate
+(estimated prompt tokens and ``max_new_tokens``, at its model's energy per prompt and per generated token over the
+recent attributed requests of every tenant, as last read), at its end its prompt and generated tokens at the same
+rates, dropped once a read finds its backend attributed past its end (the read takes the attribution's frontier before
+the usage, so the usage holds what the frontier passed). A tenant is over a budget when its used energy plus what it
+holds in reservations reaches it. Until a read has found tokens with energy, the rates are unknown and calls reserve
 nothing. Reservations are per gateway: each replica counts its own calls in flight.
 
 When the usage cannot be read (the database is away), the last figures read are kept and used (logged once per
@@ -308,7 +307,7 @@ class Budgets:
         """(when, the period's start, the figures) of one read of the ledger; None when it failed (the database is
         away: logged once per outage). Blocking, touches no reservation: safe on a thread."""
         now_ns = self._clock_ns()
-        start, end = self.period_bounds_at(now_ns)
+        start, end = period_bounds(self.config.period, now_ns)  # not ``period``: its cache is the loop's
         try:
             figures = self._read_usage(start, end, backends)
         except Exception as exc:  # the database is away (or the read failed): keep the last known figures
@@ -325,17 +324,13 @@ class Budgets:
         self.failing = False
         return now_ns, start, figures
 
-    def period_bounds_at(self, now_ns: int) -> tuple[int, int]:
-        """``[start, end)`` of the period holding ``now_ns``, without touching the cached period (thread-safe)."""
-        return period_bounds(self.config.period, now_ns)
-
     def apply(self, got: tuple[int, int, LedgerFigures]) -> None:
         """Take one read's figures: the usage, the rates, and the reservations the usage now holds dropped (on the
         event loop: reservations change there)."""
         read_ns, start, figures = got
         self.reads += 1
         self.usage = Usage(start, dict(figures.used_mj), read_ns)
-        self.rates.update({m: (float(p), float(g)) for m, (p, g) in figures.mj_per_token.items()})
+        self.rates.update(figures.mj_per_token)
         frontier = figures.attributed_until_ns
         for ended, mj in list(self._ended.items()):
             period_start, tenant, backend, done_by_ns = ended

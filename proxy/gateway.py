@@ -688,10 +688,10 @@ class Gateway:
             )
         except Exception:  # the meter must never break the request path
             log.exception("timeline_record_failed", request_id=job.request_id)
-        if works and not estimated:  # what this tenant's prompts count: its next estimates follow
+        if works and not estimated:  # the backend's count: this tenant's next estimates follow, its minute settles
             self.prompt_scale.observe(job.tenant, job.model_id, len(job.inputs), prompt_tokens)
-        if self.rate_limiter is not None and job.rate_prompt_tokens is not None and works and not estimated:
-            self.rate_limiter.settle(job.tenant, prompt_tokens - job.rate_prompt_tokens)  # the estimate's error
+            if self.rate_limiter is not None and job.rate_prompt_tokens is not None:
+                self.rate_limiter.settle(job.tenant, prompt_tokens - job.rate_prompt_tokens)
         if self.budgets is not None:  # its reservation: now its tokens, until the ledger's figure holds them
             self.budgets.ended(
                 job.request_id, stream.backend if released else None, done_ns,
